@@ -1,0 +1,165 @@
+//! The in-memory refcount view: the refcount table and the refcount blocks the engine has
+//! loaded, addressed by host cluster.
+
+use qcow2_format::{ClusterGeometry, FormatError, HostCluster, HostOffset, RefcountWidth, ReftableEntry};
+use std::collections::HashMap;
+
+/// What went wrong looking up or changing a refcount.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RefcountError {
+    /// The cluster's refcount block is allocated but not loaded: the engine must read it
+    /// from `offset` and [`Refcounts::insert_block`] it.
+    #[error("refcount block at {offset} for {cluster} is not loaded")]
+    BlockNotLoaded {
+        /// The cluster asked about.
+        cluster: HostCluster,
+        /// Table index of its block.
+        table_index: u64,
+        /// Where the block is on disk.
+        offset: HostOffset,
+    },
+    /// The cluster lies beyond what the refcount table can describe.
+    #[error("{cluster} is beyond the refcount table ({entries} entries)")]
+    BeyondTable {
+        /// The cluster.
+        cluster: HostCluster,
+        /// Entries in the table.
+        entries: u64,
+    },
+    /// The cluster's refcount block is not allocated (its refcounts are all 0), so it cannot
+    /// be changed without allocating the block.
+    #[error("no refcount block allocated for {cluster}")]
+    NoBlock {
+        /// The cluster.
+        cluster: HostCluster,
+    },
+    /// A malformed table entry or an overflowing refcount.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+}
+
+/// Where a cluster's refcount lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefcountSlot {
+    /// Index in the refcount table.
+    pub table_index: u64,
+    /// Index inside the refcount block.
+    pub block_index: u64,
+}
+
+/// The refcount table and the loaded refcount blocks.
+#[derive(Debug, Clone)]
+pub struct Refcounts {
+    geo: ClusterGeometry,
+    width: RefcountWidth,
+    table: Vec<ReftableEntry>,
+    blocks: HashMap<u64, Vec<u8>>,
+}
+
+impl Refcounts {
+    /// A view over a refcount table (already read from disk); no blocks loaded yet.
+    pub fn new(geo: ClusterGeometry, width: RefcountWidth, table: Vec<ReftableEntry>) -> Self {
+        Self {
+            geo,
+            width,
+            table,
+            blocks: HashMap::new(),
+        }
+    }
+
+    /// The entry width.
+    pub fn width(&self) -> RefcountWidth {
+        self.width
+    }
+
+    /// Refcounts per block.
+    pub fn entries_per_block(&self) -> u64 {
+        self.width.entries_per_block(self.geo.cluster_size())
+    }
+
+    /// The refcount table entries.
+    pub fn table(&self) -> &[ReftableEntry] {
+        &self.table
+    }
+
+    /// Number of host clusters the table can describe.
+    pub fn capacity(&self) -> u64 {
+        self.table.len() as u64 * self.entries_per_block()
+    }
+
+    /// Where the refcount of `cluster` lives.
+    pub fn slot(&self, cluster: HostCluster) -> RefcountSlot {
+        let per = self.entries_per_block();
+        RefcountSlot {
+            table_index: cluster.0 / per,
+            block_index: cluster.0 % per,
+        }
+    }
+
+    /// The on-disk offset of the block for table index `i` (None = not allocated).
+    pub fn block_offset(&self, table_index: u64) -> Result<Option<HostOffset>, RefcountError> {
+        match self.table.get(table_index as usize) {
+            None => Ok(None),
+            Some(e) => Ok(e.block_offset(self.geo.cluster_size())?),
+        }
+    }
+
+    /// Adds a block read from disk for table index `i`.
+    pub fn insert_block(&mut self, table_index: u64, bytes: Vec<u8>) {
+        debug_assert_eq!(bytes.len() as u64, self.geo.cluster_size());
+        self.blocks.insert(table_index, bytes);
+    }
+
+    /// Whether the block for table index `i` is loaded.
+    pub fn has_block(&self, table_index: u64) -> bool {
+        self.blocks.contains_key(&table_index)
+    }
+
+    /// The refcount of `cluster`.
+    pub fn get(&self, cluster: HostCluster) -> Result<u64, RefcountError> {
+        let slot = self.slot(cluster);
+        if slot.table_index >= self.table.len() as u64 {
+            return Ok(0);
+        }
+        match self.blocks.get(&slot.table_index) {
+            Some(b) => Ok(self.width.get(b, slot.block_index)),
+            None => match self.block_offset(slot.table_index)? {
+                None => Ok(0),
+                Some(offset) => Err(RefcountError::BlockNotLoaded {
+                    cluster,
+                    table_index: slot.table_index,
+                    offset,
+                }),
+            },
+        }
+    }
+
+    /// Sets the refcount of `cluster` in its (loaded) block.
+    pub fn set(&mut self, cluster: HostCluster, value: u64) -> Result<(), RefcountError> {
+        let slot = self.slot(cluster);
+        if slot.table_index >= self.table.len() as u64 {
+            return Err(RefcountError::BeyondTable {
+                cluster,
+                entries: self.table.len() as u64,
+            });
+        }
+        let offset = self.block_offset(slot.table_index)?;
+        match self.blocks.get_mut(&slot.table_index) {
+            Some(b) => Ok(self.width.set(b, slot.block_index, value)?),
+            None => match offset {
+                None => Err(RefcountError::NoBlock { cluster }),
+                Some(offset) => Err(RefcountError::BlockNotLoaded {
+                    cluster,
+                    table_index: slot.table_index,
+                    offset,
+                }),
+            },
+        }
+    }
+
+    /// The bytes of a loaded block.
+    pub fn block(&self, table_index: u64) -> Option<&[u8]> {
+        self.blocks.get(&table_index).map(Vec::as_slice)
+    }
+}
