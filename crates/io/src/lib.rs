@@ -13,10 +13,22 @@
 #![warn(missing_docs)]
 
 mod buf;
+mod fault;
+mod file;
 mod memory;
+mod sys;
+#[cfg(target_os = "linux")]
+mod uring;
 
-pub use buf::IoBuf;
-pub use memory::MemoryBackend;
+pub use buf::{IoBuf, DEFAULT_ALIGN};
+pub use fault::{
+    FaultController, FaultInjector, FaultRule, HeldRequest, LogEntry, OpKind, RequestFilter,
+    RequestInfo,
+};
+pub use file::{FileOpener, TokioFile};
+pub use memory::{MemoryBackend, MemoryOpener};
+#[cfg(target_os = "linux")]
+pub use uring::{UringFile, UringOpener};
 
 use std::future::Future;
 use std::io;
@@ -45,9 +57,13 @@ pub struct OpenOptions {
 /// Implementations must be cheap to clone (a clone shares the same file), and every method
 /// must be cancel-safe in the sense that dropping the future never leaves the kernel writing
 /// into freed memory (the buffer is owned by the operation until it completes).
+// `len` is the file's length, fetched asynchronously: an `is_empty` would add nothing.
+#[allow(clippy::len_without_is_empty)]
 pub trait Backend: Clone + 'static {
     /// Reads into the buffer's window from `offset`. Returns the number of bytes read, which is
-    /// short only at the end of the file (the rest of the window is left untouched).
+    /// short only at the end of the file. The rest of the window is left untouched, except with
+    /// O_DIRECT ([`alignment`](Self::alignment) > 1), where it is zeroed: the device transfers
+    /// whole blocks, so the kernel may already have overwritten it.
     fn read_at(&self, buf: IoBuf, offset: u64) -> impl Future<Output = BufResult<usize>>;
 
     /// Writes the whole window at `offset`, extending the file if needed.
@@ -93,7 +109,11 @@ pub trait Opener: Clone + 'static {
 
 /// Reads exactly the buffer's window, treating bytes past the end of the file as zeros
 /// (how QEMU's file layer reads short files).
-pub async fn read_zero_padded<B: Backend>(backend: &B, mut buf: IoBuf, offset: u64) -> BufResult<()> {
+pub async fn read_zero_padded<B: Backend>(
+    backend: &B,
+    mut buf: IoBuf,
+    offset: u64,
+) -> BufResult<()> {
     let want = buf.len();
     let (res, b) = backend.read_at(buf, offset).await;
     buf = b;
@@ -105,4 +125,28 @@ pub async fn read_zero_padded<B: Backend>(backend: &B, mut buf: IoBuf, offset: u
         Ok(_) => (Ok(()), buf),
         Err(e) => (Err(e), buf),
     }
+}
+
+/// Writes zero bytes over `[offset, offset+len)` through `backend.write_at`, in chunks of at
+/// most 1 MiB: the fallback of backends whose file system cannot punch holes or zero ranges.
+/// With O_DIRECT the range must be aligned (chunks stay multiples of the alignment).
+pub(crate) async fn write_zero_bytes<B: Backend>(
+    backend: &B,
+    offset: u64,
+    len: u64,
+) -> io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let align = backend.alignment().max(DEFAULT_ALIGN);
+    let chunk = CHUNK.min(len) as usize;
+    let mut buf = IoBuf::with_alignment(chunk, align);
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(CHUNK) as usize;
+        buf.set_window(0..n);
+        let (r, b) = backend.write_at(buf, offset + done).await;
+        buf = b;
+        r?;
+        done += n as u64;
+    }
+    Ok(())
 }

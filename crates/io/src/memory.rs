@@ -1,7 +1,9 @@
 //! An in-memory backend: a growable byte vector shared by clones.
 
-use crate::{Backend, BufResult, IoBuf};
+use crate::{Backend, BufResult, IoBuf, OpenOptions, Opener};
+use std::collections::HashMap;
 use std::io;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// A file held in memory. Clones share the same bytes. Flush is a no-op (nothing is volatile).
@@ -62,7 +64,9 @@ fn end_of(offset: u64, len: u64) -> io::Result<usize> {
 impl Backend for MemoryBackend {
     async fn read_at(&self, mut buf: IoBuf, offset: u64) -> BufResult<usize> {
         let data = self.lock();
-        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(data.len());
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(data.len());
         let n = buf.len().min(data.len() - start);
         buf[..n].copy_from_slice(&data[start..start + n]);
         drop(data);
@@ -128,5 +132,75 @@ impl Backend for MemoryBackend {
 
     fn is_writable(&self) -> bool {
         !self.read_only
+    }
+}
+
+/// Opens [`MemoryBackend`]s by path from a shared map: a file system in memory, so that the
+/// engine can open backing files in tests. Clones share the map.
+///
+/// `create` makes an empty file if the path is missing, `truncate` empties it, a missing path
+/// without `create` is [`io::ErrorKind::NotFound`], and a file opened without write access
+/// is a [`MemoryBackend::read_only`] view. `direct` is accepted and ignored.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryOpener {
+    files: Arc<Mutex<HashMap<PathBuf, MemoryBackend>>>,
+}
+
+impl MemoryOpener {
+    /// An empty map.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Puts `backend` at `path` (replacing what was there); opening `path` then shares its
+    /// bytes.
+    pub fn insert(&self, path: impl Into<PathBuf>, backend: MemoryBackend) {
+        self.lock().insert(path.into(), backend);
+    }
+
+    /// The file at `path`, if any (writable, sharing its bytes).
+    pub fn get(&self, path: impl AsRef<Path>) -> Option<MemoryBackend> {
+        self.lock().get(path.as_ref()).cloned()
+    }
+
+    /// Removes the file at `path`, returning it.
+    pub fn remove(&self, path: impl AsRef<Path>) -> Option<MemoryBackend> {
+        self.lock().remove(path.as_ref())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, MemoryBackend>> {
+        self.files.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn open_now(&self, path: &Path, options: OpenOptions) -> io::Result<MemoryBackend> {
+        let write = crate::file::writes(options);
+        let mut files = self.lock();
+        let file = match files.get(path) {
+            Some(f) => f.clone(),
+            None if options.create => {
+                let f = MemoryBackend::new();
+                files.insert(path.to_path_buf(), f.clone());
+                f
+            }
+            None => {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{}: no such file in the memory opener", path.display()),
+                ))
+            }
+        };
+        drop(files);
+        if options.truncate {
+            file.lock().clear();
+        }
+        Ok(if write { file } else { file.read_only() })
+    }
+}
+
+impl Opener for MemoryOpener {
+    type Backend = MemoryBackend;
+
+    async fn open(&self, path: &Path, options: OpenOptions) -> io::Result<MemoryBackend> {
+        self.open_now(path, options)
     }
 }

@@ -1,0 +1,287 @@
+//! The io_uring backend, on tokio-uring 0.5.
+
+use crate::file::{check_direct, writes};
+use crate::{sys, write_zero_bytes, Backend, BufResult, IoBuf, OpenOptions, Opener};
+use std::cell::Cell;
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::{AsRawFd, BorrowedFd, RawFd};
+use std::path::Path;
+use std::rc::Rc;
+
+// SAFETY: the pointer is the start of the window of a heap allocation owned by the IoBuf, so
+// it does not move when the IoBuf does, and stays valid until the IoBuf is dropped; the window
+// is initialised (the allocation is zeroed) and `len()` bytes long.
+unsafe impl tokio_uring::buf::IoBuf for IoBuf {
+    fn stable_ptr(&self) -> *const u8 {
+        self.as_ptr()
+    }
+
+    fn bytes_init(&self) -> usize {
+        self.len()
+    }
+
+    fn bytes_total(&self) -> usize {
+        self.len()
+    }
+}
+
+// SAFETY: as above; the whole window is always initialised, so `set_init` has nothing to do.
+unsafe impl tokio_uring::buf::IoBufMut for IoBuf {
+    fn stable_mut_ptr(&mut self) -> *mut u8 {
+        self.as_mut_ptr()
+    }
+
+    unsafe fn set_init(&mut self, _pos: usize) {}
+}
+
+/// A file doing I/O through io_uring (tokio-uring 0.5).
+///
+/// It is not `Send`: open and use it inside [`tokio_uring::start`] (one ring per thread; a
+/// multi-queue user opens one `UringFile` per thread). Clones share the file. Buffers are
+/// owned by the ring while an operation is in flight, so dropping a future is sound (the
+/// buffer is freed when the kernel is done with it). Dropping the last clone closes the file
+/// descriptor synchronously once no operation uses it; [`UringFile::close`] closes it through
+/// the ring and reports the error.
+#[derive(Clone, Debug)]
+pub struct UringFile {
+    inner: Rc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    file: tokio_uring::fs::File,
+    writable: bool,
+    direct: bool,
+    align: usize,
+    no_punch: Cell<bool>,
+    no_zero_range: Cell<bool>,
+}
+
+impl UringFile {
+    /// Opens `path` through the ring. Always readable; see [`OpenOptions`] for the rest.
+    ///
+    /// # Panics
+    /// Outside a tokio-uring runtime.
+    pub async fn open(path: impl AsRef<Path>, options: OpenOptions) -> io::Result<UringFile> {
+        let path = path.as_ref();
+        let mut uo = tokio_uring::fs::OpenOptions::new();
+        uo.read(true)
+            .write(writes(options))
+            .create(options.create)
+            .truncate(options.truncate);
+        if options.direct {
+            uo.custom_flags(libc::O_DIRECT);
+        }
+        let file = uo.open(path).await.map_err(|e| match options.direct {
+            true => sys::direct_open_error(path, e),
+            false => e,
+        })?;
+        let align = match options.direct {
+            true => sys::direct_alignment(file.as_raw_fd()),
+            false => 1,
+        };
+        Ok(UringFile {
+            inner: Rc::new(Inner {
+                file,
+                writable: writes(options),
+                direct: options.direct,
+                align,
+                no_punch: Cell::new(false),
+                no_zero_range: Cell::new(false),
+            }),
+        })
+    }
+
+    /// Whether the file was opened with O_DIRECT.
+    pub fn is_direct(&self) -> bool {
+        self.inner.direct
+    }
+
+    /// Closes the file through the ring if this is the last clone (otherwise just drops this
+    /// handle: the others keep the file open).
+    pub async fn close(self) -> io::Result<()> {
+        match Rc::try_unwrap(self.inner) {
+            Ok(inner) => inner.file.close().await,
+            Err(_) => Ok(()),
+        }
+    }
+
+    fn fd(&self) -> RawFd {
+        self.inner.file.as_raw_fd()
+    }
+
+    /// Tries a fallocate mode unless known to be unsupported; `Ok(false)` means unsupported.
+    async fn try_fallocate(&self, punch: bool, offset: u64, len: u64) -> io::Result<bool> {
+        let (mode, known_bad) = match punch {
+            true => (sys::PUNCH_HOLE, &self.inner.no_punch),
+            false => (sys::ZERO_RANGE, &self.inner.no_zero_range),
+        };
+        if known_bad.get() {
+            return Ok(false);
+        }
+        let (off, n) = (to_off(offset)?, to_off(len)?);
+        match self.inner.file.fallocate(off, n, mode).await {
+            Ok(()) => Ok(true),
+            Err(e) if sys::is_unsupported(&e) => {
+                tracing::debug!(mode, "fallocate unsupported, using the fallback: {e}");
+                known_bad.set(true);
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Runs `f` on a duplicate of the descriptor on the blocking pool (for slow syscalls
+    /// io_uring lacks, such as ftruncate), so the ring's thread does not stall.
+    async fn blocking_fd<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(RawFd) -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        // SAFETY: the descriptor is open for as long as `self` lives (this call).
+        let fd = unsafe { BorrowedFd::borrow_raw(self.fd()) }.try_clone_to_owned()?;
+        tokio::task::spawn_blocking(move || f(fd.as_raw_fd()))
+            .await
+            .map_err(|e| match e.try_into_panic() {
+                Ok(p) => std::panic::resume_unwind(p),
+                Err(_) => io::Error::other("blocking task cancelled: the runtime is shutting down"),
+            })?
+    }
+}
+
+/// Byte positions for tokio-uring's fallocate, which takes u64 but hands them to the kernel
+/// as signed.
+fn to_off(v: u64) -> io::Result<u64> {
+    match i64::try_from(v) {
+        Ok(_) => Ok(v),
+        Err(_) => Err(io::Error::from_raw_os_error(libc::EFBIG)),
+    }
+}
+
+impl Backend for UringFile {
+    async fn read_at(&self, mut buf: IoBuf, offset: u64) -> BufResult<usize> {
+        let i = &self.inner;
+        if let Err(e) = check_direct(i.direct, i.align, "read", &buf, offset) {
+            return (Err(e), buf);
+        }
+        let win = buf.window();
+        let mut done = 0;
+        let res = loop {
+            if done == win.len() {
+                break Ok(done);
+            }
+            buf.set_window(win.start + done..win.end);
+            let (r, b) = i.file.read_at(buf, offset + done as u64).await;
+            buf = b;
+            match r {
+                Ok(0) => break Ok(done),
+                Ok(n) => {
+                    done += n;
+                    // With O_DIRECT an unaligned count is the end of the file.
+                    if i.direct && n % i.align != 0 {
+                        break Ok(done);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        buf.set_window(win);
+        if let (true, Ok(n)) = (i.direct, &res) {
+            // The device transferred whole blocks: the kernel may have written past the count.
+            buf[*n..].fill(0);
+        }
+        (res, buf)
+    }
+
+    async fn write_at(&self, mut buf: IoBuf, offset: u64) -> BufResult<()> {
+        let i = &self.inner;
+        if let Err(e) = check_direct(i.direct, i.align, "write", &buf, offset) {
+            return (Err(e), buf);
+        }
+        let win = buf.window();
+        let mut done = 0;
+        let res = loop {
+            if done == win.len() {
+                break Ok(());
+            }
+            buf.set_window(win.start + done..win.end);
+            let (r, b) = i.file.write_at(buf, offset + done as u64).submit().await;
+            buf = b;
+            match r {
+                Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        buf.set_window(win);
+        (res, buf)
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        self.inner.file.sync_data().await
+    }
+
+    async fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        if self.try_fallocate(true, offset, len).await? {
+            return Ok(());
+        }
+        let end = offset.saturating_add(len).min(self.len().await?);
+        if offset < end {
+            write_zero_bytes(self, offset, end - offset).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        if self.try_fallocate(false, offset, len).await? {
+            return Ok(());
+        }
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
+        let flen = self.len().await?;
+        if offset < flen {
+            self.punch_hole(offset, end.min(flen) - offset).await?;
+        }
+        if end > flen {
+            self.blocking_fd(move |fd| sys::extend_to(fd, end)).await?;
+        }
+        Ok(())
+    }
+
+    async fn len(&self) -> io::Result<u64> {
+        sys::file_len(self.fd())
+    }
+
+    async fn set_len(&self, len: u64) -> io::Result<()> {
+        self.blocking_fd(move |fd| sys::set_len(fd, len)).await
+    }
+
+    fn alignment(&self) -> usize {
+        self.inner.align
+    }
+
+    fn is_writable(&self) -> bool {
+        self.inner.writable
+    }
+}
+
+/// Opens [`UringFile`]s (inside a tokio-uring runtime).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UringOpener;
+
+impl Opener for UringOpener {
+    type Backend = UringFile;
+
+    async fn open(&self, path: &Path, options: OpenOptions) -> io::Result<UringFile> {
+        UringFile::open(path, options).await
+    }
+}
