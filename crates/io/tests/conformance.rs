@@ -339,6 +339,7 @@ fn uring_direct() {
 /// O_DIRECT reports a sane alignment and refuses misaligned requests with a clear error.
 async fn direct_rules<B: Backend>(f: &B) {
     let a = f.alignment();
+    eprintln!("O_DIRECT alignment: {a}");
     assert!(a >= 512 && a.is_power_of_two(), "alignment {a}");
     let (r, _) = f.write_at(IoBuf::new(100), 0).await;
     let e = r.unwrap_err();
