@@ -1,1 +1,133 @@
-fn main() {}
+//! `qimg`: the qcow2-engine command line. Commands and options follow `qemu-img` (and
+//! `qemu-io` for `qimg io`), so the same scripts run against both.
+
+mod compare;
+mod convert;
+mod info;
+mod map;
+mod util;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Work with qcow2 images.
+#[derive(Parser)]
+#[command(name = "qimg", version, about = "qcow2 images: info, convert, map, compare")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Output format of `info` and `map`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Text for people, as qemu-img prints it.
+    Human,
+    /// JSON with qemu-img's field names.
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show what an image is: format, sizes, features, backing file, snapshots, bitmaps.
+    Info {
+        /// Image format (probed when absent).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Output format.
+        #[arg(long = "output", value_enum, default_value = "human")]
+        output: OutputFormat,
+        /// Show every image of the backing chain.
+        #[arg(long = "backing-chain")]
+        backing_chain: bool,
+        /// The image.
+        image: PathBuf,
+    },
+    /// Show where each guest range's data lives (qemu-img map).
+    Map {
+        /// Image format (probed when absent).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Output format.
+        #[arg(long = "output", value_enum, default_value = "human")]
+        output: OutputFormat,
+        /// The image.
+        image: PathBuf,
+    },
+    /// Convert an image to raw (sparse: holes where the image reads zeros).
+    Convert {
+        /// Source format (probed when absent).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Output format: raw.
+        #[arg(short = 'O', default_value = "raw")]
+        output_format: String,
+        /// Source image.
+        source: PathBuf,
+        /// Destination file.
+        dest: PathBuf,
+    },
+    /// Compare the contents of two images.
+    Compare {
+        /// Format of the first image (probed when absent).
+        #[arg(short = 'f')]
+        format_a: Option<String>,
+        /// Format of the second image (probed when absent).
+        #[arg(short = 'F')]
+        format_b: Option<String>,
+        /// Strict mode: images of different sizes differ.
+        #[arg(short = 's')]
+        strict: bool,
+        /// First image.
+        a: PathBuf,
+        /// Second image.
+        b: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("qimg: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(async move {
+        match cli.command {
+            Command::Info {
+                format,
+                output,
+                backing_chain,
+                image,
+            } => util::exit(1, info::run(&image, format.as_deref(), output, backing_chain).await),
+            Command::Map {
+                format,
+                output,
+                image,
+            } => util::exit(1, map::run(&image, format.as_deref(), output).await),
+            Command::Convert {
+                format,
+                output_format,
+                source,
+                dest,
+            } => util::exit(
+                1,
+                convert::run(&source, format.as_deref(), &output_format, &dest).await,
+            ),
+            Command::Compare {
+                format_a,
+                format_b,
+                strict,
+                a,
+                b,
+            } => match compare::run(&a, format_a.as_deref(), &b, format_b.as_deref(), strict).await
+            {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => util::exit::<()>(2, Err(e)),
+            },
+        }
+    })
+}

@@ -1,1 +1,44 @@
-//! qcow2-engine
+//! # qcow2-engine
+//!
+//! An async qcow2 block driver: open QEMU qcow2 images (v2 and v3, every cluster size and
+//! refcount width, compressed clusters in zlib and zstd, extended L2 entries, external data
+//! files, backing chains of qcow2 and raw images) and read them byte-for-byte as QEMU does.
+//!
+//! The engine is generic over the I/O backend ([`blockio::Opener`]): the tokio file backend
+//! runs on any tokio runtime, the io_uring backend on a tokio-uring runtime.
+//!
+//! ## Concurrency
+//!
+//! Metadata (L1, cached L2 tables) sits behind one async metadata lock; data I/O never runs
+//! under it. Every data read holds a shared lease on each host cluster it touches
+//! ([`qcow2_alloc::LeaseTable`]), taken while the mapping is known to be valid, so a cluster
+//! cannot be freed and reused under an in-flight request.
+//!
+//! ```no_run
+//! # async fn demo() -> qcow2_engine::Result<()> {
+//! use qcow2_engine::{Image, ImageOptions};
+//! let img = Image::open(blockio::FileOpener, "disk.qcow2", ImageOptions::new().read_only(true)).await?;
+//! let first_sector = img.read(0, 512).await?;
+//! println!("{} bytes, starts with {:02x?}", img.size(), &first_sector[..4]);
+//! # Ok(()) }
+//! ```
+//!
+//! This crate must not parse on-disk bytes by hand (that is `qcow2-format`'s job) and never
+//! holds the metadata lock across data I/O.
+#![warn(missing_docs)]
+
+mod cache;
+mod compress;
+mod error;
+mod image;
+mod map;
+mod options;
+mod read;
+mod status;
+
+pub use error::{Error, Result};
+pub use image::{Disk, Image, RawImage};
+pub use options::{BackingChoice, ImageFormat, ImageOptions};
+pub use map::MapEntry;
+pub use read::ReadResult;
+pub use status::{Extent, ExtentKind};

@@ -504,6 +504,15 @@ impl<B: Backend> Backend for FaultInjector<B> {
             .await
     }
 
+    async fn allocation(&self, offset: u64, len: u64) -> io::Result<crate::Allocation> {
+        // A query about the file's layout, not its contents: passed straight through.
+        self.inner.allocation(offset, len).await
+    }
+
+    async fn allocated_size(&self) -> io::Result<u64> {
+        self.inner.allocated_size().await
+    }
+
     fn alignment(&self) -> usize {
         self.inner.alignment()
     }

@@ -331,6 +331,15 @@ impl Backend for TokioFile {
             .await
     }
 
+    async fn allocation(&self, offset: u64, len: u64) -> io::Result<crate::Allocation> {
+        // Two lseek calls: quick, no trip to the blocking pool.
+        sys::allocation(self.fd(), offset, len)
+    }
+
+    async fn allocated_size(&self) -> io::Result<u64> {
+        sys::allocated_size(self.fd())
+    }
+
     fn alignment(&self) -> usize {
         self.inner.align
     }

@@ -91,6 +91,29 @@ pub trait Backend: Clone + 'static {
 
     /// Whether the backend was opened for writing.
     fn is_writable(&self) -> bool;
+
+    /// Whether `[offset, offset+len)` begins with data or with a hole, and for how many bytes
+    /// that lasts (at most `len`), as `SEEK_DATA`/`SEEK_HOLE` tell it. A backend without holes
+    /// reports data. Past the end of the file is a hole.
+    fn allocation(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<Allocation>> {
+        let _ = offset;
+        async move { Ok(Allocation { data: true, len }) }
+    }
+
+    /// Bytes of storage the file occupies (allocated blocks; the length for backends without
+    /// holes).
+    fn allocated_size(&self) -> impl Future<Output = io::Result<u64>> {
+        self.len()
+    }
+}
+
+/// The answer of [`Backend::allocation`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allocation {
+    /// Data (true) or a hole (false).
+    pub data: bool,
+    /// How many bytes from the offset asked about have that state.
+    pub len: u64,
 }
 
 /// Opens backends of one type by path: the engine uses it to open backing files and external

@@ -195,3 +195,44 @@ pub(crate) fn status_flags(fd: RawFd) -> io::Result<libc::c_int> {
     }
     Ok(r)
 }
+
+/// Data or hole at `offset`, and for how long (at most `len`), from SEEK_DATA/SEEK_HOLE.
+pub(crate) fn allocation(fd: RawFd, offset: u64, len: u64) -> io::Result<crate::Allocation> {
+    let Ok(off) = libc::off_t::try_from(offset) else {
+        return Ok(crate::Allocation { data: false, len });
+    };
+    // SAFETY: lseek on a valid fd has no memory effects.
+    let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
+    if data < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            // No data from here to the end of the file: a trailing hole.
+            Some(libc::ENXIO) => Ok(crate::Allocation { data: false, len }),
+            // No hole support: all data.
+            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(crate::Allocation { data: true, len }),
+            _ => Err(e),
+        };
+    }
+    let data = data as u64;
+    if data > offset {
+        return Ok(crate::Allocation {
+            data: false,
+            len: (data - offset).min(len),
+        });
+    }
+    // SAFETY: as above.
+    let hole = unsafe { libc::lseek(fd, off, libc::SEEK_HOLE) };
+    if hole < 0 {
+        return Ok(crate::Allocation { data: true, len });
+    }
+    let run = (hole as u64).saturating_sub(offset);
+    Ok(crate::Allocation {
+        data: true,
+        len: if run == 0 { len } else { run.min(len) },
+    })
+}
+
+/// Bytes of storage the file occupies (st_blocks * 512).
+pub(crate) fn allocated_size(fd: RawFd) -> io::Result<u64> {
+    Ok(fstat(fd)?.st_blocks as u64 * 512)
+}

@@ -265,6 +265,15 @@ impl Backend for UringFile {
         self.blocking_fd(move |fd| sys::set_len(fd, len)).await
     }
 
+    async fn allocation(&self, offset: u64, len: u64) -> io::Result<crate::Allocation> {
+        // Two lseek calls: quick, no trip to the blocking pool.
+        sys::allocation(self.fd(), offset, len)
+    }
+
+    async fn allocated_size(&self) -> io::Result<u64> {
+        sys::allocated_size(self.fd())
+    }
+
     fn alignment(&self) -> usize {
         self.inner.align
     }

@@ -1,0 +1,266 @@
+//! `qimg info`: what an image is, in qemu-img's words and JSON field names.
+
+use crate::util::{open_disk, size_to_str};
+use crate::OutputFormat;
+use anyhow::Result;
+use blockio::FileOpener;
+use qcow2_engine::{Disk, Image};
+use qcow2_format::{BitmapDirectoryEntry, CompressionType};
+use serde_json::{json, Map, Value};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+/// Runs `qimg info`.
+pub async fn run(
+    path: &Path,
+    format: Option<&str>,
+    output: OutputFormat,
+    backing_chain: bool,
+) -> Result<()> {
+    let disk = open_disk(path, format).await?;
+    let mut infos = Vec::new();
+    let mut layer = Some(&disk);
+    while let Some(d) = layer {
+        infos.push(describe(d).await?);
+        if !backing_chain {
+            break;
+        }
+        layer = d.backing();
+    }
+    match output {
+        OutputFormat::Json => {
+            let v = if backing_chain {
+                Value::Array(infos)
+            } else {
+                infos.pop().expect("one image")
+            };
+            println!("{}", to_json_4(&v)?);
+        }
+        OutputFormat::Human => {
+            for (i, v) in infos.iter().enumerate() {
+                if i > 0 {
+                    println!();
+                }
+                print_human(v);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The disk space a file takes (its allocated blocks), as qemu-img's "actual-size".
+fn actual_size(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+fn file_child(path: &Path, file_len: u64) -> Value {
+    json!([{
+        "name": "file",
+        "info": {
+            "children": [],
+            "virtual-size": file_len,
+            "filename": path.display().to_string(),
+            "format": "file",
+            "actual-size": actual_size(path),
+            "format-specific": {"type": "file", "data": {}},
+            "dirty-flag": false,
+        }
+    }])
+}
+
+async fn describe(disk: &Disk<FileOpener>) -> Result<Value> {
+    let path = disk.path();
+    let mut m = Map::new();
+    match disk {
+        Disk::Raw(raw) => {
+            m.insert("children".into(), file_child(path, raw.size()));
+            m.insert("virtual-size".into(), json!(raw.size().div_ceil(512) * 512));
+            m.insert("filename".into(), json!(path.display().to_string()));
+            m.insert("format".into(), json!("raw"));
+            m.insert("actual-size".into(), json!(actual_size(path)));
+            m.insert("dirty-flag".into(), json!(false));
+        }
+        Disk::Qcow2(img) => describe_qcow2(img, &mut m).await?,
+    }
+    Ok(Value::Object(m))
+}
+
+async fn describe_qcow2(img: &Image<FileOpener>, m: &mut Map<String, Value>) -> Result<()> {
+    let path = img.path();
+    let h = img.header();
+    m.insert("children".into(), file_child(path, img.file_len()));
+    let snapshots = img.snapshots().await?;
+    if !snapshots.is_empty() {
+        let list: Vec<Value> = snapshots
+            .iter()
+            .map(|s| {
+                json!({
+                    "icount": s.icount.unwrap_or(0),
+                    "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
+                    "name": s.name,
+                    "date-sec": s.date_sec,
+                    "date-nsec": s.date_nsec,
+                    "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
+                    "id": s.id,
+                    "vm-state-size": s.vm_state_size,
+                })
+            })
+            .collect();
+        m.insert("snapshots".into(), Value::Array(list));
+    }
+    if let Some(fmt) = h.backing_format() {
+        m.insert("backing-filename-format".into(), json!(fmt));
+    }
+    m.insert("virtual-size".into(), json!(img.size()));
+    m.insert("filename".into(), json!(path.display().to_string()));
+    m.insert("cluster-size".into(), json!(img.cluster_size()));
+    m.insert("format".into(), json!("qcow2"));
+    m.insert("actual-size".into(), json!(actual_size(path)));
+
+    let mut data = Map::new();
+    data.insert(
+        "compat".into(),
+        json!(if h.version >= 3 { "1.1" } else { "0.10" }),
+    );
+    data.insert(
+        "compression-type".into(),
+        json!(match h.compression_type {
+            CompressionType::Zlib => "zlib",
+            CompressionType::Zstd => "zstd",
+        }),
+    );
+    if h.version >= 3 {
+        data.insert("lazy-refcounts".into(), json!(h.lazy_refcounts()));
+        let bitmaps = img.bitmaps().await?;
+        if !bitmaps.is_empty() {
+            data.insert(
+                "bitmaps".into(),
+                Value::Array(bitmaps.iter().map(bitmap_json).collect()),
+            );
+        }
+    }
+    data.insert("refcount-bits".into(), json!(h.refcount_width().bits()));
+    if h.has_data_file() {
+        if let Some(name) = h.data_file_name() {
+            data.insert("data-file".into(), json!(name));
+        }
+        data.insert("data-file-raw".into(), json!(h.data_file_raw()));
+    }
+    if h.version >= 3 {
+        data.insert("corrupt".into(), json!(h.is_corrupt()));
+        data.insert("extended-l2".into(), json!(h.extended_l2()));
+    }
+    m.insert(
+        "format-specific".into(),
+        json!({"type": "qcow2", "data": Value::Object(data)}),
+    );
+    if let Some(name) = &h.backing_file {
+        let full = img
+            .backing()
+            .map(|b| b.path().display().to_string())
+            .unwrap_or_else(|| name.clone());
+        m.insert("full-backing-filename".into(), json!(full));
+        m.insert("backing-filename".into(), json!(name));
+    }
+    m.insert("dirty-flag".into(), json!(h.is_dirty()));
+    Ok(())
+}
+
+fn bitmap_json(b: &BitmapDirectoryEntry) -> Value {
+    let mut flags = Vec::new();
+    if b.flags & BitmapDirectoryEntry::IN_USE != 0 {
+        flags.push("in-use");
+    }
+    if b.flags & BitmapDirectoryEntry::AUTO != 0 {
+        flags.push("auto");
+    }
+    json!({
+        "flags": flags,
+        "name": b.name,
+        "granularity": 1u64 << b.granularity_bits.min(63),
+    })
+}
+
+fn print_human(v: &Value) {
+    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+    let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or_default();
+    println!("image: {}", s("filename"));
+    println!("file format: {}", s("format"));
+    println!(
+        "virtual size: {} ({} bytes)",
+        size_to_str(n("virtual-size")),
+        n("virtual-size")
+    );
+    println!("disk size: {}", size_to_str(n("actual-size")));
+    if v.get("cluster-size").is_some() {
+        println!("cluster_size: {}", n("cluster-size"));
+    }
+    if v.get("backing-filename").is_some() {
+        let (b, full) = (s("backing-filename"), s("full-backing-filename"));
+        if b == full {
+            println!("backing file: {b}");
+        } else {
+            println!("backing file: {b} (actual path: {full})");
+        }
+    }
+    if v.get("backing-filename-format").is_some() {
+        println!("backing file format: {}", s("backing-filename-format"));
+    }
+    if let Some(Value::Array(snaps)) = v.get("snapshots") {
+        println!("Snapshot list:");
+        println!(
+            "{:<4} {:<16} {:>10} {:>19} {:>15} {:>10}",
+            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+        );
+        for sn in snaps {
+            let g = |k: &str| sn.get(k).and_then(Value::as_u64).unwrap_or_default();
+            let secs = g("vm-clock-sec");
+            println!(
+                "{:<4} {:<16} {:>10} {:>19} {:>15} {:>10}",
+                sn.get("id").and_then(Value::as_str).unwrap_or_default(),
+                sn.get("name").and_then(Value::as_str).unwrap_or_default(),
+                size_to_str(g("vm-state-size")),
+                g("date-sec"),
+                format!(
+                    "{:04}:{:02}:{:02}.{:03}",
+                    secs / 3600,
+                    secs / 60 % 60,
+                    secs % 60,
+                    g("vm-clock-nsec") / 1_000_000
+                ),
+                g("icount"),
+            );
+        }
+    }
+    if let Some(data) = v.pointer("/format-specific/data").and_then(Value::as_object) {
+        println!("Format specific information:");
+        for (k, val) in data {
+            let key = k.replace('-', " ");
+            match val {
+                Value::Array(items) => {
+                    println!("    {key}:");
+                    for (i, item) in items.iter().enumerate() {
+                        println!("        [{i}]:");
+                        if let Some(o) = item.as_object() {
+                            for (ik, iv) in o {
+                                println!("            {ik}: {iv}");
+                            }
+                        }
+                    }
+                }
+                Value::String(sv) => println!("    {key}: {sv}"),
+                other => println!("    {key}: {other}"),
+            }
+        }
+    }
+}
+
+/// JSON with qemu-img's four-space indentation.
+fn to_json_4(v: &Value) -> Result<String> {
+    use serde::Serialize;
+    let mut out = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    v.serialize(&mut ser)?;
+    Ok(String::from_utf8(out)?)
+}

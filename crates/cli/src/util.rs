@@ -1,0 +1,91 @@
+//! What the commands share: opening images, sizes in qemu-img's style, exit codes.
+
+use anyhow::{anyhow, Result};
+use blockio::FileOpener;
+use qcow2_engine::{Disk, ImageFormat, ImageOptions};
+use std::path::Path;
+use std::process::ExitCode;
+
+/// Opens `path` read-only as `format` (probed when `None`).
+pub async fn open_disk(path: &Path, format: Option<&str>) -> Result<Disk<FileOpener>> {
+    let format = match format {
+        None => None,
+        Some(f) => Some(
+            ImageFormat::from_name(f).ok_or_else(|| anyhow!("Unknown file format '{f}'"))?,
+        ),
+    };
+    let disk = Disk::open(
+        FileOpener,
+        path,
+        format,
+        ImageOptions::new().read_only(true),
+    )
+    .await
+    .map_err(|e| anyhow!("Could not open '{}': {e}", path.display()))?;
+    Ok(disk)
+}
+
+/// Prints an error as one line and maps it to an exit code.
+pub fn exit<T>(code: u8, res: Result<T>) -> ExitCode {
+    match res {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("qimg: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// A size as qemu-img prints it: `%0.3g` of the largest binary unit not above it.
+pub fn size_to_str(bytes: u64) -> String {
+    const SUFFIXES: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut i = 0;
+    let mut div = 1u128;
+    while i + 1 < SUFFIXES.len() && u128::from(bytes) >= div * 1024 {
+        i += 1;
+        div *= 1024;
+    }
+    format!("{} {}", fmt_g3(bytes as f64 / div as f64), SUFFIXES[i])
+}
+
+/// C's `%0.3g`: three significant digits, trailing zeros dropped, scientific notation when
+/// the exponent is below -4 or at least 3.
+fn fmt_g3(v: f64) -> String {
+    if v == 0.0 {
+        return "0".into();
+    }
+    let sci = format!("{v:.2e}"); // e.g. "9.99e2", "1.00e3"
+    let (mantissa, exp) = sci.split_once('e').expect("scientific format");
+    let exp: i32 = exp.parse().expect("exponent");
+    let trim = |s: &str| {
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            s.to_string()
+        }
+    };
+    if !(-4..3).contains(&exp) {
+        let sign = if exp < 0 { '-' } else { '+' };
+        format!("{}e{sign}{:02}", trim(mantissa), exp.abs())
+    } else {
+        let decimals = (2 - exp).max(0) as usize;
+        trim(&format!("{v:.decimals$}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size_to_str;
+
+    #[test]
+    fn sizes_read_like_qemu_img() {
+        // Figures printed by `qemu-img info` for files of these sizes.
+        assert_eq!(size_to_str(331_776), "324 KiB");
+        assert_eq!(size_to_str(8 << 20), "8 MiB");
+        assert_eq!(size_to_str(1 << 30), "1 GiB");
+        assert_eq!(size_to_str(1_572_864), "1.5 MiB");
+        assert_eq!(size_to_str(512), "512 B");
+        assert_eq!(size_to_str(1_023_488), "1e+03 KiB");
+        assert_eq!(size_to_str(100_352), "98 KiB");
+    }
+}

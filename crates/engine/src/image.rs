@@ -1,0 +1,663 @@
+//! The [`Image`]: opening an image, its backing chain and data file, and what it knows about
+//! itself.
+
+use crate::cache::TableCache;
+use crate::options::{BackingChoice, ImageFormat, ImageOptions};
+use crate::{Error, Result};
+use blockio::{Backend, IoBuf, OpenOptions, Opener};
+use qcow2_alloc::LeaseTable;
+use qcow2_format::{ClusterGeometry, FormatError, Header, L1Entry, QCOW_MAGIC};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// An open qcow2 image.
+///
+/// All methods take `&self`: share the image between tasks with an `Arc` (or a reference on a
+/// single-threaded runtime). The type parameter is the [`Opener`] that made the image's file
+/// and is used for its backing chain and data file; pick [`blockio::FileOpener`] for a tokio
+/// runtime of any flavour, or `blockio::UringOpener` inside a tokio-uring runtime.
+pub struct Image<O: Opener> {
+    pub(crate) path: PathBuf,
+    pub(crate) file: O::Backend,
+    pub(crate) data_file: Option<DataFile<O::Backend>>,
+    pub(crate) header: Header,
+    pub(crate) geo: ClusterGeometry,
+    pub(crate) read_only: bool,
+    pub(crate) backing: Option<Box<Disk<O>>>,
+    pub(crate) meta: async_lock::Mutex<Meta>,
+    pub(crate) leases: LeaseTable,
+    pub(crate) file_len: AtomicU64,
+    /// Whether the image looks like it was created with preallocation=metadata (computed on
+    /// first use, as QEMU does, for block status).
+    pub(crate) metadata_prealloc: async_lock::OnceCell<bool>,
+}
+
+/// Metadata guarded by the metadata lock.
+pub(crate) struct Meta {
+    pub(crate) l1: Vec<L1Entry>,
+    pub(crate) l2: TableCache,
+}
+
+/// An external data file.
+pub(crate) struct DataFile<B> {
+    pub(crate) backend: B,
+    pub(crate) path: PathBuf,
+}
+
+/// A disk image of either format: what a backing chain is made of, and what `qimg` opens
+/// when the format is given or probed.
+pub enum Disk<O: Opener> {
+    /// A qcow2 image (itself possibly backed).
+    Qcow2(Image<O>),
+    /// A raw image.
+    Raw(RawImage<O::Backend>),
+}
+
+/// A raw disk image: the file's bytes are the disk.
+pub struct RawImage<B> {
+    pub(crate) backend: B,
+    pub(crate) path: PathBuf,
+    pub(crate) size: u64,
+}
+
+impl<B> RawImage<B> {
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Its size (the file's length when it was opened).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+impl<O: Opener> Disk<O> {
+    /// Opens `path` as `format`, probing the format when `None` (a file starting with the
+    /// qcow2 magic is qcow2, anything else raw).
+    pub async fn open(
+        opener: O,
+        path: impl AsRef<Path>,
+        format: Option<ImageFormat>,
+        options: ImageOptions,
+    ) -> Result<Self> {
+        let mut chain = Vec::new();
+        Image::open_disk(&opener, path.as_ref(), format, &options, &mut chain, "image").await
+    }
+
+    /// The path it was opened with.
+    pub fn path(&self) -> &Path {
+        match self {
+            Disk::Qcow2(i) => i.path(),
+            Disk::Raw(r) => r.path(),
+        }
+    }
+
+    /// Its format.
+    pub fn format(&self) -> ImageFormat {
+        match self {
+            Disk::Qcow2(_) => ImageFormat::Qcow2,
+            Disk::Raw(_) => ImageFormat::Raw,
+        }
+    }
+
+    /// Its virtual size.
+    pub fn size(&self) -> u64 {
+        match self {
+            Disk::Qcow2(i) => i.size(),
+            Disk::Raw(r) => r.size,
+        }
+    }
+
+    /// The qcow2 image, if it is one.
+    pub fn as_qcow2(&self) -> Option<&Image<O>> {
+        match self {
+            Disk::Qcow2(i) => Some(i),
+            Disk::Raw(_) => None,
+        }
+    }
+
+    /// The image below this one, if any.
+    pub fn backing(&self) -> Option<&Disk<O>> {
+        self.as_qcow2().and_then(|i| i.backing())
+    }
+
+    /// Reads into the buffer's window from `offset` (see [`Image::read_at`]); a raw image
+    /// reads zeros past its end.
+    pub async fn read_at(&self, buf: IoBuf, offset: u64) -> crate::ReadResult {
+        let range = buf.window();
+        self.read_into(buf, range, offset).await
+    }
+
+    /// Reads `len` bytes at `offset` into a new buffer.
+    pub async fn read(&self, offset: u64, len: usize) -> Result<IoBuf> {
+        let (res, buf) = self.read_at(IoBuf::new(len), offset).await;
+        res.map(|()| buf)
+    }
+
+    pub(crate) async fn read_into(
+        &self,
+        buf: IoBuf,
+        range: std::ops::Range<usize>,
+        offset: u64,
+    ) -> crate::ReadResult {
+        match self {
+            Disk::Qcow2(img) => Box::pin(img.read_into(buf, range, offset)).await,
+            Disk::Raw(raw) => {
+                let (res, buf) = crate::read::read_data(&raw.backend, buf, range, offset).await;
+                (
+                    res.map_err(|e| Error::io(format!("{}: reading", raw.path.display()), e)),
+                    buf,
+                )
+            }
+        }
+    }
+}
+
+/// Largest header area read at open: one cluster of the largest size QEMU accepts.
+const MAX_CLUSTER: u64 = 2 << 20;
+
+/// Reads `[offset, offset+len)` of a backend into a fresh buffer, zero padded past EOF, with
+/// the alignment the backend needs.
+pub(crate) async fn read_bytes<B: Backend>(
+    backend: &B,
+    offset: u64,
+    len: u64,
+    what: &str,
+) -> Result<IoBuf> {
+    let align = backend.alignment().max(1) as u64;
+    let start = offset / align * align;
+    let end = (offset + len).div_ceil(align) * align;
+    // Callers bound `len` (header area, validated table sizes, one cluster).
+    let mut buf = IoBuf::with_alignment((end - start) as usize, align as usize);
+    let (res, b) = blockio::read_zero_padded(backend, buf, start).await;
+    buf = b;
+    res.map_err(|e| Error::io(format!("reading {what}"), e))?;
+    buf.set_window((offset - start) as usize..(offset - start + len) as usize);
+    Ok(buf)
+}
+
+impl<O: Opener> Image<O> {
+    /// Opens the image at `path` with `opener` (which is also used for its backing chain and
+    /// data file).
+    ///
+    /// Validates the header and the layout before anything else; an image that fails
+    /// validation is never written to. An image with the corrupt bit opens read-only only.
+    pub async fn open(opener: O, path: impl AsRef<Path>, options: ImageOptions) -> Result<Self> {
+        let mut chain = Vec::new();
+        Self::open_in_chain(&opener, path.as_ref(), &options, &mut chain).await
+    }
+
+    async fn open_in_chain(
+        opener: &O,
+        path: &Path,
+        options: &ImageOptions,
+        chain: &mut Vec<PathBuf>,
+    ) -> Result<Self> {
+        let depth = chain.len();
+        let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        if chain.contains(&canonical) {
+            return Err(Error::BackingLoop { path: path.into() });
+        }
+        chain.push(canonical);
+        let role = if depth == 0 { "image" } else { "backing file" };
+        let file = opener
+            .open(path, io_options(options))
+            .await
+            .map_err(|source| Error::OpenFile {
+                role,
+                path: path.into(),
+                source,
+            })?;
+        let file_len = file
+            .len()
+            .await
+            .map_err(|e| Error::io(format!("{}: size", path.display()), e))?;
+        let header = read_header(&file, path, file_len).await?;
+        let format_err = |source: FormatError| Error::Format {
+            path: path.into(),
+            source,
+        };
+        header.validate_layout(file_len).map_err(format_err)?;
+        let read_only = options.read_only;
+        if !read_only && header.is_corrupt() {
+            return Err(Error::MarkedCorrupt(path.into()));
+        }
+        if !read_only && header.is_dirty() {
+            return Err(Error::Unsupported {
+                path: path.into(),
+                what: "the dirty bit is set (lazy refcounts were in use); open read-only, or \
+                       repair with `qemu-img check -r all`"
+                    .into(),
+            });
+        }
+        let geo = header.geometry();
+
+        // L1 table.
+        let l1_bytes = u64::from(header.l1_size) * 8;
+        let l1_buf = read_bytes(&file, header.l1_table_offset, l1_bytes, "L1 table").await?;
+        let l1 = l1_buf
+            .chunks_exact(8)
+            .map(|c| L1Entry(u64::from_be_bytes(c.try_into().expect("8 bytes"))))
+            .collect();
+
+        // External data file.
+        let data_file = if header.has_data_file() {
+            let name = options
+                .data_file
+                .clone()
+                .or_else(|| header.data_file_name().map(PathBuf::from))
+                .ok_or_else(|| Error::Unsupported {
+                    path: path.into(),
+                    what: "the image uses an external data file but names none; give one in \
+                           the open options"
+                        .into(),
+                })?;
+            let resolved = resolve_data_file(path, &name);
+            let backend = opener
+                .open(&resolved, io_options(options))
+                .await
+                .map_err(|source| Error::OpenFile {
+                    role: "data file",
+                    path: resolved.clone(),
+                    source,
+                })?;
+            Some(DataFile {
+                backend,
+                path: resolved,
+            })
+        } else {
+            None
+        };
+
+        // Backing file.
+        let backing_spec = match &options.backing {
+            BackingChoice::None => None,
+            BackingChoice::File { path, format } => Some((path.clone(), *format)),
+            BackingChoice::FromHeader => match &header.backing_file {
+                None => None,
+                Some(name) => {
+                    let fmt = match header.backing_format() {
+                        None => None,
+                        Some(f) => Some(ImageFormat::from_name(f).ok_or_else(|| {
+                            Error::Unsupported {
+                                path: path.into(),
+                                what: format!("backing file format '{f}'"),
+                            }
+                        })?),
+                    };
+                    Some((resolve_backing(path, name), fmt))
+                }
+            },
+        };
+        let backing = match backing_spec {
+            None => None,
+            Some((bpath, fmt)) => {
+                if depth + 1 > options.max_backing_depth {
+                    return Err(Error::BackingChainTooDeep {
+                        path: path.into(),
+                        limit: options.max_backing_depth,
+                    });
+                }
+                let bopts = ImageOptions {
+                    read_only: true,
+                    backing: BackingChoice::FromHeader,
+                    data_file: None,
+                    ..options.clone()
+                };
+                let disk =
+                    Self::open_disk(opener, &bpath, fmt, &bopts, chain, "backing file").await?;
+                Some(Box::new(disk))
+            }
+        };
+
+        let l2_tables = (options.l2_cache_bytes / geo.cluster_size()).max(1) as usize;
+        Ok(Image {
+            path: path.into(),
+            file,
+            data_file,
+            geo,
+            read_only,
+            backing,
+            meta: async_lock::Mutex::new(Meta {
+                l1,
+                l2: TableCache::new(l2_tables),
+            }),
+            leases: LeaseTable::new(),
+            file_len: AtomicU64::new(file_len),
+            metadata_prealloc: async_lock::OnceCell::new(),
+            header,
+        })
+    }
+
+    pub(crate) async fn open_disk(
+        opener: &O,
+        path: &Path,
+        format: Option<ImageFormat>,
+        options: &ImageOptions,
+        chain: &mut Vec<PathBuf>,
+        role: &'static str,
+    ) -> Result<Disk<O>> {
+        let format = match format {
+            Some(f) => f,
+            None => probe_format(opener, path, options, role).await?,
+        };
+        match format {
+            ImageFormat::Qcow2 => {
+                let img = Box::pin(Self::open_in_chain(opener, path, options, chain)).await?;
+                Ok(Disk::Qcow2(img))
+            }
+            ImageFormat::Raw => {
+                let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+                if chain.contains(&canonical) {
+                    return Err(Error::BackingLoop { path: path.into() });
+                }
+                let backend = opener
+                    .open(path, io_options(options))
+                    .await
+                    .map_err(|source| Error::OpenFile {
+                        role,
+                        path: path.into(),
+                        source,
+                    })?;
+                let size = backend
+                    .len()
+                    .await
+                    .map_err(|e| Error::io(format!("{}: size", path.display()), e))?;
+                Ok(Disk::Raw(RawImage {
+                    backend,
+                    path: path.into(),
+                    size,
+                }))
+            }
+        }
+    }
+
+    /// The path the image was opened with.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The virtual disk size in bytes.
+    pub fn size(&self) -> u64 {
+        self.header.size
+    }
+
+    /// The cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.geo.cluster_size()
+    }
+
+    /// The cluster geometry.
+    pub fn geometry(&self) -> ClusterGeometry {
+        self.geo
+    }
+
+    /// The header as read at open.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Whether the image was opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The backing image, if any.
+    pub fn backing(&self) -> Option<&Disk<O>> {
+        self.backing.as_deref()
+    }
+
+    /// The external data file's path, if the image has one.
+    pub fn data_file_path(&self) -> Option<&Path> {
+        self.data_file.as_ref().map(|d| d.path.as_path())
+    }
+
+    /// The image file's length in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.file_len.load(Ordering::Acquire)
+    }
+
+    /// The image file's backend.
+    pub fn file(&self) -> &O::Backend {
+        &self.file
+    }
+
+    /// (hits, misses) of the L2 table cache so far.
+    pub async fn l2_cache_stats(&self) -> (u64, u64) {
+        self.meta.lock().await.l2.stats()
+    }
+
+    /// The lease table (for diagnostics and tests: which clusters have I/O in flight).
+    pub fn leases(&self) -> &LeaseTable {
+        &self.leases
+    }
+}
+
+fn io_options(options: &ImageOptions) -> OpenOptions {
+    OpenOptions {
+        write: !options.read_only,
+        direct: options.direct,
+        ..OpenOptions::default()
+    }
+}
+
+async fn read_header<B: Backend>(file: &B, path: &Path, file_len: u64) -> Result<Header> {
+    let format_err = |source: FormatError| Error::Format {
+        path: path.into(),
+        source,
+    };
+    let peek = read_bytes(file, 0, 4096.min(file_len.max(1)), "header").await?;
+    let avail = file_len.min(peek.len() as u64) as usize;
+    if avail < 24 {
+        // Too short to hold even the fields read below: let the parser say what is missing.
+        return Header::parse(&peek[..avail]).map_err(format_err);
+    }
+    let magic = u32::from_be_bytes(peek[0..4].try_into().expect("4 bytes"));
+    if magic != QCOW_MAGIC {
+        return Err(format_err(FormatError::BadMagic(magic)));
+    }
+    let bits = u32::from_be_bytes(peek[20..24].try_into().expect("4 bytes"));
+    let cluster = if (9..=21).contains(&bits) {
+        1u64 << bits
+    } else {
+        4096
+    };
+    let want = cluster.min(file_len).min(MAX_CLUSTER);
+    let buf = if want as usize > peek.len() {
+        read_bytes(file, 0, want, "header").await?
+    } else {
+        peek
+    };
+    let avail = (want as usize).min(buf.len());
+    Header::parse(&buf[..avail]).map_err(format_err)
+}
+
+async fn probe_format<O: Opener>(
+    opener: &O,
+    path: &Path,
+    options: &ImageOptions,
+    role: &'static str,
+) -> Result<ImageFormat> {
+    let f = opener
+        .open(path, io_options(options))
+        .await
+        .map_err(|source| Error::OpenFile {
+            role,
+            path: path.into(),
+            source,
+        })?;
+    let len = f
+        .len()
+        .await
+        .map_err(|e| Error::io(format!("{}: size", path.display()), e))?;
+    if len < 4 {
+        return Ok(ImageFormat::Raw);
+    }
+    let head = read_bytes(&f, 0, 4, "backing file header").await?;
+    Ok(if head[..4] == QCOW_MAGIC.to_be_bytes() {
+        ImageFormat::Qcow2
+    } else {
+        ImageFormat::Raw
+    })
+}
+
+/// Resolves a backing file name as QEMU does: relative names are relative to the directory
+/// of the image that names them.
+pub(crate) fn resolve_backing(image: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        p.into()
+    } else {
+        image.parent().unwrap_or(Path::new("")).join(p)
+    }
+}
+
+/// Resolves a data file name: QEMU takes a relative name relative to the current directory;
+/// when nothing is there, the image's directory is tried too.
+fn resolve_data_file(image: &Path, name: &Path) -> PathBuf {
+    if name.is_absolute() || name.exists() {
+        return name.into();
+    }
+    let beside = image.parent().unwrap_or(Path::new("")).join(name);
+    if beside.exists() {
+        beside
+    } else {
+        name.into()
+    }
+}
+
+/// QEMU's limit on the snapshot table's size.
+const MAX_SNAPSHOT_TABLE: u64 = 64 << 20;
+
+impl<O: Opener> Image<O> {
+    /// The internal snapshots, read from the snapshot table.
+    pub async fn snapshots(&self) -> Result<Vec<qcow2_format::Snapshot>> {
+        let n = self.header.nb_snapshots;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let off = self.header.snapshots_offset;
+        let limit = self.file_len().saturating_sub(off).min(MAX_SNAPSHOT_TABLE);
+        // Entries have variable length: read a guess and grow it while the parser says the
+        // table is truncated.
+        let mut want = (u64::from(n) * 64).clamp(4096, limit.max(1));
+        loop {
+            let buf = read_bytes(&self.file, off, want.min(limit), "snapshot table").await?;
+            match qcow2_format::Snapshot::parse_table(&buf, n) {
+                Ok(s) => return Ok(s),
+                Err(FormatError::Truncated { .. }) if want < limit => want = (want * 4).min(limit),
+                Err(source) => {
+                    return Err(Error::Format {
+                        path: self.path.clone(),
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
+    /// The persistent dirty bitmaps' directory entries (empty without the bitmaps extension).
+    pub async fn bitmaps(&self) -> Result<Vec<qcow2_format::BitmapDirectoryEntry>> {
+        let Some(ext) = self.header.bitmaps() else {
+            return Ok(Vec::new());
+        };
+        let end = ext.directory_offset.checked_add(ext.directory_size);
+        if end.is_none_or(|e| e > self.file_len()) || ext.directory_size > 1024 * 65535 {
+            return Err(Error::Format {
+                path: self.path.clone(),
+                source: FormatError::PastEnd {
+                    what: "bitmap directory",
+                    offset: ext.directory_offset,
+                    len: ext.directory_size,
+                    file_len: self.file_len(),
+                },
+            });
+        }
+        let buf = read_bytes(
+            &self.file,
+            ext.directory_offset,
+            ext.directory_size,
+            "bitmap directory",
+        )
+        .await?;
+        qcow2_format::BitmapDirectoryEntry::parse_directory(&buf, ext.nb_bitmaps).map_err(
+            |source| Error::Format {
+                path: self.path.clone(),
+                source,
+            },
+        )
+    }
+}
+
+impl<O: Opener> Image<O> {
+    /// Whether more clusters are in use than the file has blocks allocated: the sign of
+    /// preallocated metadata, whose data clusters are holes in the file. QEMU decides the same
+    /// way (and then asks the file whether a data cluster is a hole).
+    pub(crate) async fn metadata_preallocated(&self) -> Result<bool> {
+        self.metadata_prealloc
+            .get_or_try_init(|| self.detect_metadata_preallocation())
+            .await
+            .copied()
+    }
+
+    async fn detect_metadata_preallocation(&self) -> Result<bool> {
+        let cs = self.cluster_size();
+        let allocated = self
+            .file
+            .allocated_size()
+            .await
+            .map_err(|e| Error::io(format!("{}: allocated size", self.path.display()), e))?;
+        let real_clusters = allocated / cs;
+        let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+        let end_cluster = self.file_len().div_ceil(cs);
+        let refcounts = self.refcounts_until(end_cluster, threshold).await?;
+        Ok(refcounts > threshold)
+    }
+
+    /// Counts clusters below `end` with a non-zero refcount, stopping once past `stop_after`.
+    async fn refcounts_until(&self, end: u64, stop_after: u64) -> Result<u64> {
+        let h = &self.header;
+        let cs = self.cluster_size();
+        let table_len = u64::from(h.refcount_table_clusters) * cs;
+        let raw = read_bytes(&self.file, h.refcount_table_offset, table_len, "refcount table")
+            .await?;
+        let table = raw
+            .chunks_exact(8)
+            .map(|c| qcow2_format::ReftableEntry(u64::from_be_bytes(c.try_into().expect("8"))))
+            .collect();
+        let mut rc = qcow2_alloc::Refcounts::new(self.geo, h.refcount_width(), table);
+        let per_block = rc.entries_per_block();
+        let mut used = 0;
+        let mut cluster = 0;
+        while cluster < end && used <= stop_after {
+            let slot = rc.slot(qcow2_format::HostCluster(cluster));
+            let block = rc.block_offset(slot.table_index).map_err(|e| Error::Corrupt {
+                path: self.path.clone(),
+                what: format!("refcount table: {e}"),
+            })?;
+            let block_end = ((slot.table_index + 1) * per_block).min(end);
+            let Some(block) = block else {
+                cluster = block_end;
+                continue;
+            };
+            if !rc.has_block(slot.table_index) {
+                let bytes = read_bytes(&self.file, block.0, cs, "refcount block").await?;
+                rc.insert_block(slot.table_index, bytes.to_vec());
+            }
+            while cluster < block_end && used <= stop_after {
+                let n = rc
+                    .get(qcow2_format::HostCluster(cluster))
+                    .map_err(|e| Error::Corrupt {
+                        path: self.path.clone(),
+                        what: format!("refcount: {e}"),
+                    })?;
+                if n > 0 {
+                    used += 1;
+                }
+                cluster += 1;
+            }
+        }
+        Ok(used)
+    }
+}

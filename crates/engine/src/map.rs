@@ -1,0 +1,232 @@
+//! The allocation map of a whole backing chain, as `qemu-img map` reports it: for each guest
+//! range, which layer provides it (depth), whether it reads as zeros, whether it holds data,
+//! and where that data lives.
+
+use crate::image::{Disk, Image};
+use crate::status::ExtentKind;
+use crate::Result;
+use blockio::{Backend, Opener};
+use std::path::PathBuf;
+
+/// One run of `qemu-img map --output=json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapEntry {
+    /// Guest offset.
+    pub start: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Index in the chain of the layer that decided the status (0 = top).
+    pub depth: usize,
+    /// Whether that layer allocates the range (as data or zeros).
+    pub present: bool,
+    /// Whether the range reads as zeros.
+    pub zero: bool,
+    /// Whether the range is backed by data in a file.
+    pub data: bool,
+    /// Whether the range is compressed.
+    pub compressed: bool,
+    /// Offset of the range in `filename`, when it has one.
+    pub offset: Option<u64>,
+    /// The file holding the range's bytes, when `offset` is set.
+    pub filename: Option<PathBuf>,
+}
+
+impl MapEntry {
+    fn mergeable(&self, next: &MapEntry) -> bool {
+        self.start + self.length == next.start
+            && self.depth == next.depth
+            && self.present == next.present
+            && self.zero == next.zero
+            && self.data == next.data
+            && self.compressed == next.compressed
+            && self.filename == next.filename
+            && match (self.offset, next.offset) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a + self.length == b,
+                _ => false,
+            }
+    }
+}
+
+/// What one layer says about the start of a range (QEMU's block-status flags).
+#[derive(Debug, Default)]
+struct LayerStatus {
+    len: u64,
+    data: bool,
+    zero: bool,
+    allocated: bool,
+    compressed: bool,
+    offset: Option<u64>,
+    filename: Option<PathBuf>,
+}
+
+/// What the file underneath says about a host range: data, or a hole (SEEK_DATA/SEEK_HOLE).
+async fn file_status<B: Backend>(file: &B, offset: u64, len: u64) -> Result<(bool, u64)> {
+    let a = file
+        .allocation(offset, len)
+        .await
+        .map_err(|e| crate::Error::io("querying file allocation", e))?;
+    Ok((a.data, a.len.clamp(1, len)))
+}
+
+impl<O: Opener> Disk<O> {
+    /// The map of `[offset, offset+len)` through the whole chain, merged as `qemu-img map`
+    /// merges it.
+    pub async fn map(&self, offset: u64, len: u64) -> Result<Vec<MapEntry>> {
+        let end = offset.saturating_add(len).min(self.size());
+        let mut out: Vec<MapEntry> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let e = self.status_above(pos, end - pos).await?;
+            pos += e.length;
+            match out.last_mut() {
+                Some(last) if last.mergeable(&e) => last.length += e.length,
+                _ => out.push(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Walks down the chain until a layer allocates the range's start.
+    async fn status_above(&self, pos: u64, bytes: u64) -> Result<MapEntry> {
+        let mut layer = self;
+        let mut depth = 0;
+        let mut bytes = bytes;
+        loop {
+            let st = Box::pin(layer.layer_status(pos, bytes)).await?;
+            bytes = st.len;
+            if st.data || st.zero {
+                return Ok(entry(pos, depth, st));
+            }
+            match layer.backing() {
+                Some(b) => {
+                    layer = b;
+                    depth += 1;
+                }
+                None => {
+                    return Ok(entry(
+                        pos,
+                        depth,
+                        LayerStatus {
+                            len: bytes,
+                            ..LayerStatus::default()
+                        },
+                    ))
+                }
+            }
+        }
+    }
+
+    /// The status of one layer at `pos`, for at most `bytes`.
+    async fn layer_status(&self, pos: u64, bytes: u64) -> Result<LayerStatus> {
+        match self {
+            Disk::Raw(raw) => {
+                let len = bytes.min(raw.size.saturating_sub(pos));
+                if len == 0 {
+                    return Ok(LayerStatus {
+                        len: bytes,
+                        ..LayerStatus::default()
+                    });
+                }
+                let (data, n) = file_status(&raw.backend, pos, len).await?;
+                Ok(LayerStatus {
+                    len: n,
+                    data,
+                    zero: !data,
+                    allocated: true,
+                    offset: Some(pos),
+                    filename: Some(raw.path.clone()),
+                    ..LayerStatus::default()
+                })
+            }
+            Disk::Qcow2(img) => img.layer_status(pos, bytes).await,
+        }
+    }
+}
+
+fn entry(start: u64, depth: usize, st: LayerStatus) -> MapEntry {
+    MapEntry {
+        start,
+        length: st.len,
+        depth,
+        present: st.allocated,
+        zero: st.zero,
+        data: st.data,
+        compressed: st.compressed,
+        filename: st.offset.and(st.filename),
+        offset: st.offset,
+    }
+}
+
+impl<O: Opener> Image<O> {
+    async fn layer_status(&self, pos: u64, bytes: u64) -> Result<LayerStatus> {
+        let extents = self.block_status(pos, bytes).await?;
+        let Some(first) = extents.first() else {
+            return Ok(LayerStatus {
+                len: bytes,
+                ..LayerStatus::default()
+            });
+        };
+        let len = first.len;
+        let image_file = || Some(self.path.clone());
+        let st = match first.kind {
+            ExtentKind::Unallocated => {
+                // Unallocated with nothing below (or below the backing file's end) reads zeros.
+                let zero = match self.backing() {
+                    None => true,
+                    Some(b) => pos >= b.size(),
+                };
+                LayerStatus {
+                    len,
+                    zero,
+                    ..LayerStatus::default()
+                }
+            }
+            ExtentKind::Zero { host } => LayerStatus {
+                len,
+                zero: true,
+                allocated: true,
+                offset: host,
+                filename: self.data_file_path().map(PathBuf::from).or_else(image_file),
+                ..LayerStatus::default()
+            },
+            ExtentKind::Compressed => LayerStatus {
+                len,
+                data: true,
+                allocated: true,
+                compressed: true,
+                ..LayerStatus::default()
+            },
+            ExtentKind::Data { host, data_file } => {
+                let (file_name, recurse) = if data_file {
+                    (
+                        self.data_file_path().map(PathBuf::from),
+                        self.header.data_file_raw(),
+                    )
+                } else {
+                    (image_file(), self.metadata_preallocated().await?)
+                };
+                let mut st = LayerStatus {
+                    len,
+                    data: true,
+                    allocated: true,
+                    offset: Some(host),
+                    filename: file_name,
+                    ..LayerStatus::default()
+                };
+                if recurse {
+                    // QEMU asks the file whether the host range is a hole (preallocated
+                    // metadata, raw data files): a hole reads as zeros.
+                    let (file_data, n) = match (&self.data_file, data_file) {
+                        (Some(d), true) => file_status(&d.backend, host, len).await?,
+                        _ => file_status(&self.file, host, len).await?,
+                    };
+                    st.len = n;
+                    st.zero = !file_data;
+                }
+                st
+            }
+        };
+        Ok(st)
+    }
+}
