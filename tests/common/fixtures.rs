@@ -1,0 +1,1186 @@
+//! The fixture matrix: qcow2 images built by qemu-img / qemu-io at test time.
+
+use std::path::{Path, PathBuf};
+
+use crate::ops::OpMix;
+use crate::prng::Prng;
+use crate::tools::{path_str, qemu_img, qemu_img_in, qemu_info_json, qemu_io, qemu_io_abort};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+
+/// What a fixture is expected to look like (checked by the self-check tests
+/// against `qemu-img info`/`map`; also useful to select fixtures).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Expect {
+    /// `cluster-size` of the top image.
+    pub cluster_size: u64,
+    /// `"1.1"` (v3) or `"0.10"` (v2).
+    pub compat: &'static str,
+    /// `refcount-bits`.
+    pub refcount_bits: u64,
+    /// `extended-l2` (subclusters).
+    pub extended_l2: bool,
+    /// `compression-type`: `"zlib"` or `"zstd"`.
+    pub compression_type: &'static str,
+    /// The top image contains compressed clusters (`qemu-img map` shows
+    /// `"compressed": true`).
+    pub compressed: bool,
+    /// Number of images below the top one in the backing chain.
+    pub backing_depth: usize,
+    /// The top image uses an external data file.
+    pub data_file: bool,
+    /// The external data file is in raw mode (`data_file_raw=on`).
+    pub data_file_raw: bool,
+    /// Number of internal snapshots.
+    pub snapshots: usize,
+    /// Names of the persistent dirty bitmaps.
+    pub bitmaps: &'static [&'static str],
+    /// `lazy_refcounts=on`.
+    pub lazy_refcounts: bool,
+    /// The dirty bit (incompatible bit 0) is left set: the image "crashed"
+    /// with lazy refcounts; `qemu-img check` (read-only) reports refcount
+    /// errors (exit 2) until repaired, but the data reads back correctly.
+    pub dirty: bool,
+}
+
+impl Expect {
+    /// A plain v3 image: 64 KiB clusters, 16-bit refcounts, zlib, no extras.
+    pub const V3: Expect = Expect {
+        cluster_size: 64 * KIB,
+        compat: "1.1",
+        refcount_bits: 16,
+        extended_l2: false,
+        compression_type: "zlib",
+        compressed: false,
+        backing_depth: 0,
+        data_file: false,
+        data_file_raw: false,
+        snapshots: 0,
+        bitmaps: &[],
+        lazy_refcounts: false,
+        dirty: false,
+    };
+}
+
+/// One built fixture. The images live in `dir` and are deleted when the
+/// fixture is dropped.
+#[derive(Debug)]
+pub struct Fixture {
+    /// The fixture's name in the matrix (e.g. `"cluster-512"`).
+    pub name: String,
+    /// Temporary directory holding the image and everything it refers to
+    /// (backing files, data file).
+    pub dir: tempfile::TempDir,
+    /// The top image: what the test feeds to our engine.
+    pub image: PathBuf,
+    /// Format of `image`; always `"qcow2"`.
+    pub format: &'static str,
+    /// Virtual size of `image` in bytes, as reported by `qemu-img info`.
+    pub virtual_size: u64,
+    /// What the image is expected to contain.
+    pub expect: Expect,
+}
+
+impl Fixture {
+    /// QEMU's reading of the guest disk ([`crate::raw_reference`]).
+    pub fn raw_reference(&self) -> Vec<u8> {
+        crate::raw_reference(&self.image, self.format)
+    }
+
+    /// `qemu-img info --output=json` of the top image.
+    pub fn info_json(&self) -> serde_json::Value {
+        qemu_info_json(&self.image)
+    }
+
+    /// `qemu-img map --output=json` of the top image.
+    pub fn map_json(&self) -> serde_json::Value {
+        crate::qemu_map_json(&self.image)
+    }
+}
+
+/// A row of the fixture matrix: a name, what to expect, and a builder that
+/// creates the image(s) in a given directory with qemu-img / qemu-io.
+#[derive(Clone, Copy)]
+pub struct FixtureSpec {
+    /// Unique name, e.g. `"cluster-512"`, `"compressed-zstd-rewritten"`.
+    pub name: &'static str,
+    /// One-line description of what the image exercises.
+    pub description: &'static str,
+    /// What the built image is expected to look like.
+    pub expect: Expect,
+    build: fn(&Path) -> PathBuf,
+}
+
+impl std::fmt::Debug for FixtureSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FixtureSpec")
+            .field("name", &self.name)
+            .field("description", &self.description)
+            .field("expect", &self.expect)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FixtureSpec {
+    /// Builds the fixture in a fresh temporary directory. Deterministic:
+    /// the same spec always gives the same guest content.
+    ///
+    /// # Panics
+    ///
+    /// Panics if any qemu-img / qemu-io step fails.
+    pub fn build(&self) -> Fixture {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("qcow2-fixture-{}-", self.name))
+            .tempdir()
+            .expect("create fixture tempdir");
+        let image = self.build_in(dir.path());
+        let info = qemu_info_json(&image);
+        let virtual_size = info["virtual-size"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no virtual-size in qemu-img info of {}", image.display()));
+        Fixture {
+            name: self.name.to_string(),
+            dir,
+            image,
+            format: "qcow2",
+            virtual_size,
+            expect: self.expect,
+        }
+    }
+
+    /// Builds the image(s) into the existing directory `dir` (which should
+    /// be empty) and returns the path of the top image.
+    pub fn build_in(&self, dir: &Path) -> PathBuf {
+        (self.build)(dir)
+    }
+}
+
+/// Looks up a fixture of [`matrix`] by name.
+///
+/// # Panics
+///
+/// Panics if there is no fixture called `name`.
+pub fn fixture(name: &str) -> FixtureSpec {
+    matrix()
+        .into_iter()
+        .find(|f| f.name == name)
+        .unwrap_or_else(|| panic!("no fixture named {name:?}"))
+}
+
+// ---------------------------------------------------------------------------
+// Building blocks
+
+fn size_arg(size: u64) -> String {
+    size.to_string()
+}
+
+/// `qemu-img create -q -f qcow2 [-o OPTS] DIR/NAME SIZE`
+fn create(dir: &Path, name: &str, size: u64, opts: &str) -> PathBuf {
+    let p = dir.join(name);
+    let size = size_arg(size);
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([path_str(&p), &size]);
+    qemu_img(&args);
+    p
+}
+
+/// Like [`create`] with a backing file given by absolute path.
+fn create_over(
+    dir: &Path,
+    name: &str,
+    size: u64,
+    opts: &str,
+    backing: &Path,
+    backing_fmt: &str,
+) -> PathBuf {
+    let p = dir.join(name);
+    let size = size_arg(size);
+    let mut args = vec![
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        path_str(backing),
+        "-F",
+        backing_fmt,
+    ];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([path_str(&p), &size]);
+    qemu_img(&args);
+    p
+}
+
+fn io(image: &Path, script: &[String]) {
+    qemu_io("qcow2", image, script);
+}
+
+fn cmds(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// Creates a sparse raw file of `size` bytes.
+fn sparse_raw(path: &Path, size: u64) {
+    let f = std::fs::File::create(path).expect("create raw file");
+    f.set_len(size).expect("size raw file");
+}
+
+/// A plain image: create with `opts`, then run `mix`.
+fn plain(dir: &Path, size: u64, opts: &str, mix: OpMix) -> PathBuf {
+    let img = create(dir, "image.qcow2", size, opts);
+    io(&img, &mix.script());
+    img
+}
+
+// ---------------------------------------------------------------------------
+// Compressed images
+
+/// Content kinds for clusters of the compressed fixtures' source.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    /// One repeated byte: compresses to a few bytes.
+    Constant,
+    /// A repeated text line with the cluster number: compresses well.
+    Text,
+    /// First half random, second half zero: compresses to about half.
+    HalfRandom,
+    /// A few random bytes, rest zero.
+    Sparse,
+    /// Random bytes: does not fit in `cluster-1` bytes, so QEMU stores the
+    /// cluster uncompressed.
+    Random,
+}
+
+/// Writes the source raw file for the compressed fixtures: runs of
+/// clusters of each [`Kind`] at seeded positions, holes in between, and a
+/// non-empty last (possibly partial) cluster. Returns `(cluster, kind)`.
+fn compressed_source(path: &Path, size: u64, cluster: u64, seed: u64) -> Vec<(u64, Kind)> {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut r = Prng::new(seed);
+    let nclusters = size.div_ceil(cluster);
+    let mut chosen = std::collections::BTreeMap::new();
+    // About 40 runs; never more than 2/3 of the disk.
+    let runs = 40.min(nclusters * 2 / 3 / 3).max(4);
+    for _ in 0..runs {
+        let start = r.below(nclusters);
+        let len = r.range(1, 4);
+        let kind = match r.below(10) {
+            0..=2 => Kind::Constant,
+            3..=4 => Kind::Text,
+            5..=6 => Kind::HalfRandom,
+            7 => Kind::Sparse,
+            _ => Kind::Random,
+        };
+        for c in start..(start + len).min(nclusters) {
+            chosen.insert(c, kind);
+        }
+    }
+    // The last cluster (partial if size is not a multiple) always has data.
+    chosen.insert(nclusters - 1, Kind::Text);
+    // Cluster 0 is compressible too (a common hand-checked spot).
+    chosen.insert(0, Kind::Constant);
+
+    let mut f = std::fs::File::create(path).expect("create compressed source");
+    f.set_len(size).unwrap();
+    let mut buf = vec![0u8; cluster as usize];
+    for (&c, &kind) in &chosen {
+        buf.fill(0);
+        match kind {
+            Kind::Constant => buf.fill((c as u8).wrapping_mul(7) | 1),
+            Kind::Text => {
+                let line = format!("qcow2 fixture cluster {c:08} seed {seed:#x} -- ");
+                for (dst, src) in buf.iter_mut().zip(line.bytes().cycle()) {
+                    *dst = src;
+                }
+            }
+            Kind::HalfRandom => {
+                let half = buf.len() / 2;
+                r.fill(&mut buf[..half]);
+            }
+            Kind::Sparse => {
+                for _ in 0..8 {
+                    let i = r.below(cluster) as usize;
+                    buf[i] = (r.next_u64() as u8) | 1;
+                }
+            }
+            Kind::Random => r.fill(&mut buf),
+        }
+        let off = c * cluster;
+        let n = (size - off).min(cluster) as usize;
+        f.seek(SeekFrom::Start(off)).unwrap();
+        f.write_all(&buf[..n]).unwrap();
+    }
+    chosen.into_iter().collect()
+}
+
+/// `qemu-img convert -f raw -O qcow2 -c` of a mixed source; with `rewrite`,
+/// then partly rewritten by qemu-io (new compressed writes into holes,
+/// partial and full overwrites, zero writes and discards over compressed
+/// clusters).
+fn compressed(
+    dir: &Path,
+    size: u64,
+    cluster: u64,
+    zstd: bool,
+    rewrite: bool,
+    seed: u64,
+) -> PathBuf {
+    let src = dir.join("source.raw");
+    let layout = compressed_source(&src, size, cluster, seed);
+    let img = dir.join("image.qcow2");
+    let mut opts = format!("cluster_size={cluster}");
+    if zstd {
+        opts.push_str(",compression_type=zstd");
+    }
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-c",
+        "-o",
+        &opts,
+        path_str(&src),
+        path_str(&img),
+    ]);
+    std::fs::remove_file(&src).unwrap();
+    if !rewrite {
+        return img;
+    }
+    let mut r = Prng::new(seed ^ 0xC0FFEE);
+    let compressible: Vec<u64> = layout
+        .iter()
+        .filter(|(_, k)| *k != Kind::Random)
+        .map(|(c, _)| *c)
+        .collect();
+    let used: std::collections::BTreeSet<u64> = layout.iter().map(|(c, _)| *c).collect();
+    let full = size / cluster; // clusters entirely inside the disk
+    let mut script = Vec::new();
+    // Compressed writes into never-touched clusters (qemu-io only allows
+    // them into unallocated clusters), done first.
+    let mut holes = std::collections::BTreeSet::new();
+    for _ in 0..200 {
+        let c = r.below(full);
+        if holes.len() < 3 && !used.contains(&c) && holes.insert(c) {
+            let p = 0xd0 + holes.len();
+            script.push(format!("write -c -P 0x{p:02x} {} {cluster}", c * cluster));
+        }
+    }
+    let mut pat = 0xe0u8;
+    for i in 0..24 {
+        let c = *r.pick(&compressible);
+        let base = c * cluster;
+        let op = match i % 8 {
+            // Small unaligned write inside a compressed cluster (COW).
+            0 | 1 => {
+                let off = base + r.below(cluster / 2);
+                let len = r.range(1, cluster / 2);
+                pat += 1;
+                format!("write -P 0x{pat:02x} {off} {len}")
+            }
+            // Unaligned write straddling into the next cluster.
+            2 => {
+                let off = base + cluster / 2 + r.below(cluster / 2);
+                pat += 1;
+                format!("write -P 0x{pat:02x} {off} {}", cluster)
+            }
+            // Whole-cluster overwrite.
+            3 => {
+                pat += 1;
+                format!("write -P 0x{pat:02x} {base} {cluster}")
+            }
+            4 => format!("write -z {base} {cluster}"),
+            5 => format!("write -z -u {base} {cluster}"),
+            6 => format!("discard {base} {cluster}"),
+            // Unaligned zero write inside a compressed cluster (COW).
+            _ => {
+                let off = base + 1 + r.below(cluster / 2);
+                format!("write -z {off} {}", r.range(1, cluster / 3))
+            }
+        };
+        script.push(op);
+    }
+    // Clip anything running past the end of the disk.
+    let script: Vec<String> = script
+        .into_iter()
+        .map(|s| {
+            let mut parts: Vec<String> = s.split(' ').map(str::to_string).collect();
+            let n = parts.len();
+            let off: u64 = parts[n - 2].parse().unwrap();
+            let len: u64 = parts[n - 1].parse().unwrap();
+            if off + len > size {
+                parts[n - 1] = (size - off).to_string();
+            }
+            parts.join(" ")
+        })
+        .collect();
+    io(&img, &script);
+    img
+}
+
+// ---------------------------------------------------------------------------
+// Backing chains
+
+/// raw base <- qcow2 mid (backing_fmt raw) <- qcow2 top (backing_fmt qcow2),
+/// each layer writing its own ranges. With `relative`, the images are
+/// created from inside `dir` and refer to each other by relative names.
+fn chain(dir: &Path, relative: bool) -> PathBuf {
+    let size = 32 * MIB;
+    let base = dir.join("base.raw");
+    sparse_raw(&base, size);
+    let base_mix = OpMix {
+        first_pattern: 0x40,
+        zero_writes: false,
+        discards: false,
+        ops: 20,
+        ..OpMix::new(0xBA5E, size, 64 * KIB)
+    };
+    qemu_io("raw", &base, &base_mix.script());
+    let mid;
+    let top;
+    if relative {
+        let s = size_arg(size);
+        qemu_img_in(
+            dir,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "base.raw",
+                "-F",
+                "raw",
+                "mid.qcow2",
+                &s,
+            ],
+        );
+        qemu_img_in(
+            dir,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "mid.qcow2",
+                "-F",
+                "qcow2",
+                "top.qcow2",
+                &s,
+            ],
+        );
+        mid = dir.join("mid.qcow2");
+        top = dir.join("top.qcow2");
+    } else {
+        mid = create_over(dir, "mid.qcow2", size, "", &base, "raw");
+        top = create_over(dir, "top.qcow2", size, "", &mid, "qcow2");
+    }
+    let mid_mix = OpMix {
+        first_pattern: 0x80,
+        ops: 24,
+        ..OpMix::new(0x0111D, size, 64 * KIB)
+    };
+    io(&mid, &mid_mix.script());
+    let top_mix = OpMix {
+        first_pattern: 0xc0,
+        ops: 24,
+        ..OpMix::new(0x7095, size, 64 * KIB)
+    };
+    io(&top, &top_mix.script());
+    top
+}
+
+/// An overlay whose backing file is shorter than the overlay.
+fn backing_short(dir: &Path) -> PathBuf {
+    let base = create(dir, "base.qcow2", 8 * MIB, "");
+    let base_mix = OpMix {
+        first_pattern: 0x30,
+        ops: 30,
+        ..OpMix::new(0x5407, 8 * MIB, 64 * KIB)
+    };
+    io(&base, &base_mix.script());
+    // Make sure the base's last cluster has data to "fall off" from.
+    io(&base, &cmds(&["write -P 0x2f 8323072 65536"]));
+    let size = 32 * MIB;
+    let top = create_over(dir, "top.qcow2", size, "", &base, "qcow2");
+    let mut script = cmds(&[
+        // Partial write into the base's last cluster and into the first
+        // cluster past the base's end (COW reads past the backing end).
+        "write -P 0xa1 8355000 4000",
+        "write -P 0xa2 8389000 3000",
+        // Straddles the base end.
+        "write -P 0xa3 8380000 20000",
+    ]);
+    script.extend(
+        OpMix {
+            first_pattern: 0xb0,
+            ops: 24,
+            ..OpMix::new(0x5408, size, 64 * KIB)
+        }
+        .script(),
+    );
+    io(&top, &script);
+    top
+}
+
+/// An overlay over a raw backing file whose size is not a multiple of 512.
+fn backing_short_raw(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let base_len = 5 * MIB + 12345;
+    let base = dir.join("base.raw");
+    let mut data = vec![0u8; base_len as usize];
+    for (i, chunk) in data.chunks_mut(4096 + 17).enumerate() {
+        if i % 3 != 2 {
+            chunk.fill((i as u8).wrapping_mul(13) | 1);
+        }
+    }
+    std::fs::File::create(&base)
+        .unwrap()
+        .write_all(&data)
+        .unwrap();
+    let size = 16 * MIB;
+    let top = create_over(dir, "top.qcow2", size, "", &base, "raw");
+    let mut script = cmds(&[
+        // Partial writes into the cluster holding the backing end.
+        "write -P 0xa1 5243000 100",
+        "write -P 0xa2 5255000 3000",
+    ]);
+    script.extend(
+        OpMix {
+            first_pattern: 0xb0,
+            ops: 20,
+            ..OpMix::new(0x5409, size, 64 * KIB)
+        }
+        .script(),
+    );
+    io(&top, &script);
+    top
+}
+
+/// v3 zero clusters of every flavour, no backing file.
+fn zero_clusters(dir: &Path) -> PathBuf {
+    let size = 32 * MIB;
+    let img = create(dir, "image.qcow2", size, "");
+    let mut script = cmds(&[
+        "write -P 0x11 0 262144",
+        "write -P 0x12 4194304 131072",
+        // allocated -> zero flag with the offset kept (zero-alloc)
+        "write -z 0 65536",
+        // allocated -> zero flag, unallocated (zero-plain)
+        "write -z -u 65536 65536",
+        // unallocated -> zero-plain
+        "write -z 1048576 131072",
+        "write -z -u 2097152 65536",
+        // discard allocated -> zero-plain (v3, no backing)
+        "discard 131072 65536",
+        // partial zero write inside an allocated cluster: data zeros
+        "write -z 200000 1000",
+        // writes into zero clusters: allocate, rest reads zero
+        "write -P 0x13 1048676 300",
+        "write -P 0x14 4096 4096",
+        // zero write spanning allocated and unallocated clusters, unaligned
+        "write -z 4190000 200000",
+    ]);
+    script.extend(
+        OpMix {
+            first_pattern: 0x20,
+            ops: 30,
+            ..OpMix::new(0x2E80, size, 64 * KIB)
+        }
+        .script(),
+    );
+    io(&img, &script);
+    img
+}
+
+/// v3 zero clusters and discards over backing data.
+fn zero_clusters_backing(dir: &Path) -> PathBuf {
+    let size = 32 * MIB;
+    let base = create(dir, "base.qcow2", size, "");
+    let mut base_script = cmds(&["write -P 0x21 0 4194304"]);
+    base_script.extend(
+        OpMix {
+            first_pattern: 0x22,
+            zero_writes: false,
+            discards: false,
+            ops: 20,
+            ..OpMix::new(0x2E81, size, 64 * KIB)
+        }
+        .script(),
+    );
+    io(&base, &base_script);
+    let top = create_over(dir, "top.qcow2", size, "", &base, "qcow2");
+    let mut script = cmds(&[
+        "write -z 0 65536",
+        "write -z -u 65536 65536",
+        "discard 131072 131072",
+        "write -P 0x51 300000 5000",
+        "write -z 300000 65536",
+        "write -z 1000000 3000",
+        "discard 1048576 65536",
+        "write -P 0x52 1049000 512",
+    ]);
+    script.extend(
+        OpMix {
+            first_pattern: 0x60,
+            ops: 24,
+            ..OpMix::new(0x2E82, size, 64 * KIB)
+        }
+        .script(),
+    );
+    io(&top, &script);
+    top
+}
+
+/// v2 overlay over a v2 base: `write -z` must allocate real zeros.
+fn v2_zero_backing(dir: &Path) -> PathBuf {
+    let size = 32 * MIB;
+    let base = create(dir, "base.qcow2", size, "compat=0.10");
+    let mut base_script = cmds(&["write -P 0x41 0 2097152"]);
+    base_script.extend(
+        OpMix {
+            first_pattern: 0x42,
+            zero_writes: false,
+            discards: false,
+            ops: 20,
+            ..OpMix::new(0x7201, size, 64 * KIB)
+        }
+        .script(),
+    );
+    io(&base, &base_script);
+    let top = create_over(dir, "top.qcow2", size, "compat=0.10", &base, "qcow2");
+    let mut script = cmds(&[
+        "write -z 0 65536",
+        "write -z -u 131072 131072",
+        "write -z 500000 70000",
+        "discard 1048576 65536",
+        "write -P 0x91 1048600 100",
+    ]);
+    script.extend(
+        OpMix {
+            first_pattern: 0x92,
+            ops: 24,
+            ..OpMix::new(0x7202, size, 64 * KIB)
+        }
+        .script(),
+    );
+    io(&top, &script);
+    top
+}
+
+/// Extended L2 over a standard backing file: subclusters fall through.
+fn extl2_backing(dir: &Path) -> PathBuf {
+    let size = 32 * MIB;
+    let base = create(dir, "base.qcow2", size, "");
+    let mut base_script = cmds(&["write -P 0x31 0 8388608"]);
+    base_script.extend(
+        OpMix {
+            first_pattern: 0x32,
+            zero_writes: false,
+            discards: false,
+            ops: 16,
+            ..OpMix::new(0xE7B0, size, 64 * KIB)
+        }
+        .script(),
+    );
+    io(&base, &base_script);
+    let top = create_over(dir, "top.qcow2", size, "extended_l2=on", &base, "qcow2");
+    let mut script = cmds(&[
+        // One subcluster (2 KiB) of a backed cluster; the rest falls through.
+        "write -P 0xa1 2048 2048",
+        // Smaller than a subcluster, unaligned.
+        "write -P 0xa2 70000 100",
+        // Zero and discard of single subclusters over backing data.
+        "write -z 139264 2048",
+        "discard 200704 4096",
+        "write -z -u 262144 6144",
+        // Unaligned write across a cluster boundary.
+        "write -P 0xa3 327000 4000",
+    ]);
+    script.extend(
+        OpMix {
+            first_pattern: 0xb0,
+            ops: 50,
+            subclusters: true,
+            l2_entry_bytes: 16,
+            ..OpMix::new(0xE7B1, size, 64 * KIB)
+        }
+        .script(),
+    );
+    io(&top, &script);
+    top
+}
+
+fn extl2(dir: &Path, size: u64, cluster: u64, seed: u64) -> PathBuf {
+    let sc = cluster / 32;
+    let img = create(
+        dir,
+        "image.qcow2",
+        size,
+        &format!("extended_l2=on,cluster_size={cluster}"),
+    );
+    let mut script = vec![
+        // A sub-subcluster write at +512 into a fresh cluster.
+        format!("write -P 0x71 {} {}", 4 * cluster + 512, sc.min(1536)),
+        // Full-cluster zero over allocated, discard part of a cluster.
+        format!("write -P 0x72 {} {}", 6 * cluster, 2 * cluster),
+        format!("write -z {} {}", 6 * cluster, cluster),
+        format!("discard {} {}", 7 * cluster + sc, 3 * sc),
+        format!("write -z -u {} {}", 7 * cluster + 8 * sc, sc),
+        format!("write -P 0x73 {} {}", 7 * cluster + 9 * sc + 7, 100),
+    ];
+    script.extend(
+        OpMix {
+            first_pattern: 0x80,
+            ops: 60,
+            subclusters: true,
+            l2_entry_bytes: 16,
+            ..OpMix::new(seed, size, cluster)
+        }
+        .script(),
+    );
+    io(&img, &script);
+    img
+}
+
+fn snapshot(dir: &Path) -> PathBuf {
+    let size = 32 * MIB;
+    let img = create(dir, "image.qcow2", size, "");
+    let p = path_str(&img).to_string();
+    io(
+        &img,
+        &OpMix {
+            first_pattern: 0x01,
+            ops: 30,
+            ..OpMix::new(0x5A01, size, 64 * KIB)
+        }
+        .script(),
+    );
+    qemu_img(&["snapshot", "-c", "snap1", &p]);
+    let mut script = cmds(&[
+        "write -P 0x5a 0 100000",
+        "write -z 1048576 1048576",
+        "discard 2097152 2097152",
+    ]);
+    script.extend(
+        OpMix {
+            first_pattern: 0x60,
+            ops: 30,
+            ..OpMix::new(0x5A02, size, 64 * KIB)
+        }
+        .script(),
+    );
+    io(&img, &script);
+    qemu_img(&["snapshot", "-c", "snap2", &p]);
+    io(
+        &img,
+        &OpMix {
+            first_pattern: 0xc0,
+            ops: 12,
+            ..OpMix::new(0x5A03, size, 64 * KIB)
+        }
+        .script(),
+    );
+    img
+}
+
+fn bitmap(dir: &Path) -> PathBuf {
+    let size = 32 * MIB;
+    let img = create(dir, "image.qcow2", size, "");
+    let p = path_str(&img).to_string();
+    qemu_img(&["bitmap", "--add", &p, "bm0"]);
+    qemu_img(&["bitmap", "--add", "-g", "131072", "--disable", &p, "bm1"]);
+    io(&img, &OpMix::new(0xB17, size, 64 * KIB).script());
+    img
+}
+
+fn data_file(dir: &Path, raw: bool) -> PathBuf {
+    let size = 32 * MIB;
+    // Absolute name: QEMU resolves a relative data-file name against the
+    // current working directory, not the image's directory.
+    let data = dir.join("image.data");
+    let mut opts = format!("data_file={}", path_str(&data));
+    if raw {
+        opts.push_str(",data_file_raw=on");
+    }
+    plain(
+        dir,
+        size,
+        &opts,
+        OpMix::new(if raw { 0xDA7B } else { 0xDA7A }, size, 64 * KIB),
+    )
+}
+
+fn lazy_dirty(dir: &Path) -> PathBuf {
+    let size = 32 * MIB;
+    let img = create(dir, "image.qcow2", size, "lazy_refcounts=on");
+    let mix = OpMix {
+        ops: 30,
+        ..OpMix::new(0x1A2D, size, 64 * KIB)
+    };
+    qemu_io_abort("qcow2", &img, &mix.script());
+    img
+}
+
+fn prealloc(dir: &Path, mode: &str) -> PathBuf {
+    let size = 8 * MIB;
+    plain(
+        dir,
+        size,
+        &format!("preallocation={mode}"),
+        OpMix {
+            ops: 30,
+            ..OpMix::new(0x9E + mode.len() as u64, size, 64 * KIB)
+        },
+    )
+}
+
+fn resized(dir: &Path) -> PathBuf {
+    let img = create(dir, "image.qcow2", 16 * MIB, "");
+    io(
+        &img,
+        &OpMix {
+            ops: 24,
+            ..OpMix::new(0x2E51, 16 * MIB, 64 * KIB)
+        }
+        .script(),
+    );
+    qemu_img(&["resize", "-q", path_str(&img), "80M"]);
+    let size = 80 * MIB;
+    let mut script = cmds(&[
+        // Straddles the old end of the disk.
+        "write -P 0xe1 16770000 20000",
+        "write -P 0xe2 16777216 65536",
+    ]);
+    script.extend(
+        OpMix {
+            first_pattern: 0xf0,
+            ops: 24,
+            window: Some((15 * MIB, size)),
+            ..OpMix::new(0x2E52, size, 64 * KIB)
+        }
+        .script(),
+    );
+    io(&img, &script);
+    img
+}
+
+// ---------------------------------------------------------------------------
+// The matrix
+
+/// All fixtures, in a stable order. Each builds in its own temporary
+/// directory; the top image is always qcow2.
+///
+/// | name | content |
+/// |---|---|
+/// | `cluster-512`, `cluster-4k`, `cluster-64k`, `cluster-2m` | v3, refcount 16, mixed writes/zeroes/discards |
+/// | `l2-span-64k` | 64 KiB clusters, 544 MiB (sparse): crosses the 512 MiB L2-table span |
+/// | `refcount-1` ... `refcount-64` | 64 KiB clusters, each refcount width |
+/// | `v2`, `v2-zero`, `v2-zero-backing` | compat 0.10 (no zero flag) |
+/// | `extl2-64k`, `extl2-32k`, `extl2-16k`, `extl2-backing` | extended L2 (subclusters) |
+/// | `compressed-*` | `qemu-img convert -c` (zlib/zstd, 512 B/4 KiB/64 KiB/2 MiB), optionally rewritten |
+/// | `zero-clusters`, `zero-clusters-backing` | every kind of v3 zero cluster |
+/// | `chain`, `chain-relative`, `backing-short`, `backing-short-raw` | backing chains |
+/// | `snapshot` | two internal snapshots, active differs |
+/// | `bitmap` | persistent dirty bitmaps |
+/// | `data-file`, `data-file-raw` | external data file |
+/// | `lazy-refcounts`, `lazy-refcounts-dirty` | lazy refcounts, clean / crashed |
+/// | `prealloc-metadata`, `prealloc-full` | preallocated images |
+/// | `resized` | grown from 16 MiB to 80 MiB |
+pub fn matrix() -> Vec<FixtureSpec> {
+    let v3 = Expect::V3;
+    let v2 = Expect {
+        compat: "0.10",
+        ..v3
+    };
+    let ext = Expect {
+        extended_l2: true,
+        ..v3
+    };
+    let comp = Expect {
+        compressed: true,
+        ..v3
+    };
+    let compz = Expect {
+        compression_type: "zstd",
+        ..comp
+    };
+    vec![
+        FixtureSpec {
+            name: "cluster-512",
+            description: "512 B clusters (64-entry L2 tables, many L2 boundaries)",
+            expect: Expect { cluster_size: 512, ..v3 },
+            build: |d| plain(d, 16 * MIB, "cluster_size=512", OpMix { ops: 48, ..OpMix::new(0x512, 16 * MIB, 512) }),
+        },
+        FixtureSpec {
+            name: "cluster-4k",
+            description: "4 KiB clusters, 32 MiB (2 MiB L2 span)",
+            expect: Expect { cluster_size: 4096, ..v3 },
+            build: |d| plain(d, 32 * MIB, "cluster_size=4096", OpMix { ops: 48, ..OpMix::new(0x4096, 32 * MIB, 4096) }),
+        },
+        FixtureSpec {
+            name: "cluster-64k",
+            description: "default 64 KiB clusters, 64 MiB",
+            expect: v3,
+            build: |d| plain(d, 64 * MIB, "", OpMix::new(0x64, 64 * MIB, 64 * KIB)),
+        },
+        FixtureSpec {
+            name: "cluster-2m",
+            description: "2 MiB clusters, 128 MiB (sparse)",
+            expect: Expect { cluster_size: 2 * MIB, ..v3 },
+            build: |d| {
+                plain(d, 128 * MIB, "cluster_size=2097152", OpMix { ops: 30, ..OpMix::new(0x2000, 128 * MIB, 2 * MIB) })
+            },
+        },
+        FixtureSpec {
+            name: "l2-span-64k",
+            description: "64 KiB clusters, 544 MiB sparse: writes cross the 512 MiB L2-table span",
+            expect: v3,
+            build: |d| plain(d, 544 * MIB, "", OpMix::new(0x12, 544 * MIB, 64 * KIB)),
+        },
+        FixtureSpec {
+            name: "refcount-1",
+            description: "refcount_bits=1",
+            expect: Expect { refcount_bits: 1, ..v3 },
+            build: |d| plain(d, 32 * MIB, "refcount_bits=1", OpMix::new(0xF1, 32 * MIB, 64 * KIB)),
+        },
+        FixtureSpec {
+            name: "refcount-2",
+            description: "refcount_bits=2",
+            expect: Expect { refcount_bits: 2, ..v3 },
+            build: |d| plain(d, 32 * MIB, "refcount_bits=2", OpMix::new(0xF2, 32 * MIB, 64 * KIB)),
+        },
+        FixtureSpec {
+            name: "refcount-4",
+            description: "refcount_bits=4",
+            expect: Expect { refcount_bits: 4, ..v3 },
+            build: |d| plain(d, 32 * MIB, "refcount_bits=4", OpMix::new(0xF4, 32 * MIB, 64 * KIB)),
+        },
+        FixtureSpec {
+            name: "refcount-8",
+            description: "refcount_bits=8",
+            expect: Expect { refcount_bits: 8, ..v3 },
+            build: |d| plain(d, 32 * MIB, "refcount_bits=8", OpMix::new(0xF8, 32 * MIB, 64 * KIB)),
+        },
+        FixtureSpec {
+            name: "refcount-16",
+            description: "refcount_bits=16",
+            expect: v3,
+            build: |d| plain(d, 32 * MIB, "refcount_bits=16", OpMix::new(0xF16, 32 * MIB, 64 * KIB)),
+        },
+        FixtureSpec {
+            name: "refcount-32",
+            description: "refcount_bits=32",
+            expect: Expect { refcount_bits: 32, ..v3 },
+            build: |d| plain(d, 32 * MIB, "refcount_bits=32", OpMix::new(0xF32, 32 * MIB, 64 * KIB)),
+        },
+        FixtureSpec {
+            name: "refcount-64",
+            description: "refcount_bits=64",
+            expect: Expect { refcount_bits: 64, ..v3 },
+            build: |d| plain(d, 32 * MIB, "refcount_bits=64", OpMix::new(0xF64, 32 * MIB, 64 * KIB)),
+        },
+        FixtureSpec {
+            name: "v2",
+            description: "compat=0.10 with writes and discards",
+            expect: v2,
+            build: |d| {
+                plain(d, 32 * MIB, "compat=0.10", OpMix { zero_writes: false, ..OpMix::new(0x0210, 32 * MIB, 64 * KIB) })
+            },
+        },
+        FixtureSpec {
+            name: "v2-zero",
+            description: "compat=0.10 with write -z / -z -u (no zero flag: clusters are freed)",
+            expect: v2,
+            build: |d| {
+                let img = create(d, "image.qcow2", 32 * MIB, "compat=0.10");
+                let mut s = cmds(&[
+                    "write -P 0x61 0 524288",
+                    "write -z 0 65536",
+                    "write -z -u 131072 65536",
+                    "write -z 300000 5000",
+                    "write -z 4194304 131072",
+                ]);
+                s.extend(OpMix { first_pattern: 0x70, ..OpMix::new(0x0211, 32 * MIB, 64 * KIB) }.script());
+                io(&img, &s);
+                img
+            },
+        },
+        FixtureSpec {
+            name: "v2-zero-backing",
+            description: "compat=0.10 overlay over a v2 base; write -z allocates real zeros",
+            expect: Expect { backing_depth: 1, ..v2 },
+            build: v2_zero_backing,
+        },
+        FixtureSpec {
+            name: "extl2-64k",
+            description: "extended_l2=on, 64 KiB clusters (2 KiB subclusters)",
+            expect: ext,
+            build: |d| extl2(d, 64 * MIB, 64 * KIB, 0xE64),
+        },
+        FixtureSpec {
+            name: "extl2-32k",
+            description: "extended_l2=on, 32 KiB clusters, 80 MiB (crosses the 64 MiB L2 span)",
+            expect: Expect { cluster_size: 32 * KIB, ..ext },
+            build: |d| extl2(d, 80 * MIB, 32 * KIB, 0xE32),
+        },
+        FixtureSpec {
+            name: "extl2-16k",
+            description: "extended_l2=on, 16 KiB clusters (512 B subclusters), 24 MiB (crosses the 16 MiB L2 span)",
+            expect: Expect { cluster_size: 16 * KIB, ..ext },
+            build: |d| extl2(d, 24 * MIB, 16 * KIB, 0xE16),
+        },
+        FixtureSpec {
+            name: "extl2-backing",
+            description: "extended_l2=on overlay over a standard qcow2 base; partial subclusters fall through",
+            expect: Expect { backing_depth: 1, ..ext },
+            build: extl2_backing,
+        },
+        FixtureSpec {
+            name: "compressed-zlib",
+            description: "convert -c, zlib, 64 KiB clusters, size not cluster aligned",
+            expect: comp,
+            build: |d| compressed(d, 16 * MIB + 36 * KIB, 64 * KIB, false, false, 0xC1),
+        },
+        FixtureSpec {
+            name: "compressed-zstd",
+            description: "convert -c, zstd, 64 KiB clusters, size not cluster aligned",
+            expect: compz,
+            build: |d| compressed(d, 16 * MIB + 36 * KIB, 64 * KIB, true, false, 0xC2),
+        },
+        FixtureSpec {
+            name: "compressed-zlib-rewritten",
+            description: "compressed-zlib partly rewritten by qemu-io (COW, zero, discard, write -c)",
+            expect: comp,
+            build: |d| compressed(d, 16 * MIB + 36 * KIB, 64 * KIB, false, true, 0xC3),
+        },
+        FixtureSpec {
+            name: "compressed-zstd-rewritten",
+            description: "compressed-zstd partly rewritten by qemu-io (COW, zero, discard, write -c)",
+            expect: compz,
+            build: |d| compressed(d, 16 * MIB + 36 * KIB, 64 * KIB, true, true, 0xC4),
+        },
+        FixtureSpec {
+            name: "compressed-zlib-4k",
+            description: "convert -c, zlib, 4 KiB clusters (several compressed clusters per sector)",
+            expect: Expect { cluster_size: 4096, ..comp },
+            build: |d| compressed(d, 16 * MIB + 1536, 4096, false, false, 0xC5),
+        },
+        FixtureSpec {
+            name: "compressed-zstd-4k",
+            description: "convert -c, zstd, 4 KiB clusters, then partly rewritten",
+            expect: Expect { cluster_size: 4096, ..compz },
+            build: |d| compressed(d, 16 * MIB + 1536, 4096, true, true, 0xC6),
+        },
+        FixtureSpec {
+            name: "compressed-zlib-512",
+            description: "convert -c, zlib, 512 B clusters (1-bit sector count)",
+            expect: Expect { cluster_size: 512, ..comp },
+            build: |d| compressed(d, 16 * MIB, 512, false, false, 0xC7),
+        },
+        FixtureSpec {
+            name: "compressed-zlib-2m",
+            description: "convert -c, zlib, 2 MiB clusters, then partly rewritten",
+            expect: Expect { cluster_size: 2 * MIB, ..comp },
+            build: |d| compressed(d, 64 * MIB + MIB + 512, 2 * MIB, false, true, 0xC8),
+        },
+        FixtureSpec {
+            name: "zero-clusters",
+            description: "v3 write -z with/without -u and discard on allocated and unallocated clusters",
+            expect: v3,
+            build: zero_clusters,
+        },
+        FixtureSpec {
+            name: "zero-clusters-backing",
+            description: "v3 zero clusters and discards hiding backing-file data",
+            expect: Expect { backing_depth: 1, ..v3 },
+            build: zero_clusters_backing,
+        },
+        FixtureSpec {
+            name: "chain",
+            description: "raw base <- qcow2 mid <- qcow2 top, absolute backing names",
+            expect: Expect { backing_depth: 2, ..v3 },
+            build: |d| chain(d, false),
+        },
+        FixtureSpec {
+            name: "chain-relative",
+            description: "raw base <- qcow2 mid <- qcow2 top, relative backing names",
+            expect: Expect { backing_depth: 2, ..v3 },
+            build: |d| chain(d, true),
+        },
+        FixtureSpec {
+            name: "backing-short",
+            description: "32 MiB overlay over an 8 MiB qcow2 base (reads past its end are zeros)",
+            expect: Expect { backing_depth: 1, ..v3 },
+            build: backing_short,
+        },
+        FixtureSpec {
+            name: "backing-short-raw",
+            description: "16 MiB overlay over a raw base of 5 MiB + 12345 bytes (not sector aligned)",
+            expect: Expect { backing_depth: 1, ..v3 },
+            build: backing_short_raw,
+        },
+        FixtureSpec {
+            name: "snapshot",
+            description: "two internal snapshots; active image differs from both",
+            expect: Expect { snapshots: 2, ..v3 },
+            build: snapshot,
+        },
+        FixtureSpec {
+            name: "bitmap",
+            description: "persistent dirty bitmaps bm0 (enabled) and bm1 (disabled, 128 KiB granularity)",
+            expect: Expect { bitmaps: &["bm0", "bm1"], ..v3 },
+            build: bitmap,
+        },
+        FixtureSpec {
+            name: "data-file",
+            description: "external data file (absolute name image.data)",
+            expect: Expect { data_file: true, ..v3 },
+            build: |d| data_file(d, false),
+        },
+        FixtureSpec {
+            name: "data-file-raw",
+            description: "external data file with data_file_raw=on",
+            expect: Expect { data_file: true, data_file_raw: true, ..v3 },
+            build: |d| data_file(d, true),
+        },
+        FixtureSpec {
+            name: "lazy-refcounts",
+            description: "lazy_refcounts=on, closed cleanly",
+            expect: Expect { lazy_refcounts: true, ..v3 },
+            build: |d| plain(d, 32 * MIB, "lazy_refcounts=on", OpMix::new(0x1A2C, 32 * MIB, 64 * KIB)),
+        },
+        FixtureSpec {
+            name: "lazy-refcounts-dirty",
+            description: "lazy_refcounts=on, qemu-io aborted after its writes: dirty bit set, refcounts stale",
+            expect: Expect { lazy_refcounts: true, dirty: true, ..v3 },
+            build: lazy_dirty,
+        },
+        FixtureSpec {
+            name: "prealloc-metadata",
+            description: "preallocation=metadata, 8 MiB",
+            expect: v3,
+            build: |d| prealloc(d, "metadata"),
+        },
+        FixtureSpec {
+            name: "prealloc-full",
+            description: "preallocation=full, 8 MiB",
+            expect: v3,
+            build: |d| prealloc(d, "full"),
+        },
+        FixtureSpec {
+            name: "resized",
+            description: "created 16 MiB, written, resized to 80 MiB, written past the old end",
+            expect: v3,
+            build: resized,
+        },
+    ]
+}
