@@ -142,7 +142,9 @@ pub enum FormatError {
         reason: String,
     },
     /// The header and its extensions do not fit in the first cluster.
-    #[error("header, extensions and backing name need {need} bytes, the cluster holds {cluster_size}")]
+    #[error(
+        "header, extensions and backing name need {need} bytes, the cluster holds {cluster_size}"
+    )]
     HeaderTooLarge {
         /// Bytes needed.
         need: u64,

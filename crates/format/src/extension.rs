@@ -1,5 +1,8 @@
 //! Header extensions.
 
+use crate::be::{u32_at, u64_at};
+use crate::{FormatError, Result};
+
 /// Which feature bit set a feature-name-table entry names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FeatureKind {
@@ -11,6 +14,28 @@ pub enum FeatureKind {
     Autoclear,
     /// A kind byte the spec does not define, kept as is.
     Other(u8),
+}
+
+impl FeatureKind {
+    /// From the on-disk kind byte.
+    pub fn from_byte(b: u8) -> Self {
+        match b {
+            0 => Self::Incompatible,
+            1 => Self::Compatible,
+            2 => Self::Autoclear,
+            n => Self::Other(n),
+        }
+    }
+
+    /// The on-disk kind byte.
+    pub fn to_byte(self) -> u8 {
+        match self {
+            Self::Incompatible => 0,
+            Self::Compatible => 1,
+            Self::Autoclear => 2,
+            Self::Other(n) => n,
+        }
+    }
 }
 
 /// One entry of the feature name table (48 bytes on disk).
@@ -86,8 +111,200 @@ impl HeaderExtension {
         }
     }
 
+    /// Size of one feature name table entry on disk.
+    pub const FEATURE_ENTRY_LEN: usize = 48;
+    /// Longest feature name (the name field of an entry).
+    pub const FEATURE_NAME_LEN: usize = 46;
+    /// Size of the bitmaps extension's payload.
+    pub const BITMAPS_LEN: usize = 24;
+    /// Size of the full disk encryption extension's payload.
+    pub const FULL_DISK_ENCRYPTION_LEN: usize = 16;
+
     /// The feature name table QEMU 10 writes (8 entries).
     pub fn qemu_feature_table() -> HeaderExtension {
-        todo!()
+        let entry = |kind, bit, name: &str| FeatureName {
+            kind,
+            bit,
+            name: name.to_owned(),
+        };
+        HeaderExtension::FeatureNameTable(vec![
+            entry(FeatureKind::Incompatible, 0, "dirty bit"),
+            entry(FeatureKind::Incompatible, 1, "corrupt bit"),
+            entry(FeatureKind::Incompatible, 2, "external data file"),
+            entry(FeatureKind::Incompatible, 3, "compression type"),
+            entry(FeatureKind::Incompatible, 4, "extended L2 entries"),
+            entry(FeatureKind::Compatible, 0, "lazy refcounts"),
+            entry(FeatureKind::Autoclear, 0, "bitmaps"),
+            entry(FeatureKind::Autoclear, 1, "raw external data"),
+        ])
+    }
+
+    /// Decodes the payload (without padding) of an extension of type `kind`. Known types are
+    /// checked (UTF-8 strings, 48-byte feature table entries, 24-byte bitmaps extension with a
+    /// zero reserved field, 16-byte encryption pointer); unknown types are kept as they are.
+    /// `kind` 0 (the end marker) is not an extension and is refused.
+    pub fn decode(kind: u32, data: &[u8]) -> Result<HeaderExtension> {
+        let bad = |reason: String| FormatError::BadExtension { kind, reason };
+        Ok(match kind {
+            0 => return Err(bad("type 0 is the end marker, not an extension".into())),
+            Self::BACKING_FORMAT => HeaderExtension::BackingFormat(
+                String::from_utf8(data.to_vec())
+                    .map_err(|_| FormatError::NotUtf8("backing format name"))?,
+            ),
+            Self::EXTERNAL_DATA_FILE => HeaderExtension::ExternalDataFile(
+                String::from_utf8(data.to_vec())
+                    .map_err(|_| FormatError::NotUtf8("external data file name"))?,
+            ),
+            Self::FEATURE_NAME_TABLE => {
+                if data.len() % Self::FEATURE_ENTRY_LEN != 0 {
+                    return Err(bad(format!(
+                        "feature name table length {} is not a multiple of 48",
+                        data.len()
+                    )));
+                }
+                let mut entries = Vec::with_capacity(data.len() / Self::FEATURE_ENTRY_LEN);
+                for e in data.chunks_exact(Self::FEATURE_ENTRY_LEN) {
+                    let field = &e[2..];
+                    let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
+                    let name = std::str::from_utf8(&field[..end])
+                        .map_err(|_| FormatError::NotUtf8("feature name"))?;
+                    entries.push(FeatureName {
+                        kind: FeatureKind::from_byte(e[0]),
+                        bit: e[1],
+                        name: name.to_owned(),
+                    });
+                }
+                HeaderExtension::FeatureNameTable(entries)
+            }
+            Self::BITMAPS => {
+                if data.len() != Self::BITMAPS_LEN {
+                    return Err(bad(format!(
+                        "bitmaps extension is {} bytes, expected 24",
+                        data.len()
+                    )));
+                }
+                let reserved = u32_at(data, 4);
+                if reserved != 0 {
+                    return Err(FormatError::ReservedBits {
+                        what: "bitmaps extension reserved field",
+                        value: u64::from(reserved),
+                    });
+                }
+                HeaderExtension::Bitmaps(BitmapsExtension {
+                    nb_bitmaps: u32_at(data, 0),
+                    directory_size: u64_at(data, 8),
+                    directory_offset: u64_at(data, 16),
+                })
+            }
+            Self::FULL_DISK_ENCRYPTION => {
+                if data.len() != Self::FULL_DISK_ENCRYPTION_LEN {
+                    return Err(bad(format!(
+                        "full disk encryption extension is {} bytes, expected 16",
+                        data.len()
+                    )));
+                }
+                HeaderExtension::FullDiskEncryption {
+                    offset: u64_at(data, 0),
+                    length: u64_at(data, 8),
+                }
+            }
+            _ => HeaderExtension::Unknown {
+                kind,
+                data: data.to_vec(),
+            },
+        })
+    }
+
+    /// Length of the payload on disk, without padding.
+    pub fn payload_len(&self) -> usize {
+        match self {
+            Self::BackingFormat(s) | Self::ExternalDataFile(s) => s.len(),
+            Self::FeatureNameTable(v) => v.len() * Self::FEATURE_ENTRY_LEN,
+            Self::Bitmaps(_) => Self::BITMAPS_LEN,
+            Self::FullDiskEncryption { .. } => Self::FULL_DISK_ENCRYPTION_LEN,
+            Self::Unknown { data, .. } => data.len(),
+        }
+    }
+
+    /// Bytes the extension takes in the header area: 8 bytes of type and length, the payload,
+    /// and zero padding to a multiple of 8.
+    pub fn encoded_len(&self) -> usize {
+        8 + crate::be::pad8(self.payload_len())
+    }
+
+    /// Encodes the payload (without type, length or padding). Fails for feature names longer
+    /// than 46 bytes or containing NUL, an `Unknown` extension of type 0 or of a known type,
+    /// and payloads longer than `u32::MAX`.
+    pub fn encode_payload(&self) -> Result<Vec<u8>> {
+        let kind = self.kind();
+        let bad = |reason: String| FormatError::BadExtension { kind, reason };
+        let out = match self {
+            Self::BackingFormat(s) | Self::ExternalDataFile(s) => s.as_bytes().to_vec(),
+            Self::FeatureNameTable(entries) => {
+                let mut out = Vec::with_capacity(entries.len() * Self::FEATURE_ENTRY_LEN);
+                for e in entries {
+                    let name = e.name.as_bytes();
+                    if name.len() > Self::FEATURE_NAME_LEN {
+                        return Err(bad(format!(
+                            "feature name {:?} is longer than 46 bytes",
+                            e.name
+                        )));
+                    }
+                    if name.contains(&0) {
+                        return Err(bad(format!("feature name {:?} contains NUL", e.name)));
+                    }
+                    out.push(e.kind.to_byte());
+                    out.push(e.bit);
+                    out.extend_from_slice(name);
+                    out.resize(out.len() + Self::FEATURE_NAME_LEN - name.len(), 0);
+                }
+                out
+            }
+            Self::Bitmaps(b) => {
+                let mut out = Vec::with_capacity(Self::BITMAPS_LEN);
+                out.extend_from_slice(&b.nb_bitmaps.to_be_bytes());
+                out.extend_from_slice(&0u32.to_be_bytes());
+                out.extend_from_slice(&b.directory_size.to_be_bytes());
+                out.extend_from_slice(&b.directory_offset.to_be_bytes());
+                out
+            }
+            Self::FullDiskEncryption { offset, length } => {
+                let mut out = Vec::with_capacity(Self::FULL_DISK_ENCRYPTION_LEN);
+                out.extend_from_slice(&offset.to_be_bytes());
+                out.extend_from_slice(&length.to_be_bytes());
+                out
+            }
+            Self::Unknown { kind, data } => {
+                if *kind == 0 {
+                    return Err(bad("type 0 is the end marker, not an extension".into()));
+                }
+                if matches!(
+                    *kind,
+                    Self::BACKING_FORMAT
+                        | Self::FEATURE_NAME_TABLE
+                        | Self::BITMAPS
+                        | Self::FULL_DISK_ENCRYPTION
+                        | Self::EXTERNAL_DATA_FILE
+                ) {
+                    return Err(bad("known extension type stored as Unknown".into()));
+                }
+                data.clone()
+            }
+        };
+        if u32::try_from(out.len()).is_err() {
+            return Err(bad(format!("payload of {} bytes is too long", out.len())));
+        }
+        Ok(out)
+    }
+
+    /// Appends the encoded extension (type, length, payload, zero padding) to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) -> Result<()> {
+        let payload = self.encode_payload()?;
+        out.extend_from_slice(&self.kind().to_be_bytes());
+        // encode_payload guarantees the length fits.
+        out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        out.extend_from_slice(&payload);
+        crate::be::pad_vec8(out);
+        Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! L1 and L2 entries, standard and extended.
 
-use crate::{ClusterGeometry, CompressedDescriptor, HostOffset, Result};
+use crate::be::{put_u64, u64_at};
+use crate::{ClusterGeometry, CompressedDescriptor, FormatError, HostOffset, Result};
 
 /// An L1 table entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -22,8 +23,23 @@ impl L1Entry {
     /// The L2 table's offset, `None` when the range is unallocated. Checks reserved bits and
     /// cluster alignment.
     pub fn l2_offset(&self, geo: &ClusterGeometry) -> Result<Option<HostOffset>> {
-        let _ = geo;
-        todo!()
+        if self.0 & Self::RESERVED_MASK != 0 {
+            return Err(FormatError::ReservedBits {
+                what: "L1 entry",
+                value: self.0,
+            });
+        }
+        let off = self.0 & Self::OFFSET_MASK;
+        if off == 0 {
+            return Ok(None);
+        }
+        if !geo.is_aligned(off) {
+            return Err(FormatError::Misaligned {
+                what: "L2 table",
+                offset: off,
+            });
+        }
+        Ok(Some(HostOffset(off)))
     }
 
     /// Bit 63.
@@ -81,21 +97,74 @@ pub enum SubclusterState {
 pub struct SubclusterBitmap(pub u64);
 
 impl SubclusterBitmap {
-    /// State of subcluster `i` (0..32).
+    /// Allocation bits (0..=31).
+    pub const ALLOC_MASK: u64 = 0x0000_0000_FFFF_FFFF;
+    /// Zero bits (32..=63).
+    pub const ZERO_MASK: u64 = 0xFFFF_FFFF_0000_0000;
+    /// Every subcluster allocated.
+    pub const ALL_ALLOCATED: SubclusterBitmap = SubclusterBitmap(Self::ALLOC_MASK);
+    /// Every subcluster reads as zeros.
+    pub const ALL_ZERO: SubclusterBitmap = SubclusterBitmap(Self::ZERO_MASK);
+
+    /// State of subcluster `i` (0..32). A subcluster with both bits set (invalid, see
+    /// [`SubclusterBitmap::validate`]) reports `Zero`.
+    ///
+    /// # Panics
+    /// If `i >= 32`.
     pub fn state(&self, i: u32) -> SubclusterState {
-        let _ = i;
-        todo!()
+        assert!(i < crate::SUBCLUSTERS, "subcluster index {i} out of range");
+        if self.0 & (1u64 << (32 + i)) != 0 {
+            SubclusterState::Zero
+        } else if self.0 & (1u64 << i) != 0 {
+            SubclusterState::Allocated
+        } else {
+            SubclusterState::Unallocated
+        }
     }
 
     /// Sets the state of subcluster `i`.
+    ///
+    /// # Panics
+    /// If `i >= 32`.
     pub fn set(&mut self, i: u32, state: SubclusterState) {
-        let _ = (i, state);
-        todo!()
+        assert!(i < crate::SUBCLUSTERS, "subcluster index {i} out of range");
+        self.0 &= !((1u64 << i) | (1u64 << (32 + i)));
+        match state {
+            SubclusterState::Unallocated => {}
+            SubclusterState::Allocated => self.0 |= 1u64 << i,
+            SubclusterState::Zero => self.0 |= 1u64 << (32 + i),
+        }
+    }
+
+    /// Sets the state of subclusters `range` (a sub-range of 0..32).
+    ///
+    /// # Panics
+    /// If the range reaches past 32.
+    pub fn set_range(&mut self, range: std::ops::Range<u32>, state: SubclusterState) {
+        for i in range {
+            self.set(i, state);
+        }
+    }
+
+    /// The allocation bits (bit `i` = subcluster `i` allocated).
+    pub fn allocated(&self) -> u32 {
+        self.0 as u32
+    }
+
+    /// The zero bits (bit `i` = subcluster `i` reads as zeros).
+    pub fn zero(&self) -> u32 {
+        (self.0 >> 32) as u32
     }
 
     /// Rejects a bitmap with a subcluster both allocated and zero.
     pub fn validate(&self) -> Result<()> {
-        todo!()
+        if self.allocated() & self.zero() != 0 {
+            return Err(FormatError::BadSubclusterBitmap {
+                bitmap: self.0,
+                reason: "a subcluster is marked both allocated and zero",
+            });
+        }
+        Ok(())
     }
 }
 
@@ -112,31 +181,158 @@ impl L2Entry {
     /// Offset bits 9..=55.
     pub const OFFSET_MASK: u64 = 0x00FF_FFFF_FFFF_FE00;
 
-    /// Reads entry `index` from an L2 table's bytes.
+    /// Reads entry `index` from an L2 table's bytes (16-byte entries with the bitmap word
+    /// second when the geometry has extended L2).
+    ///
+    /// # Panics
+    /// If the entry lies outside `table`.
     pub fn read(table: &[u8], geo: &ClusterGeometry, index: usize) -> L2Entry {
-        let _ = (table, geo, index);
-        todo!()
+        let size = geo.l2_entry_size() as usize;
+        let pos = index * size;
+        L2Entry {
+            word: u64_at(table, pos),
+            bitmap: if geo.extended_l2() {
+                u64_at(table, pos + 8)
+            } else {
+                0
+            },
+        }
     }
 
-    /// Writes this entry as entry `index` of an L2 table's bytes.
+    /// Writes this entry as entry `index` of an L2 table's bytes (the bitmap word only with
+    /// extended L2).
+    ///
+    /// # Panics
+    /// If the entry lies outside `table`.
     pub fn write(&self, table: &mut [u8], geo: &ClusterGeometry, index: usize) {
-        let _ = (table, geo, index);
-        todo!()
+        let size = geo.l2_entry_size() as usize;
+        let pos = index * size;
+        put_u64(table, pos, self.word);
+        if geo.extended_l2() {
+            put_u64(table, pos + 8, self.bitmap);
+        }
     }
 
     /// Decodes the entry. `zero_flag_allowed` is true for v3 images with standard L2 (the
     /// ZERO bit is reserved in v2 and in extended L2). Checks reserved bits, alignment of the
     /// host offset, compressed entries without COPIED and with a zero bitmap word, and the
     /// bitmap's own validity (allocated subclusters need a host cluster).
+    ///
+    /// Offset 0 with COPIED set decodes as `Normal { host: 0, copied: true }`: that is guest
+    /// cluster 0 of an external data file, and corrupt otherwise; the engine decides. With
+    /// extended L2, `Unallocated` and `Normal` entries carry their per-subcluster state in
+    /// [`L2Entry::subclusters`]; `Zero` is never returned for extended L2.
     pub fn decode(&self, geo: &ClusterGeometry, zero_flag_allowed: bool) -> Result<L2Mapping> {
-        let _ = (geo, zero_flag_allowed);
-        todo!()
+        let word = self.word;
+        let extended = geo.extended_l2();
+        if word & L2_COMPRESSED != 0 {
+            if word & L2_COPIED != 0 {
+                return Err(FormatError::ReservedBits {
+                    what: "compressed L2 entry (COPIED is never set on compressed clusters)",
+                    value: word,
+                });
+            }
+            if extended && self.bitmap != 0 {
+                return Err(FormatError::BadSubclusterBitmap {
+                    bitmap: self.bitmap,
+                    reason: "compressed cluster with a non-zero subcluster bitmap",
+                });
+            }
+            let desc = CompressedDescriptor::decode(word & !(L2_COPIED | L2_COMPRESSED), geo)?;
+            return Ok(L2Mapping::Compressed(desc));
+        }
+        let zero_ok = zero_flag_allowed && !extended;
+        let reserved = word & (Self::RESERVED_MASK | if zero_ok { 0 } else { L2_ZERO });
+        if reserved != 0 {
+            return Err(FormatError::ReservedBits {
+                what: "L2 entry",
+                value: word,
+            });
+        }
+        let copied = word & L2_COPIED != 0;
+        let off = word & Self::OFFSET_MASK;
+        if off != 0 && !geo.is_aligned(off) {
+            return Err(FormatError::Misaligned {
+                what: "data cluster",
+                offset: off,
+            });
+        }
+        if word & L2_ZERO != 0 {
+            return Ok(L2Mapping::Zero {
+                preallocated: (off != 0).then_some(HostOffset(off)),
+                copied,
+            });
+        }
+        if extended {
+            let bm = self.subclusters();
+            bm.validate()?;
+            if off == 0 && !copied && bm.allocated() != 0 {
+                return Err(FormatError::BadSubclusterBitmap {
+                    bitmap: self.bitmap,
+                    reason: "allocated subclusters without a host cluster",
+                });
+            }
+        }
+        if off == 0 && !copied {
+            return Ok(L2Mapping::Unallocated);
+        }
+        Ok(L2Mapping::Normal {
+            host: HostOffset(off),
+            copied,
+        })
     }
 
-    /// Encodes a mapping (the bitmap word is left as given).
+    /// Encodes a mapping (the bitmap word is left as given). With extended L2 there is no ZERO
+    /// bit: a `Zero` mapping is encoded as its host offset and COPIED bit, and the caller
+    /// expresses "reads as zeros" through the bitmap (e.g. [`SubclusterBitmap::ALL_ZERO`]).
+    ///
+    /// # Panics
+    /// If the mapping cannot be encoded (see [`L2Entry::try_encode`]); that is a caller bug.
     pub fn encode(mapping: L2Mapping, geo: &ClusterGeometry, bitmap: u64) -> L2Entry {
-        let _ = (mapping, geo, bitmap);
-        todo!()
+        match Self::try_encode(mapping, geo, bitmap) {
+            Ok(e) => e,
+            Err(e) => panic!("cannot encode L2 mapping {mapping:?}: {e}"),
+        }
+    }
+
+    /// Encodes a mapping like [`L2Entry::encode`], but returns an error for a host offset that
+    /// is not cluster aligned or not below 2^56, and for a compressed descriptor that does not
+    /// fit the geometry.
+    pub fn try_encode(mapping: L2Mapping, geo: &ClusterGeometry, bitmap: u64) -> Result<L2Entry> {
+        let host_bits = |host: HostOffset| -> Result<u64> {
+            if !geo.is_aligned(host.0) {
+                return Err(FormatError::Misaligned {
+                    what: "data cluster",
+                    offset: host.0,
+                });
+            }
+            if host.0 & !Self::OFFSET_MASK != 0 {
+                return Err(FormatError::TooLarge {
+                    what: "data cluster offset",
+                    value: host.0,
+                    limit: crate::limits::HOST_OFFSET_LIMIT - 1,
+                });
+            }
+            Ok(host.0)
+        };
+        let copied_bit = |c: bool| if c { L2_COPIED } else { 0 };
+        let word = match mapping {
+            L2Mapping::Unallocated => 0,
+            L2Mapping::Zero {
+                preallocated,
+                copied,
+            } => {
+                let off = match preallocated {
+                    Some(h) => host_bits(h)?,
+                    None => 0,
+                };
+                let zero = if geo.extended_l2() { 0 } else { L2_ZERO };
+                off | zero | copied_bit(copied)
+            }
+            L2Mapping::Normal { host, copied } => host_bits(host)? | copied_bit(copied),
+            L2Mapping::Compressed(desc) => L2_COMPRESSED | desc.encode(geo)?,
+        };
+        Ok(L2Entry { word, bitmap })
     }
 
     /// The subcluster bitmap.

@@ -11,6 +11,7 @@
 //! is wrong, never a panic.
 #![warn(missing_docs)]
 
+mod be;
 mod bitmap;
 mod compressed;
 mod error;
@@ -18,6 +19,7 @@ mod extension;
 pub mod features;
 mod header;
 mod l1l2;
+pub mod limits;
 mod refcount;
 mod snapshot;
 mod units;
@@ -27,10 +29,16 @@ pub use compressed::CompressedDescriptor;
 pub use error::FormatError;
 pub use extension::{BitmapsExtension, FeatureKind, FeatureName, HeaderExtension};
 pub use header::{CompressionType, Header, QCOW_MAGIC};
-pub use l1l2::{L1Entry, L2Entry, L2Mapping, SubclusterBitmap, SubclusterState};
+pub use l1l2::{
+    L1Entry, L2Entry, L2Mapping, SubclusterBitmap, SubclusterState, L2_COMPRESSED, L2_COPIED,
+    L2_ZERO,
+};
 pub use refcount::{RefcountWidth, ReftableEntry};
 pub use snapshot::Snapshot;
-pub use units::{ClusterCount, ClusterGeometry, GuestOffset, HostCluster, HostOffset};
+pub use units::{
+    ClusterCount, ClusterGeometry, GuestOffset, HostCluster, HostOffset, MAX_CLUSTER_BITS,
+    MIN_CLUSTER_BITS, MIN_EXTENDED_L2_CLUSTER_BITS, SUBCLUSTERS,
+};
 
 /// Result type of this crate.
 pub type Result<T, E = FormatError> = std::result::Result<T, E>;

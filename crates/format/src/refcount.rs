@@ -50,15 +50,44 @@ impl RefcountWidth {
     }
 
     /// Entry `index` of a refcount block (big-endian for >= 8 bits, LSB-first packing below).
+    ///
+    /// # Panics
+    /// If the entry lies outside `block`.
     pub fn get(&self, block: &[u8], index: u64) -> u64 {
-        let _ = (block, index);
-        todo!()
+        let bits = self.bits();
+        if bits >= 8 {
+            let n = (bits / 8) as usize;
+            block[entry_range(index, n)]
+                .iter()
+                .fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
+        } else {
+            let per_byte = u64::from(8 / bits);
+            let byte = block[to_usize(index / per_byte)];
+            let shift = (index % per_byte) as u32 * bits;
+            (u64::from(byte) >> shift) & self.max()
+        }
     }
 
     /// Sets entry `index`; errors if `value` exceeds [`RefcountWidth::max`].
+    ///
+    /// # Panics
+    /// If the entry lies outside `block`.
     pub fn set(&self, block: &mut [u8], index: u64, value: u64) -> Result<()> {
-        let _ = (block, index, value);
-        todo!()
+        let bits = self.bits();
+        if value > self.max() {
+            return Err(FormatError::RefcountOverflow { value, bits });
+        }
+        if bits >= 8 {
+            let n = (bits / 8) as usize;
+            block[entry_range(index, n)].copy_from_slice(&value.to_be_bytes()[8 - n..]);
+        } else {
+            let per_byte = u64::from(8 / bits);
+            let byte = &mut block[to_usize(index / per_byte)];
+            let shift = (index % per_byte) as u32 * bits;
+            let mask = (self.max() as u8) << shift;
+            *byte = (*byte & !mask) | ((value as u8) << shift);
+        }
+        Ok(())
     }
 }
 
@@ -72,7 +101,35 @@ impl ReftableEntry {
 
     /// The refcount block's offset (None = not allocated). Checks reserved bits and alignment.
     pub fn block_offset(&self, cluster_size: u64) -> Result<Option<HostOffset>> {
-        let _ = cluster_size;
-        todo!()
+        if self.0 & Self::RESERVED_MASK != 0 {
+            return Err(FormatError::ReservedBits {
+                what: "refcount table entry",
+                value: self.0,
+            });
+        }
+        if self.0 == 0 {
+            return Ok(None);
+        }
+        if cluster_size == 0 || self.0 % cluster_size != 0 {
+            return Err(FormatError::Misaligned {
+                what: "refcount block",
+                offset: self.0,
+            });
+        }
+        Ok(Some(HostOffset(self.0)))
     }
+}
+
+/// An index as `usize`; an index that does not fit cannot be inside any slice, so it maps to
+/// `usize::MAX` and the slice access panics as documented.
+fn to_usize(i: u64) -> usize {
+    usize::try_from(i).unwrap_or(usize::MAX)
+}
+
+/// The byte range of entry `index` of `n` bytes (an overflowing range panics).
+fn entry_range(index: u64, n: usize) -> std::ops::Range<usize> {
+    let start = to_usize(index)
+        .checked_mul(n)
+        .expect("refcount index out of range");
+    start..start.checked_add(n).expect("refcount index out of range")
 }
