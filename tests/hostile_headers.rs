@@ -93,7 +93,13 @@ fn l1_misaligned() {
     // qemu-img puts the L1 table at 0x30000 for 64 KiB clusters.
     let e = hostile("", 40, &0x30008u64.to_be_bytes());
     assert!(
-        matches!(e, FormatError::Misaligned { offset: 0x30008, .. }),
+        matches!(
+            e,
+            FormatError::Misaligned {
+                offset: 0x30008,
+                ..
+            }
+        ),
         "{e:?}"
     );
 }
@@ -111,7 +117,13 @@ fn l1_past_the_end() {
 fn reftable_misaligned() {
     let e = hostile("", 48, &0x10200u64.to_be_bytes());
     assert!(
-        matches!(e, FormatError::Misaligned { offset: 0x10200, .. }),
+        matches!(
+            e,
+            FormatError::Misaligned {
+                offset: 0x10200,
+                ..
+            }
+        ),
         "{e:?}"
     );
 }
@@ -143,7 +155,10 @@ fn virtual_size_too_large_for_the_l1_limit() {
     // 2^62 bytes at 64 KiB clusters would need a 512 MiB L1 table (QEMU's limit is 32 MiB).
     let e = hostile("", 24, &(1u64 << 62).to_be_bytes());
     assert!(
-        matches!(e, FormatError::TooLarge { .. } | FormatError::L1TooSmall { .. }),
+        matches!(
+            e,
+            FormatError::TooLarge { .. } | FormatError::L1TooSmall { .. }
+        ),
         "{e:?}"
     );
 }

@@ -144,7 +144,8 @@ impl LeaseTable {
     /// a cluster (invariant I1).
     pub fn is_leased(&self, cluster: HostCluster) -> bool {
         let map = lock(&self.inner.map);
-        map.get(&cluster.0).is_some_and(|e| Arc::strong_count(e) > 1)
+        map.get(&cluster.0)
+            .is_some_and(|e| Arc::strong_count(e) > 1)
     }
 
     /// Number of clusters with a live entry (held or waited for).

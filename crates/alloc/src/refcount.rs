@@ -1,7 +1,9 @@
 //! The in-memory refcount view: the refcount table and the refcount blocks the engine has
 //! loaded, addressed by host cluster.
 
-use qcow2_format::{ClusterGeometry, FormatError, HostCluster, HostOffset, RefcountWidth, ReftableEntry};
+use qcow2_format::{
+    ClusterGeometry, FormatError, HostCluster, HostOffset, RefcountWidth, ReftableEntry,
+};
 use std::collections::HashMap;
 
 /// What went wrong looking up or changing a refcount.

@@ -13,11 +13,17 @@ fn shared_leases_coexist_and_block_exclusive() {
     let b = t.try_shared(H).expect("shared leases coexist");
     assert!(t.is_leased(H));
     let mut excl = Box::pin(t.exclusive(H));
-    assert!((&mut excl).now_or_never().is_none(), "exclusive must wait for readers");
+    assert!(
+        (&mut excl).now_or_never().is_none(),
+        "exclusive must wait for readers"
+    );
     // A waiting exclusive holder keeps the cluster leased and blocks new shared leases.
     assert!(t.try_shared(H).is_none());
     drop(a);
-    assert!((&mut excl).now_or_never().is_none(), "one reader still holds it");
+    assert!(
+        (&mut excl).now_or_never().is_none(),
+        "one reader still holds it"
+    );
     drop(b);
     let x = excl.now_or_never().expect("all readers gone");
     assert!(t.is_leased(H));
@@ -46,7 +52,10 @@ fn cancelled_wait_does_not_leave_the_cluster_leased() {
     assert!((&mut excl).now_or_never().is_none());
     drop(excl); // the freer gave up
     drop(s);
-    assert!(!t.is_leased(H), "a cancelled waiter must not pin the cluster");
+    assert!(
+        !t.is_leased(H),
+        "a cancelled waiter must not pin the cluster"
+    );
     assert!(t.try_shared(H).is_some());
 }
 

@@ -3,9 +3,9 @@
 
 use crate::util::open_disk;
 use anyhow::{Context, Result};
+use blockio::FileOpener;
 use blockio::IoBuf;
 use qcow2_engine::Disk;
-use blockio::FileOpener;
 use std::path::Path;
 
 const CHUNK: usize = 1 << 20;
@@ -36,7 +36,10 @@ pub async fn run(
         let x = read(&da, a, off, n).await?;
         let y = read(&db, b, off, n).await?;
         if let Some(i) = x.iter().zip(y.iter()).position(|(p, q)| p != q) {
-            println!("Content mismatch at offset {}!", off + i as u64 / SECTOR * SECTOR);
+            println!(
+                "Content mismatch at offset {}!",
+                off + i as u64 / SECTOR * SECTOR
+            );
             return Ok(1);
         }
         off += n as u64;
@@ -46,7 +49,10 @@ pub async fn run(
         let n = CHUNK.min((longer.size() - off) as usize);
         let x = read(longer, path, off, n).await?;
         if let Some(i) = x.iter().position(|&p| p != 0) {
-            println!("Content mismatch at offset {}!", off + i as u64 / SECTOR * SECTOR);
+            println!(
+                "Content mismatch at offset {}!",
+                off + i as u64 / SECTOR * SECTOR
+            );
             return Ok(1);
         }
         off += n as u64;

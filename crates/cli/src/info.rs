@@ -50,7 +50,9 @@ pub async fn run(
 
 /// The disk space a file takes (its allocated blocks), as qemu-img's "actual-size".
 fn actual_size(path: &Path) -> u64 {
-    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
 }
 
 fn file_child(path: &Path, file_len: u64) -> Value {
@@ -58,7 +60,8 @@ fn file_child(path: &Path, file_len: u64) -> Value {
         "name": "file",
         "info": {
             "children": [],
-            "virtual-size": file_len,
+            // The file layer reports whole sectors, as QEMU's does.
+            "virtual-size": file_len.div_ceil(512) * 512,
             "filename": path.display().to_string(),
             "format": "file",
             "actual-size": actual_size(path),
@@ -74,7 +77,7 @@ async fn describe(disk: &Disk<FileOpener>) -> Result<Value> {
     match disk {
         Disk::Raw(raw) => {
             m.insert("children".into(), file_child(path, raw.size()));
-            m.insert("virtual-size".into(), json!(raw.size().div_ceil(512) * 512));
+            m.insert("virtual-size".into(), json!(raw.size()));
             m.insert("filename".into(), json!(path.display().to_string()));
             m.insert("format".into(), json!("raw"));
             m.insert("actual-size".into(), json!(actual_size(path)));
@@ -182,7 +185,12 @@ fn bitmap_json(b: &BitmapDirectoryEntry) -> Value {
 }
 
 fn print_human(v: &Value) {
-    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+    let s = |k: &str| {
+        v.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
     let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or_default();
     println!("image: {}", s("filename"));
     println!("file format: {}", s("format"));
@@ -232,7 +240,10 @@ fn print_human(v: &Value) {
             );
         }
     }
-    if let Some(data) = v.pointer("/format-specific/data").and_then(Value::as_object) {
+    if let Some(data) = v
+        .pointer("/format-specific/data")
+        .and_then(Value::as_object)
+    {
         println!("Format specific information:");
         for (k, val) in data {
             let key = k.replace('-', " ");

@@ -13,7 +13,11 @@ use std::process::ExitCode;
 
 /// Work with qcow2 images.
 #[derive(Parser)]
-#[command(name = "qimg", version, about = "qcow2 images: info, convert, map, compare")]
+#[command(
+    name = "qimg",
+    version,
+    about = "qcow2 images: info, convert, map, compare"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -88,7 +92,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("qimg: cannot start the runtime: {e}");
@@ -102,7 +109,10 @@ fn main() -> ExitCode {
                 output,
                 backing_chain,
                 image,
-            } => util::exit(1, info::run(&image, format.as_deref(), output, backing_chain).await),
+            } => util::exit(
+                1,
+                info::run(&image, format.as_deref(), output, backing_chain).await,
+            ),
             Command::Map {
                 format,
                 output,

@@ -39,7 +39,10 @@ pub async fn run(path: &Path, format: Option<&str>, output: OutputFormat) -> Res
                         hex(e.start),
                         hex(e.length),
                         hex(e.offset.unwrap_or(0)),
-                        e.filename.as_deref().map(|p| p.display().to_string()).unwrap_or_default()
+                        e.filename
+                            .as_deref()
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_default()
                     );
                 }
             }

@@ -10,9 +10,9 @@ use std::process::ExitCode;
 pub async fn open_disk(path: &Path, format: Option<&str>) -> Result<Disk<FileOpener>> {
     let format = match format {
         None => None,
-        Some(f) => Some(
-            ImageFormat::from_name(f).ok_or_else(|| anyhow!("Unknown file format '{f}'"))?,
-        ),
+        Some(f) => {
+            Some(ImageFormat::from_name(f).ok_or_else(|| anyhow!("Unknown file format '{f}'"))?)
+        }
     };
     let disk = Disk::open(
         FileOpener,

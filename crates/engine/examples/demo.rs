@@ -22,9 +22,10 @@ use std::time::Instant;
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 fn run(cmd: &str, args: &[&str]) -> Res<()> {
-    let out = Command::new(cmd).args(args).output().map_err(|e| {
-        format!("cannot run {cmd}: {e} (install the Debian package qemu-utils)")
-    })?;
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run {cmd}: {e} (install the Debian package qemu-utils)"))?;
     if !out.status.success() {
         return Err(format!(
             "{cmd} {} failed: {}",
@@ -76,9 +77,7 @@ fn build_default(dir: &Path) -> Res<Vec<PathBuf>> {
 }
 
 async fn exercise(path: &Path, raw: &Path) -> Res<()> {
-    let img = Arc::new(
-        Image::open(FileOpener, path, ImageOptions::new().read_only(true)).await?,
-    );
+    let img = Arc::new(Image::open(FileOpener, path, ImageOptions::new().read_only(true)).await?);
     let size = img.size();
     println!(
         "{}: {} MiB virtual, {} KiB clusters, file {} KiB",

@@ -69,7 +69,6 @@ impl TableCache {
     pub(crate) fn stats(&self) -> (u64, u64) {
         (self.hits, self.misses)
     }
-
 }
 
 #[cfg(test)]

@@ -5,11 +5,7 @@
 use qcow2_format::CompressionType;
 
 /// Decompresses `input` into `out`, which must come out completely filled.
-pub(crate) fn decompress(
-    ty: CompressionType,
-    input: &[u8],
-    out: &mut [u8],
-) -> Result<(), String> {
+pub(crate) fn decompress(ty: CompressionType, input: &[u8], out: &mut [u8]) -> Result<(), String> {
     match ty {
         CompressionType::Zlib => inflate(input, out),
         CompressionType::Zstd => unzstd(input, out),
@@ -67,7 +63,8 @@ mod tests {
     #[test]
     fn raw_deflate_with_trailing_garbage() {
         let data = sample();
-        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        let mut enc =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
         enc.write_all(&data).unwrap();
         let mut stream = enc.finish().unwrap();
         stream.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
@@ -79,7 +76,8 @@ mod tests {
     #[test]
     fn short_deflate_stream_is_an_error() {
         let data = sample();
-        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        let mut enc =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
         enc.write_all(&data[..1000]).unwrap();
         let stream = enc.finish().unwrap();
         let mut out = vec![0; data.len()];

@@ -66,7 +66,8 @@ impl<B> RawImage<B> {
         &self.path
     }
 
-    /// Its size (the file's length when it was opened).
+    /// Its size: the file's length when it was opened, rounded up to a multiple of 512 bytes
+    /// as QEMU does.
     pub fn size(&self) -> u64 {
         self.size
     }
@@ -82,7 +83,15 @@ impl<O: Opener> Disk<O> {
         options: ImageOptions,
     ) -> Result<Self> {
         let mut chain = Vec::new();
-        Image::open_disk(&opener, path.as_ref(), format, &options, &mut chain, "image").await
+        Image::open_disk(
+            &opener,
+            path.as_ref(),
+            format,
+            &options,
+            &mut chain,
+            "image",
+        )
+        .await
     }
 
     /// The path it was opened with.
@@ -279,12 +288,12 @@ impl<O: Opener> Image<O> {
                 Some(name) => {
                     let fmt = match header.backing_format() {
                         None => None,
-                        Some(f) => Some(ImageFormat::from_name(f).ok_or_else(|| {
-                            Error::Unsupported {
+                        Some(f) => {
+                            Some(ImageFormat::from_name(f).ok_or_else(|| Error::Unsupported {
                                 path: path.into(),
                                 what: format!("backing file format '{f}'"),
-                            }
-                        })?),
+                            })?)
+                        }
                     };
                     Some((resolve_backing(path, name), fmt))
                 }
@@ -360,10 +369,14 @@ impl<O: Opener> Image<O> {
                         path: path.into(),
                         source,
                     })?;
+                // Like QEMU, a raw image's size is its length rounded up to whole sectors (the
+                // tail reads as zeros).
                 let size = backend
                     .len()
                     .await
-                    .map_err(|e| Error::io(format!("{}: size", path.display()), e))?;
+                    .map_err(|e| Error::io(format!("{}: size", path.display()), e))?
+                    .div_ceil(512)
+                    * 512;
                 Ok(Disk::Raw(RawImage {
                     backend,
                     path: path.into(),
@@ -611,17 +624,22 @@ impl<O: Opener> Image<O> {
         let real_clusters = allocated / cs;
         let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
         let end_cluster = self.file_len().div_ceil(cs);
-        let refcounts = self.refcounts_until(end_cluster, threshold).await?;
-        Ok(refcounts > threshold)
+        let used = self.refcounts_until(end_cluster, threshold).await?;
+        Ok(used >= threshold)
     }
 
-    /// Counts clusters below `end` with a non-zero refcount, stopping once past `stop_after`.
-    async fn refcounts_until(&self, end: u64, stop_after: u64) -> Result<u64> {
+    /// Counts clusters below `end` with a non-zero refcount, stopping at `limit`.
+    async fn refcounts_until(&self, end: u64, limit: u64) -> Result<u64> {
         let h = &self.header;
         let cs = self.cluster_size();
         let table_len = u64::from(h.refcount_table_clusters) * cs;
-        let raw = read_bytes(&self.file, h.refcount_table_offset, table_len, "refcount table")
-            .await?;
+        let raw = read_bytes(
+            &self.file,
+            h.refcount_table_offset,
+            table_len,
+            "refcount table",
+        )
+        .await?;
         let table = raw
             .chunks_exact(8)
             .map(|c| qcow2_format::ReftableEntry(u64::from_be_bytes(c.try_into().expect("8"))))
@@ -630,12 +648,14 @@ impl<O: Opener> Image<O> {
         let per_block = rc.entries_per_block();
         let mut used = 0;
         let mut cluster = 0;
-        while cluster < end && used <= stop_after {
+        while cluster < end && used < limit {
             let slot = rc.slot(qcow2_format::HostCluster(cluster));
-            let block = rc.block_offset(slot.table_index).map_err(|e| Error::Corrupt {
-                path: self.path.clone(),
-                what: format!("refcount table: {e}"),
-            })?;
+            let block = rc
+                .block_offset(slot.table_index)
+                .map_err(|e| Error::Corrupt {
+                    path: self.path.clone(),
+                    what: format!("refcount table: {e}"),
+                })?;
             let block_end = ((slot.table_index + 1) * per_block).min(end);
             let Some(block) = block else {
                 cluster = block_end;
@@ -645,7 +665,7 @@ impl<O: Opener> Image<O> {
                 let bytes = read_bytes(&self.file, block.0, cs, "refcount block").await?;
                 rc.insert_block(slot.table_index, bytes.to_vec());
             }
-            while cluster < block_end && used <= stop_after {
+            while cluster < block_end && used < limit {
                 let n = rc
                     .get(qcow2_format::HostCluster(cluster))
                     .map_err(|e| Error::Corrupt {

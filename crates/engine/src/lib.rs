@@ -38,7 +38,7 @@ mod status;
 
 pub use error::{Error, Result};
 pub use image::{Disk, Image, RawImage};
-pub use options::{BackingChoice, ImageFormat, ImageOptions};
 pub use map::MapEntry;
+pub use options::{BackingChoice, ImageFormat, ImageOptions};
 pub use read::ReadResult;
 pub use status::{Extent, ExtentKind};

@@ -170,7 +170,7 @@ impl<O: Opener> Image<O> {
         let len = first.len;
         let image_file = || Some(self.path.clone());
         let st = match first.kind {
-            ExtentKind::Unallocated => {
+            ExtentKind::Unallocated { host } => {
                 // Unallocated with nothing below (or below the backing file's end) reads zeros.
                 let zero = match self.backing() {
                     None => true,
@@ -179,6 +179,8 @@ impl<O: Opener> Image<O> {
                 LayerStatus {
                     len,
                     zero,
+                    offset: host,
+                    filename: self.data_file_path().map(PathBuf::from).or_else(image_file),
                     ..LayerStatus::default()
                 }
             }
@@ -198,14 +200,12 @@ impl<O: Opener> Image<O> {
                 ..LayerStatus::default()
             },
             ExtentKind::Data { host, data_file } => {
-                let (file_name, recurse) = if data_file {
-                    (
-                        self.data_file_path().map(PathBuf::from),
-                        self.header.data_file_raw(),
-                    )
+                let file_name = if data_file {
+                    self.data_file_path().map(PathBuf::from)
                 } else {
-                    (image_file(), self.metadata_preallocated().await?)
+                    image_file()
                 };
+                let recurse = self.metadata_preallocated().await?;
                 let mut st = LayerStatus {
                     len,
                     data: true,
@@ -215,8 +215,8 @@ impl<O: Opener> Image<O> {
                     ..LayerStatus::default()
                 };
                 if recurse {
-                    // QEMU asks the file whether the host range is a hole (preallocated
-                    // metadata, raw data files): a hole reads as zeros.
+                    // With preallocated metadata QEMU asks the file whether the host range
+                    // is a hole: a hole reads as zeros.
                     let (file_data, n) = match (&self.data_file, data_file) {
                         (Some(d), true) => file_status(&d.backend, host, len).await?,
                         _ => file_status(&self.file, host, len).await?,

@@ -47,8 +47,14 @@ fn push(pieces: &mut Vec<Piece>, p: Piece) {
             && match (last.source, p.source) {
                 (Source::Zero, Source::Zero) | (Source::Backing, Source::Backing) => true,
                 (
-                    Source::Data { host: a, data_file: fa },
-                    Source::Data { host: b, data_file: fb },
+                    Source::Data {
+                        host: a,
+                        data_file: fa,
+                    },
+                    Source::Data {
+                        host: b,
+                        data_file: fb,
+                    },
                 ) => fa == fb && a + last.len == b,
                 _ => false,
             };
@@ -132,17 +138,15 @@ impl<O: Opener> Image<O> {
                     buf,
                 )
             }
-            Source::Compressed { desc, in_cluster } => {
-                match self.read_compressed(desc).await {
-                    Ok(cluster) => {
-                        let from = in_cluster as usize;
-                        let n = r.len();
-                        buf.as_full_mut_slice()[r].copy_from_slice(&cluster[from..from + n]);
-                        (Ok(()), buf)
-                    }
-                    Err(e) => (Err(e), buf),
+            Source::Compressed { desc, in_cluster } => match self.read_compressed(desc).await {
+                Ok(cluster) => {
+                    let from = in_cluster as usize;
+                    let n = r.len();
+                    buf.as_full_mut_slice()[r].copy_from_slice(&cluster[from..from + n]);
+                    (Ok(()), buf)
                 }
-            }
+                Err(e) => (Err(e), buf),
+            },
         }
     }
 
@@ -158,7 +162,9 @@ impl<O: Opener> Image<O> {
         if inside == 0 {
             return (Ok(()), buf);
         }
-        backing.read_into(buf, r.start..r.start + inside, guest).await
+        backing
+            .read_into(buf, r.start..r.start + inside, guest)
+            .await
     }
 
     /// Reads and inflates one compressed cluster.
@@ -302,7 +308,13 @@ impl<O: Opener> Image<O> {
     /// Visits the mapping of `[offset, offset+len)` cluster by cluster, loading L2 tables as
     /// needed: `f(range, cluster_start, mapping)` with `None` for ranges without an L2 table
     /// (then `range` may span many clusters).
-    pub(crate) async fn walk<F>(&self, meta: &mut Meta, offset: u64, len: u64, mut f: F) -> Result<()>
+    pub(crate) async fn walk<F>(
+        &self,
+        meta: &mut Meta,
+        offset: u64,
+        len: u64,
+        mut f: F,
+    ) -> Result<()>
     where
         F: FnMut(Range<u64>, u64, Option<(L2Mapping, SubclusterBitmap)>) -> Result<()>,
     {
@@ -324,7 +336,11 @@ impl<O: Opener> Image<O> {
                 let cluster_end = table_end.min(cluster_start + cs);
                 let entry = L2Entry::read(table, &geo, geo.l2_index(GuestOffset(pos)));
                 let mapping = self.decode_entry(entry, cluster_start)?;
-                f(pos..cluster_end, cluster_start, Some((mapping, entry.subclusters())))?;
+                f(
+                    pos..cluster_end,
+                    cluster_start,
+                    Some((mapping, entry.subclusters())),
+                )?;
                 pos = cluster_end;
             }
         }

@@ -9,8 +9,13 @@ use qcow2_format::{L2Mapping, SubclusterState};
 /// What one image (one layer of a chain) says about a guest range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExtentKind {
-    /// Not allocated in this layer: reads fall through to the backing file (or zeros).
-    Unallocated,
+    /// Not allocated in this layer: reads fall through to the backing file (or zeros). In an
+    /// extended-L2 image, a cluster may keep its host space (`host`) while some of its
+    /// subclusters are unallocated.
+    Unallocated {
+        /// Host offset of the range's first byte, when its cluster has one.
+        host: Option<u64>,
+    },
     /// Reads as zeros in this layer (zero flag / zero subclusters), possibly with space kept at
     /// `host`.
     Zero {
@@ -43,14 +48,21 @@ fn push(out: &mut Vec<Extent>, e: Extent) {
     if let Some(last) = out.last_mut() {
         let merge = last.offset + last.len == e.offset
             && match (last.kind, e.kind) {
-                (ExtentKind::Unallocated, ExtentKind::Unallocated)
-                | (ExtentKind::Zero { host: None }, ExtentKind::Zero { host: None }) => true,
-                (ExtentKind::Zero { host: Some(a) }, ExtentKind::Zero { host: Some(b) }) => {
-                    a + last.len == b
-                }
+                (ExtentKind::Unallocated { host: a }, ExtentKind::Unallocated { host: b })
+                | (ExtentKind::Zero { host: a }, ExtentKind::Zero { host: b }) => match (a, b) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => a + last.len == b,
+                    _ => false,
+                },
                 (
-                    ExtentKind::Data { host: a, data_file: fa },
-                    ExtentKind::Data { host: b, data_file: fb },
+                    ExtentKind::Data {
+                        host: a,
+                        data_file: fa,
+                    },
+                    ExtentKind::Data {
+                        host: b,
+                        data_file: fb,
+                    },
                 ) => fa == fb && a + last.len == b,
                 _ => false,
             };
@@ -80,9 +92,9 @@ impl<O: Opener> Image<O> {
             };
             let in_cluster = range.start - cluster_start;
             match m {
-                None => push(&mut out, ext(ExtentKind::Unallocated, range)),
+                None => push(&mut out, ext(ExtentKind::Unallocated { host: None }, range)),
                 Some((L2Mapping::Unallocated, _)) if !extended => {
-                    push(&mut out, ext(ExtentKind::Unallocated, range))
+                    push(&mut out, ext(ExtentKind::Unallocated { host: None }, range))
                 }
                 Some((L2Mapping::Zero { preallocated, .. }, _)) => push(
                     &mut out,
@@ -115,13 +127,13 @@ impl<O: Opener> Image<O> {
                     while pos < range.end {
                         let i = ((pos - cluster_start) / sc) as u32;
                         let end = range.end.min(cluster_start + (u64::from(i) + 1) * sc);
-                        let kind = match (bitmap.state(i), host) {
-                            (SubclusterState::Allocated, Some(h)) => ExtentKind::Data {
-                                host: h + (pos - cluster_start),
-                                data_file,
-                            },
-                            (SubclusterState::Zero, _) => ExtentKind::Zero { host: None },
-                            _ => ExtentKind::Unallocated,
+                        let at = host.map(|h| h + (pos - cluster_start));
+                        let kind = match (bitmap.state(i), at) {
+                            (SubclusterState::Allocated, Some(host)) => {
+                                ExtentKind::Data { host, data_file }
+                            }
+                            (SubclusterState::Zero, _) => ExtentKind::Zero { host: at },
+                            _ => ExtentKind::Unallocated { host: at },
                         };
                         push(&mut out, ext(kind, pos..end));
                         pos = end;

@@ -209,7 +209,9 @@ pub(crate) fn allocation(fd: RawFd, offset: u64, len: u64) -> io::Result<crate::
             // No data from here to the end of the file: a trailing hole.
             Some(libc::ENXIO) => Ok(crate::Allocation { data: false, len }),
             // No hole support: all data.
-            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(crate::Allocation { data: true, len }),
+            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
+                Ok(crate::Allocation { data: true, len })
+            }
             _ => Err(e),
         };
     }
