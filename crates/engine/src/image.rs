@@ -46,6 +46,9 @@ pub(crate) struct DataFile<B> {
 
 /// A disk image of either format: what a backing chain is made of, and what `qimg` opens
 /// when the format is given or probed.
+// A chain holds a handful of disks for its whole life: boxing the large variant would only add
+// an indirection to every read.
+#[allow(clippy::large_enum_variant)]
 pub enum Disk<O: Opener> {
     /// A qcow2 image (itself possibly backed).
     Qcow2(Image<O>),
