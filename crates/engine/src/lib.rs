@@ -35,6 +35,7 @@ mod map;
 mod options;
 mod read;
 mod status;
+mod write;
 
 pub use error::{Error, Result};
 pub use image::{Disk, Image, RawImage};
@@ -42,3 +43,4 @@ pub use map::MapEntry;
 pub use options::{BackingChoice, ImageFormat, ImageOptions};
 pub use read::ReadResult;
 pub use status::{Extent, ExtentKind};
+pub use write::WriteResult;
