@@ -42,6 +42,18 @@ impl CompressedDescriptor {
         })
     }
 
+    /// Decodes bits 0..=61 like [`CompressedDescriptor::decode`], but keeps offset bits above
+    /// 55 instead of refusing them, as QEMU's `qcow2_parse_compressed_l2_entry` does (what
+    /// `qemu-img check` counts references with).
+    pub fn decode_unchecked(word: u64, geo: &ClusterGeometry) -> Self {
+        let x = Self::offset_bits(geo);
+        let word = word & ((1u64 << 62) - 1);
+        Self {
+            host_offset: word & ((1u64 << x) - 1),
+            additional_sectors: word >> x,
+        }
+    }
+
     /// Encodes into bits 0..=61 (the caller sets bit 62). Errors if the offset or the count
     /// do not fit the geometry's split.
     pub fn encode(&self, geo: &ClusterGeometry) -> Result<u64> {

@@ -46,6 +46,46 @@ impl L1Entry {
     pub fn copied(&self) -> bool {
         self.0 & Self::COPIED != 0
     }
+
+    /// The offset bits (9..=55) as they are, without checking reserved bits or alignment
+    /// (what `qemu-img check` counts a reference to).
+    pub fn raw_offset(&self) -> u64 {
+        self.0 & Self::OFFSET_MASK
+    }
+
+    /// Reads entry `index` from an L1 table's bytes.
+    ///
+    /// # Panics
+    /// If the entry lies outside `table`.
+    pub fn read(table: &[u8], index: usize) -> L1Entry {
+        L1Entry(u64_at(table, index * 8))
+    }
+
+    /// Writes this entry as entry `index` of an L1 table's bytes.
+    ///
+    /// # Panics
+    /// If the entry lies outside `table`.
+    pub fn write(&self, table: &mut [u8], index: usize) {
+        put_u64(table, index * 8, self.0);
+    }
+}
+
+/// How QEMU classifies an L2 entry (`qcow2_get_cluster_type`): by its bits alone, without
+/// checking reserved bits, alignment or the subcluster bitmap. `qemu-img check` counts
+/// references by this classification, so a checker needs it as well as the validating
+/// [`L2Entry::decode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum L2ClusterType {
+    /// Offset 0 and no ZERO flag (and, with a data file, no COPIED).
+    Unallocated,
+    /// ZERO flag without an offset (standard L2 only).
+    ZeroPlain,
+    /// ZERO flag with an offset: preallocated space (standard L2 only).
+    ZeroAlloc,
+    /// Data at [`L2Entry::raw_offset`] (with a data file, offset 0 and COPIED too).
+    Normal,
+    /// Compressed bit set.
+    Compressed,
 }
 
 /// A raw L2 entry: the first word, and the subcluster bitmap (0 for standard entries).
@@ -338,5 +378,31 @@ impl L2Entry {
     /// The subcluster bitmap.
     pub fn subclusters(&self) -> SubclusterBitmap {
         SubclusterBitmap(self.bitmap)
+    }
+
+    /// The offset bits (9..=55) of the descriptor word as they are (meaningless for
+    /// compressed entries).
+    pub fn raw_offset(&self) -> u64 {
+        self.word & Self::OFFSET_MASK
+    }
+
+    /// QEMU's classification of the entry by its bits alone (see [`L2ClusterType`]); the ZERO
+    /// bit is ignored with extended L2. `data_file` says whether the image has an external
+    /// data file, where offset 0 with COPIED is guest cluster 0's data.
+    pub fn cluster_type(&self, geo: &ClusterGeometry, data_file: bool) -> L2ClusterType {
+        let word = self.word;
+        if word & L2_COMPRESSED != 0 {
+            L2ClusterType::Compressed
+        } else if word & L2_ZERO != 0 && !geo.extended_l2() {
+            if self.raw_offset() != 0 {
+                L2ClusterType::ZeroAlloc
+            } else {
+                L2ClusterType::ZeroPlain
+            }
+        } else if self.raw_offset() == 0 && !(data_file && word & L2_COPIED != 0) {
+            L2ClusterType::Unallocated
+        } else {
+            L2ClusterType::Normal
+        }
     }
 }

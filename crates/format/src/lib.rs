@@ -30,8 +30,8 @@ pub use error::FormatError;
 pub use extension::{BitmapsExtension, FeatureKind, FeatureName, HeaderExtension};
 pub use header::{CompressionType, Header, QCOW_MAGIC};
 pub use l1l2::{
-    L1Entry, L2Entry, L2Mapping, SubclusterBitmap, SubclusterState, L2_COMPRESSED, L2_COPIED,
-    L2_ZERO,
+    L1Entry, L2ClusterType, L2Entry, L2Mapping, SubclusterBitmap, SubclusterState, L2_COMPRESSED,
+    L2_COPIED, L2_ZERO,
 };
 pub use refcount::{RefcountWidth, ReftableEntry};
 pub use snapshot::Snapshot;

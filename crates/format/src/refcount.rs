@@ -118,6 +118,28 @@ impl ReftableEntry {
         }
         Ok(Some(HostOffset(self.0)))
     }
+
+    /// The offset bits (9..=63) as they are, without checking reserved bits or alignment (how
+    /// QEMU looks refcounts up).
+    pub fn raw_offset(&self) -> u64 {
+        self.0 & !Self::RESERVED_MASK
+    }
+
+    /// Reads entry `index` from a refcount table's bytes.
+    ///
+    /// # Panics
+    /// If the entry lies outside `table`.
+    pub fn read(table: &[u8], index: usize) -> ReftableEntry {
+        ReftableEntry(crate::be::u64_at(table, index * 8))
+    }
+
+    /// Writes this entry as entry `index` of a refcount table's bytes.
+    ///
+    /// # Panics
+    /// If the entry lies outside `table`.
+    pub fn write(&self, table: &mut [u8], index: usize) {
+        crate::be::put_u64(table, index * 8, self.0);
+    }
 }
 
 /// An index as `usize`; an index that does not fit cannot be inside any slice, so it maps to

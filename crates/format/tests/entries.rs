@@ -594,3 +594,55 @@ fn reftable_entries() {
         Ok(Some(HostOffset(1 << 63)))
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Lenient views for `qemu-img check`
+
+#[test]
+fn cluster_type_classifies_by_bits_alone() {
+    use qcow2_format::L2ClusterType as T;
+    let std = geo(16, false);
+    let ext = geo(16, true);
+    let e = |word| L2Entry { word, bitmap: 0 };
+    assert_eq!(e(0).cluster_type(&std, false), T::Unallocated);
+    assert_eq!(e(1).cluster_type(&std, false), T::ZeroPlain);
+    assert_eq!(e(0x5_0001).cluster_type(&std, false), T::ZeroAlloc);
+    assert_eq!(
+        e(0x8000_0000_0005_0000).cluster_type(&std, false),
+        T::Normal
+    );
+    // Reserved and misaligned bits do not change the class.
+    assert_eq!(e(0x5_0200).cluster_type(&std, false), T::Normal);
+    assert_eq!(
+        e(0x4000_0000_0000_1234).cluster_type(&std, false),
+        T::Compressed
+    );
+    // Extended L2 has no ZERO bit.
+    assert_eq!(e(1).cluster_type(&ext, false), T::Unallocated);
+    // Offset 0 with COPIED is data only with an external data file.
+    assert_eq!(e(1 << 63).cluster_type(&std, false), T::Unallocated);
+    assert_eq!(e(1 << 63).cluster_type(&std, true), T::Normal);
+    assert_eq!(e(0x8000_0000_0005_0000).raw_offset(), 0x5_0000);
+}
+
+#[test]
+fn table_entries_read_and_write_big_endian() {
+    let mut t = vec![0u8; 24];
+    L1Entry(0x8000_0000_0003_0000).write(&mut t, 1);
+    ReftableEntry(0x2_0000).write(&mut t, 2);
+    assert_eq!(&t[8..16], &[0x80, 0, 0, 0, 0, 3, 0, 0]);
+    assert_eq!(L1Entry::read(&t, 1), L1Entry(0x8000_0000_0003_0000));
+    assert_eq!(ReftableEntry::read(&t, 2), ReftableEntry(0x2_0000));
+    assert_eq!(L1Entry(0x8000_0000_0003_0001).raw_offset(), 0x3_0000);
+    assert_eq!(ReftableEntry(0x2_0001).raw_offset(), 0x2_0000);
+}
+
+#[test]
+fn compressed_decode_unchecked_keeps_high_offset_bits() {
+    let g = geo(9, false);
+    let word = (1u64 << 57) | 0x1234;
+    assert!(CompressedDescriptor::decode(word, &g).is_err());
+    let d = CompressedDescriptor::decode_unchecked(word, &g);
+    assert_eq!(d.host_offset, (1 << 57) | 0x1234);
+    assert_eq!(d.additional_sectors, 0);
+}
