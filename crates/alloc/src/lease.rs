@@ -140,6 +140,32 @@ impl LeaseTable {
         }
     }
 
+    /// Takes the exclusive lease without waiting; `None` if any lease on the cluster is held or
+    /// waited for. Safe to call under the metadata lock.
+    pub fn try_exclusive(&self, cluster: HostCluster) -> Option<ExclusiveLease> {
+        if cfg!(qcow2_no_lease) {
+            return Some(ExclusiveLease {
+                table: self.clone(),
+                cluster: cluster.0,
+                guard: None,
+            });
+        }
+        let entry = self.entry(cluster.0);
+        let guard = entry.try_write_arc();
+        drop(entry);
+        match guard {
+            Some(g) => Some(ExclusiveLease {
+                table: self.clone(),
+                cluster: cluster.0,
+                guard: Some(g),
+            }),
+            None => {
+                self.cleanup(cluster.0);
+                None
+            }
+        }
+    }
+
     /// Whether a lease on `cluster` is held or waited for. The allocator never hands out such
     /// a cluster (invariant I1).
     pub fn is_leased(&self, cluster: HostCluster) -> bool {

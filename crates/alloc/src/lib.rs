@@ -13,9 +13,11 @@
 //! under a model checker.
 #![warn(missing_docs)]
 
+pub mod allocator;
 pub mod lease;
 pub mod refcount;
 pub mod sync;
 
+pub use allocator::{Allocation, Allocator, TableMove};
 pub use lease::{ExclusiveLease, LeaseTable, SharedLease};
 pub use refcount::{RefcountError, Refcounts};

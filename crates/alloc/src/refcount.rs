@@ -160,6 +160,17 @@ impl Refcounts {
         }
     }
 
+    /// Adds a new (zeroed) block at `offset` for table index `i`, pointing the table at it.
+    pub fn add_block(&mut self, table_index: u64, offset: HostOffset, bytes: Vec<u8>) {
+        self.table[table_index as usize] = ReftableEntry(offset.0);
+        self.blocks.insert(table_index, bytes);
+    }
+
+    /// Replaces the table (a grown copy of the old one).
+    pub fn replace_table(&mut self, table: Vec<ReftableEntry>) {
+        self.table = table;
+    }
+
     /// The bytes of a loaded block.
     pub fn block(&self, table_index: u64) -> Option<&[u8]> {
         self.blocks.get(&table_index).map(Vec::as_slice)

@@ -98,6 +98,36 @@ pub enum Error {
         /// What the decoder said.
         reason: String,
     },
+    /// A refcount would exceed what the image's refcount width holds.
+    #[error("{path}: refcount {value} does not fit in {bits} bits")]
+    RefcountOverflow {
+        /// The file.
+        path: PathBuf,
+        /// The refcount that does not fit.
+        value: u64,
+        /// The refcount width.
+        bits: u32,
+    },
+}
+
+/// Errors that stop one request without saying anything about the image's consistency are
+/// the variants above; the allocator's refusals come here.
+impl From<(&std::path::Path, qcow2_alloc::RefcountError)> for Error {
+    fn from((path, e): (&std::path::Path, qcow2_alloc::RefcountError)) -> Self {
+        match e {
+            qcow2_alloc::RefcountError::Format(FormatError::RefcountOverflow { value, bits }) => {
+                Error::RefcountOverflow {
+                    path: path.into(),
+                    value,
+                    bits,
+                }
+            }
+            other => Error::Corrupt {
+                path: path.into(),
+                what: other.to_string(),
+            },
+        }
+    }
 }
 
 impl Error {

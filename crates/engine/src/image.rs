@@ -34,9 +34,24 @@ pub struct Image<O: Opener> {
 
 /// Metadata guarded by the metadata lock.
 pub(crate) struct Meta {
+    /// The active L1 table (authoritative; written back entry by entry).
     pub(crate) l1: Vec<L1Entry>,
+    /// L1 indices changed since the last write-back.
+    pub(crate) l1_dirty: std::collections::BTreeSet<u64>,
     pub(crate) l2: TableCache,
+    /// The header as it is (or is about to be) on disk.
+    pub(crate) header: Header,
+    /// Refcounts and allocation (read-write images only).
+    pub(crate) alloc: Option<qcow2_alloc::Allocator>,
+    /// Guest clusters with an allocating write in flight (invariant I6): others wait on the
+    /// gate, which the allocating writer holds exclusively until its L2 entry is in place.
+    pub(crate) allocating: std::collections::HashMap<u64, Gate>,
+    /// Whether the header changes due before the first write were made.
+    pub(crate) first_write_done: bool,
 }
+
+/// A gate a request waits on while another one allocates the same guest cluster.
+pub(crate) type Gate = std::sync::Arc<async_lock::RwLock<()>>;
 
 /// An external data file.
 pub(crate) struct DataFile<B> {
@@ -324,6 +339,11 @@ impl<O: Opener> Image<O> {
         };
 
         let l2_tables = (options.l2_cache_bytes / geo.cluster_size()).max(1) as usize;
+        let alloc = if read_only {
+            None
+        } else {
+            Some(load_allocator(&file, &header, path, file_len).await?)
+        };
         Ok(Image {
             path: path.into(),
             file,
@@ -333,7 +353,12 @@ impl<O: Opener> Image<O> {
             backing,
             meta: async_lock::Mutex::new(Meta {
                 l1,
+                l1_dirty: Default::default(),
                 l2: TableCache::new(l2_tables),
+                header: header.clone(),
+                alloc,
+                allocating: Default::default(),
+                first_write_done: false,
             }),
             leases: LeaseTable::new(),
             file_len: AtomicU64::new(file_len),
@@ -683,4 +708,52 @@ impl<O: Opener> Image<O> {
         }
         Ok(used)
     }
+}
+
+/// Loads the refcount table and every refcount block of a read-write image.
+async fn load_allocator<B: Backend>(
+    file: &B,
+    header: &Header,
+    path: &Path,
+    file_len: u64,
+) -> Result<qcow2_alloc::Allocator> {
+    let geo = header.geometry();
+    let cs = geo.cluster_size();
+    let corrupt = |what: String| Error::Corrupt {
+        path: path.into(),
+        what,
+    };
+    let raw = read_bytes(
+        file,
+        header.refcount_table_offset,
+        u64::from(header.refcount_table_clusters) * cs,
+        "refcount table",
+    )
+    .await?;
+    let table: Vec<qcow2_format::ReftableEntry> = raw
+        .chunks_exact(8)
+        .map(|c| qcow2_format::ReftableEntry(u64::from_be_bytes(c.try_into().expect("8"))))
+        .collect();
+    let mut rc = qcow2_alloc::Refcounts::new(geo, header.refcount_width(), table.clone());
+    for (i, e) in table.iter().enumerate() {
+        let Some(off) = e
+            .block_offset(cs)
+            .map_err(|e| corrupt(format!("refcount table entry {i}: {e}")))?
+        else {
+            continue;
+        };
+        if off.0.saturating_add(cs) > file_len {
+            return Err(corrupt(format!(
+                "refcount block {i} at {off} lies past the end of the file"
+            )));
+        }
+        let block = read_bytes(file, off.0, cs, "refcount block").await?;
+        rc.insert_block(i as u64, block.to_vec());
+    }
+    Ok(qcow2_alloc::Allocator::new(
+        rc,
+        geo,
+        qcow2_format::HostOffset(header.refcount_table_offset),
+        file_len.div_ceil(cs),
+    ))
 }

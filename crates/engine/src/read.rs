@@ -121,7 +121,12 @@ impl<O: Opener> Image<O> {
         (result, buf)
     }
 
-    async fn read_piece(&self, mut buf: IoBuf, r: Range<usize>, piece: Piece) -> ReadResult {
+    pub(crate) async fn read_piece(
+        &self,
+        mut buf: IoBuf,
+        r: Range<usize>,
+        piece: Piece,
+    ) -> ReadResult {
         match piece.source {
             Source::Zero => {
                 buf.as_full_mut_slice()[r].fill(0);
@@ -224,7 +229,7 @@ impl<O: Opener> Image<O> {
     }
 
     /// The host clusters of the image file that a plan reads.
-    fn lease_clusters(&self, plan: &[Piece]) -> Vec<u64> {
+    pub(crate) fn lease_clusters(&self, plan: &[Piece]) -> Vec<u64> {
         let bits = self.geo.cluster_bits();
         let mut out = Vec::new();
         for p in plan {
@@ -259,9 +264,19 @@ impl<O: Opener> Image<O> {
                 )));
             }
             let table = read_bytes(&self.file, offset, cs, "L2 table").await?;
-            meta.l2.insert(offset, table);
+            meta.l2.insert(offset, table, false);
         }
         Ok(meta.l2.get(offset).expect("just inserted"))
+    }
+
+    /// The L2 table at `offset`, loaded if needed, for changing (it becomes dirty).
+    pub(crate) async fn l2_table_mut<'m>(
+        &self,
+        meta: &'m mut Meta,
+        offset: u64,
+    ) -> Result<&'m mut IoBuf> {
+        self.l2_table(meta, offset).await?;
+        Ok(meta.l2.get_mut(offset).expect("just loaded"))
     }
 
     /// The L2 table offset for L1 index `i` (None = unallocated).

@@ -1,18 +1,145 @@
-//! The write path: allocating writes, in-place writes, copy-on-write, write-zeroes, discard,
-//! flush and close.
+//! The write path: in-place writes, allocating writes with copy-on-write, write-zeroes,
+//! discard, flush and close.
+//!
+//! Every request plans under the metadata lock and does its data I/O without it, holding
+//! shared leases on the host clusters it touches (I2, I7). An allocating write registers a
+//! gate for its guest cluster, so that a second writer of the same cluster waits and then
+//! writes in place (I6). New clusters are counted before anything refers to them, data is
+//! written before the L2 entry that exposes it, and refcount decrements wait until the
+//! unmapping that caused them is on disk (I4, I5): see [`Image::write_back`].
 
-use crate::image::{Disk, Image};
+use crate::image::{Disk, Gate, Image, Meta};
+use crate::read::{Piece, Source};
 use crate::{Error, Result};
-use blockio::{IoBuf, Opener};
+use blockio::{Backend, IoBuf, Opener};
+use qcow2_alloc::{ExclusiveLease, SharedLease};
+use qcow2_format::{
+    features, GuestOffset, HostCluster, HostOffset, L1Entry, L2Entry, L2Mapping, SubclusterBitmap,
+    SubclusterState,
+};
+use std::sync::Arc;
 
 /// The outcome of a write from an owned buffer, and the buffer back.
 pub type WriteResult = (Result<()>, IoBuf);
 
+/// Dirty L2 tables beyond this many times the cache capacity trigger a write-back.
+const MAX_DIRTY_FACTOR: usize = 1;
+/// Deferred refcount decrements beyond this trigger a write-back (so freed space is reused).
+const MAX_PENDING_DECREMENTS: usize = 4096;
+/// Largest explicit zero write, in bytes.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+/// What one step of a write does.
+enum Step {
+    /// Write `len` bytes in place at `host`.
+    InPlace {
+        host: u64,
+        len: u64,
+        data_file: bool,
+        _leases: Vec<SharedLease>,
+    },
+    /// Allocate (or re-use) a cluster and write into it with copy-on-write.
+    Allocate(Box<AllocStep>),
+    /// Wait for another request's allocation of this guest cluster, then plan again.
+    WaitGate(Gate),
+    /// Wait until this cluster's lease can be shared, then plan again.
+    WaitLease(HostCluster),
+}
+
+/// An allocating write to one guest cluster.
+struct AllocStep {
+    /// Guest offset of the cluster.
+    cluster: u64,
+    /// The written range, relative to the cluster.
+    from: u64,
+    to: u64,
+    /// The range written to the host cluster (covers `from..to`; the rest is copy-on-write).
+    cow_from: u64,
+    cow_to: u64,
+    /// The old contents of `cow_from..from` and `to..cow_to`, as pieces to read.
+    head: Vec<Piece>,
+    tail: Vec<Piece>,
+    /// Host offset of the cluster written.
+    host: u64,
+    /// Whether `host` was allocated for this write (and is given back if the write fails).
+    allocated: bool,
+    /// Whether the host cluster still reads as zeros (never written since open).
+    fresh: bool,
+    data_file: bool,
+    /// The L2 entry to install.
+    new_entry: L2Entry,
+    /// Host clusters whose reference the new entry drops.
+    unref: Vec<HostCluster>,
+    /// Where the entry goes.
+    l2_offset: u64,
+    l2_index: usize,
+    gate: async_lock::RwLockWriteGuardArc<()>,
+    _leases: Vec<SharedLease>,
+}
+
 impl<O: Opener> Image<O> {
+    fn check_writable(&self, offset: u64, len: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        if offset.checked_add(len).is_none_or(|e| e > self.size()) {
+            return Err(Error::OutOfRange {
+                offset,
+                len,
+                size: self.size(),
+            });
+        }
+        Ok(())
+    }
+
+    fn alloc_err(&self, e: qcow2_alloc::RefcountError) -> Error {
+        Error::from((self.path.as_path(), e))
+    }
+
+    /// Allocates `count` clusters and extends the known end of the file over them (entries
+    /// pointing there are valid from now on).
+    fn allocate(&self, meta: &mut Meta, count: u64) -> Result<qcow2_alloc::Allocation> {
+        let leases = &self.leases;
+        let alloc = meta.alloc.as_mut().ok_or(Error::ReadOnly)?;
+        let a = alloc
+            .allocate(count, |c| leases.is_leased(c))
+            .map_err(|e| self.alloc_err(e))?;
+        let end = alloc.high_water() * self.cluster_size();
+        self.file_len
+            .fetch_max(end, std::sync::atomic::Ordering::AcqRel);
+        Ok(a)
+    }
+
     /// Writes the buffer's window at guest offset `offset` and gives the buffer back.
-    pub async fn write_at(&self, buf: IoBuf, offset: u64) -> WriteResult {
-        let _ = offset;
-        (Err(Error::ReadOnly), buf)
+    ///
+    /// Any offset and length inside the disk work. The write is acknowledged once the data
+    /// is in the file and mapped in memory; it is durable after [`Image::flush`].
+    pub async fn write_at(&self, mut buf: IoBuf, offset: u64) -> WriteResult {
+        let window = buf.window();
+        let len = window.len() as u64;
+        if let Err(e) = self.check_writable(offset, len) {
+            return (Err(e), buf);
+        }
+        if let Err(e) = self.before_first_write().await {
+            return (Err(e), buf);
+        }
+        let mut pos = offset;
+        let end = offset + len;
+        let mut result = Ok(());
+        while pos < end {
+            let at = window.start + (pos - offset) as usize;
+            let (res, b) = self.write_step(buf, at, pos, end).await;
+            buf = b;
+            match res {
+                Ok(n) => pos += n,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        buf.set_window(window);
+        (result, buf)
     }
 
     /// Writes `data` at `offset` (copies it into an aligned buffer first).
@@ -20,57 +147,967 @@ impl<O: Opener> Image<O> {
         self.write_at(IoBuf::from_slice(data), offset).await.0
     }
 
+    /// Plans and performs one step of a write starting at guest `pos` (buffer position `at`):
+    /// returns how many bytes it wrote (0 after waiting).
+    async fn write_step(&self, buf: IoBuf, at: usize, pos: u64, end: u64) -> (Result<u64>, IoBuf) {
+        let step = {
+            let mut meta = self.meta.lock().await;
+            match self.plan_write(&mut meta, pos, end).await {
+                Ok(s) => s,
+                Err(e) => return (Err(e), buf),
+            }
+        };
+        match step {
+            Step::WaitGate(gate) => {
+                drop(gate.read().await);
+                (Ok(0), buf)
+            }
+            Step::WaitLease(c) => {
+                drop(self.leases.shared(c).await);
+                (Ok(0), buf)
+            }
+            Step::InPlace {
+                host,
+                len,
+                data_file,
+                _leases,
+            } => {
+                let (res, buf) = self
+                    .write_data(buf, at..at + len as usize, host, data_file)
+                    .await;
+                (res.map(|()| len), buf)
+            }
+            Step::Allocate(a) => self.write_allocating(buf, at, *a).await,
+        }
+    }
+
+    fn data_backend(&self, data_file: bool) -> &O::Backend {
+        match (&self.data_file, data_file) {
+            (Some(d), true) => &d.backend,
+            _ => &self.file,
+        }
+    }
+
+    /// Writes `r` of the buffer's allocation at `host`, bouncing through an aligned buffer
+    /// when O_DIRECT's alignment demands it.
+    async fn write_data(
+        &self,
+        mut buf: IoBuf,
+        r: std::ops::Range<usize>,
+        host: u64,
+        data_file: bool,
+    ) -> (Result<()>, IoBuf) {
+        let backend = self.data_backend(data_file);
+        let window = buf.window();
+        buf.set_window(r.clone());
+        let align = backend.alignment().max(1);
+        let res = if align == 1 || (buf.is_aligned_to(align) && host % align as u64 == 0) {
+            let (res, b) = backend.write_at(buf, host).await;
+            buf = b;
+            res
+        } else {
+            let res = write_unaligned(backend, &buf, host).await;
+            res
+        };
+        buf.set_window(window);
+        (
+            res.map_err(|e| Error::io(format!("{}: writing data", self.path.display()), e)),
+            buf,
+        )
+    }
+
+    /// Decides what to do at guest `pos` (for at most `end - pos` bytes).
+    async fn plan_write(&self, meta: &mut Meta, pos: u64, end: u64) -> Result<Step> {
+        let geo = self.geo;
+        let cs = geo.cluster_size();
+        let cluster = pos & !(cs - 1);
+        if let Some(g) = meta.allocating.get(&(cluster >> geo.cluster_bits())) {
+            return Ok(Step::WaitGate(g.clone()));
+        }
+        let l1_index = geo.l1_index(GuestOffset(pos));
+        let data_file = self.data_file.is_some();
+
+        // The in-place fast path: allocated, COPIED, (extended: every touched subcluster
+        // allocated); coalesced over following clusters with contiguous host offsets.
+        if let (Some(l2), true) = (
+            self.l2_offset(meta, l1_index)?,
+            meta.l1[l1_index as usize].copied(),
+        ) {
+            let table_end = end.min((l1_index + 1) * geo.l2_coverage());
+            let entries: Vec<(u64, u64, L2Entry)> = {
+                let table = self.l2_table(meta, l2).await?;
+                let mut v = Vec::new();
+                let mut p = pos;
+                while p < table_end {
+                    let c = p & !(cs - 1);
+                    let c_end = table_end.min(c + cs);
+                    v.push((
+                        p,
+                        c_end,
+                        L2Entry::read(table, &geo, geo.l2_index(GuestOffset(p))),
+                    ));
+                    p = c_end;
+                }
+                v
+            };
+            let mut run: Option<(u64, u64)> = None; // (host start, len)
+            for (p, c_end, entry) in entries {
+                let c = p & !(cs - 1);
+                if p > pos && meta.allocating.contains_key(&(p >> geo.cluster_bits())) {
+                    break;
+                }
+                let host = match self.decode_entry(entry, c)? {
+                    L2Mapping::Normal { host, copied: true }
+                        if !geo.extended_l2()
+                            || all_allocated(entry.subclusters(), &geo, p - c, c_end - c) =>
+                    {
+                        host.0 + (p - c)
+                    }
+                    _ => break,
+                };
+                match &mut run {
+                    None => run = Some((host, c_end - p)),
+                    Some((h, l)) if *h + *l == host => *l += c_end - p,
+                    Some(_) => break,
+                }
+            }
+            if let Some((host, len)) = run {
+                let leases = if data_file {
+                    Vec::new()
+                } else {
+                    let first = host >> geo.cluster_bits();
+                    let last = (host + len - 1) >> geo.cluster_bits();
+                    match self.try_leases(first..=last) {
+                        Ok(l) => l,
+                        Err(c) => return Ok(Step::WaitLease(c)),
+                    }
+                };
+                return Ok(Step::InPlace {
+                    host,
+                    len,
+                    data_file,
+                    _leases: leases,
+                });
+            }
+        }
+        self.plan_allocation(meta, pos, end).await
+    }
+
+    /// Shared leases on every cluster of `clusters`, or the first one that would wait.
+    fn try_leases(
+        &self,
+        clusters: impl IntoIterator<Item = u64>,
+    ) -> std::result::Result<Vec<SharedLease>, HostCluster> {
+        let mut out = Vec::new();
+        for c in clusters {
+            match self.leases.try_shared(HostCluster(c)) {
+                Some(l) => out.push(l),
+                None => return Err(HostCluster(c)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes sure the L2 table for `l1_index` exists and belongs to the active image alone
+    /// (allocating it, or copying a table shared with a snapshot); returns its offset.
+    async fn writable_l2(&self, meta: &mut Meta, l1_index: u64) -> Result<u64> {
+        let old = self.l2_offset(meta, l1_index)?;
+        let copied = meta.l1[l1_index as usize].copied();
+        if let (Some(off), true) = (old, copied) {
+            return Ok(off);
+        }
+        let cs = self.cluster_size();
+        let contents = match old {
+            Some(off) => self.l2_table(meta, off).await?.clone(),
+            None => IoBuf::new(cs as usize),
+        };
+        let a = self.allocate(meta, 1)?;
+        let new_off = self.geo.cluster_offset(a.first).0;
+        if let (Some(off), Some(alloc)) = (old, meta.alloc.as_mut()) {
+            alloc.defer_decrement(self.geo.host_cluster(HostOffset(off)));
+        }
+        meta.l2.insert(new_off, contents, true);
+        meta.l1[l1_index as usize] = L1Entry::new(HostOffset(new_off), true);
+        meta.l1_dirty.insert(l1_index);
+        Ok(new_off)
+    }
+
+    /// Plans an allocating write to the cluster at `pos`.
+    async fn plan_allocation(&self, meta: &mut Meta, pos: u64, end: u64) -> Result<Step> {
+        let geo = self.geo;
+        let cs = geo.cluster_size();
+        let cluster = pos & !(cs - 1);
+        let from = pos - cluster;
+        let to = end.min(cluster + cs) - cluster;
+        let l1_index = geo.l1_index(GuestOffset(pos));
+        let l2_offset = self.writable_l2(meta, l1_index).await?;
+        let l2_index = geo.l2_index(GuestOffset(pos));
+        let entry = L2Entry::read(self.l2_table(meta, l2_offset).await?, &geo, l2_index);
+        let old = self.decode_entry(entry, cluster)?;
+        let data_file = self.data_file.is_some();
+        let extended = geo.extended_l2();
+        let sc = geo.subcluster_size();
+
+        // Which host cluster receives the data, and what the new entry says.
+        let (reuse, mut bitmap) = match old {
+            L2Mapping::Normal { host, copied: true } => (Some(host.0), entry.subclusters()),
+            L2Mapping::Zero {
+                preallocated: Some(h),
+                copied: true,
+            } => (Some(h.0), SubclusterBitmap(0)),
+            _ => (None, entry.subclusters()),
+        };
+        let reuse = if data_file { Some(cluster) } else { reuse };
+        let whole_cow = !extended
+            || matches!(old, L2Mapping::Compressed(_))
+            || (reuse.is_none() && matches!(old, L2Mapping::Normal { .. }));
+        let (cow_from, cow_to) = if whole_cow {
+            (0, cs)
+        } else {
+            (from / sc * sc, to.div_ceil(sc) * sc)
+        };
+        if extended {
+            let first = (cow_from / sc) as u32;
+            let last = (cow_to / sc) as u32;
+            if whole_cow {
+                // Everything that held data (or is being written) is copied to the new cluster.
+                for i in 0..geo.subclusters() {
+                    let touched = (first..last).contains(&i);
+                    if touched || bitmap.state(i) == SubclusterState::Allocated {
+                        bitmap.set(i, SubclusterState::Allocated);
+                    }
+                }
+                if matches!(old, L2Mapping::Compressed(_)) {
+                    bitmap = SubclusterBitmap::ALL_ALLOCATED;
+                }
+            } else {
+                bitmap.set_range(first..last, SubclusterState::Allocated);
+            }
+        }
+
+        // The old contents of the copy-on-write head and tail.
+        let mut head = Vec::new();
+        let mut tail = Vec::new();
+        if cow_from < from {
+            head = self
+                .map_range(meta, cluster + cow_from, from - cow_from)
+                .await?;
+        }
+        if to < cow_to {
+            tail = self.map_range(meta, cluster + to, cow_to - to).await?;
+        }
+        let mut lease_clusters = self.lease_clusters(&head);
+        lease_clusters.extend(self.lease_clusters(&tail));
+
+        // Unreferenced by the new entry: the old cluster when the data moves.
+        let mut unref = Vec::new();
+        if !data_file {
+            match old {
+                L2Mapping::Compressed(d) => {
+                    unref.extend(d.host_clusters(&geo).map(HostCluster));
+                }
+                L2Mapping::Normal {
+                    host,
+                    copied: false,
+                }
+                | L2Mapping::Zero {
+                    preallocated: Some(host),
+                    copied: false,
+                } => unref.push(geo.host_cluster(host)),
+                _ => {}
+            }
+        }
+
+        let (host, allocated, fresh) = match reuse {
+            Some(h) => (h, false, false),
+            None => {
+                let a = self.allocate(meta, 1)?;
+                (geo.cluster_offset(a.first).0, true, a.fresh)
+            }
+        };
+        if !data_file {
+            lease_clusters.push(host >> geo.cluster_bits());
+        }
+        lease_clusters.sort_unstable();
+        lease_clusters.dedup();
+        let leases = match self.try_leases(lease_clusters) {
+            Ok(l) => l,
+            Err(c) => {
+                if allocated {
+                    let alloc = meta.alloc.as_mut().ok_or(Error::ReadOnly)?;
+                    alloc
+                        .release_unreferenced(geo.host_cluster(HostOffset(host)), 1)
+                        .map_err(|e| self.alloc_err(e))?;
+                }
+                return Ok(Step::WaitLease(c));
+            }
+        };
+
+        let new_entry = L2Entry::try_encode(
+            L2Mapping::Normal {
+                host: HostOffset(host),
+                copied: true,
+            },
+            &geo,
+            if extended { bitmap.0 } else { 0 },
+        )
+        .map_err(|e| self.corrupt_err(format!("encoding an L2 entry: {e}")))?;
+
+        let gate: Gate = Arc::new(async_lock::RwLock::new(()));
+        let guard = gate
+            .try_write_arc()
+            .expect("a new gate is not locked by anyone");
+        meta.allocating.insert(cluster >> geo.cluster_bits(), gate);
+        Ok(Step::Allocate(Box::new(AllocStep {
+            cluster,
+            from,
+            to,
+            cow_from,
+            cow_to,
+            head,
+            tail,
+            host,
+            allocated,
+            fresh,
+            data_file,
+            new_entry,
+            unref,
+            l2_offset,
+            l2_index,
+            gate: guard,
+            _leases: leases,
+        })))
+    }
+
+    fn corrupt_err(&self, what: String) -> Error {
+        Error::Corrupt {
+            path: self.path.clone(),
+            what,
+        }
+    }
+
+    /// Performs a planned allocating write, then installs its L2 entry.
+    async fn write_allocating(&self, buf: IoBuf, at: usize, a: AllocStep) -> (Result<u64>, IoBuf) {
+        let n = a.to - a.from;
+        let (res, buf) = self.write_cluster(buf, at, &a).await;
+        let mut meta = self.meta.lock().await;
+        meta.allocating
+            .remove(&(a.cluster >> self.geo.cluster_bits()));
+        if let Err(e) = res {
+            if a.allocated {
+                if let Some(alloc) = meta.alloc.as_mut() {
+                    // Nothing refers to the cluster yet: it can go back at once.
+                    let _ =
+                        alloc.release_unreferenced(self.geo.host_cluster(HostOffset(a.host)), 1);
+                }
+            }
+            drop(a.gate);
+            return (Err(e), buf);
+        }
+        let res = self.install(&mut meta, &a).await;
+        drop(a.gate);
+        let res = match res {
+            Ok(()) => self.maybe_write_back(&mut meta).await,
+            Err(e) => Err(e),
+        };
+        drop(meta);
+        (res.map(|()| n), buf)
+    }
+
+    async fn install(&self, meta: &mut Meta, a: &AllocStep) -> Result<()> {
+        let geo = self.geo;
+        let table = self.l2_table_mut(meta, a.l2_offset).await?;
+        a.new_entry.write(table, &geo, a.l2_index);
+        if let Some(alloc) = meta.alloc.as_mut() {
+            for c in &a.unref {
+                alloc.defer_decrement(*c);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the data of an allocating step: guest data plus copy-on-write head and tail.
+    async fn write_cluster(&self, buf: IoBuf, at: usize, a: &AllocStep) -> (Result<()>, IoBuf) {
+        let data = at..at + (a.to - a.from) as usize;
+        let backend = self.data_backend(a.data_file);
+        let align = backend.alignment().max(1) as u64;
+        let zeros_only = a
+            .head
+            .iter()
+            .chain(&a.tail)
+            .all(|p| p.source == Source::Zero);
+        let aligned =
+            align == 1 || ((a.host + a.from) % align == 0 && (a.to - a.from) % align == 0);
+        if (a.head.is_empty() && a.tail.is_empty()) || (a.fresh && zeros_only && aligned) {
+            // Nothing to copy (or the file already reads zeros there): the guest data alone.
+            return self
+                .write_data(buf, data, a.host + a.from, a.data_file)
+                .await;
+        }
+        let span = (a.cow_to - a.cow_from) as usize;
+        let mut tmp = IoBuf::new(span);
+        let mut tmp_res = Ok(());
+        for pieces in [&a.head, &a.tail] {
+            for p in pieces.iter().copied() {
+                let start = (p.guest - a.cluster - a.cow_from) as usize;
+                let (res, t) = self.read_piece(tmp, start..start + p.len as usize, p).await;
+                tmp = t;
+                if let Err(e) = res {
+                    tmp_res = Err(e);
+                    break;
+                }
+            }
+        }
+        if let Err(e) = tmp_res {
+            return (Err(e), buf);
+        }
+        let off = (a.from - a.cow_from) as usize;
+        tmp.as_full_mut_slice()[off..off + data.len()].copy_from_slice(&buf.as_full_slice()[data]);
+        let (res, _) = self
+            .write_data(tmp, 0..span, a.host + a.cow_from, a.data_file)
+            .await;
+        (res, buf)
+    }
+
+    /// Clears unknown autoclear bits and the bitmaps bit (bitmaps are not maintained by this
+    /// engine, so they must be marked untrustworthy) before the first write.
+    async fn before_first_write(&self) -> Result<()> {
+        let mut meta = self.meta.lock().await;
+        if meta.first_write_done {
+            return Ok(());
+        }
+        let keep = meta.header.autoclear_features & features::AUTOCLEAR_DATA_FILE_RAW;
+        if meta.header.autoclear_features != keep {
+            meta.header.autoclear_features = keep;
+            self.write_header(&meta.header).await?;
+            self.sync().await?;
+        }
+        meta.first_write_done = true;
+        Ok(())
+    }
+
+    /// Writes the header (cluster 0's used part).
+    pub(crate) async fn write_header(&self, header: &qcow2_format::Header) -> Result<()> {
+        let bytes = header
+            .serialize()
+            .map_err(|e| self.corrupt_err(format!("serializing the header: {e}")))?;
+        self.write_meta(0, &bytes).await
+    }
+
+    /// Writes metadata bytes at `offset` of the image file (read-modify-write where O_DIRECT
+    /// alignment demands it).
+    async fn write_meta(&self, offset: u64, bytes: &[u8]) -> Result<()> {
+        write_unaligned(&self.file, bytes, offset)
+            .await
+            .map_err(|e| Error::io(format!("{}: writing metadata", self.path.display()), e))
+    }
+
+    async fn sync(&self) -> Result<()> {
+        self.file
+            .flush()
+            .await
+            .map_err(|e| Error::io(format!("{}: flush", self.path.display()), e))?;
+        if let Some(d) = &self.data_file {
+            d.backend
+                .flush()
+                .await
+                .map_err(|e| Error::io(format!("{}: flush", d.path.display()), e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes dirty metadata back when too much has accumulated.
+    async fn maybe_write_back(&self, meta: &mut Meta) -> Result<()> {
+        let too_dirty = meta.l2.dirty_count() > meta.l2.capacity() * MAX_DIRTY_FACTOR;
+        let too_pending = meta
+            .alloc
+            .as_ref()
+            .is_some_and(|a| a.pending_len() > MAX_PENDING_DECREMENTS);
+        if too_dirty || too_pending {
+            let freed = self.write_back(meta).await?;
+            drop(freed);
+        }
+        Ok(())
+    }
+
+    /// Writes every dirty metadata structure back, in the order that keeps the image
+    /// consistent at every instant (I4, I5):
+    ///
+    /// 1. refcount blocks (new counts before anything refers to the clusters), then the
+    ///    refcount table (a moved table whole, then the header switch), then a barrier that
+    ///    also makes earlier guest data durable;
+    /// 2. L2 tables, barrier; L1 entries, barrier;
+    /// 3. only now that every unmapping is on disk, the deferred refcount decrements are
+    ///    applied (a cluster is freed only under its exclusive lease) and their blocks
+    ///    written, barrier.
+    ///
+    /// Returns the exclusive leases of the clusters freed, for the caller to punch holes
+    /// with and release after dropping the metadata lock.
+    pub(crate) async fn write_back(
+        &self,
+        meta: &mut Meta,
+    ) -> Result<Vec<(HostCluster, ExclusiveLease)>> {
+        let cs = self.cluster_size();
+        // 1. Refcounts.
+        self.write_refcounts(meta).await?;
+        self.sync().await?;
+
+        // 2. L2 tables, then L1.
+        let dirty = meta.l2.dirty();
+        if !dirty.is_empty() {
+            for off in &dirty {
+                let bytes = meta.l2.peek(*off).expect("dirty table is cached").to_vec();
+                self.write_meta(*off, &bytes).await?;
+            }
+            for off in &dirty {
+                meta.l2.mark_clean(*off);
+            }
+            self.sync().await?;
+        }
+        if let (Some(&lo), Some(&hi)) = (meta.l1_dirty.first(), meta.l1_dirty.last()) {
+            let bytes: Vec<u8> = meta.l1[lo as usize..=hi as usize]
+                .iter()
+                .flat_map(|e| e.0.to_be_bytes())
+                .collect();
+            self.write_meta(meta.header.l1_table_offset + lo * 8, &bytes)
+                .await?;
+            meta.l1_dirty.clear();
+            self.sync().await?;
+        }
+
+        // 3. Deferred decrements.
+        let Some(alloc) = meta.alloc.as_mut() else {
+            return Ok(Vec::new());
+        };
+        if !alloc.has_pending() {
+            return Ok(Vec::new());
+        }
+        let leases = &self.leases;
+        let freed = alloc
+            .apply_decrements(|c| leases.try_exclusive(c))
+            .map_err(|e| self.alloc_err(e))?;
+        for (c, _) in &freed {
+            // A freed L2 table must not linger in the cache.
+            meta.l2.remove(self.geo.cluster_offset(*c).0);
+        }
+        let _ = cs;
+        self.write_refcounts(meta).await?;
+        self.sync().await?;
+        Ok(freed)
+    }
+
+    /// Writes dirty refcount blocks and the table (moving it if it grew).
+    async fn write_refcounts(&self, meta: &mut Meta) -> Result<()> {
+        let cs = self.cluster_size();
+        let Some(alloc) = meta.alloc.as_mut() else {
+            return Ok(());
+        };
+        let blocks = alloc.dirty_blocks();
+        for (_, off, bytes) in &blocks {
+            self.write_meta(off.0, bytes).await?;
+        }
+        alloc.blocks_written(blocks.iter().map(|(t, _, _)| *t));
+        if let Some(m) = alloc.table_move() {
+            // The new table, whole; then (after a barrier) the header points at it.
+            let bytes = alloc.table_bytes();
+            self.write_meta(m.offset.0, &bytes).await?;
+            self.sync().await?;
+            meta.header.refcount_table_offset = m.offset.0;
+            meta.header.refcount_table_clusters = u32::try_from(m.clusters)
+                .map_err(|_| self.corrupt_err("refcount table too large".into()))?;
+            self.write_header(&meta.header).await?;
+            self.sync().await?;
+            meta.alloc.as_mut().expect("checked").table_moved();
+        } else {
+            let entries = alloc.dirty_table_entries();
+            if !entries.is_empty() {
+                let table = alloc.table_bytes();
+                let table_off = alloc.table_offset().0;
+                // Blocks first: a table entry never names a block that is not on disk.
+                self.sync().await?;
+                let lo = entries[0] as usize * 8;
+                let hi = (*entries.last().expect("non-empty") as usize + 1) * 8;
+                self.write_meta(table_off + lo as u64, &table[lo..hi])
+                    .await?;
+                meta.alloc
+                    .as_mut()
+                    .expect("checked")
+                    .table_entries_written();
+            }
+        }
+        let _ = cs;
+        Ok(())
+    }
+
+    /// Makes every acknowledged write durable (I8): metadata written back in order, then the
+    /// file flushed. Freed clusters are punched out of the file afterwards.
+    pub async fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let freed = {
+            let mut meta = self.meta.lock().await;
+            let freed = self.write_back(&mut meta).await?;
+            self.sync().await?;
+            freed
+        };
+        self.punch(freed).await;
+        Ok(())
+    }
+
+    /// Deallocates freed clusters in the file, under their exclusive leases (so that none of
+    /// them is handed out again before the hole is punched).
+    async fn punch(&self, freed: Vec<(HostCluster, ExclusiveLease)>) {
+        let cs = self.cluster_size();
+        for (c, lease) in freed {
+            // Punching is an optimisation: a failure leaves stale bytes in a free cluster.
+            let _ = self.file.punch_hole(self.geo.cluster_offset(c).0, cs).await;
+            drop(lease);
+        }
+    }
+
+    /// Flushes and closes the image.
+    pub async fn close(self) -> Result<()> {
+        self.flush().await
+    }
+
     /// Makes `[offset, offset+len)` read as zeros. With `may_unmap`, clusters wholly inside
     /// the range may be deallocated (qemu-io `write -z -u`).
     pub async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
-        let _ = (offset, len, may_unmap);
-        Err(Error::ReadOnly)
+        self.check_writable(offset, len)?;
+        self.before_first_write().await?;
+        if len == 0 {
+            return Ok(());
+        }
+        if let (Some(d), true) = (&self.data_file, self.header.data_file_raw()) {
+            // A raw data file must show the guest's view at all times.
+            d.backend
+                .write_zeroes(offset, len)
+                .await
+                .map_err(|e| Error::io(format!("{}: write zeroes", d.path.display()), e))?;
+        }
+        let cs = self.cluster_size();
+        let end = offset + len;
+        let first_full = offset.div_ceil(cs) * cs;
+        let last_full = if end == self.size() {
+            end
+        } else {
+            end / cs * cs
+        };
+        let v3 = self.header.version >= 3;
+        let whole = if v3 || self.backing.is_none() {
+            (first_full < last_full).then_some(first_full..last_full)
+        } else {
+            None
+        };
+        match whole {
+            None => self.write_zero_bytes(offset, end).await,
+            Some(w) => {
+                self.write_zero_bytes(offset, w.start).await?;
+                let mode = if v3 {
+                    ZeroMode::Zero { unmap: may_unmap }
+                } else {
+                    ZeroMode::Deallocate
+                };
+                self.zero_clusters(w.clone(), mode).await?;
+                self.write_zero_bytes(w.end, end).await
+            }
+        }
     }
 
-    /// Discards `[offset, offset+len)`: whole clusters inside it are deallocated and read as
-    /// zeros afterwards (or as the backing file... no: as zeros, the zero flag hides it).
+    /// Writes real zeros over `[from, to)`.
+    async fn write_zero_bytes(&self, from: u64, to: u64) -> Result<()> {
+        let mut pos = from;
+        while pos < to {
+            let n = (to - pos).min(ZERO_CHUNK);
+            self.write_at(IoBuf::new(n as usize), pos).await.0?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Discards `[offset, offset+len)`: clusters wholly inside it are deallocated. They then
+    /// read as zeros (v3: the zero flag hides a backing file), or, in a v2 image with a backing
+    /// file, as the backing file. Partial clusters are left alone, as QEMU does.
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        let _ = (offset, len);
-        Err(Error::ReadOnly)
+        self.check_writable(offset, len)?;
+        self.before_first_write().await?;
+        let cs = self.cluster_size();
+        let end = offset + len;
+        let first = offset.div_ceil(cs) * cs;
+        // The partial cluster at the end of an unaligned disk counts as whole.
+        let last = if end == self.size() {
+            end
+        } else {
+            end / cs * cs
+        };
+        if first >= last {
+            return Ok(());
+        }
+        self.zero_clusters(first..last, ZeroMode::Discard).await
     }
 
-    /// Makes every acknowledged write durable.
-    pub async fn flush(&self) -> Result<()> {
-        Err(Error::ReadOnly)
+    /// Changes the L2 entries of the whole clusters in `range` (cluster-aligned, or ending
+    /// at the end of the disk) as `mode` says; old clusters are unreferenced (their counts
+    /// drop at the next write-back).
+    async fn zero_clusters(&self, range: std::ops::Range<u64>, mode: ZeroMode) -> Result<()> {
+        let geo = self.geo;
+        let cs = geo.cluster_size();
+        let mut pos = range.start;
+        while pos < range.end {
+            let mut meta = self.meta.lock().await;
+            let l1_index = geo.l1_index(GuestOffset(pos));
+            let table_end = range.end.min((l1_index + 1) * geo.l2_coverage());
+            // Unallocated ranges without an L2 table: only the backing file may need hiding.
+            let has_table = self.l2_offset(&meta, l1_index)?.is_some();
+            let needs_table = has_table
+                || (mode.hides_backing() && self.backing.is_some() && self.header.version >= 3);
+            if !needs_table {
+                pos = table_end;
+                continue;
+            }
+            // Wait for allocations in flight in this table's part of the range.
+            let gate = (pos..table_end)
+                .step_by(cs as usize)
+                .find_map(|c| meta.allocating.get(&(c >> geo.cluster_bits())).cloned());
+            if let Some(g) = gate {
+                drop(meta);
+                drop(g.read().await);
+                continue;
+            }
+            let l2 = self.writable_l2(&mut meta, l1_index).await?;
+            let mut unref = Vec::new();
+            {
+                let has_backing = self.backing.is_some();
+                let v3 = self.header.version >= 3;
+                let data_file = self.data_file.is_some();
+                let mut decoded = Vec::new();
+                {
+                    let table = self.l2_table(&mut meta, l2).await?;
+                    let mut p = pos;
+                    while p < table_end {
+                        let idx = geo.l2_index(GuestOffset(p));
+                        let e = L2Entry::read(table, &geo, idx);
+                        decoded.push((idx, e));
+                        p += cs;
+                    }
+                }
+                let mut updates = Vec::new();
+                for (idx, e) in decoded {
+                    let guest = pos + (idx - geo.l2_index(GuestOffset(pos))) as u64 * cs;
+                    let old = self.decode_entry(e, guest)?;
+                    let new = mode.new_entry(old, e, &geo, has_backing, v3)?;
+                    if new == e {
+                        continue;
+                    }
+                    let old_host_dropped = new.word & L2Entry::OFFSET_MASK == 0
+                        || matches!(old, L2Mapping::Compressed(_));
+                    if old_host_dropped && !data_file {
+                        match old {
+                            L2Mapping::Compressed(d) => {
+                                unref.extend(d.host_clusters(&geo).map(HostCluster))
+                            }
+                            L2Mapping::Normal { host, .. }
+                            | L2Mapping::Zero {
+                                preallocated: Some(host),
+                                ..
+                            } => unref.push(geo.host_cluster(host)),
+                            _ => {}
+                        }
+                    }
+                    updates.push((idx, new));
+                }
+                if !updates.is_empty() {
+                    let table = self.l2_table_mut(&mut meta, l2).await?;
+                    for (idx, new) in updates {
+                        new.write(table, &geo, idx);
+                    }
+                }
+            }
+            if let Some(alloc) = meta.alloc.as_mut() {
+                for c in unref {
+                    alloc.defer_decrement(c);
+                }
+            }
+            self.maybe_write_back(&mut meta).await?;
+            pos = table_end;
+        }
+        Ok(())
+    }
+}
+
+/// How [`Image::zero_clusters`] changes an entry.
+#[derive(Clone, Copy)]
+enum ZeroMode {
+    /// Discard: deallocate; read zeros (v3, when needed) or the backing file (v2).
+    Discard,
+    /// Write zeroes on v3: the zero flag; deallocate if `unmap` (always for compressed).
+    Zero { unmap: bool },
+    /// Write zeroes on v2 without a backing file: deallocate.
+    Deallocate,
+}
+
+impl ZeroMode {
+    fn hides_backing(&self) -> bool {
+        !matches!(self, ZeroMode::Deallocate)
     }
 
-    /// Flushes and closes the image, leaving a clean header.
-    pub async fn close(self) -> Result<()> {
-        Err(Error::ReadOnly)
+    fn new_entry(
+        &self,
+        old: L2Mapping,
+        e: L2Entry,
+        geo: &qcow2_format::ClusterGeometry,
+        has_backing: bool,
+        v3: bool,
+    ) -> Result<L2Entry> {
+        let allocated = !matches!(
+            old,
+            L2Mapping::Unallocated
+                | L2Mapping::Zero {
+                    preallocated: None,
+                    ..
+                }
+        );
+        let extended = geo.extended_l2();
+        let zero = |keep_host: bool| -> L2Entry {
+            let word = if keep_host {
+                e.word & !qcow2_format::L2_ZERO
+            } else {
+                0
+            };
+            if extended {
+                L2Entry {
+                    word,
+                    bitmap: SubclusterBitmap::ALL_ZERO.0,
+                }
+            } else {
+                L2Entry {
+                    word: word | qcow2_format::L2_ZERO,
+                    bitmap: 0,
+                }
+            }
+        };
+        Ok(match self {
+            ZeroMode::Discard => {
+                if !v3 {
+                    L2Entry::default()
+                } else if has_backing || allocated {
+                    zero(false)
+                } else {
+                    e
+                }
+            }
+            ZeroMode::Deallocate => L2Entry::default(),
+            ZeroMode::Zero { unmap } => {
+                let compressed = matches!(old, L2Mapping::Compressed(_));
+                let keep = !compressed && !(*unmap && allocated);
+                zero(keep && allocated)
+            }
+        })
     }
+}
+
+/// Whether every subcluster touched by `[from, to)` (relative to the cluster) is allocated.
+fn all_allocated(
+    b: SubclusterBitmap,
+    geo: &qcow2_format::ClusterGeometry,
+    from: u64,
+    to: u64,
+) -> bool {
+    let sc = geo.subcluster_size();
+    ((from / sc) as u32..to.div_ceil(sc) as u32).all(|i| b.state(i) == SubclusterState::Allocated)
+}
+
+/// Writes `bytes` at `offset`, reading and rewriting the surrounding aligned blocks when
+/// the backend needs aligned I/O (O_DIRECT).
+pub(crate) async fn write_unaligned<B: Backend>(
+    backend: &B,
+    bytes: &[u8],
+    offset: u64,
+) -> std::io::Result<()> {
+    let align = backend.alignment().max(1) as u64;
+    if align == 1 || (offset % align == 0 && bytes.len() as u64 % align == 0) {
+        let (res, _) = backend.write_at(IoBuf::from_slice(bytes), offset).await;
+        return res;
+    }
+    let start = offset / align * align;
+    let end = (offset + bytes.len() as u64).div_ceil(align) * align;
+    let buf = IoBuf::with_alignment((end - start) as usize, align as usize);
+    let (res, mut buf) = blockio::read_zero_padded(backend, buf, start).await;
+    res?;
+    let from = (offset - start) as usize;
+    buf[from..from + bytes.len()].copy_from_slice(bytes);
+    let (res, _) = backend.write_at(buf, start).await;
+    res
 }
 
 impl<O: Opener> Disk<O> {
     /// Writes the buffer's window at `offset` (see [`Image::write_at`]).
     pub async fn write_at(&self, buf: IoBuf, offset: u64) -> WriteResult {
-        let _ = offset;
-        (Err(Error::ReadOnly), buf)
+        match self {
+            Disk::Qcow2(img) => img.write_at(buf, offset).await,
+            Disk::Raw(raw) => {
+                let len = buf.len() as u64;
+                if offset.checked_add(len).is_none_or(|e| e > raw.size) {
+                    return (
+                        Err(Error::OutOfRange {
+                            offset,
+                            len,
+                            size: raw.size,
+                        }),
+                        buf,
+                    );
+                }
+                let window = buf.window();
+                let res = write_unaligned(&raw.backend, &buf, offset).await;
+                let mut buf = buf;
+                buf.set_window(window);
+                (
+                    res.map_err(|e| Error::io(format!("{}: write", raw.path.display()), e)),
+                    buf,
+                )
+            }
+        }
     }
 
     /// See [`Image::write_zeroes`].
     pub async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
-        let _ = (offset, len, may_unmap);
-        Err(Error::ReadOnly)
+        match self {
+            Disk::Qcow2(img) => img.write_zeroes(offset, len, may_unmap).await,
+            Disk::Raw(raw) => raw
+                .backend
+                .write_zeroes(offset, len)
+                .await
+                .map_err(|e| Error::io(format!("{}: write zeroes", raw.path.display()), e)),
+        }
     }
 
-    /// See [`Image::discard`].
+    /// See [`Image::discard`]; on a raw image, punches a hole.
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        let _ = (offset, len);
-        Err(Error::ReadOnly)
+        match self {
+            Disk::Qcow2(img) => img.discard(offset, len).await,
+            Disk::Raw(raw) => raw
+                .backend
+                .punch_hole(offset, len)
+                .await
+                .map_err(|e| Error::io(format!("{}: discard", raw.path.display()), e)),
+        }
     }
 
     /// See [`Image::flush`].
     pub async fn flush(&self) -> Result<()> {
-        Err(Error::ReadOnly)
+        match self {
+            Disk::Qcow2(img) => img.flush().await,
+            Disk::Raw(raw) => raw
+                .backend
+                .flush()
+                .await
+                .map_err(|e| Error::io(format!("{}: flush", raw.path.display()), e)),
+        }
     }
 
     /// See [`Image::close`].
     pub async fn close(self) -> Result<()> {
-        Err(Error::ReadOnly)
+        self.flush().await
     }
 }
