@@ -185,7 +185,9 @@ fn writes_zeroes_discards_refcount_widths() {
 /// clusters, snapshots (shared clusters), data files, preallocation, every cluster size.
 #[test]
 fn writes_over_every_fixture() {
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     for spec in qcow2_tests::matrix() {
         if spec.expect.dirty {
             continue; // needs a refcount repair before it can be opened read-write
@@ -204,14 +206,22 @@ fn writes_over_every_fixture() {
             // What the disk shows where the top image has nothing: its backing chain.
             let info = f.info_json();
             let b = info["full-backing-filename"].as_str().unwrap().to_string();
-            let fmt = info["backing-filename-format"].as_str().unwrap_or("qcow2").to_string();
+            let fmt = info["backing-filename-format"]
+                .as_str()
+                .unwrap_or("qcow2")
+                .to_string();
             let mut r = raw_reference(Path::new(&b), &fmt);
             r.resize(before.len(), 0);
             r
         } else {
             Vec::new()
         };
-        let ops = random_ops(f.name.len() as u64 * 977, f.virtual_size, cluster.max(4096), 40);
+        let ops = random_ops(
+            f.name.len() as u64 * 977,
+            f.virtual_size,
+            cluster.max(4096),
+            40,
+        );
         let mut model = before.clone();
         apply(&mut model, &backing, &ops, cluster, v2_backing);
         rt.block_on(run_ops(&f.image, &ops));
@@ -241,7 +251,9 @@ fn writes_over_every_fixture() {
 fn first_write_clears_the_bitmaps_bit() {
     let f = qcow2_tests::fixture("bitmap").build();
     let mut model = f.raw_reference();
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let ops = [Op::Write {
         off: 4096,
         len: 8192,
