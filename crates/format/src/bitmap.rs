@@ -274,6 +274,14 @@ impl BitmapTableEntry {
     /// Bit 0: without an offset, the cluster reads as all ones.
     pub const ALL_ONES: u64 = 1;
 
+    /// Reads entry `index` from a bitmap table's bytes.
+    ///
+    /// # Panics
+    /// If the entry lies outside `table`.
+    pub fn read(table: &[u8], index: usize) -> BitmapTableEntry {
+        BitmapTableEntry(u64_at(table, index * 8))
+    }
+
     /// The data cluster's offset, or `None` with whether the cluster reads as all ones.
     ///
     /// Checks reserved bits (1..=8, 56..=63, and bit 0 when an offset is present) and the
