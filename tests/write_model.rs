@@ -268,3 +268,76 @@ fn first_write_clears_the_bitmaps_bit() {
     assert_eq!(check.status.code(), Some(3), "leaks only");
     assert_eq!(raw_reference(&f.image, "qcow2"), model);
 }
+
+/// Lazy refcounts: after a flush the dirty bit is on disk and refcount blocks are not; a
+/// crash (no close) leaves a dirty image that QEMU repairs with the data intact; a clean close
+/// writes the refcounts and clears the bit.
+#[test]
+fn lazy_refcounts_dirty_bit_and_clean_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    for crash in [true, false] {
+        let path = dir.path().join(format!("lazy-{crash}.qcow2"));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            path_str(&path),
+            "4M",
+        ]);
+        let ops = random_ops(if crash { 11 } else { 12 }, 4 << 20, 65536, 30);
+        let mut model = vec![0u8; 4 << 20];
+        apply(&mut model, &[], &ops, 65536, false);
+        rt.block_on(async {
+            let img = Image::open(FileOpener, &path, ImageOptions::new())
+                .await
+                .unwrap();
+            for op in &ops {
+                match *op {
+                    Op::Write { off, len, pat } => {
+                        img.write(off, &vec![pat; len as usize]).await.unwrap()
+                    }
+                    Op::Zero { off, len, unmap } => {
+                        img.write_zeroes(off, len, unmap).await.unwrap()
+                    }
+                    Op::Discard { off, len } => img.discard(off, len).await.unwrap(),
+                    Op::Flush => img.flush().await.unwrap(),
+                }
+            }
+            img.flush().await.unwrap();
+            let info = qcow2_tests::qemu_info_json(&path);
+            assert_eq!(info["dirty-flag"], true, "dirty bit on disk while open");
+            if crash {
+                drop(img); // no close: as if the process died after the flush
+            } else {
+                img.close().await.unwrap();
+            }
+        });
+        if crash {
+            let check = qemu_check(&path);
+            assert_ne!(check.status.code(), Some(0), "stale refcounts are visible");
+            let repair = qcow2_tests::qemu_img_status(&["check", "-r", "all", path_str(&path)]);
+            assert!(
+                repair.status.code() == Some(0),
+                "{}",
+                String::from_utf8_lossy(&repair.stdout)
+            );
+        }
+        let check = qemu_check(&path);
+        assert!(
+            check.status.success(),
+            "{}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+        assert_eq!(qcow2_tests::qemu_info_json(&path)["dirty-flag"], false);
+        assert!(
+            raw_reference(&path, "qcow2") == model,
+            "crash={crash}: data differs"
+        );
+    }
+}

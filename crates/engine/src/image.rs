@@ -23,6 +23,8 @@ pub struct Image<O: Opener> {
     pub(crate) header: Header,
     pub(crate) geo: ClusterGeometry,
     pub(crate) read_only: bool,
+    /// Lazy refcounts in use: refcount blocks are written only at close, under the dirty bit.
+    pub(crate) lazy_refcounts: bool,
     pub(crate) backing: Option<Box<Disk<O>>>,
     pub(crate) meta: async_lock::Mutex<Meta>,
     pub(crate) leases: LeaseTable,
@@ -363,6 +365,9 @@ impl<O: Opener> Image<O> {
             leases: LeaseTable::new(),
             file_len: AtomicU64::new(file_len),
             metadata_prealloc: async_lock::OnceCell::new(),
+            lazy_refcounts: !read_only
+                && header.version >= 3
+                && options.lazy_refcounts.unwrap_or(header.lazy_refcounts()),
             header,
         })
     }

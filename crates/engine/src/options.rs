@@ -64,6 +64,7 @@ pub struct ImageOptions {
     pub(crate) backing: BackingChoice,
     pub(crate) data_file: Option<PathBuf>,
     pub(crate) max_backing_depth: usize,
+    pub(crate) lazy_refcounts: Option<bool>,
 }
 
 impl Default for ImageOptions {
@@ -76,6 +77,7 @@ impl Default for ImageOptions {
             backing: BackingChoice::FromHeader,
             data_file: None,
             max_backing_depth: 64,
+            lazy_refcounts: None,
         }
     }
 }
@@ -125,6 +127,14 @@ impl ImageOptions {
     /// Refuses backing chains deeper than `depth` images below the top one (default 64).
     pub fn max_backing_depth(mut self, depth: usize) -> Self {
         self.max_backing_depth = depth;
+        self
+    }
+
+    /// Lazy refcounts: write refcount blocks only at close, keeping the dirty bit set while
+    /// the image is open (a crash then costs a refcount rebuild at the next open). Default:
+    /// what the image's lazy-refcounts bit says. Only v3 images can use it.
+    pub fn lazy_refcounts(mut self, yes: bool) -> Self {
+        self.lazy_refcounts = Some(yes);
         self
     }
 

@@ -647,9 +647,27 @@ impl<O: Opener> Image<O> {
         &self,
         meta: &mut Meta,
     ) -> Result<Vec<(HostCluster, ExclusiveLease)>> {
+        self.write_back_mode(meta, !self.lazy_refcounts).await
+    }
+
+    /// [`Image::write_back`], writing the refcounts or (lazy refcounts) leaving them in memory
+    /// under the dirty bit.
+    async fn write_back_mode(
+        &self,
+        meta: &mut Meta,
+        refcounts: bool,
+    ) -> Result<Vec<(HostCluster, ExclusiveLease)>> {
         let cs = self.cluster_size();
-        // 1. Refcounts.
-        self.write_refcounts(meta).await?;
+        // 1. Refcounts; with lazy refcounts, the dirty bit instead, before any L2 update
+        //    that relies on it reaches the disk.
+        if refcounts {
+            self.write_refcounts(meta).await?;
+        } else if !meta.header.is_dirty()
+            && (meta.l2.dirty_count() > 0 || !meta.l1_dirty.is_empty())
+        {
+            meta.header.incompatible_features |= features::INCOMPAT_DIRTY;
+            self.write_header(&meta.header).await?;
+        }
         self.sync().await?;
 
         // 2. L2 tables, then L1.
@@ -691,8 +709,10 @@ impl<O: Opener> Image<O> {
             meta.l2.remove(self.geo.cluster_offset(*c).0);
         }
         let _ = cs;
-        self.write_refcounts(meta).await?;
-        self.sync().await?;
+        if refcounts {
+            self.write_refcounts(meta).await?;
+            self.sync().await?;
+        }
         Ok(freed)
     }
 
@@ -766,9 +786,28 @@ impl<O: Opener> Image<O> {
         }
     }
 
-    /// Flushes and closes the image.
+    /// Flushes and closes the image: every metadata structure written, the dirty bit of lazy
+    /// refcounts cleared.
     pub async fn close(self) -> Result<()> {
-        self.flush().await
+        if self.read_only {
+            return Ok(());
+        }
+        let freed = {
+            let mut meta = self.meta.lock().await;
+            let mut freed = self.write_back_mode(&mut meta, true).await?;
+            if meta.alloc.as_ref().is_some_and(|a| a.has_pending()) {
+                // Decrements freed by the first pass (none can be in flight at close).
+                freed.extend(self.write_back_mode(&mut meta, true).await?);
+            }
+            if meta.header.is_dirty() {
+                meta.header.incompatible_features &= !features::INCOMPAT_DIRTY;
+                self.write_header(&meta.header).await?;
+            }
+            self.sync().await?;
+            freed
+        };
+        self.punch(freed).await;
+        Ok(())
     }
 
     /// Makes `[offset, offset+len)` read as zeros. With `may_unmap`, clusters wholly inside
