@@ -356,6 +356,15 @@ impl<B: Backend> FaultInjector<B> {
         }
     }
 
+    /// Wraps `inner` under an existing controller: several files (an image and its backing
+    /// or data file) can then be driven by one controller.
+    pub fn with_controller(inner: B, controller: &FaultController) -> Self {
+        Self {
+            inner,
+            shared: controller.shared.clone(),
+        }
+    }
+
     /// A controller for this injector (and its clones).
     pub fn controller(&self) -> FaultController {
         FaultController {
@@ -519,6 +528,44 @@ impl<B: Backend> Backend for FaultInjector<B> {
 
     fn is_writable(&self) -> bool {
         self.inner.is_writable()
+    }
+}
+
+/// Opens files with an inner [`Opener`](crate::Opener) and wraps each in a
+/// [`FaultInjector`] driven by one shared [`FaultController`]; the files opened only for
+/// reading (backing files) can be left unwrapped.
+#[derive(Clone, Debug)]
+pub struct FaultOpener<O> {
+    inner: O,
+    controller: FaultController,
+}
+
+impl<O: crate::Opener> FaultOpener<O> {
+    /// Wraps `inner`; every file it opens is injected by a new controller.
+    pub fn new(inner: O) -> Self {
+        let shared = Arc::new(Shared::new());
+        Self {
+            inner,
+            controller: FaultController { shared },
+        }
+    }
+
+    /// The controller shared by every file opened.
+    pub fn controller(&self) -> FaultController {
+        self.controller.clone()
+    }
+}
+
+impl<O: crate::Opener> crate::Opener for FaultOpener<O> {
+    type Backend = FaultInjector<O::Backend>;
+
+    async fn open(
+        &self,
+        path: &std::path::Path,
+        options: crate::OpenOptions,
+    ) -> std::io::Result<Self::Backend> {
+        let inner = self.inner.open(path, options).await?;
+        Ok(FaultInjector::with_controller(inner, &self.controller))
     }
 }
 

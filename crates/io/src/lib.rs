@@ -22,8 +22,8 @@ mod uring;
 
 pub use buf::{IoBuf, DEFAULT_ALIGN};
 pub use fault::{
-    FaultController, FaultInjector, FaultRule, HeldRequest, LogEntry, OpKind, RequestFilter,
-    RequestInfo,
+    FaultController, FaultInjector, FaultOpener, FaultRule, HeldRequest, LogEntry, OpKind,
+    RequestFilter, RequestInfo,
 };
 pub use file::{FileOpener, TokioFile};
 pub use memory::{MemoryBackend, MemoryOpener};
