@@ -28,6 +28,7 @@
 #![warn(missing_docs)]
 
 mod cache;
+mod check;
 mod compress;
 mod error;
 mod image;
@@ -37,6 +38,7 @@ mod read;
 mod status;
 mod write;
 
+pub use check::{CheckReport, RepairMode};
 pub use error::{Error, Result};
 pub use image::{Disk, Image, RawImage};
 pub use map::MapEntry;
