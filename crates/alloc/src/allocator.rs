@@ -51,6 +51,8 @@ pub struct Allocator {
     free_hint: u64,
     high_water: u64,
     pending: Vec<HostCluster>,
+    /// Clusters holding refcount blocks.
+    block_clusters: std::collections::HashSet<u64>,
 }
 
 impl Allocator {
@@ -63,7 +65,14 @@ impl Allocator {
         table_offset: HostOffset,
         file_clusters: u64,
     ) -> Self {
+        let block_clusters = rc
+            .table()
+            .iter()
+            .filter(|e| e.0 & !0x1ff != 0)
+            .map(|e| (e.0 & !0x1ff) >> geo.cluster_bits())
+            .collect();
         Self {
+            block_clusters,
             geo,
             rc,
             dirty_blocks: BTreeSet::new(),
@@ -241,6 +250,7 @@ impl Allocator {
                 }
                 let offset = self.geo.cluster_offset(HostCluster(at));
                 self.rc.add_block(t, offset, vec![0u8; cs as usize]);
+                self.block_clusters.insert(at);
                 self.rc.set(HostCluster(at), 1)?;
                 self.high_water = self.high_water.max(at + 1);
             }
@@ -414,6 +424,17 @@ impl Allocator {
         !self.dirty_blocks.is_empty()
             || !self.dirty_table_entries.is_empty()
             || self.table_move.is_some()
+    }
+
+    /// Whether `c` holds the refcount table or a refcount block (metadata the allocator owns).
+    pub fn is_metadata(&self, c: HostCluster) -> bool {
+        let cs = self.geo.cluster_size();
+        let table_first = self.geo.host_cluster(self.table_offset).0;
+        let table_clusters = (self.rc.table().len() as u64 * 8).div_ceil(cs);
+        if (table_first..table_first + table_clusters).contains(&c.0) {
+            return true;
+        }
+        self.block_clusters.contains(&c.0)
     }
 
     /// One past the highest cluster handed out or present in the file.
