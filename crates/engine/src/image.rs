@@ -32,6 +32,8 @@ pub struct Image<O: Opener> {
     /// Whether the image looks like it was created with preallocation=metadata (computed on
     /// first use, as QEMU does, for block status).
     pub(crate) metadata_prealloc: async_lock::OnceCell<bool>,
+    /// Set once corruption was found and the corrupt bit written: writes stop.
+    pub(crate) marked_corrupt: std::sync::atomic::AtomicBool,
 }
 
 /// Metadata guarded by the metadata lock.
@@ -50,6 +52,36 @@ pub(crate) struct Meta {
     pub(crate) allocating: std::collections::HashMap<u64, Gate>,
     /// Whether the header changes due before the first write were made.
     pub(crate) first_write_done: bool,
+    /// Clusters holding metadata the allocator does not own (the overlap guard's map).
+    pub(crate) metadata: MetadataClusters,
+}
+
+/// Where the image's metadata lives, apart from refcount structures (which the allocator
+/// knows): the header, the active L1 table and its L2 tables, the snapshot table and the
+/// snapshots' L1 tables, the bitmap directory. Data is never written there (QEMU's "cached"
+/// overlap check).
+#[derive(Default)]
+pub(crate) struct MetadataClusters {
+    /// Ranges of clusters, `[start, end)`.
+    ranges: Vec<(u64, u64)>,
+    /// L2 tables of the active L1.
+    pub(crate) l2: std::collections::HashSet<u64>,
+}
+
+impl MetadataClusters {
+    pub(crate) fn add_range(&mut self, geo: &ClusterGeometry, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = offset >> geo.cluster_bits();
+        let end = (offset.saturating_add(len)).div_ceil(geo.cluster_size());
+        self.ranges.push((first, end));
+    }
+
+    /// Whether cluster `c` holds metadata.
+    pub(crate) fn contains(&self, c: u64) -> bool {
+        self.l2.contains(&c) || self.ranges.iter().any(|&(s, e)| (s..e).contains(&c))
+    }
 }
 
 /// A gate a request waits on while another one allocates the same guest cluster.
@@ -265,7 +297,7 @@ impl<O: Opener> Image<O> {
         // L1 table.
         let l1_bytes = u64::from(header.l1_size) * 8;
         let l1_buf = read_bytes(&file, header.l1_table_offset, l1_bytes, "L1 table").await?;
-        let l1 = l1_buf
+        let l1: Vec<L1Entry> = l1_buf
             .chunks_exact(8)
             .map(|c| L1Entry(u64::from_be_bytes(c.try_into().expect("8 bytes"))))
             .collect();
@@ -341,6 +373,11 @@ impl<O: Opener> Image<O> {
         };
 
         let l2_tables = (options.l2_cache_bytes / geo.cluster_size()).max(1) as usize;
+        let metadata = if read_only {
+            MetadataClusters::default()
+        } else {
+            metadata_clusters(&file, &header, &l1).await?
+        };
         let alloc = if read_only {
             None
         } else {
@@ -361,10 +398,12 @@ impl<O: Opener> Image<O> {
                 alloc,
                 allocating: Default::default(),
                 first_write_done: false,
+                metadata,
             }),
             leases: LeaseTable::new(),
             file_len: AtomicU64::new(file_len),
             metadata_prealloc: async_lock::OnceCell::new(),
+            marked_corrupt: std::sync::atomic::AtomicBool::new(false),
             lazy_refcounts: !read_only
                 && header.version >= 3
                 && options.lazy_refcounts.unwrap_or(header.lazy_refcounts()),
@@ -761,4 +800,54 @@ async fn load_allocator<B: Backend>(
         qcow2_format::HostOffset(header.refcount_table_offset),
         file_len.div_ceil(cs),
     ))
+}
+
+/// The metadata map of a read-write image (see [`MetadataClusters`]).
+async fn metadata_clusters<B: Backend>(
+    file: &B,
+    header: &Header,
+    l1: &[L1Entry],
+) -> Result<MetadataClusters> {
+    let geo = header.geometry();
+    let mut m = MetadataClusters::default();
+    m.add_range(&geo, 0, geo.cluster_size());
+    m.add_range(&geo, header.l1_table_offset, u64::from(header.l1_size) * 8);
+    for e in l1 {
+        if let Ok(Some(off)) = e.l2_offset(&geo) {
+            m.l2.insert(off.0 >> geo.cluster_bits());
+        }
+    }
+    if header.nb_snapshots > 0 {
+        // The table's extent and the snapshots' L1 tables.
+        let mut want = (u64::from(header.nb_snapshots) * 64).max(4096);
+        let file_len = file.len().await.unwrap_or(0);
+        let limit = file_len
+            .saturating_sub(header.snapshots_offset)
+            .min(64 << 20);
+        loop {
+            let buf = read_bytes(
+                file,
+                header.snapshots_offset,
+                want.min(limit),
+                "snapshot table",
+            )
+            .await?;
+            match qcow2_format::Snapshot::parse_table(&buf, header.nb_snapshots) {
+                Ok(snaps) => {
+                    let len: u64 = snaps.iter().map(|s| s.serialized_len() as u64).sum();
+                    m.add_range(&geo, header.snapshots_offset, len);
+                    for s in snaps {
+                        m.add_range(&geo, s.l1_table_offset, u64::from(s.l1_size) * 8);
+                    }
+                    break;
+                }
+                Err(FormatError::Truncated { .. }) if want < limit => want = (want * 4).min(limit),
+                Err(_) => break, // reads report a broken table; the guard works without it
+            }
+        }
+    }
+    if let Some(b) = header.bitmaps() {
+        m.add_range(&geo, b.directory_offset, b.directory_size);
+    }
+    Ok(m)
 }

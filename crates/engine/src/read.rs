@@ -103,7 +103,7 @@ impl<O: Opener> Image<O> {
         }
         let (plan, leases) = match self.plan_read(offset, len).await {
             Ok(p) => p,
-            Err(e) => return (Err(e), buf),
+            Err(e) => return (Err(self.on_error(e).await), buf),
         };
         let mut result = Ok(());
         for piece in plan {

@@ -82,6 +82,12 @@ impl<O: Opener> Image<O> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        if self
+            .marked_corrupt
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Err(Error::MarkedCorrupt(self.path.clone()));
+        }
         if offset.checked_add(len).is_none_or(|e| e > self.size()) {
             return Err(Error::OutOfRange {
                 offset,
@@ -133,13 +139,36 @@ impl<O: Opener> Image<O> {
             match res {
                 Ok(n) => pos += n,
                 Err(e) => {
-                    result = Err(e);
+                    result = Err(self.on_error(e).await);
                     break;
                 }
             }
         }
         buf.set_window(window);
         (result, buf)
+    }
+
+    /// Corruption found while running marks the image corrupt on disk (like QEMU) and stops
+    /// further writes; other errors pass through.
+    pub(crate) async fn on_error(&self, e: Error) -> Error {
+        if !matches!(e, Error::Corrupt { .. }) || self.read_only {
+            return e;
+        }
+        if !self
+            .marked_corrupt
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            let mut meta = self.meta.lock().await;
+            meta.header.incompatible_features |= features::INCOMPAT_CORRUPT;
+            let header = meta.header.clone();
+            drop(meta);
+            // Best effort: the error the caller sees is the corruption itself.
+            if self.write_header(&header).await.is_ok() {
+                let _ = self.sync().await;
+            }
+            tracing::error!(path = %self.path.display(), error = %e, "image marked corrupt");
+        }
+        e
     }
 
     /// Writes `data` at `offset` (copies it into an aligned buffer first).
@@ -272,6 +301,9 @@ impl<O: Opener> Image<O> {
                 }
             }
             if let Some((host, len)) = run {
+                if !data_file {
+                    self.guard_overlap(meta, host, len)?;
+                }
                 let leases = if data_file {
                     Vec::new()
                 } else {
@@ -291,6 +323,24 @@ impl<O: Opener> Image<O> {
             }
         }
         self.plan_allocation(meta, pos, end).await
+    }
+
+    /// The overlap guard: data must never be written over live metadata. A hit means the
+    /// refcounts or the L2 tables are corrupt.
+    fn guard_overlap(&self, meta: &Meta, host: u64, len: u64) -> Result<()> {
+        let bits = self.geo.cluster_bits();
+        for c in (host >> bits)..=((host + len - 1) >> bits) {
+            let owned = meta
+                .alloc
+                .as_ref()
+                .is_some_and(|a| a.is_metadata(HostCluster(c)));
+            if owned || meta.metadata.contains(c) {
+                return Err(self.corrupt_err(format!(
+                    "a data write to host cluster {c} would overwrite metadata"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Shared leases on every cluster of `clusters`, or the first one that would wait.
@@ -327,6 +377,7 @@ impl<O: Opener> Image<O> {
             alloc.defer_decrement(self.geo.host_cluster(HostOffset(off)));
         }
         meta.l2.insert(new_off, contents, true);
+        meta.metadata.l2.insert(new_off >> self.geo.cluster_bits());
         meta.l1[l1_index as usize] = L1Entry::new(HostOffset(new_off), true);
         meta.l1_dirty.insert(l1_index);
         Ok(new_off)
@@ -426,6 +477,7 @@ impl<O: Opener> Image<O> {
             }
         };
         if !data_file {
+            self.guard_overlap(meta, host, cs)?;
             lease_clusters.push(host >> geo.cluster_bits());
         }
         lease_clusters.sort_unstable();
@@ -705,8 +757,9 @@ impl<O: Opener> Image<O> {
             .apply_decrements(|c| leases.try_exclusive(c))
             .map_err(|e| self.alloc_err(e))?;
         for (c, _) in &freed {
-            // A freed L2 table must not linger in the cache.
+            // A freed L2 table must not linger in the cache, nor in the overlap map.
             meta.l2.remove(self.geo.cluster_offset(*c).0);
+            meta.metadata.l2.remove(&c.0);
         }
         let _ = cs;
         if refcounts {
@@ -765,6 +818,14 @@ impl<O: Opener> Image<O> {
         if self.read_only {
             return Ok(());
         }
+        if self
+            .marked_corrupt
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            // Metadata known to be inconsistent is not written back; data already written
+            // is made durable.
+            return self.sync().await;
+        }
         let freed = {
             let mut meta = self.meta.lock().await;
             let freed = self.write_back(&mut meta).await?;
@@ -792,6 +853,12 @@ impl<O: Opener> Image<O> {
         if self.read_only {
             return Ok(());
         }
+        if self
+            .marked_corrupt
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return self.sync().await;
+        }
         let freed = {
             let mut meta = self.meta.lock().await;
             let mut freed = self.write_back_mode(&mut meta, true).await?;
@@ -813,6 +880,13 @@ impl<O: Opener> Image<O> {
     /// Makes `[offset, offset+len)` read as zeros. With `may_unmap`, clusters wholly inside
     /// the range may be deallocated (qemu-io `write -z -u`).
     pub async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        match self.write_zeroes_inner(offset, len, may_unmap).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.on_error(e).await),
+        }
+    }
+
+    async fn write_zeroes_inner(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.check_writable(offset, len)?;
         self.before_first_write().await?;
         if len == 0 {
@@ -869,6 +943,13 @@ impl<O: Opener> Image<O> {
     /// read as zeros (v3: the zero flag hides a backing file), or, in a v2 image with a backing
     /// file, as the backing file. Partial clusters are left alone, as QEMU does.
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        match self.discard_inner(offset, len).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.on_error(e).await),
+        }
+    }
+
+    async fn discard_inner(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable(offset, len)?;
         self.before_first_write().await?;
         let cs = self.cluster_size();
