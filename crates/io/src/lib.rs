@@ -22,8 +22,8 @@ mod uring;
 
 pub use buf::{IoBuf, DEFAULT_ALIGN};
 pub use fault::{
-    FaultController, FaultInjector, FaultOpener, FaultRule, HeldRequest, LogEntry, OpKind,
-    RequestFilter, RequestInfo,
+    CrashImage, CrashSpec, FaultController, FaultInjector, FaultOpener, FaultRule, HeldRequest,
+    LogEntry, OpKind, RequestFilter, RequestInfo, TornSector, CRASH_SECTOR,
 };
 pub use file::{FileOpener, TokioFile};
 pub use memory::{MemoryBackend, MemoryOpener};

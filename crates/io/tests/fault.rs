@@ -194,3 +194,37 @@ fn hold_on_tokio_uring() {
         assert_eq!((r.unwrap(), &buf[..]), (1, &b"1"[..]));
     });
 }
+
+/// A `FaultOpener` numbers files by path; rules and crash images can pick one file.
+#[tokio::test]
+async fn opener_numbers_files_and_rules_pick_one() {
+    use blockio::{CrashSpec, FaultOpener, MemoryOpener, OpenOptions, Opener};
+    let mem = MemoryOpener::new();
+    mem.insert("/a", MemoryBackend::from_vec(b"aaaa".to_vec()));
+    mem.insert("/b", MemoryBackend::from_vec(b"bbbb".to_vec()));
+    let opener = FaultOpener::new(mem.clone());
+    let ctl = opener.controller();
+    let rw = OpenOptions {
+        write: true,
+        ..Default::default()
+    };
+    let a = opener.open("/a".as_ref(), rw).await.unwrap();
+    let b = opener.open("/b".as_ref(), rw).await.unwrap();
+    let a2 = opener.open("/a".as_ref(), rw).await.unwrap();
+    assert_eq!((a.file(), b.file(), a2.file()), (0, 1, 0));
+    assert_eq!(ctl.file_id("/b"), Some(1));
+    ctl.add_rule(FaultRule::new(libc::EIO).op(OpKind::Write).file(1));
+    write(&a, 0, b"A").await.unwrap();
+    assert_eq!(
+        write(&b, 0, b"B").await.unwrap_err().raw_os_error(),
+        Some(libc::EIO)
+    );
+    ctl.clear_rules();
+    write(&b, 1, b"B").await.unwrap();
+    b.flush().await.unwrap();
+    // b's flush made b's write durable, not a's.
+    let a_img = ctl.crash(b"aaaa", &CrashSpec::new(0).survival_percent(0));
+    assert_eq!(a_img.bytes, b"aaaa");
+    let b_img = ctl.crash(b"bbbb", &CrashSpec::new(0).survival_percent(0).file(1));
+    assert_eq!(b_img.bytes, b"bBbb");
+}
