@@ -4,6 +4,7 @@
 mod compare;
 mod convert;
 mod info;
+mod io;
 mod map;
 mod util;
 
@@ -88,10 +89,17 @@ enum Command {
         /// Second image.
         b: PathBuf,
     },
+    /// Run qemu-io commands on an image (qemu-io's syntax, output and exit status).
+    Io(io::IoArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `qimg io` runs on a runtime of its own choosing (tokio-uring for `--aio io_uring`).
+    let cli = match cli.command {
+        Command::Io(args) => return io::main(args),
+        command => Cli { command },
+    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -138,6 +146,7 @@ fn main() -> ExitCode {
                 Ok(code) => ExitCode::from(code),
                 Err(e) => util::exit::<()>(2, Err(e)),
             },
+            Command::Io(_) => unreachable!("qimg io is dispatched before the runtime starts"),
         }
     })
 }

@@ -1,0 +1,156 @@
+//! `qimg io`: a qemu-io work-alike, so that one script runs through `qemu-io` and `qimg io`
+//! and the results can be compared (differential testing against QEMU).
+//!
+//! ```text
+//! qimg io [-f FMT] [-r] [-t none|writeback] [-n] [-i threads|io_uring] [-c CMD]... IMG
+//! ```
+//!
+//! The image is opened read-write (read-only with `-r`) through [`Disk::open`], the format
+//! probed unless `-f` names it. Each `-c` command runs in order (without `-c`, one command
+//! per line of standard input, without qemu-io's prompt); at the end the aio requests still
+//! in flight are waited for and the image is closed. Commands, their options, output and
+//! messages are qemu-io 10.0's, see [`parse`]:
+//!
+//! - `read [-Cqv] [-P PAT [-s OFF] [-l LEN]] OFF LEN` (alias `r`);
+//! - `write [-Cfq] [-P PAT | -z [-u]] OFF LEN` (alias `w`; default pattern 0xcd);
+//! - `discard [-Cq] OFF LEN` (alias `d`), `flush` (alias `f`), `length` (alias `l`);
+//! - `aio_read [-Cqv] [-P PAT] OFF LEN [LEN..]`, `aio_write [-Cfq] [-P PAT | -z [-u]] OFF
+//!   LEN [LEN..]`, `aio_flush`.
+//!
+//! The exit status is qemu-io's: 1 if the image could not be opened or any command failed
+//! (bad syntax, an I/O error, a `read -P` mismatch), 0 otherwise; aio requests never fail the
+//! script (qemu-io counts them successful once issued). Closing the image failing is a
+//! failure too.
+
+mod exec;
+mod parse;
+mod report;
+
+use blockio::{FileOpener, Opener};
+use exec::Session;
+use qcow2_engine::{Disk, ImageFormat, ImageOptions};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Cache modes (`-t`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CacheMode {
+    /// O_DIRECT: bypass the host page cache.
+    None,
+    /// Through the host page cache (the default).
+    Writeback,
+}
+
+/// I/O backends (`-i`, `--aio`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AioMode {
+    /// Positional I/O on tokio's blocking thread pool (any tokio runtime).
+    Threads,
+    /// io_uring through tokio-uring (Linux).
+    #[value(name = "io_uring")]
+    IoUring,
+}
+
+/// The arguments of `qimg io` (qemu-io's, for the options it supports).
+#[derive(clap::Args, Debug)]
+pub struct IoArgs {
+    /// Image format: qcow2 or raw (probed when absent).
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// A command to run (repeatable; run in order). Without any, commands are read from
+    /// standard input, one per line.
+    #[arg(short = 'c', long = "cmd", allow_hyphen_values = true)]
+    pub cmds: Vec<String>,
+    /// Open the image read-only: writes and discards are refused.
+    #[arg(short = 'r', long = "read-only")]
+    pub read_only: bool,
+    /// Cache mode: none (O_DIRECT) or writeback.
+    #[arg(short = 't', long = "cache", value_enum)]
+    pub cache: Option<CacheMode>,
+    /// Disable the host cache (short for -t none).
+    #[arg(short = 'n', long = "nocache")]
+    pub nocache: bool,
+    /// I/O backend: threads or io_uring.
+    #[arg(short = 'i', long = "aio", value_enum, default_value = "threads")]
+    pub aio: AioMode,
+    /// The image.
+    pub image: PathBuf,
+}
+
+/// Runs `qimg io` on a runtime of its own (a tokio-uring one for `--aio io_uring`) and
+/// returns the exit status.
+pub fn main(args: IoArgs) -> ExitCode {
+    let cmds = if args.cmds.is_empty() {
+        std::io::stdin()
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    } else {
+        args.cmds.clone()
+    };
+    let ok = match args.aio {
+        AioMode::Threads => {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return fail(&format!("cannot start the runtime: {e}")),
+            };
+            tokio::task::LocalSet::new().block_on(&rt, run(FileOpener, &args, &cmds))
+        }
+        #[cfg(target_os = "linux")]
+        AioMode::IoUring => match tokio_uring::Runtime::new(&tokio_uring::builder()) {
+            Ok(rt) => rt.block_on(run(blockio::UringOpener, &args, &cmds)),
+            Err(e) => return fail(&format!("cannot start io_uring: {e}")),
+        },
+        #[cfg(not(target_os = "linux"))]
+        AioMode::IoUring => return fail("io_uring is only available on Linux"),
+    };
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn fail(msg: &str) -> ExitCode {
+    exec::err(&format!("qimg io: {msg}\n"));
+    ExitCode::from(1)
+}
+
+/// Opens the image and runs the script on it (inside a `LocalSet`); `true` if everything
+/// succeeded.
+async fn run<O: Opener>(opener: O, args: &IoArgs, cmds: &[String]) -> bool {
+    let disk = match open(opener, args).await {
+        Ok(d) => d,
+        Err(e) => {
+            exec::err(&format!(
+                "qimg io: can't open device {}: {e}\n",
+                args.image.display()
+            ));
+            return false;
+        }
+    };
+    let mut session = Session::new(disk, args.read_only);
+    let mut ok = true;
+    for line in cmds {
+        ok &= session.run_line(line).await;
+    }
+    session.finish().await && ok
+}
+
+async fn open<O: Opener>(opener: O, args: &IoArgs) -> Result<Disk<O>, String> {
+    let format = match args.format.as_deref() {
+        None => None,
+        Some(name) => {
+            Some(ImageFormat::from_name(name).ok_or_else(|| format!("Unknown driver '{name}'"))?)
+        }
+    };
+    let direct = args.nocache || args.cache == Some(CacheMode::None);
+    let options = ImageOptions::new().read_only(args.read_only).direct(direct);
+    Disk::open(opener, Path::new(&args.image), format, options)
+        .await
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,326 @@
+//! Running parsed `qimg io` commands against an open [`Disk`], printing what qemu-io prints.
+//!
+//! Synchronous commands (`read`, `write`, `discard`, `flush`) complete before the next one
+//! starts. `aio_read` and `aio_write` are spawned as local tasks (`spawn_local`: the io_uring
+//! backend's futures are not `Send`, so the session runs inside a `LocalSet`, which both
+//! runtimes provide) and report when they complete; `aio_flush` and the end of the script wait
+//! for them. As in qemu-io, a failing synchronous command makes the exit status 1 and the
+//! script goes on; an aio request counts as successful once issued, whatever its outcome.
+
+use super::parse::{self, Cmd, Discard, Read, Write, WriteData, MAX_REQUEST_BYTES};
+use super::report;
+use blockio::{IoBuf, Opener};
+use qcow2_engine::{Disk, Error};
+use std::io::Write as _;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+
+/// Prints to stdout, ignoring a closed pipe (qemu-io's `printf`).
+pub fn out(text: &str) {
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
+/// Prints to stderr.
+pub fn err(text: &str) {
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
+}
+
+/// An open image and the aio requests in flight on it.
+pub struct Session<O: Opener> {
+    disk: Rc<Disk<O>>,
+    read_only: bool,
+    inflight: Vec<JoinHandle<()>>,
+}
+
+/// qemu's `strerror` text for an engine error: the OS error's text for I/O errors (without
+/// Rust's "(os error N)"), EIO's for out-of-range requests, the engine's message otherwise.
+fn strerror(e: &Error) -> String {
+    match e {
+        Error::Io { source, .. } => {
+            let s = source.to_string();
+            match s.find(" (os error ") {
+                Some(i) => s[..i].to_string(),
+                None => s,
+            }
+        }
+        Error::OutOfRange { .. } => "Input/output error".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Whether `[offset, offset+len)` is a request qemu's block layer lets through
+/// (`blk_check_byte_request`); qemu-io reports the others as EIO.
+fn in_range(size: u64, offset: u64, len: u64) -> bool {
+    len <= MAX_REQUEST_BYTES && offset <= size && size - offset >= len
+}
+
+const EIO: &str = "Input/output error";
+
+/// Runs a read; the elapsed time and the data, or the error text.
+async fn do_read<O: Opener>(disk: &Disk<O>, r: &Read) -> Result<(Duration, IoBuf), String> {
+    if !in_range(disk.size(), r.offset, r.len) {
+        return Err(EIO.into());
+    }
+    // Bounded by MAX_REQUEST_BYTES above.
+    let buf = IoBuf::new(r.len as usize);
+    let start = Instant::now();
+    if r.len == 0 {
+        return Ok((start.elapsed(), buf));
+    }
+    let (res, buf) = disk.read_at(buf, r.offset).await;
+    let t = start.elapsed();
+    res.map_err(|e| strerror(&e))?;
+    Ok((t, buf))
+}
+
+/// Checks `read -P` and formats the report (and `-v` dump). Returns the text and whether the
+/// pattern matched.
+fn finish_read(r: &Read, t: Duration, data: &[u8]) -> (String, bool) {
+    let mut text = String::new();
+    let mut matched = true;
+    if let Some(v) = r.verify {
+        let range = v.start as usize..(v.start + v.len) as usize;
+        if !data[range].iter().all(|&b| b == v.pattern) {
+            matched = false;
+            text.push_str(&format!(
+                "Pattern verification failed at offset {}, {} bytes\n",
+                r.offset + v.start,
+                v.len
+            ));
+        }
+    }
+    if !r.quiet {
+        if r.dump {
+            text.push_str(&report::dump(data, r.offset));
+        }
+        text.push_str(&report::report("read", t, r.offset, r.len, r.csv));
+    }
+    (text, matched)
+}
+
+/// Runs a write (data, zeroes, then a flush for FUA); the elapsed time or the error text.
+async fn do_write<O: Opener>(disk: &Disk<O>, w: &Write) -> Result<Duration, String> {
+    if !in_range(disk.size(), w.offset, w.len) {
+        return Err(EIO.into());
+    }
+    let start = Instant::now();
+    if w.len > 0 {
+        match w.data {
+            WriteData::Zeroes { may_unmap } => disk
+                .write_zeroes(w.offset, w.len, may_unmap)
+                .await
+                .map_err(|e| strerror(&e))?,
+            WriteData::Pattern(p) => {
+                let mut buf = IoBuf::new(w.len as usize);
+                buf.fill(p);
+                let (res, _) = disk.write_at(buf, w.offset).await;
+                res.map_err(|e| strerror(&e))?;
+            }
+        }
+    }
+    if w.fua {
+        disk.flush().await.map_err(|e| strerror(&e))?;
+    }
+    Ok(start.elapsed())
+}
+
+impl<O: Opener> Session<O> {
+    /// A session on `disk`. With `read_only` (qemu-io's `-r`), writes and discards are
+    /// refused and flushes do nothing.
+    pub fn new(disk: Disk<O>, read_only: bool) -> Self {
+        Self {
+            disk: Rc::new(disk),
+            read_only,
+            inflight: Vec::new(),
+        }
+    }
+
+    /// Parses and runs one qemu-io command line; `false` if it failed (qemu-io then exits
+    /// with status 1, after running the rest of the script).
+    pub async fn run_line(&mut self, line: &str) -> bool {
+        if self.read_only && parse::needs_write(line) {
+            // qemu-io -r: the write permission is refused before the command parses.
+            err("qimg io: Block node is read-only\n");
+            return false;
+        }
+        match parse::parse(line) {
+            Ok(None) => true,
+            Ok(Some(cmd)) => self.run(cmd).await,
+            Err(e) => {
+                if let Some(s) = e.stdout() {
+                    out(&format!("{s}\n"));
+                }
+                if let Some(s) = e.stderr() {
+                    err(&format!("{s}\n"));
+                }
+                false
+            }
+        }
+    }
+
+    /// Runs one command; `false` if it failed.
+    pub async fn run(&mut self, cmd: Cmd) -> bool {
+        if self.read_only && matches!(cmd, Cmd::Write(_) | Cmd::Discard(_) | Cmd::AioWrite(_)) {
+            err("qimg io: Block node is read-only\n");
+            return false;
+        }
+        match cmd {
+            Cmd::Read(r) => self.read(&r).await,
+            Cmd::Write(w) => self.write(&w).await,
+            Cmd::Discard(d) => self.discard(&d).await,
+            Cmd::Flush => self
+                .flush()
+                .await
+                .map_err(|e| out(&format!("flush failed: {e}\n")))
+                .is_ok(),
+            Cmd::AioRead(r) => {
+                self.aio_read(r);
+                true
+            }
+            Cmd::AioWrite(w) => {
+                self.aio_write(w);
+                true
+            }
+            Cmd::AioFlush => {
+                let drained = self.drain().await;
+                match self.flush().await {
+                    Ok(()) => drained,
+                    Err(e) => {
+                        out(&format!("aio_flush failed: {e}\n"));
+                        false
+                    }
+                }
+            }
+            Cmd::Length => {
+                out(&format!("{}\n", report::cvtstr(self.disk.size() as f64)));
+                true
+            }
+            Cmd::Inject(line) => {
+                out(&format!("{line}\n"));
+                true
+            }
+        }
+    }
+
+    async fn read(&mut self, r: &Read) -> bool {
+        match do_read(&self.disk, r).await {
+            Ok((t, buf)) => {
+                let (text, matched) = finish_read(r, t, &buf);
+                out(&text);
+                matched
+            }
+            Err(e) => {
+                out(&format!("read failed: {e}\n"));
+                false
+            }
+        }
+    }
+
+    async fn write(&mut self, w: &Write) -> bool {
+        match do_write(&self.disk, w).await {
+            Ok(t) => {
+                if !w.quiet {
+                    out(&report::report("wrote", t, w.offset, w.len, w.csv));
+                }
+                true
+            }
+            Err(e) => {
+                out(&format!("write failed: {e}\n"));
+                false
+            }
+        }
+    }
+
+    async fn discard(&mut self, d: &Discard) -> bool {
+        if !in_range(self.disk.size(), d.offset, d.len) {
+            out(&format!("discard failed: {EIO}\n"));
+            return false;
+        }
+        let start = Instant::now();
+        let res = if d.len == 0 {
+            Ok(())
+        } else {
+            self.disk.discard(d.offset, d.len).await
+        };
+        let t = start.elapsed();
+        match res {
+            Ok(()) => {
+                if !d.quiet {
+                    out(&report::report("discard", t, d.offset, d.len, d.csv));
+                }
+                true
+            }
+            Err(e) => {
+                out(&format!("discard failed: {}\n", strerror(&e)));
+                false
+            }
+        }
+    }
+
+    /// Flushes the image (nothing to do when it is read-only).
+    async fn flush(&self) -> Result<(), String> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.disk.flush().await.map_err(|e| strerror(&e))
+    }
+
+    fn aio_read(&mut self, r: Read) {
+        let disk = Rc::clone(&self.disk);
+        self.inflight.push(tokio::task::spawn_local(async move {
+            match do_read(&disk, &r).await {
+                // A mismatch is reported but, as in qemu-io, does not fail the script.
+                Ok((t, buf)) => out(&finish_read(&r, t, &buf).0),
+                Err(e) => out(&format!("readv failed: {e}\n")),
+            }
+        }));
+    }
+
+    fn aio_write(&mut self, w: Write) {
+        let disk = Rc::clone(&self.disk);
+        self.inflight.push(tokio::task::spawn_local(async move {
+            match do_write(&disk, &w).await {
+                Ok(t) if !w.quiet => out(&report::report("wrote", t, w.offset, w.len, w.csv)),
+                Ok(_) => {}
+                Err(e) => out(&format!("aio_write failed: {e}\n")),
+            }
+        }));
+    }
+
+    /// Waits for every aio request in flight; `false` if one of them panicked.
+    pub async fn drain(&mut self) -> bool {
+        let mut ok = true;
+        for task in std::mem::take(&mut self.inflight) {
+            if let Err(e) = task.await {
+                err(&format!("qimg io: an aio request failed: {e}\n"));
+                ok = false;
+            }
+        }
+        ok
+    }
+
+    /// Ends the script: waits for the aio requests in flight, then closes the image (a
+    /// read-only image has nothing to write back and is just dropped). `false` if anything
+    /// failed; the reason is printed.
+    pub async fn finish(mut self) -> bool {
+        let drained = self.drain().await;
+        if self.read_only {
+            return drained;
+        }
+        let disk = match Rc::try_unwrap(self.disk) {
+            Ok(d) => d,
+            Err(_) => {
+                err("qimg io: the image is still in use by a request; not closed\n");
+                return false;
+            }
+        };
+        match disk.close().await {
+            Ok(()) => drained,
+            Err(e) => {
+                err(&format!("qimg io: closing the image failed: {e}\n"));
+                false
+            }
+        }
+    }
+}
