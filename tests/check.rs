@@ -394,6 +394,62 @@ fn damages() -> Vec<Damage> {
             keeps_content: true,
         },
         Damage {
+            name: "L1 entry pointing past the end of the file",
+            apply: |img| {
+                let l = layout(img);
+                let len = std::fs::metadata(img).unwrap().len();
+                let past = (len / l.cs() + 100) * l.cs();
+                let mut b = [0u8; 8];
+                L1Entry::new(qcow2_format::HostOffset(past), true).write(&mut b, 0);
+                write_at(img, l.header.l1_table_offset, &b);
+            },
+            keeps_content: false,
+        },
+        Damage {
+            name: "L1 entry with reserved bits set",
+            apply: |img| {
+                let l = layout(img);
+                let mut b = [0u8; 8];
+                L1Entry(l.l1[0].0 | 0x1).write(&mut b, 0);
+                write_at(img, l.header.l1_table_offset, &b);
+            },
+            keeps_content: true,
+        },
+        Damage {
+            name: "refcount table entry with reserved bits set",
+            apply: |img| {
+                let l = layout(img);
+                let mut b = [0u8; 8];
+                ReftableEntry(l.reftable[0].0 | 0x10).write(&mut b, 0);
+                write_at(img, l.header.refcount_table_offset, &b);
+            },
+            keeps_content: true,
+        },
+        Damage {
+            name: "misaligned refcount block offset",
+            apply: |img| {
+                let l = layout(img);
+                let mut b = [0u8; 8];
+                ReftableEntry(l.reftable[0].0 + 0x200).write(&mut b, 0);
+                write_at(img, l.header.refcount_table_offset, &b);
+            },
+            keeps_content: true,
+        },
+        Damage {
+            name: "compressed cluster past the end of the file",
+            apply: |img| {
+                let (l, l2, i, e) = first(img, L2ClusterType::Compressed);
+                let d = qcow2_format::CompressedDescriptor::decode(e.word, &l.geo).unwrap();
+                let far = qcow2_format::CompressedDescriptor {
+                    host_offset: d.host_offset + (64 << 20),
+                    ..d
+                };
+                let word = qcow2_format::L2_COMPRESSED | far.encode(&l.geo).unwrap();
+                l.write_l2_entry(img, l2, i, L2Entry { word, ..e });
+            },
+            keeps_content: false,
+        },
+        Damage {
             name: "refcount table entry pointing past the end of the file",
             apply: |img| {
                 let l = layout(img);
@@ -519,6 +575,26 @@ fn crashed_lazy_refcounts_image_checks_and_repairs_as_qemu_img_does() {
     ])
     .status
     .success());
+}
+
+#[test]
+fn snapshot_l1_table_past_the_end_of_the_file() {
+    let rt = runtime();
+    let f = fixture("snapshot").build();
+    let damaged = f.dir.path().join("damaged.qcow2");
+    std::fs::copy(&f.image, &damaged).unwrap();
+    let l = layout(&damaged);
+    let h = &l.header;
+    let bytes = std::fs::read(&damaged).unwrap();
+    let table = &bytes[h.snapshots_offset as usize..];
+    let mut snapshots = qcow2_format::Snapshot::parse_table(table, h.nb_snapshots).unwrap();
+    snapshots[0].l1_table_offset = (bytes.len() as u64 / l.cs() + 50) * l.cs();
+    write_at(
+        &damaged,
+        h.snapshots_offset,
+        &qcow2_format::Snapshot::serialize_table(&snapshots),
+    );
+    check_and_repair(&rt, "snapshot L1 past EOF", &damaged, Some(&f.image));
 }
 
 #[test]

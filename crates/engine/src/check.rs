@@ -164,12 +164,16 @@ impl<O: Opener> Image<O> {
         // Keep the engine's own request paths out while the metadata changes underneath.
         let _meta = self.meta.lock().await;
         let mut first = Checker::new(self).await?;
+        first.writable = true;
         first.run(fix).await;
+        let signaled = first.corruption_signaled;
         let first = first.into_report();
         if first.failure.is_some() || !first.repaired() {
             return Ok(first);
         }
         let mut second = Checker::new(self).await?;
+        second.writable = true;
+        second.corruption_signaled = signaled;
         second.run(Fix::NONE).await;
         let mut report = second.into_report();
         report.leaks_fixed = first.leaks_fixed;
@@ -308,7 +312,11 @@ impl Imrt {
     /// Makes room for `n` entries (new ones are 0).
     fn resize(&mut self, n: u64) -> std::result::Result<(), ()> {
         let want = self.byte_size(n).ok_or(())?;
-        if want > self.bytes.len() {
+        if self.bytes.is_empty() {
+            // Zeroed by the allocator, page by page as it is touched: a sparse file's table
+            // costs memory only where clusters are in use.
+            self.bytes = vec![0; want];
+        } else if want > self.bytes.len() {
             self.bytes
                 .try_reserve_exact(want - self.bytes.len())
                 .map_err(|_| ())?;
@@ -388,6 +396,11 @@ struct Checker<'a, O: Opener> {
     res: Counts,
     messages: Vec<String>,
     failure: Option<String>,
+    /// Whether the image is open for repair: corruption found on the way is then fatal and
+    /// marks the image corrupt, as in a read-write QEMU.
+    writable: bool,
+    /// Whether a corruption was signaled already (QEMU prints it once per open image).
+    corruption_signaled: bool,
 }
 
 impl<'a, O: Opener> Checker<'a, O> {
@@ -445,6 +458,8 @@ impl<'a, O: Opener> Checker<'a, O> {
             res: Counts::default(),
             messages: Vec::new(),
             failure: None,
+            writable: false,
+            corruption_signaled: false,
         })
     }
 
@@ -713,7 +728,17 @@ impl<'a, O: Opener> Checker<'a, O> {
         }
         let bytes = u64::from(l1_size) * 8;
         self.inc_refs(imrt, l1_offset, bytes)?;
-        let table = match read_bytes(&self.img.file, l1_offset, bytes, "L1 table").await {
+        // Entries past the end of the file read as 0 (unallocated): only read what is there,
+        // so that a table pointing outside the file costs nothing.
+        let in_file = self
+            .file_len
+            .saturating_sub(l1_offset)
+            .div_ceil(8)
+            .min(u64::from(l1_size));
+        if in_file == 0 {
+            return Ok(());
+        }
+        let table = match read_bytes(&self.img.file, l1_offset, in_file * 8, "L1 table").await {
             Ok(t) => t,
             Err(e) => {
                 self.msg("ERROR: I/O error in check_refcounts_l1".into());
@@ -721,7 +746,7 @@ impl<'a, O: Opener> Checker<'a, O> {
                 return Err(e.into());
             }
         };
-        for i in 0..l1_size as usize {
+        for i in 0..in_file as usize {
             let entry = L1Entry::read(&table, i);
             if entry.0 == 0 {
                 continue;
@@ -918,12 +943,10 @@ impl<'a, O: Opener> Checker<'a, O> {
         } else {
             Overlap::InactiveL2
         };
-        if let Some(what) = self.overlaps_metadata(entry_offset, size, ignore) {
+        if let Err(Abort(why)) = self.guard_write(entry_offset, size, ignore).await {
             self.msg("ERROR: Overlap check failed".into());
             self.res.check_errors += 1;
-            return Err(ZeroFix::Overlap(format!(
-                "preventing a write on metadata (overlaps with {what})"
-            )));
+            return Err(ZeroFix::Overlap(why));
         }
         let bytes = table[start..start + size as usize].to_vec();
         let written = match self.write_bytes(entry_offset, &bytes).await {
@@ -1097,6 +1120,12 @@ impl<'a, O: Opener> Checker<'a, O> {
             return Ok(0);
         }
         if !self.is_aligned(offset) {
+            self.signal_corruption(format!(
+                "Refblock offset {} unaligned (reftable index: {})",
+                hash_x(offset),
+                hash_x(index)
+            ))
+            .await;
             return Err(EIO.into());
         }
         let width = self.width;
@@ -1142,11 +1171,12 @@ impl<'a, O: Opener> Checker<'a, O> {
     async fn write_dirty_blocks(&mut self) -> Step {
         let dirty = std::mem::take(&mut self.dirty);
         for offset in dirty {
-            if let Some(what) = self.overlaps_metadata(offset, self.cs, Overlap::RefcountBlock) {
+            if let Err(e) = self
+                .guard_write(offset, self.cs, Overlap::RefcountBlock)
+                .await
+            {
                 self.res.check_errors += 1;
-                return Err(Abort(format!(
-                    "refcount block at {offset:#x} overlaps the {what}"
-                )));
+                return Err(e);
             }
             let data = self.blocks.get(&offset).cloned().unwrap_or_default();
             self.write_bytes(offset, &data).await?;
@@ -1322,15 +1352,16 @@ impl<'a, O: Opener> Checker<'a, O> {
                 }
             }
             if dirty > 0 {
-                if let Some(what) = self.overlaps_metadata(l2_offset, self.cs, Overlap::ActiveL2) {
+                if let Err(e) = self
+                    .guard_write(l2_offset, self.cs, Overlap::ActiveL2)
+                    .await
+                {
                     self.msg(format!(
-                        "ERROR: Could not write L2 table; metadata overlap check failed: \
-                         {EIO}"
+                        "ERROR: Could not write L2 table; metadata overlap check failed: {}",
+                        e.0
                     ));
                     self.res.check_errors += 1;
-                    return Err(Abort(format!(
-                        "preventing a write on metadata (overlaps with {what})"
-                    )));
+                    return Err(e);
                 }
                 let data = table.to_vec();
                 if let Err(e) = self.write_bytes(l2_offset, &data).await {
@@ -1348,11 +1379,7 @@ impl<'a, O: Opener> Checker<'a, O> {
     /// Writes entry `i` of the active L1 table (qcow2_write_l1_entry), durably.
     async fn write_l1_entry(&mut self, i: usize) -> Step {
         let offset = self.header.l1_table_offset + i as u64 * 8;
-        if let Some(what) = self.overlaps_metadata(offset, 8, Overlap::ActiveL1) {
-            return Err(Abort(format!(
-                "preventing a write on metadata (overlaps with {what})"
-            )));
-        }
+        self.guard_write(offset, 8, Overlap::ActiveL1).await?;
         let mut bytes = [0u8; 8];
         self.l1[i].write(&mut bytes, 0);
         self.write_bytes(offset, &bytes).await?;
@@ -1445,11 +1472,9 @@ impl<'a, O: Opener> Checker<'a, O> {
                     off
                 }
             };
-            if let Some(what) = self.overlaps_metadata(offset, self.cs, Overlap::None) {
+            if let Err(e) = self.guard_write(offset, self.cs, Overlap::None).await {
                 self.res.check_errors += 1;
-                return Err(Abort(format!(
-                    "ERROR writing refblock: overlaps with {what}"
-                )));
+                return Err(e);
             }
             let data = imrt.block(index).to_vec();
             self.write_bytes(offset, &data).await?;
@@ -1486,12 +1511,8 @@ impl<'a, O: Opener> Checker<'a, O> {
         for (i, off) in reftable.iter().enumerate() {
             ReftableEntry(*off).write(&mut table, i);
         }
-        if let Some(what) = self.overlaps_metadata(rt_offset, table.len() as u64, Overlap::None) {
-            self.res.check_errors += 1;
-            return Err(Abort(format!(
-                "ERROR writing reftable: overlaps with {what}"
-            )));
-        }
+        self.guard_write(rt_offset, table.len() as u64, Overlap::None)
+            .await?;
         self.write_bytes(rt_offset, &table).await?;
         // Everything the new table points to is durable before the header points to it.
         self.flush().await?;
@@ -1590,6 +1611,49 @@ impl<'a, O: Opener> Checker<'a, O> {
             .await
             .map_err(|e| Error::io(format!("{}: size", self.img.path.display()), e))?;
         Ok(())
+    }
+
+    /// Refuses a metadata write that would overwrite other live metadata, as QEMU's
+    /// `qcow2_pre_write_overlap_check` does: the image is then marked corrupt (once), and the
+    /// repair stops.
+    async fn guard_write(&mut self, offset: u64, len: u64, ignore: Overlap) -> Step {
+        let Some(what) = self.overlaps_metadata(offset, len, ignore) else {
+            return Ok(());
+        };
+        self.signal_corruption(format!(
+            "Preventing invalid write on metadata (overlaps with {what})"
+        ))
+        .await;
+        Err(Abort(EIO.into()))
+    }
+
+    /// Reports inconsistent metadata met on the way (qcow2_signal_corruption): once per open
+    /// image; during a repair it is fatal and sets the corrupt bit, as QEMU does on a
+    /// read-write image.
+    async fn signal_corruption(&mut self, what: String) {
+        let fatal = self.writable;
+        if self.corruption_signaled && (!fatal || self.header.is_corrupt()) {
+            return;
+        }
+        self.corruption_signaled = true;
+        if !fatal {
+            self.msg(format!(
+                "qcow2: Image is corrupt: {what}; further non-fatal corruption events will be \
+                 suppressed"
+            ));
+            return;
+        }
+        self.msg(format!(
+            "qcow2: Marking image as corrupt: {what}; further corruption events will be \
+             suppressed"
+        ));
+        let mut header = self.header.clone();
+        header.incompatible_features |= INCOMPAT_CORRUPT;
+        // Best effort (v3 only: v2 has no feature bits): the repair stops or fails anyway.
+        if header.version >= 3 {
+            let _ = self.write_header_fields(&header, 72..80).await;
+        }
+        self.header = header;
     }
 
     /// Which live metadata `[offset, offset+len)` would overwrite, if any (QEMU's overlap
