@@ -1,6 +1,7 @@
 //! `qimg`: the qcow2-engine command line. Commands and options follow `qemu-img` (and
 //! `qemu-io` for `qimg io`), so the same scripts run against both.
 
+mod check;
 mod compare;
 mod convert;
 mod info;
@@ -31,6 +32,15 @@ pub enum OutputFormat {
     Human,
     /// JSON with qemu-img's field names.
     Json,
+}
+
+/// What `check -r` repairs.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RepairArg {
+    /// Leaked clusters only.
+    Leaks,
+    /// Every error that can be repaired.
+    All,
 }
 
 #[derive(Subcommand)]
@@ -72,6 +82,23 @@ enum Command {
         source: PathBuf,
         /// Destination file.
         dest: PathBuf,
+    },
+    /// Check an image's metadata for consistency, optionally repairing it (qemu-img check).
+    Check {
+        /// Image format (probed when absent).
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Repair leaks only, or all errors that can be repaired (opens the image read-write).
+        #[arg(short = 'r', long = "repair", value_enum)]
+        repair: Option<RepairArg>,
+        /// Output format.
+        #[arg(long = "output", value_enum, default_value = "human")]
+        output: OutputFormat,
+        /// Print nothing on stdout (diagnostics still go to stderr).
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// The image.
+        image: PathBuf,
     },
     /// Compare the contents of two images.
     Compare {
@@ -135,6 +162,19 @@ fn main() -> ExitCode {
                 1,
                 convert::run(&source, format.as_deref(), &output_format, &dest).await,
             ),
+            Command::Check {
+                format,
+                repair,
+                output,
+                quiet,
+                image,
+            } => {
+                let repair = repair.map(|r| match r {
+                    RepairArg::Leaks => qcow2_engine::RepairMode::Leaks,
+                    RepairArg::All => qcow2_engine::RepairMode::All,
+                });
+                ExitCode::from(check::run(&image, format.as_deref(), repair, output, quiet).await)
+            }
             Command::Compare {
                 format_a,
                 format_b,

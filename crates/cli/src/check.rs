@@ -1,0 +1,159 @@
+//! `qimg check`: `qemu-img check` for qcow2 images, with its output (human and JSON), its
+//! diagnostic lines on stderr and its exit codes (0 clean, 1 check failed, 2 corruptions,
+//! 3 leaks only, 63 format without checks).
+
+use crate::util::open_disk;
+use crate::OutputFormat;
+use blockio::FileOpener;
+use qcow2_engine::{CheckReport, Disk, Image, ImageOptions, RepairMode};
+use serde_json::{Map, Value};
+use std::path::Path;
+
+/// Exit status when the format has no consistency check (raw).
+const EXIT_NOT_SUPPORTED: u8 = 63;
+
+/// Runs `qimg check` and returns the exit status.
+pub async fn run(
+    path: &Path,
+    format: Option<&str>,
+    repair: Option<RepairMode>,
+    output: OutputFormat,
+    quiet: bool,
+) -> u8 {
+    let report = match check(path, format, repair).await {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            eprintln!("qimg: This image format does not support checks");
+            return EXIT_NOT_SUPPORTED;
+        }
+        Err(e) => {
+            eprintln!("qimg: {e:#}");
+            return CheckReport::EXIT_CHECK_FAILED;
+        }
+    };
+    for line in &report.messages {
+        eprintln!("{line}");
+    }
+    if let Some(why) = &report.failure {
+        eprintln!("qimg: Check failed: {why}");
+        return CheckReport::EXIT_CHECK_FAILED;
+    }
+    if !quiet {
+        let filename = path.display().to_string();
+        match output {
+            OutputFormat::Human => print!("{}", human(&report)),
+            OutputFormat::Json => println!("{}", json(&report, &filename, "qcow2")),
+        }
+    }
+    if report.check_errors > 0 {
+        eprintln!("qimg: Check failed");
+    }
+    report.exit_code()
+}
+
+/// Opens the image (read-write for a repair) and checks it; `None` when it is not qcow2.
+async fn check(
+    path: &Path,
+    format: Option<&str>,
+    repair: Option<RepairMode>,
+) -> anyhow::Result<Option<CheckReport>> {
+    let disk = open_disk(path, format).await?;
+    let report = match (&disk, repair) {
+        (Disk::Raw(_), _) => return Ok(None),
+        (Disk::Qcow2(img), None) => img.check().await?,
+        (Disk::Qcow2(_), Some(mode)) => {
+            drop(disk);
+            let img = Image::open_for_repair(FileOpener, path, ImageOptions::new())
+                .await
+                .map_err(|e| anyhow::anyhow!("Could not open '{}': {e}", path.display()))?;
+            img.repair(mode).await?
+        }
+    };
+    Ok(Some(report))
+}
+
+/// The text `qemu-img check` prints on stdout.
+pub fn human(r: &CheckReport) -> String {
+    let mut out = String::new();
+    if r.repaired() {
+        out.push_str(&format!(
+            "The following inconsistencies were found and repaired:\n\n    {} leaked \
+             clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
+            r.leaks_fixed, r.corruptions_fixed
+        ));
+    }
+    if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {
+        out.push_str("No errors were found on the image.\n");
+    } else {
+        if r.corruptions > 0 {
+            out.push_str(&format!(
+                "\n{} errors were found on the image.\nData may be corrupted, or further \
+                 writes to the image may corrupt it.\n",
+                r.corruptions
+            ));
+        }
+        if r.leaks > 0 {
+            out.push_str(&format!(
+                "\n{} leaked clusters were found on the image.\nThis means waste of disk \
+                 space, but no harm to data.\n",
+                r.leaks
+            ));
+        }
+        if r.check_errors > 0 {
+            out.push_str(&format!(
+                "\n{} internal errors have occurred during the check.\n",
+                r.check_errors
+            ));
+        }
+    }
+    if r.total_clusters != 0 && r.allocated_clusters != 0 {
+        let allocated = r.allocated_clusters as f64;
+        out.push_str(&format!(
+            "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters\n",
+            r.allocated_clusters,
+            r.total_clusters,
+            allocated * 100.0 / r.total_clusters as f64,
+            r.fragmented_clusters as f64 * 100.0 / allocated,
+            r.compressed_clusters as f64 * 100.0 / allocated,
+        ));
+    }
+    if r.image_end_offset != 0 {
+        out.push_str(&format!("Image end offset: {}\n", r.image_end_offset));
+    }
+    out
+}
+
+/// The JSON `qemu-img check --output=json` prints: `check-errors`, `filename` and `format`
+/// always, the other numbers only when non-zero; keys in qemu-img's order, four-space indent.
+pub fn json(r: &CheckReport, filename: &str, format: &str) -> String {
+    let mut m = Map::new();
+    let opt = |m: &mut Map<String, Value>, key: &str, v: u64| {
+        if v != 0 {
+            m.insert(key.into(), v.into());
+        }
+    };
+    opt(&mut m, "image-end-offset", r.image_end_offset);
+    opt(&mut m, "compressed-clusters", r.compressed_clusters);
+    opt(&mut m, "total-clusters", r.total_clusters);
+    opt(&mut m, "corruptions", r.corruptions);
+    opt(&mut m, "corruptions-fixed", r.corruptions_fixed);
+    m.insert("check-errors".into(), r.check_errors.into());
+    opt(&mut m, "leaks", r.leaks);
+    opt(&mut m, "leaks-fixed", r.leaks_fixed);
+    opt(&mut m, "allocated-clusters", r.allocated_clusters);
+    m.insert("filename".into(), filename.into());
+    m.insert("format".into(), format.into());
+    opt(&mut m, "fragmented-clusters", r.fragmented_clusters);
+    pretty(&Value::Object(m))
+}
+
+/// JSON with qemu-img's four-space indentation.
+fn pretty(v: &Value) -> String {
+    use serde::Serialize;
+    let mut out = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    v.serialize(&mut ser)
+        .expect("serializing a JSON value to memory cannot fail");
+    String::from_utf8(out).expect("serde_json writes UTF-8")
+}
