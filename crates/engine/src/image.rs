@@ -285,12 +285,29 @@ impl<O: Opener> Image<O> {
             return Err(Error::MarkedCorrupt(path.into()));
         }
         if !read_only && header.is_dirty() {
-            return Err(Error::Unsupported {
-                path: path.into(),
-                what: "the dirty bit is set (lazy refcounts were in use); open read-only, or \
-                       repair with `qemu-img check -r all`"
-                    .into(),
-            });
+            // Lazy refcounts were in use and the image was not closed: the refcounts on disk
+            // may be stale. Rebuild them before anything can be allocated, as QEMU does.
+            drop(file);
+            let fixer = Box::pin(Image::open_for_repair(
+                opener.clone(),
+                path,
+                options.clone(),
+            ))
+            .await?;
+            let report = fixer.repair(crate::RepairMode::All).await?;
+            drop(fixer);
+            if report.corruptions > 0 || report.check_errors > 0 {
+                return Err(Error::Corrupt {
+                    path: path.into(),
+                    what: format!(
+                        "the dirty image could not be repaired ({} corruptions left)",
+                        report.corruptions
+                    ),
+                });
+            }
+            tracing::info!(path = %path.display(), "refcounts rebuilt after an unclean shutdown");
+            chain.pop();
+            return Box::pin(Self::open_in_chain(opener, path, options, chain)).await;
         }
         let geo = header.geometry();
 
