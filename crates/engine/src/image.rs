@@ -32,6 +32,10 @@ pub struct Image<O: Opener> {
     /// Whether the image looks like it was created with preallocation=metadata (computed on
     /// first use, as QEMU does, for block status).
     pub(crate) metadata_prealloc: async_lock::OnceCell<bool>,
+    /// With O_DIRECT, an unaligned data write is a read-modify-write of whole blocks: it holds
+    /// this exclusively, aligned writes hold it shared, so that no write lands between the
+    /// read and the write-back of a block.
+    pub(crate) rmw: async_lock::RwLock<()>,
     /// Set once corruption was found and the corrupt bit written: writes stop.
     pub(crate) marked_corrupt: std::sync::atomic::AtomicBool,
 }
@@ -421,6 +425,7 @@ impl<O: Opener> Image<O> {
             file_len: AtomicU64::new(file_len),
             metadata_prealloc: async_lock::OnceCell::new(),
             marked_corrupt: std::sync::atomic::AtomicBool::new(false),
+            rmw: async_lock::RwLock::new(()),
             lazy_refcounts: !read_only
                 && header.version >= 3
                 && options.lazy_refcounts.unwrap_or(header.lazy_refcounts()),

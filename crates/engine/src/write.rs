@@ -230,13 +230,18 @@ impl<O: Opener> Image<O> {
         let window = buf.window();
         buf.set_window(r.clone());
         let align = backend.alignment().max(1);
-        let res = if align == 1 || (buf.is_aligned_to(align) && host % align as u64 == 0) {
+        let res = if align == 1 {
+            let (res, b) = backend.write_at(buf, host).await;
+            buf = b;
+            res
+        } else if buf.is_aligned_to(align) && host % align as u64 == 0 {
+            let _shared = self.rmw.read().await;
             let (res, b) = backend.write_at(buf, host).await;
             buf = b;
             res
         } else {
-            let res = write_unaligned(backend, &buf, host).await;
-            res
+            let _exclusive = self.rmw.write().await;
+            write_unaligned(backend, &buf, host).await
         };
         buf.set_window(window);
         (
@@ -939,9 +944,10 @@ impl<O: Opener> Image<O> {
         Ok(())
     }
 
-    /// Discards `[offset, offset+len)`: clusters wholly inside it are deallocated. They then
-    /// read as zeros (v3: the zero flag hides a backing file), or, in a v2 image with a backing
-    /// file, as the backing file. Partial clusters are left alone, as QEMU does.
+    /// Discards `[offset, offset+len)`: clusters wholly inside it are deallocated and read as
+    /// zeros afterwards (on v3 the zero flag hides a backing file). Partial clusters are left
+    /// alone, and so is everything in a v2 image with a backing file (it could not hide the
+    /// backing file), as QEMU does.
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         match self.discard_inner(offset, len).await {
             Ok(()) => Ok(()),
@@ -952,6 +958,10 @@ impl<O: Opener> Image<O> {
     async fn discard_inner(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable(offset, len)?;
         self.before_first_write().await?;
+        if self.header.version < 3 && self.backing.is_some() {
+            // A v2 image cannot hide its backing file: QEMU leaves the data in place.
+            return Ok(());
+        }
         let cs = self.cluster_size();
         let end = offset + len;
         let first = offset.div_ceil(cs) * cs;
@@ -1120,7 +1130,7 @@ impl ZeroMode {
             ZeroMode::Deallocate => L2Entry::default(),
             ZeroMode::Zero { unmap } => {
                 let compressed = matches!(old, L2Mapping::Compressed(_));
-                let keep = !compressed && !(*unmap && allocated);
+                let keep = !(compressed || *unmap && allocated);
                 zero(keep && allocated)
             }
         })
@@ -1228,6 +1238,9 @@ impl<O: Opener> Disk<O> {
 
     /// See [`Image::close`].
     pub async fn close(self) -> Result<()> {
-        self.flush().await
+        match self {
+            Disk::Qcow2(img) => img.close().await,
+            raw @ Disk::Raw(_) => raw.flush().await,
+        }
     }
 }
