@@ -679,7 +679,6 @@ fn opmix_scripts_match_qemu_io_on_a_v2_image_over_a_backing_file() {
 }
 
 #[test]
-#[ignore = "engine: persistent bitmaps are not maintained yet; writes leave the bitmap clusters leaked"]
 fn opmix_scripts_match_qemu_io_on_an_image_with_bitmaps() {
     opmix_on_fixtures(&["bitmap"]);
 }

@@ -36,6 +36,8 @@ pub struct Image<O: Opener> {
     /// this exclusively, aligned writes hold it shared, so that no write lands between the
     /// read and the write-back of a block.
     pub(crate) rmw: async_lock::RwLock<()>,
+    /// The persistent bitmaps maintained while writing (read-write images with bitmaps).
+    pub(crate) bitmaps: async_lock::Mutex<Option<crate::bitmaps::Bitmaps>>,
     /// Set once corruption was found and the corrupt bit written: writes stop.
     pub(crate) marked_corrupt: std::sync::atomic::AtomicBool,
 }
@@ -399,6 +401,11 @@ impl<O: Opener> Image<O> {
         } else {
             metadata_clusters(&file, &header, &l1).await?
         };
+        let bitmaps = if read_only {
+            None
+        } else {
+            crate::bitmaps::Bitmaps::load(&file, &header, path).await?
+        };
         let alloc = if read_only {
             None
         } else {
@@ -426,6 +433,7 @@ impl<O: Opener> Image<O> {
             metadata_prealloc: async_lock::OnceCell::new(),
             marked_corrupt: std::sync::atomic::AtomicBool::new(false),
             rmw: async_lock::RwLock::new(()),
+            bitmaps: async_lock::Mutex::new(bitmaps),
             lazy_refcounts: !read_only
                 && header.version >= 3
                 && options.lazy_refcounts.unwrap_or(header.lazy_refcounts()),

@@ -104,7 +104,7 @@ impl<O: Opener> Image<O> {
 
     /// Allocates `count` clusters and extends the known end of the file over them (entries
     /// pointing there are valid from now on).
-    fn allocate(&self, meta: &mut Meta, count: u64) -> Result<qcow2_alloc::Allocation> {
+    pub(crate) fn allocate(&self, meta: &mut Meta, count: u64) -> Result<qcow2_alloc::Allocation> {
         let leases = &self.leases;
         let alloc = meta.alloc.as_mut().ok_or(Error::ReadOnly)?;
         let a = alloc
@@ -129,6 +129,7 @@ impl<O: Opener> Image<O> {
         if let Err(e) = self.before_first_write().await {
             return (Err(e), buf);
         }
+        self.bitmaps_mark(offset, len).await;
         let mut pos = offset;
         let end = offset + len;
         let mut result = Ok(());
@@ -536,7 +537,7 @@ impl<O: Opener> Image<O> {
         })))
     }
 
-    fn corrupt_err(&self, what: String) -> Error {
+    pub(crate) fn corrupt_err(&self, what: String) -> Error {
         Error::Corrupt {
             path: self.path.clone(),
             what,
@@ -626,21 +627,27 @@ impl<O: Opener> Image<O> {
         (res, buf)
     }
 
-    /// Clears unknown autoclear bits and the bitmaps bit (bitmaps are not maintained by this
-    /// engine, so they must be marked untrustworthy) before the first write.
+    /// Before the first write: clears unknown autoclear bits (and the bitmaps bit when the
+    /// bitmaps cannot be maintained), and marks the maintained bitmaps in use.
     async fn before_first_write(&self) -> Result<()> {
         let mut meta = self.meta.lock().await;
         if meta.first_write_done {
             return Ok(());
         }
-        let keep = meta.header.autoclear_features & features::AUTOCLEAR_DATA_FILE_RAW;
+        let maintained = self.bitmaps.lock().await.is_some();
+        let mut known = features::AUTOCLEAR_DATA_FILE_RAW;
+        if maintained {
+            known |= features::AUTOCLEAR_BITMAPS;
+        }
+        let keep = meta.header.autoclear_features & known;
         if meta.header.autoclear_features != keep {
             meta.header.autoclear_features = keep;
             self.write_header(&meta.header).await?;
             self.sync().await?;
         }
         meta.first_write_done = true;
-        Ok(())
+        drop(meta);
+        self.bitmaps_in_use().await
     }
 
     /// Writes the header (cluster 0's used part).
@@ -653,13 +660,13 @@ impl<O: Opener> Image<O> {
 
     /// Writes metadata bytes at `offset` of the image file (read-modify-write where O_DIRECT
     /// alignment demands it).
-    async fn write_meta(&self, offset: u64, bytes: &[u8]) -> Result<()> {
+    pub(crate) async fn write_meta(&self, offset: u64, bytes: &[u8]) -> Result<()> {
         write_unaligned(&self.file, bytes, offset)
             .await
             .map_err(|e| Error::io(format!("{}: writing metadata", self.path.display()), e))
     }
 
-    async fn sync(&self) -> Result<()> {
+    pub(crate) async fn sync(&self) -> Result<()> {
         self.file
             .flush()
             .await
@@ -775,7 +782,7 @@ impl<O: Opener> Image<O> {
     }
 
     /// Writes dirty refcount blocks and the table (moving it if it grew).
-    async fn write_refcounts(&self, meta: &mut Meta) -> Result<()> {
+    pub(crate) async fn write_refcounts(&self, meta: &mut Meta) -> Result<()> {
         let cs = self.cluster_size();
         let Some(alloc) = meta.alloc.as_mut() else {
             return Ok(());
@@ -864,6 +871,7 @@ impl<O: Opener> Image<O> {
         {
             return self.sync().await;
         }
+        self.bitmaps_store().await?;
         let freed = {
             let mut meta = self.meta.lock().await;
             let mut freed = self.write_back_mode(&mut meta, true).await?;
@@ -894,6 +902,7 @@ impl<O: Opener> Image<O> {
     async fn write_zeroes_inner(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.check_writable(offset, len)?;
         self.before_first_write().await?;
+        self.bitmaps_mark(offset, len).await;
         if len == 0 {
             return Ok(());
         }
@@ -958,6 +967,7 @@ impl<O: Opener> Image<O> {
     async fn discard_inner(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable(offset, len)?;
         self.before_first_write().await?;
+        self.bitmaps_mark(offset, len).await;
         if self.header.version < 3 && self.backing.is_some() {
             // A v2 image cannot hide its backing file: QEMU leaves the data in place.
             return Ok(());

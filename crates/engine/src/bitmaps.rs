@@ -1,0 +1,251 @@
+//! Persistent dirty bitmaps: keeping QEMU's enabled ("auto") bitmaps true while the engine
+//! writes.
+//!
+//! On a read-write open the enabled, consistent bitmaps are loaded into memory. Before the
+//! first guest write they are marked `in_use` on disk (so that a crash leaves them marked
+//! inconsistent, never silently stale); every write, write-zeroes and discard sets the bits
+//! of the granules it touches; at close the bitmaps are stored back (data clusters written in
+//! place, new ones allocated and counted before the bitmap table refers to them) and `in_use`
+//! is cleared. Disabled bitmaps, bitmaps already in use, and bitmaps with extra data this
+//! engine does not understand are left untouched, as the format demands.
+
+use crate::image::{read_bytes, Image};
+use crate::{Error, Result};
+use blockio::{Backend, Opener};
+use qcow2_format::{BitmapDirectoryEntry, BitmapTableEntry, Header};
+
+/// One enabled bitmap held in memory.
+struct Tracked {
+    /// Index in the directory.
+    index: usize,
+    granularity_bits: u32,
+    /// The table entries as read (offsets of data clusters; 0 = all zeros or all ones).
+    table: Vec<BitmapTableEntry>,
+    /// The whole bitmap: bit g is granule g, LSB first.
+    data: Vec<u8>,
+}
+
+/// The bitmaps of a read-write image.
+pub(crate) struct Bitmaps {
+    directory: Vec<BitmapDirectoryEntry>,
+    directory_offset: u64,
+    tracked: Vec<Tracked>,
+    /// Whether `in_use` has been written for the tracked bitmaps.
+    marked_in_use: bool,
+}
+
+impl Bitmaps {
+    /// Loads the directory and the enabled bitmaps of an image (None without bitmaps).
+    pub(crate) async fn load<B: Backend>(
+        file: &B,
+        header: &Header,
+        path: &std::path::Path,
+    ) -> Result<Option<Self>> {
+        let Some(ext) = header.bitmaps() else {
+            return Ok(None);
+        };
+        if header.autoclear_features & qcow2_format::features::AUTOCLEAR_BITMAPS == 0 {
+            // The bitmaps were already marked untrustworthy: nothing to maintain.
+            return Ok(None);
+        }
+        let format_err = |source| Error::Format {
+            path: path.into(),
+            source,
+        };
+        let geo = header.geometry();
+        let cs = geo.cluster_size();
+        let buf = read_bytes(
+            file,
+            ext.directory_offset,
+            ext.directory_size,
+            "bitmap directory",
+        )
+        .await?;
+        let directory =
+            BitmapDirectoryEntry::parse_directory(&buf, ext.nb_bitmaps).map_err(format_err)?;
+        let mut tracked = Vec::new();
+        for (index, e) in directory.iter().enumerate() {
+            e.validate(index, cs, header.size).map_err(format_err)?;
+            let enabled = e.flags & BitmapDirectoryEntry::AUTO != 0;
+            let in_use = e.flags & BitmapDirectoryEntry::IN_USE != 0;
+            let extra_ok = e.extra_data.is_empty()
+                || e.flags & BitmapDirectoryEntry::EXTRA_DATA_COMPATIBLE != 0;
+            if !enabled || in_use || !extra_ok || e.bitmap_type != 1 {
+                continue;
+            }
+            let granularity_bits = u32::from(e.granularity_bits);
+            let granules = header.size.div_ceil(1u64 << granularity_bits);
+            let bytes = granules.div_ceil(8);
+            // QEMU's limit on a bitmap's size in memory.
+            if bytes > 512 << 20 {
+                return Err(format_err(qcow2_format::FormatError::TooLarge {
+                    what: "bitmap",
+                    value: bytes,
+                    limit: 512 << 20,
+                }));
+            }
+            let table_len = u64::from(e.table_size);
+            if table_len != bytes.div_ceil(cs) {
+                return Err(format_err(qcow2_format::FormatError::BadBitmap {
+                    index,
+                    reason: format!(
+                        "table has {table_len} entries, the bitmap needs {}",
+                        bytes.div_ceil(cs)
+                    ),
+                }));
+            }
+            let raw = read_bytes(file, e.table_offset, table_len * 8, "bitmap table").await?;
+            let table: Vec<BitmapTableEntry> = (0..table_len as usize)
+                .map(|i| BitmapTableEntry::read(&raw, i))
+                .collect();
+            let mut data = vec![0u8; bytes as usize];
+            for (i, t) in table.iter().enumerate() {
+                let chunk = i * cs as usize..((i + 1) * cs as usize).min(data.len());
+                match t.decode(cs).map_err(format_err)? {
+                    Ok(off) => {
+                        let c = read_bytes(file, off.0, cs, "bitmap data").await?;
+                        let n = chunk.len();
+                        data[chunk].copy_from_slice(&c[..n]);
+                    }
+                    Err(true) => data[chunk].fill(0xff),
+                    Err(false) => {}
+                }
+            }
+            tracked.push(Tracked {
+                index,
+                granularity_bits,
+                table,
+                data,
+            });
+        }
+        Ok(Some(Bitmaps {
+            directory,
+            directory_offset: ext.directory_offset,
+            tracked,
+            marked_in_use: false,
+        }))
+    }
+
+    /// Whether any bitmap is maintained.
+    pub(crate) fn is_tracking(&self) -> bool {
+        !self.tracked.is_empty()
+    }
+
+    /// Sets the bits of every granule `[offset, offset+len)` touches.
+    pub(crate) fn mark(&mut self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        for t in &mut self.tracked {
+            let first = offset >> t.granularity_bits;
+            let last = (offset + len - 1) >> t.granularity_bits;
+            for g in first..=last {
+                if let Some(b) = t.data.get_mut((g / 8) as usize) {
+                    *b |= 1 << (g % 8);
+                }
+            }
+        }
+    }
+
+    fn directory_bytes(&self) -> Result<Vec<u8>> {
+        BitmapDirectoryEntry::try_serialize_directory(&self.directory).map_err(|e| Error::Corrupt {
+            path: Default::default(),
+            what: format!("bitmap directory: {e}"),
+        })
+    }
+}
+
+impl<O: Opener> Image<O> {
+    /// Marks the maintained bitmaps `in_use` on disk before the first write.
+    pub(crate) async fn bitmaps_in_use(&self) -> Result<()> {
+        let bytes = {
+            let mut guard = self.bitmaps.lock().await;
+            let Some(b) = guard.as_mut() else {
+                return Ok(());
+            };
+            if b.marked_in_use || !b.is_tracking() {
+                return Ok(());
+            }
+            for t in &b.tracked {
+                b.directory[t.index].flags |= BitmapDirectoryEntry::IN_USE;
+            }
+            b.marked_in_use = true;
+            (b.directory_offset, b.directory_bytes()?)
+        };
+        self.write_meta(bytes.0, &bytes.1).await?;
+        self.sync().await
+    }
+
+    /// Records a guest write (or zeroing, or discard) in the maintained bitmaps.
+    pub(crate) async fn bitmaps_mark(&self, offset: u64, len: u64) {
+        if let Some(b) = self.bitmaps.lock().await.as_mut() {
+            b.mark(offset, len);
+        }
+    }
+
+    /// Stores the maintained bitmaps and clears `in_use` (at close). Data clusters are
+    /// written in place; a chunk that needs a cluster for the first time gets one, counted
+    /// (and the count written) before the bitmap table names it.
+    pub(crate) async fn bitmaps_store(&self) -> Result<()> {
+        let mut guard = self.bitmaps.lock().await;
+        let Some(b) = guard.as_mut() else {
+            return Ok(());
+        };
+        if !b.marked_in_use {
+            return Ok(());
+        }
+        let cs = self.cluster_size();
+        let geo = self.geo;
+        for t in &mut b.tracked {
+            let mut table_changed = false;
+            for i in 0..t.table.len() {
+                let chunk = i * cs as usize..((i + 1) * cs as usize).min(t.data.len());
+                let bytes = &t.data[chunk];
+                let current = t.table[i]
+                    .decode(cs)
+                    .map_err(|e| self.corrupt_err(format!("bitmap table: {e}")))?;
+                match current {
+                    Ok(off) => {
+                        let mut full = vec![0u8; cs as usize];
+                        full[..bytes.len()].copy_from_slice(bytes);
+                        self.write_meta(off.0, &full).await?;
+                    }
+                    Err(all_ones) => {
+                        let zeros = bytes.iter().all(|&x| x == 0);
+                        let ones = bytes.iter().all(|&x| x == 0xff);
+                        if (zeros && !all_ones) || (ones && all_ones) {
+                            continue;
+                        }
+                        let mut meta = self.meta.lock().await;
+                        let a = self.allocate(&mut meta, 1)?;
+                        drop(meta);
+                        let off = geo.cluster_offset(a.first).0;
+                        let mut full = vec![0u8; cs as usize];
+                        full[..bytes.len()].copy_from_slice(bytes);
+                        self.write_meta(off, &full).await?;
+                        t.table[i] = BitmapTableEntry(off);
+                        table_changed = true;
+                    }
+                }
+            }
+            if table_changed {
+                // The new clusters are counted on disk before the table names them.
+                let mut meta = self.meta.lock().await;
+                self.write_refcounts(&mut meta).await?;
+                drop(meta);
+                self.sync().await?;
+                let table: Vec<u8> = t.table.iter().flat_map(|e| e.0.to_be_bytes()).collect();
+                let e = &b.directory[t.index];
+                self.write_meta(e.table_offset, &table).await?;
+            }
+        }
+        self.sync().await?;
+        for t in &b.tracked {
+            b.directory[t.index].flags &= !BitmapDirectoryEntry::IN_USE;
+        }
+        let dir = b.directory_bytes()?;
+        self.write_meta(b.directory_offset, &dir).await?;
+        b.marked_in_use = false;
+        Ok(())
+    }
+}
