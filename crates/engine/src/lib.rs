@@ -27,6 +27,7 @@
 //! holds the metadata lock across data I/O.
 #![warn(missing_docs)]
 
+mod bitmaps;
 mod cache;
 mod check;
 mod compress;
