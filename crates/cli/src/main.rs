@@ -1,6 +1,7 @@
 //! `qimg`: the qcow2-engine command line. Commands and options follow `qemu-img` (and
 //! `qemu-io` for `qimg io`), so the same scripts run against both.
 
+mod bench;
 mod check;
 mod compare;
 mod convert;
@@ -118,6 +119,8 @@ enum Command {
     },
     /// Run qemu-io commands on an image (qemu-io's syntax, output and exit status).
     Io(io::IoArgs),
+    /// Benchmark an image with qemu-img bench's workload and options.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -125,6 +128,7 @@ fn main() -> ExitCode {
     // `qimg io` runs on a runtime of its own choosing (tokio-uring for `--aio io_uring`).
     let cli = match cli.command {
         Command::Io(args) => return io::main(args),
+        Command::Bench(args) => return util::exit(1, bench::run(args)),
         command => Cli { command },
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -186,7 +190,9 @@ fn main() -> ExitCode {
                 Ok(code) => ExitCode::from(code),
                 Err(e) => util::exit::<()>(2, Err(e)),
             },
-            Command::Io(_) => unreachable!("qimg io is dispatched before the runtime starts"),
+            Command::Io(_) | Command::Bench(_) => {
+                unreachable!("qimg io and bench are dispatched before the runtime starts")
+            }
         }
     })
 }
