@@ -933,13 +933,24 @@ pub struct CrashImage {
 }
 
 impl fmt::Debug for CrashImage {
+    /// The bytes' length, not the bytes; long lists of requests as their counts.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        struct Seqs<'a>(&'a [u64]);
+        impl fmt::Debug for Seqs<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                if self.0.len() <= 16 {
+                    f.debug_list().entries(self.0).finish()
+                } else {
+                    write!(f, "<{} requests>", self.0.len())
+                }
+            }
+        }
         f.debug_struct("CrashImage")
             .field("len", &self.bytes.len())
             .field("at", &self.at)
             .field("durable", &self.durable)
-            .field("survived", &self.survived)
-            .field("lost", &self.lost)
+            .field("survived", &Seqs(&self.survived))
+            .field("lost", &Seqs(&self.lost))
             .field("torn", &self.torn)
             .finish()
     }
