@@ -16,9 +16,19 @@ use std::collections::HashMap;
 
 type Entry = Arc<RwLock<()>>;
 
+/// A cluster's lock and how many leases, waiters and tries use it. The count lives under the
+/// table's mutex: every user takes its clone of the lock and gives it back through the mutex,
+/// so the lock is dropped (by the last user, under the mutex) only after every other user's
+/// last access to it. The count, not `Arc::strong_count`, decides: a model checker sees the
+/// mutex, not std's reference counts.
+struct Slot {
+    lock: Entry,
+    users: usize,
+}
+
 #[derive(Default)]
 struct Inner {
-    map: Mutex<HashMap<u64, Entry>>,
+    map: Mutex<HashMap<u64, Slot>>,
 }
 
 /// The per-host-cluster lease table. Cheap to clone; clones share the table.
@@ -35,20 +45,49 @@ impl std::fmt::Debug for LeaseTable {
     }
 }
 
+/// One use of a cluster's slot: a clone of its lock, counted; dropping it drops the clone
+/// and gives the use back (removing the slot when it was the last).
+struct User {
+    table: LeaseTable,
+    cluster: u64,
+    entry: Option<Entry>,
+}
+
+impl User {
+    fn entry(&self) -> &Entry {
+        self.entry.as_ref().expect("entry present until drop")
+    }
+}
+
+impl Drop for User {
+    fn drop(&mut self) {
+        drop(self.entry.take());
+        let mut map = lock(&self.table.inner.map);
+        let slot = map
+            .get_mut(&self.cluster)
+            .expect("a used slot is in the table");
+        slot.users -= 1;
+        if slot.users == 0 {
+            map.remove(&self.cluster);
+        }
+    }
+}
+
 /// A shared lease on one host cluster: data I/O on the cluster may proceed while it is held.
 #[must_use = "a lease protects I/O only while it is held"]
 pub struct SharedLease {
-    table: LeaseTable,
     cluster: u64,
-    guard: Option<RwLockReadGuardArc<()>>,
+    // Field order matters: the guard goes before the use is given back.
+    _guard: Option<RwLockReadGuardArc<()>>,
+    _user: Option<User>,
 }
 
 /// The exclusive lease on one host cluster: no data I/O on it is in flight while it is held.
 #[must_use = "a lease protects the cluster only while it is held"]
 pub struct ExclusiveLease {
-    table: LeaseTable,
     cluster: u64,
-    guard: Option<RwLockWriteGuardArc<()>>,
+    _guard: Option<RwLockWriteGuardArc<()>>,
+    _user: Option<User>,
 }
 
 impl LeaseTable {
@@ -57,28 +96,18 @@ impl LeaseTable {
         Self::default()
     }
 
-    fn entry(&self, cluster: u64) -> Entry {
-        lock(&self.inner.map)
-            .entry(cluster)
-            .or_insert_with(|| Arc::new(RwLock::new(())))
-            .clone()
-    }
-
-    fn entry_ref(&self, cluster: u64) -> EntryRef<'_> {
-        EntryRef {
-            table: self,
-            cluster,
-            entry: Some(self.entry(cluster)),
-        }
-    }
-
-    /// Drops the table's entry for `cluster` if nobody but the table refers to it.
-    fn cleanup(&self, cluster: u64) {
+    /// A counted use of `cluster`'s slot (created if absent).
+    fn user(&self, cluster: u64) -> User {
         let mut map = lock(&self.inner.map);
-        if let Some(e) = map.get(&cluster) {
-            if Arc::strong_count(e) == 1 {
-                map.remove(&cluster);
-            }
+        let slot = map.entry(cluster).or_insert_with(|| Slot {
+            lock: Arc::new(RwLock::new(())),
+            users: 0,
+        });
+        slot.users += 1;
+        User {
+            table: self.clone(),
+            cluster,
+            entry: Some(slot.lock.clone()),
         }
     }
 
@@ -88,55 +117,42 @@ impl LeaseTable {
         if cfg!(qcow2_no_lease) {
             return Some(self.noop_shared(cluster));
         }
-        let entry = self.entry(cluster.0);
-        let guard = entry.try_read_arc();
-        drop(entry);
-        match guard {
-            Some(g) => Some(SharedLease {
-                table: self.clone(),
-                cluster: cluster.0,
-                guard: Some(g),
-            }),
-            None => {
-                self.cleanup(cluster.0);
-                None
-            }
-        }
+        let user = self.user(cluster.0);
+        let guard = user.entry().try_read_arc()?;
+        Some(SharedLease {
+            cluster: cluster.0,
+            _guard: Some(guard),
+            _user: Some(user),
+        })
     }
 
     /// Takes a shared lease, waiting for an exclusive holder to finish. Never call this with
-    /// the metadata lock held.
+    /// the metadata lock held. Cancelling the wait leaves nothing behind.
     pub async fn shared(&self, cluster: HostCluster) -> SharedLease {
         if cfg!(qcow2_no_lease) {
             return self.noop_shared(cluster);
         }
-        let entry = self.entry_ref(cluster.0);
-        let guard = entry.lock_arc_read().await;
-        drop(entry);
+        let user = self.user(cluster.0);
+        let guard = user.entry().read_arc().await;
         SharedLease {
-            table: self.clone(),
             cluster: cluster.0,
-            guard: Some(guard),
+            _guard: Some(guard),
+            _user: Some(user),
         }
     }
 
     /// Takes the exclusive lease, waiting for every shared holder. Never call this with the
-    /// metadata lock held.
+    /// metadata lock held. Cancelling the wait leaves nothing behind.
     pub async fn exclusive(&self, cluster: HostCluster) -> ExclusiveLease {
         if cfg!(qcow2_no_lease) {
-            return ExclusiveLease {
-                table: self.clone(),
-                cluster: cluster.0,
-                guard: None,
-            };
+            return self.noop_exclusive(cluster);
         }
-        let entry = self.entry_ref(cluster.0);
-        let guard = entry.lock_arc_write().await;
-        drop(entry);
+        let user = self.user(cluster.0);
+        let guard = user.entry().write_arc().await;
         ExclusiveLease {
-            table: self.clone(),
             cluster: cluster.0,
-            guard: Some(guard),
+            _guard: Some(guard),
+            _user: Some(user),
         }
     }
 
@@ -144,40 +160,26 @@ impl LeaseTable {
     /// waited for. Safe to call under the metadata lock.
     pub fn try_exclusive(&self, cluster: HostCluster) -> Option<ExclusiveLease> {
         if cfg!(qcow2_no_lease) {
-            return Some(ExclusiveLease {
-                table: self.clone(),
-                cluster: cluster.0,
-                guard: None,
-            });
+            return Some(self.noop_exclusive(cluster));
         }
-        let entry = self.entry(cluster.0);
-        let guard = entry.try_write_arc();
-        drop(entry);
-        match guard {
-            Some(g) => Some(ExclusiveLease {
-                table: self.clone(),
-                cluster: cluster.0,
-                guard: Some(g),
-            }),
-            None => {
-                self.cleanup(cluster.0);
-                None
-            }
-        }
+        let user = self.user(cluster.0);
+        let guard = user.entry().try_write_arc()?;
+        Some(ExclusiveLease {
+            cluster: cluster.0,
+            _guard: Some(guard),
+            _user: Some(user),
+        })
     }
 
     /// Whether a lease on `cluster` is held or waited for. The allocator never hands out such
     /// a cluster (invariant I1).
     pub fn is_leased(&self, cluster: HostCluster) -> bool {
-        let map = lock(&self.inner.map);
-        map.get(&cluster.0)
-            .is_some_and(|e| Arc::strong_count(e) > 1)
+        lock(&self.inner.map).contains_key(&cluster.0)
     }
 
     /// Number of clusters with a live entry (held or waited for).
     pub fn len(&self) -> usize {
-        let map = lock(&self.inner.map);
-        map.values().filter(|e| Arc::strong_count(e) > 1).count()
+        lock(&self.inner.map).len()
     }
 
     /// Whether no lease is held or waited for.
@@ -187,39 +189,18 @@ impl LeaseTable {
 
     fn noop_shared(&self, cluster: HostCluster) -> SharedLease {
         SharedLease {
-            table: self.clone(),
             cluster: cluster.0,
-            guard: None,
+            _guard: None,
+            _user: None,
         }
     }
-}
 
-/// A reference to a table entry held while waiting for its lock. Dropping it (after the wait,
-/// or when the waiting future is cancelled) removes the entry if nobody else uses it.
-struct EntryRef<'a> {
-    table: &'a LeaseTable,
-    cluster: u64,
-    entry: Option<Entry>,
-}
-
-impl EntryRef<'_> {
-    fn entry(&self) -> &Entry {
-        self.entry.as_ref().expect("entry present until drop")
-    }
-
-    async fn lock_arc_read(&self) -> RwLockReadGuardArc<()> {
-        self.entry().read_arc().await
-    }
-
-    async fn lock_arc_write(&self) -> RwLockWriteGuardArc<()> {
-        self.entry().write_arc().await
-    }
-}
-
-impl Drop for EntryRef<'_> {
-    fn drop(&mut self) {
-        self.entry.take();
-        self.table.cleanup(self.cluster);
+    fn noop_exclusive(&self, cluster: HostCluster) -> ExclusiveLease {
+        ExclusiveLease {
+            cluster: cluster.0,
+            _guard: None,
+            _user: None,
+        }
     }
 }
 
@@ -234,20 +215,6 @@ impl ExclusiveLease {
     /// The leased cluster.
     pub fn cluster(&self) -> HostCluster {
         HostCluster(self.cluster)
-    }
-}
-
-impl Drop for SharedLease {
-    fn drop(&mut self) {
-        drop(self.guard.take());
-        self.table.cleanup(self.cluster);
-    }
-}
-
-impl Drop for ExclusiveLease {
-    fn drop(&mut self) {
-        drop(self.guard.take());
-        self.table.cleanup(self.cluster);
     }
 }
 

@@ -8,16 +8,20 @@
 //! the exclusive lease, and only then lets H become allocatable. A cluster is free only when
 //! its refcount is 0 *and* nobody holds or waits for its lease.
 //!
+//! [`Gates`] serialise allocations of one guest cluster (invariant I6).
+//!
 //! This crate does no I/O: the engine reads and writes refcount blocks and hands their bytes
 //! here. Synchronisation primitives come from [`sync`], so that the same code can be checked
 //! under a model checker.
 #![warn(missing_docs)]
 
 pub mod allocator;
+pub mod gates;
 pub mod lease;
 pub mod refcount;
 pub mod sync;
 
 pub use allocator::{Allocation, Allocator, TableMove};
+pub use gates::{Gate, GateGuard, Gates};
 pub use lease::{ExclusiveLease, LeaseTable, SharedLease};
 pub use refcount::{RefcountError, Refcounts};
