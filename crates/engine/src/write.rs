@@ -721,18 +721,33 @@ impl<O: Opener> Image<O> {
         meta: &mut Meta,
         refcounts: bool,
     ) -> Result<Vec<(HostCluster, ExclusiveLease)>> {
-        let cs = self.cluster_size();
+        Ok(self.write_back_synced(meta, refcounts).await?.0)
+    }
+
+    /// [`Image::write_back_mode`], also saying whether it ended with a barrier (so that a
+    /// flush need not add another).
+    async fn write_back_synced(
+        &self,
+        meta: &mut Meta,
+        refcounts: bool,
+    ) -> Result<(Vec<(HostCluster, ExclusiveLease)>, bool)> {
+        let l2_dirty = meta.l2.dirty_count() > 0 || !meta.l1_dirty.is_empty();
+        let mut synced = false;
         // 1. Refcounts; with lazy refcounts, the dirty bit instead, before any L2 update
-        //    that relies on it reaches the disk.
+        //    that relies on it reaches the disk. The barrier after it also makes the guest
+        //    data written so far durable before the L2 entries that expose it.
+        let mut wrote = false;
         if refcounts {
-            self.write_refcounts(meta).await?;
-        } else if !meta.header.is_dirty()
-            && (meta.l2.dirty_count() > 0 || !meta.l1_dirty.is_empty())
-        {
+            wrote = self.write_refcounts(meta).await?;
+        } else if !meta.header.is_dirty() && l2_dirty {
             meta.header.incompatible_features |= features::INCOMPAT_DIRTY;
             self.write_header(&meta.header).await?;
+            wrote = true;
         }
-        self.sync().await?;
+        if wrote || l2_dirty {
+            self.sync().await?;
+            synced = true;
+        }
 
         // 2. L2 tables, then L1.
         let dirty = meta.l2.dirty();
@@ -757,12 +772,12 @@ impl<O: Opener> Image<O> {
             self.sync().await?;
         }
 
-        // 3. Deferred decrements.
+        // 3. Deferred decrements, now that every unmapping is on disk.
         let Some(alloc) = meta.alloc.as_mut() else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), synced));
         };
         if !alloc.has_pending() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), synced));
         }
         let leases = &self.leases;
         let freed = alloc
@@ -773,21 +788,22 @@ impl<O: Opener> Image<O> {
             meta.l2.remove(self.geo.cluster_offset(*c).0);
             meta.metadata.l2.remove(&c.0);
         }
-        let _ = cs;
-        if refcounts {
-            self.write_refcounts(meta).await?;
+        if refcounts && self.write_refcounts(meta).await? {
             self.sync().await?;
+            synced = true;
         }
-        Ok(freed)
+        Ok((freed, synced))
     }
 
     /// Writes dirty refcount blocks and the table (moving it if it grew).
-    pub(crate) async fn write_refcounts(&self, meta: &mut Meta) -> Result<()> {
+    pub(crate) async fn write_refcounts(&self, meta: &mut Meta) -> Result<bool> {
         let cs = self.cluster_size();
         let Some(alloc) = meta.alloc.as_mut() else {
-            return Ok(());
+            return Ok(false);
         };
+        let mut wrote = false;
         let blocks = alloc.dirty_blocks();
+        wrote |= !blocks.is_empty();
         for (_, off, bytes) in &blocks {
             self.write_meta(off.0, bytes).await?;
         }
@@ -803,6 +819,7 @@ impl<O: Opener> Image<O> {
             self.write_header(&meta.header).await?;
             self.sync().await?;
             meta.alloc.as_mut().expect("checked").table_moved();
+            wrote = true;
         } else {
             let entries = alloc.dirty_table_entries();
             if !entries.is_empty() {
@@ -818,10 +835,11 @@ impl<O: Opener> Image<O> {
                     .as_mut()
                     .expect("checked")
                     .table_entries_written();
+                wrote = true;
             }
         }
         let _ = cs;
-        Ok(())
+        Ok(wrote)
     }
 
     /// Makes every acknowledged write durable (I8): metadata written back in order, then the
@@ -840,8 +858,13 @@ impl<O: Opener> Image<O> {
         }
         let freed = {
             let mut meta = self.meta.lock().await;
-            let freed = self.write_back(&mut meta).await?;
-            self.sync().await?;
+            let (freed, synced) = self
+                .write_back_synced(&mut meta, !self.lazy_refcounts)
+                .await?;
+            if !synced {
+                // Nothing to write back: the barrier for the guest data alone (I8).
+                self.sync().await?;
+            }
             freed
         };
         self.punch(freed).await;
