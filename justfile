@@ -20,3 +20,19 @@ lint:
 # Read throughput of the engine against the demo image (benchmarks proper come with `qimg bench`).
 bench:
     scripts/demo.sh
+
+# The lease models under loom: every interleaving within the preemption bound
+# (LOOM_MAX_PREEMPTIONS, default 3), then the no-lease build, which must report violations.
+loom:
+    scripts/models.sh loom
+
+# The lease models under shuttle: random and PCT schedules (QCOW2_SHUTTLE_ITERATIONS per
+# scenario and scheduler, default 10000), then the no-lease build, which must report violations.
+shuttle:
+    scripts/models.sh shuttle
+
+# Long runs: SEEDS random schedules from a new first seed each time (printed; a failing seed
+# prints its replay command), then ROUNDS runs of the step-by-step race replay.
+soak SEEDS="10000" ROUNDS="200":
+    QCOW2_SCHEDULE_FIRST_SEED="${QCOW2_SCHEDULE_FIRST_SEED:-$(date +%s)000}" QCOW2_SCHEDULE_SEEDS={{SEEDS}} cargo test -q -p qcow2-engine --test random_schedules -- --nocapture
+    for i in $(seq {{ROUNDS}}); do cargo test -q -p qcow2-engine --test seed_race >/dev/null || { echo "seed_race failed in round $i" >&2; exit 1; }; done; echo "seed_race: {{ROUNDS}} rounds passed"
