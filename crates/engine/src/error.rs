@@ -108,6 +108,10 @@ pub enum Error {
         /// The refcount width.
         bits: u32,
     },
+    /// The options given to [`crate::create`] are invalid, or the image they describe
+    /// cannot exist (the message is qemu-img's).
+    #[error(transparent)]
+    Create(crate::CreateError),
 }
 
 /// Errors that stop one request without saying anything about the image's consistency are

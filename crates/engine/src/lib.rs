@@ -31,6 +31,7 @@ mod bitmaps;
 mod cache;
 mod check;
 mod compress;
+mod create;
 mod error;
 mod image;
 mod map;
@@ -40,6 +41,9 @@ mod status;
 mod write;
 
 pub use check::{CheckReport, RepairMode};
+pub use create::{
+    create, create_raw, probe_backing, Compat, CreateError, CreateOptions, Preallocation, V3Feature,
+};
 pub use error::{Error, Result};
 pub use image::{Disk, Image, RawImage};
 pub use map::MapEntry;
