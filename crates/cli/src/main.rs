@@ -5,6 +5,7 @@ mod bench;
 mod check;
 mod compare;
 mod convert;
+mod create;
 mod info;
 mod io;
 mod map;
@@ -46,6 +47,8 @@ pub enum RepairArg {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Create a qcow2 or raw image (qemu-img create).
+    Create(create::CreateArgs),
     /// Show what an image is: format, sizes, features, backing file, snapshots, bitmaps.
     Info {
         /// Image format (probed when absent).
@@ -143,6 +146,7 @@ fn main() -> ExitCode {
     };
     rt.block_on(async move {
         match cli.command {
+            Command::Create(args) => create::run(args).await,
             Command::Info {
                 format,
                 output,

@@ -1,0 +1,598 @@
+//! `qimg create`: qemu-img create for qcow2 and raw images, with qemu-img's option syntax,
+//! its "Formatting ..." line and its error messages.
+//!
+//! The steps and their order are qemu-img's (`img_create` and `bdrv_img_create`), so the
+//! same mistake gives the same message at the same point: option syntax and types first
+//! (nothing printed), then the size and the backing file (opened to check it and to take its
+//! size), then the "Formatting" line, then the format's own checks, then the image.
+
+use blockio::FileOpener;
+use qcow2_engine::{
+    create, create_raw, probe_backing, Compat, CreateOptions, ImageFormat, Preallocation,
+};
+use qcow2_format::CompressionType;
+use std::path::Path;
+use std::process::ExitCode;
+
+/// Arguments of `qimg create`.
+#[derive(clap::Args)]
+pub struct CreateArgs {
+    /// Image format: qcow2 or raw (default raw, as qemu-img).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Format options, `OPT=VAL[,OPT=VAL...]` (may be repeated): size, compat, cluster_size,
+    /// refcount_bits, extended_l2, lazy_refcounts, compression_type, preallocation,
+    /// backing_file, backing_fmt, data_file, data_file_raw.
+    #[arg(short = 'o')]
+    options: Vec<String>,
+    /// Backing file (stored as given; relative to the image's directory).
+    #[arg(short = 'b')]
+    backing: Option<String>,
+    /// Format of the backing file.
+    #[arg(short = 'F')]
+    backing_format: Option<String>,
+    /// Do not open the backing file (a size must then be given).
+    #[arg(short = 'u')]
+    unsafe_backing: bool,
+    /// Quiet: do not print the "Formatting" line.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// The image to create.
+    image: String,
+    /// Virtual size: bytes, or with a suffix k, M, G, T, P, E (powers of 1024).
+    size: Option<String>,
+}
+
+/// An error and whether qemu-img prefixes it with the file name.
+struct Failure {
+    msg: String,
+    with_name: bool,
+}
+
+fn fail<T>(msg: impl Into<String>) -> Result<T, Failure> {
+    Err(Failure {
+        msg: msg.into(),
+        with_name: true,
+    })
+}
+
+/// Runs `qimg create`; exit status 0 on success, 1 on any error.
+pub async fn run(args: CreateArgs) -> ExitCode {
+    match create_image(&args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            if f.with_name {
+                eprintln!("qimg: {}: {}", args.image, f.msg);
+            } else {
+                eprintln!("qimg: {}", f.msg);
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The type of a create option, as QemuOpts parses it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Str,
+    Bool,
+    Size,
+    Number,
+}
+
+/// The options each format takes, in the order qemu-img prints them, with their defaults.
+fn option_table(qcow2: bool) -> &'static [(&'static str, Kind, Option<&'static str>)] {
+    if qcow2 {
+        &[
+            ("cluster_size", Kind::Size, Some("65536")),
+            ("extended_l2", Kind::Bool, Some("off")),
+            ("preallocation", Kind::Str, None),
+            ("compression_type", Kind::Str, Some("zlib")),
+            ("size", Kind::Size, None),
+            ("compat", Kind::Str, None),
+            ("backing_file", Kind::Str, None),
+            ("backing_fmt", Kind::Str, None),
+            ("data_file", Kind::Str, None),
+            ("data_file_raw", Kind::Bool, None),
+            ("lazy_refcounts", Kind::Bool, Some("off")),
+            ("refcount_bits", Kind::Number, Some("16")),
+            ("nocow", Kind::Bool, None),
+            ("extent_size_hint", Kind::Size, None),
+        ]
+    } else {
+        &[
+            ("size", Kind::Size, None),
+            ("nocow", Kind::Bool, None),
+            ("preallocation", Kind::Str, None),
+            ("extent_size_hint", Kind::Size, None),
+        ]
+    }
+}
+
+/// A parsed option value: the text as given and, for numbers, the number.
+#[derive(Clone)]
+struct Value {
+    text: String,
+    num: u64,
+    flag: bool,
+}
+
+struct Opts {
+    qcow2: bool,
+    set: Vec<(&'static str, Value)>,
+}
+
+impl Opts {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.set
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+    }
+
+    fn put(&mut self, key: &'static str, v: Value) {
+        self.set.push((key, v));
+    }
+
+    /// The "Formatting" line's option list: every option that is set or has a default, in
+    /// the table's order; strings and booleans as given (commas doubled), numbers parsed.
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        for &(key, kind, default) in option_table(self.qcow2) {
+            let text = match (self.get(key), kind) {
+                (Some(v), Kind::Size) => v.num.to_string(),
+                (Some(v), Kind::Number) => (v.num as i64).to_string(),
+                (Some(v), _) => v.text.replace(',', ",,"),
+                (None, _) => match default {
+                    Some(d) => d.to_owned(),
+                    None => continue,
+                },
+            };
+            parts.push(format!("{key}={text}"));
+        }
+        parts.join(" ")
+    }
+}
+
+/// Splits an option list at commas (`,,` is a literal comma).
+fn split_list(list: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = list.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                out.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    out.push(cur);
+    out
+}
+
+/// qemu-img's check of one `-o` argument: not empty, not ending in a lone comma.
+fn valid_list(list: &str) -> bool {
+    let trailing = list.len() - list.trim_end_matches(',').len();
+    !list.is_empty() && trailing % 2 == 0
+}
+
+fn parse_options(qcow2: bool, lists: &[String]) -> Result<Opts, Failure> {
+    let mut opts = Opts {
+        qcow2,
+        set: Vec::new(),
+    };
+    for list in lists {
+        for item in split_list(list) {
+            if item.is_empty() {
+                continue;
+            }
+            let (key, text) = match item.split_once('=') {
+                Some((k, v)) => (k.to_owned(), v.to_owned()),
+                None => (item.clone(), "on".to_owned()),
+            };
+            if key.starts_with("encrypt") {
+                return fail("encryption is not supported by qimg");
+            }
+            let Some(&(name, kind, _)) = option_table(qcow2).iter().find(|(k, _, _)| *k == key)
+            else {
+                return fail(format!("Invalid parameter '{key}'"));
+            };
+            let mut v = Value {
+                text: text.clone(),
+                num: 0,
+                flag: false,
+            };
+            match kind {
+                Kind::Str => {}
+                Kind::Bool => {
+                    v.flag = match text.as_str() {
+                        "on" | "yes" | "true" | "y" => true,
+                        "off" | "no" | "false" | "n" => false,
+                        _ => return fail(format!("Parameter '{name}' expects 'on' or 'off'")),
+                    }
+                }
+                Kind::Size => {
+                    v.num = match parse_size(&text) {
+                        Ok(n) => n,
+                        Err(SizeError::Negative) => {
+                            return fail(format!(
+                                "Value '{text}' is out of range for parameter '{name}'"
+                            ))
+                        }
+                        Err(_) => {
+                            return fail(format!(
+                                "Parameter '{name}' expects a non-negative number below 2^64\n\
+                                 Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, \
+                                 tera-, peta-\nand exabytes, respectively."
+                            ))
+                        }
+                    }
+                }
+                Kind::Number => {
+                    v.num = parse_number(&text)
+                        .ok_or(())
+                        .or_else(|_| fail(format!("Parameter '{name}' expects a number")))?;
+                }
+            }
+            opts.put(name, v);
+        }
+    }
+    Ok(opts)
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum SizeError {
+    Invalid,
+    Negative,
+    Overflow,
+}
+
+/// QEMU's `qemu_strtosz`: a decimal (or `0x` hex) number, a fraction only with a suffix, and
+/// one optional suffix b, k, M, G, T, P, E (any case, powers of 1024). Leading blanks are
+/// skipped.
+fn parse_size(s: &str) -> Result<u64, SizeError> {
+    let t = s.trim_start();
+    if t.starts_with('-') {
+        return Err(SizeError::Negative);
+    }
+    let (int_part, rest, hex) = if let Some(h) = t.strip_prefix("0x").or(t.strip_prefix("0X")) {
+        let end = h.find(|c: char| !c.is_ascii_hexdigit()).unwrap_or(h.len());
+        (&h[..end], &h[end..], true)
+    } else {
+        let end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        (&t[..end], &t[end..], false)
+    };
+    if int_part.is_empty() {
+        return Err(SizeError::Invalid);
+    }
+    let int = u64::from_str_radix(int_part, if hex { 16 } else { 10 })
+        .map_err(|_| SizeError::Overflow)?;
+    let (fraction, rest) = match rest.strip_prefix('.') {
+        Some(f) if !hex => {
+            let end = f.find(|c: char| !c.is_ascii_digit()).unwrap_or(f.len());
+            (Some(&f[..end]), &f[end..])
+        }
+        Some(_) => return Err(SizeError::Invalid),
+        None => (None, rest),
+    };
+    let mut chars = rest.chars();
+    let mul: u64 = match chars.next() {
+        None => 1,
+        Some(c) => match c.to_ascii_lowercase() {
+            'b' => 1,
+            'k' => 1 << 10,
+            'm' => 1 << 20,
+            'g' => 1 << 30,
+            't' => 1 << 40,
+            'p' => 1 << 50,
+            'e' => 1 << 60,
+            _ => return Err(SizeError::Invalid),
+        },
+    };
+    if chars.next().is_some() {
+        return Err(SizeError::Invalid);
+    }
+    let has_suffix = !rest.is_empty();
+    let mut value = int.checked_mul(mul).ok_or(SizeError::Overflow)?;
+    if let Some(f) = fraction {
+        if !has_suffix || mul == 1 {
+            return Err(SizeError::Invalid);
+        }
+        let frac: f64 = format!("0.{f}").parse().map_err(|_| SizeError::Invalid)?;
+        value = value
+            .checked_add((frac * mul as f64) as u64)
+            .ok_or(SizeError::Overflow)?;
+    }
+    Ok(value)
+}
+
+/// QemuOpts' number parsing (`strtoull` with base 0): decimal, `0x` hex or `0` octal, a
+/// leading minus wrapping around.
+fn parse_number(s: &str) -> Option<u64> {
+    let t = s.trim_start();
+    let (neg, t) = match t.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, t.strip_prefix('+').unwrap_or(t)),
+    };
+    let v = if let Some(h) = t.strip_prefix("0x").or(t.strip_prefix("0X")) {
+        u64::from_str_radix(h, 16).ok()?
+    } else if t.len() > 1 && t.starts_with('0') {
+        u64::from_str_radix(&t[1..], 8).ok()?
+    } else {
+        t.parse::<u64>().ok()?
+    };
+    Some(if neg { v.wrapping_neg() } else { v })
+}
+
+async fn create_image(args: &CreateArgs) -> Result<(), Failure> {
+    let fmt = args.format.as_deref().unwrap_or("raw");
+    let qcow2 = match fmt {
+        "qcow2" => true,
+        "raw" => false,
+        other => {
+            if [
+                "vmdk",
+                "vdi",
+                "vhdx",
+                "vpc",
+                "qcow",
+                "qed",
+                "parallels",
+                "luks",
+            ]
+            .contains(&other)
+            {
+                return fail(format!("format '{other}' is not supported by qimg"));
+            }
+            return fail(format!("Unknown file format '{other}'"));
+        }
+    };
+
+    // The size argument (qemu-img's cvtnum).
+    let positional_size = match &args.size {
+        None => None,
+        Some(s) => match parse_size(s) {
+            Ok(n) if n <= i64::MAX as u64 => Some(n),
+            Ok(_) | Err(SizeError::Negative) | Err(SizeError::Overflow) => {
+                return Err(Failure {
+                    msg: "Invalid image size specified. Must be between 0 and \
+                          9223372036854775807."
+                        .into(),
+                    with_name: false,
+                })
+            }
+            Err(SizeError::Invalid) => {
+                return Err(Failure {
+                    msg: format!("Invalid image size specified: '{s}'."),
+                    with_name: false,
+                })
+            }
+        },
+    };
+    for list in &args.options {
+        if !valid_list(list) {
+            return Err(Failure {
+                msg: format!("Invalid option list: {list}"),
+                with_name: false,
+            });
+        }
+    }
+
+    let mut opts = parse_options(qcow2, &args.options)?;
+    match (opts.get("size").is_some(), positional_size) {
+        (true, Some(_)) => return fail("The image size must be specified only once"),
+        (false, Some(n)) => opts.put(
+            "size",
+            Value {
+                text: n.to_string(),
+                num: n,
+                flag: false,
+            },
+        ),
+        _ => {}
+    }
+    let text = |t: &str| Value {
+        text: t.to_owned(),
+        num: 0,
+        flag: false,
+    };
+    if let Some(b) = &args.backing {
+        if !qcow2 {
+            return fail("Backing file not supported for file format 'raw'");
+        }
+        opts.put("backing_file", text(b));
+    }
+    if let Some(f) = &args.backing_format {
+        if !qcow2 {
+            return fail("Backing file format not supported for file format 'raw'");
+        }
+        opts.put("backing_fmt", text(f));
+    }
+
+    // The backing file (bdrv_img_create).
+    let backing = opts.get("backing_file").map(|v| v.text.clone());
+    let backing_fmt = opts.get("backing_fmt").map(|v| v.text.clone());
+    if let Some(name) = &backing {
+        if *name == args.image {
+            return fail(
+                "Error: Trying to create an image with the same filename as the backing file",
+            );
+        }
+        if name.is_empty() {
+            return fail("Expected backing file name, got empty string");
+        }
+        if !args.unsafe_backing {
+            let format = match backing_fmt.as_deref() {
+                None => None,
+                Some(f) => match ImageFormat::from_name(f) {
+                    Some(f) => Some(f),
+                    None => {
+                        return fail(format!(
+                            "Unknown driver '{f}'\nCould not open backing image."
+                        ))
+                    }
+                },
+            };
+            let (size, detected) =
+                match probe_backing(&FileOpener, Path::new(&args.image), name, format).await {
+                    Ok(r) => r,
+                    Err(e) => return fail(format!("{e}\nCould not open backing image.")),
+                };
+            if backing_fmt.is_none() {
+                return fail(format!(
+                    "Backing file specified without backing format\nDetected format of {}.",
+                    detected.name()
+                ));
+            }
+            if opts.get("size").is_none() {
+                opts.put(
+                    "size",
+                    Value {
+                        text: size.to_string(),
+                        num: size,
+                        flag: false,
+                    },
+                );
+            }
+        } else if backing_fmt.is_none() {
+            return fail("Backing file specified without backing format");
+        }
+    }
+    let Some(size) = opts.get("size").map(|v| v.num) else {
+        return fail("Image creation needs a size parameter");
+    };
+
+    if !args.quiet {
+        println!(
+            "Formatting '{}', fmt={} {}",
+            args.image,
+            fmt,
+            opts.describe()
+        );
+    }
+
+    let prealloc = match opts.get("preallocation") {
+        None => Preallocation::Off,
+        Some(v) => Preallocation::from_name(&v.text).ok_or(()).or_else(|_| {
+            fail(format!(
+                "Parameter 'preallocation' does not accept value '{}'",
+                v.text
+            ))
+        })?,
+    };
+    let engine_err = |e: qcow2_engine::Error| Failure {
+        msg: match e {
+            qcow2_engine::Error::Create(c) => c.to_string(),
+            other => other.to_string(),
+        },
+        with_name: true,
+    };
+    if !qcow2 {
+        return create_raw(&FileOpener, &args.image, size, prealloc)
+            .await
+            .map_err(engine_err);
+    }
+
+    // qcow2_co_create_opts: enumerations, then the size rounded up to a sector.
+    let mut co = CreateOptions::new();
+    if let Some(v) = opts.get("compat") {
+        co = co.compat(Compat::from_name(&v.text).ok_or(()).or_else(|_| {
+            fail(format!(
+                "Parameter 'version' does not accept value '{}'",
+                v.text
+            ))
+        })?);
+    }
+    if let Some(v) = opts.get("compression_type") {
+        co = co.compression_type(match v.text.as_str() {
+            "zlib" => CompressionType::Zlib,
+            "zstd" => CompressionType::Zstd,
+            _ => {
+                return fail(format!(
+                    "Parameter 'compression-type' does not accept value '{}'",
+                    v.text
+                ))
+            }
+        });
+    }
+    let backing_format = match backing_fmt.as_deref() {
+        None => None,
+        Some(f) => Some(ImageFormat::from_name(f).ok_or(()).or_else(|_| {
+            fail(format!(
+                "Parameter 'backing-fmt' does not accept value '{f}'"
+            ))
+        })?),
+    };
+    match (&backing, backing_format) {
+        (Some(name), Some(f)) => co = co.backing_file(name.clone(), f),
+        (None, Some(_)) => return fail("Backing format cannot be used without backing file"),
+        _ => {}
+    }
+    if let Some(v) = opts.get("data_file") {
+        co = co.data_file(v.text.clone());
+    }
+    if let Some(v) = opts.get("cluster_size") {
+        co = co.cluster_size(v.num);
+    }
+    if let Some(v) = opts.get("refcount_bits") {
+        co = co.refcount_bits(v.num);
+    }
+    co = co
+        .extended_l2(opts.get("extended_l2").is_some_and(|v| v.flag))
+        .lazy_refcounts(opts.get("lazy_refcounts").is_some_and(|v| v.flag))
+        .data_file_raw(opts.get("data_file_raw").is_some_and(|v| v.flag))
+        .preallocation(prealloc)
+        // The backing file was checked above (or -u said not to).
+        .check_backing(false);
+    let Some(rounded) = size
+        .checked_next_multiple_of(512)
+        .filter(|&n| n <= i64::MAX as u64)
+    else {
+        return fail("Could not resize image: Image size cannot be negative");
+    };
+    co = co.size(rounded);
+    create(&FileOpener, &args.image, &co)
+        .await
+        .map_err(engine_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_like_qemu() {
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert_eq!(parse_size(" 1M"), Ok(1 << 20));
+        assert_eq!(parse_size("1.5k"), Ok(1536));
+        assert_eq!(parse_size("1.5M"), Ok(1_572_864));
+        assert_eq!(parse_size("0x10"), Ok(16));
+        assert_eq!(parse_size("1b"), Ok(1));
+        assert_eq!(parse_size("4T"), Ok(4 << 40));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        for bad in [
+            "1X", "512.5", "1.5", "1e3", "1MB", "0x1.8k", "", "abc", "1M,",
+        ] {
+            assert_eq!(parse_size(bad), Err(SizeError::Invalid), "{bad}");
+        }
+        assert_eq!(parse_size("-1"), Err(SizeError::Negative));
+    }
+
+    #[test]
+    fn option_lists_split_like_qemu() {
+        assert_eq!(split_list("a=1,b=x,,y"), vec!["a=1", "b=x,y"]);
+        assert!(valid_list("a=1"));
+        assert!(valid_list("a=x,,"));
+        assert!(!valid_list("a,"));
+        assert!(!valid_list(""));
+        assert_eq!(parse_number("0x10"), Some(16));
+        assert_eq!(parse_number("-1"), Some(u64::MAX));
+        assert_eq!(parse_number("1.5"), None);
+    }
+}
