@@ -1,9 +1,10 @@
-//! `qimg convert -O raw`: write the guest view of an image to a raw file, leaving holes where
-//! the image reads zeros.
+//! `qimg convert`: write the guest view of an image to a raw file or a new qcow2 image,
+//! leaving holes (unallocated clusters) where the source reads zeros.
 
 use crate::util::open_disk;
 use anyhow::{bail, Context, Result};
 use blockio::{Backend, FileOpener, IoBuf, OpenOptions, Opener};
+use qcow2_engine::{Disk, Image, ImageOptions};
 use std::path::Path;
 
 /// Bytes read per request.
@@ -12,23 +13,65 @@ const CHUNK: usize = 2 << 20;
 const SPARSE: usize = 4096;
 
 /// Runs `qimg convert`.
-pub async fn run(source: &Path, format: Option<&str>, out_format: &str, dest: &Path) -> Result<()> {
-    if out_format != "raw" {
-        bail!("output format '{out_format}' is not supported yet (use -O raw)");
-    }
+pub async fn run(
+    source: &Path,
+    format: Option<&str>,
+    out_format: &str,
+    options: &[String],
+    dest: &Path,
+) -> Result<()> {
     let disk = open_disk(source, format).await?;
-    let out = FileOpener
-        .open(
-            dest,
-            OpenOptions {
-                write: true,
-                create: true,
-                truncate: true,
-                direct: false,
-            },
-        )
-        .await
-        .with_context(|| format!("Could not create '{}'", dest.display()))?;
+    match out_format {
+        "raw" => {
+            if !options.is_empty() {
+                crate::create::create_for_convert("raw", options, dest, disk.size()).await?;
+            }
+            let out = FileOpener
+                .open(
+                    dest,
+                    OpenOptions {
+                        write: true,
+                        create: true,
+                        truncate: true,
+                        direct: false,
+                    },
+                )
+                .await
+                .with_context(|| format!("Could not create '{}'", dest.display()))?;
+            copy(&disk, source, dest, |buf, off| out.write_at(buf, off)).await?;
+            out.set_len(disk.size())
+                .await
+                .with_context(|| format!("error while writing '{}'", dest.display()))?;
+            out.flush()
+                .await
+                .with_context(|| format!("error while writing '{}'", dest.display()))?;
+        }
+        "qcow2" => {
+            crate::create::create_for_convert("qcow2", options, dest, disk.size()).await?;
+            let out = Image::open(FileOpener, dest, ImageOptions::new())
+                .await
+                .with_context(|| format!("Could not open '{}'", dest.display()))?;
+            let img = &out;
+            copy(&disk, source, dest, move |buf, off| async move {
+                let (res, buf) = img.write_at(buf, off).await;
+                (res.map_err(std::io::Error::other), buf)
+            })
+            .await?;
+            out.close()
+                .await
+                .with_context(|| format!("error while writing '{}'", dest.display()))?;
+        }
+        other => bail!("output format '{other}' is not supported (use -O raw or -O qcow2)"),
+    }
+    Ok(())
+}
+
+/// Copies every run of non-zero granules of `disk` through `write`.
+async fn copy<F, Fut>(disk: &Disk<FileOpener>, source: &Path, dest: &Path, write: F) -> Result<()>
+where
+    F: Fn(IoBuf, u64) -> Fut,
+    Fut: std::future::Future<Output = (std::io::Result<()>, IoBuf)>,
+{
     let size = disk.size();
     let mut buf = IoBuf::new(CHUNK);
     let mut offset = 0u64;
@@ -55,17 +98,11 @@ pub async fn run(source: &Path, format: Option<&str>, out_format: &str, dest: &P
                 i += g;
             }
             buf.set_window(start..i);
-            let (res, b) = out.write_at(buf, offset + start as u64).await;
+            let (res, b) = write(buf, offset + start as u64).await;
             buf = b;
             res.with_context(|| format!("error while writing '{}'", dest.display()))?;
         }
         offset += n as u64;
     }
-    out.set_len(size)
-        .await
-        .with_context(|| format!("error while writing '{}'", dest.display()))?;
-    out.flush()
-        .await
-        .with_context(|| format!("error while writing '{}'", dest.display()))?;
     Ok(())
 }

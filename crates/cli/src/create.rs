@@ -57,6 +57,33 @@ fn fail<T>(msg: impl Into<String>) -> Result<T, Failure> {
 }
 
 /// Runs `qimg create`; exit status 0 on success, 1 on any error.
+/// Creates `image` as `qimg create -q -f FORMAT -o OPTIONS IMAGE SIZE` would (for
+/// `qimg convert`): the same option parsing, checks and messages.
+pub async fn create_for_convert(
+    format: &str,
+    options: &[String],
+    image: &std::path::Path,
+    size: u64,
+) -> anyhow::Result<()> {
+    let args = CreateArgs {
+        format: Some(format.to_owned()),
+        options: options.to_vec(),
+        backing: None,
+        backing_format: None,
+        unsafe_backing: false,
+        quiet: true,
+        image: image.display().to_string(),
+        size: Some(size.to_string()),
+    };
+    create_image(&args).await.map_err(|f| {
+        if f.with_name {
+            anyhow::anyhow!("{}: {}", args.image, f.msg)
+        } else {
+            anyhow::anyhow!("{}", f.msg)
+        }
+    })
+}
+
 pub async fn run(args: CreateArgs) -> ExitCode {
     match create_image(&args).await {
         Ok(()) => ExitCode::SUCCESS,

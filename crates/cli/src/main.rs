@@ -79,9 +79,12 @@ enum Command {
         /// Source format (probed when absent).
         #[arg(short = 'f')]
         format: Option<String>,
-        /// Output format: raw.
+        /// Output format: raw or qcow2.
         #[arg(short = 'O', default_value = "raw")]
         output_format: String,
+        /// Options for the new image, as `qimg create -o` takes them (may be repeated).
+        #[arg(short = 'o')]
+        options: Vec<String>,
         /// Source image.
         source: PathBuf,
         /// Destination file.
@@ -164,11 +167,12 @@ fn main() -> ExitCode {
             Command::Convert {
                 format,
                 output_format,
+                options,
                 source,
                 dest,
             } => util::exit(
                 1,
-                convert::run(&source, format.as_deref(), &output_format, &dest).await,
+                convert::run(&source, format.as_deref(), &output_format, &options, &dest).await,
             ),
             Command::Check {
                 format,
