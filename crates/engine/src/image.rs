@@ -54,8 +54,9 @@ pub(crate) struct Meta {
     /// Refcounts and allocation (read-write images only).
     pub(crate) alloc: Option<qcow2_alloc::Allocator>,
     /// Guest clusters with an allocating write in flight (invariant I6): others wait on the
-    /// gate, which the allocating writer holds exclusively until its L2 entry is in place.
-    pub(crate) allocating: std::collections::HashMap<u64, Gate>,
+    /// gate, which opens when the allocating writer drops its guard (after its L2 entry is in
+    /// place, or when it fails or is cancelled).
+    pub(crate) gates: qcow2_alloc::Gates,
     /// Whether the header changes due before the first write were made.
     pub(crate) first_write_done: bool,
     /// Clusters holding metadata the allocator does not own (the overlap guard's map).
@@ -89,9 +90,6 @@ impl MetadataClusters {
         self.l2.contains(&c) || self.ranges.iter().any(|&(s, e)| (s..e).contains(&c))
     }
 }
-
-/// A gate a request waits on while another one allocates the same guest cluster.
-pub(crate) type Gate = std::sync::Arc<async_lock::RwLock<()>>;
 
 /// An external data file.
 pub(crate) struct DataFile<B> {
@@ -424,7 +422,7 @@ impl<O: Opener> Image<O> {
                 l2: TableCache::new(l2_tables),
                 header: header.clone(),
                 alloc,
-                allocating: Default::default(),
+                gates: qcow2_alloc::Gates::new(),
                 first_write_done: false,
                 metadata,
             }),

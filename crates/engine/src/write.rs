@@ -8,16 +8,15 @@
 //! written before the L2 entry that exposes it, and refcount decrements wait until the
 //! unmapping that caused them is on disk (I4, I5): see [`Image::write_back`].
 
-use crate::image::{Disk, Gate, Image, Meta};
+use crate::image::{Disk, Image, Meta};
 use crate::read::{Piece, Source};
 use crate::{Error, Result};
 use blockio::{Backend, IoBuf, Opener};
-use qcow2_alloc::{ExclusiveLease, SharedLease};
+use qcow2_alloc::{ExclusiveLease, Gate, GateGuard, SharedLease};
 use qcow2_format::{
     features, GuestOffset, HostCluster, HostOffset, L1Entry, L2Entry, L2Mapping, SubclusterBitmap,
     SubclusterState,
 };
-use std::sync::Arc;
 
 /// The outcome of a write from an owned buffer, and the buffer back.
 pub type WriteResult = (Result<()>, IoBuf);
@@ -73,7 +72,7 @@ struct AllocStep {
     /// Where the entry goes.
     l2_offset: u64,
     l2_index: usize,
-    gate: async_lock::RwLockWriteGuardArc<()>,
+    gate: GateGuard,
     _leases: Vec<SharedLease>,
 }
 
@@ -189,7 +188,7 @@ impl<O: Opener> Image<O> {
         };
         match step {
             Step::WaitGate(gate) => {
-                drop(gate.read().await);
+                gate.wait().await;
                 (Ok(0), buf)
             }
             Step::WaitLease(c) => {
@@ -256,8 +255,8 @@ impl<O: Opener> Image<O> {
         let geo = self.geo;
         let cs = geo.cluster_size();
         let cluster = pos & !(cs - 1);
-        if let Some(g) = meta.allocating.get(&(cluster >> geo.cluster_bits())) {
-            return Ok(Step::WaitGate(g.clone()));
+        if let Some(g) = meta.gates.get(cluster >> geo.cluster_bits()) {
+            return Ok(Step::WaitGate(g));
         }
         let l1_index = geo.l1_index(GuestOffset(pos));
         let data_file = self.data_file.is_some();
@@ -288,7 +287,7 @@ impl<O: Opener> Image<O> {
             let mut run: Option<(u64, u64)> = None; // (host start, len)
             for (p, c_end, entry) in entries {
                 let c = p & !(cs - 1);
-                if p > pos && meta.allocating.contains_key(&(p >> geo.cluster_bits())) {
+                if p > pos && meta.gates.is_allocating(p >> geo.cluster_bits()) {
                     break;
                 }
                 let host = match self.decode_entry(entry, c)? {
@@ -511,11 +510,19 @@ impl<O: Opener> Image<O> {
         )
         .map_err(|e| self.corrupt_err(format!("encoding an L2 entry: {e}")))?;
 
-        let gate: Gate = Arc::new(async_lock::RwLock::new(()));
-        let guard = gate
-            .try_write_arc()
-            .expect("a new gate is not locked by anyone");
-        meta.allocating.insert(cluster >> geo.cluster_bits(), gate);
+        let guard = match meta.gates.begin(cluster >> geo.cluster_bits()) {
+            Ok(g) => g,
+            Err(g) => {
+                // Cannot happen (checked under this lock hold), but waiting is always safe.
+                if allocated {
+                    let alloc = meta.alloc.as_mut().ok_or(Error::ReadOnly)?;
+                    alloc
+                        .release_unreferenced(geo.host_cluster(HostOffset(host)), 1)
+                        .map_err(|e| self.alloc_err(e))?;
+                }
+                return Ok(Step::WaitGate(g));
+            }
+        };
         Ok(Step::Allocate(Box::new(AllocStep {
             cluster,
             from,
@@ -549,8 +556,6 @@ impl<O: Opener> Image<O> {
         let n = a.to - a.from;
         let (res, buf) = self.write_cluster(buf, at, &a).await;
         let mut meta = self.meta.lock().await;
-        meta.allocating
-            .remove(&(a.cluster >> self.geo.cluster_bits()));
         if let Err(e) = res {
             if a.allocated {
                 if let Some(alloc) = meta.alloc.as_mut() {
@@ -1030,12 +1035,14 @@ impl<O: Opener> Image<O> {
                 continue;
             }
             // Wait for allocations in flight in this table's part of the range.
-            let gate = (pos..table_end)
-                .step_by(cs as usize)
-                .find_map(|c| meta.allocating.get(&(c >> geo.cluster_bits())).cloned());
+            let gate = meta.gates.first_in(
+                (pos..table_end)
+                    .step_by(cs as usize)
+                    .map(|c| c >> geo.cluster_bits()),
+            );
             if let Some(g) = gate {
                 drop(meta);
-                drop(g.read().await);
+                g.wait().await;
                 continue;
             }
             let l2 = self.writable_l2(&mut meta, l1_index).await?;
