@@ -1581,3 +1581,54 @@ fn first_write_clears_unknown_autoclear_bits() {
 fn discard_then_flush() {
     scenario("discard-flush");
 }
+
+/// Issue 5: a failed flush is "never reported as success later". On Linux a failed fsync may
+/// already have dropped the dirty pages it covered and reports that once; a later fsync then
+/// succeeds without them (QEMU's file-posix therefore fails every flush after one failed,
+/// `page_cache_inconsistent`). Modelled by `CrashSpec::failed_flush_loses`: if the engine
+/// reports a later flush as successful, a crash after it must still hold every write
+/// acknowledged before it, even though the failed flush lost what it covered.
+#[test]
+#[ignore = "engine gap: a flush succeeds after a failed one, though the failed fsync may have lost the data (issue 5: never reported as success later)"]
+fn engine_bug_success_after_failed_fsync() {
+    let rt = runtime();
+    let p = prepare(Source::Create("", 4 * MIB));
+    rt.block_on(async {
+        let (opener, _) = p.opener();
+        let ctl = opener.controller();
+        let img = Image::open(opener, &p.image, ImageOptions::new())
+            .await
+            .unwrap();
+        let mut model = Model {
+            bytes: p.initial.clone(),
+            cluster: p.cluster,
+        };
+        for (i, g) in [G::Write(0, 300 * KIB), G::Write(MIB, 100 * KIB)]
+            .into_iter()
+            .enumerate()
+        {
+            exec(&img, g, i).await.unwrap();
+            model.apply(g, i);
+        }
+        ctl.add_rule(FaultRule::new(EIO).op(OpKind::Flush).times(1));
+        typed(&img.flush().await.expect_err("the file flush fails"), EIO).unwrap();
+        ctl.clear_rules();
+        if img.flush().await.is_err() {
+            return; // QEMU's answer: every later flush fails
+        }
+        let spec = CrashSpec::new(0)
+            .survival_percent(0)
+            .failed_flush_loses(true);
+        let durable = ctl.crash(p.base(), &spec).bytes;
+        let got = guest_view(&p, durable.clone()).await.unwrap_or_else(|e| {
+            panic!("the second flush reported success, but a crash after it leaves: {e}")
+        });
+        assert!(
+            model.diff(&got).is_none(),
+            "the second flush reported success, but a crash after it loses acknowledged data \
+             the failed fsync dropped: {}",
+            model.diff(&got).unwrap_or_default()
+        );
+        qemu_ok(&p, &durable, "fsync").unwrap();
+    });
+}

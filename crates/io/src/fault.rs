@@ -855,6 +855,12 @@ pub struct CrashSpec {
     /// of 0, 25, 50, 75 and 100 %, so that some crash images keep nothing volatile and some
     /// keep everything.
     pub survival_percent: Option<u8>,
+    /// Linux's fsync semantics after an error: a failed flush may already have lost the
+    /// writes it was to make durable (the kernel drops or cleans the dirty pages and reports
+    /// the error once), so no later flush makes them durable: they stay volatile unless
+    /// written again. Without this, a failed flush changes nothing (it failed before reaching
+    /// the file, as an injected failure does).
+    pub failed_flush_loses: bool,
 }
 
 impl CrashSpec {
@@ -890,6 +896,12 @@ impl CrashSpec {
         self.survival_percent = Some(percent.min(100));
         self
     }
+
+    /// Failed flushes lose what they covered (see [`CrashSpec::failed_flush_loses`]).
+    pub fn failed_flush_loses(mut self, yes: bool) -> Self {
+        self.failed_flush_loses = yes;
+        self
+    }
 }
 
 /// The torn write of a [`CrashImage`].
@@ -910,8 +922,9 @@ pub struct TornSector {
 /// flush that failed, or that was still in flight, makes nothing durable. Of the *volatile*
 /// requests that change the file (write, write-zeroes, punch-hole, set-len) completed after
 /// that point, or in flight at the crash, any subset survives (chosen by the seed), applied
-/// over the durable state in completion order; with [`CrashSpec::tear`], one sector of one
-/// surviving ranged request keeps the bytes it had before that request.
+/// with the durable ones in completion order; with [`CrashSpec::tear`], one sector of one
+/// surviving ranged request keeps the bytes it had before that request. With
+/// [`CrashSpec::failed_flush_loses`], what a failed flush covered stays volatile for good.
 ///
 /// Requests that failed (injected or not) are taken to have changed nothing: true of injected
 /// failures, which never reach the inner backend, and of [`MemoryBackend`](crate::MemoryBackend).
@@ -1064,21 +1077,35 @@ impl CrashImage {
         let at = spec
             .at
             .unwrap_or_else(|| log.iter().map(|e| e.seq + 1).max().unwrap_or(0));
-        let durable = entries
-            .iter()
-            .filter(|e| e.info.op == OpKind::Flush && e.is_ok() && e.seq < at)
-            .map(|e| e.issued_after)
-            .max()
-            .unwrap_or(0);
+        // The durable point as of log position `before`.
+        let durable_before = |before: u64| {
+            entries
+                .iter()
+                .filter(|e| e.info.op == OpKind::Flush && e.is_ok() && e.seq < before)
+                .map(|e| e.issued_after)
+                .max()
+                .unwrap_or(0)
+        };
+        let durable = durable_before(at);
+        // With Linux's fsync semantics, the writes a failed flush covered never become
+        // durable: as `seq` ranges.
+        let forgotten: Vec<Range<u64>> = if spec.failed_flush_loses {
+            entries
+                .iter()
+                .filter(|e| e.info.op == OpKind::Flush && !e.is_ok() && e.seq < at)
+                .map(|e| durable_before(e.seq)..e.issued_after)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let is_durable =
+            |e: &LogEntry| e.seq < durable && !forgotten.iter().any(|r| r.contains(&e.seq));
         let useful = |e: &&&LogEntry| changes_file(e.info.op) && e.is_ok() && !e.injected;
         let mut bytes = base.to_vec();
-        for e in entries.iter().filter(useful).filter(|e| e.seq < durable) {
-            apply_entry(&mut bytes, e, None);
-        }
         let volatile: Vec<&LogEntry> = entries
             .iter()
             .filter(useful)
-            .filter(|e| e.seq >= durable && (e.seq < at || e.issued_after <= at))
+            .filter(|e| !is_durable(e) && (e.seq < at || e.issued_after <= at))
             .copied()
             .collect();
 
@@ -1115,9 +1142,19 @@ impl CrashImage {
                 });
             }
         }
+        // Everything that is there, in completion order (durable requests all come first,
+        // unless a failed flush forgot some).
         let (mut survived, mut lost) = (Vec::new(), Vec::new());
-        for (e, k) in volatile.iter().zip(&keep) {
-            if *k {
+        let mut v = volatile.iter().zip(&keep).peekable();
+        for e in entries.iter().filter(useful) {
+            if is_durable(e) {
+                apply_entry(&mut bytes, e, None);
+                continue;
+            }
+            let Some((_, &k)) = v.next_if(|(x, _)| x.seq == e.seq) else {
+                continue; // issued after the crash
+            };
+            if k {
                 let skip = torn.as_ref().filter(|t| t.seq == e.seq).map(|t| &t.range);
                 apply_entry(&mut bytes, e, skip);
                 survived.push(e.seq);
@@ -1280,6 +1317,37 @@ mod crash_tests {
         assert_eq!(
             images(&log, b"-", CrashSpec::default(), 100),
             HashSet::from([b"a".to_vec(), b"-".to_vec()])
+        );
+    }
+
+    #[test]
+    fn a_failed_flush_can_lose_what_it_covered_for_good() {
+        let mut failed = flush(1, 1);
+        failed.error = Some(libc::EIO);
+        let log = [
+            write(0, 0, 0, b"a"),
+            failed,
+            write(2, 2, 1, b"b"),
+            flush(3, 3),
+            write(4, 4, 0, b"c"),
+            flush(5, 5),
+        ];
+        // By default the later flush makes both writes durable.
+        assert_eq!(
+            images(&log, b"--", CrashSpec::default(), 50),
+            HashSet::from([b"cb".to_vec()])
+        );
+        let spec = CrashSpec::default().failed_flush_loses(true).at(4);
+        assert_eq!(
+            images(&log, b"--", spec, 100),
+            HashSet::from([b"-b".to_vec(), b"ab".to_vec(), b"cb".to_vec()]),
+            "the write the failed flush covered stays volatile (c may be in flight)"
+        );
+        // Written again after the failure, it is durable again; order is kept.
+        let spec = CrashSpec::default().failed_flush_loses(true);
+        assert_eq!(
+            images(&log, b"--", spec, 100),
+            HashSet::from([b"cb".to_vec()])
         );
     }
 
