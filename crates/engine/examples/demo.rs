@@ -12,7 +12,7 @@
 //! model, and `qemu-img check` (package `qemu-utils`) must find no corruption and no leak.
 
 use blockio::FileOpener;
-use qcow2_engine::{Image, ImageOptions};
+use qcow2_engine::{CreateOptions, Image, ImageOptions};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -134,13 +134,6 @@ fn main() -> Res<()> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("demo.qcow2");
     let path_s = path.to_str().ok_or("non-UTF-8 temp dir")?;
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", path_s, &SIZE.to_string()])
-        .output()
-        .map_err(|e| format!("cannot run qemu-img: {e} (install the Debian package qemu-utils)"))?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned().into());
-    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -152,6 +145,7 @@ fn main() -> Res<()> {
         args.seconds
     );
     let (models, stats, secs) = rt.block_on(async {
+        qcow2_engine::create(&FileOpener, &path, &CreateOptions::new().size(SIZE)).await?;
         let img = Arc::new(Image::open(FileOpener, &path, ImageOptions::new()).await?);
         let start = Instant::now();
         let deadline = start + Duration::from_secs(args.seconds);
