@@ -51,6 +51,9 @@ struct Config {
     cluster: u64,
     /// Workloads run on real files (`FaultOpener<FileOpener>`) instead of memory.
     files: bool,
+    /// Open with O_DIRECT (real files only): metadata updates become read-modify-writes of
+    /// whole blocks.
+    direct: bool,
     /// Tasks running at once, each in its own slice of the disk (real files make them
     /// interleave at every request: tokio's file I/O runs on the blocking pool).
     tasks: u64,
@@ -75,6 +78,7 @@ const CONFIGS: &[Config] = &[
         size: 4 << 20,
         cluster: 65536,
         files: false,
+        direct: false,
         tasks: 1,
         runs: 4,
         ops: 60,
@@ -88,6 +92,7 @@ const CONFIGS: &[Config] = &[
         size: 2 << 20,
         cluster: 4096,
         files: false,
+        direct: false,
         tasks: 1,
         runs: 4,
         ops: 60,
@@ -101,6 +106,7 @@ const CONFIGS: &[Config] = &[
         size: 4 << 20,
         cluster: 4096,
         files: false,
+        direct: false,
         tasks: 1,
         runs: 4,
         ops: 60,
@@ -115,6 +121,7 @@ const CONFIGS: &[Config] = &[
         size: 2 << 20,
         cluster: 512,
         files: false,
+        direct: false,
         tasks: 1,
         runs: 4,
         ops: 60,
@@ -130,6 +137,7 @@ const CONFIGS: &[Config] = &[
         size: 4 << 20,
         cluster: 512,
         files: false,
+        direct: false,
         tasks: 1,
         runs: 4,
         ops: 100,
@@ -143,6 +151,7 @@ const CONFIGS: &[Config] = &[
         size: 4 << 20,
         cluster: 65536,
         files: false,
+        direct: false,
         tasks: 1,
         runs: 3,
         ops: 60,
@@ -156,6 +165,7 @@ const CONFIGS: &[Config] = &[
         size: 4 << 20,
         cluster: 32768,
         files: false,
+        direct: false,
         tasks: 1,
         runs: 3,
         ops: 60,
@@ -169,6 +179,7 @@ const CONFIGS: &[Config] = &[
         size: 4 << 20,
         cluster: 65536,
         files: false,
+        direct: false,
         tasks: 1,
         runs: 3,
         ops: 60,
@@ -182,6 +193,7 @@ const CONFIGS: &[Config] = &[
         size: 4 << 20,
         cluster: 512,
         files: false,
+        direct: false,
         tasks: 1,
         runs: 3,
         ops: 100,
@@ -195,6 +207,7 @@ const CONFIGS: &[Config] = &[
         size: 8 << 20,
         cluster: 2 << 20,
         files: false,
+        direct: false,
         tasks: 1,
         runs: 2,
         ops: 24,
@@ -208,11 +221,26 @@ const CONFIGS: &[Config] = &[
         size: 4 << 20,
         cluster: 4096,
         files: true,
+        direct: false,
         tasks: 4,
         runs: 2,
         ops: 40,
         points: 60,
         max_len: 64 << 10,
+        fixture: None,
+    },
+    Config {
+        name: "files-direct-64k",
+        opts: "",
+        size: 4 << 20,
+        cluster: 65536,
+        files: true,
+        direct: true,
+        tasks: 2,
+        runs: 2,
+        ops: 30,
+        points: 40,
+        max_len: 256 << 10,
         fixture: None,
     },
     Config {
@@ -222,6 +250,7 @@ const CONFIGS: &[Config] = &[
         size: 0,
         cluster: 0,
         files: false,
+        direct: false,
         tasks: 1,
         runs: 2,
         ops: 40,
@@ -236,6 +265,7 @@ const CONFIGS: &[Config] = &[
         size: 0,
         cluster: 0,
         files: false,
+        direct: false,
         tasks: 1,
         runs: 2,
         ops: 40,
@@ -250,6 +280,7 @@ const CONFIGS: &[Config] = &[
         size: 0,
         cluster: 0,
         files: false,
+        direct: false,
         tasks: 1,
         runs: 2,
         ops: 40,
@@ -263,6 +294,7 @@ const CONFIGS: &[Config] = &[
         size: 0,
         cluster: 0,
         files: false,
+        direct: false,
         tasks: 1,
         runs: 2,
         ops: 40,
@@ -476,9 +508,10 @@ async fn drive<O: Opener>(
     opener: FaultOpener<O>,
     path: &Path,
     ops: &mut [Vec<Op>],
+    direct: bool,
 ) -> Vec<LogEntry> {
     let ctl = opener.controller();
-    let img = Image::open(opener, path, ImageOptions::new())
+    let img = Image::open(opener, path, ImageOptions::new().direct(direct))
         .await
         .unwrap_or_else(|e| panic!("open: {e}"));
     let clock = AtomicU64::new(0);
@@ -519,11 +552,16 @@ fn run_workload(cfg: &Config, seed: u64) -> Run {
     let rt = runtime();
     let log = if cfg.files {
         let opener = FaultOpener::new(FileOpener);
-        rt.block_on(drive(opener, &path, &mut ops))
+        rt.block_on(drive(opener, &path, &mut ops, cfg.direct))
     } else {
         let mem = MemoryOpener::new();
         mem.insert(IMAGE, MemoryBackend::from_vec(base.clone()));
-        rt.block_on(drive(FaultOpener::new(mem), Path::new(IMAGE), &mut ops))
+        rt.block_on(drive(
+            FaultOpener::new(mem),
+            Path::new(IMAGE),
+            &mut ops,
+            false,
+        ))
     };
     Run {
         cfg,
@@ -1199,4 +1237,9 @@ fn crash_over_zero_clusters() {
 #[test]
 fn crash_over_preallocated_metadata() {
     torture("fixture-prealloc-metadata");
+}
+
+#[test]
+fn crash_on_real_files_with_o_direct() {
+    torture("files-direct-64k");
 }
