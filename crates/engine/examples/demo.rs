@@ -9,7 +9,8 @@
 //! Each task owns a slice of the disk and keeps a model of it (one pattern byte per 512-byte
 //! sector); it checks every read it makes against the model while the others run. At the
 //! end the image is closed, reopened read-only and compared sector by sector with the
-//! model, and `qemu-img check` (package `qemu-utils`) must find no corruption and no leak.
+//! model; the engine's own check and `qemu-img check` (package `qemu-utils`) must both find
+//! no corruption and no leak.
 
 use blockio::FileOpener;
 use qcow2_engine::{CreateOptions, Image, ImageOptions};
@@ -215,6 +216,14 @@ fn main() -> Res<()> {
                 off += n;
             }
         }
+        let report = img.check().await?;
+        if !report.is_clean() {
+            return Err(format!("the engine's check found problems: {:?}", report.messages).into());
+        }
+        println!(
+            "  engine check: no errors, {}/{} clusters allocated",
+            report.allocated_clusters, report.total_clusters
+        );
         Res::Ok(())
     })?;
     println!(
