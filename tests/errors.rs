@@ -1174,7 +1174,7 @@ fn scenarios() -> Vec<Scenario> {
             target: G::Flush,
             expect: &[HeaderWrite, L2WriteBack, Flush],
             after: None,
-            bugs: &[0],
+            bugs: &[],
         },
         Scenario {
             name: "lazy-refcounts-close",
@@ -1221,7 +1221,7 @@ fn scenarios() -> Vec<Scenario> {
             target: G::Write(4096, 8192),
             expect: &[HeaderWrite, Flush, DataWrite],
             after: Some(unknown_autoclear_clear),
-            bugs: &[0],
+            bugs: &[],
         },
         Scenario {
             // Discards only: the L2 update is the one write before the refcount decrement.
@@ -1232,7 +1232,7 @@ fn scenarios() -> Vec<Scenario> {
             target: G::Flush,
             expect: &[L2WriteBack, RefblockWrite, Flush, PunchHole],
             after: None,
-            bugs: &[2],
+            bugs: &[],
         },
         Scenario {
             name: "extended-l2-write",
@@ -1299,48 +1299,6 @@ fn scenario(name: &str) {
         .find(|s| s.name == name)
         .unwrap_or_else(|| panic!("no scenario {name}"));
     torture(scn, false);
-}
-
-/// Runs only the faults of a scenario that expose a known engine bug.
-fn known_bug(name: &str) {
-    let all = scenarios();
-    let scn = all
-        .iter()
-        .find(|s| s.name == name)
-        .unwrap_or_else(|| panic!("no scenario {name}"));
-    assert!(!scn.bugs.is_empty());
-    torture(scn, true);
-}
-
-/// Lazy refcounts: `write_back` sets the dirty bit in the in-memory header before writing
-/// it; when that header write fails, the retry sees the bit already set and skips it, then
-/// writes L2 tables that point at clusters whose refcounts are only in memory. A crash after
-/// the retried flush leaves an image without the dirty bit and with referenced clusters of
-/// refcount 0 (I4), which QEMU does not repair on open.
-#[test]
-#[ignore = "engine bug: a failed dirty-bit header write is never retried (lazy refcounts)"]
-fn engine_bug_lazy_dirty_bit_not_retried() {
-    known_bug("lazy-refcounts-flush");
-}
-
-/// `write_back` marks the L2 tables clean once written, before the barrier after them; if
-/// that barrier fails, the retried flush has no dirty table, issues no barrier, and writes
-/// the refcount decrements of the discard at once. The L2 removal and the lowered refcount
-/// are then both volatile and unordered: a crash can keep the refcount 0 and lose the
-/// removal (I4: "an L2 entry's removal is written before the refcount drop it causes").
-#[test]
-#[ignore = "engine bug: after a failed barrier, decrements are written before the L2 removal is durable"]
-fn engine_bug_decrement_after_failed_barrier() {
-    known_bug("discard-flush");
-}
-
-/// `before_first_write` clears unknown autoclear bits in the in-memory header before writing
-/// it; when the header write fails, the retry sees nothing to clear, and the engine writes
-/// to the image with the unknown autoclear bit still set on disk.
-#[test]
-#[ignore = "engine bug: a failed autoclear header write is never retried"]
-fn engine_bug_autoclear_bits_not_retried() {
-    known_bug("first-write-unknown-autoclear");
 }
 
 /// The classes of the issue's checklist are all hit (by the scenarios' reference runs).

@@ -169,11 +169,15 @@ impl<O: Opener> Image<O> {
             for t in &b.tracked {
                 b.directory[t.index].flags |= BitmapDirectoryEntry::IN_USE;
             }
-            b.marked_in_use = true;
             (b.directory_offset, b.directory_bytes()?)
         };
         self.write_meta(bytes.0, &bytes.1).await?;
-        self.sync().await
+        self.sync().await?;
+        // Only once `in_use` is on disk: a failure is retried before the next write.
+        if let Some(b) = self.bitmaps.lock().await.as_mut() {
+            b.marked_in_use = true;
+        }
+        Ok(())
     }
 
     /// Records a guest write (or zeroing, or discard) in the maintained bitmaps.

@@ -61,6 +61,9 @@ pub(crate) struct Meta {
     pub(crate) first_write_done: bool,
     /// Clusters holding metadata the allocator does not own (the overlap guard's map).
     pub(crate) metadata: MetadataClusters,
+    /// Metadata was written since the last successful barrier (write-back must not order
+    /// anything after it before a barrier succeeds).
+    pub(crate) barrier_owed: bool,
 }
 
 /// Where the image's metadata lives, apart from refcount structures (which the allocator
@@ -423,6 +426,7 @@ impl<O: Opener> Image<O> {
                 header: header.clone(),
                 alloc,
                 gates: qcow2_alloc::Gates::new(),
+                barrier_owed: false,
                 first_write_done: false,
                 metadata,
             }),

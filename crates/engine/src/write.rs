@@ -637,7 +637,9 @@ impl<O: Opener> Image<O> {
     async fn before_first_write(&self) -> Result<()> {
         let mut meta = self.meta.lock().await;
         if meta.first_write_done {
-            return Ok(());
+            drop(meta);
+            // Cheap when done; repeats the bitmaps' in_use marking if it failed before.
+            return self.bitmaps_in_use().await;
         }
         let maintained = self.bitmaps.lock().await.is_some();
         let mut known = features::AUTOCLEAR_DATA_FILE_RAW;
@@ -646,9 +648,12 @@ impl<O: Opener> Image<O> {
         }
         let keep = meta.header.autoclear_features & known;
         if meta.header.autoclear_features != keep {
-            meta.header.autoclear_features = keep;
-            self.write_header(&meta.header).await?;
+            let mut header = meta.header.clone();
+            header.autoclear_features = keep;
+            self.write_header(&header).await?;
             self.sync().await?;
+            // Only once the cleared bits are on disk: a failure is retried by the next write.
+            meta.header = header;
         }
         meta.first_write_done = true;
         drop(meta);
@@ -740,17 +745,24 @@ impl<O: Opener> Image<O> {
         let mut synced = false;
         // 1. Refcounts; with lazy refcounts, the dirty bit instead, before any L2 update
         //    that relies on it reaches the disk. The barrier after it also makes the guest
-        //    data written so far durable before the L2 entries that expose it.
-        let mut wrote = false;
+        //    data written so far durable before the L2 entries that expose it. A barrier
+        //    owed by an earlier write-back that failed comes first of all.
         if refcounts {
-            wrote = self.write_refcounts(meta).await?;
+            if self.write_refcounts(meta).await? {
+                meta.barrier_owed = true;
+            }
         } else if !meta.header.is_dirty() && l2_dirty {
-            meta.header.incompatible_features |= features::INCOMPAT_DIRTY;
-            self.write_header(&meta.header).await?;
-            wrote = true;
+            let mut header = meta.header.clone();
+            header.incompatible_features |= features::INCOMPAT_DIRTY;
+            self.write_header(&header).await?;
+            meta.barrier_owed = true;
+            self.barrier(meta).await?;
+            // Only a dirty bit known to be on disk counts.
+            meta.header = header;
+            synced = true;
         }
-        if wrote || l2_dirty {
-            self.sync().await?;
+        if meta.barrier_owed || l2_dirty {
+            self.barrier(meta).await?;
             synced = true;
         }
 
@@ -760,11 +772,10 @@ impl<O: Opener> Image<O> {
             for off in &dirty {
                 let bytes = meta.l2.peek(*off).expect("dirty table is cached").to_vec();
                 self.write_meta(*off, &bytes).await?;
-            }
-            for off in &dirty {
                 meta.l2.mark_clean(*off);
+                meta.barrier_owed = true;
             }
-            self.sync().await?;
+            self.barrier(meta).await?;
         }
         if let (Some(&lo), Some(&hi)) = (meta.l1_dirty.first(), meta.l1_dirty.last()) {
             let bytes: Vec<u8> = meta.l1[lo as usize..=hi as usize]
@@ -774,7 +785,8 @@ impl<O: Opener> Image<O> {
             self.write_meta(meta.header.l1_table_offset + lo * 8, &bytes)
                 .await?;
             meta.l1_dirty.clear();
-            self.sync().await?;
+            meta.barrier_owed = true;
+            self.barrier(meta).await?;
         }
 
         // 3. Deferred decrements, now that every unmapping is on disk.
@@ -794,10 +806,19 @@ impl<O: Opener> Image<O> {
             meta.metadata.l2.remove(&c.0);
         }
         if refcounts && self.write_refcounts(meta).await? {
-            self.sync().await?;
+            meta.barrier_owed = true;
+            self.barrier(meta).await?;
             synced = true;
         }
         Ok((freed, synced))
+    }
+
+    /// A barrier that pays what the metadata writes before it owe: only a successful one
+    /// clears the debt, so a failed barrier is repeated before anything that depends on it.
+    async fn barrier(&self, meta: &mut Meta) -> Result<()> {
+        self.sync().await?;
+        meta.barrier_owed = false;
+        Ok(())
     }
 
     /// Writes dirty refcount blocks and the table (moving it if it grew).
