@@ -36,3 +36,9 @@ shuttle:
 soak SEEDS="10000" ROUNDS="200":
     QCOW2_SCHEDULE_FIRST_SEED="${QCOW2_SCHEDULE_FIRST_SEED:-$(date +%s)000}" QCOW2_SCHEDULE_SEEDS={{SEEDS}} cargo test -q -p qcow2-engine --test random_schedules -- --nocapture
     for i in $(seq {{ROUNDS}}); do cargo test -q -p qcow2-engine --test seed_race >/dev/null || { echo "seed_race failed in round $i" >&2; exit 1; }; done; echo "seed_race: {{ROUNDS}} rounds passed"
+    HOSTILE_CASES="${HOSTILE_CASES:-50000}" HOSTILE_CRAFTED_ALL=1 HOSTILE_BASE="${HOSTILE_BASE:-$(date +%s)}" cargo test -q -p qcow2-tests --test hostile_images -- --nocapture
+
+# Fuzz with cargo-fuzz (docs/FUZZING.md): TARGET open_read_write, format_parse or all, for
+# SECONDS each; works with the stable toolchain (RUSTC_BOOTSTRAP=1). Extra libFuzzer options after.
+fuzz TARGET="all" SECONDS="300" *ARGS:
+    scripts/fuzz.sh {{TARGET}} {{SECONDS}} {{ARGS}}
