@@ -650,28 +650,12 @@ const MAX_SNAPSHOT_TABLE: u64 = 64 << 20;
 impl<O: Opener> Image<O> {
     /// The internal snapshots, read from the snapshot table.
     pub async fn snapshots(&self) -> Result<Vec<qcow2_format::Snapshot>> {
-        let n = self.header.nb_snapshots;
-        if n == 0 {
-            return Ok(Vec::new());
-        }
-        let off = self.header.snapshots_offset;
-        let limit = self.file_len().saturating_sub(off).min(MAX_SNAPSHOT_TABLE);
-        // Entries have variable length: read a guess and grow it while the parser says the
-        // table is truncated.
-        let mut want = (u64::from(n) * 64).clamp(4096, limit.max(1));
-        loop {
-            let buf = read_bytes(&self.file, off, want.min(limit), "snapshot table").await?;
-            match qcow2_format::Snapshot::parse_table(&buf, n) {
-                Ok(s) => return Ok(s),
-                Err(FormatError::Truncated { .. }) if want < limit => want = (want * 4).min(limit),
-                Err(source) => {
-                    return Err(Error::Format {
-                        path: self.path.clone(),
-                        source,
-                    })
-                }
-            }
-        }
+        read_snapshot_table(&self.file, &self.header, self.file_len())
+            .await?
+            .map_err(|source| Error::Format {
+                path: self.path.clone(),
+                source,
+            })
     }
 
     /// The persistent dirty bitmaps' directory entries (empty without the bitmaps extension).
@@ -849,37 +833,43 @@ async fn metadata_clusters<B: Backend>(
             m.l2.insert(off.0 >> geo.cluster_bits());
         }
     }
-    if header.nb_snapshots > 0 {
-        // The table's extent and the snapshots' L1 tables.
-        let mut want = (u64::from(header.nb_snapshots) * 64).max(4096);
-        let file_len = file.len().await.unwrap_or(0);
-        let limit = file_len
-            .saturating_sub(header.snapshots_offset)
-            .min(64 << 20);
-        loop {
-            let buf = read_bytes(
-                file,
-                header.snapshots_offset,
-                want.min(limit),
-                "snapshot table",
-            )
-            .await?;
-            match qcow2_format::Snapshot::parse_table(&buf, header.nb_snapshots) {
-                Ok(snaps) => {
-                    let len: u64 = snaps.iter().map(|s| s.serialized_len() as u64).sum();
-                    m.add_range(&geo, header.snapshots_offset, len);
-                    for s in snaps {
-                        m.add_range(&geo, s.l1_table_offset, u64::from(s.l1_size) * 8);
-                    }
-                    break;
-                }
-                Err(FormatError::Truncated { .. }) if want < limit => want = (want * 4).min(limit),
-                Err(_) => break, // reads report a broken table; the guard works without it
-            }
+    // The snapshot table's extent and the snapshots' L1 tables (a broken table is reported
+    // by the reads that need it; the guard works without it).
+    let file_len = file.len().await.unwrap_or(0);
+    if let Ok(snaps) = read_snapshot_table(file, header, file_len).await? {
+        let len: u64 = snaps.iter().map(|s| s.serialized_len() as u64).sum();
+        m.add_range(&geo, header.snapshots_offset, len);
+        for s in snaps {
+            m.add_range(&geo, s.l1_table_offset, u64::from(s.l1_size) * 8);
         }
     }
     if let Some(b) = header.bitmaps() {
         m.add_range(&geo, b.directory_offset, b.directory_size);
     }
     Ok(m)
+}
+
+/// Reads and parses the snapshot table (empty without snapshots). Entries have variable
+/// length: a guess is read and grown while the parser says the table is truncated, up to
+/// QEMU's 64 MiB limit and the end of the file. I/O errors are the outer error, a malformed
+/// table the inner one.
+async fn read_snapshot_table<B: Backend>(
+    file: &B,
+    header: &Header,
+    file_len: u64,
+) -> Result<std::result::Result<Vec<qcow2_format::Snapshot>, FormatError>> {
+    let n = header.nb_snapshots;
+    if n == 0 {
+        return Ok(Ok(Vec::new()));
+    }
+    let off = header.snapshots_offset;
+    let limit = file_len.saturating_sub(off).min(MAX_SNAPSHOT_TABLE);
+    let mut want = (u64::from(n) * 64).clamp(4096, limit.max(1));
+    loop {
+        let buf = read_bytes(file, off, want.min(limit), "snapshot table").await?;
+        match qcow2_format::Snapshot::parse_table(&buf, n) {
+            Err(FormatError::Truncated { .. }) if want < limit => want = (want * 4).min(limit),
+            other => return Ok(other),
+        }
+    }
 }
