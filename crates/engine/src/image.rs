@@ -235,7 +235,18 @@ pub(crate) async fn read_bytes<B: Backend>(
 ) -> Result<IoBuf> {
     let align = backend.alignment().max(1) as u64;
     let start = offset / align * align;
-    let end = (offset + len).div_ceil(align) * align;
+    let end = offset
+        .checked_add(len)
+        .and_then(|e| e.checked_next_multiple_of(align))
+        .ok_or_else(|| {
+            Error::io(
+                format!("reading {what}"),
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("range {offset:#x}+{len:#x} overflows"),
+                ),
+            )
+        })?;
     // Callers bound `len` (header area, validated table sizes, one cluster).
     let mut buf = IoBuf::with_alignment((end - start) as usize, align as usize);
     let (res, b) = blockio::read_zero_padded(backend, buf, start).await;
@@ -864,7 +875,7 @@ async fn read_snapshot_table<B: Backend>(
     }
     let off = header.snapshots_offset;
     let limit = file_len.saturating_sub(off).min(MAX_SNAPSHOT_TABLE);
-    let mut want = (u64::from(n) * 64).clamp(4096, limit.max(1));
+    let mut want = (u64::from(n) * 64).max(4096).min(limit.max(1));
     loop {
         let buf = read_bytes(file, off, want.min(limit), "snapshot table").await?;
         match qcow2_format::Snapshot::parse_table(&buf, n) {
