@@ -17,9 +17,10 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
 
-# Read throughput of the engine against the demo image (benchmarks proper come with `qimg bench`).
-bench:
-    scripts/demo.sh
+# Benchmarks: qcow2-engine against QEMU's qcow2 driver and the raw file, every cell of issue 6;
+# writes docs/BENCHMARKS.md. Env: BENCH_RUNS (3), BENCH_SCALE (1), BENCH_CELLS, BENCH_NOTE.
+bench *ARGS:
+    scripts/bench.sh {{ARGS}}
 
 # The lease models under loom: every interleaving within the preemption bound
 # (LOOM_MAX_PREEMPTIONS, default 3), then the no-lease build, which must report violations.

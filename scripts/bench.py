@@ -1,0 +1,619 @@
+#!/usr/bin/env python3
+"""The `just bench` harness (run through scripts/bench.sh, which builds qimg first).
+
+Every cell runs four sides on the same image, alternating A B C D A B C D ... so that drift of
+the machine (other builds, page cache, the disk's own state) spreads over all sides alike:
+
+  ours     qimg bench -i io_uring           (qcow2-engine, io_uring backend)
+  qemu     qemu-img bench -f qcow2 -i io_uring
+  threads  qimg bench -i threads            (qcow2-engine, tokio file backend)
+  raw      the file underneath: fio (ioengine=io_uring) when installed, otherwise
+           qemu-img bench -f raw on a preallocated raw file of the image's size (a stand-in)
+
+qimg bench and qemu-img bench get the same options, so they send the same requests in the
+same order; the time is theirs ("Run completed in X seconds.", the request loop only) and
+IOPS = requests / time. After every run of our engine that wrote, `qemu-img check` must find
+no error and no leak, else the harness stops at once and keeps the image. On the first round
+of every cell that allocates, the images written by our engine and by QEMU must also compare
+equal (`qemu-img compare`).
+
+Results go to docs/BENCHMARKS.md above the marker line; whatever is below the marker is kept.
+Standard library only (Python 3.11).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+IMG_SIZE = 4 * GiB
+CLUSTER = 64 * KiB
+# An odd multiple of 4 KiB: request i goes to (i * STEP) mod 4 GiB, a permutation of the 2^20
+# 4 KiB units (consecutive requests are 48 MiB apart), the closest qemu-img bench gets to
+# random I/O. Both tools wrap modulo the image size.
+PERM_STEP = 12345 * 4 * KiB
+SPAN_VIRT = 1 * TiB
+SPAN_ALLOC = 64 * GiB
+PATTERN = 0xAA  # written by the cells; not zero, so no zero detection can shortcut a write
+PREP_PATTERN = 0x55
+MARKER = "<!-- bench.sh: everything above this line is rewritten by `just bench`; hand-written sections below it are kept -->"
+SIDES = ("ours", "qemu", "threads", "raw")
+VERBOSE = False
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass
+class Cell:
+    id: str
+    title: str
+    kind: str  # alloc (fresh image each run), rewrite / read (prepared 4 GiB image), span
+    size: int
+    step: int
+    write: bool
+    depth: int
+    cache: str
+    count: int
+    flush: int | None = None
+
+    def bench_args(self) -> list[str]:
+        a = ["-c", str(self.count), "-d", str(self.depth), "-s", str(self.size),
+             "-S", str(self.step), "-t", self.cache]
+        if self.write:
+            a += ["-w", "--pattern", str(PATTERN)]
+        if self.flush:
+            a += ["--flush-interval", str(self.flush)]
+        return a
+
+    @property
+    def pattern_name(self) -> str:
+        if self.kind == "span":
+            return "stride"
+        if self.step == self.size:
+            return "seq"
+        if self.count * self.step <= IMG_SIZE:
+            return "stride"
+        return "perm"
+
+
+# Requests per run at BENCH_SCALE=1, chosen on the 2-core reference machine so that the
+# slowest side of each cell runs for about 0.5-1.5 s: (kind, cache, depth) -> count. The
+# allocating 4k cells are kept smaller: every request leaves a separate extent in the host
+# file, and removing an image on a discard-mounted ext4 (as here) costs ~1-3 ms per extent,
+# ten times the request itself; more requests would make `just bench` mostly `rm`.
+COUNTS = {
+    ("alloc4k", "none", 1): 800, ("alloc4k", "none", 32): 1600,
+    ("alloc4k", "writeback", 1): 1600, ("alloc4k", "writeback", 32): 3200,
+    ("rewrite4k", "none", 1): 6000, ("rewrite4k", "none", 32): 12000,
+    ("rewrite4k", "writeback", 1): 15000, ("rewrite4k", "writeback", 32): 30000,
+    ("read4k", "none", 1): 6000, ("read4k", "none", 32): 30000,
+    ("read4k", "writeback", 1): 40000, ("read4k", "writeback", 32): 60000,
+    ("seq64k", "none", 1): 1500, ("seq64k", "none", 32): 2500,
+    ("seq64k", "writeback", 1): 4000, ("seq64k", "writeback", 32): 4000,
+    ("seq1M", "none", 1): 400, ("seq1M", "none", 32): 600,
+    ("seq1M", "writeback", 1): 1500, ("seq1M", "writeback", 32): 2000,
+    ("flush64", "none", 32): 1024, ("flush64", "writeback", 32): 1536,
+    ("span", "none", 1): 30000, ("span", "none", 32): 40000,
+    ("span", "writeback", 1): 40000, ("span", "writeback", 32): 60000,
+}
+
+
+def make_cells(scale: float) -> list[Cell]:
+    def n(key, cap=None):
+        c = max(16, int(COUNTS[key] * scale))
+        return min(c, cap) if cap else c
+
+    clusters = IMG_SIZE // CLUSTER
+    cells = []
+    for cache in ("none", "writeback"):
+        for d in (1, 32):
+            sfx = f"{cache}-qd{d}"
+            cells += [
+                # Step = cluster size on a fresh image: every write allocates a new cluster
+                # (capped at one pass, so no request ever lands on an allocated one).
+                Cell(f"alloc4k-{sfx}", "4k allocating writes", "alloc", 4 * KiB, CLUSTER,
+                     True, d, cache, n(("alloc4k", cache, d), clusters)),
+                Cell(f"rewrite4k-{sfx}", "4k rewrites of allocated data", "rewrite", 4 * KiB,
+                     PERM_STEP, True, d, cache, n(("rewrite4k", cache, d))),
+                Cell(f"read4k-{sfx}", "4k reads of allocated data", "read", 4 * KiB,
+                     PERM_STEP, False, d, cache, n(("read4k", cache, d))),
+                Cell(f"seq64k-{sfx}", "64k sequential allocating writes", "alloc", 64 * KiB,
+                     64 * KiB, True, d, cache, n(("seq64k", cache, d), clusters)),
+                Cell(f"seq1M-{sfx}", "1M sequential reads", "read", MiB, MiB, False, d, cache,
+                     n(("seq1M", cache, d), IMG_SIZE // MiB)),
+            ]
+    for cache in ("none", "writeback"):
+        cells.append(Cell(f"flush64-{cache}-qd32", "4k allocating writes, flush every 64",
+                          "alloc", 4 * KiB, CLUSTER, True, 32, cache,
+                          max(64, n(("flush64", cache, 32), clusters) // 64 * 64), flush=64))
+    for cache in ("none", "writeback"):
+        for d in (1, 32):
+            c = n(("span", cache, d), SPAN_ALLOC // CLUSTER)
+            # qemu-img bench has only a linear stride, and no stride can scatter over 64 GiB of
+            # a 1 TiB image (it wraps modulo 1 TiB): walk the span once, every request in a
+            # fresh cluster, all 128 L2 tables (8 MiB of L2) loaded in one run.
+            step = max(CLUSTER, SPAN_ALLOC // c // (4 * KiB) * (4 * KiB))
+            cells.append(Cell(f"span1T-{cache}-qd{d}",
+                              "1 TiB image: 4k reads striding over 64 GiB allocated", "span",
+                              4 * KiB, step, False, d, cache, c))
+    return cells
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def die(msg: str, code: int = 1):
+    print(f"\nbench: FAILED: {msg}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def sh(cmd: list[str], timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
+    t = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if VERBOSE:
+        print(f"  ({time.time() - t:5.2f} s  {' '.join(cmd)})", flush=True)
+    if check and p.returncode != 0:
+        die(f"command failed ({p.returncode}): {' '.join(cmd)}\n{p.stdout}{p.stderr}")
+    return p
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.dir = Path(args.dir).resolve()
+        self.qimg = args.qimg
+        self.fio = shutil.which("fio")
+        self.results: dict[str, dict[str, list[float]]] = {}
+        self.errors: dict[str, str] = {}
+        self.oddities: list[str] = []
+        self.checks = 0
+        self.compares = 0
+        self.rm_secs = 0.0
+
+    # --- images ------------------------------------------------------------------------------
+    def p(self, name: str) -> str:
+        return str(self.dir / name)
+
+    def prepare(self, cells: list[Cell]):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        kinds = {c.kind for c in cells}
+        reuse = self.args.reuse
+        raw = self.p("raw.img")
+        have_raw = reuse and os.path.exists(raw) and os.path.getsize(raw) == IMG_SIZE
+        if kinds - {"span"} and not have_raw:
+            t = time.time()
+            self.rm(raw)
+            # Written in full (not fallocate): the physical limit of rewriting real blocks.
+            sh(["qemu-img", "create", "-q", "-f", "raw", "-o", "preallocation=full", raw,
+                str(IMG_SIZE)])
+            print(f"prepared raw.img (4 GiB, preallocation=full) in {time.time() - t:.1f} s",
+                  flush=True)
+        if kinds & {"rewrite", "read"}:
+            data = self.p("data.qcow2")
+            ok = reuse and os.path.exists(data) and self.check(data, quiet=True)
+            if not ok:
+                t = time.time()
+                self.rm(data)
+                sh(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    f"cluster_size={CLUSTER}", data, str(IMG_SIZE)])
+                # The first pass: QEMU writes every cluster once (1M sequential writes), so
+                # the cells read and rewrite allocated clusters holding real blocks.
+                sh(["qemu-img", "bench", "-q", "-f", "qcow2", "-i", "io_uring", "-t", "none",
+                    "-w", "--pattern", str(PREP_PATTERN), "-s", str(MiB), "-c",
+                    str(IMG_SIZE // MiB), "-d", "16", data])
+                out = sh(["qemu-img", "check", "-f", "qcow2", data]).stdout
+                if f"{IMG_SIZE // CLUSTER}/{IMG_SIZE // CLUSTER} = 100.00% allocated" not in out:
+                    die(f"data.qcow2 is not fully allocated after the first pass:\n{out}")
+                print(f"prepared data.qcow2 (4 GiB, every cluster written) in "
+                      f"{time.time() - t:.1f} s", flush=True)
+        if "span" in kinds:
+            span = self.p("span.qcow2")
+            if not (reuse and os.path.exists(span) and self.check(span, quiet=True)):
+                self.rm(span)
+                # L2 tables and refcounts for the first 64 GiB without writing 64 GiB of data:
+                # metadata preallocation points every L2 entry of that range at a host cluster
+                # (plain allocated entries, not zero flags) and only sizes the host file, which
+                # stays sparse (~10 MiB on disk); growing the virtual disk to 1 TiB afterwards
+                # only enlarges the L1 table. Reads then go through L2 to host holes.
+                sh(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    f"cluster_size={CLUSTER},preallocation=metadata", span, str(SPAN_ALLOC)])
+                sh(["qemu-img", "resize", "-q", "-f", "qcow2", span, str(SPAN_VIRT)])
+            rawspan = self.p("rawspan.img")
+            self.rm(rawspan)
+            with open(rawspan, "wb") as f:
+                f.truncate(SPAN_VIRT)  # sparse, like the data clusters of span.qcow2
+
+    def rm(self, path: str):
+        t = time.time()
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        self.rm_secs += time.time() - t
+
+    def fresh(self, side: str) -> str:
+        img = self.p(f"fresh-{side}.qcow2")
+        self.rm(img)
+        sh(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER}", img,
+            str(IMG_SIZE)])
+        return img
+
+    def check(self, img: str, quiet: bool = False) -> bool:
+        p = sh(["qemu-img", "check", "-f", "qcow2", img], check=False)
+        if quiet:
+            return p.returncode == 0
+        self.checks += 1
+        if p.returncode != 0 or "No errors were found" not in p.stdout:
+            die(f"qemu-img check found errors ({p.returncode}) on {img}, written by our "
+                f"engine; image kept for inspection:\n{p.stdout}{p.stderr}", code=2)
+        return True
+
+    # --- one run -----------------------------------------------------------------------------
+    def command(self, cell: Cell, side: str, img: str) -> list[str]:
+        if side in ("ours", "threads"):
+            aio = "io_uring" if side == "ours" else "threads"
+            return [self.qimg, "bench", "-f", "qcow2", "-i", aio] + cell.bench_args() + [img]
+        if side == "qemu":
+            return ["qemu-img", "bench", "-f", "qcow2", "-i", "io_uring"] + cell.bench_args() + [img]
+        if self.fio:
+            region = SPAN_ALLOC if cell.kind == "span" else IMG_SIZE
+            mode = "write" if cell.write else "read"
+            pat = cell.pattern_name
+            rw = {"seq": mode, "stride": f"{mode}:{cell.step - cell.size}",
+                  "perm": f"rand{mode}"}[pat]
+            cmd = ["fio", "--name=raw", f"--filename={img}", "--ioengine=io_uring",
+                   f"--direct={1 if cell.cache == 'none' else 0}", f"--bs={cell.size}",
+                   f"--iodepth={cell.depth}", f"--size={region}", f"--number_ios={cell.count}",
+                   f"--rw={rw}", "--invalidate=0", "--randrepeat=1", "--output-format=json"]
+            if cell.flush:
+                cmd.append(f"--fsync={cell.flush}")
+            return cmd
+        return ["qemu-img", "bench", "-f", "raw", "-i", "io_uring"] + cell.bench_args() + [img]
+
+    def run(self, cell: Cell, side: str, keep: bool) -> tuple[float, str, str]:
+        """Returns (IOPS, first output line, image)."""
+        if side == "raw":
+            img = self.p("rawspan.img" if cell.kind == "span" else "raw.img")
+        elif cell.kind == "alloc":
+            img = self.fresh(side)
+        elif cell.kind == "span":
+            img = self.p("span.qcow2")
+        else:
+            img = self.p("data.qcow2")
+        cmd = self.command(cell, side, img)
+        for attempt in range(3):
+            t = time.time()
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            if self.args.verbose:
+                print(f"  {side:8} {time.time() - t:6.2f} s  {' '.join(cmd)}", flush=True)
+            # QEMU's crashes are QEMU's: note them and run again (on the same image; a fresh
+            # one for allocating cells). Our engine's are not retried.
+            if p.returncode >= 0 or side in ("ours", "threads") or attempt == 2:
+                break
+            self.oddities.append(f"`{' '.join(cmd)}` was killed by signal {-p.returncode} "
+                                 f"(run again){': ' + p.stderr.strip() if p.stderr.strip() else ''}")
+            print(f"  {side}: killed by signal {-p.returncode}, running again", flush=True)
+            if cell.kind == "alloc" and side != "raw":
+                img = self.fresh(side)
+                cmd = self.command(cell, side, img)
+        if p.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout}{p.stderr}")
+        if side == "raw" and self.fio:
+            job = json.loads(p.stdout[p.stdout.index("{"):])["jobs"][0]
+            iops = job["write" if cell.write else "read"]["iops"]
+            first = ""
+        else:
+            m = re.search(r"Run completed in\s+([0-9.]+) seconds\.", p.stdout)
+            if not m:
+                raise RuntimeError(f"{' '.join(cmd)}: no 'Run completed' line:\n{p.stdout}")
+            secs = float(m.group(1))
+            if secs <= 0:
+                raise RuntimeError(f"{' '.join(cmd)}: zero time; raise the count")
+            iops = cell.count / secs
+            first = p.stdout.splitlines()[0] if p.stdout else ""
+        if side in ("ours", "threads") and cell.write:
+            self.check(img)
+        if cell.kind == "alloc" and side != "raw" and not keep:
+            self.rm(img)
+        return iops, first, img
+
+    # --- one cell ----------------------------------------------------------------------------
+    def cell(self, cell: Cell):
+        res = {s: [] for s in SIDES}
+        self.results[cell.id] = res
+        t0 = time.time()
+        try:
+            if cell.cache == "writeback" and not cell.write:
+                # Unmeasured warm-up: the first reader would otherwise pay for the page cache.
+                for side in ("qemu", "raw"):
+                    self.run(cell, side, keep=False)
+            for r in range(self.args.runs):
+                firsts, imgs = {}, {}
+                first_round = r == 0 and cell.kind == "alloc"
+                for side in SIDES:
+                    iops, firsts[side], imgs[side] = self.run(cell, side, keep=first_round)
+                    res[side].append(iops)
+                if r == 0 and firsts["ours"] != firsts["qemu"]:
+                    self.oddities.append(f"{cell.id}: qimg printed `{firsts['ours']}`, "
+                                         f"qemu-img printed `{firsts['qemu']}`")
+                if first_round:
+                    for side in ("ours", "threads"):
+                        p = sh(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qcow2",
+                                imgs[side], imgs["qemu"]], check=False)
+                        self.compares += 1
+                        if p.returncode != 0:
+                            die(f"{cell.id}: the image written by our engine ({side}) differs "
+                                f"from QEMU's after the same requests (qemu-img compare "
+                                f"{p.returncode}); images kept in {self.dir}\n{p.stdout}"
+                                f"{p.stderr}", code=2)
+                    for side in ("ours", "qemu", "threads"):
+                        self.rm(imgs[side])
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            self.errors[cell.id] = str(e)
+            print(f"\n{cell.id}: FAILED: {e}", file=sys.stderr, flush=True)
+            return
+        med = {s: statistics.median(v) for s, v in res.items()}
+        print(f"{cell.id:24} ours {med['ours']:9.0f}  qemu {med['qemu']:9.0f}  "
+              f"threads {med['threads']:9.0f}  raw {med['raw']:9.0f}  "
+              f"ours/qemu {med['ours'] / med['qemu']:5.2f}  ({time.time() - t0:.0f} s)",
+              flush=True)
+
+
+# --- the report ----------------------------------------------------------------------------
+
+
+def fmt_iops(v: list[float]) -> str:
+    if not v:
+        return "–"
+    return f"{statistics.median(v):,.0f} [{min(v):,.0f}–{max(v):,.0f}]"
+
+
+def ratio(a: list[float], b: list[float]) -> str:
+    if not a or not b:
+        return "–"
+    return f"{statistics.median(a) / statistics.median(b):.2f}"
+
+
+def first_line(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True).stdout.splitlines()[0].strip()
+    except (OSError, IndexError):
+        return "?"
+
+
+def machine(bench: Bench) -> list[tuple[str, str]]:
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+    fs = " ".join(first_line(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", str(bench.dir)]).split())
+    git = first_line(["git", "-C", str(ROOT), "describe", "--always", "--dirty"])
+    raw = (f"{first_line(['fio', '--version'])}, ioengine=io_uring, direct=1 (cache none) / "
+           "direct=0 (writeback)" if bench.fio else
+           "**fio not installed**: `qemu-img bench -f raw -i io_uring` on a preallocated raw "
+           "file of the same size stands in")
+    return [
+        ("CPUs (nproc)", first_line(["nproc"])),
+        ("CPU", cpu),
+        ("memory", f"{mem_kb / (1 << 20):.1f} GiB"),
+        ("kernel", first_line(["uname", "-r"])),
+        ("bench directory", f"`{os.path.relpath(bench.dir, ROOT)}` on {fs}"),
+        ("qemu-img", first_line(["qemu-img", "--version"])),
+        ("raw reference", raw),
+        ("qimg", f"`{git}` (release build)"),
+    ]
+
+
+def report(bench: Bench, cells: list[Cell], started: str, elapsed: float, load0: str,
+           load1: str) -> str:
+    a = bench.args
+    raw_hdr = "raw (fio)" if bench.fio else "raw (stand-in†)"
+    L = ["# Benchmarks", "",
+         "Generated by `just bench` (scripts/bench.sh → scripts/bench.py). qcow2-engine's "
+         "`qimg bench` against QEMU's qcow2 driver (`qemu-img bench`) and the raw file "
+         "underneath, the same cells on the same images in the same run, sides alternating "
+         "(ours, QEMU, ours on the tokio file backend, raw; repeated).", "",
+         f"- date: {started}",
+         f"- runs per side and cell: {a.runs}; request counts × {a.scale:g}"
+         f"{' (reduced)' if a.scale < 1 else ''}",
+         f"- the whole run took {elapsed / 60:.1f} min (images prepared, every cell, checks; "
+         f"without the cargo build), {bench.rm_secs / 60:.1f} min of it removing images",
+         f"- load average (1, 5, 15 min) before: {load0}; after: {load1}"]
+    if a.note:
+        L.append(f"- note: {a.note}")
+    if a.cells:
+        L.append(f"- **partial run**: only the cells matching `{a.cells}`")
+    L += ["", "## Machine", "", "| | |", "| --- | --- |"]
+    L += [f"| {k} | {v} |" for k, v in machine(bench)]
+    L += ["", "## Results", "",
+          "IOPS, median [min–max] of the runs; ratios of medians. *ours* is qcow2-engine on "
+          "io_uring, *threads* the same engine on the tokio file backend (`-i threads`).", "",
+          f"| cell | cache | QD | requests | ours | QEMU | {raw_hdr} | ours/QEMU | ours/raw "
+          "| threads | threads/ours |",
+          "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for c in cells:
+        r = bench.results.get(c.id)
+        if r is None:
+            continue
+        name = c.title
+        if c.id in bench.errors:
+            L.append(f"| {name} | {c.cache} | {c.depth} | {c.count} | **failed** (below) "
+                     "| | | | | | |")
+            continue
+        L.append(f"| {name} | {c.cache} | {c.depth} | {c.count:,} | {fmt_iops(r['ours'])} | "
+                 f"{fmt_iops(r['qemu'])} | {fmt_iops(r['raw'])} | "
+                 f"**{ratio(r['ours'], r['qemu'])}** | {ratio(r['ours'], r['raw'])} | "
+                 f"{fmt_iops(r['threads'])} | {ratio(r['threads'], r['ours'])} |")
+    L.append("")
+    if not bench.fio:
+        L += ["† fio not installed: the raw column is `qemu-img bench -f raw -i io_uring` with "
+              "the cell's options on a raw file of the same size, preallocated in full (for the "
+              "1 TiB cell: a sparse 1 TiB file, like the holes behind span.qcow2). It is QEMU's "
+              "thinnest path to the file, not fio's, so it is a stand-in for the physical "
+              "limit, not the limit itself.", ""]
+    if bench.errors:
+        L += ["### Failed cells", ""]
+        for k, v in bench.errors.items():
+            L += [f"- `{k}`:", "", "```", v.strip()[:2000], "```", ""]
+    if bench.oddities:
+        L += ["### Oddities seen by the harness", ""] + [f"- {o}" for o in bench.oddities] + [""]
+    L += [f"Verification: {bench.checks} `qemu-img check` runs on images our engine wrote, "
+          f"all clean; {bench.compares} `qemu-img compare` runs of our engine's freshly "
+          "allocated images against QEMU's after the same requests, all equal.", ""]
+    L += ["## Cells", "",
+          "All qcow2 images have 64 KiB clusters and are created by `qemu-img create`; both "
+          "tools get the same `bench` options (`-c -d -s -S -t` and, for writes, "
+          f"`-w --pattern {PATTERN}`).", "",
+          "- **4k allocating writes**: a fresh 4 GiB image for every run, `-s 4k -S 64k -w`: "
+          "every request writes into a cluster not allocated before (counts stay below one "
+          "pass of the 65,536 clusters).",
+          "- **4k rewrites / 4k reads of allocated data**: a 4 GiB image whose every cluster "
+          "was written once by a first pass (`qemu-img bench -w -s 1M` over the whole image), "
+          f"shared by all sides; `-s 4k -S {PERM_STEP}` (12345 × 4 KiB, odd), so request i goes "
+          "to i × 48.2 MiB mod 4 GiB: a permutation of the 4 KiB units that jumps to a "
+          "different L2 table about every tenth request.",
+          "- **64k sequential allocating writes**: a fresh image per run, `-s 64k -w`.",
+          "- **1M sequential reads**: the prepared image, `-s 1M` from offset 0.",
+          "- **flush every 64**: the 4k allocating writes with `--flush-interval 64` (the "
+          "queue drained before each flush, as qemu-img bench does by default).",
+          "- **1 TiB image**: `qemu-img create -o preallocation=metadata` of 64 GiB, then "
+          "`qemu-img resize` to 1 TiB. Metadata preallocation writes the L2 tables (128 of "
+          "them, 8 MiB) and refcounts of the 64 GiB with every entry pointing at a host "
+          "cluster, and only sizes the host file, which stays sparse (about 10 MiB on disk): "
+          "the metadata of 64 GiB exists without writing 64 GiB. Reads go through the L2 "
+          "tables to holes of the host file. qemu-img bench only strides linearly and wraps "
+          "modulo the virtual size, so no stride scatters over 64 GiB of a 1 TiB disk; the "
+          "cell strides once across the span (step = 64 GiB / requests, 4 KiB aligned): every "
+          "request reads a different cluster, every L2 table is loaded in each run, but "
+          "consecutive requests mostly share an L2 table.",
+          "- Cache `none` opens the image with O_DIRECT, `writeback` through the page cache. "
+          "Read cells in writeback mode get one unmeasured warm-up run (QEMU and raw) first.",
+          "- The raw side gets the same options on the raw file; with fio, strides become "
+          "`rw=read:SKIP`/`write:SKIP`, the permutation becomes `randread`/`randwrite` and the "
+          "flush interval `fsync=64`.", "",
+          "## How to reproduce", "",
+          "```sh",
+          "just bench                      # or scripts/bench.sh; builds qimg in release first",
+          "BENCH_RUNS=5 just bench         # more runs per side",
+          "BENCH_SCALE=0.5 just bench      # half the requests per run (a busy machine)",
+          "BENCH_CELLS='read4k|span' scripts/bench.sh --out /tmp/b.md   # some cells only",
+          "```", "",
+          "Needs qemu-img (scripts/setup.sh installs it), python3, about 9 GiB free under "
+          "`target/bench` on a real disk (tmpfs is refused), and fio for the true raw figure "
+          "(`apt-get install fio`). Runs are short (0.2–1.5 s for most cells on the reference "
+          "machine, less for the allocating 4k cells, whose counts are kept low because "
+          "removing their images costs more than running them: `COUNTS` in scripts/bench.py), "
+          "so a busy machine moves the numbers: compare the ratios of one run, look at the "
+          "spreads, and do not compare absolute IOPS across runs.", ""]
+    details = ["<details><summary>Every run (IOPS, in run order)</summary>", "",
+               "| cell | ours | QEMU | raw | threads |", "| --- | --- | --- | --- | --- |"]
+    for c in cells:
+        r = bench.results.get(c.id)
+        if r and c.id not in bench.errors:
+            details.append(f"| `{c.id}` | " + " | ".join(
+                ", ".join(f"{x:.0f}" for x in r[s]) for s in ("ours", "qemu", "raw", "threads"))
+                + " |")
+    L += details + ["", "</details>", ""]
+    return "\n".join(L)
+
+
+def write_doc(path: Path, generated: str):
+    kept = ""
+    if path.exists():
+        old = path.read_text()
+        if MARKER in old:
+            kept = old.split(MARKER, 1)[1].lstrip("\n")
+        elif old.strip():
+            kept = old  # a file written by hand before the harness: keep it all, below
+    if not kept.strip():
+        kept = ("## Notes\n\nHand-written notes (profiles, what limits a cell) go here; "
+                "`just bench` keeps everything below the marker.\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(generated.rstrip("\n") + "\n\n" + MARKER + "\n\n" + kept)
+
+
+def main():
+    env = os.environ.get
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=int(env("BENCH_RUNS", "3")))
+    ap.add_argument("--scale", type=float, default=float(env("BENCH_SCALE", "1")))
+    ap.add_argument("--dir", default=env("BENCH_DIR", str(ROOT / "target" / "bench")))
+    ap.add_argument("--cells", default=env("BENCH_CELLS", ""),
+                    help="regex: only the cells whose id matches (see --list)")
+    ap.add_argument("--out", default=env("BENCH_OUT", str(ROOT / "docs" / "BENCHMARKS.md")))
+    ap.add_argument("--note", default=env("BENCH_NOTE", ""))
+    ap.add_argument("--keep", action="store_true", default=env("BENCH_KEEP", "") == "1",
+                    help="keep the images afterwards")
+    ap.add_argument("--reuse", action="store_true", default=env("BENCH_REUSE", "") == "1",
+                    help="reuse prepared images left by --keep")
+    ap.add_argument("--qimg", default=env("BENCH_QIMG", str(ROOT / "target/release/qimg")))
+    ap.add_argument("-v", "--verbose", action="store_true", help="print every command")
+    ap.add_argument("--list", action="store_true", help="list the cells and exit")
+    args = ap.parse_args()
+    global VERBOSE
+    VERBOSE = args.verbose
+    if args.runs < 1 or args.scale <= 0:
+        die("--runs must be >= 1 and --scale > 0")
+
+    cells = make_cells(args.scale)
+    if args.cells:
+        cells = [c for c in cells if re.search(args.cells, c.id)]
+    if args.list:
+        for c in cells:
+            print(f"{c.id:24} {' '.join(c.bench_args())}")
+        return
+    if not cells:
+        die(f"no cell matches {args.cells!r}")
+    for tool in ("qemu-img",):
+        if not shutil.which(tool):
+            die(f"{tool} not found (scripts/setup.sh installs it)")
+    if not os.access(args.qimg, os.X_OK):
+        die(f"{args.qimg} not built (cargo build --release -p qimg)")
+
+    bench = Bench(args)
+    bench.dir.mkdir(parents=True, exist_ok=True)
+    fstype = first_line(["findmnt", "-n", "-o", "FSTYPE", "-T", str(bench.dir)])
+    if fstype in ("tmpfs", "ramfs"):
+        die(f"{bench.dir} is on {fstype}: benchmarks need a real disk (set BENCH_DIR)")
+    started = subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip()
+    load0 = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    t0 = time.time()
+    print(f"bench: {len(cells)} cells × 4 sides × {args.runs} runs in {bench.dir} "
+          f"({fstype}); raw side: {'fio' if bench.fio else 'fio not installed, qemu-img bench -f raw stand-in'}",
+          flush=True)
+    bench.prepare(cells)
+    for c in cells:
+        bench.cell(c)
+    elapsed = time.time() - t0
+    load1 = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    out = Path(args.out)
+    write_doc(out, report(bench, cells, started, elapsed, load0, load1))
+    (bench.dir / "results.json").write_text(json.dumps(
+        {"date": started, "elapsed_s": elapsed, "rm_s": bench.rm_secs, "load": [load0, load1],
+         "results": bench.results, "errors": bench.errors, "oddities": bench.oddities,
+         "cells": [dataclasses.asdict(c) for c in cells]}, indent=1))
+    if not args.keep:
+        for f in ("raw.img", "data.qcow2", "span.qcow2", "rawspan.img"):
+            bench.rm(bench.p(f))
+    for side in ("ours", "qemu", "threads"):
+        bench.rm(bench.p(f"fresh-{side}.qcow2"))
+    print(f"bench: wrote {out} in {elapsed / 60:.1f} min", flush=True)
+    if bench.errors:
+        die(f"{len(bench.errors)} cell(s) failed: {', '.join(bench.errors)}")
+
+
+if __name__ == "__main__":
+    main()
