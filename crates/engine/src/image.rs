@@ -280,18 +280,7 @@ impl<O: Opener> Image<O> {
         }
         chain.push(canonical);
         let role = if depth == 0 { "image" } else { "backing file" };
-        let file = opener
-            .open(path, io_options(options))
-            .await
-            .map_err(|source| Error::OpenFile {
-                role,
-                path: path.into(),
-                source,
-            })?;
-        let file_len = file
-            .len()
-            .await
-            .map_err(|e| Error::io(format!("{}: size", path.display()), e))?;
+        let (file, file_len) = open_file(opener, path, options, role).await?;
         let header = read_header(&file, path, file_len).await?;
         let format_err = |source: FormatError| Error::Format {
             path: path.into(),
@@ -476,22 +465,10 @@ impl<O: Opener> Image<O> {
                 if chain.contains(&canonical) {
                     return Err(Error::BackingLoop { path: path.into() });
                 }
-                let backend = opener
-                    .open(path, io_options(options))
-                    .await
-                    .map_err(|source| Error::OpenFile {
-                        role,
-                        path: path.into(),
-                        source,
-                    })?;
+                let (backend, len) = open_file(opener, path, options, role).await?;
                 // Like QEMU, a raw image's size is its length rounded up to whole sectors (the
                 // tail reads as zeros).
-                let size = backend
-                    .len()
-                    .await
-                    .map_err(|e| Error::io(format!("{}: size", path.display()), e))?
-                    .div_ceil(512)
-                    * 512;
+                let size = len.div_ceil(512) * 512;
                 Ok(Disk::Raw(RawImage {
                     backend,
                     path: path.into(),
@@ -607,18 +584,7 @@ async fn probe_format<O: Opener>(
     options: &ImageOptions,
     role: &'static str,
 ) -> Result<ImageFormat> {
-    let f = opener
-        .open(path, io_options(options))
-        .await
-        .map_err(|source| Error::OpenFile {
-            role,
-            path: path.into(),
-            source,
-        })?;
-    let len = f
-        .len()
-        .await
-        .map_err(|e| Error::io(format!("{}: size", path.display()), e))?;
+    let (f, len) = open_file(opener, path, options, role).await?;
     if len < 4 {
         return Ok(ImageFormat::Raw);
     }
@@ -883,4 +849,27 @@ async fn read_snapshot_table<B: Backend>(
             other => return Ok(other),
         }
     }
+}
+
+/// Opens `path` with the options' access mode and returns it with its length; errors name
+/// the file and its `role` ("image", "backing file", ...).
+async fn open_file<O: Opener>(
+    opener: &O,
+    path: &Path,
+    options: &ImageOptions,
+    role: &'static str,
+) -> Result<(O::Backend, u64)> {
+    let file = opener
+        .open(path, io_options(options))
+        .await
+        .map_err(|source| Error::OpenFile {
+            role,
+            path: path.into(),
+            source,
+        })?;
+    let len = file
+        .len()
+        .await
+        .map_err(|e| Error::io(format!("{}: size", path.display()), e))?;
+    Ok((file, len))
 }

@@ -823,7 +823,6 @@ impl<O: Opener> Image<O> {
 
     /// Writes dirty refcount blocks and the table (moving it if it grew).
     pub(crate) async fn write_refcounts(&self, meta: &mut Meta) -> Result<bool> {
-        let cs = self.cluster_size();
         let Some(alloc) = meta.alloc.as_mut() else {
             return Ok(false);
         };
@@ -864,7 +863,6 @@ impl<O: Opener> Image<O> {
                 wrote = true;
             }
         }
-        let _ = cs;
         Ok(wrote)
     }
 
