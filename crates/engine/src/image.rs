@@ -29,6 +29,13 @@ pub struct Image<O: Opener> {
     pub(crate) meta: async_lock::Mutex<Meta>,
     pub(crate) leases: LeaseTable,
     pub(crate) file_len: AtomicU64,
+    /// The image file's length as this session made it: it grows ahead of the allocations
+    /// ([`Image::grow_for`]), so that writes to new clusters overwrite reserved blocks.
+    pub(crate) grown: AtomicU64,
+    /// Serialises the growth of the file (one `preallocate` at a time).
+    pub(crate) growth: async_lock::Mutex<()>,
+    /// The length the file had at open: close trims the growth made ahead, never below this.
+    pub(crate) opened_len: u64,
     /// Whether the image looks like it was created with preallocation=metadata (computed on
     /// first use, as QEMU does, for block status).
     pub(crate) metadata_prealloc: async_lock::OnceCell<bool>,
@@ -432,6 +439,9 @@ impl<O: Opener> Image<O> {
             }),
             leases: LeaseTable::new(),
             file_len: AtomicU64::new(file_len),
+            grown: AtomicU64::new(file_len),
+            growth: async_lock::Mutex::new(()),
+            opened_len: file_len,
             metadata_prealloc: async_lock::OnceCell::new(),
             marked_corrupt: std::sync::atomic::AtomicBool::new(false),
             rmw: async_lock::RwLock::new(()),

@@ -581,6 +581,15 @@ impl<B: Backend> Backend for FaultInjector<B> {
             .await
     }
 
+    async fn preallocate(&self, len: u64) -> io::Result<()> {
+        // Recorded (and faulted) as the length change it is, when it is one.
+        if self.inner.len().await? >= len {
+            return Ok(());
+        }
+        self.simple(OpKind::SetLen, len, 0, || self.inner.preallocate(len))
+            .await
+    }
+
     async fn allocation(&self, offset: u64, len: u64) -> io::Result<crate::Allocation> {
         // A query about the file's layout, not its contents: passed straight through.
         self.inner.allocation(offset, len).await

@@ -321,6 +321,14 @@ impl Backend for TokioFile {
         Ok(())
     }
 
+    async fn preallocate(&self, len: u64) -> io::Result<()> {
+        if sys::file_len(self.fd())? >= len {
+            return Ok(());
+        }
+        self.with_file_blocking(move |i| sys::preallocate(i.file.as_raw_fd(), len))
+            .await
+    }
+
     async fn len(&self) -> io::Result<u64> {
         // fstat is quick: no trip to the blocking pool.
         sys::file_len(self.fd())

@@ -105,6 +105,20 @@ pub trait Backend: Clone + 'static {
     fn allocated_size(&self) -> impl Future<Output = io::Result<u64>> {
         self.len()
     }
+
+    /// Makes the file at least `len` bytes long, reserving storage for the part added where
+    /// the file system can (`fallocate` mode 0: unwritten extents that read as zeros). Never
+    /// changes a byte the file holds and never shrinks it. The engine grows an image ahead of
+    /// its allocations with it, so that new clusters are overwrites of reserved blocks rather
+    /// than writes that extend the file (which ext4 and XFS serialise on the inode).
+    fn preallocate(&self, len: u64) -> impl Future<Output = io::Result<()>> {
+        async move {
+            if self.len().await? < len {
+                self.set_len(len).await?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// The answer of [`Backend::allocation`].

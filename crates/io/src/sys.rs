@@ -94,6 +94,21 @@ pub(crate) fn set_len(fd: RawFd, len: u64) -> io::Result<()> {
     }
 }
 
+/// [`Backend::preallocate`](crate::Backend::preallocate) on a descriptor: `fallocate` mode 0
+/// over what lies past the end of the file, or (without fallocate) an extension by
+/// `ftruncate`. Concurrent writers can only lengthen the file meanwhile, and mode 0 leaves
+/// the data it meets untouched.
+pub(crate) fn preallocate(fd: RawFd, len: u64) -> io::Result<()> {
+    let cur = file_len(fd)?;
+    if cur >= len {
+        return Ok(());
+    }
+    match fallocate(fd, 0, cur, len - cur) {
+        Err(e) if is_unsupported(&e) => extend_to(fd, len),
+        r => r,
+    }
+}
+
 /// Extends the file to `len` if it is shorter (never shrinks). Not atomic against concurrent
 /// writers; used only by the write-zeroes fallback.
 pub(crate) fn extend_to(fd: RawFd, len: u64) -> io::Result<()> {

@@ -257,6 +257,20 @@ impl Backend for UringFile {
         Ok(())
     }
 
+    async fn preallocate(&self, len: u64) -> io::Result<()> {
+        let cur = sys::file_len(self.fd())?;
+        if cur >= len {
+            return Ok(());
+        }
+        let (off, n) = (to_off(cur)?, to_off(len - cur)?);
+        match self.inner.file.fallocate(off, n, 0).await {
+            Err(e) if sys::is_unsupported(&e) => {
+                self.blocking_fd(move |fd| sys::extend_to(fd, len)).await
+            }
+            r => r,
+        }
+    }
+
     async fn len(&self) -> io::Result<u64> {
         sys::file_len(self.fd())
     }
