@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct Image<O: Opener> {
     pub(crate) path: PathBuf,
     pub(crate) file: O::Backend,
+    /// The image file's flushes.
+    pub(crate) flushes: FlushState,
     pub(crate) data_file: Option<DataFile<O::Backend>>,
     pub(crate) header: Header,
     pub(crate) geo: ClusterGeometry,
@@ -102,9 +104,42 @@ impl MetadataClusters {
 }
 
 /// An external data file.
+/// A file's flushes, failing for good after one failed on a file written through the page
+/// cache, as QEMU's file-posix does (`page_cache_inconsistent`): Linux may drop the dirty
+/// pages a failed fsync covered and report that once, so a later fsync would succeed without
+/// them. With O_DIRECT the data never waited in the page cache, and a later flush may succeed.
+#[derive(Default)]
+pub(crate) struct FlushState(std::sync::atomic::AtomicBool);
+
+impl FlushState {
+    /// Flushes `backend` (the file at `path`).
+    pub(crate) async fn flush<B: Backend>(&self, backend: &B, path: &Path) -> Result<()> {
+        if self.0.load(Ordering::Acquire) {
+            return Err(Error::io(
+                format!(
+                    "{}: flush: an earlier flush failed, so writes made through the page cache \
+                     may have been lost; reopen the image",
+                    path.display()
+                ),
+                std::io::Error::from_raw_os_error(EIO),
+            ));
+        }
+        backend.flush().await.map_err(|e| {
+            if backend.alignment() <= 1 {
+                self.0.store(true, Ordering::Release);
+            }
+            Error::io(format!("{}: flush", path.display()), e)
+        })
+    }
+}
+
+/// EIO (5 on every Unix), the errno of every flush after a failed one.
+const EIO: i32 = 5;
+
 pub(crate) struct DataFile<B> {
     pub(crate) backend: B,
     pub(crate) path: PathBuf,
+    pub(crate) flushes: FlushState,
 }
 
 /// A disk image of either format: what a backing chain is made of, and what `qimg` opens
@@ -124,6 +159,7 @@ pub struct RawImage<B> {
     pub(crate) backend: B,
     pub(crate) path: PathBuf,
     pub(crate) size: u64,
+    pub(crate) flushes: FlushState,
 }
 
 impl<B> RawImage<B> {
@@ -357,6 +393,7 @@ impl<O: Opener> Image<O> {
             Some(DataFile {
                 backend,
                 path: resolved,
+                flushes: FlushState::default(),
             })
         } else {
             None
@@ -422,6 +459,7 @@ impl<O: Opener> Image<O> {
         Ok(Image {
             path: path.into(),
             file,
+            flushes: FlushState::default(),
             data_file,
             geo,
             read_only,
@@ -483,6 +521,7 @@ impl<O: Opener> Image<O> {
                     backend,
                     path: path.into(),
                     size,
+                    flushes: FlushState::default(),
                 }))
             }
         }

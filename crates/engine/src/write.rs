@@ -710,16 +710,13 @@ impl<O: Opener> Image<O> {
             .map_err(|e| Error::io(format!("{}: writing metadata", self.path.display()), e))
     }
 
+    /// Flushes the image file and the data file; after a failed flush of a file written
+    /// through the page cache, every later one fails too (see
+    /// [`FlushState`](crate::image::FlushState)).
     pub(crate) async fn sync(&self) -> Result<()> {
-        self.file
-            .flush()
-            .await
-            .map_err(|e| Error::io(format!("{}: flush", self.path.display()), e))?;
+        self.flushes.flush(&self.file, &self.path).await?;
         if let Some(d) = &self.data_file {
-            d.backend
-                .flush()
-                .await
-                .map_err(|e| Error::io(format!("{}: flush", d.path.display()), e))?;
+            d.flushes.flush(&d.backend, &d.path).await?;
         }
         Ok(())
     }
@@ -902,6 +899,11 @@ impl<O: Opener> Image<O> {
 
     /// Makes every acknowledged write durable (I8): metadata written back in order, then the
     /// file flushed. Freed clusters are punched out of the file afterwards.
+    ///
+    /// A failed flush is never followed by a successful one on an image opened through the
+    /// page cache (not `O_DIRECT`): the kernel may have dropped the writes the failed fsync
+    /// covered, so every later flush (and [`Image::close`]) fails with EIO, as QEMU's do, and
+    /// the image must be reopened; what it then holds is what a crash would have left.
     pub async fn flush(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
@@ -1341,11 +1343,7 @@ impl<O: Opener> Disk<O> {
     pub async fn flush(&self) -> Result<()> {
         match self {
             Disk::Qcow2(img) => img.flush().await,
-            Disk::Raw(raw) => raw
-                .backend
-                .flush()
-                .await
-                .map_err(|e| Error::io(format!("{}: flush", raw.path.display()), e)),
+            Disk::Raw(raw) => raw.flushes.flush(&raw.backend, &raw.path).await,
         }
     }
 
