@@ -101,9 +101,16 @@ impl MetadataClusters {
     pub(crate) fn contains(&self, c: u64) -> bool {
         self.l2.contains(&c) || self.ranges.iter().any(|&(s, e)| (s..e).contains(&c))
     }
+
+    /// Every cluster holding metadata (a range's clusters once each time it is listed).
+    pub(crate) fn clusters(&self) -> impl Iterator<Item = u64> + '_ {
+        self.ranges
+            .iter()
+            .flat_map(|&(s, e)| s..e)
+            .chain(self.l2.iter().copied())
+    }
 }
 
-/// An external data file.
 /// A file's flushes, failing for good after one failed on a file written through the page
 /// cache, as QEMU's file-posix does (`page_cache_inconsistent`): Linux may drop the dirty
 /// pages a failed fsync covered and report that once, so a later fsync would succeed without
@@ -136,6 +143,7 @@ impl FlushState {
 /// EIO (5 on every Unix), the errno of every flush after a failed one.
 const EIO: i32 = 5;
 
+/// An external data file.
 pub(crate) struct DataFile<B> {
     pub(crate) backend: B,
     pub(crate) path: PathBuf,
@@ -456,6 +464,10 @@ impl<O: Opener> Image<O> {
         } else {
             Some(load_allocator(&file, &header, path, file_len).await?)
         };
+        if let Some(alloc) = &alloc {
+            let data_file = data_file.is_some();
+            crate::verify::references(&file, path, &geo, &l1, data_file, &metadata, alloc).await?;
+        }
         Ok(Image {
             path: path.into(),
             file,

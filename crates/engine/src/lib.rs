@@ -38,6 +38,7 @@ mod map;
 mod options;
 mod read;
 mod status;
+mod verify;
 mod write;
 
 pub use check::{CheckReport, RepairMode};

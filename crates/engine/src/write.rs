@@ -106,12 +106,29 @@ impl<O: Opener> Image<O> {
 
     /// Allocates `count` clusters and extends the known end of the file over them (entries
     /// pointing there are valid from now on).
+    ///
+    /// A cluster the refcounts call free but that holds live metadata (the header, an L1 or
+    /// L2 table, the snapshot table, the bitmap directory) is never handed out: finding one
+    /// means the refcounts are corrupt (QEMU's overlap check on metadata writes).
     pub(crate) fn allocate(&self, meta: &mut Meta, count: u64) -> Result<qcow2_alloc::Allocation> {
         let leases = &self.leases;
+        let live = &meta.metadata;
+        let lying = std::cell::Cell::new(None);
         let alloc = meta.alloc.as_mut().ok_or(Error::ReadOnly)?;
         let a = alloc
-            .allocate(count, |c| leases.is_leased(c))
+            .allocate(count, |c| {
+                if live.contains(c.0) {
+                    lying.set(Some(c.0));
+                    return true;
+                }
+                leases.is_leased(c)
+            })
             .map_err(|e| self.alloc_err(e))?;
+        if let Some(c) = lying.get() {
+            return Err(self.corrupt_err(format!(
+                "host cluster {c} holds metadata but its refcount is 0"
+            )));
+        }
         let end = alloc.high_water() * self.cluster_size();
         self.file_len
             .fetch_max(end, std::sync::atomic::Ordering::AcqRel);
