@@ -127,11 +127,6 @@ const KNOWN: &[(&str, &str)] = &[
         "used as a file offset (during: close)",
         "bitmaps written back at unchecked offsets: engine_bug_bitmap_offsets_unchecked",
     ),
-    (
-        ".data up to 0x",
-        "L2 offsets into an external data file used unchecked: \
-         engine_bug_data_file_offsets_unchecked",
-    ),
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -1164,13 +1159,13 @@ fn engine_bug_check_on_a_garbage_l1_table() {
     );
 }
 
-/// With an external data file, L2 entries are trusted whatever their offset (the file-length
-/// check applies to the image file only, and the identity mapping host == guest that data
-/// files use is not enforced): a damaged entry makes a write go to offset 2^54 of the data
-/// file (EFBIG from a real file system; a smaller absurd offset silently grows the data file).
+/// With an external data file, every allocated L2 entry must map its guest cluster at the
+/// same offset of the data file (the identity mapping QEMU enforces): any other host offset
+/// is corruption (a typed error, and the corrupt bit on a read-write image), never an offset
+/// to read or write. Here every entry says 2^54, which a real file system refuses (EFBIG)
+/// and a smaller absurd offset would silently grow the data file.
 #[test]
-#[ignore = "engine bug: L2 offsets into an external data file are used unchecked"]
-fn engine_bug_data_file_offsets_unchecked() {
+fn data_file_offsets_must_equal_guest_offsets() {
     crafted_strict(
         "data-file-raw",
         "data-file-raw/image.qcow2/every-l2-entry-past-eof",
