@@ -577,6 +577,40 @@ fn crashed_lazy_refcounts_image_checks_and_repairs_as_qemu_img_does() {
     .success());
 }
 
+/// A read-write open of the crashed lazy-refcounts image repairs it first (its only problems
+/// are refcounts, which a repair fixes), as QEMU's open does: it opens, the repaired image is
+/// clean for qemu-img, and the guest sees what the crashed image showed.
+#[test]
+fn read_write_open_repairs_a_crashed_lazy_refcounts_image() {
+    let rt = runtime();
+    let f = fixture("lazy-refcounts-dirty").build();
+    let reference = f.dir.path().join("reference.raw");
+    qcow2_tests::raw_reference_file(&f.image, "qcow2", &reference);
+    let image = f.dir.path().join("reopened.qcow2");
+    std::fs::copy(&f.image, &image).unwrap();
+    rt.block_on(async {
+        let found = engine_check(&image).await;
+        assert!(found.corruptions > 0, "the fixture is dirty: {found:#?}");
+        assert!(found.repairable(), "{found:#?}");
+        let img = Image::open(FileOpener, &image, ImageOptions::new())
+            .await
+            .expect("a dirty image with stale refcounts opens read-write");
+        img.close().await.unwrap();
+    });
+    let q = qemu_check(&image, None);
+    assert_eq!(q.code, 0, "qemu-img check after the open: {:?}", q.messages);
+    assert!(qemu_img_status(&[
+        "compare",
+        "-q",
+        "-F",
+        "raw",
+        path_str(&image),
+        path_str(&reference)
+    ])
+    .status
+    .success());
+}
+
 #[test]
 fn snapshot_l1_table_past_the_end_of_the_file() {
     let rt = runtime();

@@ -67,6 +67,11 @@ pub struct CheckReport {
     pub leaks_fixed: u64,
     /// Corruptions fixed by a repair (`corruptions-fixed`).
     pub corruptions_fixed: u64,
+    /// How many of `corruptions` no repair can fix (reserved bits, misaligned or
+    /// out-of-file references, overflowing refcounts, broken snapshot or bitmap entries):
+    /// everything else is a refcount, COPIED flag or preallocation problem that
+    /// [`RepairMode::All`] repairs. Not a `qemu-img check` number.
+    pub unrepairable: u64,
     /// End of the last cluster that is referenced or has a refcount (`image-end-offset`).
     pub image_end_offset: u64,
     /// Guest clusters of the virtual disk (`total-clusters`).
@@ -106,6 +111,13 @@ impl CheckReport {
     /// corruptions or leaks.
     pub fn is_clean(&self) -> bool {
         self.exit_code() == Self::EXIT_CLEAN
+    }
+
+    /// Whether [`RepairMode::All`] can fix everything this check found: it completed
+    /// without internal errors, and every corruption is a refcount, COPIED flag or
+    /// preallocation problem (none is [`unrepairable`](Self::unrepairable)).
+    pub fn repairable(&self) -> bool {
+        self.completed() && self.check_errors == 0 && self.unrepairable == 0
     }
 
     /// Whether a repair fixed anything.
@@ -247,6 +259,8 @@ struct Counts {
     leaks: u64,
     check_errors: u64,
     corruptions_fixed: u64,
+    /// Corruptions no repair fixes (counted in `corruptions` too).
+    unrepairable: u64,
     leaks_fixed: u64,
     image_end_offset: u64,
     total_clusters: u64,
@@ -471,6 +485,7 @@ impl<'a, O: Opener> Checker<'a, O> {
             check_errors: r.check_errors,
             leaks_fixed: r.leaks_fixed,
             corruptions_fixed: r.corruptions_fixed,
+            unrepairable: r.unrepairable,
             image_end_offset: r.image_end_offset,
             total_clusters: r.total_clusters,
             allocated_clusters: r.allocated_clusters,
@@ -483,6 +498,12 @@ impl<'a, O: Opener> Checker<'a, O> {
 
     fn msg(&mut self, line: String) {
         self.messages.push(line);
+    }
+
+    /// Counts a corruption that no repair fixes.
+    fn unfixable(&mut self) {
+        self.res.corruptions += 1;
+        self.res.unrepairable += 1;
     }
 
     fn cluster_bits(&self) -> u32 {
@@ -531,6 +552,7 @@ impl<'a, O: Opener> Checker<'a, O> {
             return;
         }
         self.res.corruptions += snapshot_corruptions;
+        self.res.unrepairable += snapshot_corruptions;
         if fix.any() && self.res.check_errors == 0 && self.res.corruptions == 0 {
             if let Err(Abort(why)) = self.mark_clean_and_consistent().await {
                 self.failure = Some(why);
@@ -567,6 +589,7 @@ impl<'a, O: Opener> Checker<'a, O> {
             self.msg("Rebuilding refcount structure".into());
             self.rebuild_refcount_structure(&mut imrt).await?;
             self.res.corruptions = 0;
+            self.res.unrepairable = 0;
             self.res.leaks = 0;
             rebuild = false;
             imrt.clear();
@@ -627,7 +650,7 @@ impl<'a, O: Opener> Checker<'a, O> {
                 "ERROR: counting reference for region exceeding the end of the file by one \
                  cluster or more: offset {offset:#x} size {size:#x}"
             ));
-            self.res.corruptions += 1;
+            self.unfixable();
             return Ok(());
         }
         let bits = self.cluster_bits();
@@ -646,7 +669,7 @@ impl<'a, O: Opener> Checker<'a, O> {
                      convert to create a clean copy if the image cannot be opened for writing"
                         .into(),
                 );
-                self.res.corruptions += 1;
+                self.unfixable();
                 continue;
             }
             imrt.set(k, refcount + 1);
@@ -671,7 +694,7 @@ impl<'a, O: Opener> Checker<'a, O> {
                 "ERROR {} snapshots in image with data file",
                 snapshots.len()
             ));
-            self.res.corruptions += 1;
+            self.unfixable();
         }
         for sn in &snapshots {
             if !self.is_aligned(sn.l1_table_offset) {
@@ -682,7 +705,7 @@ impl<'a, O: Opener> Checker<'a, O> {
                     sn.name,
                     hash_x(sn.l1_table_offset)
                 ));
-                self.res.corruptions += 1;
+                self.unfixable();
                 continue;
             }
             if u64::from(sn.l1_size) > qcow2_format::limits::MAX_L1_ENTRIES {
@@ -693,7 +716,7 @@ impl<'a, O: Opener> Checker<'a, O> {
                     sn.name,
                     hash_x(u64::from(sn.l1_size))
                 ));
-                self.res.corruptions += 1;
+                self.unfixable();
                 continue;
             }
             self.check_l1(imrt, sn.l1_table_offset, sn.l1_size, false, fix, false)
@@ -756,7 +779,7 @@ impl<'a, O: Opener> Checker<'a, O> {
                     "ERROR found L1 entry with reserved bits set: {:x}",
                     entry.0
                 ));
-                self.res.corruptions += 1;
+                self.unfixable();
             }
             let l2_offset = entry.raw_offset();
             self.inc_refs(imrt, l2_offset, self.cs)?;
@@ -765,7 +788,7 @@ impl<'a, O: Opener> Checker<'a, O> {
                     "ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry \
                      corrupted"
                 ));
-                self.res.corruptions += 1;
+                self.unfixable();
             }
             self.check_l2(imrt, l2_offset, frag_info, fix, active)
                 .await?;
@@ -802,7 +825,7 @@ impl<'a, O: Opener> Checker<'a, O> {
                     "ERROR found l2 entry with reserved bits set: {:x}",
                     entry.word
                 ));
-                self.res.corruptions += 1;
+                self.unfixable();
             }
             match kind {
                 L2ClusterType::Compressed => {
@@ -815,13 +838,13 @@ impl<'a, O: Opener> Checker<'a, O> {
                              compressed clusters"
                         ));
                         word &= !L2_COPIED;
-                        self.res.corruptions += 1;
+                        self.unfixable();
                     }
                     if self.data_file {
                         self.msg(format!(
                             "ERROR compressed cluster {i} with data file, entry={word:#x}"
                         ));
-                        self.res.corruptions += 1;
+                        self.unfixable();
                         continue;
                     }
                     if bitmap != 0 {
@@ -829,7 +852,7 @@ impl<'a, O: Opener> Checker<'a, O> {
                             "ERROR compressed cluster {i} with non-zero subcluster allocation \
                              bitmap, entry={word:#x}"
                         ));
-                        self.res.corruptions += 1;
+                        self.unfixable();
                         continue;
                     }
                     let desc = CompressedDescriptor::decode_unchecked(word, &geo);
@@ -846,7 +869,7 @@ impl<'a, O: Opener> Checker<'a, O> {
                     let offset = entry.raw_offset();
                     let sub = SubclusterBitmap(bitmap);
                     if sub.allocated() & sub.zero() != 0 {
-                        self.res.corruptions += 1;
+                        self.unfixable();
                         self.msg(format!(
                             "ERROR offset={offset:x}: Allocated cluster has corrupted \
                              subcluster allocation bitmap"
@@ -860,6 +883,7 @@ impl<'a, O: Opener> Checker<'a, O> {
                             entry.word & L2_ZERO == 0
                         };
                         if contains_data {
+                            self.res.unrepairable += 1;
                             self.msg(format!(
                                 "ERROR offset={offset:x}: Data cluster is not properly \
                                  aligned; L2 entry corrupted."
@@ -898,7 +922,7 @@ impl<'a, O: Opener> Checker<'a, O> {
                 L2ClusterType::ZeroPlain => {}
                 L2ClusterType::Unallocated => {
                     if bitmap & SubclusterBitmap::ALLOC_MASK != 0 {
-                        self.res.corruptions += 1;
+                        self.unfixable();
                         self.msg(
                             "ERROR: Unallocated cluster has non-zero subcluster allocation map"
                                 .into(),
@@ -977,13 +1001,13 @@ impl<'a, O: Opener> Checker<'a, O> {
         let entries = match self.img.bitmaps().await {
             Ok(list) => list,
             Err(_) => {
-                self.res.corruptions += 1;
+                self.unfixable();
                 return Err(Abort(EINVAL.into()));
             }
         };
         for (i, bm) in entries.iter().enumerate() {
             if bm.validate(i, self.cs, disk_size).is_err() {
-                self.res.corruptions += 1;
+                self.unfixable();
                 return Err(Abort(EINVAL.into()));
             }
         }
@@ -994,7 +1018,7 @@ impl<'a, O: Opener> Checker<'a, O> {
                 match read_bytes(&self.img.file, bm.table_offset, bytes, "bitmap table").await {
                     Ok(t) => t,
                     Err(e) => {
-                        self.res.corruptions += 1;
+                        self.unfixable();
                         return Err(e.into());
                     }
                 };
@@ -1005,7 +1029,7 @@ impl<'a, O: Opener> Checker<'a, O> {
                     Ok(Err(_all_ones)) => {}
                     Err(_) => {
                         // The table does not load: QEMU gives up the check.
-                        self.res.corruptions += 1;
+                        self.unfixable();
                         return Err(Abort(EINVAL.into()));
                     }
                 }

@@ -293,7 +293,9 @@ impl<O: Opener> Image<O> {
         }
         if !read_only && header.is_dirty() {
             // Lazy refcounts were in use and the image was not closed: the refcounts on disk
-            // may be stale. Rebuild them before anything can be allocated, as QEMU does.
+            // may be stale. Rebuild them before anything can be allocated, as QEMU does; but
+            // check first, read-only, and repair only what a repair can fix: an open that
+            // fails leaves the file as it was (QEMU repairs whatever it can and fails after).
             drop(file);
             let fixer = Box::pin(Image::open_for_repair(
                 opener.clone(),
@@ -301,6 +303,20 @@ impl<O: Opener> Image<O> {
                 options.clone(),
             ))
             .await?;
+            let found = fixer.check().await?;
+            if !found.repairable() {
+                let why = match &found.failure {
+                    Some(why) => format!("the check failed: {why}"),
+                    None if found.check_errors > 0 => {
+                        format!("{} internal errors in the check", found.check_errors)
+                    }
+                    None => format!("{} corruptions no repair can fix", found.unrepairable),
+                };
+                return Err(Error::Corrupt {
+                    path: path.into(),
+                    what: format!("the dirty image cannot be repaired ({why})"),
+                });
+            }
             let report = fixer.repair(crate::RepairMode::All).await?;
             drop(fixer);
             if report.corruptions > 0 || report.check_errors > 0 {
