@@ -68,7 +68,8 @@ pub(crate) struct Meta {
 
 /// Where the image's metadata lives, apart from refcount structures (which the allocator
 /// knows): the header, the active L1 table and its L2 tables, the snapshot table and the
-/// snapshots' L1 tables, the bitmap directory. Data is never written there (QEMU's "cached"
+/// snapshots' L1 tables, the bitmap directory (not the bitmap tables and data: QEMU's
+/// default overlap check leaves them out too). Data is never written there (QEMU's "cached"
 /// overlap check).
 #[derive(Default)]
 pub(crate) struct MetadataClusters {
@@ -418,17 +419,12 @@ impl<O: Opener> Image<O> {
         } else {
             metadata_clusters(&file, &header, &l1).await?
         };
-        let bitmaps = if read_only {
-            None
-        } else {
-            crate::bitmaps::Bitmaps::load(&file, &header, path).await?
-        };
         let alloc = if read_only {
             None
         } else {
             Some(load_allocator(&file, &header, path, file_len).await?)
         };
-        Ok(Image {
+        let img = Image {
             path: path.into(),
             file,
             data_file,
@@ -451,12 +447,18 @@ impl<O: Opener> Image<O> {
             metadata_prealloc: async_lock::OnceCell::new(),
             marked_corrupt: std::sync::atomic::AtomicBool::new(false),
             rmw: async_lock::RwLock::new(()),
-            bitmaps: async_lock::Mutex::new(bitmaps),
+            bitmaps: async_lock::Mutex::new(None),
             lazy_refcounts: !read_only
                 && header.version >= 3
                 && options.lazy_refcounts.unwrap_or(header.lazy_refcounts()),
             header,
-        })
+        };
+        if !read_only {
+            // Once the overlap guard's map is complete: the bitmaps are checked against it.
+            let bitmaps = img.load_bitmaps().await?;
+            *img.bitmaps.lock().await = bitmaps;
+        }
+        Ok(img)
     }
 
     pub(crate) async fn open_disk(
@@ -836,9 +838,7 @@ async fn metadata_clusters<B: Backend>(
             m.add_range(&geo, s.l1_table_offset, u64::from(s.l1_size) * 8);
         }
     }
-    if let Some(b) = header.bitmaps() {
-        m.add_range(&geo, b.directory_offset, b.directory_size);
-    }
+    // The bitmap directory is added by `Image::load_bitmaps`, once checked against the rest.
     Ok(m)
 }
 
