@@ -34,7 +34,7 @@ use qcow2_format::{
     BitmapTableEntry, ClusterGeometry, CompressedDescriptor, Header, L1Entry, L2ClusterType,
     L2Entry, RefcountWidth, ReftableEntry, Snapshot, SubclusterBitmap, L2_COPIED, L2_ZERO,
 };
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 
 /// What [`Image::repair`] may change (`qemu-img check -r leaks` / `-r all`).
@@ -67,10 +67,12 @@ pub struct CheckReport {
     pub leaks_fixed: u64,
     /// Corruptions fixed by a repair (`corruptions-fixed`).
     pub corruptions_fixed: u64,
-    /// How many of `corruptions` no repair can fix (reserved bits, misaligned or
-    /// out-of-file references, overflowing refcounts, broken snapshot or bitmap entries):
-    /// everything else is a refcount, COPIED flag or preallocation problem that
-    /// [`RepairMode::All`] repairs. Not a `qemu-img check` number.
+    /// Problems no repair can fix (not a `qemu-img check` number): the corruptions that
+    /// are reserved bits, misaligned or out-of-file references, overflowing refcounts,
+    /// broken snapshot or bitmap entries, and bitmap structures a read-write open refuses
+    /// (outside the file, overlapping other metadata or each other; `qemu-img check` sees
+    /// those at most as a refcount mismatch). Every other corruption is a refcount, COPIED
+    /// flag or preallocation problem that [`RepairMode::All`] repairs.
     pub unrepairable: u64,
     /// End of the last cluster that is referenced or has a refcount (`image-end-offset`).
     pub image_end_offset: u64,
@@ -377,6 +379,7 @@ enum Overlap {
     ActiveL2,
     InactiveL2,
     RefcountBlock,
+    BitmapDirectory,
 }
 
 /// `qemu-img check`'s formatting of a value with `%#x` (no prefix for 0).
@@ -997,6 +1000,13 @@ impl<'a, O: Opener> Checker<'a, O> {
             return Ok(());
         };
         self.inc_refs(imrt, ext.directory_offset, ext.directory_size)?;
+        let mut claimed = HashSet::new();
+        self.bitmap_placement(
+            &mut claimed,
+            ext.directory_offset,
+            ext.directory_size,
+            Overlap::BitmapDirectory,
+        );
         let disk_size = self.img.header.size;
         let entries = match self.img.bitmaps().await {
             Ok(list) => list,
@@ -1014,6 +1024,7 @@ impl<'a, O: Opener> Checker<'a, O> {
         for bm in &entries {
             let bytes = u64::from(bm.table_size) * 8;
             self.inc_refs(imrt, bm.table_offset, bytes)?;
+            self.bitmap_placement(&mut claimed, bm.table_offset, bytes, Overlap::None);
             let table =
                 match read_bytes(&self.img.file, bm.table_offset, bytes, "bitmap table").await {
                     Ok(t) => t,
@@ -1036,9 +1047,40 @@ impl<'a, O: Opener> Checker<'a, O> {
             }
             for off in data {
                 self.inc_refs(imrt, off, self.cs)?;
+                self.bitmap_placement(&mut claimed, off, self.cs, Overlap::None);
             }
         }
         Ok(())
+    }
+
+    /// Counts as unrepairable a bitmap structure that a read-write open refuses (the engine
+    /// writes bitmaps back in place): one not wholly inside the file, overlapping other
+    /// metadata, or sharing a cluster with another bitmap structure (`claimed` collects
+    /// them). Not reported otherwise: `qemu-img check` sees such a cluster only as a refcount
+    /// below its references, which a repair would "fix" by counting it twice.
+    fn bitmap_placement(
+        &mut self,
+        claimed: &mut HashSet<u64>,
+        offset: u64,
+        len: u64,
+        ignore: Overlap,
+    ) {
+        if len == 0 {
+            return;
+        }
+        let bad = offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.file_len)
+            || self.overlaps_metadata(offset, len, ignore).is_some()
+            || {
+                let bits = self.cluster_bits();
+                let clusters = (offset >> bits)..=((offset + len - 1) >> bits);
+                // Every cluster claimed, even after a repeat (so that later ones are seen).
+                clusters.fold(false, |dup, c| !claimed.insert(c) | dup)
+            };
+        if bad {
+            self.res.unrepairable += 1;
+        }
     }
 
     /// Checks the refcount table's entries and counts the refcount blocks (check_refblocks).
@@ -1717,7 +1759,7 @@ impl<'a, O: Opener> Checker<'a, O> {
         {
             return Some("refcount block");
         }
-        if h.autoclear_features & AUTOCLEAR_BITMAPS != 0 {
+        if h.autoclear_features & AUTOCLEAR_BITMAPS != 0 && ignore != Overlap::BitmapDirectory {
             if let Some(b) = h.bitmaps() {
                 if hit(b.directory_offset, b.directory_size) {
                     return Some("bitmap directory");

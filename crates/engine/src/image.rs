@@ -311,7 +311,7 @@ impl<O: Opener> Image<O> {
                     None if found.check_errors > 0 => {
                         format!("{} internal errors in the check", found.check_errors)
                     }
-                    None => format!("{} corruptions no repair can fix", found.unrepairable),
+                    None => format!("{} problems no repair can fix", found.unrepairable),
                 };
                 return Err(Error::Corrupt {
                     path: path.into(),
