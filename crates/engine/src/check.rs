@@ -37,6 +37,28 @@ use qcow2_format::{
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 
+/// Diagnostic lines a report keeps; further ones are only counted
+/// ([`CheckReport::messages_suppressed`]): a garbage table yields a line per entry.
+pub const MAX_MESSAGES: usize = 10_000;
+
+/// Corruptions found while walking the metadata (L1, L2, snapshot and bitmap tables) after
+/// which a check gives up ([`CheckLimit::Corruptions`]): the tables are garbage, and a count
+/// of their entries says nothing more. A damaged image worth repairing has far fewer.
+pub const MAX_WALK_CORRUPTIONS: u64 = 1_000_000;
+
+/// Adds a line to a checker's messages, formatted only while fewer than [`MAX_MESSAGES`]
+/// are kept; afterwards only counts it.
+macro_rules! msg {
+    ($c:expr, $($arg:tt)*) => {{
+        if $c.messages.len() < MAX_MESSAGES {
+            let line = format!($($arg)*);
+            $c.messages.push(line);
+        } else {
+            $c.messages_suppressed += 1;
+        }
+    }};
+}
+
 /// What [`Image::repair`] may change (`qemu-img check -r leaks` / `-r all`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RepairMode {
@@ -48,6 +70,35 @@ pub enum RepairMode {
     /// preallocated zero clusters, refcount blocks past the end of the file; then clears the
     /// dirty and corrupt bits if no corruption is left.
     All,
+}
+
+/// Why a check gave up before the end, on metadata too damaged to be worth walking in full:
+/// the check then fails as `qemu-img check` fails when it cannot complete
+/// ([`CheckReport::failure`] says why, exit status 1, no counts are reported).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckLimit {
+    /// More corruptions than this were found while walking the metadata
+    /// ([`MAX_WALK_CORRUPTIONS`]).
+    Corruptions(u64),
+    /// An L1 table references more L2 tables inside the file than the file has clusters
+    /// (this many): no valid image does, each of its tables being a cluster of its own, so
+    /// the same tables are named again and again and every walk would repeat the last.
+    L2Tables(u64),
+}
+
+impl std::fmt::Display for CheckLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CheckLimit::Corruptions(n) => {
+                write!(f, "more than {n} corruptions in the metadata; giving up")
+            }
+            CheckLimit::L2Tables(n) => write!(
+                f,
+                "an L1 table references more than {n} L2 tables inside the file, which has \
+                 only {n} clusters; giving up"
+            ),
+        }
+    }
 }
 
 /// The outcome of [`Image::check`] or [`Image::repair`], with `qemu-img check`'s numbers.
@@ -88,10 +139,15 @@ pub struct CheckReport {
     /// The diagnostic lines, worded as `qemu-img check` prints them on stderr
     /// (`Leaked cluster 5 refcount=2 reference=1`, `ERROR cluster 5 refcount=0 reference=1`,
     /// `ERROR OFLAG_COPIED data cluster: l2_entry=... refcount=...`, `Repairing ...`).
+    /// At most [`MAX_MESSAGES`] of them.
     pub messages: Vec<String>,
+    /// Lines beyond the first [`MAX_MESSAGES`], counted but not kept.
+    pub messages_suppressed: u64,
     /// Why the check stopped before completing (`qemu-img check` says "Check failed: ..." and
     /// prints no result); `None` when it ran to the end.
     pub failure: Option<String>,
+    /// Set when the check gave up on garbage metadata (then `failure` says so too).
+    pub gave_up: Option<CheckLimit>,
 }
 
 impl CheckReport {
@@ -194,6 +250,11 @@ impl<O: Opener> Image<O> {
         report.corruptions_fixed = first.corruptions_fixed;
         let mut messages = first.messages;
         messages.append(&mut report.messages);
+        report.messages_suppressed += first.messages_suppressed;
+        if messages.len() > MAX_MESSAGES {
+            report.messages_suppressed += (messages.len() - MAX_MESSAGES) as u64;
+            messages.truncate(MAX_MESSAGES);
+        }
         report.messages = messages;
         Ok(report)
     }
@@ -412,7 +473,9 @@ struct Checker<'a, O: Opener> {
     snapshots: std::result::Result<Vec<Snapshot>, String>,
     res: Counts,
     messages: Vec<String>,
+    messages_suppressed: u64,
     failure: Option<String>,
+    gave_up: Option<CheckLimit>,
     /// Whether the image is open for repair: corruption found on the way is then fatal and
     /// marks the image corrupt, as in a read-write QEMU.
     writable: bool,
@@ -474,7 +537,9 @@ impl<'a, O: Opener> Checker<'a, O> {
             snapshots,
             res: Counts::default(),
             messages: Vec::new(),
+            messages_suppressed: 0,
             failure: None,
+            gave_up: None,
             writable: false,
             corruption_signaled: false,
         })
@@ -495,12 +560,32 @@ impl<'a, O: Opener> Checker<'a, O> {
             fragmented_clusters: r.fragmented_clusters,
             compressed_clusters: r.compressed_clusters,
             messages: self.messages,
+            messages_suppressed: self.messages_suppressed,
             failure: self.failure,
+            gave_up: self.gave_up,
         }
     }
 
     fn msg(&mut self, line: String) {
-        self.messages.push(line);
+        if self.messages.len() < MAX_MESSAGES {
+            self.messages.push(line);
+        } else {
+            self.messages_suppressed += 1;
+        }
+    }
+
+    /// Gives up the check (see [`CheckLimit`]).
+    fn give_up(&mut self, limit: CheckLimit) -> Abort {
+        self.gave_up = Some(limit);
+        Abort(limit.to_string())
+    }
+
+    /// Gives up once the metadata walk found too many corruptions.
+    fn corruption_limit(&mut self) -> Step {
+        if self.res.corruptions > MAX_WALK_CORRUPTIONS {
+            return Err(self.give_up(CheckLimit::Corruptions(MAX_WALK_CORRUPTIONS)));
+        }
+        Ok(())
     }
 
     /// Counts a corruption that no repair fixes.
@@ -531,7 +616,7 @@ impl<'a, O: Opener> Checker<'a, O> {
             Err(e) => {
                 let e = e.clone();
                 self.res.check_errors += 1;
-                self.msg(format!("ERROR failed to read the snapshot table: {e}"));
+                msg!(self, "ERROR failed to read the snapshot table: {e}");
                 self.failure = Some(EINVAL.into());
                 return;
             }
@@ -544,7 +629,7 @@ impl<'a, O: Opener> Checker<'a, O> {
                     .collect();
                 for i in incomplete {
                     // Rewriting the snapshot table needs the allocator: not repaired here.
-                    self.msg(format!("ERROR snapshot table entry {i} is incomplete"));
+                    msg!(self, "ERROR snapshot table entry {i} is incomplete");
                     snapshot_corruptions += 1;
                 }
             }
@@ -649,10 +734,11 @@ impl<'a, O: Opener> Checker<'a, O> {
         // The last cluster may be partly past the end of the file, not more.
         let end = u128::from(offset) + u128::from(size);
         if end >= u128::from(self.file_len) + u128::from(self.cs) {
-            self.msg(format!(
+            msg!(
+                self,
                 "ERROR: counting reference for region exceeding the end of the file by one \
                  cluster or more: offset {offset:#x} size {size:#x}"
-            ));
+            );
             self.unfixable();
             return Ok(());
         }
@@ -666,7 +752,7 @@ impl<'a, O: Opener> Checker<'a, O> {
             }
             let refcount = imrt.get(k);
             if refcount == self.width.max() {
-                self.msg(format!("ERROR: overflow cluster offset={:#x}", k << bits));
+                msg!(self, "ERROR: overflow cluster offset={:#x}", k << bits);
                 self.msg(
                     "Use qemu-img amend to increase the refcount entry width or qemu-img \
                      convert to create a clean copy if the image cannot be opened for writing"
@@ -693,32 +779,36 @@ impl<'a, O: Opener> Checker<'a, O> {
         // Snapshots.
         let snapshots = self.snapshots.clone().unwrap_or_default();
         if self.data_file && !snapshots.is_empty() {
-            self.msg(format!(
+            msg!(
+                self,
                 "ERROR {} snapshots in image with data file",
                 snapshots.len()
-            ));
+            );
             self.unfixable();
         }
         for sn in &snapshots {
+            self.corruption_limit()?;
             if !self.is_aligned(sn.l1_table_offset) {
-                self.msg(format!(
+                msg!(
+                    self,
                     "ERROR snapshot {} ({}) l1_offset={}: L1 table is not cluster aligned; \
                      snapshot table entry corrupted",
                     sn.id,
                     sn.name,
                     hash_x(sn.l1_table_offset)
-                ));
+                );
                 self.unfixable();
                 continue;
             }
             if u64::from(sn.l1_size) > qcow2_format::limits::MAX_L1_ENTRIES {
-                self.msg(format!(
+                msg!(
+                    self,
                     "ERROR snapshot {} ({}) l1_size={}: L1 table is too large; snapshot \
                      table entry corrupted",
                     sn.id,
                     sn.name,
                     hash_x(u64::from(sn.l1_size))
-                ));
+                );
                 self.unfixable();
                 continue;
             }
@@ -772,31 +862,44 @@ impl<'a, O: Opener> Checker<'a, O> {
                 return Err(e.into());
             }
         };
+        // No valid L1 table names more L2 tables inside the file than it has clusters (those
+        // past its end read as zeros and are not walked): the bound on the work of the walk.
+        let max_tables = self.file_len.div_ceil(self.cs).max(1);
+        let mut walked = 0u64;
         for i in 0..in_file as usize {
             let entry = L1Entry::read(&table, i);
             if entry.0 == 0 {
                 continue;
             }
+            self.corruption_limit()?;
             if entry.0 & L1Entry::RESERVED_MASK != 0 {
-                self.msg(format!(
+                msg!(
+                    self,
                     "ERROR found L1 entry with reserved bits set: {:x}",
                     entry.0
-                ));
+                );
                 self.unfixable();
             }
             let l2_offset = entry.raw_offset();
             self.inc_refs(imrt, l2_offset, self.cs)?;
             if !self.is_aligned(l2_offset) {
-                self.msg(format!(
+                msg!(
+                    self,
                     "ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry \
                      corrupted"
-                ));
+                );
                 self.unfixable();
+            }
+            if l2_offset < self.file_len {
+                walked += 1;
+                if walked > max_tables {
+                    return Err(self.give_up(CheckLimit::L2Tables(max_tables)));
+                }
             }
             self.check_l2(imrt, l2_offset, frag_info, fix, active)
                 .await?;
         }
-        Ok(())
+        self.corruption_limit()
     }
 
     /// One L2 table (check_refcounts_l2).
@@ -808,6 +911,10 @@ impl<'a, O: Opener> Checker<'a, O> {
         fix: Fix,
         active: bool,
     ) -> Step {
+        if l2_offset >= self.file_len {
+            // Reads as zeros: unallocated entries, nothing to count or check.
+            return Ok(());
+        }
         let mut table = match read_bytes(&self.img.file, l2_offset, self.cs, "L2 table").await {
             Ok(t) => t,
             Err(e) => {
@@ -824,10 +931,11 @@ impl<'a, O: Opener> Checker<'a, O> {
             let bitmap = entry.bitmap;
             let kind = entry.cluster_type(&geo, self.data_file);
             if kind != L2ClusterType::Compressed && entry.word & L2Entry::RESERVED_MASK != 0 {
-                self.msg(format!(
+                msg!(
+                    self,
                     "ERROR found l2 entry with reserved bits set: {:x}",
                     entry.word
-                ));
+                );
                 self.unfixable();
             }
             match kind {
@@ -836,25 +944,28 @@ impl<'a, O: Opener> Checker<'a, O> {
                     if word & L2_COPIED != 0 {
                         let coffset =
                             CompressedDescriptor::decode_unchecked(word, &geo).host_offset;
-                        self.msg(format!(
+                        msg!(
+                            self,
                             "ERROR: coffset={coffset:#x}: copied flag must never be set for \
                              compressed clusters"
-                        ));
+                        );
                         word &= !L2_COPIED;
                         self.unfixable();
                     }
                     if self.data_file {
-                        self.msg(format!(
+                        msg!(
+                            self,
                             "ERROR compressed cluster {i} with data file, entry={word:#x}"
-                        ));
+                        );
                         self.unfixable();
                         continue;
                     }
                     if bitmap != 0 {
-                        self.msg(format!(
+                        msg!(
+                            self,
                             "ERROR compressed cluster {i} with non-zero subcluster allocation \
                              bitmap, entry={word:#x}"
-                        ));
+                        );
                         self.unfixable();
                         continue;
                     }
@@ -873,10 +984,11 @@ impl<'a, O: Opener> Checker<'a, O> {
                     let sub = SubclusterBitmap(bitmap);
                     if sub.allocated() & sub.zero() != 0 {
                         self.unfixable();
-                        self.msg(format!(
+                        msg!(
+                            self,
                             "ERROR offset={offset:x}: Allocated cluster has corrupted \
                              subcluster allocation bitmap"
-                        ));
+                        );
                     }
                     if !self.is_aligned(offset) {
                         self.res.corruptions += 1;
@@ -887,16 +999,18 @@ impl<'a, O: Opener> Checker<'a, O> {
                         };
                         if contains_data {
                             self.res.unrepairable += 1;
-                            self.msg(format!(
+                            msg!(
+                                self,
                                 "ERROR offset={offset:x}: Data cluster is not properly \
                                  aligned; L2 entry corrupted."
-                            ));
+                            );
                         } else {
                             let verb = if fix.errors { "Repairing" } else { "ERROR" };
-                            self.msg(format!(
+                            msg!(
+                                self,
                                 "{verb} offset={offset:x}: Preallocated cluster is not \
                                  properly aligned; L2 entry corrupted."
-                            ));
+                            );
                             if fix.errors {
                                 match self
                                     .fix_l2_entry_by_zero(l2_offset, &mut table, i, active)
@@ -981,7 +1095,7 @@ impl<'a, O: Opener> Checker<'a, O> {
             Err(e) => Err(e),
         };
         if let Err(e) = written {
-            self.msg(format!("ERROR: Failed to overwrite L2 table entry: {e}"));
+            msg!(self, "ERROR: Failed to overwrite L2 table entry: {e}");
             self.res.check_errors += 1;
             return Err(ZeroFix::Failed);
         }
@@ -1090,18 +1204,17 @@ impl<'a, O: Opener> Checker<'a, O> {
             let offset = entry.raw_offset();
             let cluster = offset >> self.cluster_bits();
             if entry.0 & ReftableEntry::RESERVED_MASK != 0 {
-                self.msg(format!(
-                    "ERROR refcount table entry {i} has reserved bits set"
-                ));
+                msg!(self, "ERROR refcount table entry {i} has reserved bits set");
                 self.res.corruptions += 1;
                 *rebuild = true;
                 continue;
             }
             if !self.is_aligned(offset) {
-                self.msg(format!(
+                msg!(
+                    self,
                     "ERROR refcount block {i} is not cluster aligned; refcount table entry \
                      corrupted"
-                ));
+                );
                 self.res.corruptions += 1;
                 *rebuild = true;
                 continue;
@@ -1109,7 +1222,7 @@ impl<'a, O: Opener> Checker<'a, O> {
             if cluster >= imrt.len {
                 self.res.corruptions += 1;
                 let verb = if fix.errors { "Repairing" } else { "ERROR" };
-                self.msg(format!("{verb} refcount block {i} is outside image"));
+                msg!(self, "{verb} refcount block {i} is outside image");
                 if fix.errors {
                     match self.grow_file_to(offset, imrt).await {
                         Ok(()) if cluster < imrt.len => {
@@ -1121,11 +1234,11 @@ impl<'a, O: Opener> Checker<'a, O> {
                         }
                         Ok(()) => {
                             *rebuild = true;
-                            self.msg(format!("ERROR could not resize image: {EINVAL}"));
+                            msg!(self, "ERROR could not resize image: {EINVAL}");
                         }
                         Err(e) => {
                             *rebuild = true;
-                            self.msg(format!("ERROR could not resize image: {e}"));
+                            msg!(self, "ERROR could not resize image: {e}");
                         }
                     }
                 }
@@ -1135,7 +1248,7 @@ impl<'a, O: Opener> Checker<'a, O> {
                 self.inc_refs(imrt, offset, self.cs)?;
                 let n = imrt.get(cluster);
                 if n != 1 {
-                    self.msg(format!("ERROR refcount block {i} refcount={n}"));
+                    msg!(self, "ERROR refcount block {i} refcount={n}");
                     self.res.corruptions += 1;
                     *rebuild = true;
                 }
@@ -1260,7 +1373,7 @@ impl<'a, O: Opener> Checker<'a, O> {
             let stored = match self.disk_refcount(i).await {
                 Ok(n) => n,
                 Err(e) => {
-                    self.msg(format!("Can't get refcount for cluster {i}: {e}"));
+                    msg!(self, "Can't get refcount for cluster {i}: {e}");
                     self.res.check_errors += 1;
                     continue;
                 }
@@ -1285,9 +1398,10 @@ impl<'a, O: Opener> Checker<'a, O> {
             } else {
                 "Leaked"
             };
-            self.msg(format!(
+            msg!(
+                self,
                 "{what} cluster {i} refcount={stored} reference={computed}"
-            ));
+            );
             if fixable {
                 updates.push((i, computed, computed > stored));
                 if stored > computed {
@@ -1355,11 +1469,12 @@ impl<'a, O: Opener> Checker<'a, O> {
             if let Ok(refcount) = self.disk_refcount(l2_offset >> bits).await {
                 if (refcount == 1) != l1_entry.copied() {
                     self.res.corruptions += 1;
-                    self.msg(format!(
+                    msg!(
+                        self,
                         "{verb} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={:x} \
                          refcount={refcount}",
                         l1_entry.0
-                    ));
+                    );
                     if repair {
                         let fixed = if refcount == 1 {
                             L1Entry(l1_entry.0 | L1Entry::COPIED)
@@ -1376,10 +1491,14 @@ impl<'a, O: Opener> Checker<'a, O> {
                     }
                 }
             }
+            if l2_offset >= self.file_len {
+                // Reads as zeros: no allocated entry to check.
+                continue;
+            }
             let mut table = match read_bytes(&self.img.file, l2_offset, self.cs, "L2 table").await {
                 Ok(t) => t,
                 Err(e) => {
-                    self.msg(format!("ERROR: Could not read L2 table: {e}"));
+                    msg!(self, "ERROR: Could not read L2 table: {e}");
                     self.res.check_errors += 1;
                     return Err(e.into());
                 }
@@ -1402,10 +1521,11 @@ impl<'a, O: Opener> Checker<'a, O> {
                 let copied = entry.word & L2_COPIED != 0;
                 if (refcount == 1) != copied {
                     self.res.corruptions += 1;
-                    self.msg(format!(
+                    msg!(
+                        self,
                         "{verb} OFLAG_COPIED data cluster: l2_entry={:x} refcount={refcount}",
                         entry.word
-                    ));
+                    );
                     if repair {
                         let word = if refcount == 1 {
                             entry.word | L2_COPIED
@@ -1422,16 +1542,17 @@ impl<'a, O: Opener> Checker<'a, O> {
                     .guard_write(l2_offset, self.cs, Overlap::ActiveL2)
                     .await
                 {
-                    self.msg(format!(
+                    msg!(
+                        self,
                         "ERROR: Could not write L2 table; metadata overlap check failed: {}",
                         e.0
-                    ));
+                    );
                     self.res.check_errors += 1;
                     return Err(e);
                 }
                 let data = table.to_vec();
                 if let Err(e) = self.write_bytes(l2_offset, &data).await {
-                    self.msg(format!("ERROR: Could not write L2 table: {e}"));
+                    msg!(self, "ERROR: Could not write L2 table: {e}");
                     self.res.check_errors += 1;
                     return Err(e.into());
                 }
@@ -1703,16 +1824,18 @@ impl<'a, O: Opener> Checker<'a, O> {
         }
         self.corruption_signaled = true;
         if !fatal {
-            self.msg(format!(
+            msg!(
+                self,
                 "qcow2: Image is corrupt: {what}; further non-fatal corruption events will be \
                  suppressed"
-            ));
+            );
             return;
         }
-        self.msg(format!(
+        msg!(
+            self,
             "qcow2: Marking image as corrupt: {what}; further corruption events will be \
              suppressed"
-        ));
+        );
         let mut header = self.header.clone();
         header.incompatible_features |= INCOMPAT_CORRUPT;
         // Best effort (v3 only: v2 has no feature bits): the repair stops or fails anyway.
