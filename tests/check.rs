@@ -117,6 +117,11 @@ fn every_fixture_checks_as_qemu_img_says() {
         let ours = rt.block_on(engine_check(&f.image));
         let theirs = qemu_check(&f.image, None);
         assert_agrees(&f.name, &ours, &theirs);
+        assert!(
+            ours.repairable(),
+            "{}: a fixture QEMU made is not repairable: {ours:#?}",
+            f.name
+        );
         if !f.expect.dirty {
             assert!(
                 ours.is_clean(),
@@ -489,9 +494,17 @@ fn check_and_repair(
         std::fs::copy(damaged, &ours_img).unwrap();
         std::fs::copy(damaged, &qemu_img_path).unwrap();
 
+        let repairable = rt.block_on(engine_check(damaged)).repairable();
         let ours = rt.block_on(engine_repair(&ours_img, mode));
         let theirs = qemu_check(&qemu_img_path, Some(arg));
         assert_agrees(&what, &ours, &theirs);
+        if repairable && mode == RepairMode::All {
+            // What a read-write open of a dirty image relies on.
+            assert!(
+                ours.completed() && ours.corruptions == 0 && ours.check_errors == 0,
+                "{what}: the check called it repairable, the repair left {ours:#?}"
+            );
+        }
 
         // The state each repair leaves behind checks the same.
         let after_ours = qemu_check(&ours_img, None);

@@ -120,10 +120,12 @@ pub struct CheckReport {
     pub corruptions_fixed: u64,
     /// Problems no repair can fix (not a `qemu-img check` number): the corruptions that
     /// are reserved bits, misaligned or out-of-file references, overflowing refcounts,
-    /// broken snapshot or bitmap entries, and bitmap structures a read-write open refuses
-    /// (outside the file, overlapping other metadata or each other; `qemu-img check` sees
-    /// those at most as a refcount mismatch). Every other corruption is a refcount, COPIED
-    /// flag or preallocation problem that [`RepairMode::All`] repairs.
+    /// broken snapshot or bitmap entries; and clusters put to two uses (two kinds of
+    /// metadata, or metadata also mapped as data) and bitmap structures a read-write open
+    /// refuses (outside the file, overlapping other metadata or each other), which
+    /// `qemu-img check` sees at most as a refcount below its references. Every other
+    /// corruption is a refcount, COPIED flag or preallocation problem that
+    /// [`RepairMode::All`] repairs.
     pub unrepairable: u64,
     /// End of the last cluster that is referenced or has a refcount (`image-end-offset`).
     pub image_end_offset: u64,
@@ -443,6 +445,21 @@ enum Overlap {
     BitmapDirectory,
 }
 
+/// What a cluster of metadata holds (data clusters are what is left), for telling a cluster
+/// put to two uses, which no repair untangles, from a refcount that is merely wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Header,
+    L1,
+    L2,
+    Reftable,
+    Refblock,
+    SnapshotTable,
+    BitmapDirectory,
+    BitmapTable,
+    BitmapData,
+}
+
 /// `qemu-img check`'s formatting of a value with `%#x` (no prefix for 0).
 fn hash_x(v: u64) -> String {
     if v == 0 {
@@ -481,6 +498,9 @@ struct Checker<'a, O: Opener> {
     writable: bool,
     /// Whether a corruption was signaled already (QEMU prints it once per open image).
     corruption_signaled: bool,
+    /// The metadata clusters the walk met inside the file: their role and how many
+    /// references to them came from metadata of that role.
+    roles: HashMap<u64, (Role, u64)>,
 }
 
 impl<'a, O: Opener> Checker<'a, O> {
@@ -542,6 +562,7 @@ impl<'a, O: Opener> Checker<'a, O> {
             gave_up: None,
             writable: false,
             corruption_signaled: false,
+            roles: HashMap::new(),
         })
     }
 
@@ -766,10 +787,46 @@ impl<'a, O: Opener> Checker<'a, O> {
         Ok(())
     }
 
+    /// Counts a reference from metadata to a metadata structure of `role` (see
+    /// [`Checker::inc_refs`]), remembering the role of its clusters inside the file.
+    fn inc_meta(&mut self, imrt: &mut Imrt, role: Role, offset: u64, size: u64) -> Step {
+        self.inc_refs(imrt, offset, size)?;
+        if size == 0 || offset >= self.file_len {
+            return Ok(());
+        }
+        let bits = self.cluster_bits();
+        let last = (offset.saturating_add(size - 1)).min(self.file_len - 1) >> bits;
+        for c in (offset >> bits)..=last {
+            let (r, n) = self.roles.entry(c).or_insert((role, 0));
+            if *r == role {
+                *n += 1;
+            } else {
+                // One cluster, two kinds of metadata: whatever a repair writes to one
+                // destroys the other.
+                self.res.unrepairable += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts as unrepairable every metadata cluster that is referenced as data too (more
+    /// references than its metadata role accounts for): a repair would count it twice and
+    /// leave both uses writing over each other. `qemu-img check` sees only a refcount below
+    /// its references, so nothing is reported.
+    fn metadata_used_as_data(&mut self, imrt: &Imrt) {
+        let shared = self
+            .roles
+            .iter()
+            .filter(|(&c, &(_, n))| imrt.get(c) > n)
+            .count();
+        self.res.unrepairable += shared as u64;
+    }
+
     /// Counts every structure (QEMU's calculate_refcounts).
     async fn calculate_refcounts(&mut self, fix: Fix, rebuild: &mut bool, imrt: &mut Imrt) -> Step {
+        self.roles.clear();
         // Header.
-        self.inc_refs(imrt, 0, self.cs)?;
+        self.inc_meta(imrt, Role::Header, 0, self.cs)?;
 
         // The active L1 table and everything below it.
         let (l1_offset, l1_size) = (self.header.l1_table_offset, self.header.l1_size);
@@ -816,17 +873,24 @@ impl<'a, O: Opener> Checker<'a, O> {
                 .await?;
         }
         let table_size = snapshot_table_size(&snapshots);
-        self.inc_refs(imrt, self.header.snapshots_offset, table_size)?;
+        self.inc_meta(
+            imrt,
+            Role::SnapshotTable,
+            self.header.snapshots_offset,
+            table_size,
+        )?;
 
         // Refcount table.
         let rt_offset = self.header.refcount_table_offset;
         let rt_bytes = self.reftable.len() as u64 * 8;
-        self.inc_refs(imrt, rt_offset, rt_bytes)?;
+        self.inc_meta(imrt, Role::Reftable, rt_offset, rt_bytes)?;
 
         // Bitmaps.
         self.check_bitmaps(imrt).await?;
 
-        self.check_refblocks(fix, rebuild, imrt).await
+        self.check_refblocks(fix, rebuild, imrt).await?;
+        self.metadata_used_as_data(imrt);
+        Ok(())
     }
 
     /// One L1 table, its L2 tables and what they map (check_refcounts_l1).
@@ -843,7 +907,7 @@ impl<'a, O: Opener> Checker<'a, O> {
             return Ok(());
         }
         let bytes = u64::from(l1_size) * 8;
-        self.inc_refs(imrt, l1_offset, bytes)?;
+        self.inc_meta(imrt, Role::L1, l1_offset, bytes)?;
         // Entries past the end of the file read as 0 (unallocated): only read what is there,
         // so that a table pointing outside the file costs nothing.
         let in_file = self
@@ -881,7 +945,7 @@ impl<'a, O: Opener> Checker<'a, O> {
                 self.unfixable();
             }
             let l2_offset = entry.raw_offset();
-            self.inc_refs(imrt, l2_offset, self.cs)?;
+            self.inc_meta(imrt, Role::L2, l2_offset, self.cs)?;
             if !self.is_aligned(l2_offset) {
                 msg!(
                     self,
@@ -1113,7 +1177,12 @@ impl<'a, O: Opener> Checker<'a, O> {
         let Some(ext) = self.header.bitmaps().cloned() else {
             return Ok(());
         };
-        self.inc_refs(imrt, ext.directory_offset, ext.directory_size)?;
+        self.inc_meta(
+            imrt,
+            Role::BitmapDirectory,
+            ext.directory_offset,
+            ext.directory_size,
+        )?;
         let mut claimed = HashSet::new();
         self.bitmap_placement(
             &mut claimed,
@@ -1137,7 +1206,7 @@ impl<'a, O: Opener> Checker<'a, O> {
         }
         for bm in &entries {
             let bytes = u64::from(bm.table_size) * 8;
-            self.inc_refs(imrt, bm.table_offset, bytes)?;
+            self.inc_meta(imrt, Role::BitmapTable, bm.table_offset, bytes)?;
             self.bitmap_placement(&mut claimed, bm.table_offset, bytes, Overlap::None);
             let table =
                 match read_bytes(&self.img.file, bm.table_offset, bytes, "bitmap table").await {
@@ -1160,7 +1229,7 @@ impl<'a, O: Opener> Checker<'a, O> {
                 }
             }
             for off in data {
-                self.inc_refs(imrt, off, self.cs)?;
+                self.inc_meta(imrt, Role::BitmapData, off, self.cs)?;
                 self.bitmap_placement(&mut claimed, off, self.cs, Overlap::None);
             }
         }
@@ -1205,7 +1274,9 @@ impl<'a, O: Opener> Checker<'a, O> {
             let cluster = offset >> self.cluster_bits();
             if entry.0 & ReftableEntry::RESERVED_MASK != 0 {
                 msg!(self, "ERROR refcount table entry {i} has reserved bits set");
-                self.res.corruptions += 1;
+                // A rebuild is tried, but its new blocks may land on the cluster the entry
+                // names (uncounted, so free), which the overlap check then refuses.
+                self.unfixable();
                 *rebuild = true;
                 continue;
             }
@@ -1215,7 +1286,7 @@ impl<'a, O: Opener> Checker<'a, O> {
                     "ERROR refcount block {i} is not cluster aligned; refcount table entry \
                      corrupted"
                 );
-                self.res.corruptions += 1;
+                self.unfixable();
                 *rebuild = true;
                 continue;
             }
@@ -1229,7 +1300,7 @@ impl<'a, O: Opener> Checker<'a, O> {
                             self.res.corruptions -= 1;
                             self.res.corruptions_fixed += 1;
                             // A fresh, zeroed cluster: its refcount is exactly this one.
-                            self.inc_refs(imrt, offset, self.cs)?;
+                            self.inc_meta(imrt, Role::Refblock, offset, self.cs)?;
                             continue;
                         }
                         Ok(()) => {
@@ -1245,7 +1316,7 @@ impl<'a, O: Opener> Checker<'a, O> {
                 continue;
             }
             if offset != 0 {
-                self.inc_refs(imrt, offset, self.cs)?;
+                self.inc_meta(imrt, Role::Refblock, offset, self.cs)?;
                 let n = imrt.get(cluster);
                 if n != 1 {
                     msg!(self, "ERROR refcount block {i} refcount={n}");
