@@ -1127,10 +1127,10 @@ fn allocation_when_the_reftable_points_at_the_l1_table() {
 /// memory: at most `MAX_MESSAGES` lines kept (the rest counted), no L2 table past the end of
 /// the file walked, and the walk given up, as a failed check with a typed
 /// `CheckReport::gave_up`, once an L1 table names more L2 tables inside the file than the
-/// file has clusters or the walk found `MAX_WALK_CORRUPTIONS` corruptions (here the check
-/// stops at the 35th L2 table of a 34-cluster file). (Unbounded, the check had not finished
-/// after 120 s here, with 285 MiB of heap; on the 2 MiB cluster fixture with l1_size at its
-/// maximum the messages alone took 1.8 GiB.)
+/// file has clusters or the walk found `MAX_WALK_CORRUPTIONS` corruptions (here the latter
+/// comes first). (Unbounded, the check had not finished after 120 s here, with 285 MiB of
+/// heap; on the 2 MiB cluster fixture with l1_size at its maximum the messages alone took
+/// 1.8 GiB.)
 #[test]
 fn check_on_a_garbage_l1_table() {
     crafted_strict(

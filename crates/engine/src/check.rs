@@ -41,10 +41,11 @@ use std::path::Path;
 /// ([`CheckReport::messages_suppressed`]): a garbage table yields a line per entry.
 pub const MAX_MESSAGES: usize = 10_000;
 
-/// Corruptions found while walking the metadata (L1, L2, snapshot and bitmap tables) after
-/// which a check gives up ([`CheckLimit::Corruptions`]): the tables are garbage, and a count
-/// of their entries says nothing more. A damaged image worth repairing has far fewer.
-pub const MAX_WALK_CORRUPTIONS: u64 = 1_000_000;
+/// Corruptions found (fixed or not) while walking the metadata (L1, L2, snapshot and bitmap
+/// tables) after which a check or repair gives up ([`CheckLimit::Corruptions`]): the tables
+/// are garbage, and a count of their entries says nothing more. A damaged image worth
+/// repairing has far fewer.
+pub const MAX_WALK_CORRUPTIONS: u64 = 100_000;
 
 /// Adds a line to a checker's messages, formatted only while fewer than [`MAX_MESSAGES`]
 /// are kept; afterwards only counts it.
@@ -603,7 +604,7 @@ impl<'a, O: Opener> Checker<'a, O> {
 
     /// Gives up once the metadata walk found too many corruptions.
     fn corruption_limit(&mut self) -> Step {
-        if self.res.corruptions > MAX_WALK_CORRUPTIONS {
+        if self.res.corruptions + self.res.corruptions_fixed > MAX_WALK_CORRUPTIONS {
             return Err(self.give_up(CheckLimit::Corruptions(MAX_WALK_CORRUPTIONS)));
         }
         Ok(())
@@ -987,11 +988,34 @@ impl<'a, O: Opener> Checker<'a, O> {
                 return Err(e.into());
             }
         };
+        let mut fixed = Vec::new();
+        let walked = self
+            .walk_l2(
+                imrt, l2_offset, &mut table, &mut fixed, frag_info, fix, active,
+            )
+            .await;
+        self.write_zero_fixes(l2_offset, &table, &fixed).await;
+        walked
+    }
+
+    /// The entries of one L2 table (the loop of check_refcounts_l2). Entries fixed in `table`
+    /// are listed in `fixed`, for the caller to write.
+    #[allow(clippy::too_many_arguments)]
+    async fn walk_l2(
+        &mut self,
+        imrt: &mut Imrt,
+        l2_offset: u64,
+        table: &mut IoBuf,
+        fixed: &mut Vec<usize>,
+        frag_info: bool,
+        fix: Fix,
+        active: bool,
+    ) -> Step {
         let geo = self.geo;
         let extended = geo.extended_l2();
         let mut next_contiguous = 0u64;
         for i in 0..geo.l2_entries() as usize {
-            let entry = L2Entry::read(&table, &geo, i);
+            let entry = L2Entry::read(table, &geo, i);
             let bitmap = entry.bitmap;
             let kind = entry.cluster_type(&geo, self.data_file);
             if kind != L2ClusterType::Compressed && entry.word & L2Entry::RESERVED_MASK != 0 {
@@ -1076,16 +1100,11 @@ impl<'a, O: Opener> Checker<'a, O> {
                                  properly aligned; L2 entry corrupted."
                             );
                             if fix.errors {
-                                match self
-                                    .fix_l2_entry_by_zero(l2_offset, &mut table, i, active)
-                                    .await
-                                {
-                                    // The entry no longer references anything.
-                                    Ok(()) => continue,
-                                    Err(ZeroFix::Overlap(why)) => return Err(Abort(why)),
-                                    // Not fixed: go on counting it.
-                                    Err(ZeroFix::Failed) => {}
-                                }
+                                self.fix_l2_entry_by_zero(l2_offset, table, i, active)
+                                    .await?;
+                                // The entry no longer references anything.
+                                fixed.push(i);
+                                continue;
                             }
                         }
                     }
@@ -1116,15 +1135,30 @@ impl<'a, O: Opener> Checker<'a, O> {
     }
 
     /// Makes entry `index` of the L2 table at `l2_offset` a zero cluster without host space
-    /// (fix_l2_entry_by_zero); on success the corruption counts as fixed.
+    /// (fix_l2_entry_by_zero), in `table` only: the corruption counts as fixed, and
+    /// [`Checker::write_zero_fixes`] writes the table's fixed entries at the end of its walk.
+    /// (QEMU writes and flushes each entry at once: a garbage table made that one flush per
+    /// entry.) Fails when the write would hit other metadata.
     async fn fix_l2_entry_by_zero(
         &mut self,
         l2_offset: u64,
         table: &mut IoBuf,
         index: usize,
         active: bool,
-    ) -> std::result::Result<(), ZeroFix> {
+    ) -> Step {
         let geo = self.geo;
+        let size = geo.l2_entry_size();
+        let entry_offset = l2_offset + index as u64 * size;
+        let ignore = if active {
+            Overlap::ActiveL2
+        } else {
+            Overlap::InactiveL2
+        };
+        if let Err(e) = self.guard_write(entry_offset, size, ignore).await {
+            self.msg("ERROR: Overlap check failed".into());
+            self.res.check_errors += 1;
+            return Err(e);
+        }
         let old = L2Entry::read(table, &geo, index);
         let new = if geo.extended_l2() {
             // Allocated subclusters become zero ones.
@@ -1140,32 +1174,34 @@ impl<'a, O: Opener> Checker<'a, O> {
             }
         };
         new.write(table, &geo, index);
-        let size = geo.l2_entry_size();
-        let start = index * size as usize;
-        let entry_offset = l2_offset + start as u64;
-        let ignore = if active {
-            Overlap::ActiveL2
-        } else {
-            Overlap::InactiveL2
+        self.res.corruptions -= 1;
+        self.res.corruptions_fixed += 1;
+        Ok(())
+    }
+
+    /// Writes the entries of the L2 table at `l2_offset` that were fixed in `table`, durably.
+    /// If that fails they count as corruptions again (though, unlike in QEMU, the clusters
+    /// they named were not counted).
+    async fn write_zero_fixes(&mut self, l2_offset: u64, table: &IoBuf, fixed: &[usize]) {
+        let (Some(&first), Some(&last)) = (fixed.first(), fixed.last()) else {
+            return;
         };
-        if let Err(Abort(why)) = self.guard_write(entry_offset, size, ignore).await {
-            self.msg("ERROR: Overlap check failed".into());
-            self.res.check_errors += 1;
-            return Err(ZeroFix::Overlap(why));
-        }
-        let bytes = table[start..start + size as usize].to_vec();
-        let written = match self.write_bytes(entry_offset, &bytes).await {
+        let size = self.geo.l2_entry_size() as usize;
+        let bytes = table[first * size..(last + 1) * size].to_vec();
+        let written = match self
+            .write_bytes(l2_offset + (first * size) as u64, &bytes)
+            .await
+        {
             Ok(()) => self.flush().await,
             Err(e) => Err(e),
         };
         if let Err(e) = written {
             msg!(self, "ERROR: Failed to overwrite L2 table entry: {e}");
             self.res.check_errors += 1;
-            return Err(ZeroFix::Failed);
+            let n = fixed.len() as u64;
+            self.res.corruptions += n;
+            self.res.corruptions_fixed -= n;
         }
-        self.res.corruptions -= 1;
-        self.res.corruptions_fixed += 1;
-        Ok(())
     }
 
     /// The bitmap directory, bitmap tables and their data clusters
@@ -1963,14 +1999,6 @@ impl<'a, O: Opener> Checker<'a, O> {
         // Inactive L2 tables are not part of QEMU's default ("cached") overlap set.
         None
     }
-}
-
-/// Why fixing a misaligned preallocated entry did not happen.
-enum ZeroFix {
-    /// The write would have hit other metadata: the check stops.
-    Overlap(String),
-    /// The write failed: the entry stays counted as corrupt.
-    Failed,
 }
 
 /// Bytes of the snapshot table as QEMU counts them: every entry padded to 8 bytes except the
