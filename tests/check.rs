@@ -117,6 +117,11 @@ fn every_fixture_checks_as_qemu_img_says() {
         let ours = rt.block_on(engine_check(&f.image));
         let theirs = qemu_check(&f.image, None);
         assert_agrees(&f.name, &ours, &theirs);
+        assert!(
+            ours.repairable(),
+            "{}: a fixture QEMU made is not repairable: {ours:#?}",
+            f.name
+        );
         if !f.expect.dirty {
             assert!(
                 ours.is_clean(),
@@ -489,9 +494,17 @@ fn check_and_repair(
         std::fs::copy(damaged, &ours_img).unwrap();
         std::fs::copy(damaged, &qemu_img_path).unwrap();
 
+        let repairable = rt.block_on(engine_check(damaged)).repairable();
         let ours = rt.block_on(engine_repair(&ours_img, mode));
         let theirs = qemu_check(&qemu_img_path, Some(arg));
         assert_agrees(&what, &ours, &theirs);
+        if repairable && mode == RepairMode::All {
+            // What a read-write open of a dirty image relies on.
+            assert!(
+                ours.completed() && ours.corruptions == 0 && ours.check_errors == 0,
+                "{what}: the check called it repairable, the repair left {ours:#?}"
+            );
+        }
 
         // The state each repair leaves behind checks the same.
         let after_ours = qemu_check(&ours_img, None);
@@ -571,6 +584,40 @@ fn crashed_lazy_refcounts_image_checks_and_repairs_as_qemu_img_does() {
         "-F",
         "raw",
         path_str(&ours),
+        path_str(&reference)
+    ])
+    .status
+    .success());
+}
+
+/// A read-write open of the crashed lazy-refcounts image repairs it first (its only problems
+/// are refcounts, which a repair fixes), as QEMU's open does: it opens, the repaired image is
+/// clean for qemu-img, and the guest sees what the crashed image showed.
+#[test]
+fn read_write_open_repairs_a_crashed_lazy_refcounts_image() {
+    let rt = runtime();
+    let f = fixture("lazy-refcounts-dirty").build();
+    let reference = f.dir.path().join("reference.raw");
+    qcow2_tests::raw_reference_file(&f.image, "qcow2", &reference);
+    let image = f.dir.path().join("reopened.qcow2");
+    std::fs::copy(&f.image, &image).unwrap();
+    rt.block_on(async {
+        let found = engine_check(&image).await;
+        assert!(found.corruptions > 0, "the fixture is dirty: {found:#?}");
+        assert!(found.repairable(), "{found:#?}");
+        let img = Image::open(FileOpener, &image, ImageOptions::new())
+            .await
+            .expect("a dirty image with stale refcounts opens read-write");
+        img.close().await.unwrap();
+    });
+    let q = qemu_check(&image, None);
+    assert_eq!(q.code, 0, "qemu-img check after the open: {:?}", q.messages);
+    assert!(qemu_img_status(&[
+        "compare",
+        "-q",
+        "-F",
+        "raw",
+        path_str(&image),
         path_str(&reference)
     ])
     .status

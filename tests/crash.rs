@@ -5,8 +5,7 @@
 //!
 //! (a) show no corruption in `qemu-img check` (exit 0 or 3). A crash image with the dirty bit
 //!     set (lazy refcounts) is repaired first with `qemu-img check -r all`, which must leave it
-//!     clean: our engine refuses dirty images read-write, so QEMU's repair stands in for the
-//!     repair-on-open QEMU would do;
+//!     clean (the repair a read-write open does, QEMU's or ours, which tests/check.rs covers);
 //! (b) open read-only with our engine;
 //! (c) hold every write acknowledged before the last completed flush. The model, per byte:
 //!     the value after every request that returned before the last completed flush began,

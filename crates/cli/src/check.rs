@@ -34,6 +34,12 @@ pub async fn run(
     for line in &report.messages {
         eprintln!("{line}");
     }
+    if report.messages_suppressed > 0 {
+        eprintln!(
+            "qimg: {} more diagnostic lines not shown",
+            report.messages_suppressed
+        );
+    }
     if let Some(why) = &report.failure {
         eprintln!("qimg: Check failed: {why}");
         return CheckReport::EXIT_CHECK_FAILED;

@@ -8,11 +8,17 @@
 //! place, new ones allocated and counted before the bitmap table refers to them) and `in_use`
 //! is cleared. Disabled bitmaps, bitmaps already in use, and bitmaps with extra data this
 //! engine does not understand are left untouched, as the format demands.
+//!
+//! Every cluster a maintained bitmap will be written to (its table, its data clusters) must
+//! lie inside the file, be named once, and hold no other metadata (the overlap guard's view):
+//! otherwise the read-write open fails, as QEMU's does for a bitmap it cannot load. The
+//! writes at close go through the overlap guard again.
 
 use crate::image::{read_bytes, Image};
 use crate::{Error, Result};
-use blockio::{Backend, Opener};
-use qcow2_format::{BitmapDirectoryEntry, BitmapTableEntry, Header};
+use blockio::Opener;
+use qcow2_format::{BitmapDirectoryEntry, BitmapTableEntry};
+use std::collections::HashSet;
 
 /// One enabled bitmap held in memory.
 struct Tracked {
@@ -35,27 +41,73 @@ pub(crate) struct Bitmaps {
 }
 
 impl Bitmaps {
-    /// Loads the directory and the enabled bitmaps of an image (None without bitmaps).
-    pub(crate) async fn load<B: Backend>(
-        file: &B,
-        header: &Header,
-        path: &std::path::Path,
-    ) -> Result<Option<Self>> {
+    /// Whether any bitmap is maintained.
+    pub(crate) fn is_tracking(&self) -> bool {
+        !self.tracked.is_empty()
+    }
+
+    /// Sets the bits of every granule `[offset, offset+len)` touches.
+    pub(crate) fn mark(&mut self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        for t in &mut self.tracked {
+            let first = offset >> t.granularity_bits;
+            let last = (offset + len - 1) >> t.granularity_bits;
+            for g in first..=last {
+                if let Some(b) = t.data.get_mut((g / 8) as usize) {
+                    *b |= 1 << (g % 8);
+                }
+            }
+        }
+    }
+
+    fn directory_bytes(&self) -> Result<Vec<u8>> {
+        BitmapDirectoryEntry::try_serialize_directory(&self.directory).map_err(|e| Error::Corrupt {
+            path: Default::default(),
+            what: format!("bitmap directory: {e}"),
+        })
+    }
+}
+
+impl<O: Opener> Image<O> {
+    /// Loads the directory and the enabled bitmaps of a read-write image at open (None
+    /// without bitmaps), refusing bitmaps that would be written where they must not (see the
+    /// module documentation). Then adds the directory to the overlap guard's map.
+    pub(crate) async fn load_bitmaps(&self) -> Result<Option<Bitmaps>> {
+        let header = &self.header;
         let Some(ext) = header.bitmaps() else {
             return Ok(None);
         };
-        if header.autoclear_features & qcow2_format::features::AUTOCLEAR_BITMAPS == 0 {
+        let loaded = if header.autoclear_features & qcow2_format::features::AUTOCLEAR_BITMAPS == 0 {
             // The bitmaps were already marked untrustworthy: nothing to maintain.
-            return Ok(None);
-        }
+            None
+        } else {
+            Some(self.read_bitmaps(ext).await?)
+        };
+        let mut meta = self.meta.lock().await;
+        meta.metadata
+            .add_range(&self.geo, ext.directory_offset, ext.directory_size);
+        Ok(loaded)
+    }
+
+    async fn read_bitmaps(&self, ext: &qcow2_format::BitmapsExtension) -> Result<Bitmaps> {
+        let header = &self.header;
         let format_err = |source| Error::Format {
-            path: path.into(),
+            path: self.path.clone(),
             source,
         };
-        let geo = header.geometry();
-        let cs = geo.cluster_size();
+        let cs = self.cluster_size();
+        let mut claimed = HashSet::new();
+        self.bitmap_clusters_ok(
+            &mut claimed,
+            "the bitmap directory",
+            ext.directory_offset,
+            ext.directory_size,
+        )
+        .await?;
         let buf = read_bytes(
-            file,
+            &self.file,
             ext.directory_offset,
             ext.directory_size,
             "bitmap directory",
@@ -94,7 +146,15 @@ impl Bitmaps {
                     ),
                 }));
             }
-            let raw = read_bytes(file, e.table_offset, table_len * 8, "bitmap table").await?;
+            let name = &e.name;
+            self.bitmap_clusters_ok(
+                &mut claimed,
+                &format!("the table of bitmap '{name}'"),
+                e.table_offset,
+                table_len * 8,
+            )
+            .await?;
+            let raw = read_bytes(&self.file, e.table_offset, table_len * 8, "bitmap table").await?;
             let table: Vec<BitmapTableEntry> = (0..table_len as usize)
                 .map(|i| BitmapTableEntry::read(&raw, i))
                 .collect();
@@ -103,7 +163,14 @@ impl Bitmaps {
                 let chunk = i * cs as usize..((i + 1) * cs as usize).min(data.len());
                 match t.decode(cs).map_err(format_err)? {
                     Ok(off) => {
-                        let c = read_bytes(file, off.0, cs, "bitmap data").await?;
+                        self.bitmap_clusters_ok(
+                            &mut claimed,
+                            &format!("data cluster {i} of bitmap '{name}'"),
+                            off.0,
+                            cs,
+                        )
+                        .await?;
+                        let c = read_bytes(&self.file, off.0, cs, "bitmap data").await?;
                         let n = chunk.len();
                         data[chunk].copy_from_slice(&c[..n]);
                     }
@@ -118,44 +185,62 @@ impl Bitmaps {
                 data,
             });
         }
-        Ok(Some(Bitmaps {
+        Ok(Bitmaps {
             directory,
             directory_offset: ext.directory_offset,
             tracked,
             marked_in_use: false,
-        }))
-    }
-
-    /// Whether any bitmap is maintained.
-    pub(crate) fn is_tracking(&self) -> bool {
-        !self.tracked.is_empty()
-    }
-
-    /// Sets the bits of every granule `[offset, offset+len)` touches.
-    pub(crate) fn mark(&mut self, offset: u64, len: u64) {
-        if len == 0 {
-            return;
-        }
-        for t in &mut self.tracked {
-            let first = offset >> t.granularity_bits;
-            let last = (offset + len - 1) >> t.granularity_bits;
-            for g in first..=last {
-                if let Some(b) = t.data.get_mut((g / 8) as usize) {
-                    *b |= 1 << (g % 8);
-                }
-            }
-        }
-    }
-
-    fn directory_bytes(&self) -> Result<Vec<u8>> {
-        BitmapDirectoryEntry::try_serialize_directory(&self.directory).map_err(|e| Error::Corrupt {
-            path: Default::default(),
-            what: format!("bitmap directory: {e}"),
         })
     }
-}
 
-impl<O: Opener> Image<O> {
+    /// Refuses bitmap structures the engine would write to (at `[offset, offset+len)`) unless
+    /// they lie inside the file, in clusters no other bitmap structure claimed before
+    /// (`claimed` collects them) and where the overlap guard finds no other metadata.
+    async fn bitmap_clusters_ok(
+        &self,
+        claimed: &mut HashSet<u64>,
+        what: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let file_len = self.file_len();
+        if offset.checked_add(len).is_none_or(|end| end > file_len) {
+            return Err(self.corrupt_err(format!(
+                "{what} at {offset:#x} (+{len:#x}) lies past the end of the file \
+                 ({file_len:#x} bytes)"
+            )));
+        }
+        let meta = self.meta.lock().await;
+        if self.guard_overlap(&meta, offset, len).is_err() {
+            return Err(self.corrupt_err(format!("{what} at {offset:#x} overlaps other metadata")));
+        }
+        let bits = self.geo.cluster_bits();
+        for c in (offset >> bits)..=((offset + len - 1) >> bits) {
+            if !claimed.insert(c) {
+                return Err(self.corrupt_err(format!(
+                    "{what} at {offset:#x} shares host cluster {c} with other bitmap metadata"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes bitmap bytes (a table or a data cluster) through the overlap guard: a hit means
+    /// the refcounts handed out a cluster that holds metadata, and marks the image corrupt.
+    async fn write_bitmap_meta(&self, offset: u64, bytes: &[u8]) -> Result<()> {
+        let guarded = {
+            let meta = self.meta.lock().await;
+            self.guard_overlap(&meta, offset, bytes.len() as u64)
+        };
+        if let Err(e) = guarded {
+            return Err(self.on_error(e).await);
+        }
+        self.write_meta(offset, bytes).await
+    }
+
     /// Marks the maintained bitmaps `in_use` on disk before the first write.
     pub(crate) async fn bitmaps_in_use(&self) -> Result<()> {
         let bytes = {
@@ -212,7 +297,7 @@ impl<O: Opener> Image<O> {
                     Ok(off) => {
                         let mut full = vec![0u8; cs as usize];
                         full[..bytes.len()].copy_from_slice(bytes);
-                        self.write_meta(off.0, &full).await?;
+                        self.write_bitmap_meta(off.0, &full).await?;
                     }
                     Err(all_ones) => {
                         let zeros = bytes.iter().all(|&x| x == 0);
@@ -226,7 +311,7 @@ impl<O: Opener> Image<O> {
                         let off = geo.cluster_offset(a.first).0;
                         let mut full = vec![0u8; cs as usize];
                         full[..bytes.len()].copy_from_slice(bytes);
-                        self.write_meta(off, &full).await?;
+                        self.write_bitmap_meta(off, &full).await?;
                         t.table[i] = BitmapTableEntry(off);
                         table_changed = true;
                     }
@@ -240,7 +325,7 @@ impl<O: Opener> Image<O> {
                 self.sync().await?;
                 let table: Vec<u8> = t.table.iter().flat_map(|e| e.0.to_be_bytes()).collect();
                 let e = &b.directory[t.index];
-                self.write_meta(e.table_offset, &table).await?;
+                self.write_bitmap_meta(e.table_offset, &table).await?;
             }
         }
         self.sync().await?;

@@ -34,8 +34,31 @@ use qcow2_format::{
     BitmapTableEntry, ClusterGeometry, CompressedDescriptor, Header, L1Entry, L2ClusterType,
     L2Entry, RefcountWidth, ReftableEntry, Snapshot, SubclusterBitmap, L2_COPIED, L2_ZERO,
 };
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
+
+/// Diagnostic lines a report keeps; further ones are only counted
+/// ([`CheckReport::messages_suppressed`]): a garbage table yields a line per entry.
+pub const MAX_MESSAGES: usize = 10_000;
+
+/// Corruptions found (fixed or not) while walking the metadata (L1, L2, snapshot and bitmap
+/// tables) after which a check or repair gives up ([`CheckLimit::Corruptions`]): the tables
+/// are garbage, and a count of their entries says nothing more. A damaged image worth
+/// repairing has far fewer.
+pub const MAX_WALK_CORRUPTIONS: u64 = 100_000;
+
+/// Adds a line to a checker's messages, formatted only while fewer than [`MAX_MESSAGES`]
+/// are kept; afterwards only counts it.
+macro_rules! msg {
+    ($c:expr, $($arg:tt)*) => {{
+        if $c.messages.len() < MAX_MESSAGES {
+            let line = format!($($arg)*);
+            $c.messages.push(line);
+        } else {
+            $c.messages_suppressed += 1;
+        }
+    }};
+}
 
 /// What [`Image::repair`] may change (`qemu-img check -r leaks` / `-r all`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +71,35 @@ pub enum RepairMode {
     /// preallocated zero clusters, refcount blocks past the end of the file; then clears the
     /// dirty and corrupt bits if no corruption is left.
     All,
+}
+
+/// Why a check gave up before the end, on metadata too damaged to be worth walking in full:
+/// the check then fails as `qemu-img check` fails when it cannot complete
+/// ([`CheckReport::failure`] says why, exit status 1, no counts are reported).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckLimit {
+    /// More corruptions than this were found while walking the metadata
+    /// ([`MAX_WALK_CORRUPTIONS`]).
+    Corruptions(u64),
+    /// An L1 table references more L2 tables inside the file than the file has clusters
+    /// (this many): no valid image does, each of its tables being a cluster of its own, so
+    /// the same tables are named again and again and every walk would repeat the last.
+    L2Tables(u64),
+}
+
+impl std::fmt::Display for CheckLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CheckLimit::Corruptions(n) => {
+                write!(f, "more than {n} corruptions in the metadata; giving up")
+            }
+            CheckLimit::L2Tables(n) => write!(
+                f,
+                "an L1 table references more than {n} L2 tables inside the file, which has \
+                 only {n} clusters; giving up"
+            ),
+        }
+    }
 }
 
 /// The outcome of [`Image::check`] or [`Image::repair`], with `qemu-img check`'s numbers.
@@ -67,6 +119,15 @@ pub struct CheckReport {
     pub leaks_fixed: u64,
     /// Corruptions fixed by a repair (`corruptions-fixed`).
     pub corruptions_fixed: u64,
+    /// Problems no repair can fix (not a `qemu-img check` number): the corruptions that
+    /// are reserved bits, misaligned or out-of-file references, overflowing refcounts,
+    /// broken snapshot or bitmap entries; and clusters put to two uses (two kinds of
+    /// metadata, or metadata also mapped as data) and bitmap structures a read-write open
+    /// refuses (outside the file, overlapping other metadata or each other), which
+    /// `qemu-img check` sees at most as a refcount below its references. Every other
+    /// corruption is a refcount, COPIED flag or preallocation problem that
+    /// [`RepairMode::All`] repairs.
+    pub unrepairable: u64,
     /// End of the last cluster that is referenced or has a refcount (`image-end-offset`).
     pub image_end_offset: u64,
     /// Guest clusters of the virtual disk (`total-clusters`).
@@ -81,10 +142,15 @@ pub struct CheckReport {
     /// The diagnostic lines, worded as `qemu-img check` prints them on stderr
     /// (`Leaked cluster 5 refcount=2 reference=1`, `ERROR cluster 5 refcount=0 reference=1`,
     /// `ERROR OFLAG_COPIED data cluster: l2_entry=... refcount=...`, `Repairing ...`).
+    /// At most [`MAX_MESSAGES`] of them.
     pub messages: Vec<String>,
+    /// Lines beyond the first [`MAX_MESSAGES`], counted but not kept.
+    pub messages_suppressed: u64,
     /// Why the check stopped before completing (`qemu-img check` says "Check failed: ..." and
     /// prints no result); `None` when it ran to the end.
     pub failure: Option<String>,
+    /// Set when the check gave up on garbage metadata (then `failure` says so too).
+    pub gave_up: Option<CheckLimit>,
 }
 
 impl CheckReport {
@@ -106,6 +172,13 @@ impl CheckReport {
     /// corruptions or leaks.
     pub fn is_clean(&self) -> bool {
         self.exit_code() == Self::EXIT_CLEAN
+    }
+
+    /// Whether [`RepairMode::All`] can fix everything this check found: it completed
+    /// without internal errors, and every corruption is a refcount, COPIED flag or
+    /// preallocation problem (none is [`unrepairable`](Self::unrepairable)).
+    pub fn repairable(&self) -> bool {
+        self.completed() && self.check_errors == 0 && self.unrepairable == 0
     }
 
     /// Whether a repair fixed anything.
@@ -180,6 +253,11 @@ impl<O: Opener> Image<O> {
         report.corruptions_fixed = first.corruptions_fixed;
         let mut messages = first.messages;
         messages.append(&mut report.messages);
+        report.messages_suppressed += first.messages_suppressed;
+        if messages.len() > MAX_MESSAGES {
+            report.messages_suppressed += (messages.len() - MAX_MESSAGES) as u64;
+            messages.truncate(MAX_MESSAGES);
+        }
         report.messages = messages;
         Ok(report)
     }
@@ -247,6 +325,8 @@ struct Counts {
     leaks: u64,
     check_errors: u64,
     corruptions_fixed: u64,
+    /// Corruptions no repair fixes (counted in `corruptions` too).
+    unrepairable: u64,
     leaks_fixed: u64,
     image_end_offset: u64,
     total_clusters: u64,
@@ -363,6 +443,22 @@ enum Overlap {
     ActiveL2,
     InactiveL2,
     RefcountBlock,
+    BitmapDirectory,
+}
+
+/// What a cluster of metadata holds (data clusters are what is left), for telling a cluster
+/// put to two uses, which no repair untangles, from a refcount that is merely wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Header,
+    L1,
+    L2,
+    Reftable,
+    Refblock,
+    SnapshotTable,
+    BitmapDirectory,
+    BitmapTable,
+    BitmapData,
 }
 
 /// `qemu-img check`'s formatting of a value with `%#x` (no prefix for 0).
@@ -395,12 +491,17 @@ struct Checker<'a, O: Opener> {
     snapshots: std::result::Result<Vec<Snapshot>, String>,
     res: Counts,
     messages: Vec<String>,
+    messages_suppressed: u64,
     failure: Option<String>,
+    gave_up: Option<CheckLimit>,
     /// Whether the image is open for repair: corruption found on the way is then fatal and
     /// marks the image corrupt, as in a read-write QEMU.
     writable: bool,
     /// Whether a corruption was signaled already (QEMU prints it once per open image).
     corruption_signaled: bool,
+    /// The metadata clusters the walk met inside the file: their role and how many
+    /// references to them came from metadata of that role.
+    roles: HashMap<u64, (Role, u64)>,
 }
 
 impl<'a, O: Opener> Checker<'a, O> {
@@ -457,9 +558,12 @@ impl<'a, O: Opener> Checker<'a, O> {
             snapshots,
             res: Counts::default(),
             messages: Vec::new(),
+            messages_suppressed: 0,
             failure: None,
+            gave_up: None,
             writable: false,
             corruption_signaled: false,
+            roles: HashMap::new(),
         })
     }
 
@@ -471,18 +575,45 @@ impl<'a, O: Opener> Checker<'a, O> {
             check_errors: r.check_errors,
             leaks_fixed: r.leaks_fixed,
             corruptions_fixed: r.corruptions_fixed,
+            unrepairable: r.unrepairable,
             image_end_offset: r.image_end_offset,
             total_clusters: r.total_clusters,
             allocated_clusters: r.allocated_clusters,
             fragmented_clusters: r.fragmented_clusters,
             compressed_clusters: r.compressed_clusters,
             messages: self.messages,
+            messages_suppressed: self.messages_suppressed,
             failure: self.failure,
+            gave_up: self.gave_up,
         }
     }
 
     fn msg(&mut self, line: String) {
-        self.messages.push(line);
+        if self.messages.len() < MAX_MESSAGES {
+            self.messages.push(line);
+        } else {
+            self.messages_suppressed += 1;
+        }
+    }
+
+    /// Gives up the check (see [`CheckLimit`]).
+    fn give_up(&mut self, limit: CheckLimit) -> Abort {
+        self.gave_up = Some(limit);
+        Abort(limit.to_string())
+    }
+
+    /// Gives up once the metadata walk found too many corruptions.
+    fn corruption_limit(&mut self) -> Step {
+        if self.res.corruptions + self.res.corruptions_fixed > MAX_WALK_CORRUPTIONS {
+            return Err(self.give_up(CheckLimit::Corruptions(MAX_WALK_CORRUPTIONS)));
+        }
+        Ok(())
+    }
+
+    /// Counts a corruption that no repair fixes.
+    fn unfixable(&mut self) {
+        self.res.corruptions += 1;
+        self.res.unrepairable += 1;
     }
 
     fn cluster_bits(&self) -> u32 {
@@ -507,7 +638,7 @@ impl<'a, O: Opener> Checker<'a, O> {
             Err(e) => {
                 let e = e.clone();
                 self.res.check_errors += 1;
-                self.msg(format!("ERROR failed to read the snapshot table: {e}"));
+                msg!(self, "ERROR failed to read the snapshot table: {e}");
                 self.failure = Some(EINVAL.into());
                 return;
             }
@@ -520,7 +651,7 @@ impl<'a, O: Opener> Checker<'a, O> {
                     .collect();
                 for i in incomplete {
                     // Rewriting the snapshot table needs the allocator: not repaired here.
-                    self.msg(format!("ERROR snapshot table entry {i} is incomplete"));
+                    msg!(self, "ERROR snapshot table entry {i} is incomplete");
                     snapshot_corruptions += 1;
                 }
             }
@@ -531,6 +662,7 @@ impl<'a, O: Opener> Checker<'a, O> {
             return;
         }
         self.res.corruptions += snapshot_corruptions;
+        self.res.unrepairable += snapshot_corruptions;
         if fix.any() && self.res.check_errors == 0 && self.res.corruptions == 0 {
             if let Err(Abort(why)) = self.mark_clean_and_consistent().await {
                 self.failure = Some(why);
@@ -567,6 +699,7 @@ impl<'a, O: Opener> Checker<'a, O> {
             self.msg("Rebuilding refcount structure".into());
             self.rebuild_refcount_structure(&mut imrt).await?;
             self.res.corruptions = 0;
+            self.res.unrepairable = 0;
             self.res.leaks = 0;
             rebuild = false;
             imrt.clear();
@@ -623,11 +756,12 @@ impl<'a, O: Opener> Checker<'a, O> {
         // The last cluster may be partly past the end of the file, not more.
         let end = u128::from(offset) + u128::from(size);
         if end >= u128::from(self.file_len) + u128::from(self.cs) {
-            self.msg(format!(
+            msg!(
+                self,
                 "ERROR: counting reference for region exceeding the end of the file by one \
                  cluster or more: offset {offset:#x} size {size:#x}"
-            ));
-            self.res.corruptions += 1;
+            );
+            self.unfixable();
             return Ok(());
         }
         let bits = self.cluster_bits();
@@ -640,13 +774,13 @@ impl<'a, O: Opener> Checker<'a, O> {
             }
             let refcount = imrt.get(k);
             if refcount == self.width.max() {
-                self.msg(format!("ERROR: overflow cluster offset={:#x}", k << bits));
+                msg!(self, "ERROR: overflow cluster offset={:#x}", k << bits);
                 self.msg(
                     "Use qemu-img amend to increase the refcount entry width or qemu-img \
                      convert to create a clean copy if the image cannot be opened for writing"
                         .into(),
                 );
-                self.res.corruptions += 1;
+                self.unfixable();
                 continue;
             }
             imrt.set(k, refcount + 1);
@@ -654,10 +788,46 @@ impl<'a, O: Opener> Checker<'a, O> {
         Ok(())
     }
 
+    /// Counts a reference from metadata to a metadata structure of `role` (see
+    /// [`Checker::inc_refs`]), remembering the role of its clusters inside the file.
+    fn inc_meta(&mut self, imrt: &mut Imrt, role: Role, offset: u64, size: u64) -> Step {
+        self.inc_refs(imrt, offset, size)?;
+        if size == 0 || offset >= self.file_len {
+            return Ok(());
+        }
+        let bits = self.cluster_bits();
+        let last = (offset.saturating_add(size - 1)).min(self.file_len - 1) >> bits;
+        for c in (offset >> bits)..=last {
+            let (r, n) = self.roles.entry(c).or_insert((role, 0));
+            if *r == role {
+                *n += 1;
+            } else {
+                // One cluster, two kinds of metadata: whatever a repair writes to one
+                // destroys the other.
+                self.res.unrepairable += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts as unrepairable every metadata cluster that is referenced as data too (more
+    /// references than its metadata role accounts for): a repair would count it twice and
+    /// leave both uses writing over each other. `qemu-img check` sees only a refcount below
+    /// its references, so nothing is reported.
+    fn metadata_used_as_data(&mut self, imrt: &Imrt) {
+        let shared = self
+            .roles
+            .iter()
+            .filter(|(&c, &(_, n))| imrt.get(c) > n)
+            .count();
+        self.res.unrepairable += shared as u64;
+    }
+
     /// Counts every structure (QEMU's calculate_refcounts).
     async fn calculate_refcounts(&mut self, fix: Fix, rebuild: &mut bool, imrt: &mut Imrt) -> Step {
+        self.roles.clear();
         // Header.
-        self.inc_refs(imrt, 0, self.cs)?;
+        self.inc_meta(imrt, Role::Header, 0, self.cs)?;
 
         // The active L1 table and everything below it.
         let (l1_offset, l1_size) = (self.header.l1_table_offset, self.header.l1_size);
@@ -667,50 +837,61 @@ impl<'a, O: Opener> Checker<'a, O> {
         // Snapshots.
         let snapshots = self.snapshots.clone().unwrap_or_default();
         if self.data_file && !snapshots.is_empty() {
-            self.msg(format!(
+            msg!(
+                self,
                 "ERROR {} snapshots in image with data file",
                 snapshots.len()
-            ));
-            self.res.corruptions += 1;
+            );
+            self.unfixable();
         }
         for sn in &snapshots {
+            self.corruption_limit()?;
             if !self.is_aligned(sn.l1_table_offset) {
-                self.msg(format!(
+                msg!(
+                    self,
                     "ERROR snapshot {} ({}) l1_offset={}: L1 table is not cluster aligned; \
                      snapshot table entry corrupted",
                     sn.id,
                     sn.name,
                     hash_x(sn.l1_table_offset)
-                ));
-                self.res.corruptions += 1;
+                );
+                self.unfixable();
                 continue;
             }
             if u64::from(sn.l1_size) > qcow2_format::limits::MAX_L1_ENTRIES {
-                self.msg(format!(
+                msg!(
+                    self,
                     "ERROR snapshot {} ({}) l1_size={}: L1 table is too large; snapshot \
                      table entry corrupted",
                     sn.id,
                     sn.name,
                     hash_x(u64::from(sn.l1_size))
-                ));
-                self.res.corruptions += 1;
+                );
+                self.unfixable();
                 continue;
             }
             self.check_l1(imrt, sn.l1_table_offset, sn.l1_size, false, fix, false)
                 .await?;
         }
         let table_size = snapshot_table_size(&snapshots);
-        self.inc_refs(imrt, self.header.snapshots_offset, table_size)?;
+        self.inc_meta(
+            imrt,
+            Role::SnapshotTable,
+            self.header.snapshots_offset,
+            table_size,
+        )?;
 
         // Refcount table.
         let rt_offset = self.header.refcount_table_offset;
         let rt_bytes = self.reftable.len() as u64 * 8;
-        self.inc_refs(imrt, rt_offset, rt_bytes)?;
+        self.inc_meta(imrt, Role::Reftable, rt_offset, rt_bytes)?;
 
         // Bitmaps.
         self.check_bitmaps(imrt).await?;
 
-        self.check_refblocks(fix, rebuild, imrt).await
+        self.check_refblocks(fix, rebuild, imrt).await?;
+        self.metadata_used_as_data(imrt);
+        Ok(())
     }
 
     /// One L1 table, its L2 tables and what they map (check_refcounts_l1).
@@ -727,7 +908,7 @@ impl<'a, O: Opener> Checker<'a, O> {
             return Ok(());
         }
         let bytes = u64::from(l1_size) * 8;
-        self.inc_refs(imrt, l1_offset, bytes)?;
+        self.inc_meta(imrt, Role::L1, l1_offset, bytes)?;
         // Entries past the end of the file read as 0 (unallocated): only read what is there,
         // so that a table pointing outside the file costs nothing.
         let in_file = self
@@ -746,31 +927,44 @@ impl<'a, O: Opener> Checker<'a, O> {
                 return Err(e.into());
             }
         };
+        // No valid L1 table names more L2 tables inside the file than it has clusters (those
+        // past its end read as zeros and are not walked): the bound on the work of the walk.
+        let max_tables = self.file_len.div_ceil(self.cs).max(1);
+        let mut walked = 0u64;
         for i in 0..in_file as usize {
             let entry = L1Entry::read(&table, i);
             if entry.0 == 0 {
                 continue;
             }
+            self.corruption_limit()?;
             if entry.0 & L1Entry::RESERVED_MASK != 0 {
-                self.msg(format!(
+                msg!(
+                    self,
                     "ERROR found L1 entry with reserved bits set: {:x}",
                     entry.0
-                ));
-                self.res.corruptions += 1;
+                );
+                self.unfixable();
             }
             let l2_offset = entry.raw_offset();
-            self.inc_refs(imrt, l2_offset, self.cs)?;
+            self.inc_meta(imrt, Role::L2, l2_offset, self.cs)?;
             if !self.is_aligned(l2_offset) {
-                self.msg(format!(
+                msg!(
+                    self,
                     "ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry \
                      corrupted"
-                ));
-                self.res.corruptions += 1;
+                );
+                self.unfixable();
+            }
+            if l2_offset < self.file_len {
+                walked += 1;
+                if walked > max_tables {
+                    return Err(self.give_up(CheckLimit::L2Tables(max_tables)));
+                }
             }
             self.check_l2(imrt, l2_offset, frag_info, fix, active)
                 .await?;
         }
-        Ok(())
+        self.corruption_limit()
     }
 
     /// One L2 table (check_refcounts_l2).
@@ -782,6 +976,10 @@ impl<'a, O: Opener> Checker<'a, O> {
         fix: Fix,
         active: bool,
     ) -> Step {
+        if l2_offset >= self.file_len {
+            // Reads as zeros: unallocated entries, nothing to count or check.
+            return Ok(());
+        }
         let mut table = match read_bytes(&self.img.file, l2_offset, self.cs, "L2 table").await {
             Ok(t) => t,
             Err(e) => {
@@ -790,19 +988,43 @@ impl<'a, O: Opener> Checker<'a, O> {
                 return Err(e.into());
             }
         };
+        let mut fixed = Vec::new();
+        let walked = self
+            .walk_l2(
+                imrt, l2_offset, &mut table, &mut fixed, frag_info, fix, active,
+            )
+            .await;
+        self.write_zero_fixes(l2_offset, &table, &fixed).await;
+        walked
+    }
+
+    /// The entries of one L2 table (the loop of check_refcounts_l2). Entries fixed in `table`
+    /// are listed in `fixed`, for the caller to write.
+    #[allow(clippy::too_many_arguments)]
+    async fn walk_l2(
+        &mut self,
+        imrt: &mut Imrt,
+        l2_offset: u64,
+        table: &mut IoBuf,
+        fixed: &mut Vec<usize>,
+        frag_info: bool,
+        fix: Fix,
+        active: bool,
+    ) -> Step {
         let geo = self.geo;
         let extended = geo.extended_l2();
         let mut next_contiguous = 0u64;
         for i in 0..geo.l2_entries() as usize {
-            let entry = L2Entry::read(&table, &geo, i);
+            let entry = L2Entry::read(table, &geo, i);
             let bitmap = entry.bitmap;
             let kind = entry.cluster_type(&geo, self.data_file);
             if kind != L2ClusterType::Compressed && entry.word & L2Entry::RESERVED_MASK != 0 {
-                self.msg(format!(
+                msg!(
+                    self,
                     "ERROR found l2 entry with reserved bits set: {:x}",
                     entry.word
-                ));
-                self.res.corruptions += 1;
+                );
+                self.unfixable();
             }
             match kind {
                 L2ClusterType::Compressed => {
@@ -810,26 +1032,29 @@ impl<'a, O: Opener> Checker<'a, O> {
                     if word & L2_COPIED != 0 {
                         let coffset =
                             CompressedDescriptor::decode_unchecked(word, &geo).host_offset;
-                        self.msg(format!(
+                        msg!(
+                            self,
                             "ERROR: coffset={coffset:#x}: copied flag must never be set for \
                              compressed clusters"
-                        ));
+                        );
                         word &= !L2_COPIED;
-                        self.res.corruptions += 1;
+                        self.unfixable();
                     }
                     if self.data_file {
-                        self.msg(format!(
+                        msg!(
+                            self,
                             "ERROR compressed cluster {i} with data file, entry={word:#x}"
-                        ));
-                        self.res.corruptions += 1;
+                        );
+                        self.unfixable();
                         continue;
                     }
                     if bitmap != 0 {
-                        self.msg(format!(
+                        msg!(
+                            self,
                             "ERROR compressed cluster {i} with non-zero subcluster allocation \
                              bitmap, entry={word:#x}"
-                        ));
-                        self.res.corruptions += 1;
+                        );
+                        self.unfixable();
                         continue;
                     }
                     let desc = CompressedDescriptor::decode_unchecked(word, &geo);
@@ -846,11 +1071,12 @@ impl<'a, O: Opener> Checker<'a, O> {
                     let offset = entry.raw_offset();
                     let sub = SubclusterBitmap(bitmap);
                     if sub.allocated() & sub.zero() != 0 {
-                        self.res.corruptions += 1;
-                        self.msg(format!(
+                        self.unfixable();
+                        msg!(
+                            self,
                             "ERROR offset={offset:x}: Allocated cluster has corrupted \
                              subcluster allocation bitmap"
-                        ));
+                        );
                     }
                     if !self.is_aligned(offset) {
                         self.res.corruptions += 1;
@@ -860,27 +1086,25 @@ impl<'a, O: Opener> Checker<'a, O> {
                             entry.word & L2_ZERO == 0
                         };
                         if contains_data {
-                            self.msg(format!(
+                            self.res.unrepairable += 1;
+                            msg!(
+                                self,
                                 "ERROR offset={offset:x}: Data cluster is not properly \
                                  aligned; L2 entry corrupted."
-                            ));
+                            );
                         } else {
                             let verb = if fix.errors { "Repairing" } else { "ERROR" };
-                            self.msg(format!(
+                            msg!(
+                                self,
                                 "{verb} offset={offset:x}: Preallocated cluster is not \
                                  properly aligned; L2 entry corrupted."
-                            ));
+                            );
                             if fix.errors {
-                                match self
-                                    .fix_l2_entry_by_zero(l2_offset, &mut table, i, active)
-                                    .await
-                                {
-                                    // The entry no longer references anything.
-                                    Ok(()) => continue,
-                                    Err(ZeroFix::Overlap(why)) => return Err(Abort(why)),
-                                    // Not fixed: go on counting it.
-                                    Err(ZeroFix::Failed) => {}
-                                }
+                                self.fix_l2_entry_by_zero(l2_offset, table, i, active)
+                                    .await?;
+                                // The entry no longer references anything.
+                                fixed.push(i);
+                                continue;
                             }
                         }
                     }
@@ -898,7 +1122,7 @@ impl<'a, O: Opener> Checker<'a, O> {
                 L2ClusterType::ZeroPlain => {}
                 L2ClusterType::Unallocated => {
                     if bitmap & SubclusterBitmap::ALLOC_MASK != 0 {
-                        self.res.corruptions += 1;
+                        self.unfixable();
                         self.msg(
                             "ERROR: Unallocated cluster has non-zero subcluster allocation map"
                                 .into(),
@@ -911,15 +1135,30 @@ impl<'a, O: Opener> Checker<'a, O> {
     }
 
     /// Makes entry `index` of the L2 table at `l2_offset` a zero cluster without host space
-    /// (fix_l2_entry_by_zero); on success the corruption counts as fixed.
+    /// (fix_l2_entry_by_zero), in `table` only: the corruption counts as fixed, and
+    /// [`Checker::write_zero_fixes`] writes the table's fixed entries at the end of its walk.
+    /// (QEMU writes and flushes each entry at once: a garbage table made that one flush per
+    /// entry.) Fails when the write would hit other metadata.
     async fn fix_l2_entry_by_zero(
         &mut self,
         l2_offset: u64,
         table: &mut IoBuf,
         index: usize,
         active: bool,
-    ) -> std::result::Result<(), ZeroFix> {
+    ) -> Step {
         let geo = self.geo;
+        let size = geo.l2_entry_size();
+        let entry_offset = l2_offset + index as u64 * size;
+        let ignore = if active {
+            Overlap::ActiveL2
+        } else {
+            Overlap::InactiveL2
+        };
+        if let Err(e) = self.guard_write(entry_offset, size, ignore).await {
+            self.msg("ERROR: Overlap check failed".into());
+            self.res.check_errors += 1;
+            return Err(e);
+        }
         let old = L2Entry::read(table, &geo, index);
         let new = if geo.extended_l2() {
             // Allocated subclusters become zero ones.
@@ -935,32 +1174,34 @@ impl<'a, O: Opener> Checker<'a, O> {
             }
         };
         new.write(table, &geo, index);
-        let size = geo.l2_entry_size();
-        let start = index * size as usize;
-        let entry_offset = l2_offset + start as u64;
-        let ignore = if active {
-            Overlap::ActiveL2
-        } else {
-            Overlap::InactiveL2
+        self.res.corruptions -= 1;
+        self.res.corruptions_fixed += 1;
+        Ok(())
+    }
+
+    /// Writes the entries of the L2 table at `l2_offset` that were fixed in `table`, durably.
+    /// If that fails they count as corruptions again (though, unlike in QEMU, the clusters
+    /// they named were not counted).
+    async fn write_zero_fixes(&mut self, l2_offset: u64, table: &IoBuf, fixed: &[usize]) {
+        let (Some(&first), Some(&last)) = (fixed.first(), fixed.last()) else {
+            return;
         };
-        if let Err(Abort(why)) = self.guard_write(entry_offset, size, ignore).await {
-            self.msg("ERROR: Overlap check failed".into());
-            self.res.check_errors += 1;
-            return Err(ZeroFix::Overlap(why));
-        }
-        let bytes = table[start..start + size as usize].to_vec();
-        let written = match self.write_bytes(entry_offset, &bytes).await {
+        let size = self.geo.l2_entry_size() as usize;
+        let bytes = table[first * size..(last + 1) * size].to_vec();
+        let written = match self
+            .write_bytes(l2_offset + (first * size) as u64, &bytes)
+            .await
+        {
             Ok(()) => self.flush().await,
             Err(e) => Err(e),
         };
         if let Err(e) = written {
-            self.msg(format!("ERROR: Failed to overwrite L2 table entry: {e}"));
+            msg!(self, "ERROR: Failed to overwrite L2 table entry: {e}");
             self.res.check_errors += 1;
-            return Err(ZeroFix::Failed);
+            let n = fixed.len() as u64;
+            self.res.corruptions += n;
+            self.res.corruptions_fixed -= n;
         }
-        self.res.corruptions -= 1;
-        self.res.corruptions_fixed += 1;
-        Ok(())
     }
 
     /// The bitmap directory, bitmap tables and their data clusters
@@ -972,29 +1213,42 @@ impl<'a, O: Opener> Checker<'a, O> {
         let Some(ext) = self.header.bitmaps().cloned() else {
             return Ok(());
         };
-        self.inc_refs(imrt, ext.directory_offset, ext.directory_size)?;
+        self.inc_meta(
+            imrt,
+            Role::BitmapDirectory,
+            ext.directory_offset,
+            ext.directory_size,
+        )?;
+        let mut claimed = HashSet::new();
+        self.bitmap_placement(
+            &mut claimed,
+            ext.directory_offset,
+            ext.directory_size,
+            Overlap::BitmapDirectory,
+        );
         let disk_size = self.img.header.size;
         let entries = match self.img.bitmaps().await {
             Ok(list) => list,
             Err(_) => {
-                self.res.corruptions += 1;
+                self.unfixable();
                 return Err(Abort(EINVAL.into()));
             }
         };
         for (i, bm) in entries.iter().enumerate() {
             if bm.validate(i, self.cs, disk_size).is_err() {
-                self.res.corruptions += 1;
+                self.unfixable();
                 return Err(Abort(EINVAL.into()));
             }
         }
         for bm in &entries {
             let bytes = u64::from(bm.table_size) * 8;
-            self.inc_refs(imrt, bm.table_offset, bytes)?;
+            self.inc_meta(imrt, Role::BitmapTable, bm.table_offset, bytes)?;
+            self.bitmap_placement(&mut claimed, bm.table_offset, bytes, Overlap::None);
             let table =
                 match read_bytes(&self.img.file, bm.table_offset, bytes, "bitmap table").await {
                     Ok(t) => t,
                     Err(e) => {
-                        self.res.corruptions += 1;
+                        self.unfixable();
                         return Err(e.into());
                     }
                 };
@@ -1005,16 +1259,47 @@ impl<'a, O: Opener> Checker<'a, O> {
                     Ok(Err(_all_ones)) => {}
                     Err(_) => {
                         // The table does not load: QEMU gives up the check.
-                        self.res.corruptions += 1;
+                        self.unfixable();
                         return Err(Abort(EINVAL.into()));
                     }
                 }
             }
             for off in data {
-                self.inc_refs(imrt, off, self.cs)?;
+                self.inc_meta(imrt, Role::BitmapData, off, self.cs)?;
+                self.bitmap_placement(&mut claimed, off, self.cs, Overlap::None);
             }
         }
         Ok(())
+    }
+
+    /// Counts as unrepairable a bitmap structure that a read-write open refuses (the engine
+    /// writes bitmaps back in place): one not wholly inside the file, overlapping other
+    /// metadata, or sharing a cluster with another bitmap structure (`claimed` collects
+    /// them). Not reported otherwise: `qemu-img check` sees such a cluster only as a refcount
+    /// below its references, which a repair would "fix" by counting it twice.
+    fn bitmap_placement(
+        &mut self,
+        claimed: &mut HashSet<u64>,
+        offset: u64,
+        len: u64,
+        ignore: Overlap,
+    ) {
+        if len == 0 {
+            return;
+        }
+        let bad = offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.file_len)
+            || self.overlaps_metadata(offset, len, ignore).is_some()
+            || {
+                let bits = self.cluster_bits();
+                let clusters = (offset >> bits)..=((offset + len - 1) >> bits);
+                // Every cluster claimed, even after a repeat (so that later ones are seen).
+                clusters.fold(false, |dup, c| !claimed.insert(c) | dup)
+            };
+        if bad {
+            self.res.unrepairable += 1;
+        }
     }
 
     /// Checks the refcount table's entries and counts the refcount blocks (check_refblocks).
@@ -1024,52 +1309,53 @@ impl<'a, O: Opener> Checker<'a, O> {
             let offset = entry.raw_offset();
             let cluster = offset >> self.cluster_bits();
             if entry.0 & ReftableEntry::RESERVED_MASK != 0 {
-                self.msg(format!(
-                    "ERROR refcount table entry {i} has reserved bits set"
-                ));
-                self.res.corruptions += 1;
+                msg!(self, "ERROR refcount table entry {i} has reserved bits set");
+                // A rebuild is tried, but its new blocks may land on the cluster the entry
+                // names (uncounted, so free), which the overlap check then refuses.
+                self.unfixable();
                 *rebuild = true;
                 continue;
             }
             if !self.is_aligned(offset) {
-                self.msg(format!(
+                msg!(
+                    self,
                     "ERROR refcount block {i} is not cluster aligned; refcount table entry \
                      corrupted"
-                ));
-                self.res.corruptions += 1;
+                );
+                self.unfixable();
                 *rebuild = true;
                 continue;
             }
             if cluster >= imrt.len {
                 self.res.corruptions += 1;
                 let verb = if fix.errors { "Repairing" } else { "ERROR" };
-                self.msg(format!("{verb} refcount block {i} is outside image"));
+                msg!(self, "{verb} refcount block {i} is outside image");
                 if fix.errors {
                     match self.grow_file_to(offset, imrt).await {
                         Ok(()) if cluster < imrt.len => {
                             self.res.corruptions -= 1;
                             self.res.corruptions_fixed += 1;
                             // A fresh, zeroed cluster: its refcount is exactly this one.
-                            self.inc_refs(imrt, offset, self.cs)?;
+                            self.inc_meta(imrt, Role::Refblock, offset, self.cs)?;
                             continue;
                         }
                         Ok(()) => {
                             *rebuild = true;
-                            self.msg(format!("ERROR could not resize image: {EINVAL}"));
+                            msg!(self, "ERROR could not resize image: {EINVAL}");
                         }
                         Err(e) => {
                             *rebuild = true;
-                            self.msg(format!("ERROR could not resize image: {e}"));
+                            msg!(self, "ERROR could not resize image: {e}");
                         }
                     }
                 }
                 continue;
             }
             if offset != 0 {
-                self.inc_refs(imrt, offset, self.cs)?;
+                self.inc_meta(imrt, Role::Refblock, offset, self.cs)?;
                 let n = imrt.get(cluster);
                 if n != 1 {
-                    self.msg(format!("ERROR refcount block {i} refcount={n}"));
+                    msg!(self, "ERROR refcount block {i} refcount={n}");
                     self.res.corruptions += 1;
                     *rebuild = true;
                 }
@@ -1194,7 +1480,7 @@ impl<'a, O: Opener> Checker<'a, O> {
             let stored = match self.disk_refcount(i).await {
                 Ok(n) => n,
                 Err(e) => {
-                    self.msg(format!("Can't get refcount for cluster {i}: {e}"));
+                    msg!(self, "Can't get refcount for cluster {i}: {e}");
                     self.res.check_errors += 1;
                     continue;
                 }
@@ -1219,9 +1505,10 @@ impl<'a, O: Opener> Checker<'a, O> {
             } else {
                 "Leaked"
             };
-            self.msg(format!(
+            msg!(
+                self,
                 "{what} cluster {i} refcount={stored} reference={computed}"
-            ));
+            );
             if fixable {
                 updates.push((i, computed, computed > stored));
                 if stored > computed {
@@ -1289,11 +1576,12 @@ impl<'a, O: Opener> Checker<'a, O> {
             if let Ok(refcount) = self.disk_refcount(l2_offset >> bits).await {
                 if (refcount == 1) != l1_entry.copied() {
                     self.res.corruptions += 1;
-                    self.msg(format!(
+                    msg!(
+                        self,
                         "{verb} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={:x} \
                          refcount={refcount}",
                         l1_entry.0
-                    ));
+                    );
                     if repair {
                         let fixed = if refcount == 1 {
                             L1Entry(l1_entry.0 | L1Entry::COPIED)
@@ -1310,10 +1598,14 @@ impl<'a, O: Opener> Checker<'a, O> {
                     }
                 }
             }
+            if l2_offset >= self.file_len {
+                // Reads as zeros: no allocated entry to check.
+                continue;
+            }
             let mut table = match read_bytes(&self.img.file, l2_offset, self.cs, "L2 table").await {
                 Ok(t) => t,
                 Err(e) => {
-                    self.msg(format!("ERROR: Could not read L2 table: {e}"));
+                    msg!(self, "ERROR: Could not read L2 table: {e}");
                     self.res.check_errors += 1;
                     return Err(e.into());
                 }
@@ -1336,10 +1628,11 @@ impl<'a, O: Opener> Checker<'a, O> {
                 let copied = entry.word & L2_COPIED != 0;
                 if (refcount == 1) != copied {
                     self.res.corruptions += 1;
-                    self.msg(format!(
+                    msg!(
+                        self,
                         "{verb} OFLAG_COPIED data cluster: l2_entry={:x} refcount={refcount}",
                         entry.word
-                    ));
+                    );
                     if repair {
                         let word = if refcount == 1 {
                             entry.word | L2_COPIED
@@ -1356,16 +1649,17 @@ impl<'a, O: Opener> Checker<'a, O> {
                     .guard_write(l2_offset, self.cs, Overlap::ActiveL2)
                     .await
                 {
-                    self.msg(format!(
+                    msg!(
+                        self,
                         "ERROR: Could not write L2 table; metadata overlap check failed: {}",
                         e.0
-                    ));
+                    );
                     self.res.check_errors += 1;
                     return Err(e);
                 }
                 let data = table.to_vec();
                 if let Err(e) = self.write_bytes(l2_offset, &data).await {
-                    self.msg(format!("ERROR: Could not write L2 table: {e}"));
+                    msg!(self, "ERROR: Could not write L2 table: {e}");
                     self.res.check_errors += 1;
                     return Err(e.into());
                 }
@@ -1637,16 +1931,18 @@ impl<'a, O: Opener> Checker<'a, O> {
         }
         self.corruption_signaled = true;
         if !fatal {
-            self.msg(format!(
+            msg!(
+                self,
                 "qcow2: Image is corrupt: {what}; further non-fatal corruption events will be \
                  suppressed"
-            ));
+            );
             return;
         }
-        self.msg(format!(
+        msg!(
+            self,
             "qcow2: Marking image as corrupt: {what}; further corruption events will be \
              suppressed"
-        ));
+        );
         let mut header = self.header.clone();
         header.incompatible_features |= INCOMPAT_CORRUPT;
         // Best effort (v3 only: v2 has no feature bits): the repair stops or fails anyway.
@@ -1693,7 +1989,7 @@ impl<'a, O: Opener> Checker<'a, O> {
         {
             return Some("refcount block");
         }
-        if h.autoclear_features & AUTOCLEAR_BITMAPS != 0 {
+        if h.autoclear_features & AUTOCLEAR_BITMAPS != 0 && ignore != Overlap::BitmapDirectory {
             if let Some(b) = h.bitmaps() {
                 if hit(b.directory_offset, b.directory_size) {
                     return Some("bitmap directory");
@@ -1703,14 +1999,6 @@ impl<'a, O: Opener> Checker<'a, O> {
         // Inactive L2 tables are not part of QEMU's default ("cached") overlap set.
         None
     }
-}
-
-/// Why fixing a misaligned preallocated entry did not happen.
-enum ZeroFix {
-    /// The write would have hit other metadata: the check stops.
-    Overlap(String),
-    /// The write failed: the entry stays counted as corrupt.
-    Failed,
 }
 
 /// Bytes of the snapshot table as QEMU counts them: every entry padded to 8 bytes except the

@@ -77,7 +77,8 @@ pub(crate) struct Meta {
 
 /// Where the image's metadata lives, apart from refcount structures (which the allocator
 /// knows): the header, the active L1 table and its L2 tables, the snapshot table and the
-/// snapshots' L1 tables, the bitmap directory. Data is never written there (QEMU's "cached"
+/// snapshots' L1 tables, the bitmap directory (not the bitmap tables and data: QEMU's
+/// default overlap check leaves them out too). Data is never written there (QEMU's "cached"
 /// overlap check).
 #[derive(Default)]
 pub(crate) struct MetadataClusters {
@@ -344,7 +345,9 @@ impl<O: Opener> Image<O> {
         }
         if !read_only && header.is_dirty() {
             // Lazy refcounts were in use and the image was not closed: the refcounts on disk
-            // may be stale. Rebuild them before anything can be allocated, as QEMU does.
+            // may be stale. Rebuild them before anything can be allocated, as QEMU does; but
+            // check first, read-only, and repair only what a repair can fix: an open that
+            // fails leaves the file as it was (QEMU repairs whatever it can and fails after).
             drop(file);
             let fixer = Box::pin(Image::open_for_repair(
                 opener.clone(),
@@ -352,6 +355,20 @@ impl<O: Opener> Image<O> {
                 options.clone(),
             ))
             .await?;
+            let found = fixer.check().await?;
+            if !found.repairable() {
+                let why = match &found.failure {
+                    Some(why) => format!("the check failed: {why}"),
+                    None if found.check_errors > 0 => {
+                        format!("{} internal errors in the check", found.check_errors)
+                    }
+                    None => format!("{} problems no repair can fix", found.unrepairable),
+                };
+                return Err(Error::Corrupt {
+                    path: path.into(),
+                    what: format!("the dirty image cannot be repaired ({why})"),
+                });
+            }
             let report = fixer.repair(crate::RepairMode::All).await?;
             drop(fixer);
             if report.corruptions > 0 || report.check_errors > 0 {
@@ -454,11 +471,6 @@ impl<O: Opener> Image<O> {
         } else {
             metadata_clusters(&file, &header, &l1).await?
         };
-        let bitmaps = if read_only {
-            None
-        } else {
-            crate::bitmaps::Bitmaps::load(&file, &header, path).await?
-        };
         let alloc = if read_only {
             None
         } else {
@@ -468,7 +480,7 @@ impl<O: Opener> Image<O> {
             let data_file = data_file.is_some();
             crate::verify::references(&file, path, &geo, &l1, data_file, &metadata, alloc).await?;
         }
-        Ok(Image {
+        let img = Image {
             path: path.into(),
             file,
             flushes: FlushState::default(),
@@ -495,12 +507,18 @@ impl<O: Opener> Image<O> {
             metadata_prealloc: async_lock::OnceCell::new(),
             marked_corrupt: std::sync::atomic::AtomicBool::new(false),
             rmw: async_lock::RwLock::new(()),
-            bitmaps: async_lock::Mutex::new(bitmaps),
+            bitmaps: async_lock::Mutex::new(None),
             lazy_refcounts: !read_only
                 && header.version >= 3
                 && options.lazy_refcounts.unwrap_or(header.lazy_refcounts()),
             header,
-        })
+        };
+        if !read_only {
+            // Once the overlap guard's map is complete: the bitmaps are checked against it.
+            let bitmaps = img.load_bitmaps().await?;
+            *img.bitmaps.lock().await = bitmaps;
+        }
+        Ok(img)
     }
 
     pub(crate) async fn open_disk(
@@ -881,9 +899,7 @@ async fn metadata_clusters<B: Backend>(
             m.add_range(&geo, s.l1_table_offset, u64::from(s.l1_size) * 8);
         }
     }
-    if let Some(b) = header.bitmaps() {
-        m.add_range(&geo, b.directory_offset, b.directory_size);
-    }
+    // The bitmap directory is added by `Image::load_bitmaps`, once checked against the rest.
     Ok(m)
 }
 

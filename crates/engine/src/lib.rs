@@ -41,7 +41,7 @@ mod status;
 mod verify;
 mod write;
 
-pub use check::{CheckReport, RepairMode};
+pub use check::{CheckLimit, CheckReport, RepairMode, MAX_MESSAGES, MAX_WALK_CORRUPTIONS};
 pub use create::{
     create, create_raw, probe_backing, Compat, CreateError, CreateOptions, Preallocation, V3Feature,
 };

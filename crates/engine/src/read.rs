@@ -297,6 +297,22 @@ impl<O: Opener> Image<O> {
             .decode(&self.geo, zero_ok)
             .map_err(|e| self.corrupt(format!("L2 entry for guest offset {guest:#x}: {e}")))?;
         let file_len = self.file_len.load(Ordering::Acquire);
+        if self.data_file.is_some() {
+            // An external data file maps every cluster at its guest offset (QEMU refuses any
+            // other host offset as corruption): nothing else may be read or written there.
+            let host = match mapping {
+                L2Mapping::Normal { host, .. } => Some(host),
+                L2Mapping::Zero { preallocated, .. } => preallocated,
+                _ => None,
+            };
+            let cluster = guest & !(self.geo.cluster_size() - 1);
+            if let Some(host) = host.filter(|h| h.0 != cluster) {
+                return Err(self.corrupt(format!(
+                    "data file cluster for guest offset {cluster:#x} at {host}: an external \
+                     data file maps guest clusters at their own offset"
+                )));
+            }
+        }
         match mapping {
             L2Mapping::Normal { host, .. } if self.data_file.is_none() && host.0 >= file_len => {
                 Err(self.corrupt(format!(

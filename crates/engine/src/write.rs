@@ -352,7 +352,7 @@ impl<O: Opener> Image<O> {
 
     /// The overlap guard: data must never be written over live metadata. A hit means the
     /// refcounts or the L2 tables are corrupt.
-    fn guard_overlap(&self, meta: &Meta, host: u64, len: u64) -> Result<()> {
+    pub(crate) fn guard_overlap(&self, meta: &Meta, host: u64, len: u64) -> Result<()> {
         let bits = self.geo.cluster_bits();
         for c in (host >> bits)..=((host + len - 1) >> bits) {
             let owned = meta
