@@ -22,6 +22,12 @@ lint:
 bench *ARGS:
     scripts/bench.sh {{ARGS}}
 
+# Microbenchmarks of the hot paths (divan, a few seconds once built): L2 entry decoding, a read's
+# L2 lookup through the table cache, refcount get/set, lease take and release, the allocator's
+# search. Arguments go to divan (a name filter, --sample-count N). `just bench` runs them too.
+microbench *ARGS:
+    scripts/microbench.sh {{ARGS}}
+
 # The lease models under loom: every interleaving within the preemption bound
 # (LOOM_MAX_PREEMPTIONS, default 3), then the no-lease build, which must report violations.
 loom:
