@@ -17,6 +17,9 @@ no error and no leak, else the harness stops at once and keeps the image. On the
 of every cell that allocates, the images written by our engine and by QEMU must also compare
 equal (`qemu-img compare`).
 
+Before the cells, the divan microbenchmarks of the hot paths run (scripts/microbench.sh, a few
+seconds) and their medians go into the same document.
+
 Results go to docs/BENCHMARKS.md above the marker line; whatever is below the marker is kept.
 Standard library only (Python 3.11).
 """
@@ -51,6 +54,8 @@ MARKER = "<!-- bench.sh: everything above this line is rewritten by `just bench`
 SIDES = ("ours", "qemu", "threads", "raw")
 VERBOSE = False
 ROOT = Path(__file__).resolve().parent.parent
+# Where bench.sh's cargo builds go (CARGO_TARGET_DIR, relative to the repository, or target/).
+TARGET = ROOT / os.environ.get("CARGO_TARGET_DIR", "target")
 
 
 @dataclasses.dataclass
@@ -369,6 +374,97 @@ class Bench:
               flush=True)
 
 
+# --- microbenchmarks ------------------------------------------------------------------------
+
+# What each divan benchmark measures, for the document (the bench files say more).
+MICRO_WHAT = {
+    "format::l1_entry_l2_offset": "an L1 entry's L2 table offset, checked",
+    "format::l2_entry_read_decode": "one L2 entry read from a table and decoded, by entry kind",
+    "engine::l2_lookup_hit": "a read's mapping before its I/O (metadata lock, L1, cached L2 "
+                             "table, entries decoded, a lease per cluster), by read length",
+    "engine::l2_lookup_miss": "the same for 4 KiB, missing the L2 cache every time (a 64 KiB "
+                              "table copied in from memory, one evicted), by cache size in tables",
+    "engine::read_4k_hit": "a whole 4 KiB read of an in-memory image, for scale",
+    "alloc::refcount_get": "a cluster's refcount from the loaded blocks, by width in bits",
+    "alloc::refcount_set": "setting a cluster's refcount, by width in bits",
+    "alloc::lease_try_shared_release": "a read's lease: try_shared and drop, nobody else on "
+                                       "the cluster (its entry made and removed)",
+    "alloc::lease_try_shared_release_joined": "the same while another reader holds the cluster",
+    "alloc::lease_shared_release": "shared (the waiting form), uncontended, and drop",
+    "alloc::lease_try_exclusive_release": "a free's lease: try_exclusive and drop, uncontended",
+    "alloc::lease_exclusive_release": "exclusive (the waiting form), uncontended, and drop",
+    "alloc::lease_try_exclusive_contended": "try_exclusive failing: a reader holds the cluster",
+    "alloc::lease_try_shared_contended": "try_shared failing: the cluster is being freed",
+    "alloc::allocate_empty": "allocating N clusters in a fresh 4 GiB image (the search starts "
+                             "at cluster 0, as after open)",
+    "alloc::allocate_fragmented": "the same with 7 of every 8 clusters in use: a run of 8 is "
+                                  "only found past the end of the file",
+    "alloc::allocate_nearly_full": "the same with all but the last 16 of 65,536 clusters in use",
+}
+TIME_UNITS = {"ps": 1e-3, "ns": 1.0, "µs": 1e3, "us": 1e3, "ms": 1e6, "s": 1e9}
+
+
+def parse_divan(out: str) -> list[dict]:
+    """divan's tree tables -> [{name, fastest, median, mean, samples, iters}] (times in ns).
+
+    Each binary prints a header ("alloc   fastest │ slowest │ ...") and a tree of benchmarks
+    and their arguments ("├─ ", "│  ", "╰─ ": three characters a level); the columns are cut at
+    the header's "│" positions (the tree uses the same character)."""
+    rows, path, seps = [], [], []
+    time_re = re.compile(r"^([0-9.]+) (ps|ns|µs|us|ms|s)$")
+    for line in out.splitlines():
+        if "fastest" in line and "median" in line:
+            seps = [i for i, ch in enumerate(line) if ch == "│"]
+            path = [line.split()[0]]
+            continue
+        if len(seps) != 5 or len(line) <= seps[-1]:
+            continue
+        bounds = [0] + seps + [len(line)]
+        cols = [line[bounds[i] + (i > 0):bounds[i + 1]].strip() for i in range(6)]
+        m = re.match(r"^([│├╰─ ]*)(\S+)\s*(.*)$", line[:seps[0]])
+        if not m:
+            continue
+        depth = len(m.group(1)) // 3
+        path = path[:depth] + [m.group(2)]
+        if not m.group(3).strip():
+            continue  # a group: its arguments follow
+        times = []
+        for t in (m.group(3).strip(), cols[2], cols[3]):
+            tm = time_re.match(t)
+            if not tm:
+                raise ValueError(f"cannot read a time in divan's line: {line!r}")
+            times.append(float(tm.group(1)) * TIME_UNITS[tm.group(2)])
+        rows.append({"name": "::".join(path[:2]) + "".join(f"/{p}" for p in path[2:]),
+                     "fastest": times[0], "median": times[1], "mean": times[2],
+                     "samples": int(cols[4]), "iters": int(cols[5])})
+    return rows
+
+
+def microbench() -> tuple[list[dict], float, str]:
+    """Runs scripts/microbench.sh (built by bench.sh): (rows, seconds, error or '')."""
+    t = time.time()
+    p = subprocess.run([str(ROOT / "scripts" / "microbench.sh"), "--color", "never"],
+                       capture_output=True, text=True, timeout=600)
+    secs = time.time() - t
+    if p.returncode != 0:
+        return [], secs, f"scripts/microbench.sh exited {p.returncode}:\n{p.stdout}{p.stderr}"
+    try:
+        rows = parse_divan(p.stdout)
+    except ValueError as e:
+        return [], secs, str(e)
+    m = re.search(r"Timer precision: (.+)", p.stdout + p.stderr)
+    for r in rows:
+        r["precision"] = m.group(1).strip() if m else "?"
+    return rows, secs, "" if rows else f"no benchmark in the output:\n{p.stdout}"
+
+
+def fmt_ns(ns: float) -> str:
+    for unit, scale in (("ms", 1e6), ("µs", 1e3)):
+        if ns >= scale:
+            return f"{ns / scale:.3g} {unit}"
+    return f"{ns:.3g} ns"
+
+
 # --- the report ----------------------------------------------------------------------------
 
 
@@ -416,15 +512,45 @@ def machine(bench: Bench) -> list[tuple[str, str]]:
     ]
 
 
+def micro_section(micro: tuple[list[dict], float, str] | None) -> list[str]:
+    L = ["## Microbenchmarks", ""]
+    if micro is None:
+        return L + ["Not run (`BENCH_MICRO=0`); `just microbench` runs them alone.", ""]
+    rows, secs, err = micro
+    if err:
+        return L + ["**Failed**:", "", "```", err.strip()[:2000], "```", ""]
+    order = list(MICRO_WHAT)
+    rows = sorted(rows, key=lambda r: order.index(r["name"].split("/")[0])
+                  if r["name"].split("/")[0] in order else len(order))
+    L += ["The divan benchmarks of the hot paths (`crates/format/benches`, `crates/alloc/benches`, "
+          "`crates/engine/benches`; `just microbench` runs them alone), in the same run as the "
+          f"cells: {len(rows)} benchmarks in {secs:.0f} s (divan's timer precision: "
+          f"{rows[0]['precision']}). Time per iteration: the median of "
+          "divan's samples, the fastest sample and the mean beside it; one thread, nothing "
+          "contended unless the name says so. The engine's lookups run on an image in memory "
+          "(`MemoryOpener`), polled to completion without a runtime.", "",
+          "| benchmark | argument | median | fastest | mean | samples × iterations | what |",
+          "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    last = None
+    for r in rows:
+        group, _, arg = r["name"].partition("/")
+        what = MICRO_WHAT.get(group, "") if group != last else "〃"
+        last = group
+        L.append(f"| `{group}` | {arg} | {fmt_ns(r['median'])} | {fmt_ns(r['fastest'])} | "
+                 f"{fmt_ns(r['mean'])} | {r['samples']} × {r['iters'] // r['samples']} | {what} |")
+    return L + [""]
+
+
 def report(bench: Bench, cells: list[Cell], started: str, elapsed: float, load0: str,
-           load1: str) -> str:
+           load1: str, micro: tuple[list[dict], float, str] | None) -> str:
     a = bench.args
     raw_hdr = "raw (fio)" if bench.fio else "raw (stand-in†)"
     L = ["# Benchmarks", "",
          "Generated by `just bench` (scripts/bench.sh → scripts/bench.py). qcow2-engine's "
          "`qimg bench` against QEMU's qcow2 driver (`qemu-img bench`) and the raw file "
          "underneath, the same cells on the same images in the same run, sides alternating "
-         "(ours, QEMU, ours on the tokio file backend, raw; repeated).", "",
+         "(ours, QEMU, ours on the tokio file backend, raw; repeated); then the "
+         "microbenchmarks of the hot paths.", "",
          f"- date: {started}",
          f"- runs per side and cell: {a.runs}; request counts × {a.scale:g}"
          f"{' (reduced)' if a.scale < 1 else ''}",
@@ -472,6 +598,7 @@ def report(bench: Bench, cells: list[Cell], started: str, elapsed: float, load0:
     L += [f"Verification: {bench.checks} `qemu-img check` runs on images our engine wrote, "
           f"all clean; {bench.compares} `qemu-img compare` runs of our engine's freshly "
           "allocated images against QEMU's after the same requests, all equal.", ""]
+    L += micro_section(micro)
     L += ["## Cells", "",
           "All qcow2 images have 64 KiB clusters and are created by `qemu-img create`; both "
           "tools get the same `bench` options (`-c -d -s -S -t` and, for writes, "
@@ -509,6 +636,8 @@ def report(bench: Bench, cells: list[Cell], started: str, elapsed: float, load0:
           "BENCH_RUNS=5 just bench         # more runs per side",
           "BENCH_SCALE=0.5 just bench      # half the requests per run (a busy machine)",
           "BENCH_CELLS='read4k|span' scripts/bench.sh --out /tmp/b.md   # some cells only",
+          "just microbench                 # the microbenchmarks alone (a few seconds once built)",
+          "just microbench lease           # those whose name matches",
           "```", "",
           "Needs qemu-img (scripts/setup.sh installs it), python3, about 9 GiB free under "
           "`target/bench` on a real disk (tmpfs is refused), and fio for the true raw figure "
@@ -559,7 +688,9 @@ def main():
                     help="keep the images afterwards")
     ap.add_argument("--reuse", action="store_true", default=env("BENCH_REUSE", "") == "1",
                     help="reuse prepared images left by --keep")
-    ap.add_argument("--qimg", default=env("BENCH_QIMG", str(ROOT / "target/release/qimg")))
+    ap.add_argument("--qimg", default=env("BENCH_QIMG", str(TARGET / "release" / "qimg")))
+    ap.add_argument("--no-micro", action="store_true", default=env("BENCH_MICRO", "1") == "0",
+                    help="skip the microbenchmarks (scripts/microbench.sh)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every command")
     ap.add_argument("--list", action="store_true", help="list the cells and exit")
     args = ap.parse_args()
@@ -594,16 +725,22 @@ def main():
     print(f"bench: {len(cells)} cells × 4 sides × {args.runs} runs in {bench.dir} "
           f"({fstype}); raw side: {'fio' if bench.fio else 'fio not installed, qemu-img bench -f raw stand-in'}",
           flush=True)
+    micro = None
+    if not args.no_micro:
+        micro = microbench()
+        print(f"microbenchmarks: {len(micro[0])} in {micro[1]:.1f} s"
+              f"{'; FAILED: ' + micro[2] if micro[2] else ''}", flush=True)
     bench.prepare(cells)
     for c in cells:
         bench.cell(c)
     elapsed = time.time() - t0
     load1 = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     out = Path(args.out)
-    write_doc(out, report(bench, cells, started, elapsed, load0, load1))
+    write_doc(out, report(bench, cells, started, elapsed, load0, load1, micro))
     (bench.dir / "results.json").write_text(json.dumps(
         {"date": started, "elapsed_s": elapsed, "rm_s": bench.rm_secs, "load": [load0, load1],
          "results": bench.results, "errors": bench.errors, "oddities": bench.oddities,
+         "micro": micro and {"rows": micro[0], "secs": micro[1], "error": micro[2]},
          "cells": [dataclasses.asdict(c) for c in cells]}, indent=1))
     if not args.keep:
         for f in ("raw.img", "data.qcow2", "span.qcow2", "rawspan.img"):
@@ -613,6 +750,8 @@ def main():
     print(f"bench: wrote {out} in {elapsed / 60:.1f} min", flush=True)
     if bench.errors:
         die(f"{len(bench.errors)} cell(s) failed: {', '.join(bench.errors)}")
+    if micro and micro[2]:
+        die("the microbenchmarks failed (see the document)")
 
 
 if __name__ == "__main__":

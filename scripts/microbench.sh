@@ -7,9 +7,12 @@
 #   crates/engine/benches/engine.rs  a read's L2 lookup through the table cache (hit, miss),
 #                                    and a whole 4 KiB read from memory
 # Runs in a few seconds once built. Arguments go to divan: a filter (`scripts/microbench.sh
-# lease`), `--sample-count 500`, `--list`... `just bench` runs this too and puts the medians in
-# docs/BENCHMARKS.md.
+# lease`), `--sample-count 500`, `--list`...; `--no-run` alone only builds them. `just bench`
+# runs this too and puts the medians in docs/BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec cargo bench -q -p qcow2-format --bench format -p qcow2-alloc --bench alloc \
-  -p qcow2-engine --bench engine -- "$@"
+benches=(-p qcow2-format --bench format -p qcow2-alloc --bench alloc -p qcow2-engine --bench engine)
+if [ "${1:-}" = --no-run ]; then
+  exec cargo bench -q --no-run "${benches[@]}"
+fi
+exec cargo bench -q "${benches[@]}" -- "$@"
