@@ -17,8 +17,10 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
 
-# Benchmarks: qcow2-engine against QEMU's qcow2 driver and the raw file, every cell of issue 6;
-# writes docs/BENCHMARKS.md. Env: BENCH_RUNS (3), BENCH_SCALE (1), BENCH_CELLS, BENCH_NOTE.
+# Benchmarks: qcow2-engine against QEMU's qcow2 driver and the raw file, every cell of issue 6,
+# and against itself built without leases on the 4k cells; then the microbenchmarks. Writes
+# docs/BENCHMARKS.md. Env: BENCH_RUNS (3), BENCH_SCALE (1), BENCH_CELLS, BENCH_NOLEASE_CELLS,
+# BENCH_MICRO, BENCH_NOTE (scripts/bench.sh lists them).
 bench *ARGS:
     scripts/bench.sh {{ARGS}}
 

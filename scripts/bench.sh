@@ -13,11 +13,19 @@
 #   BENCH_OUT=docs/BENCHMARKS.md
 #   BENCH_NOTE=TEXT     a note printed above the table (e.g. "machine busy")
 #   BENCH_KEEP=1        keep the images afterwards
+#   BENCH_NOLEASE_CELLS=REGEX  the cells that also run qimg built with --cfg qcow2_no_lease
+#                       (default: the 4k cells; '' for none, '.' for all)
 #   BENCH_MICRO=0       skip the microbenchmarks (then the document has none)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 command -v python3 >/dev/null 2>&1 || { echo "bench: python3 is needed" >&2; exit 1; }
 cargo build --release -q -p qimg
+# The no-lease build (every lease a no-op) for the ours/no-lease columns: its own target
+# directory, since the cfg changes every crate's flags.
+if [ "${BENCH_NOLEASE_CELLS-x}" != "" ]; then
+  RUSTFLAGS="--cfg qcow2_no_lease" CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/bench-nolease" \
+    cargo build --release -q -p qimg
+fi
 [ "${BENCH_MICRO:-1}" = 0 ] || scripts/microbench.sh --no-run
 exec python3 scripts/bench.py "$@"
