@@ -8,7 +8,8 @@ demo *ARGS:
 test *ARGS:
     scripts/test.sh {{ARGS}}
 
-# What CI runs.
+# What CI runs: fmt, clippy, the tests, the race replays and lease models with and without
+# leases, 60 s of fuzzing per target, more random schedules.
 ci:
     .ci/run
 
@@ -49,5 +50,6 @@ soak SEEDS="10000" ROUNDS="200":
 
 # Fuzz with cargo-fuzz (docs/FUZZING.md): TARGET open_read_write, format_parse or all, for
 # SECONDS each; works with the stable toolchain (RUSTC_BOOTSTRAP=1). Extra libFuzzer options after.
+# CI runs `FUZZ_BUILD_FLAGS="-s none --codegen-units 16" scripts/fuzz.sh all 60` (no ASan).
 fuzz TARGET="all" SECONDS="300" *ARGS:
     scripts/fuzz.sh {{TARGET}} {{SECONDS}} {{ARGS}}
