@@ -8,7 +8,8 @@ demo *ARGS:
 test *ARGS:
     scripts/test.sh {{ARGS}}
 
-# What CI runs.
+# What CI runs: fmt, clippy, the tests, the race replays and lease models with and without
+# leases, 60 s of fuzzing per target, more random schedules.
 ci:
     .ci/run
 
@@ -17,10 +18,18 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
 
-# Benchmarks: qcow2-engine against QEMU's qcow2 driver and the raw file, every cell of issue 6;
-# writes docs/BENCHMARKS.md. Env: BENCH_RUNS (3), BENCH_SCALE (1), BENCH_CELLS, BENCH_NOTE.
+# Benchmarks: qcow2-engine against QEMU's qcow2 driver and the raw file, every cell of issue 6,
+# and against itself built without leases on the 4k cells; then the microbenchmarks. Writes
+# docs/BENCHMARKS.md. Env: BENCH_RUNS (3), BENCH_SCALE (1), BENCH_CELLS, BENCH_NOLEASE_CELLS,
+# BENCH_MICRO, BENCH_NOTE (scripts/bench.sh lists them).
 bench *ARGS:
     scripts/bench.sh {{ARGS}}
+
+# Microbenchmarks of the hot paths (divan, a few seconds once built): L2 entry decoding, a read's
+# L2 lookup through the table cache, refcount get/set, lease take and release, the allocator's
+# search. Arguments go to divan (a name filter, --sample-count N). `just bench` runs them too.
+microbench *ARGS:
+    scripts/microbench.sh {{ARGS}}
 
 # The lease models under loom: every interleaving within the preemption bound
 # (LOOM_MAX_PREEMPTIONS, default 3), then the no-lease build, which must report violations.
@@ -41,5 +50,6 @@ soak SEEDS="10000" ROUNDS="200":
 
 # Fuzz with cargo-fuzz (docs/FUZZING.md): TARGET open_read_write, format_parse or all, for
 # SECONDS each; works with the stable toolchain (RUSTC_BOOTSTRAP=1). Extra libFuzzer options after.
+# CI runs `FUZZ_BUILD_FLAGS="-s none --codegen-units 16" scripts/fuzz.sh all 60` (no ASan).
 fuzz TARGET="all" SECONDS="300" *ARGS:
     scripts/fuzz.sh {{TARGET}} {{SECONDS}} {{ARGS}}

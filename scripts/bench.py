@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """The `just bench` harness (run through scripts/bench.sh, which builds qimg first).
 
-Every cell runs four sides on the same image, alternating A B C D A B C D ... so that drift of
+Every cell runs its sides on the same image, alternating A B C D A B C D ... so that drift of
 the machine (other builds, page cache, the disk's own state) spreads over all sides alike:
 
   ours     qimg bench -i io_uring           (qcow2-engine, io_uring backend)
+  nolease  the same, qimg built with --cfg qcow2_no_lease (every lease a no-op), on the cells
+           matching --nolease-cells only (the 4k cells by default)
   qemu     qemu-img bench -f qcow2 -i io_uring
   threads  qimg bench -i threads            (qcow2-engine, tokio file backend)
   raw      the file underneath: fio (ioengine=io_uring) when installed, otherwise
@@ -12,10 +14,13 @@ the machine (other builds, page cache, the disk's own state) spreads over all si
 
 qimg bench and qemu-img bench get the same options, so they send the same requests in the
 same order; the time is theirs ("Run completed in X seconds.", the request loop only) and
-IOPS = requests / time. After every run of our engine that wrote, `qemu-img check` must find
-no error and no leak, else the harness stops at once and keeps the image. On the first round
-of every cell that allocates, the images written by our engine and by QEMU must also compare
-equal (`qemu-img compare`).
+IOPS = requests / time. After every run of our engine (either build) that wrote, `qemu-img
+check` must find no error and no leak, else the harness stops at once and keeps the image. On
+the first round of every cell that allocates, the images written by our engine and by QEMU
+must also compare equal (`qemu-img compare`).
+
+Before the cells, the divan microbenchmarks of the hot paths run (scripts/microbench.sh, a few
+seconds) and their medians go into the same document.
 
 Results go to docs/BENCHMARKS.md above the marker line; whatever is below the marker is kept.
 Standard library only (Python 3.11).
@@ -48,9 +53,17 @@ SPAN_ALLOC = 64 * GiB
 PATTERN = 0xAA  # written by the cells; not zero, so no zero detection can shortcut a write
 PREP_PATTERN = 0x55
 MARKER = "<!-- bench.sh: everything above this line is rewritten by `just bench`; hand-written sections below it are kept -->"
-SIDES = ("ours", "qemu", "threads", "raw")
+SIDES = ("ours", "nolease", "qemu", "threads", "raw")
+# The sides that run our engine (checked after writing, never run again after a crash).
+OURS = ("ours", "nolease", "threads")
+# The cells that also run the no-lease build (--nolease-cells): the 4k cells, where a lease per
+# request weighs most. All cells would add a fifth of the run and more than `just bench`'s
+# budget allows on a busy machine.
+NOLEASE_CELLS = r"^(alloc4k|rewrite4k|read4k)-"
 VERBOSE = False
 ROOT = Path(__file__).resolve().parent.parent
+# Where bench.sh's cargo builds go (CARGO_TARGET_DIR, relative to the repository, or target/).
+TARGET = ROOT / os.environ.get("CARGO_TARGET_DIR", "target")
 
 
 @dataclasses.dataclass
@@ -260,9 +273,10 @@ class Bench:
 
     # --- one run -----------------------------------------------------------------------------
     def command(self, cell: Cell, side: str, img: str) -> list[str]:
-        if side in ("ours", "threads"):
-            aio = "io_uring" if side == "ours" else "threads"
-            return [self.qimg, "bench", "-f", "qcow2", "-i", aio] + cell.bench_args() + [img]
+        if side in OURS:
+            qimg = self.args.qimg_nolease if side == "nolease" else self.qimg
+            aio = "threads" if side == "threads" else "io_uring"
+            return [qimg, "bench", "-f", "qcow2", "-i", aio] + cell.bench_args() + [img]
         if side == "qemu":
             return ["qemu-img", "bench", "-f", "qcow2", "-i", "io_uring"] + cell.bench_args() + [img]
         if self.fio:
@@ -298,7 +312,7 @@ class Bench:
                 print(f"  {side:8} {time.time() - t:6.2f} s  {' '.join(cmd)}", flush=True)
             # QEMU's crashes are QEMU's: note them and run again (on the same image; a fresh
             # one for allocating cells). Our engine's are not retried.
-            if p.returncode >= 0 or side in ("ours", "threads") or attempt == 2:
+            if p.returncode >= 0 or side in OURS or attempt == 2:
                 break
             self.oddities.append(f"`{' '.join(cmd)}` was killed by signal {-p.returncode} "
                                  f"(run again){': ' + p.stderr.strip() if p.stderr.strip() else ''}")
@@ -321,15 +335,20 @@ class Bench:
                 raise RuntimeError(f"{' '.join(cmd)}: zero time; raise the count")
             iops = cell.count / secs
             first = p.stdout.splitlines()[0] if p.stdout else ""
-        if side in ("ours", "threads") and cell.write:
+        if side in OURS and cell.write:
             self.check(img)
         if cell.kind == "alloc" and side != "raw" and not keep:
             self.rm(img)
         return iops, first, img
 
     # --- one cell ----------------------------------------------------------------------------
+    def sides(self, cell: Cell) -> list[str]:
+        nolease = bool(self.args.nolease_cells) and re.search(self.args.nolease_cells, cell.id)
+        return [s for s in SIDES if s != "nolease" or nolease]
+
     def cell(self, cell: Cell):
-        res = {s: [] for s in SIDES}
+        sides = self.sides(cell)
+        res = {s: [] for s in sides}
         self.results[cell.id] = res
         t0 = time.time()
         try:
@@ -340,14 +359,14 @@ class Bench:
             for r in range(self.args.runs):
                 firsts, imgs = {}, {}
                 first_round = r == 0 and cell.kind == "alloc"
-                for side in SIDES:
+                for side in sides:
                     iops, firsts[side], imgs[side] = self.run(cell, side, keep=first_round)
                     res[side].append(iops)
                 if r == 0 and firsts["ours"] != firsts["qemu"]:
                     self.oddities.append(f"{cell.id}: qimg printed `{firsts['ours']}`, "
                                          f"qemu-img printed `{firsts['qemu']}`")
                 if first_round:
-                    for side in ("ours", "threads"):
+                    for side in [s for s in sides if s in OURS]:
                         p = sh(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qcow2",
                                 imgs[side], imgs["qemu"]], check=False)
                         self.compares += 1
@@ -356,17 +375,111 @@ class Bench:
                                 f"from QEMU's after the same requests (qemu-img compare "
                                 f"{p.returncode}); images kept in {self.dir}\n{p.stdout}"
                                 f"{p.stderr}", code=2)
-                    for side in ("ours", "qemu", "threads"):
-                        self.rm(imgs[side])
+                    for side in sides:
+                        if side != "raw":
+                            self.rm(imgs[side])
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             self.errors[cell.id] = str(e)
             print(f"\n{cell.id}: FAILED: {e}", file=sys.stderr, flush=True)
             return
         med = {s: statistics.median(v) for s, v in res.items()}
+        nolease = (f"  no-lease {med['nolease']:9.0f}  ours/no-lease "
+                   f"{med['ours'] / med['nolease']:5.2f}" if "nolease" in med else "")
         print(f"{cell.id:24} ours {med['ours']:9.0f}  qemu {med['qemu']:9.0f}  "
               f"threads {med['threads']:9.0f}  raw {med['raw']:9.0f}  "
-              f"ours/qemu {med['ours'] / med['qemu']:5.2f}  ({time.time() - t0:.0f} s)",
-              flush=True)
+              f"ours/qemu {med['ours'] / med['qemu']:5.2f}{nolease}  "
+              f"({time.time() - t0:.0f} s)", flush=True)
+
+
+# --- microbenchmarks ------------------------------------------------------------------------
+
+# What each divan benchmark measures, for the document (the bench files say more).
+MICRO_WHAT = {
+    "format::l1_entry_l2_offset": "an L1 entry's L2 table offset, checked",
+    "format::l2_entry_read_decode": "one L2 entry read from a table and decoded, by entry kind",
+    "engine::l2_lookup_hit": "a read's mapping before its I/O (metadata lock, L1, cached L2 "
+                             "table, entries decoded, a lease per cluster), by read length",
+    "engine::l2_lookup_miss": "the same for 4 KiB, missing the L2 cache every time (a 64 KiB "
+                              "table copied in from memory, one evicted), by cache size in tables",
+    "engine::read_4k_hit": "a whole 4 KiB read of an in-memory image, for scale",
+    "alloc::refcount_get": "a cluster's refcount from the loaded blocks, by width in bits",
+    "alloc::refcount_set": "setting a cluster's refcount, by width in bits",
+    "alloc::lease_try_shared_release": "a read's lease: try_shared and drop, nobody else on "
+                                       "the cluster (its entry made and removed)",
+    "alloc::lease_try_shared_release_joined": "the same while another reader holds the cluster",
+    "alloc::lease_shared_release": "shared (the waiting form), uncontended, and drop",
+    "alloc::lease_try_exclusive_release": "a free's lease: try_exclusive and drop, uncontended",
+    "alloc::lease_exclusive_release": "exclusive (the waiting form), uncontended, and drop",
+    "alloc::lease_try_exclusive_contended": "try_exclusive failing: a reader holds the cluster",
+    "alloc::lease_try_shared_contended": "try_shared failing: the cluster is being freed",
+    "alloc::allocate_empty": "allocating N clusters in a fresh 4 GiB image (the search starts "
+                             "at cluster 0, as after open)",
+    "alloc::allocate_fragmented": "the same with 7 of every 8 clusters in use: a run of 8 is "
+                                  "only found past the end of the file",
+    "alloc::allocate_nearly_full": "the same with all but the last 16 of 65,536 clusters in use",
+}
+TIME_UNITS = {"ps": 1e-3, "ns": 1.0, "µs": 1e3, "us": 1e3, "ms": 1e6, "s": 1e9}
+
+
+def parse_divan(out: str) -> list[dict]:
+    """divan's tree tables -> [{name, fastest, median, mean, samples, iters}] (times in ns).
+
+    Each binary prints a header ("alloc   fastest │ slowest │ ...") and a tree of benchmarks
+    and their arguments ("├─ ", "│  ", "╰─ ": three characters a level); the columns are cut at
+    the header's "│" positions (the tree uses the same character)."""
+    rows, path, seps = [], [], []
+    time_re = re.compile(r"^([0-9.]+) (ps|ns|µs|us|ms|s)$")
+    for line in out.splitlines():
+        if "fastest" in line and "median" in line:
+            seps = [i for i, ch in enumerate(line) if ch == "│"]
+            path = [line.split()[0]]
+            continue
+        if len(seps) != 5 or len(line) <= seps[-1]:
+            continue
+        bounds = [0] + seps + [len(line)]
+        cols = [line[bounds[i] + (i > 0):bounds[i + 1]].strip() for i in range(6)]
+        m = re.match(r"^([│├╰─ ]*)(\S+)\s*(.*)$", line[:seps[0]])
+        if not m:
+            continue
+        depth = len(m.group(1)) // 3
+        path = path[:depth] + [m.group(2)]
+        if not m.group(3).strip():
+            continue  # a group: its arguments follow
+        times = []
+        for t in (m.group(3).strip(), cols[2], cols[3]):
+            tm = time_re.match(t)
+            if not tm:
+                raise ValueError(f"cannot read a time in divan's line: {line!r}")
+            times.append(float(tm.group(1)) * TIME_UNITS[tm.group(2)])
+        rows.append({"name": "::".join(path[:2]) + "".join(f"/{p}" for p in path[2:]),
+                     "fastest": times[0], "median": times[1], "mean": times[2],
+                     "samples": int(cols[4]), "iters": int(cols[5])})
+    return rows
+
+
+def microbench() -> tuple[list[dict], float, str]:
+    """Runs scripts/microbench.sh (built by bench.sh): (rows, seconds, error or '')."""
+    t = time.time()
+    p = subprocess.run([str(ROOT / "scripts" / "microbench.sh"), "--color", "never"],
+                       capture_output=True, text=True, timeout=600)
+    secs = time.time() - t
+    if p.returncode != 0:
+        return [], secs, f"scripts/microbench.sh exited {p.returncode}:\n{p.stdout}{p.stderr}"
+    try:
+        rows = parse_divan(p.stdout)
+    except ValueError as e:
+        return [], secs, str(e)
+    m = re.search(r"Timer precision: (.+)", p.stdout + p.stderr)
+    for r in rows:
+        r["precision"] = m.group(1).strip() if m else "?"
+    return rows, secs, "" if rows else f"no benchmark in the output:\n{p.stdout}"
+
+
+def fmt_ns(ns: float) -> str:
+    for unit, scale in (("ms", 1e6), ("µs", 1e3)):
+        if ns >= scale:
+            return f"{ns / scale:.3g} {unit}"
+    return f"{ns:.3g} ns"
 
 
 # --- the report ----------------------------------------------------------------------------
@@ -412,19 +525,50 @@ def machine(bench: Bench) -> list[tuple[str, str]]:
         ("bench directory", f"`{os.path.relpath(bench.dir, ROOT)}` on {fs}"),
         ("qemu-img", first_line(["qemu-img", "--version"])),
         ("raw reference", raw),
-        ("qimg", f"`{git}` (release build)"),
+        ("qimg", f"`{git}` (release build); no lease: the same with `RUSTFLAGS=\"--cfg "
+                 f"qcow2_no_lease\"` in `{os.path.relpath(bench.args.qimg_nolease, ROOT)}`"),
     ]
 
 
+def micro_section(micro: tuple[list[dict], float, str] | None) -> list[str]:
+    L = ["## Microbenchmarks", ""]
+    if micro is None:
+        return L + ["Not run (`BENCH_MICRO=0`); `just microbench` runs them alone.", ""]
+    rows, secs, err = micro
+    if err:
+        return L + ["**Failed**:", "", "```", err.strip()[:2000], "```", ""]
+    order = list(MICRO_WHAT)
+    rows = sorted(rows, key=lambda r: order.index(r["name"].split("/")[0])
+                  if r["name"].split("/")[0] in order else len(order))
+    L += ["The divan benchmarks of the hot paths (`crates/format/benches`, `crates/alloc/benches`, "
+          "`crates/engine/benches`; `just microbench` runs them alone), in the same run as the "
+          f"cells: {len(rows)} benchmarks in {secs:.0f} s (divan's timer precision: "
+          f"{rows[0]['precision']}). Time per iteration: the median of "
+          "divan's samples, the fastest sample and the mean beside it; one thread, nothing "
+          "contended unless the name says so. The engine's lookups run on an image in memory "
+          "(`MemoryOpener`), polled to completion without a runtime.", "",
+          "| benchmark | argument | median | fastest | mean | samples × iterations | what |",
+          "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    last = None
+    for r in rows:
+        group, _, arg = r["name"].partition("/")
+        what = MICRO_WHAT.get(group, "") if group != last else "〃"
+        last = group
+        L.append(f"| `{group}` | {arg} | {fmt_ns(r['median'])} | {fmt_ns(r['fastest'])} | "
+                 f"{fmt_ns(r['mean'])} | {r['samples']} × {r['iters'] // r['samples']} | {what} |")
+    return L + [""]
+
+
 def report(bench: Bench, cells: list[Cell], started: str, elapsed: float, load0: str,
-           load1: str) -> str:
+           load1: str, micro: tuple[list[dict], float, str] | None) -> str:
     a = bench.args
     raw_hdr = "raw (fio)" if bench.fio else "raw (stand-in†)"
     L = ["# Benchmarks", "",
          "Generated by `just bench` (scripts/bench.sh → scripts/bench.py). qcow2-engine's "
          "`qimg bench` against QEMU's qcow2 driver (`qemu-img bench`) and the raw file "
          "underneath, the same cells on the same images in the same run, sides alternating "
-         "(ours, QEMU, ours on the tokio file backend, raw; repeated).", "",
+         "(ours, ours without leases, QEMU, ours on the tokio file backend, raw; repeated); "
+         "and, run first, the microbenchmarks of the hot paths.", "",
          f"- date: {started}",
          f"- runs per side and cell: {a.runs}; request counts × {a.scale:g}"
          f"{' (reduced)' if a.scale < 1 else ''}",
@@ -439,10 +583,17 @@ def report(bench: Bench, cells: list[Cell], started: str, elapsed: float, load0:
     L += [f"| {k} | {v} |" for k, v in machine(bench)]
     L += ["", "## Results", "",
           "IOPS, median [min–max] of the runs; ratios of medians. *ours* is qcow2-engine on "
-          "io_uring, *threads* the same engine on the tokio file backend (`-i threads`).", "",
+          "io_uring, *threads* the same engine on the tokio file backend (`-i threads`). "
+          "*no lease* is *ours* built with `--cfg qcow2_no_lease`, which makes every lease a "
+          "no-op (the build the race tests use to show that they see the race; never one to "
+          "run), alternating with the other sides on the cells matching "
+          f"`{a.nolease_cells or '(none)'}`: where *ours/no-lease* is near 1.00 and the two "
+          "[min–max] ranges overlap, taking a lease on every host cluster a request touches "
+          "costs nothing measurable against the run-to-run noise (issue 6, item 5).", "",
           f"| cell | cache | QD | requests | ours | QEMU | {raw_hdr} | ours/QEMU | ours/raw "
-          "| threads | threads/ours |",
-          "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+          "| threads | threads/ours | no lease | ours/no-lease |",
+          "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+          "| ---: |"]
     for c in cells:
         r = bench.results.get(c.id)
         if r is None:
@@ -450,12 +601,13 @@ def report(bench: Bench, cells: list[Cell], started: str, elapsed: float, load0:
         name = c.title
         if c.id in bench.errors:
             L.append(f"| {name} | {c.cache} | {c.depth} | {c.count} | **failed** (below) "
-                     "| | | | | | |")
+                     "| | | | | | | | |")
             continue
         L.append(f"| {name} | {c.cache} | {c.depth} | {c.count:,} | {fmt_iops(r['ours'])} | "
                  f"{fmt_iops(r['qemu'])} | {fmt_iops(r['raw'])} | "
                  f"**{ratio(r['ours'], r['qemu'])}** | {ratio(r['ours'], r['raw'])} | "
-                 f"{fmt_iops(r['threads'])} | {ratio(r['threads'], r['ours'])} |")
+                 f"{fmt_iops(r['threads'])} | {ratio(r['threads'], r['ours'])} | "
+                 f"{fmt_iops(r.get('nolease', []))} | {ratio(r['ours'], r.get('nolease', []))} |")
     L.append("")
     if not bench.fio:
         L += ["† fio not installed: the raw column is `qemu-img bench -f raw -i io_uring` with "
@@ -472,6 +624,7 @@ def report(bench: Bench, cells: list[Cell], started: str, elapsed: float, load0:
     L += [f"Verification: {bench.checks} `qemu-img check` runs on images our engine wrote, "
           f"all clean; {bench.compares} `qemu-img compare` runs of our engine's freshly "
           "allocated images against QEMU's after the same requests, all equal.", ""]
+    L += micro_section(micro)
     L += ["## Cells", "",
           "All qcow2 images have 64 KiB clusters and are created by `qemu-img create`; both "
           "tools get the same `bench` options (`-c -d -s -S -t` and, for writes, "
@@ -509,6 +662,10 @@ def report(bench: Bench, cells: list[Cell], started: str, elapsed: float, load0:
           "BENCH_RUNS=5 just bench         # more runs per side",
           "BENCH_SCALE=0.5 just bench      # half the requests per run (a busy machine)",
           "BENCH_CELLS='read4k|span' scripts/bench.sh --out /tmp/b.md   # some cells only",
+          "BENCH_NOLEASE_CELLS=. just bench   # the no-lease build on every cell (about a "
+          "fifth longer)",
+          "just microbench                 # the microbenchmarks alone (a few seconds once built)",
+          "just microbench lease           # those whose name matches",
           "```", "",
           "Needs qemu-img (scripts/setup.sh installs it), python3, about 9 GiB free under "
           "`target/bench` on a real disk (tmpfs is refused), and fio for the true raw figure "
@@ -518,12 +675,14 @@ def report(bench: Bench, cells: list[Cell], started: str, elapsed: float, load0:
           "so a busy machine moves the numbers: compare the ratios of one run, look at the "
           "spreads, and do not compare absolute IOPS across runs.", ""]
     details = ["<details><summary>Every run (IOPS, in run order)</summary>", "",
-               "| cell | ours | QEMU | raw | threads |", "| --- | --- | --- | --- | --- |"]
+               "| cell | ours | QEMU | raw | threads | no lease |",
+               "| --- | --- | --- | --- | --- | --- |"]
     for c in cells:
         r = bench.results.get(c.id)
         if r and c.id not in bench.errors:
             details.append(f"| `{c.id}` | " + " | ".join(
-                ", ".join(f"{x:.0f}" for x in r[s]) for s in ("ours", "qemu", "raw", "threads"))
+                ", ".join(f"{x:.0f}" for x in r.get(s, [])) or "–"
+                for s in ("ours", "qemu", "raw", "threads", "nolease"))
                 + " |")
     L += details + ["", "</details>", ""]
     return "\n".join(L)
@@ -559,7 +718,14 @@ def main():
                     help="keep the images afterwards")
     ap.add_argument("--reuse", action="store_true", default=env("BENCH_REUSE", "") == "1",
                     help="reuse prepared images left by --keep")
-    ap.add_argument("--qimg", default=env("BENCH_QIMG", str(ROOT / "target/release/qimg")))
+    ap.add_argument("--qimg", default=env("BENCH_QIMG", str(TARGET / "release" / "qimg")))
+    ap.add_argument("--qimg-nolease", default=env(
+        "BENCH_QIMG_NOLEASE", str(TARGET / "bench-nolease" / "release" / "qimg")),
+        help="qimg built with --cfg qcow2_no_lease (bench.sh builds it)")
+    ap.add_argument("--nolease-cells", default=env("BENCH_NOLEASE_CELLS", NOLEASE_CELLS),
+                    help="regex: the cells that also run the no-lease build ('' for none)")
+    ap.add_argument("--no-micro", action="store_true", default=env("BENCH_MICRO", "1") == "0",
+                    help="skip the microbenchmarks (scripts/microbench.sh)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every command")
     ap.add_argument("--list", action="store_true", help="list the cells and exit")
     args = ap.parse_args()
@@ -582,6 +748,8 @@ def main():
             die(f"{tool} not found (scripts/setup.sh installs it)")
     if not os.access(args.qimg, os.X_OK):
         die(f"{args.qimg} not built (cargo build --release -p qimg)")
+    if args.nolease_cells and not os.access(args.qimg_nolease, os.X_OK):
+        die(f"{args.qimg_nolease} not built (scripts/bench.sh builds it)")
 
     bench = Bench(args)
     bench.dir.mkdir(parents=True, exist_ok=True)
@@ -591,28 +759,37 @@ def main():
     started = subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip()
     load0 = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     t0 = time.time()
-    print(f"bench: {len(cells)} cells × 4 sides × {args.runs} runs in {bench.dir} "
-          f"({fstype}); raw side: {'fio' if bench.fio else 'fio not installed, qemu-img bench -f raw stand-in'}",
+    print(f"bench: {len(cells)} cells × 4 sides (5 on the no-lease cells) × {args.runs} runs "
+          f"in {bench.dir} ({fstype}); raw side: {'fio' if bench.fio else 'fio not installed, qemu-img bench -f raw stand-in'}",
           flush=True)
+    micro = None
+    if not args.no_micro:
+        micro = microbench()
+        print(f"microbenchmarks: {len(micro[0])} in {micro[1]:.1f} s"
+              f"{'; FAILED: ' + micro[2] if micro[2] else ''}", flush=True)
     bench.prepare(cells)
     for c in cells:
         bench.cell(c)
     elapsed = time.time() - t0
     load1 = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     out = Path(args.out)
-    write_doc(out, report(bench, cells, started, elapsed, load0, load1))
+    write_doc(out, report(bench, cells, started, elapsed, load0, load1, micro))
     (bench.dir / "results.json").write_text(json.dumps(
         {"date": started, "elapsed_s": elapsed, "rm_s": bench.rm_secs, "load": [load0, load1],
          "results": bench.results, "errors": bench.errors, "oddities": bench.oddities,
+         "micro": micro and {"rows": micro[0], "secs": micro[1], "error": micro[2]},
          "cells": [dataclasses.asdict(c) for c in cells]}, indent=1))
     if not args.keep:
         for f in ("raw.img", "data.qcow2", "span.qcow2", "rawspan.img"):
             bench.rm(bench.p(f))
-    for side in ("ours", "qemu", "threads"):
-        bench.rm(bench.p(f"fresh-{side}.qcow2"))
+    for side in SIDES:
+        if side != "raw":
+            bench.rm(bench.p(f"fresh-{side}.qcow2"))
     print(f"bench: wrote {out} in {elapsed / 60:.1f} min", flush=True)
     if bench.errors:
         die(f"{len(bench.errors)} cell(s) failed: {', '.join(bench.errors)}")
+    if micro and micro[2]:
+        die("the microbenchmarks failed (see the document)")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ use qcow2_format::{
     BitmapDirectoryEntry, BitmapTableEntry, ClusterGeometry, CompressedDescriptor, Header,
     HeaderExtension, L1Entry, L2Entry, RefcountWidth, ReftableEntry, Snapshot,
 };
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::io::Write;
 use std::path::Path;
 
 /// Where the fuzz input lives in the in-memory file system.
@@ -19,6 +21,49 @@ pub const IMAGE: &str = "/fuzz/image.qcow2";
 const READ_BUDGET: u64 = 1 << 20;
 /// Largest single read.
 const READ_CHUNK: u64 = 64 << 10;
+
+/// The largest single allocation an input may cause: the inputs are under 1 MiB, so nothing
+/// legitimate comes near. libFuzzer's `-malloc_limit_mb=512` is the same check, but it only
+/// works through a sanitizer's malloc hooks; a build without one (`cargo fuzz run -s none`,
+/// as CI's short run does) gets it here. The process aborts, and libFuzzer saves the input.
+const ALLOC_LIMIT: usize = 512 << 20;
+
+/// The system allocator, refusing single allocations of [`ALLOC_LIMIT`] or more.
+struct LimitedAlloc;
+
+fn check_size(size: usize) {
+    if size >= ALLOC_LIMIT {
+        // Unbuffered, and no allocation on the way.
+        let _ =
+            std::io::stderr().write_all(b"qcow2-fuzz: a single allocation of 512 MiB or more\n");
+        std::process::abort();
+    }
+}
+
+// SAFETY: every call goes to `System` unchanged once the size is checked.
+unsafe impl GlobalAlloc for LimitedAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        check_size(layout.size());
+        System.alloc(layout)
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        check_size(layout.size());
+        System.alloc_zeroed(layout)
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        check_size(new_size);
+        System.realloc(ptr, layout, new_size)
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+}
+
+#[global_allocator]
+static ALLOC: LimitedAlloc = LimitedAlloc;
 
 thread_local! {
     static RT: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()

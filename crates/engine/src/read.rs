@@ -228,6 +228,18 @@ impl<O: Opener> Image<O> {
         }
     }
 
+    /// What a read of `[offset, offset + len)` does before its data I/O: the metadata lock,
+    /// the L1 entry, the L2 table from the cache (loaded on a miss), each cluster's L2 entry
+    /// decoded into pieces, and a shared lease taken on each host cluster; the leases are
+    /// dropped again. Returns the number of pieces. For the microbenchmarks
+    /// (`crates/engine/benches`), not part of the API.
+    #[doc(hidden)]
+    pub async fn bench_plan_read(&self, offset: u64, len: u64) -> Result<usize> {
+        let (plan, leases) = self.plan_read(offset, len).await?;
+        drop(leases);
+        Ok(plan.len())
+    }
+
     /// The host clusters of the image file that a plan reads.
     pub(crate) fn lease_clusters(&self, plan: &[Piece]) -> Vec<u64> {
         let bits = self.geo.cluster_bits();
