@@ -16,10 +16,20 @@
 #   BENCH_NOLEASE_CELLS=REGEX  the cells that also run qimg built with --cfg qcow2_no_lease
 #                       (default: the 4k cells; '' for none, '.' for all)
 #   BENCH_MICRO=0       skip the microbenchmarks (then the document has none)
+#   BENCH_NO_FIO=1      do not install fio (the raw column then uses the qemu-img stand-in)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 command -v python3 >/dev/null 2>&1 || { echo "bench: python3 is needed" >&2; exit 1; }
+# fio gives the raw file's figure (the physical limit); without it bench.py falls back to
+# `qemu-img bench -f raw`, a stand-in. Installed like qemu-utils when missing (BENCH_NO_FIO=1
+# keeps the stand-in).
+if [ "${BENCH_NO_FIO:-0}" != 1 ] && ! command -v fio >/dev/null 2>&1; then
+  echo "bench: installing fio (the raw file's reference)" >&2
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq fio >/dev/null; } ||
+    echo "bench: could not install fio; the raw column uses the qemu-img stand-in" >&2
+fi
 cargo build --release -q -p qimg
 # The no-lease build (every lease a no-op) for the ours/no-lease columns: its own target
 # directory, since the cfg changes every crate's flags.
