@@ -1065,19 +1065,12 @@ fn crafted_strict(fixture_name: &'static str, label: &str) {
 /// were it to open, the allocator skips live metadata and reports the lie as corruption.
 #[test]
 fn allocation_over_the_header() {
-    use blockio::{MemoryBackend, MemoryOpener};
     use qcow2_engine::{Image, ImageOptions};
     let fx = fixture("cluster-512").build();
     let mut bytes = std::fs::read(&fx.image).unwrap();
     let layout = Layout::parse(&bytes).unwrap();
     assert!(layout.set_refcount(&mut bytes, qcow2_format::HostCluster(0), 0));
-    let op = MemoryOpener::new();
-    let file = MemoryBackend::from_vec(bytes);
-    op.insert(&fx.image, file.clone());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (op, file, rt) = in_memory(&fx.image, bytes);
     let before = file.snapshot();
     rt.block_on(async {
         let img = match Image::open(op.clone(), &fx.image, ImageOptions::new()).await {
@@ -1145,13 +1138,7 @@ fn check_on_a_garbage_l1_table() {
     let l1 = layout.header.l1_table_offset;
     let l1_size = (bytes.len() as u64 - l1) / 8;
     bytes[36..40].copy_from_slice(&(l1_size as u32).to_be_bytes());
-    let op = MemoryOpener::new();
-    let file = MemoryBackend::from_vec(bytes);
-    op.insert(&fx.image, file.clone());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (op, _, rt) = in_memory(&fx.image, bytes);
     rt.block_on(async {
         use qcow2_engine::{Image, ImageOptions, RepairMode, MAX_MESSAGES};
         let ro = ImageOptions::new().read_only(true);
@@ -1195,18 +1182,29 @@ fn data_file_offsets_must_equal_guest_offsets() {
     );
 }
 
+/// `bytes` as the in-memory file at `path`: its opener, the file (to look at afterwards) and a
+/// current-thread runtime to drive the engine with.
+fn in_memory(
+    path: &Path,
+    bytes: Vec<u8>,
+) -> (MemoryOpener, MemoryBackend, tokio::runtime::Runtime) {
+    let op = MemoryOpener::new();
+    let file = MemoryBackend::from_vec(bytes);
+    op.insert(path, file.clone());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    (op, file, rt)
+}
+
 /// Opens the image bytes read-only in memory and runs `f` on it.
 fn with_read_only_image(
     path: &Path,
     bytes: Vec<u8>,
     f: impl AsyncFnOnce(&qcow2_engine::Image<MemoryOpener>),
 ) {
-    let op = MemoryOpener::new();
-    op.insert(path, MemoryBackend::from_vec(bytes));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (op, _, rt) = in_memory(path, bytes);
     rt.block_on(async {
         let img =
             qcow2_engine::Image::open(op, path, qcow2_engine::ImageOptions::new().read_only(true))
@@ -1310,13 +1308,7 @@ fn bitmaps_at_bad_offsets_refuse_a_read_write_open() {
         if dirty {
             bytes[79] |= qcow2_format::features::INCOMPAT_DIRTY as u8;
         }
-        let op = MemoryOpener::new();
-        let file = MemoryBackend::from_vec(bytes.clone());
-        op.insert(&fx.image, file.clone());
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let (op, file, rt) = in_memory(&fx.image, bytes.clone());
         rt.block_on(async {
             let ro = ImageOptions::new().read_only(true);
             let img = Image::open(op.clone(), &fx.image, ro).await.unwrap();
