@@ -576,28 +576,9 @@ impl<O: Opener> Image<O> {
     /// to a new cluster then overwrites reserved blocks instead of extending the file, which
     /// file systems serialise (ext4 takes the inode lock exclusively and O_DIRECT loses its
     /// concurrency). The growth reads as zeros, and a crash leaves it as free space.
-    ///
-    /// Only a writer that needs room waits for it: the first writer that reaches the last
-    /// half of the reserve grows it further while the others go on.
     async fn grow_for(&self, end: u64) -> Result<()> {
         use std::sync::atomic::Ordering;
-        let chunk = |len: u64| (len / 8).clamp(GROWTH_MIN, GROWTH_MAX);
-        let ahead = |len: u64| end.saturating_add(chunk(len) / 2) <= len;
-        let grown = self.grown.load(Ordering::Acquire);
-        if grown >= end {
-            if ahead(grown) {
-                return Ok(());
-            }
-            let Some(_growing) = self.growth.try_lock() else {
-                return Ok(()); // another writer is growing it
-            };
-            let cur = self.grown.load(Ordering::Acquire);
-            if !ahead(cur) {
-                if let Err(e) = self.grow_to(cur + chunk(cur)).await {
-                    // Not needed yet: the writer that needs the room meets the error.
-                    tracing::debug!(path = %self.path.display(), "growing ahead: {e}");
-                }
-            }
+        if self.grown.load(Ordering::Acquire) >= end {
             return Ok(());
         }
         let _growing = self.growth.lock().await;
@@ -605,18 +586,13 @@ impl<O: Opener> Image<O> {
         if cur >= end {
             return Ok(());
         }
-        self.grow_to(end + chunk(cur)).await
-    }
-
-    /// Preallocates the file up to `len` (rounded up to a cluster); the caller holds `growth`.
-    async fn grow_to(&self, len: u64) -> Result<()> {
-        let target = len.next_multiple_of(self.cluster_size());
+        let cs = self.cluster_size();
+        let target = (end + (cur / 8).clamp(GROWTH_MIN, GROWTH_MAX)).next_multiple_of(cs);
         self.file
             .preallocate(target)
             .await
             .map_err(|e| Error::io(format!("{}: growing the file", self.path.display()), e))?;
-        self.grown
-            .store(target, std::sync::atomic::Ordering::Release);
+        self.grown.store(target, Ordering::Release);
         Ok(())
     }
 
