@@ -27,6 +27,10 @@ const MAX_DIRTY_FACTOR: usize = 1;
 const MAX_PENDING_DECREMENTS: usize = 4096;
 /// Largest explicit zero write, in bytes.
 const ZERO_CHUNK: u64 = 1 << 20;
+/// Whether allocating writes grow the file ahead with [`Backend::preallocate`]. Off: with it, a
+/// random schedule (crates/engine/tests/random_schedules.rs, seed 605 past the first 300) ends
+/// with an acknowledged write overwritten by an earlier one, not yet explained.
+const GROW_AHEAD: bool = false;
 /// The file grows ahead of the allocations by an eighth of its length, within these bounds.
 const GROWTH_MIN: u64 = 1 << 20;
 const GROWTH_MAX: u64 = 64 << 20;
@@ -600,10 +604,12 @@ impl<O: Opener> Image<O> {
     async fn write_allocating(&self, buf: IoBuf, at: usize, a: AllocStep) -> (Result<u64>, IoBuf) {
         let n = a.to - a.from;
         let (res, buf) = match (a.fresh, a.data_file) {
-            (true, false) => match self.grow_for(a.host + self.cluster_size()).await {
-                Ok(()) => self.write_cluster(buf, at, &a).await,
-                Err(e) => (Err(e), buf),
-            },
+            (true, false) if GROW_AHEAD => {
+                match self.grow_for(a.host + self.cluster_size()).await {
+                    Ok(()) => self.write_cluster(buf, at, &a).await,
+                    Err(e) => (Err(e), buf),
+                }
+            }
             _ => self.write_cluster(buf, at, &a).await,
         };
         let mut meta = self.meta.lock().await;

@@ -119,6 +119,17 @@ impl Backend for MemoryBackend {
         Ok(self.lock().len() as u64)
     }
 
+    async fn preallocate(&self, len: u64) -> io::Result<()> {
+        // Grow-only under one lock: a write that lengthened the file meanwhile is never cut.
+        self.check_writable()?;
+        let len = end_of(0, len)?;
+        let mut data = self.lock();
+        if data.len() < len {
+            data.resize(len, 0);
+        }
+        Ok(())
+    }
+
     async fn set_len(&self, len: u64) -> io::Result<()> {
         self.check_writable()?;
         let len = end_of(0, len)?;
