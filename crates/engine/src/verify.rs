@@ -56,15 +56,16 @@ pub(crate) async fn references<B: Backend>(
         }
         let table = read_bytes(file, l2, cs, "L2 table").await?;
         for j in 0..geo.l2_entries() as usize {
-            let hosts: Vec<u64> = match L2Entry::read(&table, geo, j).decode(geo, true) {
+            let hosts = match L2Entry::read(&table, geo, j).decode(geo, true) {
                 Ok(L2Mapping::Normal { host, .. })
                 | Ok(L2Mapping::Zero {
                     preallocated: Some(host),
                     ..
-                }) if host.0 < file_len => vec![host.0 >> geo.cluster_bits()],
-                Ok(L2Mapping::Compressed(d)) if d.host_offset < file_len => {
-                    d.host_clusters(geo).collect()
+                }) if host.0 < file_len => {
+                    let c = host.0 >> geo.cluster_bits();
+                    c..=c
                 }
+                Ok(L2Mapping::Compressed(d)) if d.host_offset < file_len => d.host_clusters(geo),
                 // Invalid or past the end: the requests that meet it report the corruption.
                 _ => continue,
             };
