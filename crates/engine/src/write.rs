@@ -27,10 +27,6 @@ const MAX_DIRTY_FACTOR: usize = 1;
 const MAX_PENDING_DECREMENTS: usize = 4096;
 /// Largest explicit zero write, in bytes.
 const ZERO_CHUNK: u64 = 1 << 20;
-/// Whether allocating writes grow the file ahead with [`Backend::preallocate`]. Off: with it, a
-/// random schedule (crates/engine/tests/random_schedules.rs, seed 605 past the first 300) ends
-/// with an acknowledged write overwritten by an earlier one, not yet explained.
-const GROW_AHEAD: bool = false;
 /// The file grows ahead of the allocations by an eighth of its length, within these bounds.
 const GROWTH_MIN: u64 = 1 << 20;
 const GROWTH_MAX: u64 = 64 << 20;
@@ -441,7 +437,7 @@ impl<O: Opener> Image<O> {
         let whole_cow = !extended
             || matches!(old, L2Mapping::Compressed(_))
             || (reuse.is_none() && matches!(old, L2Mapping::Normal { .. }));
-        let (cow_from, cow_to) = if whole_cow {
+        let (mut cow_from, mut cow_to) = if whole_cow {
             (0, cs)
         } else {
             (from / sc * sc, to.div_ceil(sc) * sc)
@@ -475,6 +471,30 @@ impl<O: Opener> Image<O> {
         }
         if to < cow_to {
             tail = self.map_range(meta, cluster + to, cow_to - to).await?;
+        }
+        if let Some(h) = reuse {
+            // Bytes of the reused cluster that already hold this cluster's data are not copied
+            // onto themselves: a write in place to them may be in flight (it was planned before
+            // this step's gate), and copying them back would undo it.
+            let in_place = |p: &Piece| {
+                p.source
+                    == Source::Data {
+                        host: h + (p.guest - cluster),
+                        data_file,
+                    }
+            };
+            while head.first().is_some_and(in_place) {
+                let p = head.remove(0);
+                cow_from = p.guest + p.len - cluster;
+            }
+            while tail.last().is_some_and(in_place) {
+                let p = tail.pop().expect("checked");
+                cow_to = p.guest - cluster;
+            }
+            debug_assert!(
+                !head.iter().chain(&tail).any(in_place),
+                "a copy of the reused cluster onto itself is left between other pieces"
+            );
         }
         let mut lease_clusters = self.lease_clusters(&head);
         lease_clusters.extend(self.lease_clusters(&tail));
@@ -604,12 +624,10 @@ impl<O: Opener> Image<O> {
     async fn write_allocating(&self, buf: IoBuf, at: usize, a: AllocStep) -> (Result<u64>, IoBuf) {
         let n = a.to - a.from;
         let (res, buf) = match (a.fresh, a.data_file) {
-            (true, false) if GROW_AHEAD => {
-                match self.grow_for(a.host + self.cluster_size()).await {
-                    Ok(()) => self.write_cluster(buf, at, &a).await,
-                    Err(e) => (Err(e), buf),
-                }
-            }
+            (true, false) => match self.grow_for(a.host + self.cluster_size()).await {
+                Ok(()) => self.write_cluster(buf, at, &a).await,
+                Err(e) => (Err(e), buf),
+            },
             _ => self.write_cluster(buf, at, &a).await,
         };
         let mut meta = self.meta.lock().await;
