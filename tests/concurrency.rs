@@ -214,7 +214,7 @@ fn many_tasks_on_io_uring() {
     let dir = tempfile::tempdir().unwrap();
     let path = new_image(dir.path());
     let all: Vec<Vec<Op>> = (0..TASKS).map(task_ops).collect();
-    tokio_uring::start(async {
+    blockio::uring_builder().start(async {
         let img = Rc::new(
             Image::open(UringOpener, &path, ImageOptions::new())
                 .await

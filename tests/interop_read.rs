@@ -98,14 +98,14 @@ fn every_fixture_reads_like_qemu_on_every_backend() {
         let f = spec.build();
         let reference = f.raw_reference();
         multi.block_on(check_reads(FileOpener, &f, &reference, false));
-        tokio_uring::start(check_reads(UringOpener, &f, &reference, false));
+        blockio::uring_builder().start(check_reads(UringOpener, &f, &reference, false));
         // O_DIRECT exercises the bounce path of unaligned guest reads and compressed data.
         if matches!(
             spec.name,
             "cluster-512" | "compressed-zstd-4k" | "chain" | "extl2-64k"
         ) {
             multi.block_on(check_reads(FileOpener, &f, &reference, true));
-            tokio_uring::start(check_reads(UringOpener, &f, &reference, true));
+            blockio::uring_builder().start(check_reads(UringOpener, &f, &reference, true));
         }
     }
 }

@@ -102,7 +102,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("request size and depth must be positive");
     }
     match args.aio.as_str() {
-        "io_uring" => tokio_uring::start(bench(blockio::UringOpener, args, direct)),
+        "io_uring" => blockio::uring_builder().start(bench(blockio::UringOpener, args, direct)),
         "threads" | "native" => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?

@@ -100,7 +100,7 @@ pub fn main(args: IoArgs) -> ExitCode {
             tokio::task::LocalSet::new().block_on(&rt, run(FileOpener, &args, &cmds))
         }
         #[cfg(target_os = "linux")]
-        AioMode::IoUring => match tokio_uring::Runtime::new(&tokio_uring::builder()) {
+        AioMode::IoUring => match tokio_uring::Runtime::new(&blockio::uring_builder()) {
             Ok(rt) => rt.block_on(run(blockio::UringOpener, &args, &cmds)),
             Err(e) => return fail(&format!("cannot start io_uring: {e}")),
         },

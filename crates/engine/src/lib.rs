@@ -5,7 +5,8 @@
 //! files, backing chains of qcow2 and raw images) and read them byte-for-byte as QEMU does.
 //!
 //! The engine is generic over the I/O backend ([`blockio::Opener`]): the tokio file backend
-//! runs on any tokio runtime, the io_uring backend on a tokio-uring runtime.
+//! runs on any tokio runtime, the io_uring backend on a tokio-uring runtime (build it with
+//! [`blockio::uring_builder`]).
 //!
 //! ## Concurrency
 //!

@@ -28,7 +28,7 @@ pub use fault::{
 pub use file::{FileOpener, TokioFile};
 pub use memory::{MemoryBackend, MemoryOpener};
 #[cfg(target_os = "linux")]
-pub use uring::{UringFile, UringOpener};
+pub use uring::{uring_builder, UringFile, UringOpener, URING_CQ_ENTRIES, URING_SQ_ENTRIES};
 
 use std::future::Future;
 use std::io;

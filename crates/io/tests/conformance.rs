@@ -309,7 +309,7 @@ async fn tokio_file_direct() {
 #[test]
 fn uring_cached() {
     let dir = tempfile::tempdir().unwrap();
-    tokio_uring::start(async {
+    blockio::uring_builder().start(async {
         let mut path = paths(dir.path());
         suite("uring", || {
             let p = path();
@@ -323,7 +323,7 @@ fn uring_cached() {
 #[test]
 fn uring_direct() {
     let dir = disk_dir();
-    tokio_uring::start(async {
+    blockio::uring_builder().start(async {
         let mut path = paths(dir.path());
         let f = UringFile::open(path(), new_file(true)).await.unwrap();
         direct_rules(&f).await;

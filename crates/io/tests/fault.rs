@@ -173,7 +173,7 @@ async fn hold_on_a_multi_thread_runtime() {
 #[test]
 fn hold_on_tokio_uring() {
     let dir = tempfile::tempdir().unwrap();
-    tokio_uring::start(async {
+    blockio::uring_builder().start(async {
         let opts = blockio::OpenOptions {
             create: true,
             ..Default::default()
