@@ -3,7 +3,7 @@
 //! dirty table is never evicted.
 
 use blockio::IoBuf;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 struct Slot {
     table: IoBuf,
@@ -15,6 +15,10 @@ struct Slot {
 /// `capacity` (dirty ones stay until written).
 pub(crate) struct TableCache {
     slots: HashMap<u64, Slot>,
+    /// The clean tables by last use (`last_use` -> offset; uses are unique ticks): the first
+    /// is the one to evict. Dirty tables are not in it.
+    clean: BTreeMap<u64, u64>,
+    dirty: usize,
     capacity: usize,
     tick: u64,
     hits: u64,
@@ -26,6 +30,8 @@ impl TableCache {
     pub(crate) fn new(capacity: usize) -> Self {
         Self {
             slots: HashMap::new(),
+            clean: BTreeMap::new(),
+            dirty: 0,
             capacity: capacity.max(1),
             tick: 0,
             hits: 0,
@@ -33,57 +39,64 @@ impl TableCache {
         }
     }
 
-    fn touch(&mut self, offset: u64) -> Option<&mut Slot> {
+    /// Marks the table at `offset` used now and, with `dirty`, dirty.
+    fn touch(&mut self, offset: u64, dirty: bool) -> Option<&mut Slot> {
         self.tick += 1;
         let tick = self.tick;
-        match self.slots.get_mut(&offset) {
-            Some(slot) => {
-                self.hits += 1;
-                slot.last_use = tick;
-                Some(slot)
-            }
-            None => {
-                self.misses += 1;
-                None
+        let Some(slot) = self.slots.get_mut(&offset) else {
+            self.misses += 1;
+            return None;
+        };
+        self.hits += 1;
+        if !slot.dirty {
+            self.clean.remove(&slot.last_use);
+            if dirty {
+                slot.dirty = true;
+                self.dirty += 1;
+            } else {
+                self.clean.insert(tick, offset);
             }
         }
+        slot.last_use = tick;
+        Some(slot)
     }
 
     /// The table at `offset`, if cached (marks it used).
     pub(crate) fn get(&mut self, offset: u64) -> Option<&IoBuf> {
-        self.touch(offset).map(|s| &s.table)
+        self.touch(offset, false).map(|s| &s.table)
     }
 
     /// The table at `offset` for changing, if cached; it becomes dirty.
     pub(crate) fn get_mut(&mut self, offset: u64) -> Option<&mut IoBuf> {
-        self.touch(offset).map(|s| {
-            s.dirty = true;
-            &mut s.table
-        })
+        self.touch(offset, true).map(|s| &mut s.table)
     }
 
     /// Caches a table read from `offset` (clean), or a new one (dirty), evicting the least
-    /// recently used clean table if the cache is full.
+    /// recently used clean table if the cache is full. A table already cached stays as it is.
     pub(crate) fn insert(&mut self, offset: u64, table: IoBuf, dirty: bool) -> &mut IoBuf {
-        if self.slots.len() >= self.capacity && !self.slots.contains_key(&offset) {
-            if let Some(victim) = self
-                .slots
-                .iter()
-                .filter(|(_, s)| !s.dirty)
-                .min_by_key(|(_, s)| s.last_use)
-                .map(|(k, _)| *k)
-            {
-                self.slots.remove(&victim);
+        if !self.slots.contains_key(&offset) {
+            if self.slots.len() >= self.capacity {
+                if let Some((_, victim)) = self.clean.pop_first() {
+                    self.slots.remove(&victim);
+                }
             }
+            self.tick += 1;
+            let last_use = self.tick;
+            if dirty {
+                self.dirty += 1;
+            } else {
+                self.clean.insert(last_use, offset);
+            }
+            self.slots.insert(
+                offset,
+                Slot {
+                    table,
+                    last_use,
+                    dirty,
+                },
+            );
         }
-        self.tick += 1;
-        let last_use = self.tick;
-        let slot = self.slots.entry(offset).or_insert(Slot {
-            table,
-            last_use,
-            dirty,
-        });
-        &mut slot.table
+        &mut self.slots.get_mut(&offset).expect("just inserted").table
     }
 
     /// Offsets of the dirty tables.
@@ -100,7 +113,7 @@ impl TableCache {
 
     /// Number of dirty tables.
     pub(crate) fn dirty_count(&self) -> usize {
-        self.slots.values().filter(|s| s.dirty).count()
+        self.dirty
     }
 
     /// The bytes of a cached table (without marking it used).
@@ -111,13 +124,23 @@ impl TableCache {
     /// Marks a table as written.
     pub(crate) fn mark_clean(&mut self, offset: u64) {
         if let Some(s) = self.slots.get_mut(&offset) {
-            s.dirty = false;
+            if s.dirty {
+                s.dirty = false;
+                self.dirty -= 1;
+                self.clean.insert(s.last_use, offset);
+            }
         }
     }
 
     /// Forgets a table (its cluster was freed).
     pub(crate) fn remove(&mut self, offset: u64) {
-        self.slots.remove(&offset);
+        if let Some(s) = self.slots.remove(&offset) {
+            if s.dirty {
+                self.dirty -= 1;
+            } else {
+                self.clean.remove(&s.last_use);
+            }
+        }
     }
 
     /// The configured capacity.
@@ -162,5 +185,98 @@ mod tests {
             c.peek(1).is_none() || c.peek(2).is_none(),
             "a clean table was evicted"
         );
+    }
+
+    /// The cache against a model that scans every table for the least recently used clean
+    /// one, over a seeded random sequence of every operation.
+    #[test]
+    fn matches_a_scanning_model() {
+        struct Model {
+            tables: Vec<(u64, u64, bool)>, // offset, last use, dirty
+            tick: u64,
+            capacity: usize,
+        }
+        impl Model {
+            fn touch(&mut self, off: u64, dirty: bool) -> bool {
+                self.tick += 1;
+                let tick = self.tick;
+                match self.tables.iter_mut().find(|t| t.0 == off) {
+                    Some(t) => {
+                        t.1 = tick;
+                        t.2 |= dirty;
+                        true
+                    }
+                    None => false,
+                }
+            }
+            fn insert(&mut self, off: u64, dirty: bool) {
+                if self.tables.iter().any(|t| t.0 == off) {
+                    return;
+                }
+                if self.tables.len() >= self.capacity {
+                    let victim = self
+                        .tables
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, t)| !t.2)
+                        .min_by_key(|(_, t)| t.1)
+                        .map(|(i, _)| i);
+                    if let Some(i) = victim {
+                        self.tables.remove(i);
+                    }
+                }
+                self.tick += 1;
+                self.tables.push((off, self.tick, dirty));
+            }
+        }
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        for capacity in [1, 3, 8] {
+            let mut c = TableCache::new(capacity);
+            let mut m = Model {
+                tables: Vec::new(),
+                tick: 0,
+                capacity,
+            };
+            for _ in 0..20_000 {
+                let off = next(16);
+                match next(6) {
+                    0 => assert_eq!(c.get(off).is_some(), m.touch(off, false)),
+                    1 => assert_eq!(c.get_mut(off).is_some(), m.touch(off, true)),
+                    2 | 3 => {
+                        let dirty = next(3) == 0;
+                        c.insert(off, IoBuf::from_slice(&[off as u8]), dirty);
+                        m.insert(off, dirty);
+                    }
+                    4 => {
+                        c.mark_clean(off);
+                        if let Some(t) = m.tables.iter_mut().find(|t| t.0 == off) {
+                            t.2 = false;
+                        }
+                    }
+                    _ => {
+                        c.remove(off);
+                        m.tables.retain(|t| t.0 != off);
+                    }
+                }
+                let mut want: Vec<u64> = m.tables.iter().map(|t| t.0).collect();
+                want.sort_unstable();
+                let mut have: Vec<u64> = c.slots.keys().copied().collect();
+                have.sort_unstable();
+                assert_eq!(have, want, "cached tables");
+                let mut dirty: Vec<u64> = m.tables.iter().filter(|t| t.2).map(|t| t.0).collect();
+                dirty.sort_unstable();
+                assert_eq!(c.dirty(), dirty, "dirty tables");
+                assert_eq!(c.dirty_count(), dirty.len());
+                for &o in &have {
+                    assert_eq!(c.peek(o).map(|b| b[0]), Some(o as u8));
+                }
+            }
+        }
     }
 }
