@@ -512,7 +512,13 @@ def machine(bench: Bench) -> list[tuple[str, str]]:
             break
     mem_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
     fs = " ".join(first_line(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", str(bench.dir)]).split())
-    git = first_line(["git", "-C", str(ROOT), "describe", "--always", "--dirty"])
+    # The commit measured; "-dirty" when files other than the document this run rewrites differ.
+    git = first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no",
+                              "--", ".", ":(exclude)docs/BENCHMARKS.md"],
+                             capture_output=True, text=True).stdout.strip()
+    if changed:
+        git += "-dirty"
     raw = (f"{first_line(['fio', '--version'])}, ioengine=io_uring, direct=1 (cache none) / "
            "direct=0 (writeback)" if bench.fio else
            "**fio not installed**: `qemu-img bench -f raw -i io_uring` on a preallocated raw "
