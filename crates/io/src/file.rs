@@ -1,6 +1,8 @@
 //! The tokio file backend: positional I/O on tokio's blocking pool.
 
-use crate::{sys, write_zero_bytes, Backend, BufResult, IoBuf, OpenOptions, Opener};
+use crate::{
+    punch_by_writing, sys, zero_by_punching, Backend, BufResult, IoBuf, OpenOptions, Opener,
+};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -291,12 +293,7 @@ impl Backend for TokioFile {
         if self.try_fallocate(true, offset, len).await? {
             return Ok(());
         }
-        // Fallback: write zeros over the part inside the file, keeping the length.
-        let end = offset.saturating_add(len).min(self.len().await?);
-        if offset < end {
-            write_zero_bytes(self, offset, end - offset).await?;
-        }
-        Ok(())
+        punch_by_writing(self, offset, len).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -306,19 +303,10 @@ impl Backend for TokioFile {
         if self.try_fallocate(false, offset, len).await? {
             return Ok(());
         }
-        // Fallback: punch (or write zeros over) the part inside the file, then extend.
-        let end = offset
-            .checked_add(len)
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
-        let flen = self.len().await?;
-        if offset < flen {
-            self.punch_hole(offset, end.min(flen) - offset).await?;
-        }
-        if end > flen {
+        zero_by_punching(self, offset, len, |end| {
             self.with_file_blocking(move |i| sys::extend_to(i.file.as_raw_fd(), end))
-                .await?;
-        }
-        Ok(())
+        })
+        .await
     }
 
     async fn preallocate(&self, len: u64) -> io::Result<()> {
@@ -386,19 +374,6 @@ mod tests {
         let f = TokioFile::open(dir.path().join("f"), o).await.unwrap();
         f.inner.no_punch.store(true, Ordering::Relaxed);
         f.inner.no_zero_range.store(true, Ordering::Relaxed);
-        let (r, _) = f.write_at(IoBuf::from_slice(&[0xaa; 10_000]), 0).await;
-        r.unwrap();
-        f.punch_hole(100, 200).await.unwrap();
-        f.punch_hole(9_000, 5_000).await.unwrap();
-        assert_eq!(f.len().await.unwrap(), 10_000);
-        f.write_zeroes(500, 100).await.unwrap();
-        f.write_zeroes(9_990, 3_000_000).await.unwrap();
-        assert_eq!(f.len().await.unwrap(), 3_009_990);
-        let (r, b) = f.read_at(IoBuf::new(10_010), 0).await;
-        assert_eq!(r.unwrap(), 10_010);
-        let zero = |i: usize| (100..300).contains(&i) || (500..600).contains(&i) || i >= 9_000;
-        for (i, &v) in b.iter().enumerate() {
-            assert_eq!(v, if zero(i) { 0 } else { 0xaa }, "byte {i}");
-        }
+        crate::check_fallbacks(&f).await;
     }
 }

@@ -164,6 +164,46 @@ pub async fn read_zero_padded<B: Backend>(
     }
 }
 
+/// The fallback of [`Backend::punch_hole`] where the file system cannot punch holes: zeros
+/// written over the part of `[offset, offset+len)` inside the file; the length is unchanged.
+pub(crate) async fn punch_by_writing<B: Backend>(
+    backend: &B,
+    offset: u64,
+    len: u64,
+) -> io::Result<()> {
+    let end = offset.saturating_add(len).min(backend.len().await?);
+    if offset < end {
+        write_zero_bytes(backend, offset, end - offset).await?;
+    }
+    Ok(())
+}
+
+/// The fallback of [`Backend::write_zeroes`] where the file system cannot zero a range: the
+/// part inside the file punched ([`Backend::punch_hole`]), then the file extended to the
+/// range's end by `extend_to` (which never shortens it).
+pub(crate) async fn zero_by_punching<B, F>(
+    backend: &B,
+    offset: u64,
+    len: u64,
+    extend_to: impl FnOnce(u64) -> F,
+) -> io::Result<()>
+where
+    B: Backend,
+    F: Future<Output = io::Result<()>>,
+{
+    let end = offset
+        .checked_add(len)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
+    let flen = backend.len().await?;
+    if offset < flen {
+        backend.punch_hole(offset, end.min(flen) - offset).await?;
+    }
+    if end > flen {
+        extend_to(end).await?;
+    }
+    Ok(())
+}
+
 /// Writes zero bytes over `[offset, offset+len)` through `backend.write_at`, in chunks of at
 /// most 1 MiB: the fallback of backends whose file system cannot punch holes or zero ranges.
 /// With O_DIRECT the range must be aligned (chunks stay multiples of the alignment).
@@ -186,4 +226,24 @@ pub(crate) async fn write_zero_bytes<B: Backend>(
         done += n as u64;
     }
     Ok(())
+}
+
+/// What the fallbacks of `punch_hole` and `write_zeroes` ([`punch_by_writing`],
+/// [`zero_by_punching`]) must leave, on a writable backend whose fallocate is refused.
+#[cfg(test)]
+pub(crate) async fn check_fallbacks<B: Backend>(f: &B) {
+    let (r, _) = f.write_at(IoBuf::from_slice(&[0xaa; 10_000]), 0).await;
+    r.unwrap();
+    f.punch_hole(100, 200).await.unwrap();
+    f.punch_hole(9_000, 5_000).await.unwrap();
+    assert_eq!(f.len().await.unwrap(), 10_000);
+    f.write_zeroes(500, 100).await.unwrap();
+    f.write_zeroes(9_990, 3_000_000).await.unwrap();
+    assert_eq!(f.len().await.unwrap(), 3_009_990);
+    let (r, b) = f.read_at(IoBuf::new(10_010), 0).await;
+    assert_eq!(r.unwrap(), 10_010);
+    let zero = |i: usize| (100..300).contains(&i) || (500..600).contains(&i) || i >= 9_000;
+    for (i, &v) in b.iter().enumerate() {
+        assert_eq!(v, if zero(i) { 0 } else { 0xaa }, "byte {i}");
+    }
 }

@@ -1,7 +1,9 @@
 //! The io_uring backend, on tokio-uring 0.5.
 
 use crate::file::{check_direct, writes};
-use crate::{sys, write_zero_bytes, Backend, BufResult, IoBuf, OpenOptions, Opener};
+use crate::{
+    punch_by_writing, sys, zero_by_punching, Backend, BufResult, IoBuf, OpenOptions, Opener,
+};
 use std::cell::Cell;
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
@@ -261,11 +263,7 @@ impl Backend for UringFile {
         if self.try_fallocate(true, offset, len).await? {
             return Ok(());
         }
-        let end = offset.saturating_add(len).min(self.len().await?);
-        if offset < end {
-            write_zero_bytes(self, offset, end - offset).await?;
-        }
-        Ok(())
+        punch_by_writing(self, offset, len).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -275,17 +273,10 @@ impl Backend for UringFile {
         if self.try_fallocate(false, offset, len).await? {
             return Ok(());
         }
-        let end = offset
-            .checked_add(len)
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
-        let flen = self.len().await?;
-        if offset < flen {
-            self.punch_hole(offset, end.min(flen) - offset).await?;
-        }
-        if end > flen {
-            self.blocking_fd(move |fd| sys::extend_to(fd, end)).await?;
-        }
-        Ok(())
+        zero_by_punching(self, offset, len, |end| {
+            self.blocking_fd(move |fd| sys::extend_to(fd, end))
+        })
+        .await
     }
 
     async fn preallocate(&self, len: u64) -> io::Result<()> {
@@ -337,5 +328,28 @@ impl Opener for UringOpener {
 
     async fn open(&self, path: &Path, options: OpenOptions) -> io::Result<UringFile> {
         UringFile::open(path, options).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fallbacks taken when fallocate is refused, forced as in the tokio file backend's
+    /// test.
+    #[test]
+    fn fallbacks_without_fallocate() {
+        crate::uring_builder().start(async {
+            let dir = tempfile::tempdir().unwrap();
+            let o = OpenOptions {
+                write: true,
+                create: true,
+                ..Default::default()
+            };
+            let f = UringFile::open(dir.path().join("f"), o).await.unwrap();
+            f.inner.no_punch.set(true);
+            f.inner.no_zero_range.set(true);
+            crate::check_fallbacks(&f).await;
+        });
     }
 }
