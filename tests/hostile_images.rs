@@ -1273,7 +1273,9 @@ fn failed_open_of_a_dirty_image_writes_nothing() {
 /// found 0x3333_3333_3333_0000, which the memory backend tried to allocate). Read-only opens,
 /// which leave the bitmaps alone, still work. With the dirty bit set too, the check before
 /// the repair-on-open already refuses the image (a repair would only count the L1 cluster
-/// twice), so that the failed open writes nothing either.
+/// twice), so that the failed open writes nothing either. Last, a bitmap data cluster that is
+/// also a guest data cluster (close would write bitmap bits over the guest's data; the
+/// refcounts call it used, so only a walk of the L2 tables sees it).
 #[test]
 fn bitmaps_at_bad_offsets_refuse_a_read_write_open() {
     use qcow2_engine::{Error, Image, ImageOptions};
@@ -1284,6 +1286,14 @@ fn bitmaps_at_bad_offsets_refuse_a_read_write_open() {
     let table = layout.of(hostile::layout::Kind::BitmapTable)[0];
     let dir = layout.of(hostile::layout::Kind::BitmapDirectory)[0];
     let l1 = layout.header.l1_table_offset & !(cs - 1);
+    // The host cluster of the first allocated guest cluster.
+    let l2 = layout.of(hostile::layout::Kind::L2)[0];
+    let data = (l2.start..l2.start + l2.len)
+        .step_by(8)
+        .map(|at| u64::from_be_bytes(pristine[at as usize..at as usize + 8].try_into().unwrap()))
+        .map(|e| e & 0x00ff_ffff_ffff_fe00)
+        .find(|&h| h != 0)
+        .expect("the fixture has data");
     let damage = [
         // The first data cluster of the first bitmap is the L1 table's.
         Mutation::Put {
@@ -1296,6 +1306,12 @@ fn bitmaps_at_bad_offsets_refuse_a_read_write_open() {
             at: dir.start,
             width: 8,
             value: 1 << 50,
+        },
+        // The first data cluster of the first bitmap holds guest data.
+        Mutation::Put {
+            at: table.start,
+            width: 8,
+            value: data,
         },
     ];
     let variants = damage

@@ -10,9 +10,10 @@
 //! engine does not understand are left untouched, as the format demands.
 //!
 //! Every cluster a maintained bitmap will be written to (its table, its data clusters) must
-//! lie inside the file, be named once, and hold no other metadata (the overlap guard's view):
-//! otherwise the read-write open fails, as QEMU's does for a bitmap it cannot load. The
-//! writes at close go through the overlap guard again.
+//! lie inside the file, be named once, hold no other metadata (the overlap guard's view) and
+//! no guest data (the active L2 tables are walked once more, only when a bitmap is
+//! maintained): otherwise the read-write open fails, as QEMU's does for a bitmap it cannot
+//! load. The writes at close go through the overlap guard again.
 
 use crate::image::{read_bytes, Image};
 use crate::{Error, Result};
@@ -184,6 +185,13 @@ impl<O: Opener> Image<O> {
                 table,
                 data,
             });
+        }
+        if !tracked.is_empty() && self.data_file.is_none() {
+            let l1 = self.meta.lock().await.l1.clone();
+            crate::verify::bitmaps_apart_from_data(
+                &self.file, &self.path, &self.geo, &l1, &claimed,
+            )
+            .await?;
         }
         Ok(Bitmaps {
             directory,

@@ -7,7 +7,8 @@
 //! offsets would share one host cluster (QEMU leaves this to `qemu-img check`; its overlap
 //! check catches only metadata writes). The walk reads each active L2 table once: 1/8192 of
 //! the disk's allocated size with 64 KiB clusters (0.5 MiB for 4 GiB), so it is cheap next to
-//! the open itself. Snapshots' own L2 tables are not walked.
+//! the open itself. Snapshots' own L2 tables are not walked. The same walk, made again only
+//! when the image has bitmaps to maintain, keeps their clusters apart from guest data.
 
 use crate::image::{read_bytes, MetadataClusters};
 use crate::{Error, Result};
@@ -41,6 +42,53 @@ pub(crate) async fn references<B: Backend>(
     if data_file {
         return Ok(());
     }
+    data_clusters(file, path, geo, l1, |guest, c| {
+        free(c).then(|| {
+            corrupt(format!(
+                "host cluster {c} holds the data of guest offset {guest:#x} but its refcount \
+                 is 0"
+            ))
+        })
+    })
+    .await
+}
+
+/// Fails with [`Error::Corrupt`] (and writes nothing) when a cluster the engine would write
+/// bitmap bytes to at close (`claimed`: the maintained bitmaps' directory, tables and data
+/// clusters) holds the data of a guest offset: writing the bitmap would overwrite it.
+pub(crate) async fn bitmaps_apart_from_data<B: Backend>(
+    file: &B,
+    path: &Path,
+    geo: &ClusterGeometry,
+    l1: &[L1Entry],
+    claimed: &HashSet<u64>,
+) -> Result<()> {
+    if claimed.is_empty() {
+        return Ok(());
+    }
+    data_clusters(file, path, geo, l1, |guest, c| {
+        claimed.contains(&c).then(|| Error::Corrupt {
+            path: path.into(),
+            what: format!(
+                "host cluster {c} holds both bitmap data and the data of guest offset \
+                 {guest:#x}"
+            ),
+        })
+    })
+    .await
+}
+
+/// Walks the data clusters of the active L2 tables (each table read once; entries that are
+/// invalid or point past the end of the file skipped: the requests that meet them report
+/// the corruption), calling `f(guest offset, host cluster)` for each host cluster of each
+/// entry; the first error `f` returns ends the walk.
+async fn data_clusters<B: Backend>(
+    file: &B,
+    path: &Path,
+    geo: &ClusterGeometry,
+    l1: &[L1Entry],
+    mut f: impl FnMut(u64, u64) -> Option<Error>,
+) -> Result<()> {
     let cs = geo.cluster_size();
     let file_len = file
         .len()
@@ -66,15 +114,11 @@ pub(crate) async fn references<B: Backend>(
                     c..=c
                 }
                 Ok(L2Mapping::Compressed(d)) if d.host_offset < file_len => d.host_clusters(geo),
-                // Invalid or past the end: the requests that meet it report the corruption.
                 _ => continue,
             };
-            if let Some(c) = hosts.into_iter().find(|&c| free(c)) {
-                let guest = (i as u64 * geo.l2_entries() + j as u64) * cs;
-                return Err(corrupt(format!(
-                    "host cluster {c} holds the data of guest offset {guest:#x} but its \
-                     refcount is 0"
-                )));
+            let guest = (i as u64 * geo.l2_entries() + j as u64) * cs;
+            if let Some(e) = hosts.into_iter().find_map(|c| f(guest, c)) {
+                return Err(e);
             }
         }
     }
