@@ -1342,3 +1342,69 @@ fn bitmaps_at_bad_offsets_refuse_a_read_write_open() {
         });
     }
 }
+
+/// A cluster only a snapshot refers to (one of its data clusters, or its own L2 table) with
+/// refcount 0 looks free to the allocator, which would hand it out again: reverting to the
+/// snapshot would bring back another guest offset's data. A read-write open refuses it (a
+/// typed error, the file untouched); a read-only open still works. The clusters are found
+/// independently of the engine: the snapshot's tables minus the active ones, as parsed here.
+#[test]
+fn snapshot_clusters_with_refcount_zero_refuse_a_read_write_open() {
+    use qcow2_engine::{Error, Image, ImageOptions};
+    use std::collections::BTreeSet;
+    let fx = fixture("snapshot").build();
+    let pristine = std::fs::read(&fx.image).unwrap();
+    let layout = Layout::parse(&pristine).unwrap();
+    let cs = layout.cs();
+    let offset = |at: u64| {
+        let e = u64::from_be_bytes(pristine[at as usize..at as usize + 8].try_into().unwrap());
+        e & 0x00ff_ffff_ffff_fe00
+    };
+    let l2_tables = |l1: u64, n: u64| -> BTreeSet<u64> {
+        (0..n)
+            .map(|i| offset(l1 + 8 * i))
+            .filter(|&o| o != 0)
+            .collect()
+    };
+    let data = |tables: &BTreeSet<u64>| -> BTreeSet<u64> {
+        tables
+            .iter()
+            .flat_map(|&t| (0..cs / 8).map(move |i| offset(t + 8 * i)))
+            .filter(|&h| h != 0)
+            .collect()
+    };
+    let active = l2_tables(
+        layout.header.l1_table_offset,
+        u64::from(layout.header.l1_size),
+    );
+    let snap_l1 = layout.of(hostile::layout::Kind::SnapshotL1)[0];
+    let snap = l2_tables(snap_l1.start, snap_l1.len / 8);
+    let snap_table = *snap
+        .difference(&active)
+        .next()
+        .expect("the snapshot's own L2 table");
+    let snap_data = *data(&snap)
+        .difference(&data(&active))
+        .next()
+        .expect("a data cluster only the snapshot uses");
+    for (what, host) in [("data cluster", snap_data), ("L2 table", snap_table)] {
+        let mut bytes = pristine.clone();
+        let c = qcow2_format::HostCluster(host / cs);
+        assert!(layout.set_refcount(&mut bytes, c, 0));
+        let (op, file, rt) = in_memory(&fx.image, bytes.clone());
+        rt.block_on(async {
+            let ro = ImageOptions::new().read_only(true);
+            let img = Image::open(op.clone(), &fx.image, ro).await.unwrap();
+            img.read(0, img.size() as usize).await.unwrap();
+            drop(img);
+            match Image::open(op, &fx.image, ImageOptions::new()).await {
+                Err(Error::Corrupt { what: msg, .. }) => {
+                    assert!(msg.contains("snapshot"), "{what}: {msg}")
+                }
+                Err(e) => panic!("{what}: not a corruption error: {e}"),
+                Ok(_) => panic!("{what}: the read-write open took the image"),
+            }
+            assert!(file.snapshot() == bytes, "{what}: the failed open wrote");
+        });
+    }
+}

@@ -478,7 +478,8 @@ impl<O: Opener> Image<O> {
         };
         if let Some(alloc) = &alloc {
             let data_file = data_file.is_some();
-            crate::verify::references(&file, path, &geo, &l1, data_file, &metadata, alloc).await?;
+            crate::verify::references(&file, path, &geo, &header, &l1, data_file, &metadata, alloc)
+                .await?;
         }
         let img = Image {
             path: path.into(),
@@ -907,7 +908,7 @@ async fn metadata_clusters<B: Backend>(
 /// length: a guess is read and grown while the parser says the table is truncated, up to
 /// QEMU's 64 MiB limit and the end of the file. I/O errors are the outer error, a malformed
 /// table the inner one.
-async fn read_snapshot_table<B: Backend>(
+pub(crate) async fn read_snapshot_table<B: Backend>(
     file: &B,
     header: &Header,
     file_len: u64,

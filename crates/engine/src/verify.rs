@@ -7,23 +7,27 @@
 //! offsets would share one host cluster (QEMU leaves this to `qemu-img check`; its overlap
 //! check catches only metadata writes). The walk reads each active L2 table once: 1/8192 of
 //! the disk's allocated size with 64 KiB clusters (0.5 MiB for 4 GiB), so it is cheap next to
-//! the open itself. Snapshots' own L2 tables are not walked. The same walk, made again only
-//! when the image has bitmaps to maintain, keeps their clusters apart from guest data.
+//! the open itself. The snapshots' L2 tables are walked too, those that differ from the active
+//! ones (a snapshot whose data the allocator handed out again would be lost on revert). The
+//! same walk of the active tables, made again only when the image has bitmaps to maintain,
+//! keeps their clusters apart from guest data.
 
 use crate::image::{read_bytes, MetadataClusters};
 use crate::{Error, Result};
 use blockio::Backend;
 use qcow2_alloc::Allocator;
-use qcow2_format::{ClusterGeometry, HostCluster, HostOffset, L1Entry, L2Entry, L2Mapping};
+use qcow2_format::{ClusterGeometry, Header, HostCluster, HostOffset, L1Entry, L2Entry, L2Mapping};
 use std::collections::HashSet;
 use std::path::Path;
 
 /// Fails with [`Error::Corrupt`] (and writes nothing) when a cluster the image refers to has
 /// refcount 0. Entries that are themselves invalid are left to the requests that meet them.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn references<B: Backend>(
     file: &B,
     path: &Path,
     geo: &ClusterGeometry,
+    header: &Header,
     l1: &[L1Entry],
     data_file: bool,
     metadata: &MetadataClusters,
@@ -42,7 +46,8 @@ pub(crate) async fn references<B: Backend>(
     if data_file {
         return Ok(());
     }
-    data_clusters(file, path, geo, l1, |guest, c| {
+    let mut seen = HashSet::new();
+    data_clusters(file, path, geo, l1, &mut seen, |guest, c| {
         free(c).then(|| {
             corrupt(format!(
                 "host cluster {c} holds the data of guest offset {guest:#x} but its refcount \
@@ -50,7 +55,55 @@ pub(crate) async fn references<B: Backend>(
             ))
         })
     })
-    .await
+    .await?;
+
+    // The snapshots' L2 tables and data, where they differ from the active ones (a broken
+    // snapshot table or L1 table is reported by whatever reads the snapshot).
+    let file_len = file_len(file, path).await?;
+    let Ok(snapshots) = crate::image::read_snapshot_table(file, header, file_len).await? else {
+        return Ok(());
+    };
+    for s in snapshots {
+        let len = u64::from(s.l1_size) * 8;
+        if s.l1_table_offset
+            .checked_add(len)
+            .is_none_or(|end| end > file_len)
+        {
+            continue;
+        }
+        let raw = read_bytes(file, s.l1_table_offset, len, "snapshot L1 table").await?;
+        let snap_l1: Vec<L1Entry> = (0..s.l1_size as usize)
+            .map(|i| L1Entry::read(&raw, i))
+            .collect();
+        let name = &s.name;
+        for e in &snap_l1 {
+            if let Ok(Some(HostOffset(l2))) = e.l2_offset(geo) {
+                let c = l2 >> geo.cluster_bits();
+                if !seen.contains(&l2) && l2 < file_len && free(c) {
+                    return Err(corrupt(format!(
+                        "host cluster {c} holds an L2 table of snapshot '{name}' but its \
+                         refcount is 0"
+                    )));
+                }
+            }
+        }
+        data_clusters(file, path, geo, &snap_l1, &mut seen, |guest, c| {
+            free(c).then(|| {
+                corrupt(format!(
+                    "host cluster {c} holds the data of guest offset {guest:#x} in snapshot \
+                     '{name}' but its refcount is 0"
+                ))
+            })
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+async fn file_len<B: Backend>(file: &B, path: &Path) -> Result<u64> {
+    file.len()
+        .await
+        .map_err(|e| Error::io(format!("{}: reading the file's length", path.display()), e))
 }
 
 /// Fails with [`Error::Corrupt`] (and writes nothing) when a cluster the engine would write
@@ -66,7 +119,7 @@ pub(crate) async fn bitmaps_apart_from_data<B: Backend>(
     if claimed.is_empty() {
         return Ok(());
     }
-    data_clusters(file, path, geo, l1, |guest, c| {
+    data_clusters(file, path, geo, l1, &mut HashSet::new(), |guest, c| {
         claimed.contains(&c).then(|| Error::Corrupt {
             path: path.into(),
             what: format!(
@@ -78,23 +131,21 @@ pub(crate) async fn bitmaps_apart_from_data<B: Backend>(
     .await
 }
 
-/// Walks the data clusters of the active L2 tables (each table read once; entries that are
-/// invalid or point past the end of the file skipped: the requests that meet them report
-/// the corruption), calling `f(guest offset, host cluster)` for each host cluster of each
-/// entry; the first error `f` returns ends the walk.
+/// Walks the data clusters of the L2 tables `l1` points to, skipping the tables in `seen`
+/// (and adding the others: each table is read once), and entries that are invalid or point
+/// past the end of the file (the requests that meet them report the corruption). Calls
+/// `f(guest offset, host cluster)` for each host cluster of each entry; the first error `f`
+/// returns ends the walk.
 async fn data_clusters<B: Backend>(
     file: &B,
     path: &Path,
     geo: &ClusterGeometry,
     l1: &[L1Entry],
+    seen: &mut HashSet<u64>,
     mut f: impl FnMut(u64, u64) -> Option<Error>,
 ) -> Result<()> {
     let cs = geo.cluster_size();
-    let file_len = file
-        .len()
-        .await
-        .map_err(|e| Error::io(format!("{}: reading the file's length", path.display()), e))?;
-    let mut seen = HashSet::new();
+    let file_len = file_len(file, path).await?;
     for (i, e) in l1.iter().enumerate() {
         let Ok(Some(HostOffset(l2))) = e.l2_offset(geo) else {
             continue;
