@@ -1278,7 +1278,6 @@ fn failed_open_of_a_dirty_image_writes_nothing() {
 /// refcounts call it used, so only a walk of the L2 tables sees it).
 #[test]
 fn bitmaps_at_bad_offsets_refuse_a_read_write_open() {
-    use qcow2_engine::{Error, Image, ImageOptions};
     let fx = fixture("bitmap").build();
     let pristine = std::fs::read(&fx.image).unwrap();
     let layout = Layout::parse(&pristine).unwrap();
@@ -1324,23 +1323,30 @@ fn bitmaps_at_bad_offsets_refuse_a_read_write_open() {
         if dirty {
             bytes[79] |= qcow2_format::features::INCOMPAT_DIRTY as u8;
         }
-        let (op, file, rt) = in_memory(&fx.image, bytes.clone());
-        rt.block_on(async {
-            let ro = ImageOptions::new().read_only(true);
-            let img = Image::open(op.clone(), &fx.image, ro).await.unwrap();
-            img.read(0, img.size() as usize).await.unwrap();
-            drop(img);
-            match Image::open(op, &fx.image, ImageOptions::new()).await {
-                Err(Error::Corrupt { what, .. }) => eprintln!("{m:?}, {dirty}: refused: {what}"),
-                Err(e) => panic!("{m:?}, dirty {dirty}: not a corruption error: {e}"),
-                Ok(_) => panic!("{m:?}, dirty {dirty}: the read-write open took the bitmap"),
-            }
-            assert!(
-                file.snapshot() == bytes,
-                "{m:?}, dirty {dirty}: the failed open wrote"
-            );
-        });
+        let why = refused_read_write(&fx.image, bytes, &format!("{m:?}, dirty {dirty}"));
+        eprintln!("{m:?}, {dirty}: refused: {why}");
     }
+}
+
+/// Opens `bytes` read-only (which must work and read the whole disk), then read-write, which
+/// must fail with [`qcow2_engine::Error::Corrupt`] and leave the bytes as they were; returns
+/// the error's description. `case` names the case in failures.
+fn refused_read_write(path: &Path, bytes: Vec<u8>, case: &str) -> String {
+    use qcow2_engine::{Error, Image, ImageOptions};
+    let (op, file, rt) = in_memory(path, bytes.clone());
+    rt.block_on(async {
+        let ro = ImageOptions::new().read_only(true);
+        let img = Image::open(op.clone(), path, ro).await.unwrap();
+        img.read(0, img.size() as usize).await.unwrap();
+        drop(img);
+        let why = match Image::open(op, path, ImageOptions::new()).await {
+            Err(Error::Corrupt { what, .. }) => what,
+            Err(e) => panic!("{case}: not a corruption error: {e}"),
+            Ok(_) => panic!("{case}: the read-write open took the image"),
+        };
+        assert!(file.snapshot() == bytes, "{case}: the failed open wrote");
+        why
+    })
 }
 
 /// A cluster only a snapshot refers to (one of its data clusters, or its own L2 table) with
@@ -1350,7 +1356,6 @@ fn bitmaps_at_bad_offsets_refuse_a_read_write_open() {
 /// independently of the engine: the snapshot's tables minus the active ones, as parsed here.
 #[test]
 fn snapshot_clusters_with_refcount_zero_refuse_a_read_write_open() {
-    use qcow2_engine::{Error, Image, ImageOptions};
     use std::collections::BTreeSet;
     let fx = fixture("snapshot").build();
     let pristine = std::fs::read(&fx.image).unwrap();
@@ -1391,20 +1396,7 @@ fn snapshot_clusters_with_refcount_zero_refuse_a_read_write_open() {
         let mut bytes = pristine.clone();
         let c = qcow2_format::HostCluster(host / cs);
         assert!(layout.set_refcount(&mut bytes, c, 0));
-        let (op, file, rt) = in_memory(&fx.image, bytes.clone());
-        rt.block_on(async {
-            let ro = ImageOptions::new().read_only(true);
-            let img = Image::open(op.clone(), &fx.image, ro).await.unwrap();
-            img.read(0, img.size() as usize).await.unwrap();
-            drop(img);
-            match Image::open(op, &fx.image, ImageOptions::new()).await {
-                Err(Error::Corrupt { what: msg, .. }) => {
-                    assert!(msg.contains("snapshot"), "{what}: {msg}")
-                }
-                Err(e) => panic!("{what}: not a corruption error: {e}"),
-                Ok(_) => panic!("{what}: the read-write open took the image"),
-            }
-            assert!(file.snapshot() == bytes, "{what}: the failed open wrote");
-        });
+        let why = refused_read_write(&fx.image, bytes, what);
+        assert!(why.contains("snapshot"), "{what}: {why}");
     }
 }
