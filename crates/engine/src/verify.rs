@@ -65,9 +65,12 @@ pub(crate) async fn references<B: Backend>(
     };
     for s in snapshots {
         let len = u64::from(s.l1_size) * 8;
-        if s.l1_table_offset
-            .checked_add(len)
-            .is_none_or(|end| end > file_len)
+        // Past QEMU's limit or the file: the snapshot is broken, and reading it is left to
+        // `check` (which reports it) rather than allocating what a hostile size asks for.
+        if len > qcow2_format::limits::MAX_L1_BYTES
+            || s.l1_table_offset
+                .checked_add(len)
+                .is_none_or(|end| end > file_len)
         {
             continue;
         }
