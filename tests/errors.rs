@@ -1612,3 +1612,40 @@ fn no_success_after_a_failed_fsync() {
         qemu_ok(&p, &durable, "fsync").unwrap();
     });
 }
+
+/// A flush whose future is dropped while its fsync is in flight, and whose fsync then fails:
+/// nobody saw the error, so the next flush must report it (the dirty pages it covered may be
+/// gone, and a later fsync succeeds without them).
+#[test]
+fn a_failed_flush_nobody_waited_for_fails_the_next() {
+    use blockio::RequestFilter;
+    use std::future::Future;
+    let rt = runtime();
+    let p = prepare(Source::Create("", 4 * MIB));
+    rt.block_on(async {
+        let (opener, _) = p.opener();
+        let ctl = opener.controller();
+        let img = Image::open(opener, &p.image, ImageOptions::new())
+            .await
+            .unwrap();
+        exec(&img, G::Write(0, 300 * KIB), 0).await.unwrap();
+        ctl.hold(RequestFilter::op(OpKind::Flush));
+        {
+            let mut flush = std::pin::pin!(img.flush());
+            let waker = futures::task::noop_waker();
+            let mut cx = std::task::Context::from_waker(&waker);
+            assert!(flush.as_mut().poll(&mut cx).is_pending());
+        }
+        ctl.stop_holding();
+        let held = ctl
+            .try_next_held()
+            .expect("the dropped flush's fsync is held");
+        assert!(held.is_orphan());
+        held.fail(EIO);
+        let e = img
+            .flush()
+            .await
+            .expect_err("the next flush must report the failure nobody saw");
+        typed(&e, EIO).unwrap();
+    });
+}

@@ -2,7 +2,7 @@
 //! the stable toolchain without cargo-fuzz (see docs/FUZZING.md).
 
 use blockio::{
-    Allocation, Backend, BufResult, IoBuf, MemoryBackend, MemoryOpener, OpenOptions, Opener,
+    Allocation, Backend, BufResult, IoBuf, Keep, MemoryBackend, MemoryOpener, OpenOptions, Opener,
 };
 use qcow2_engine::{Image, ImageOptions};
 use qcow2_format::{
@@ -112,13 +112,17 @@ impl Backend for Capped {
         self.0.flush().await
     }
 
-    async fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.0.punch_hole(offset, len).await
+    fn flush_failures(&self) -> u64 {
+        self.0.flush_failures()
     }
 
-    async fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+    async fn punch_hole(&self, offset: u64, len: u64, keep: Keep) -> std::io::Result<()> {
+        self.0.punch_hole(offset, len, keep).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, keep: Keep) -> std::io::Result<()> {
         efbig(offset.checked_add(len))?;
-        self.0.write_zeroes(offset, len).await
+        self.0.write_zeroes(offset, len, keep).await
     }
 
     async fn len(&self) -> std::io::Result<u64> {

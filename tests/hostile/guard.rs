@@ -2,7 +2,7 @@
 //! allocates while a case runs, and a backend wrapper that bounds how far the engine may grow
 //! a file and records every write it attempts.
 
-use blockio::{Allocation, Backend, BufResult, IoBuf, OpenOptions, Opener};
+use blockio::{Allocation, Backend, BufResult, IoBuf, Keep, OpenOptions, Opener};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -261,16 +261,20 @@ impl<B: Backend> Backend for Guarded<B> {
         self.inner.flush().await
     }
 
-    async fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.log.writes.fetch_add(1, Ordering::Relaxed);
-        self.inner.punch_hole(offset, len).await
+    fn flush_failures(&self) -> u64 {
+        self.inner.flush_failures()
     }
 
-    async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+    async fn punch_hole(&self, offset: u64, len: u64, keep: Keep) -> io::Result<()> {
+        self.log.writes.fetch_add(1, Ordering::Relaxed);
+        self.inner.punch_hole(offset, len, keep).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, keep: Keep) -> io::Result<()> {
         self.check(offset.checked_add(len))?;
         let was = ARMED.get();
         ARMED.set(false);
-        let r = self.inner.write_zeroes(offset, len).await;
+        let r = self.inner.write_zeroes(offset, len, keep).await;
         ARMED.set(was);
         r
     }

@@ -11,6 +11,7 @@
 //! (invariant I1): the caller passes the lease test in.
 
 use crate::refcount::{RefcountError, Refcounts};
+use crate::reservation::{Reservation, Returns};
 use qcow2_format::{ClusterGeometry, HostCluster, HostOffset, RefcountWidth, ReftableEntry};
 use std::collections::BTreeSet;
 
@@ -53,6 +54,8 @@ pub struct Allocator {
     pending: Vec<HostCluster>,
     /// Clusters holding refcount blocks.
     block_clusters: std::collections::HashSet<u64>,
+    /// Clusters given back by dropped reservations, not reclaimed yet.
+    returns: Returns,
 }
 
 impl Allocator {
@@ -82,7 +85,31 @@ impl Allocator {
             free_hint: 0,
             high_water: file_clusters,
             pending: Vec::new(),
+            returns: Returns::default(),
         }
+    }
+
+    /// A reservation of the clusters of `a` (just allocated, not referred to yet): see
+    /// [`Reservation`].
+    pub fn reserve(&self, a: &Allocation) -> Reservation {
+        Reservation::new(a.first, a.count, self.returns.clone())
+    }
+
+    /// Takes back the clusters of reservations dropped uncommitted (their count drops to 0).
+    /// [`allocate`](Self::allocate) does it first; the engine does it before writing the
+    /// refcounts back. Returns how many runs came back.
+    pub fn reclaim(&mut self) -> Result<usize, RefcountError> {
+        let runs = self.returns.take();
+        for &(first, count) in &runs {
+            self.release_unreferenced(first, count)?;
+        }
+        Ok(runs.len())
+    }
+
+    /// Runs given back by dropped reservations that [`reclaim`](Self::reclaim) has not taken
+    /// yet.
+    pub fn returns(&self) -> &Returns {
+        &self.returns
     }
 
     /// The refcount view.
@@ -130,6 +157,7 @@ impl Allocator {
         leased: impl Fn(HostCluster) -> bool,
     ) -> Result<Allocation, RefcountError> {
         assert!(count > 0, "allocate at least one cluster");
+        self.reclaim()?;
         loop {
             let first = self.find_run(count, &leased)?;
             // Every cluster of the run needs its refcount block (and a table entry for it).

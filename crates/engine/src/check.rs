@@ -28,7 +28,7 @@
 use crate::image::{read_bytes, Image};
 use crate::options::ImageOptions;
 use crate::{Error, Result};
-use blockio::{Backend, IoBuf, OpenOptions, Opener};
+use blockio::{Backend, IoBuf, Keep, OpenOptions, Opener};
 use qcow2_format::features::{AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use qcow2_format::{
     BitmapTableEntry, ClusterGeometry, CompressedDescriptor, Header, L1Entry, L2ClusterType,
@@ -291,6 +291,7 @@ impl<O: Opener> Image<O> {
                 path: path.into(),
                 source,
             })?;
+        img.flushes = crate::image::FlushState::new(&file);
         img.file = file;
         Ok(img)
     }
@@ -1546,7 +1547,7 @@ impl<'a, O: Opener> Checker<'a, O> {
                 let _ = self
                     .img
                     .file
-                    .punch_hole(cluster << self.cluster_bits(), self.cs)
+                    .punch_hole(cluster << self.cluster_bits(), self.cs, Keep::none())
                     .await;
             }
         }

@@ -40,7 +40,7 @@
 use crate::image::{resolve_backing, Disk};
 use crate::options::{ImageFormat, ImageOptions};
 use crate::{Error, Image, Result};
-use blockio::{Backend, IoBuf, OpenOptions, Opener};
+use blockio::{Backend, IoBuf, Keep, OpenOptions, Opener};
 use qcow2_format::{
     features, CompressionType, FormatError, Header, HeaderExtension, L1Entry, L2Entry,
     RefcountWidth, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS,
@@ -693,7 +693,7 @@ async fn fill<B: Backend>(file: &B, start: u64, end: u64, mode: Preallocation) -
     }
     match mode {
         Preallocation::Off | Preallocation::Metadata => Ok(()),
-        Preallocation::Falloc => file.write_zeroes(start, end - start).await,
+        Preallocation::Falloc => file.write_zeroes(start, end - start, Keep::none()).await,
         Preallocation::Full => {
             const CHUNK: u64 = 1 << 20;
             let mut buf = IoBuf::new(CHUNK.min(end - start) as usize);

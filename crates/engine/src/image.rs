@@ -4,7 +4,7 @@
 use crate::cache::TableCache;
 use crate::options::{BackingChoice, ImageFormat, ImageOptions};
 use crate::{Error, Result};
-use blockio::{Backend, IoBuf, OpenOptions, Opener};
+use blockio::{Backend, IoBuf, Keep, OpenOptions, Opener};
 use qcow2_alloc::LeaseTable;
 use qcow2_format::{ClusterGeometry, FormatError, Header, L1Entry, QCOW_MAGIC};
 use std::path::{Path, PathBuf};
@@ -41,10 +41,21 @@ pub struct Image<O: Opener> {
     /// Whether the image looks like it was created with preallocation=metadata (computed on
     /// first use, as QEMU does, for block status).
     pub(crate) metadata_prealloc: async_lock::OnceCell<bool>,
-    /// With O_DIRECT, an unaligned data write is a read-modify-write of whole blocks: it holds
-    /// this exclusively, aligned writes hold it shared, so that no write lands between the
-    /// read and the write-back of a block.
-    pub(crate) rmw: async_lock::RwLock<()>,
+    /// With O_DIRECT, an unaligned write is a read-modify-write of whole blocks: it holds
+    /// this exclusively, aligned data writes hold it shared, so that no write lands between
+    /// the read and the write-back of a block. The guard goes with the write's I/O (I9).
+    pub(crate) rmw: std::sync::Arc<async_lock::RwLock<()>>,
+    /// Requests and their backend operations in flight ([`crate::inflight`]): close waits
+    /// until none is left.
+    pub(crate) io: crate::inflight::Tracker,
+    /// Metadata writes in flight: each waits until none is, and close too.
+    pub(crate) meta_io: crate::inflight::Tracker,
+    /// Acknowledged guest changes (writes, zeroings, discards), counted.
+    pub(crate) acked: AtomicU64,
+    /// `acked` as the last successful flush found it: what is not durable yet is the rest.
+    pub(crate) flushed: AtomicU64,
+    /// Set by a successful close: the drop has nothing to report.
+    pub(crate) closed: std::sync::atomic::AtomicBool,
     /// The persistent bitmaps maintained while writing (read-write images with bitmaps).
     pub(crate) bitmaps: async_lock::Mutex<Option<crate::bitmaps::Bitmaps>>,
     /// Set once corruption was found and the corrupt bit written: writes stop.
@@ -116,13 +127,28 @@ impl MetadataClusters {
 /// cache, as QEMU's file-posix does (`page_cache_inconsistent`): Linux may drop the dirty
 /// pages a failed fsync covered and report that once, so a later fsync would succeed without
 /// them. With O_DIRECT the data never waited in the page cache, and a later flush may succeed.
-#[derive(Default)]
-pub(crate) struct FlushState(std::sync::atomic::AtomicBool);
+///
+/// A flush whose future was dropped still fails in the backend, unseen: every flush compares
+/// the backend's count of failed flushes ([`Backend::flush_failures`]) with the count it has
+/// accounted for, and fails (as if it had failed itself) when another flush failed since.
+pub(crate) struct FlushState {
+    broken: std::sync::atomic::AtomicBool,
+    /// Failed flushes of the file accounted for.
+    seen: AtomicU64,
+}
 
 impl FlushState {
+    /// The flushes of `backend`, accounting for the failures it had before.
+    pub(crate) fn new<B: Backend>(backend: &B) -> Self {
+        FlushState {
+            broken: Default::default(),
+            seen: AtomicU64::new(backend.flush_failures()),
+        }
+    }
+
     /// Flushes `backend` (the file at `path`).
     pub(crate) async fn flush<B: Backend>(&self, backend: &B, path: &Path) -> Result<()> {
-        if self.0.load(Ordering::Acquire) {
+        if self.broken.load(Ordering::Acquire) {
             return Err(Error::io(
                 format!(
                     "{}: flush: an earlier flush failed, so writes made through the page cache \
@@ -132,11 +158,22 @@ impl FlushState {
                 std::io::Error::from_raw_os_error(EIO),
             ));
         }
-        backend.flush().await.map_err(|e| {
+        let res = backend.flush().await;
+        let failures = backend.flush_failures();
+        let unseen = self.seen.fetch_max(failures, Ordering::AcqRel) < failures;
+        let what = match (&res, unseen) {
+            (Ok(()), true) => "flush: an earlier flush, whose caller went away, failed",
+            _ => "flush",
+        };
+        let res = match res {
+            Ok(()) if unseen => Err(std::io::Error::from_raw_os_error(EIO)),
+            r => r,
+        };
+        res.map_err(|e| {
             if backend.alignment() <= 1 {
-                self.0.store(true, Ordering::Release);
+                self.broken.store(true, Ordering::Release);
             }
-            Error::io(format!("{}: flush", path.display()), e)
+            Error::io(format!("{}: {what}", path.display()), e)
         })
     }
 }
@@ -264,7 +301,8 @@ impl<O: Opener> Disk<O> {
         match self {
             Disk::Qcow2(img) => Box::pin(img.read_into(buf, range, offset)).await,
             Disk::Raw(raw) => {
-                let (res, buf) = crate::read::read_data(&raw.backend, buf, range, offset).await;
+                let (res, buf) =
+                    crate::read::read_data(&raw.backend, buf, range, offset, Keep::none()).await;
                 (
                     res.map_err(|e| Error::io(format!("{}: reading", raw.path.display()), e)),
                     buf,
@@ -285,6 +323,17 @@ pub(crate) async fn read_bytes<B: Backend>(
     len: u64,
     what: &str,
 ) -> Result<IoBuf> {
+    read_bytes_kept(backend, offset, len, what, Keep::none()).await
+}
+
+/// [`read_bytes`], the read carrying `keep`.
+pub(crate) async fn read_bytes_kept<B: Backend>(
+    backend: &B,
+    offset: u64,
+    len: u64,
+    what: &str,
+    keep: Keep,
+) -> Result<IoBuf> {
     let align = backend.alignment().max(1) as u64;
     let start = offset / align * align;
     let end = offset
@@ -301,8 +350,10 @@ pub(crate) async fn read_bytes<B: Backend>(
         })?;
     // Callers bound `len` (header area, validated table sizes, one cluster).
     let mut buf = IoBuf::with_alignment((end - start) as usize, align as usize);
+    buf.attach(keep);
     let (res, b) = blockio::read_zero_padded(backend, buf, start).await;
     buf = b;
+    drop(buf.take_keep());
     res.map_err(|e| Error::io(format!("reading {what}"), e))?;
     buf.set_window((offset - start) as usize..(offset - start + len) as usize);
     Ok(buf)
@@ -416,9 +467,9 @@ impl<O: Opener> Image<O> {
                     source,
                 })?;
             Some(DataFile {
+                flushes: FlushState::new(&backend),
                 backend,
                 path: resolved,
-                flushes: FlushState::default(),
             })
         } else {
             None
@@ -483,8 +534,8 @@ impl<O: Opener> Image<O> {
         }
         let img = Image {
             path: path.into(),
+            flushes: FlushState::new(&file),
             file,
-            flushes: FlushState::default(),
             data_file,
             geo,
             read_only,
@@ -507,7 +558,12 @@ impl<O: Opener> Image<O> {
             opened_len: file_len,
             metadata_prealloc: async_lock::OnceCell::new(),
             marked_corrupt: std::sync::atomic::AtomicBool::new(false),
-            rmw: async_lock::RwLock::new(()),
+            rmw: Default::default(),
+            io: Default::default(),
+            meta_io: Default::default(),
+            acked: AtomicU64::new(0),
+            flushed: AtomicU64::new(0),
+            closed: std::sync::atomic::AtomicBool::new(false),
             bitmaps: async_lock::Mutex::new(None),
             lazy_refcounts: !read_only
                 && header.version >= 3
@@ -549,10 +605,10 @@ impl<O: Opener> Image<O> {
                 // tail reads as zeros).
                 let size = len.div_ceil(512) * 512;
                 Ok(Disk::Raw(RawImage {
+                    flushes: FlushState::new(&backend),
                     backend,
                     path: path.into(),
                     size,
-                    flushes: FlushState::default(),
                 }))
             }
         }

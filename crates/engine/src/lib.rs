@@ -35,6 +35,7 @@ mod compress;
 mod create;
 mod error;
 mod image;
+mod inflight;
 mod map;
 mod options;
 mod read;

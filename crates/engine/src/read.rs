@@ -1,17 +1,20 @@
 //! The read path: map a guest range to pieces (zeros, backing file, data, compressed), take
 //! shared leases on the host clusters under the metadata lock, then do the I/O without it.
 
-use crate::image::{read_bytes, Image, Meta};
+use crate::image::{read_bytes, read_bytes_kept, Image, Meta};
+use crate::inflight::{keep, Guards};
 use crate::{Error, Result};
-use blockio::{Backend, IoBuf, Opener};
+use blockio::{Backend, IoBuf, Keep, Opener};
 use qcow2_alloc::SharedLease;
 use qcow2_format::{
     CompressedDescriptor, GuestOffset, HostCluster, L2Entry, L2Mapping, SubclusterBitmap,
     SubclusterState,
 };
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::ops::Range;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 /// The outcome of a read into an owned buffer, and the buffer back.
 pub type ReadResult = (Result<()>, IoBuf);
@@ -70,12 +73,22 @@ impl<O: Opener> Image<O> {
     /// Reads into the buffer's window from guest offset `offset`, and gives the buffer back.
     ///
     /// Any offset and length work (unaligned ones too); the range must lie inside the disk.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future abandons the read; the buffer is lost with it (the backend frees
+    /// it once any read it accepted is done). The shared leases of the host clusters being
+    /// read live until those reads complete, so no cluster is freed under them.
     pub async fn read_at(&self, buf: IoBuf, offset: u64) -> ReadResult {
         let range = buf.window();
         self.read_into(buf, range, offset).await
     }
 
     /// Reads `len` bytes at `offset` into a new buffer.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::read_at`]: dropping the future abandons the read and changes nothing.
     pub async fn read(&self, offset: u64, len: usize) -> Result<IoBuf> {
         let (res, buf) = self.read_at(IoBuf::new(len), offset).await;
         res.map(|()| buf)
@@ -105,27 +118,31 @@ impl<O: Opener> Image<O> {
             Ok(p) => p,
             Err(e) => return (Err(self.on_error(e).await), buf),
         };
+        let guards = Guards::new(&self.io, leases.into_values().collect()).await;
         let mut result = Ok(());
         for piece in plan {
             let start = range.start + (piece.guest - offset) as usize;
             let r = start..start + piece.len as usize;
-            let (res, b) = self.read_piece(buf, r, piece).await;
+            let (res, b) = self.read_piece(buf, r, piece, &guards).await;
             buf = b;
             if let Err(e) = res {
                 result = Err(e);
                 break;
             }
         }
-        drop(leases);
+        drop(guards);
         buf.set_window(window);
         (result, buf)
     }
 
+    /// Reads one piece of a plan into `r` of the buffer's allocation; its I/O carries
+    /// `guards`.
     pub(crate) async fn read_piece(
         &self,
         mut buf: IoBuf,
         r: Range<usize>,
         piece: Piece,
+        guards: &Arc<Guards>,
     ) -> ReadResult {
         match piece.source {
             Source::Zero => {
@@ -134,24 +151,27 @@ impl<O: Opener> Image<O> {
             }
             Source::Backing => self.read_backing(buf, r, piece.guest).await,
             Source::Data { host, data_file } => {
+                let keep = keep(guards);
                 let (res, buf) = match (&self.data_file, data_file) {
-                    (Some(d), true) => read_data(&d.backend, buf, r, host).await,
-                    _ => read_data(&self.file, buf, r, host).await,
+                    (Some(d), true) => read_data(&d.backend, buf, r, host, keep).await,
+                    _ => read_data(&self.file, buf, r, host, keep).await,
                 };
                 (
                     res.map_err(|e| Error::io(format!("{}: reading data", self.path.display()), e)),
                     buf,
                 )
             }
-            Source::Compressed { desc, in_cluster } => match self.read_compressed(desc).await {
-                Ok(cluster) => {
-                    let from = in_cluster as usize;
-                    let n = r.len();
-                    buf.as_full_mut_slice()[r].copy_from_slice(&cluster[from..from + n]);
-                    (Ok(()), buf)
+            Source::Compressed { desc, in_cluster } => {
+                match self.read_compressed(desc, keep(guards)).await {
+                    Ok(cluster) => {
+                        let from = in_cluster as usize;
+                        let n = r.len();
+                        buf.as_full_mut_slice()[r].copy_from_slice(&cluster[from..from + n]);
+                        (Ok(()), buf)
+                    }
+                    Err(e) => (Err(e), buf),
                 }
-                Err(e) => (Err(e), buf),
-            },
+            }
         }
     }
 
@@ -172,10 +192,17 @@ impl<O: Opener> Image<O> {
             .await
     }
 
-    /// Reads and inflates one compressed cluster.
-    async fn read_compressed(&self, desc: CompressedDescriptor) -> Result<Vec<u8>> {
+    /// Reads and inflates one compressed cluster; the read carries `keep`.
+    async fn read_compressed(&self, desc: CompressedDescriptor, keep: Keep) -> Result<Vec<u8>> {
         let len = desc.read_len();
-        let data = read_bytes(&self.file, desc.host_offset, len, "compressed cluster").await?;
+        let data = read_bytes_kept(
+            &self.file,
+            desc.host_offset,
+            len,
+            "compressed cluster",
+            keep,
+        )
+        .await?;
         let mut out = vec![0u8; self.cluster_size() as usize];
         crate::compress::decompress(self.header.compression_type, &data, &mut out).map_err(
             |reason| Error::Decompress {
@@ -511,26 +538,46 @@ impl<O: Opener> Image<O> {
     }
 }
 
+/// Runs `op` on `buf` with `keep` attached (so that it lives until the backend is done with
+/// the operation, even if this future is dropped), and gives the buffer back carrying only
+/// what it carried before.
+pub(crate) async fn with_keep<T, F, Fut>(mut buf: IoBuf, keep: Keep, op: F) -> (T, IoBuf)
+where
+    F: FnOnce(IoBuf) -> Fut,
+    Fut: Future<Output = (T, IoBuf)>,
+{
+    let theirs = buf.take_keep();
+    buf.attach(theirs.clone().and(keep));
+    let (r, mut buf) = op(buf).await;
+    drop(buf.take_keep());
+    buf.attach(theirs);
+    (r, buf)
+}
+
 /// Reads `[host, host + r.len())` of `backend` into `r` of the buffer's allocation, zero
 /// padded past EOF, bouncing through an aligned buffer when O_DIRECT's alignment demands it.
+/// The read carries `keep`.
 pub(crate) async fn read_data<B: Backend>(
     backend: &B,
     mut buf: IoBuf,
     r: Range<usize>,
     host: u64,
+    keep: Keep,
 ) -> (std::io::Result<()>, IoBuf) {
     let align = backend.alignment().max(1);
     let window = buf.window();
     buf.set_window(r.clone());
     if align == 1 || (buf.is_aligned_to(align) && host % align as u64 == 0) {
-        let (res, mut b) = blockio::read_zero_padded(backend, buf, host).await;
+        let (res, mut b) =
+            with_keep(buf, keep, |b| blockio::read_zero_padded(backend, b, host)).await;
         b.set_window(window);
         return (res, b);
     }
     let a = align as u64;
     let start = host / a * a;
     let end = (host + r.len() as u64).div_ceil(a) * a;
-    let bounce = IoBuf::with_alignment((end - start) as usize, align);
+    let mut bounce = IoBuf::with_alignment((end - start) as usize, align);
+    bounce.attach(keep);
     let (res, bounce) = blockio::read_zero_padded(backend, bounce, start).await;
     if res.is_ok() {
         let from = (host - start) as usize;

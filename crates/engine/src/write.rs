@@ -9,14 +9,17 @@
 //! unmapping that caused them is on disk (I4, I5): see [`Image::write_back`].
 
 use crate::image::{Disk, Image, Meta};
-use crate::read::{Piece, Source};
+use crate::inflight::{keep, Guards};
+use crate::read::{with_keep, Piece, Source};
 use crate::{Error, Result};
-use blockio::{Backend, IoBuf, Opener};
-use qcow2_alloc::{ExclusiveLease, Gate, GateGuard, SharedLease};
+use blockio::{Backend, IoBuf, Keep, Opener};
+use qcow2_alloc::{ExclusiveLease, Gate, GateGuard, Reservation, SharedLease};
 use qcow2_format::{
     features, GuestOffset, HostCluster, HostOffset, L1Entry, L2Entry, L2Mapping, SubclusterBitmap,
     SubclusterState,
 };
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 /// The outcome of a write from an owned buffer, and the buffer back.
 pub type WriteResult = (Result<()>, IoBuf);
@@ -38,7 +41,7 @@ enum Step {
         host: u64,
         len: u64,
         data_file: bool,
-        _leases: Vec<SharedLease>,
+        leases: Vec<SharedLease>,
     },
     /// Allocate (or re-use) a cluster and write into it with copy-on-write.
     Allocate(Box<AllocStep>),
@@ -63,8 +66,9 @@ struct AllocStep {
     tail: Vec<Piece>,
     /// Host offset of the cluster written.
     host: u64,
-    /// Whether `host` was allocated for this write (and is given back if the write fails).
-    allocated: bool,
+    /// `host`, when it was allocated for this write: given back unless the entry is installed
+    /// (and only once the write's I/O is over, I9).
+    reservation: Option<Reservation>,
     /// Whether the host cluster still reads as zeros (never written since open).
     fresh: bool,
     data_file: bool,
@@ -75,8 +79,9 @@ struct AllocStep {
     /// Where the entry goes.
     l2_offset: u64,
     l2_index: usize,
-    gate: GateGuard,
-    _leases: Vec<SharedLease>,
+    /// Taken into the step's [`Guards`] when it runs.
+    gate: Option<GateGuard>,
+    leases: Vec<SharedLease>,
 }
 
 impl<O: Opener> Image<O> {
@@ -139,6 +144,18 @@ impl<O: Opener> Image<O> {
     ///
     /// Any offset and length inside the disk work. The write is acknowledged once the data
     /// is in the file and mapped in memory; it is durable after [`Image::flush`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future abandons the write; the buffer is lost with it (the backend frees
+    /// it once any write it accepted is done). Each guest cluster of the range then reads
+    /// either its old data or the new, and may change from old to new later, while a write
+    /// the backend accepted is still on its way (as with any write not acknowledged). Nothing
+    /// else is affected: the leases, the allocation gate and a newly allocated cluster live
+    /// until the backend has finished the data write, so the cluster cannot be freed or
+    /// handed to another guest offset under it; a cluster allocated for a write that never
+    /// installs its mapping goes back to the free space (nothing leaks); the metadata is
+    /// changed only in steps that leave it consistent.
     pub async fn write_at(&self, mut buf: IoBuf, offset: u64) -> WriteResult {
         let window = buf.window();
         let len = window.len() as u64;
@@ -165,6 +182,9 @@ impl<O: Opener> Image<O> {
             }
         }
         buf.set_window(window);
+        if result.is_ok() {
+            self.acked.fetch_add(1, Ordering::AcqRel);
+        }
         (result, buf)
     }
 
@@ -181,17 +201,21 @@ impl<O: Opener> Image<O> {
             let mut meta = self.meta.lock().await;
             meta.header.incompatible_features |= features::INCOMPAT_CORRUPT;
             let header = meta.header.clone();
-            drop(meta);
             // Best effort: the error the caller sees is the corruption itself.
             if self.write_header(&header).await.is_ok() {
                 let _ = self.sync().await;
             }
+            drop(meta);
             tracing::error!(path = %self.path.display(), error = %e, "image marked corrupt");
         }
         e
     }
 
     /// Writes `data` at `offset` (copies it into an aligned buffer first).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::write_at`].
     pub async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.write_at(IoBuf::from_slice(data), offset).await.0
     }
@@ -219,10 +243,11 @@ impl<O: Opener> Image<O> {
                 host,
                 len,
                 data_file,
-                _leases,
+                leases,
             } => {
+                let guards = Guards::new(&self.io, leases).await;
                 let (res, buf) = self
-                    .write_data(buf, at..at + len as usize, host, data_file)
+                    .write_data(buf, at..at + len as usize, host, data_file, keep(&guards))
                     .await;
                 (res.map(|()| len), buf)
             }
@@ -238,30 +263,32 @@ impl<O: Opener> Image<O> {
     }
 
     /// Writes `r` of the buffer's allocation at `host`, bouncing through an aligned buffer
-    /// when O_DIRECT's alignment demands it.
+    /// when O_DIRECT's alignment demands it. The write carries `keep`, and the read-modify-write
+    /// lock's guard (I9).
     async fn write_data(
         &self,
         mut buf: IoBuf,
         r: std::ops::Range<usize>,
         host: u64,
         data_file: bool,
+        keep: Keep,
     ) -> (Result<()>, IoBuf) {
         let backend = self.data_backend(data_file);
         let window = buf.window();
         buf.set_window(r.clone());
         let align = backend.alignment().max(1);
         let res = if align == 1 {
-            let (res, b) = backend.write_at(buf, host).await;
+            let (res, b) = with_keep(buf, keep, |b| backend.write_at(b, host)).await;
             buf = b;
             res
         } else if buf.is_aligned_to(align) && host % align as u64 == 0 {
-            let _shared = self.rmw.read().await;
-            let (res, b) = backend.write_at(buf, host).await;
+            let shared = Keep::new(self.rmw.read_arc().await);
+            let (res, b) = with_keep(buf, keep.and(shared), |b| backend.write_at(b, host)).await;
             buf = b;
             res
         } else {
-            let _exclusive = self.rmw.write().await;
-            write_unaligned(backend, &buf, host).await
+            let exclusive = Keep::new(self.rmw.write_arc().await);
+            write_unaligned(backend, &buf, host, keep.and(exclusive)).await
         };
         buf.set_window(window);
         (
@@ -343,7 +370,7 @@ impl<O: Opener> Image<O> {
                     host,
                     len,
                     data_file,
-                    _leases: leases,
+                    leases,
                 });
             }
         }
@@ -518,13 +545,14 @@ impl<O: Opener> Image<O> {
             }
         }
 
-        let (host, allocated, fresh) = match reuse {
-            Some(h) => (h, false, false),
+        let (host, allocation) = match reuse {
+            Some(h) => (h, None),
             None => {
                 let a = self.allocate(meta, 1)?;
-                (geo.cluster_offset(a.first).0, true, a.fresh)
+                (geo.cluster_offset(a.first).0, Some(a))
             }
         };
+        let fresh = allocation.is_some_and(|a| a.fresh);
         if !data_file {
             self.guard_overlap(meta, host, cs)?;
             lease_clusters.push(host >> geo.cluster_bits());
@@ -534,7 +562,7 @@ impl<O: Opener> Image<O> {
         let leases = match self.try_leases(lease_clusters) {
             Ok(l) => l,
             Err(c) => {
-                if allocated {
+                if allocation.is_some() {
                     let alloc = meta.alloc.as_mut().ok_or(Error::ReadOnly)?;
                     alloc
                         .release_unreferenced(geo.host_cluster(HostOffset(host)), 1)
@@ -558,7 +586,7 @@ impl<O: Opener> Image<O> {
             Ok(g) => g,
             Err(g) => {
                 // Cannot happen (checked under this lock hold), but waiting is always safe.
-                if allocated {
+                if allocation.is_some() {
                     let alloc = meta.alloc.as_mut().ok_or(Error::ReadOnly)?;
                     alloc
                         .release_unreferenced(geo.host_cluster(HostOffset(host)), 1)
@@ -566,6 +594,12 @@ impl<O: Opener> Image<O> {
                 }
                 return Ok(Step::WaitGate(g));
             }
+        };
+        // From here on, a cluster allocated for this write goes back when its reservation
+        // drops uncommitted: with the step, or (if its future is dropped) after its I/O.
+        let reservation = match (&allocation, meta.alloc.as_ref()) {
+            (Some(a), Some(alloc)) => Some(alloc.reserve(a)),
+            _ => None,
         };
         Ok(Step::Allocate(Box::new(AllocStep {
             cluster,
@@ -576,15 +610,15 @@ impl<O: Opener> Image<O> {
             head,
             tail,
             host,
-            allocated,
+            reservation,
             fresh,
             data_file,
             new_entry,
             unref,
             l2_offset,
             l2_index,
-            gate: guard,
-            _leases: leases,
+            gate: Some(guard),
+            leases,
         })))
     }
 
@@ -600,8 +634,7 @@ impl<O: Opener> Image<O> {
     /// to a new cluster then overwrites reserved blocks instead of extending the file, which
     /// file systems serialise (ext4 takes the inode lock exclusively and O_DIRECT loses its
     /// concurrency). The growth reads as zeros, and a crash leaves it as free space.
-    async fn grow_for(&self, end: u64) -> Result<()> {
-        use std::sync::atomic::Ordering;
+    async fn grow_for(&self, end: u64, keep: Keep) -> Result<()> {
         if self.grown.load(Ordering::Acquire) >= end {
             return Ok(());
         }
@@ -613,7 +646,7 @@ impl<O: Opener> Image<O> {
         let cs = self.cluster_size();
         let target = (end + (cur / 8).clamp(GROWTH_MIN, GROWTH_MAX)).next_multiple_of(cs);
         self.file
-            .preallocate(target)
+            .preallocate(target, keep)
             .await
             .map_err(|e| Error::io(format!("{}: growing the file", self.path.display()), e))?;
         self.grown.store(target, Ordering::Release);
@@ -621,29 +654,44 @@ impl<O: Opener> Image<O> {
     }
 
     /// Performs a planned allocating write, then installs its L2 entry.
-    async fn write_allocating(&self, buf: IoBuf, at: usize, a: AllocStep) -> (Result<u64>, IoBuf) {
+    async fn write_allocating(
+        &self,
+        buf: IoBuf,
+        at: usize,
+        mut a: AllocStep,
+    ) -> (Result<u64>, IoBuf) {
         let n = a.to - a.from;
+        // The gate, the leases and the reservation go with every I/O of the step (I9).
+        let guards = Guards::allocating(
+            &self.io,
+            std::mem::take(&mut a.leases),
+            a.gate.take().expect("a planned step holds its gate"),
+            a.reservation.take(),
+        )
+        .await;
         let (res, buf) = match (a.fresh, a.data_file) {
-            (true, false) => match self.grow_for(a.host + self.cluster_size()).await {
-                Ok(()) => self.write_cluster(buf, at, &a).await,
+            (true, false) => match self
+                .grow_for(a.host + self.cluster_size(), keep(&guards))
+                .await
+            {
+                Ok(()) => self.write_cluster(buf, at, &a, &guards).await,
                 Err(e) => (Err(e), buf),
             },
-            _ => self.write_cluster(buf, at, &a).await,
+            _ => self.write_cluster(buf, at, &a, &guards).await,
         };
-        let mut meta = self.meta.lock().await;
         if let Err(e) = res {
-            if a.allocated {
-                if let Some(alloc) = meta.alloc.as_mut() {
-                    // Nothing refers to the cluster yet: it can go back at once.
-                    let _ =
-                        alloc.release_unreferenced(self.geo.host_cluster(HostOffset(a.host)), 1);
-                }
-            }
-            drop(a.gate);
+            // Nothing refers to the cluster: the reservation gives it back with the guards.
             return (Err(e), buf);
         }
-        let res = self.install(&mut meta, &a).await;
-        drop(a.gate);
+        let mut meta = self.meta.lock().await;
+        let res = self.install(&mut meta, &a, &guards).await;
+        // The gate opens (after the entry is in place), the leases go.
+        debug_assert_eq!(
+            Arc::strong_count(&guards),
+            1,
+            "an I/O still holds the guards"
+        );
+        drop(guards);
         let res = match res {
             Ok(()) => self.maybe_write_back(&mut meta).await,
             Err(e) => Err(e),
@@ -652,10 +700,15 @@ impl<O: Opener> Image<O> {
         (res.map(|()| n), buf)
     }
 
-    async fn install(&self, meta: &mut Meta, a: &AllocStep) -> Result<()> {
+    /// Installs the step's L2 entry and commits its reservation, in one critical section
+    /// without an await between the two.
+    async fn install(&self, meta: &mut Meta, a: &AllocStep, guards: &Guards) -> Result<()> {
         let geo = self.geo;
         let table = self.l2_table_mut(meta, a.l2_offset).await?;
         a.new_entry.write(table, &geo, a.l2_index);
+        if let Some(r) = &guards.reservation {
+            r.commit();
+        }
         if let Some(alloc) = meta.alloc.as_mut() {
             for c in &a.unref {
                 alloc.defer_decrement(*c);
@@ -665,7 +718,13 @@ impl<O: Opener> Image<O> {
     }
 
     /// Writes the data of an allocating step: guest data plus copy-on-write head and tail.
-    async fn write_cluster(&self, buf: IoBuf, at: usize, a: &AllocStep) -> (Result<()>, IoBuf) {
+    async fn write_cluster(
+        &self,
+        buf: IoBuf,
+        at: usize,
+        a: &AllocStep,
+        guards: &Arc<Guards>,
+    ) -> (Result<()>, IoBuf) {
         let data = at..at + (a.to - a.from) as usize;
         let backend = self.data_backend(a.data_file);
         let align = backend.alignment().max(1) as u64;
@@ -679,7 +738,7 @@ impl<O: Opener> Image<O> {
         if (a.head.is_empty() && a.tail.is_empty()) || (a.fresh && zeros_only && aligned) {
             // Nothing to copy (or the file already reads zeros there): the guest data alone.
             return self
-                .write_data(buf, data, a.host + a.from, a.data_file)
+                .write_data(buf, data, a.host + a.from, a.data_file, keep(guards))
                 .await;
         }
         let span = (a.cow_to - a.cow_from) as usize;
@@ -688,7 +747,9 @@ impl<O: Opener> Image<O> {
         for pieces in [&a.head, &a.tail] {
             for p in pieces.iter().copied() {
                 let start = (p.guest - a.cluster - a.cow_from) as usize;
-                let (res, t) = self.read_piece(tmp, start..start + p.len as usize, p).await;
+                let (res, t) = self
+                    .read_piece(tmp, start..start + p.len as usize, p, guards)
+                    .await;
                 tmp = t;
                 if let Err(e) = res {
                     tmp_res = Err(e);
@@ -702,7 +763,7 @@ impl<O: Opener> Image<O> {
         let off = (a.from - a.cow_from) as usize;
         tmp.as_full_mut_slice()[off..off + data.len()].copy_from_slice(&buf.as_full_slice()[data]);
         let (res, _) = self
-            .write_data(tmp, 0..span, a.host + a.cow_from, a.data_file)
+            .write_data(tmp, 0..span, a.host + a.cow_from, a.data_file, keep(guards))
             .await;
         (res, buf)
     }
@@ -744,9 +805,19 @@ impl<O: Opener> Image<O> {
     }
 
     /// Writes metadata bytes at `offset` of the image file (read-modify-write where O_DIRECT
-    /// alignment demands it).
+    /// alignment demands it, under the read-modify-write lock).
+    ///
+    /// First waits until no other metadata write is in flight: one can be only if a
+    /// write-back's future was dropped mid-write, and its stale version of a table must land
+    /// before this one is issued (I9). The write carries a token of the metadata tracker.
     pub(crate) async fn write_meta(&self, offset: u64, bytes: &[u8]) -> Result<()> {
-        write_unaligned(&self.file, bytes, offset)
+        self.meta_io.idle().await;
+        let mut keep = Keep::new(self.meta_io.token().await);
+        let align = self.file.alignment().max(1) as u64;
+        if offset % align != 0 || bytes.len() as u64 % align != 0 {
+            keep = keep.and(Keep::new(self.rmw.write_arc().await));
+        }
+        write_unaligned(&self.file, bytes, offset, keep)
             .await
             .map_err(|e| Error::io(format!("{}: writing metadata", self.path.display()), e))
     }
@@ -813,6 +884,12 @@ impl<O: Opener> Image<O> {
         meta: &mut Meta,
         refcounts: bool,
     ) -> Result<(Vec<(HostCluster, ExclusiveLease)>, bool)> {
+        // 0. A write-back whose future was dropped may have left a write in flight: it lands
+        //    first (I9). Clusters of dropped allocating writes come back.
+        self.meta_io.idle().await;
+        if let Some(alloc) = meta.alloc.as_mut() {
+            alloc.reclaim().map_err(|e| self.alloc_err(e))?;
+        }
         let l2_dirty = meta.l2.dirty_count() > 0 || !meta.l1_dirty.is_empty();
         let mut synced = false;
         // 1. Refcounts; with lazy refcounts, the dirty bit instead, before any L2 update
@@ -945,10 +1022,27 @@ impl<O: Opener> Image<O> {
     /// page cache (not `O_DIRECT`): the kernel may have dropped the writes the failed fsync
     /// covered, so every later flush (and [`Image::close`]) fails with EIO, as QEMU's do, and
     /// the image must be reopened; what it then holds is what a crash would have left.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future leaves the image consistent: the metadata written so far was
+    /// written in the crash-safe order, what was not stays dirty in memory for the next
+    /// flush, and a metadata write or punch-hole the backend accepted still completes (with
+    /// the exclusive lease of the punched cluster held until then; the next write-back waits
+    /// for such a metadata write before writing the same structures again). Nothing is made
+    /// durable that a completed flush would not have made durable. If the dropped flush's
+    /// fsync fails, the next flush reports it.
     pub async fn flush(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
+        let acked = self.acked.load(Ordering::Acquire);
+        self.flush_inner().await?;
+        self.flushed.fetch_max(acked, Ordering::AcqRel);
+        Ok(())
+    }
+
+    async fn flush_inner(&self) -> Result<()> {
         if self
             .marked_corrupt
             .load(std::sync::atomic::Ordering::Acquire)
@@ -973,20 +1067,23 @@ impl<O: Opener> Image<O> {
     }
 
     /// Deallocates freed clusters in the file, under their exclusive leases (so that none of
-    /// them is handed out again before the hole is punched).
+    /// them is handed out again before the hole is punched). Each lease goes with its punch
+    /// (I9): dropped, this leaves the rest unpunched and their leases released.
     async fn punch(&self, freed: Vec<(HostCluster, ExclusiveLease)>) {
         let cs = self.cluster_size();
         for (c, lease) in freed {
+            let keep = Keep::new((lease, self.io.token().await));
             // Punching is an optimisation: a failure leaves stale bytes in a free cluster.
-            let _ = self.file.punch_hole(self.geo.cluster_offset(c).0, cs).await;
-            drop(lease);
+            let _ = self
+                .file
+                .punch_hole(self.geo.cluster_offset(c).0, cs, keep)
+                .await;
         }
     }
 
     /// Gives back the growth made ahead and not used: the file ends after the last cluster
     /// ever allocated (never shorter than it was at open).
     async fn trim_growth(&self, meta: &Meta) -> Result<()> {
-        use std::sync::atomic::Ordering;
         let Some(alloc) = meta.alloc.as_ref() else {
             return Ok(());
         };
@@ -1004,10 +1101,31 @@ impl<O: Opener> Image<O> {
 
     /// Flushes and closes the image: every metadata structure written, the dirty bit of lazy
     /// refcounts cleared.
+    ///
+    /// First waits until every backend operation that dropped requests left in flight has
+    /// completed: nothing this image started lands in the file after `close` returns, and
+    /// no cluster stays allocated for a write that never installed it.
+    ///
+    /// # Cancel safety
+    ///
+    /// The image is consumed either way. Dropping the future before it completes is dropping
+    /// an image that was not closed: acknowledged writes since the last successful flush may
+    /// be lost, and the drop reports it (see [`Image`]); what is on disk is consistent, as
+    /// after a crash.
     pub async fn close(self) -> Result<()> {
+        let r = self.close_inner().await;
+        if r.is_ok() {
+            self.closed.store(true, Ordering::Release);
+        }
+        r
+    }
+
+    async fn close_inner(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
+        self.io.idle().await;
+        self.meta_io.idle().await;
         if self
             .marked_corrupt
             .load(std::sync::atomic::Ordering::Acquire)
@@ -1031,14 +1149,25 @@ impl<O: Opener> Image<O> {
             freed
         };
         self.punch(freed).await;
+        self.flushed
+            .store(self.acked.load(Ordering::Acquire), Ordering::Release);
         Ok(())
     }
 
     /// Makes `[offset, offset+len)` read as zeros. With `may_unmap`, clusters wholly inside
     /// the range may be deallocated (qemu-io `write -z -u`).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::write_at`]: each guest cluster of the range reads either its old data or
+    /// zeros (the change is made one L2 table at a time, each step consistent), clusters it
+    /// unmapped are freed by a later write-back, and nothing else is affected.
     pub async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         match self.write_zeroes_inner(offset, len, may_unmap).await {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.acked.fetch_add(1, Ordering::AcqRel);
+                Ok(())
+            }
             Err(e) => Err(self.on_error(e).await),
         }
     }
@@ -1053,7 +1182,7 @@ impl<O: Opener> Image<O> {
         if let (Some(d), true) = (&self.data_file, self.header.data_file_raw()) {
             // A raw data file must show the guest's view at all times.
             d.backend
-                .write_zeroes(offset, len)
+                .write_zeroes(offset, len, Keep::new(self.io.token().await))
                 .await
                 .map_err(|e| Error::io(format!("{}: write zeroes", d.path.display()), e))?;
         }
@@ -1101,9 +1230,18 @@ impl<O: Opener> Image<O> {
     /// zeros afterwards (on v3 the zero flag hides a backing file). Partial clusters are left
     /// alone, and so is everything in a v2 image with a backing file (it could not hide the
     /// backing file), as QEMU does.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::write_zeroes`]: each whole cluster of the range is either discarded or
+    /// left as it was; the clusters unmapped are freed by a later write-back, once no I/O is
+    /// in flight on them.
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         match self.discard_inner(offset, len).await {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.acked.fetch_add(1, Ordering::AcqRel);
+                Ok(())
+            }
             Err(e) => Err(self.on_error(e).await),
         }
     }
@@ -1305,20 +1443,24 @@ fn all_allocated(
 }
 
 /// Writes `bytes` at `offset`, reading and rewriting the surrounding aligned blocks when
-/// the backend needs aligned I/O (O_DIRECT).
+/// the backend needs aligned I/O (O_DIRECT). The write carries `keep`.
 pub(crate) async fn write_unaligned<B: Backend>(
     backend: &B,
     bytes: &[u8],
     offset: u64,
+    keep: Keep,
 ) -> std::io::Result<()> {
     let align = backend.alignment().max(1) as u64;
     if align == 1 || (offset % align == 0 && bytes.len() as u64 % align == 0) {
-        let (res, _) = backend.write_at(IoBuf::from_slice(bytes), offset).await;
+        let mut buf = IoBuf::from_slice(bytes);
+        buf.attach(keep);
+        let (res, _) = backend.write_at(buf, offset).await;
         return res;
     }
     let start = offset / align * align;
     let end = (offset + bytes.len() as u64).div_ceil(align) * align;
-    let buf = IoBuf::with_alignment((end - start) as usize, align as usize);
+    let mut buf = IoBuf::with_alignment((end - start) as usize, align as usize);
+    buf.attach(keep);
     let (res, mut buf) = blockio::read_zero_padded(backend, buf, start).await;
     res?;
     let from = (offset - start) as usize;
@@ -1345,7 +1487,7 @@ impl<O: Opener> Disk<O> {
                     );
                 }
                 let window = buf.window();
-                let res = write_unaligned(&raw.backend, &buf, offset).await;
+                let res = write_unaligned(&raw.backend, &buf, offset, Keep::none()).await;
                 let mut buf = buf;
                 buf.set_window(window);
                 (
@@ -1362,7 +1504,7 @@ impl<O: Opener> Disk<O> {
             Disk::Qcow2(img) => img.write_zeroes(offset, len, may_unmap).await,
             Disk::Raw(raw) => raw
                 .backend
-                .write_zeroes(offset, len)
+                .write_zeroes(offset, len, Keep::none())
                 .await
                 .map_err(|e| Error::io(format!("{}: write zeroes", raw.path.display()), e)),
         }
@@ -1374,7 +1516,7 @@ impl<O: Opener> Disk<O> {
             Disk::Qcow2(img) => img.discard(offset, len).await,
             Disk::Raw(raw) => raw
                 .backend
-                .punch_hole(offset, len)
+                .punch_hole(offset, len, Keep::none())
                 .await
                 .map_err(|e| Error::io(format!("{}: discard", raw.path.display()), e)),
         }

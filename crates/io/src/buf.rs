@@ -3,6 +3,7 @@
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ops::{Deref, DerefMut, Range};
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 /// Default alignment of buffers: one page, enough for O_DIRECT on every device.
 pub const DEFAULT_ALIGN: usize = 4096;
@@ -13,12 +14,18 @@ pub const DEFAULT_ALIGN: usize = 4096;
 /// receive several pieces of a request at different positions without a copy. The allocation
 /// is aligned to [`DEFAULT_ALIGN`] unless asked otherwise, so it can be used with O_DIRECT.
 /// `Deref` gives the window as a slice.
+///
+/// A buffer can carry a [`Keep`] ([`IoBuf::attach`]): whatever must stay alive while an
+/// operation on the buffer may still touch the file. A backend drops the buffer it was
+/// handed, and so the keep, only once the operation is over, even when the future that
+/// started it is dropped first.
 pub struct IoBuf {
     ptr: NonNull<u8>,
     cap: usize,
     align: usize,
     start: usize,
     end: usize,
+    keep: Keep,
 }
 
 // SAFETY: IoBuf owns its allocation exclusively, like a Vec<u8>.
@@ -45,6 +52,7 @@ impl IoBuf {
             align,
             start: 0,
             end: len,
+            keep: Keep::none(),
         }
     }
 
@@ -129,6 +137,23 @@ impl IoBuf {
         (self.as_ptr() as usize) % align == 0 && self.len() % align == 0
     }
 
+    /// Adds `keep` to what the buffer keeps alive (see [`Keep`]). It stays attached until
+    /// [`take_keep`](Self::take_keep) or the buffer's drop.
+    pub fn attach(&mut self, keep: Keep) {
+        let old = std::mem::take(&mut self.keep);
+        self.keep = old.and(keep);
+    }
+
+    /// Detaches everything the buffer keeps alive.
+    pub fn take_keep(&mut self) -> Keep {
+        std::mem::take(&mut self.keep)
+    }
+
+    /// Whether the buffer keeps something alive.
+    pub fn has_keep(&self) -> bool {
+        !self.keep.is_empty()
+    }
+
     /// Converts the window into [`bytes::Bytes`] without copying.
     pub fn into_bytes(self) -> bytes::Bytes {
         bytes::Bytes::from_owner(WindowOwner(self))
@@ -158,6 +183,7 @@ impl DerefMut for IoBuf {
 }
 
 impl Clone for IoBuf {
+    /// A copy of the bytes and the window; the copy keeps nothing alive.
     fn clone(&self) -> Self {
         let mut b = Self::with_alignment(self.cap, self.align);
         b.as_full_mut_slice().copy_from_slice(self.as_full_slice());
@@ -172,6 +198,7 @@ impl std::fmt::Debug for IoBuf {
         f.debug_struct("IoBuf")
             .field("capacity", &self.cap)
             .field("window", &(self.start..self.end))
+            .field("keep", &!self.keep.is_empty())
             .finish()
     }
 }
@@ -181,6 +208,65 @@ impl Drop for IoBuf {
         let layout = Layout::from_size_align(self.cap.max(1), self.align).expect("valid layout");
         // SAFETY: allocated in with_alignment with this layout.
         unsafe { dealloc(self.ptr.as_ptr(), layout) }
+    }
+}
+
+/// What an I/O operation keeps alive until the backend is done with it: the guards of the
+/// request that issued it (leases, gates, a reserved cluster, a count of operations in
+/// flight).
+///
+/// Dropping a future is routine in async Rust, but an operation the backend has accepted
+/// still completes: io_uring finishes it in the kernel, a blocking-pool task runs to its
+/// end. So the guards of an operation cannot live in the future that issued it. Every
+/// [`Backend`](crate::Backend) operation takes a `Keep` (reads and writes in their
+/// [`IoBuf`], the others as an argument) and drops it only once the operation can no longer
+/// touch the file: when it completes, fails, or was never started.
+///
+/// Cheap to clone (an `Arc`); clones share the guards, which drop with the last clone.
+/// Built with `--cfg qcow2_no_keep` (a test-only switch) a keep holds nothing, so guards live
+/// only as long as the futures that hold them: the cancellation tests must then fail.
+#[derive(Clone, Default)]
+pub struct Keep(Option<Arc<dyn Send + Sync>>);
+
+impl Keep {
+    /// Keeps nothing.
+    pub fn none() -> Self {
+        Keep(None)
+    }
+
+    /// Keeps `guard` alive.
+    pub fn new<T: Send + Sync + 'static>(guard: T) -> Self {
+        if cfg!(qcow2_no_keep) {
+            // The switch that proves the cancellation tests can fail: the guard dies here,
+            // and only the issuing future's own handle on it (if any) keeps it alive.
+            drop(guard);
+            return Keep(None);
+        }
+        Keep(Some(Arc::new(guard)))
+    }
+
+    /// Keeps both alive.
+    pub fn and(self, other: Keep) -> Keep {
+        match (self.0, other.0) {
+            (None, b) => Keep(b),
+            (a, None) => Keep(a),
+            (Some(a), Some(b)) => Keep(Some(Arc::new((a, b)))),
+        }
+    }
+
+    /// Whether it keeps nothing.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+impl std::fmt::Debug for Keep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Keep(..)"
+        } else {
+            "Keep(none)"
+        })
     }
 }
 
@@ -205,6 +291,26 @@ mod tests {
         let mut b = IoBuf::from_slice(b"hello world");
         b.set_window(6..11);
         assert_eq!(&b.into_bytes()[..], b"world");
+    }
+
+    #[test]
+    fn a_keep_lives_while_the_buffer_or_a_clone_does() {
+        let guard = Arc::new(());
+        let mut b = IoBuf::new(8);
+        b.attach(Keep::new(guard.clone()));
+        b.attach(Keep::new(guard.clone()));
+        let copy = b.clone();
+        assert!(b.has_keep() && !copy.has_keep());
+        let k = b.take_keep();
+        assert!(!b.has_keep());
+        let k2 = k.clone();
+        drop(k);
+        assert_eq!(Arc::strong_count(&guard), 3);
+        drop(k2);
+        assert_eq!(Arc::strong_count(&guard), 1);
+        b.attach(Keep::new(guard.clone()));
+        drop(b);
+        assert_eq!(Arc::strong_count(&guard), 1);
     }
 
     #[test]

@@ -1,14 +1,14 @@
 //! The tokio file backend: positional I/O on tokio's blocking pool.
 
 use crate::{
-    punch_by_writing, sys, zero_by_punching, Backend, BufResult, IoBuf, OpenOptions, Opener,
+    punch_by_writing, sys, zero_by_punching, Backend, BufResult, IoBuf, Keep, OpenOptions, Opener,
 };
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// A file doing positional I/O (`pread`/`pwrite`) on tokio's blocking pool.
@@ -16,7 +16,8 @@ use std::sync::Arc;
 /// Works on any tokio runtime (current-thread or multi-thread) and its futures are `Send`.
 /// The owned [`IoBuf`] moves into the blocking task and back, so there is no copy, and
 /// with [`OpenOptions::direct`] the I/O bypasses the page cache (O_DIRECT). Clones share
-/// the file. Dropping a future lets the blocking task finish on its own (it owns the buffer).
+/// the file. Dropping a future lets the blocking task finish on its own: it owns the buffer
+/// and the [`Keep`], which drop when the system call returns.
 #[derive(Clone, Debug)]
 pub struct TokioFile {
     inner: Arc<Inner>,
@@ -32,6 +33,8 @@ struct Inner {
     no_punch: AtomicBool,
     /// Set once `FALLOC_FL_ZERO_RANGE` was refused.
     no_zero_range: AtomicBool,
+    /// Failed flushes, counted by the blocking task (its future may be gone).
+    flush_failures: AtomicU64,
 }
 
 impl TokioFile {
@@ -74,6 +77,7 @@ impl TokioFile {
                 align,
                 no_punch: AtomicBool::new(false),
                 no_zero_range: AtomicBool::new(false),
+                flush_failures: AtomicU64::new(0),
             }),
         }
     }
@@ -91,13 +95,19 @@ impl TokioFile {
         check_direct(self.inner.direct, self.inner.align, what, buf, offset)
     }
 
-    /// Runs `f` on the blocking pool with the file.
+    /// Runs `f` on the blocking pool with the file; `keep` drops when `f` returns.
     async fn with_file_blocking<T: Send + 'static>(
         &self,
+        keep: Keep,
         f: impl FnOnce(&Inner) -> io::Result<T> + Send + 'static,
     ) -> io::Result<T> {
         let inner = self.inner.clone();
-        run_blocking(move || f(&inner)).await?
+        run_blocking(move || {
+            let r = f(&inner);
+            drop(keep);
+            r
+        })
+        .await?
     }
 
     /// Runs an I/O on `buf` on the blocking pool, giving the buffer back.
@@ -123,7 +133,13 @@ impl TokioFile {
 
     /// Tries a fallocate mode unless it is known to be unsupported; `Ok(false)` means
     /// unsupported (and remembered).
-    async fn try_fallocate(&self, punch: bool, offset: u64, len: u64) -> io::Result<bool> {
+    async fn try_fallocate(
+        &self,
+        punch: bool,
+        offset: u64,
+        len: u64,
+        keep: Keep,
+    ) -> io::Result<bool> {
         let (mode, known_bad) = match punch {
             true => (sys::PUNCH_HOLE, &self.inner.no_punch),
             false => (sys::ZERO_RANGE, &self.inner.no_zero_range),
@@ -132,7 +148,9 @@ impl TokioFile {
             return Ok(false);
         }
         let r = self
-            .with_file_blocking(move |i| sys::fallocate(i.file.as_raw_fd(), mode, offset, len))
+            .with_file_blocking(keep, move |i| {
+                sys::fallocate(i.file.as_raw_fd(), mode, offset, len)
+            })
             .await;
         match r {
             Ok(()) => Ok(true),
@@ -277,43 +295,51 @@ impl Backend for TokioFile {
     }
 
     async fn flush(&self) -> io::Result<()> {
-        self.with_file_blocking(|i| loop {
+        self.with_file_blocking(Keep::none(), |i| loop {
             match i.file.sync_data() {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    i.flush_failures.fetch_add(1, Ordering::AcqRel);
+                    return Err(e);
+                }
                 r => return r,
             }
         })
         .await
     }
 
-    async fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
-        if self.try_fallocate(true, offset, len).await? {
-            return Ok(());
-        }
-        punch_by_writing(self, offset, len).await
+    fn flush_failures(&self) -> u64 {
+        self.inner.flush_failures.load(Ordering::Acquire)
     }
 
-    async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+    async fn punch_hole(&self, offset: u64, len: u64, keep: Keep) -> io::Result<()> {
         if len == 0 {
             return Ok(());
         }
-        if self.try_fallocate(false, offset, len).await? {
+        if self.try_fallocate(true, offset, len, keep.clone()).await? {
             return Ok(());
         }
-        zero_by_punching(self, offset, len, |end| {
-            self.with_file_blocking(move |i| sys::extend_to(i.file.as_raw_fd(), end))
+        punch_by_writing(self, offset, len, keep).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, keep: Keep) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        if self.try_fallocate(false, offset, len, keep.clone()).await? {
+            return Ok(());
+        }
+        zero_by_punching(self, offset, len, keep, |end, keep| {
+            self.with_file_blocking(keep, move |i| sys::extend_to(i.file.as_raw_fd(), end))
         })
         .await
     }
 
-    async fn preallocate(&self, len: u64) -> io::Result<()> {
+    async fn preallocate(&self, len: u64, keep: Keep) -> io::Result<()> {
         if sys::file_len(self.fd())? >= len {
             return Ok(());
         }
-        self.with_file_blocking(move |i| sys::preallocate(i.file.as_raw_fd(), len))
+        self.with_file_blocking(keep, move |i| sys::preallocate(i.file.as_raw_fd(), len))
             .await
     }
 
@@ -323,7 +349,7 @@ impl Backend for TokioFile {
     }
 
     async fn set_len(&self, len: u64) -> io::Result<()> {
-        self.with_file_blocking(move |i| sys::set_len(i.file.as_raw_fd(), len))
+        self.with_file_blocking(Keep::none(), move |i| sys::set_len(i.file.as_raw_fd(), len))
             .await
     }
 

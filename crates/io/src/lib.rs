@@ -20,7 +20,7 @@ mod sys;
 #[cfg(target_os = "linux")]
 mod uring;
 
-pub use buf::{IoBuf, DEFAULT_ALIGN};
+pub use buf::{IoBuf, Keep, DEFAULT_ALIGN};
 pub use fault::{
     CrashImage, CrashSpec, FaultController, FaultInjector, FaultOpener, FaultRule, HeldRequest,
     LogEntry, OpKind, RequestFilter, RequestInfo, TornSector, CRASH_SECTOR,
@@ -54,9 +54,19 @@ pub struct OpenOptions {
 /// A file-like object doing positional I/O with owned buffers.
 ///
 /// Reads and writes act on the buffer's current window (see [`IoBuf::set_window`]).
-/// Implementations must be cheap to clone (a clone shares the same file), and every method
-/// must be cancel-safe in the sense that dropping the future never leaves the kernel writing
-/// into freed memory (the buffer is owned by the operation until it completes).
+/// Implementations must be cheap to clone (a clone shares the same file).
+///
+/// # Cancel safety
+///
+/// Dropping an operation's future never leaves the kernel touching freed memory: the buffer
+/// is owned by the operation until it completes. Nor does it end the operation early: an
+/// operation the backend has accepted runs to its end (io_uring completes it in the kernel,
+/// a blocking-pool task runs on), so whatever guards it must live as long. Each operation
+/// takes a [`Keep`]: reads and writes carry it in their [`IoBuf`] ([`IoBuf::attach`]), the
+/// other changes to the file take it as an argument. An implementation drops the keep only
+/// once the operation can no longer touch the file (it completed, failed, or was never
+/// started), whenever the future is dropped. A flush whose future is dropped still counts
+/// its failure in [`flush_failures`](Self::flush_failures).
 // `len` is the file's length, fetched asynchronously: an `is_empty` would add nothing.
 #[allow(clippy::len_without_is_empty)]
 pub trait Backend: Clone + 'static {
@@ -72,12 +82,26 @@ pub trait Backend: Clone + 'static {
     /// Makes every completed write durable (fdatasync or equivalent).
     fn flush(&self) -> impl Future<Output = io::Result<()>>;
 
-    /// Deallocates `[offset, offset+len)`; afterwards the range reads as zeros. The file's
-    /// length does not change.
-    fn punch_hole(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>>;
+    /// How many flushes of this file have failed so far, counting those whose futures were
+    /// dropped before they completed (their caller never saw the error). A caller that must
+    /// not miss a failure (Linux may drop the dirty pages a failed fsync covered and report
+    /// success to the next one) compares it with the count it has seen.
+    fn flush_failures(&self) -> u64;
 
-    /// Makes `[offset, offset+len)` read as zeros, extending the file if the range ends past it.
-    fn write_zeroes(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>>;
+    /// Deallocates `[offset, offset+len)`; afterwards the range reads as zeros. The file's
+    /// length does not change. `keep` lives until the hole is punched (see the trait's
+    /// cancel safety).
+    fn punch_hole(&self, offset: u64, len: u64, keep: Keep)
+        -> impl Future<Output = io::Result<()>>;
+
+    /// Makes `[offset, offset+len)` read as zeros, extending the file if the range ends past
+    /// it. `keep` lives until it is done.
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        keep: Keep,
+    ) -> impl Future<Output = io::Result<()>>;
 
     /// The file's length in bytes.
     fn len(&self) -> impl Future<Output = io::Result<u64>>;
@@ -110,12 +134,14 @@ pub trait Backend: Clone + 'static {
     /// the file system can (`fallocate` mode 0: unwritten extents that read as zeros). Never
     /// changes a byte the file holds and never shrinks it. The engine grows an image ahead of
     /// its allocations with it, so that new clusters are overwrites of reserved blocks rather
-    /// than writes that extend the file (which ext4 and XFS serialise on the inode).
-    fn preallocate(&self, len: u64) -> impl Future<Output = io::Result<()>> {
+    /// than writes that extend the file (which ext4 and XFS serialise on the inode). `keep`
+    /// lives until it is done.
+    fn preallocate(&self, len: u64, keep: Keep) -> impl Future<Output = io::Result<()>> {
         async move {
             if self.len().await? < len {
                 self.set_len(len).await?;
             }
+            drop(keep);
             Ok(())
         }
     }
@@ -170,10 +196,11 @@ pub(crate) async fn punch_by_writing<B: Backend>(
     backend: &B,
     offset: u64,
     len: u64,
+    keep: Keep,
 ) -> io::Result<()> {
     let end = offset.saturating_add(len).min(backend.len().await?);
     if offset < end {
-        write_zero_bytes(backend, offset, end - offset).await?;
+        write_zero_bytes(backend, offset, end - offset, keep).await?;
     }
     Ok(())
 }
@@ -181,11 +208,13 @@ pub(crate) async fn punch_by_writing<B: Backend>(
 /// The fallback of [`Backend::write_zeroes`] where the file system cannot zero a range: the
 /// part inside the file punched ([`Backend::punch_hole`]), then the file extended to the
 /// range's end by `extend_to` (which never shortens it).
+/// `keep` goes with each step (`extend_to` gets its own clone).
 pub(crate) async fn zero_by_punching<B, F>(
     backend: &B,
     offset: u64,
     len: u64,
-    extend_to: impl FnOnce(u64) -> F,
+    keep: Keep,
+    extend_to: impl FnOnce(u64, Keep) -> F,
 ) -> io::Result<()>
 where
     B: Backend,
@@ -196,26 +225,31 @@ where
         .ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
     let flen = backend.len().await?;
     if offset < flen {
-        backend.punch_hole(offset, end.min(flen) - offset).await?;
+        backend
+            .punch_hole(offset, end.min(flen) - offset, keep.clone())
+            .await?;
     }
     if end > flen {
-        extend_to(end).await?;
+        extend_to(end, keep).await?;
     }
     Ok(())
 }
 
 /// Writes zero bytes over `[offset, offset+len)` through `backend.write_at`, in chunks of at
 /// most 1 MiB: the fallback of backends whose file system cannot punch holes or zero ranges.
-/// With O_DIRECT the range must be aligned (chunks stay multiples of the alignment).
+/// With O_DIRECT the range must be aligned (chunks stay multiples of the alignment). The
+/// buffer carries `keep`.
 pub(crate) async fn write_zero_bytes<B: Backend>(
     backend: &B,
     offset: u64,
     len: u64,
+    keep: Keep,
 ) -> io::Result<()> {
     const CHUNK: u64 = 1 << 20;
     let align = backend.alignment().max(DEFAULT_ALIGN);
     let chunk = CHUNK.min(len) as usize;
     let mut buf = IoBuf::with_alignment(chunk, align);
+    buf.attach(keep);
     let mut done = 0;
     while done < len {
         let n = (len - done).min(CHUNK) as usize;
@@ -234,11 +268,13 @@ pub(crate) async fn write_zero_bytes<B: Backend>(
 pub(crate) async fn check_fallbacks<B: Backend>(f: &B) {
     let (r, _) = f.write_at(IoBuf::from_slice(&[0xaa; 10_000]), 0).await;
     r.unwrap();
-    f.punch_hole(100, 200).await.unwrap();
-    f.punch_hole(9_000, 5_000).await.unwrap();
+    f.punch_hole(100, 200, Keep::none()).await.unwrap();
+    f.punch_hole(9_000, 5_000, Keep::none()).await.unwrap();
     assert_eq!(f.len().await.unwrap(), 10_000);
-    f.write_zeroes(500, 100).await.unwrap();
-    f.write_zeroes(9_990, 3_000_000).await.unwrap();
+    f.write_zeroes(500, 100, Keep::none()).await.unwrap();
+    f.write_zeroes(9_990, 3_000_000, Keep::none())
+        .await
+        .unwrap();
     assert_eq!(f.len().await.unwrap(), 3_009_990);
     let (r, b) = f.read_at(IoBuf::new(10_010), 0).await;
     assert_eq!(r.unwrap(), 10_010);

@@ -1,12 +1,15 @@
 //! An in-memory backend: a growable byte vector shared by clones.
 
-use crate::{Backend, BufResult, IoBuf, OpenOptions, Opener};
+use crate::{Backend, BufResult, IoBuf, Keep, OpenOptions, Opener};
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// A file held in memory. Clones share the same bytes. Flush is a no-op (nothing is volatile).
+///
+/// Every operation completes within its first poll, so a dropped future has either done all
+/// of its work or none of it; keeps are dropped before the future returns.
 #[derive(Clone, Debug, Default)]
 pub struct MemoryBackend {
     data: Arc<Mutex<Vec<u8>>>,
@@ -94,7 +97,11 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
-    async fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+    fn flush_failures(&self) -> u64 {
+        0
+    }
+
+    async fn punch_hole(&self, offset: u64, len: u64, _keep: Keep) -> io::Result<()> {
         self.check_writable()?;
         let end = end_of(offset, len)?;
         let mut data = self.lock();
@@ -104,7 +111,7 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
-    async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+    async fn write_zeroes(&self, offset: u64, len: u64, _keep: Keep) -> io::Result<()> {
         self.check_writable()?;
         let end = end_of(offset, len)?;
         let mut data = self.lock();
@@ -119,7 +126,7 @@ impl Backend for MemoryBackend {
         Ok(self.lock().len() as u64)
     }
 
-    async fn preallocate(&self, len: u64) -> io::Result<()> {
+    async fn preallocate(&self, len: u64, _keep: Keep) -> io::Result<()> {
         // Grow-only under one lock: a write that lengthened the file meanwhile is never cut.
         self.check_writable()?;
         let len = end_of(0, len)?;

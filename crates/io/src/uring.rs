@@ -2,7 +2,7 @@
 
 use crate::file::{check_direct, writes};
 use crate::{
-    punch_by_writing, sys, zero_by_punching, Backend, BufResult, IoBuf, OpenOptions, Opener,
+    punch_by_writing, sys, zero_by_punching, Backend, BufResult, IoBuf, Keep, OpenOptions, Opener,
 };
 use std::cell::Cell;
 use std::io;
@@ -72,8 +72,11 @@ pub fn uring_builder() -> tokio_uring::Builder {
 /// It is not `Send`: open and use it inside a tokio-uring runtime, best one built by
 /// [`uring_builder`] (one ring per thread; a
 /// multi-queue user opens one `UringFile` per thread). Clones share the file. Buffers are
-/// owned by the ring while an operation is in flight, so dropping a future is sound (the
-/// buffer is freed when the kernel is done with it). Dropping the last clone closes the file
+/// owned by the ring while an operation is in flight, so dropping a future is sound: the
+/// buffer, and the [`Keep`] it carries, is dropped when the kernel is done with it. The
+/// operations without a buffer (flush, punch, zeroing, preallocation) run in a task of their
+/// own that owns their keep, so they too finish and count their failures after their future
+/// is dropped. Dropping the last clone closes the file
 /// descriptor synchronously once no operation uses it; [`UringFile::close`] closes it through
 /// the ring and reports the error.
 #[derive(Clone, Debug)]
@@ -89,6 +92,8 @@ struct Inner {
     align: usize,
     no_punch: Cell<bool>,
     no_zero_range: Cell<bool>,
+    /// Failed flushes, counted by the flush's own task.
+    flush_failures: Cell<u64>,
 }
 
 impl UringFile {
@@ -122,6 +127,7 @@ impl UringFile {
                 align,
                 no_punch: Cell::new(false),
                 no_zero_range: Cell::new(false),
+                flush_failures: Cell::new(0),
             }),
         })
     }
@@ -162,6 +168,30 @@ impl UringFile {
                 Ok(false)
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// Runs `op` in a task of its own on the ring's thread, which owns `keep` and runs on to
+    /// the end if this future is dropped (a request without a buffer has nothing the ring
+    /// would keep for it).
+    async fn detached<T: 'static>(
+        &self,
+        keep: Keep,
+        op: impl std::future::Future<Output = io::Result<T>> + 'static,
+    ) -> io::Result<T> {
+        let task = tokio_uring::spawn(async move {
+            let r = op.await;
+            drop(keep);
+            r
+        });
+        match task.await {
+            Ok(r) => r,
+            Err(e) => match e.try_into_panic() {
+                Ok(p) => std::panic::resume_unwind(p),
+                Err(_) => Err(io::Error::other(
+                    "io_uring task cancelled: the runtime is shutting down",
+                )),
+            },
         }
     }
 
@@ -253,44 +283,69 @@ impl Backend for UringFile {
     }
 
     async fn flush(&self) -> io::Result<()> {
-        self.inner.file.sync_data().await
-    }
-
-    async fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
-        if self.try_fallocate(true, offset, len).await? {
-            return Ok(());
-        }
-        punch_by_writing(self, offset, len).await
-    }
-
-    async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
-        if self.try_fallocate(false, offset, len).await? {
-            return Ok(());
-        }
-        zero_by_punching(self, offset, len, |end| {
-            self.blocking_fd(move |fd| sys::extend_to(fd, end))
+        let this = self.clone();
+        self.detached(Keep::none(), async move {
+            let r = this.inner.file.sync_data().await;
+            if r.is_err() {
+                let f = &this.inner.flush_failures;
+                f.set(f.get() + 1);
+            }
+            r
         })
         .await
     }
 
-    async fn preallocate(&self, len: u64) -> io::Result<()> {
+    fn flush_failures(&self) -> u64 {
+        self.inner.flush_failures.get()
+    }
+
+    async fn punch_hole(&self, offset: u64, len: u64, keep: Keep) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let this = self.clone();
+        self.detached(keep, async move {
+            if this.try_fallocate(true, offset, len).await? {
+                return Ok(());
+            }
+            punch_by_writing(&this, offset, len, Keep::none()).await
+        })
+        .await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, keep: Keep) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let this = self.clone();
+        self.detached(keep, async move {
+            if this.try_fallocate(false, offset, len).await? {
+                return Ok(());
+            }
+            zero_by_punching(&this, offset, len, Keep::none(), |end, _| {
+                this.blocking_fd(move |fd| sys::extend_to(fd, end))
+            })
+            .await
+        })
+        .await
+    }
+
+    async fn preallocate(&self, len: u64, keep: Keep) -> io::Result<()> {
         let cur = sys::file_len(self.fd())?;
         if cur >= len {
             return Ok(());
         }
         let (off, n) = (to_off(cur)?, to_off(len - cur)?);
-        match self.inner.file.fallocate(off, n, 0).await {
-            Err(e) if sys::is_unsupported(&e) => {
-                self.blocking_fd(move |fd| sys::extend_to(fd, len)).await
+        let this = self.clone();
+        self.detached(keep, async move {
+            match this.inner.file.fallocate(off, n, 0).await {
+                Err(e) if sys::is_unsupported(&e) => {
+                    this.blocking_fd(move |fd| sys::extend_to(fd, len)).await
+                }
+                r => r,
             }
-            r => r,
-        }
+        })
+        .await
     }
 
     async fn len(&self) -> io::Result<u64> {

@@ -6,13 +6,14 @@
 //! (a disk file system): if it refuses O_DIRECT the tests fail rather than skip.
 
 use blockio::{
-    read_zero_padded, Backend, FaultInjector, FileOpener, IoBuf, MemoryBackend, MemoryOpener,
+    read_zero_padded, Backend, FaultInjector, FileOpener, IoBuf, Keep, MemoryBackend, MemoryOpener,
     OpenOptions, Opener, TokioFile, UringFile, UringOpener,
 };
 use futures::future::join_all;
 use std::future::Future;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// `cached` bytes on a cached backend, else `units` times the alignment.
 fn at<B: Backend>(b: &B, cached: u64, units: u64) -> u64 {
@@ -146,8 +147,8 @@ async fn punch_hole<B: Backend>(b: B) {
     let len = sz(&b, 10_000, 4);
     write(&b, 0, &[0xaa; 1].repeat(len)).await;
     let (off, n) = (at(&b, 1000, 1), at(&b, 2345, 2));
-    b.punch_hole(off, n).await.unwrap();
-    b.punch_hole(at(&b, 9000, 3), at(&b, 5000, 4))
+    b.punch_hole(off, n, Keep::none()).await.unwrap();
+    b.punch_hole(at(&b, 9000, 3), at(&b, 5000, 4), Keep::none())
         .await
         .unwrap();
     assert_eq!(
@@ -166,10 +167,10 @@ async fn write_zeroes<B: Backend>(b: B) {
     let len = sz(&b, 10_000, 4);
     write(&b, 0, &[0xbb; 1].repeat(len)).await;
     let (off, n) = (at(&b, 1001, 1), at(&b, 999, 1));
-    b.write_zeroes(off, n).await.unwrap();
+    b.write_zeroes(off, n, Keep::none()).await.unwrap();
     assert_eq!(b.len().await.unwrap(), len as u64);
     let (off2, n2) = (at(&b, 9500, 3), at(&b, 20_000, 3));
-    b.write_zeroes(off2, n2).await.unwrap();
+    b.write_zeroes(off2, n2, Keep::none()).await.unwrap();
     assert_eq!(
         b.len().await.unwrap(),
         off2 + n2,
@@ -243,6 +244,76 @@ async fn opener_cases<O: Opener>(o: O, dir: &Path) {
     assert_eq!(t.len().await.unwrap(), 0);
 }
 
+/// The file's contents, read without the backend (as a keep's drop can).
+type Contents = Arc<dyn Fn() -> Vec<u8> + Send + Sync>;
+
+/// Sends the file's contents when dropped: a keep that tells when it died and what the
+/// file held then.
+struct Witness {
+    contents: Contents,
+    tx: Option<tokio::sync::oneshot::Sender<Vec<u8>>>,
+}
+
+impl Drop for Witness {
+    fn drop(&mut self) {
+        let _ = self.tx.take().expect("once").send((self.contents)());
+    }
+}
+
+fn witness(contents: &Contents) -> (Keep, tokio::sync::oneshot::Receiver<Vec<u8>>) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let w = Witness {
+        contents: contents.clone(),
+        tx: Some(tx),
+    };
+    (Keep::new(w), rx)
+}
+
+/// Polls `fut` once (the backend accepts the operation) and drops it.
+async fn start_and_drop<F: Future>(fut: F) {
+    let mut fut = std::pin::pin!(fut);
+    let _ = futures::poll!(fut.as_mut());
+}
+
+/// An operation whose future is dropped after the backend accepted it still completes, and
+/// its keep dies only after the change is in the file.
+async fn dropped_operations_finish<B: Backend>(b: B, contents: Contents) {
+    let n = sz(&b, 5000, 2);
+    write(&b, 0, &vec![0x11; n]).await;
+    let (keep, seen) = witness(&contents);
+    let mut w = buf(&b, n, 0x22);
+    w.attach(keep);
+    start_and_drop(b.write_at(w, 0)).await;
+    let file = seen.await.unwrap();
+    assert!(
+        file[..n].iter().all(|&x| x == 0x22),
+        "the keep died before the write"
+    );
+
+    let (keep, seen) = witness(&contents);
+    start_and_drop(b.punch_hole(0, at(&b, 1000, 1), keep)).await;
+    let file = seen.await.unwrap();
+    assert!(
+        file[..sz(&b, 1000, 1)].iter().all(|&x| x == 0),
+        "the keep died before the punch"
+    );
+
+    let (keep, seen) = witness(&contents);
+    let end = at(&b, 7000, 3);
+    start_and_drop(b.write_zeroes(at(&b, 3000, 1), end - at(&b, 3000, 1), keep)).await;
+    let file = seen.await.unwrap();
+    assert_eq!(file.len() as u64, end.max(n as u64));
+    assert!(file[sz(&b, 3000, 1)..].iter().all(|&x| x == 0));
+
+    let (keep, seen) = witness(&contents);
+    start_and_drop(b.preallocate(end + 100_000, keep)).await;
+    assert!(seen.await.unwrap().len() as u64 >= end + 100_000);
+}
+
+fn file_contents(path: PathBuf) -> Contents {
+    Arc::new(move || std::fs::read(&path).unwrap())
+}
+
 /// Makes fresh file paths in a directory.
 fn paths(dir: &Path) -> impl FnMut() -> PathBuf + '_ {
     let mut n = 0;
@@ -269,6 +340,9 @@ fn disk_dir() -> tempfile::TempDir {
 #[tokio::test]
 async fn memory() {
     suite("memory", || async { MemoryBackend::new() }).await;
+    let m = MemoryBackend::new();
+    let view = m.clone();
+    dropped_operations_finish(m, Arc::new(move || view.snapshot())).await;
     let dir = tempfile::tempdir().unwrap();
     opener_cases(MemoryOpener::new(), dir.path()).await;
 }
@@ -279,6 +353,10 @@ async fn fault_injector_over_memory() {
         FaultInjector::new(MemoryBackend::new())
     })
     .await;
+    let m = MemoryBackend::new();
+    let view = m.clone();
+    let f = FaultInjector::new(m);
+    dropped_operations_finish(f, Arc::new(move || view.snapshot())).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,6 +369,9 @@ async fn tokio_file_cached() {
     })
     .await;
     opener_cases(FileOpener, dir.path()).await;
+    let p = path();
+    let f = TokioFile::open(&p, new_file(false)).await.unwrap();
+    dropped_operations_finish(f, file_contents(p)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -304,6 +385,9 @@ async fn tokio_file_direct() {
         async move { TokioFile::open(p, new_file(true)).await.unwrap() }
     })
     .await;
+    let p = path();
+    let f = TokioFile::open(&p, new_file(true)).await.unwrap();
+    dropped_operations_finish(f, file_contents(p)).await;
 }
 
 #[test]
@@ -317,6 +401,9 @@ fn uring_cached() {
         })
         .await;
         opener_cases(UringOpener, dir.path()).await;
+        let p = path();
+        let f = UringFile::open(&p, new_file(false)).await.unwrap();
+        dropped_operations_finish(f, file_contents(p)).await;
     });
 }
 
@@ -333,6 +420,9 @@ fn uring_direct() {
             async move { UringFile::open(p, new_file(true)).await.unwrap() }
         })
         .await;
+        let p = path();
+        let f = UringFile::open(&p, new_file(true)).await.unwrap();
+        dropped_operations_finish(f, file_contents(p)).await;
     });
 }
 

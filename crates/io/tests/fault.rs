@@ -1,9 +1,11 @@
 //! What only the fault injector does: failing, holding and reordering requests, and the log.
 
 use blockio::{
-    Backend, FaultInjector, FaultRule, IoBuf, MemoryBackend, OpKind, RequestFilter, TokioFile,
+    Backend, FaultInjector, FaultRule, IoBuf, Keep, MemoryBackend, OpKind, RequestFilter, TokioFile,
 };
 use futures::FutureExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 async fn write<B: Backend>(b: &B, offset: u64, data: &[u8]) -> std::io::Result<()> {
     b.write_at(IoBuf::from_slice(data), offset).await.0
@@ -97,19 +99,100 @@ async fn held_requests_fail_release_all_and_cancel() {
         ctl.stop_holding();
         ctl.release_all();
     };
-    let (a, b, ()) = tokio::join!(f.set_len(10), f.punch_hole(0, 5), script);
+    let (a, b, ()) = tokio::join!(f.set_len(10), f.punch_hole(0, 5, Keep::none()), script);
     a.unwrap();
     b.unwrap();
     assert_eq!(f.len().await.unwrap(), 10);
 
-    // A held request whose future is dropped leaves the held set.
+    // A held request whose future is dropped stays held, as an orphan; failed, it is gone.
     ctl.hold_all();
     assert!(f.flush().now_or_never().is_none());
+    assert_eq!(ctl.held_count(), 1);
+    let orphan = ctl.try_next_held().unwrap();
+    assert!(orphan.is_orphan());
+    orphan.fail(libc::EIO);
     assert_eq!(ctl.held_count(), 0);
-    assert!(ctl.try_next_held().is_none());
+    // Its failure counts, although nobody saw it.
+    assert_eq!(f.flush_failures(), 1);
     // Dropping a picked request undecided releases it.
     let (r, ()) = tokio::join!(f.flush(), async { drop(ctl.next_held().await) });
     r.unwrap();
+}
+
+/// Set when dropped.
+struct Witness(Arc<AtomicBool>);
+
+impl Drop for Witness {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+fn witness() -> (Keep, Arc<AtomicBool>) {
+    let dropped = Arc::new(AtomicBool::new(false));
+    (Keep::new(Witness(dropped.clone())), dropped)
+}
+
+/// The kernel's semantics: a request dropped while held still reaches the file once
+/// released, run by the orphan driver, and what it keeps lives until then.
+#[tokio::test]
+async fn a_dropped_held_request_completes_when_released() {
+    let mem = MemoryBackend::new();
+    let f = FaultInjector::new(mem.clone());
+    let ctl = f.controller();
+    tokio::spawn(f.orphan_driver());
+    ctl.hold_all();
+    let (keep, dropped) = witness();
+    let mut buf = IoBuf::from_slice(b"late");
+    buf.attach(keep);
+    assert!(f.write_at(buf, 2).now_or_never().is_none());
+    let (punch_keep, punch_dropped) = witness();
+    assert!(f.punch_hole(0, 1, punch_keep).now_or_never().is_none());
+    // Both futures are gone; both requests are held, and keep what they carry.
+    let (write, punch) = (ctl.next_held().await, ctl.next_held().await);
+    assert!(write.is_orphan() && punch.is_orphan());
+    assert!(!dropped.load(Ordering::SeqCst) && !punch_dropped.load(Ordering::SeqCst));
+    assert!(mem.snapshot().is_empty());
+    write.release_and_wait().await;
+    assert_eq!(mem.snapshot(), b"\0\0late");
+    assert!(
+        dropped.load(Ordering::SeqCst),
+        "the keep outlived its request"
+    );
+    assert!(!punch_dropped.load(Ordering::SeqCst));
+    punch.release_and_wait().await;
+    assert!(punch_dropped.load(Ordering::SeqCst));
+    // Both are in the log, in completion order.
+    let ops: Vec<_> = ctl.log().iter().map(|e| e.info.op).collect();
+    assert_eq!(ops, [OpKind::Write, OpKind::PunchHole]);
+}
+
+/// An orphan decided before its future noticed the decision goes where the decision says.
+#[tokio::test]
+async fn a_request_dropped_after_its_release_still_runs() {
+    let mem = MemoryBackend::new();
+    let f = FaultInjector::new(mem.clone());
+    let ctl = f.controller();
+    tokio::spawn(f.orphan_driver());
+    ctl.hold_all();
+    let mut fut = Box::pin(write(&f, 0, b"x"));
+    assert!((&mut fut).now_or_never().is_none());
+    ctl.next_held().await.release();
+    drop(fut);
+    while mem.snapshot().is_empty() {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(ctl.orphans_waiting(), 0);
+}
+
+#[tokio::test]
+#[should_panic(expected = "no orphan driver runs")]
+async fn releasing_an_orphan_without_a_driver_panics() {
+    let f = FaultInjector::new(MemoryBackend::new());
+    let ctl = f.controller();
+    ctl.hold_all();
+    assert!(f.flush().now_or_never().is_none());
+    ctl.next_held().await.release();
 }
 
 #[tokio::test]
@@ -119,7 +202,7 @@ async fn log_records_writes_and_flush_boundaries() {
     write(&f, 0, b"one").await.unwrap();
     f.flush().await.unwrap();
     write(&f, 3, b"two").await.unwrap();
-    f.write_zeroes(6, 4).await.unwrap();
+    f.write_zeroes(6, 4, Keep::none()).await.unwrap();
     let (r, _) = f.read_at(IoBuf::new(4), 0).await;
     r.unwrap();
     let log = ctl.log();
