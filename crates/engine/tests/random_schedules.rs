@@ -14,12 +14,22 @@
 //! byte a read returns (and every byte of the final image) must come from a request that
 //! covered it, began before the read ended, and was not certainly overwritten before the
 //! read began (or be the initial zero if no covering request had certainly finished). The
-//! final image must also pass `qemu-img check`, and QEMU must read it as the model says.
+//! final image must also pass `qemu-img check` (no corruption and no leak), and QEMU must
+//! read it as the model says.
+//!
+//! Cancellation (I9): most seeds drop requests on the way, at whatever await point they
+//! have reached, as an embedder's timeout or aborted task would: some requests get a
+//! deadline (a number of scheduler steps), and the scheduler also drops a running request
+//! at random. A request dropped while the backend holds one of its operations leaves an
+//! orphan, which still completes when released (the fault injector's orphan driver runs
+//! it, as the kernel would). A dropped change may have taken effect or not, per byte, at
+//! any time after it began: the model treats it as never finishing.
 //!
 //! `QCOW2_SCHEDULE_SEEDS` (default 300) seeds from `QCOW2_SCHEDULE_FIRST_SEED` (default 0);
 //! `QCOW2_SCHEDULE_SEED` runs one. A failing seed prints the command that replays it.
 
 use blockio::{FaultController, FaultOpener, HeldRequest, MemoryBackend, MemoryOpener};
+use futures::channel::oneshot;
 use futures::executor::LocalPool;
 use futures::task::LocalSpawnExt;
 use qcow2_engine::{Image, ImageOptions};
@@ -81,6 +91,25 @@ struct Log {
     reads: Vec<ReadRec>,
 }
 
+/// The cancellation of the requests in progress: one slot per task, holding the sender that
+/// drops its current request, and the number of scheduler steps it has left (a deadline) if
+/// it has one.
+#[derive(Default)]
+struct Cancels {
+    slots: Vec<Option<(oneshot::Sender<()>, Option<u64>)>>,
+    /// Requests dropped, and of those, how many had a backend operation held (an orphan).
+    dropped: u64,
+    with_io_held: u64,
+}
+
+/// How a seed cancels: the chance (percent) that a request gets a deadline, and that a
+/// scheduler step drops a running request.
+#[derive(Clone, Copy)]
+struct CancelPlan {
+    deadline_pct: u64,
+    abort_pct: u64,
+}
+
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().map(|v| {
         v.parse()
@@ -125,6 +154,47 @@ fn discard_range(off: u64, len: u64, cs: u64) -> std::ops::Range<u64> {
     first..last.max(first)
 }
 
+/// Runs one request; `None` for a read means the request changed nothing.
+async fn run_op(
+    img: &Img,
+    op: Op,
+    cs: u64,
+) -> (Option<(std::ops::Range<u64>, u8)>, Option<Vec<u8>>) {
+    match op {
+        Op::Write { off, len, pat } => {
+            img.write(off, &vec![pat; len as usize]).await.unwrap();
+            (Some((off..off + len, pat)), None)
+        }
+        Op::Zero { off, len, unmap } => {
+            img.write_zeroes(off, len, unmap).await.unwrap();
+            (Some((off..off + len, 0)), None)
+        }
+        Op::Discard { off, len } => {
+            img.discard(off, len).await.unwrap();
+            (Some((discard_range(off, len, cs), 0)), None)
+        }
+        Op::Read { off, len } => {
+            let data = img.read(off, len as usize).await.unwrap().to_vec();
+            (None, Some(data))
+        }
+        Op::Flush => {
+            img.flush().await.unwrap();
+            (None, None)
+        }
+    }
+}
+
+/// What a request would change, whether it completes or is dropped.
+fn change_of(op: Op, cs: u64) -> Option<(std::ops::Range<u64>, u8)> {
+    match op {
+        Op::Write { off, len, pat } => Some((off..off + len, pat)),
+        Op::Zero { off, len, .. } => Some((off..off + len, 0)),
+        Op::Discard { off, len } => Some((discard_range(off, len, cs), 0)),
+        Op::Read { .. } | Op::Flush => None,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn run_task(
     img: Rc<Img>,
     task: usize,
@@ -132,54 +202,53 @@ async fn run_task(
     cs: u64,
     clock: Rc<Cell<u64>>,
     log: Rc<RefCell<Log>>,
+    cancels: Rc<RefCell<Cancels>>,
+    deadlines: Vec<Option<u64>>,
 ) {
     let tick = || {
         let t = clock.get();
         clock.set(t + 1);
         t
     };
-    for op in ops {
+    for (op, deadline) in ops.into_iter().zip(deadlines) {
         let start = tick();
-        let change = match op {
-            Op::Write { off, len, pat } => {
-                img.write(off, &vec![pat; len as usize]).await.unwrap();
-                Some((off..off + len, pat))
-            }
-            Op::Zero { off, len, unmap } => {
-                img.write_zeroes(off, len, unmap).await.unwrap();
-                Some((off..off + len, 0))
-            }
-            Op::Discard { off, len } => {
-                img.discard(off, len).await.unwrap();
-                Some((discard_range(off, len, cs), 0))
-            }
-            Op::Read { off, len } => {
-                let data = img.read(off, len as usize).await.unwrap().to_vec();
-                let end = tick();
-                log.borrow_mut().reads.push(ReadRec {
-                    off,
-                    data,
-                    start,
-                    end,
-                    task,
-                });
-                None
-            }
-            Op::Flush => {
-                img.flush().await.unwrap();
-                None
+        let (tx, rx) = oneshot::channel();
+        cancels.borrow_mut().slots[task] = Some((tx, deadline));
+        let run = std::pin::pin!(run_op(&img, op, cs));
+        let outcome = futures::future::select(run, rx).await;
+        cancels.borrow_mut().slots[task] = None;
+        let (change, data) = match outcome {
+            futures::future::Either::Left(((change, data), _)) => (change, data),
+            futures::future::Either::Right(_) => {
+                // Dropped: whatever it changes may take effect at any time from now on.
+                if let Some((range, val)) = change_of(op, cs).filter(|(r, _)| !r.is_empty()) {
+                    log.borrow_mut().changes.push(Change {
+                        range,
+                        val,
+                        start,
+                        end: u64::MAX,
+                    });
+                }
+                continue;
             }
         };
-        if let Some((range, val)) = change {
-            let end = tick();
-            if !range.is_empty() {
-                log.borrow_mut().changes.push(Change {
-                    range,
-                    val,
-                    start,
-                    end,
-                });
-            }
+        let end = tick();
+        if let (Op::Read { off, .. }, Some(data)) = (op, data) {
+            log.borrow_mut().reads.push(ReadRec {
+                off,
+                data,
+                start,
+                end,
+                task,
+            });
+        }
+        if let Some((range, val)) = change.filter(|(r, _)| !r.is_empty()) {
+            log.borrow_mut().changes.push(Change {
+                range,
+                val,
+                start,
+                end,
+            });
         }
     }
 }
@@ -249,13 +318,70 @@ fn make_image(dir: &Path, layout: &str, cs: u64) -> (PathBuf, MemoryOpener) {
     (path, mem)
 }
 
-/// Releases held requests in a seeded random order until every task has finished.
+/// Drops the request of task `t` (a timeout or an abort); counts it, and whether a backend
+/// operation of it is held (it leaves an orphan).
+fn cancel(pool: &mut LocalPool, cancels: &RefCell<Cancels>, held: &[(HeldRequest, u64)], t: usize) {
+    let Some((tx, _)) = cancels.borrow_mut().slots[t].take() else {
+        return;
+    };
+    let orphans = || held.iter().filter(|(h, _)| h.is_orphan()).count();
+    let before = orphans();
+    let _ = tx.send(());
+    pool.run_until_stalled();
+    let mut c = cancels.borrow_mut();
+    c.dropped += 1;
+    if orphans() > before {
+        c.with_io_held += 1;
+    }
+}
+
+/// One scheduler step of cancellation: deadlines count down (and expire), and a running
+/// request may be dropped at random.
+fn cancel_step(
+    pool: &mut LocalPool,
+    cancels: &RefCell<Cancels>,
+    held: &[(HeldRequest, u64)],
+    r: &mut Prng,
+    plan: CancelPlan,
+) {
+    let tasks = cancels.borrow().slots.len();
+    for t in 0..tasks {
+        let expired = {
+            let mut c = cancels.borrow_mut();
+            match &mut c.slots[t] {
+                Some((_, Some(left))) if *left == 0 => true,
+                Some((_, Some(left))) => {
+                    *left -= 1;
+                    false
+                }
+                _ => false,
+            }
+        };
+        if expired {
+            cancel(pool, cancels, held, t);
+        }
+    }
+    if r.chance(plan.abort_pct) {
+        let running: Vec<usize> = (0..tasks)
+            .filter(|&t| cancels.borrow().slots[t].is_some())
+            .collect();
+        if !running.is_empty() {
+            let t = running[r.below(running.len() as u64) as usize];
+            cancel(pool, cancels, held, t);
+        }
+    }
+}
+
+/// Releases held requests in a seeded random order until every task has finished and
+/// nothing is held (orphans included), dropping requests as `plan` says.
 fn drive(
     pool: &mut LocalPool,
     ctl: &FaultController,
     r: &mut Prng,
     done: &Cell<usize>,
     tasks: usize,
+    cancels: &RefCell<Cancels>,
+    plan: CancelPlan,
 ) -> u64 {
     let mut held: Vec<(HeldRequest, u64)> = Vec::new();
     let mut released = 0;
@@ -266,14 +392,19 @@ fn drive(
             let delay = if r.chance(30) { r.range(1, 8) } else { 0 };
             held.push((h, delay));
         }
-        if done.get() == tasks {
-            assert!(held.is_empty(), "requests held after every task finished");
+        if done.get() == tasks && held.is_empty() {
+            assert_eq!(
+                ctl.held_count(),
+                0,
+                "requests held after every task finished"
+            );
             return released;
         }
         assert!(
             !held.is_empty(),
             "deadlock: every task waits, and no request is held"
         );
+        cancel_step(pool, cancels, &held, r, plan);
         let ready: Vec<usize> = (0..held.len()).filter(|&i| held[i].1 == 0).collect();
         if ready.is_empty() {
             // Time passes: nothing is due, so the least delayed request goes.
@@ -308,8 +439,18 @@ fn drive(
     }
 }
 
-/// One seed: returns how many backend requests the schedule released.
-fn run_seed(seed: u64) -> u64 {
+/// What one seed did.
+#[derive(Default)]
+struct SeedStats {
+    /// Backend requests released in random order.
+    released: u64,
+    /// Requests dropped, and of those, dropped with a backend operation held.
+    dropped: u64,
+    with_io_held: u64,
+}
+
+/// One seed.
+fn run_seed(seed: u64) -> SeedStats {
     let mut r = Prng::new(seed);
     let (layout, cs) = *r.pick(LAYOUTS);
     let dir = tempfile::tempdir().unwrap();
@@ -319,10 +460,32 @@ fn run_seed(seed: u64) -> u64 {
         .map(|t| random_ops(&mut r, cs, (t as u8) * 40 + 1))
         .collect();
 
+    // Two seeds in three drop requests: some with deadlines, some aborted at random.
+    let plan = if r.chance(67) {
+        CancelPlan {
+            deadline_pct: r.range(5, 25),
+            abort_pct: r.range(2, 12),
+        }
+    } else {
+        CancelPlan {
+            deadline_pct: 0,
+            abort_pct: 0,
+        }
+    };
+    let deadlines: Vec<Vec<Option<u64>>> = all
+        .iter()
+        .map(|ops| {
+            ops.iter()
+                .map(|_| r.chance(plan.deadline_pct).then(|| r.below(12)))
+                .collect()
+        })
+        .collect();
+
     let opener = FaultOpener::new(mem.clone());
     let ctl = opener.controller();
     ctl.set_logging(false);
     let mut pool = LocalPool::new();
+    pool.spawner().spawn_local(opener.orphan_driver()).unwrap();
     let img = Rc::new(
         pool.run_until(Image::open(opener, &path, ImageOptions::new()))
             .unwrap(),
@@ -330,17 +493,22 @@ fn run_seed(seed: u64) -> u64 {
     let clock = Rc::new(Cell::new(0));
     let log = Rc::new(RefCell::new(Log::default()));
     let done = Rc::new(Cell::new(0));
+    let cancels = Rc::new(RefCell::new(Cancels {
+        slots: (0..tasks).map(|_| None).collect(),
+        ..Cancels::default()
+    }));
     ctl.hold_all();
     for (t, ops) in all.iter().cloned().enumerate() {
         let (img, clock, log, done) = (img.clone(), clock.clone(), log.clone(), done.clone());
+        let (cancels, deadlines) = (cancels.clone(), deadlines[t].clone());
         pool.spawner()
             .spawn_local(async move {
-                run_task(img, t, ops, cs, clock, log).await;
+                run_task(img, t, ops, cs, clock, log, cancels, deadlines).await;
                 done.set(done.get() + 1);
             })
             .unwrap();
     }
-    let released = drive(&mut pool, &ctl, &mut r, &done, tasks);
+    let released = drive(&mut pool, &ctl, &mut r, &done, tasks, &cancels, plan);
     ctl.stop_holding();
     assert!(img.leases().is_empty(), "leases left behind");
     let img = Rc::try_unwrap(img).ok().expect("no other user");
@@ -368,7 +536,12 @@ fn run_seed(seed: u64) -> u64 {
     );
     let raw = raw_reference(&path, "qcow2");
     check_bytes(&log.changes, 0, &raw, u64::MAX, u64::MAX, "final image");
-    released
+    let c = cancels.borrow();
+    SeedStats {
+        released,
+        dropped: c.dropped,
+        with_io_held: c.with_io_held,
+    }
 }
 
 #[test]
@@ -384,12 +557,16 @@ fn random_schedules() {
     // often a broken build is caught) instead of stopping at the first.
     let keep_going = std::env::var_os("QCOW2_SCHEDULE_KEEP_GOING").is_some();
     let start = Instant::now();
-    let mut requests = 0;
+    let mut total = SeedStats::default();
     let mut failed = Vec::new();
     for seed in first..first + count {
         let res = std::panic::catch_unwind(|| run_seed(seed));
         match res {
-            Ok(n) => requests += n,
+            Ok(s) => {
+                total.released += s.released;
+                total.dropped += s.dropped;
+                total.with_io_held += s.with_io_held;
+            }
             Err(e) => {
                 // The build's flags (a --cfg qcow2_no_lease build, say) belong to the command.
                 let env: String = ["RUSTFLAGS", "CARGO_TARGET_DIR"]
@@ -408,8 +585,11 @@ fn random_schedules() {
         }
     }
     println!(
-        "random schedules: {count} seeds from {first}, {requests} requests released in \
-         random order, {} failed, {:.1} s",
+        "random schedules: {count} seeds from {first}, {} requests released in random order, \
+         {} requests dropped ({} with a backend operation held), {} failed, {:.1} s",
+        total.released,
+        total.dropped,
+        total.with_io_held,
         failed.len(),
         start.elapsed().as_secs_f64()
     );
