@@ -145,6 +145,8 @@ fn repair_needs_a_writable_file() {
             img.repair(RepairMode::All).await,
             Err(Error::ReadOnly)
         ));
+        // Its locks keep a writer out (I10): closed, the repair can open the file.
+        drop(img);
         // Opened for repair, a clean image stays untouched and clean.
         let before = std::fs::read(&image).unwrap();
         let r = engine_repair(&image, RepairMode::All).await;

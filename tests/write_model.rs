@@ -348,7 +348,13 @@ fn lazy_refcounts_dirty_bit_and_clean_close() {
                 }
             }
             img.flush().await.unwrap();
-            let info = qcow2_tests::qemu_info_json(&path);
+            // The image is open for writing here: QEMU reads it in shared mode (-U).
+            let info = qcow2_tests::qemu_img_json(&[
+                "info",
+                "-U",
+                "--output=json",
+                qcow2_tests::path_str(&path),
+            ]);
             assert_eq!(info["dirty-flag"], true, "dirty bit on disk while open");
             if crash {
                 drop(img); // no close: as if the process died after the flush

@@ -286,3 +286,46 @@ pub fn path_str(p: &Path) -> &str {
     p.to_str()
         .unwrap_or_else(|| panic!("non-UTF-8 path {}", p.display()))
 }
+
+/// A `qemu-io` process with an image open until dropped: for tests of image locking.
+pub struct QemuIoHolder(std::process::Child);
+
+impl QemuIoHolder {
+    /// Opens `image` in qemu-io with `flags` (`-r`, `-U`, `-f fmt`...) and returns once it
+    /// has read from it (so its locks are taken).
+    pub fn new(flags: &[&str], image: &Path) -> QemuIoHolder {
+        // Line-buffered, so that its first line arrives before it sleeps.
+        let mut child = std::process::Command::new("stdbuf")
+            .arg("-oL")
+            .arg(tool("qemu-io"))
+            .args(flags)
+            .args(["-c", "read 0 512", "-c", "sleep 600000"])
+            .arg(image)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start qemu-io (package qemu-utils)");
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        if !line.starts_with("read 512/512") {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "qemu-io {flags:?} {} did not open the image: {line}{}",
+                image.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        QemuIoHolder(child)
+    }
+}
+
+impl Drop for QemuIoHolder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

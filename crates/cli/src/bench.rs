@@ -36,6 +36,9 @@ pub struct BenchArgs {
     /// Write instead of read.
     #[arg(short = 'w')]
     pub write: bool,
+    /// Open in shared mode (read-only benchmarks only): coexist with a writer.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
     /// Byte written by write requests.
     #[arg(long = "pattern", default_value_t = 0)]
     pub pattern: u8,
@@ -138,7 +141,10 @@ async fn bench<O: Opener>(opener: O, args: BenchArgs, direct: bool) -> Result<()
             Some(ImageFormat::from_name(f).with_context(|| format!("Unknown file format '{f}'"))?)
         }
     };
-    let opts = ImageOptions::new().read_only(!args.write).direct(direct);
+    let opts = ImageOptions::new()
+        .read_only(!args.write)
+        .force_share(args.force_share)
+        .direct(direct);
     let disk = Disk::open(opener, &args.image, format, opts)
         .await
         .with_context(|| format!("Could not open '{}'", args.image.display()))?;

@@ -19,8 +19,9 @@ pub async fn run(
     repair: Option<RepairMode>,
     output: OutputFormat,
     quiet: bool,
+    force_share: bool,
 ) -> u8 {
-    let report = match check(path, format, repair).await {
+    let report = match check(path, format, repair, force_share).await {
         Ok(Some(r)) => r,
         Ok(None) => {
             eprintln!("qimg: This image format does not support checks");
@@ -62,14 +63,16 @@ async fn check(
     path: &Path,
     format: Option<&str>,
     repair: Option<RepairMode>,
+    force_share: bool,
 ) -> anyhow::Result<Option<CheckReport>> {
-    let disk = open_disk(path, format).await?;
+    let disk = open_disk(path, format, force_share).await?;
     let report = match (&disk, repair) {
         (Disk::Raw(_), _) => return Ok(None),
         (Disk::Qcow2(img), None) => img.check().await?,
         (Disk::Qcow2(_), Some(mode)) => {
             drop(disk);
-            let img = Image::open_for_repair(FileOpener, path, ImageOptions::new())
+            let options = ImageOptions::new().force_share(force_share);
+            let img = Image::open_for_repair(FileOpener, path, options)
                 .await
                 .map_err(|e| anyhow::anyhow!("Could not open '{}': {e}", path.display()))?;
             img.repair(mode).await?

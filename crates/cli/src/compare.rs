@@ -18,9 +18,10 @@ pub async fn run(
     b: &Path,
     fmt_b: Option<&str>,
     strict: bool,
+    force_share: bool,
 ) -> Result<u8> {
-    let da = open_disk(a, fmt_a).await?;
-    let db = open_disk(b, fmt_b).await?;
+    let da = open_disk(a, fmt_a, force_share).await?;
+    let db = open_disk(b, fmt_b, force_share).await?;
     let (sa, sb) = (da.size(), db.size());
     if sa != sb {
         if strict {

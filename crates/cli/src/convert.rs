@@ -3,7 +3,7 @@
 
 use crate::util::open_disk;
 use anyhow::{bail, Context, Result};
-use blockio::{Backend, FileOpener, IoBuf, OpenOptions, Opener};
+use blockio::{Backend, FileOpener, IoBuf, LockRequest, OpenOptions, Opener, Perms};
 use qcow2_engine::{Disk, Image, ImageOptions};
 use std::path::Path;
 
@@ -19,8 +19,9 @@ pub async fn run(
     out_format: &str,
     options: &[String],
     dest: &Path,
+    force_share: bool,
 ) -> Result<()> {
-    let disk = open_disk(source, format).await?;
+    let disk = open_disk(source, format, force_share).await?;
     match out_format {
         "raw" => {
             if !options.is_empty() {
@@ -34,6 +35,11 @@ pub async fn run(
                         create: true,
                         truncate: true,
                         direct: false,
+                        // A raw image open for writing, as QEMU locks it.
+                        lock: Some(LockRequest::new(
+                            Perms::CONSISTENT_READ | Perms::WRITE,
+                            Perms::ALL,
+                        )),
                     },
                 )
                 .await

@@ -16,8 +16,9 @@ pub async fn run(
     format: Option<&str>,
     output: OutputFormat,
     backing_chain: bool,
+    force_share: bool,
 ) -> Result<()> {
-    let disk = open_disk(path, format).await?;
+    let disk = open_disk(path, format, force_share).await?;
     let mut infos = Vec::new();
     let mut layer = Some(&disk);
     while let Some(d) = layer {

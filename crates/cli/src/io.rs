@@ -2,7 +2,7 @@
 //! and the results can be compared (differential testing against QEMU).
 //!
 //! ```text
-//! qimg io [-f FMT] [-r] [-t none|writeback] [-n] [-i threads|io_uring] [-c CMD]... IMG
+//! qimg io [-f FMT] [-r] [-U] [-t none|writeback] [-n] [-i threads|io_uring] [-c CMD]... IMG
 //! ```
 //!
 //! The image is opened read-write (read-only with `-r`) through [`Disk::open`], the format
@@ -64,6 +64,9 @@ pub struct IoArgs {
     /// Open the image read-only: writes and discards are refused.
     #[arg(short = 'r', long = "read-only")]
     pub read_only: bool,
+    /// Open in shared mode (with -r): coexist with a writer of the image.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
     /// Cache mode: none (O_DIRECT) or writeback.
     #[arg(short = 't', long = "cache", value_enum)]
     pub cache: Option<CacheMode>,
@@ -149,7 +152,10 @@ async fn open<O: Opener>(opener: O, args: &IoArgs) -> Result<Disk<O>, String> {
         }
     };
     let direct = args.nocache || args.cache == Some(CacheMode::None);
-    let options = ImageOptions::new().read_only(args.read_only).direct(direct);
+    let options = ImageOptions::new()
+        .read_only(args.read_only)
+        .force_share(args.force_share)
+        .direct(direct);
     Disk::open(opener, Path::new(&args.image), format, options)
         .await
         .map_err(|e| e.to_string())

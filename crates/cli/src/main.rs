@@ -60,6 +60,9 @@ enum Command {
         /// Show every image of the backing chain.
         #[arg(long = "backing-chain")]
         backing_chain: bool,
+        /// Open in shared mode (qemu-img's -U): coexist with a writer of the image.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         /// The image.
         image: PathBuf,
     },
@@ -71,6 +74,9 @@ enum Command {
         /// Output format.
         #[arg(long = "output", value_enum, default_value = "human")]
         output: OutputFormat,
+        /// Open in shared mode (qemu-img's -U): coexist with a writer of the image.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         /// The image.
         image: PathBuf,
     },
@@ -85,6 +91,9 @@ enum Command {
         /// Options for the new image, as `qimg create -o` takes them (may be repeated).
         #[arg(short = 'o')]
         options: Vec<String>,
+        /// Open in shared mode (qemu-img's -U): read the source while another process writes it.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         /// Source image.
         source: PathBuf,
         /// Destination file.
@@ -104,6 +113,9 @@ enum Command {
         /// Print nothing on stdout (diagnostics still go to stderr).
         #[arg(short = 'q')]
         quiet: bool,
+        /// Open in shared mode (qemu-img's -U): check an image another process writes (read-only checks only).
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         /// The image.
         image: PathBuf,
     },
@@ -118,6 +130,9 @@ enum Command {
         /// Strict mode: images of different sizes differ.
         #[arg(short = 's')]
         strict: bool,
+        /// Open in shared mode (qemu-img's -U): coexist with writers of the images.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         /// First image.
         a: PathBuf,
         /// Second image.
@@ -154,46 +169,87 @@ fn main() -> ExitCode {
                 format,
                 output,
                 backing_chain,
+                force_share,
                 image,
             } => util::exit(
                 1,
-                info::run(&image, format.as_deref(), output, backing_chain).await,
+                info::run(
+                    &image,
+                    format.as_deref(),
+                    output,
+                    backing_chain,
+                    force_share,
+                )
+                .await,
             ),
             Command::Map {
                 format,
                 output,
+                force_share,
                 image,
-            } => util::exit(1, map::run(&image, format.as_deref(), output).await),
+            } => util::exit(
+                1,
+                map::run(&image, format.as_deref(), output, force_share).await,
+            ),
             Command::Convert {
                 format,
                 output_format,
                 options,
+                force_share,
                 source,
                 dest,
             } => util::exit(
                 1,
-                convert::run(&source, format.as_deref(), &output_format, &options, &dest).await,
+                convert::run(
+                    &source,
+                    format.as_deref(),
+                    &output_format,
+                    &options,
+                    &dest,
+                    force_share,
+                )
+                .await,
             ),
             Command::Check {
                 format,
                 repair,
                 output,
                 quiet,
+                force_share,
                 image,
             } => {
                 let repair = repair.map(|r| match r {
                     RepairArg::Leaks => qcow2_engine::RepairMode::Leaks,
                     RepairArg::All => qcow2_engine::RepairMode::All,
                 });
-                ExitCode::from(check::run(&image, format.as_deref(), repair, output, quiet).await)
+                ExitCode::from(
+                    check::run(
+                        &image,
+                        format.as_deref(),
+                        repair,
+                        output,
+                        quiet,
+                        force_share,
+                    )
+                    .await,
+                )
             }
             Command::Compare {
                 format_a,
                 format_b,
                 strict,
+                force_share,
                 a,
                 b,
-            } => match compare::run(&a, format_a.as_deref(), &b, format_b.as_deref(), strict).await
+            } => match compare::run(
+                &a,
+                format_a.as_deref(),
+                &b,
+                format_b.as_deref(),
+                strict,
+                force_share,
+            )
+            .await
             {
                 Ok(code) => ExitCode::from(code),
                 Err(e) => util::exit::<()>(2, Err(e)),

@@ -6,8 +6,13 @@ use anyhow::{bail, Result};
 use std::path::Path;
 
 /// Runs `qimg map`.
-pub async fn run(path: &Path, format: Option<&str>, output: OutputFormat) -> Result<()> {
-    let disk = open_disk(path, format).await?;
+pub async fn run(
+    path: &Path,
+    format: Option<&str>,
+    output: OutputFormat,
+    force_share: bool,
+) -> Result<()> {
+    let disk = open_disk(path, format, force_share).await?;
     let entries = disk.map(0, disk.size()).await?;
     match output {
         OutputFormat::Json => {

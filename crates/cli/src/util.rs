@@ -6,8 +6,13 @@ use qcow2_engine::{Disk, ImageFormat, ImageOptions};
 use std::path::Path;
 use std::process::ExitCode;
 
-/// Opens `path` read-only as `format` (probed when `None`).
-pub async fn open_disk(path: &Path, format: Option<&str>) -> Result<Disk<FileOpener>> {
+/// Opens `path` read-only as `format` (probed when `None`); with `force_share` (`-U`), in
+/// shared mode, so that it coexists with a writer.
+pub async fn open_disk(
+    path: &Path,
+    format: Option<&str>,
+    force_share: bool,
+) -> Result<Disk<FileOpener>> {
     let format = match format {
         None => None,
         Some(f) => {
@@ -18,7 +23,7 @@ pub async fn open_disk(path: &Path, format: Option<&str>) -> Result<Disk<FileOpe
         FileOpener,
         path,
         format,
-        ImageOptions::new().read_only(true),
+        ImageOptions::new().read_only(true).force_share(force_share),
     )
     .await
     .map_err(|e| anyhow!("Could not open '{}': {e}", path.display()))?;

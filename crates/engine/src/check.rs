@@ -26,7 +26,7 @@
 //! purpose, including images QEMU repairs but a read-write open refuses (dirty or corrupt bit).
 
 use crate::image::{read_bytes, Image};
-use crate::options::ImageOptions;
+use crate::options::{FileRole, ImageOptions};
 use crate::{Error, Result};
 use blockio::{Backend, IoBuf, Keep, OpenOptions, Opener};
 use qcow2_format::features::{AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
@@ -274,23 +274,35 @@ impl<O: Opener> Image<O> {
         options: ImageOptions,
     ) -> Result<Self> {
         let path = path.as_ref();
+        if options.force_share {
+            return Err(Error::InvalidOptions(
+                "force-share=on can only be used with read-only images".into(),
+            ));
+        }
         let direct = options.is_direct();
-        let mut img = Image::open(opener.clone(), path, options.read_only(true)).await?;
+        // The image file gets the writer's locks on the descriptor that writes: the read-only
+        // open below takes none on it (its lock would conflict with ours).
+        let writer_lock = options
+            .clone()
+            .read_only(false)
+            .lock_request(FileRole::Qcow2);
+        let ro = ImageOptions {
+            lock_image: false,
+            ..options.read_only(true)
+        };
+        let mut img = Image::open(opener.clone(), path, ro).await?;
         let file = opener
             .open(
                 path,
                 OpenOptions {
                     write: true,
                     direct,
+                    lock: writer_lock,
                     ..OpenOptions::default()
                 },
             )
             .await
-            .map_err(|source| Error::OpenFile {
-                role: "image",
-                path: path.into(),
-                source,
-            })?;
+            .map_err(|source| crate::image::open_error("image", path, source))?;
         img.flushes = crate::image::FlushState::new(&file);
         img.file = file;
         Ok(img)

@@ -40,7 +40,7 @@
 use crate::image::{resolve_backing, Disk};
 use crate::options::{ImageFormat, ImageOptions};
 use crate::{Error, Image, Result};
-use blockio::{Backend, IoBuf, Keep, OpenOptions, Opener};
+use blockio::{Backend, IoBuf, Keep, LockRequest, OpenOptions, Opener, Perms};
 use qcow2_format::{
     features, CompressionType, FormatError, Header, HeaderExtension, L1Entry, L2Entry,
     RefcountWidth, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS,
@@ -667,6 +667,12 @@ pub async fn create_raw<O: Opener>(
 }
 
 async fn open_new<O: Opener>(opener: &O, path: &Path, role: &'static str) -> Result<O::Backend> {
+    // QEMU's file driver creates under these locks, taken before the file is truncated: a
+    // file another process uses (for reading or writing) is left alone.
+    let lock = LockRequest::new(
+        Perms::WRITE | Perms::RESIZE,
+        Perms::ALL.without(Perms::RESIZE),
+    );
     opener
         .open(
             path,
@@ -675,14 +681,11 @@ async fn open_new<O: Opener>(opener: &O, path: &Path, role: &'static str) -> Res
                 create: true,
                 truncate: true,
                 direct: false,
+                lock: Some(lock),
             },
         )
         .await
-        .map_err(|source| Error::OpenFile {
-            role,
-            path: path.into(),
-            source,
-        })
+        .map_err(|source| crate::image::open_error(role, path, source))
 }
 
 /// Allocates `[start, end)` as the preallocation mode asks: nothing for `Off`/`Metadata`

@@ -68,6 +68,21 @@ pub enum Error {
         /// The file met twice.
         path: PathBuf,
     },
+    /// Another open of the file, in this process or another (QEMU, qemu-io), holds a lock
+    /// this open conflicts with (invariant I10): usually, it has the image open for writing.
+    /// The message is QEMU's.
+    #[error("{conflict}\nIs another process using the image [{}]?", path.display())]
+    Locked {
+        /// "image", "backing file", "data file".
+        role: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Which lock.
+        conflict: blockio::LockConflict,
+    },
+    /// Options that cannot go together (the message is QEMU's where it has one).
+    #[error("{0}")]
+    InvalidOptions(String),
     /// A backing or data file could not be opened.
     #[error("could not open {role} {path}: {source}")]
     OpenFile {

@@ -2,7 +2,7 @@
 //! itself.
 
 use crate::cache::TableCache;
-use crate::options::{BackingChoice, ImageFormat, ImageOptions};
+use crate::options::{BackingChoice, FileRole, ImageFormat, ImageOptions};
 use crate::{Error, Result};
 use blockio::{Backend, IoBuf, Keep, OpenOptions, Opener};
 use qcow2_alloc::LeaseTable;
@@ -16,6 +16,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// single-threaded runtime). The type parameter is the [`Opener`] that made the image's file
 /// and is used for its backing chain and data file; pick [`blockio::FileOpener`] for a tokio
 /// runtime of any flavour, or `blockio::UringOpener` inside a tokio-uring runtime.
+///
+/// A writable image is locked as QEMU locks it (see [`ImageOptions::force_share`]): no other
+/// process (QEMU included), nor another open in this one, can write it meanwhile.
+///
+/// # Closing
+///
+/// End with [`Image::close`]: it waits for the I/O that dropped requests left in flight,
+/// writes the metadata back and makes everything durable. An image dropped without it keeps
+/// what is on disk consistent (as after a crash: a cluster may leak, none is corrupted), but
+/// the changes acknowledged since the last successful [`flush`](Image::flush) may be lost, and
+/// the drop reports it with a `tracing` error naming the image and what was not written back.
 pub struct Image<O: Opener> {
     pub(crate) path: PathBuf,
     pub(crate) file: O::Backend,
@@ -60,6 +71,37 @@ pub struct Image<O: Opener> {
     pub(crate) bitmaps: async_lock::Mutex<Option<crate::bitmaps::Bitmaps>>,
     /// Set once corruption was found and the corrupt bit written: writes stop.
     pub(crate) marked_corrupt: std::sync::atomic::AtomicBool,
+}
+
+impl<O: Opener> Drop for Image<O> {
+    fn drop(&mut self) {
+        if self.read_only || self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let unflushed = self
+            .acked
+            .load(Ordering::Acquire)
+            .saturating_sub(self.flushed.load(Ordering::Acquire));
+        let meta = self.meta.get_mut();
+        let l2_tables = meta.l2.dirty_count();
+        let l1 = !meta.l1_dirty.is_empty();
+        let refcounts = meta
+            .alloc
+            .as_ref()
+            .is_some_and(|a| a.is_dirty() || a.has_pending());
+        if unflushed == 0 && l2_tables == 0 && !l1 && !refcounts {
+            return;
+        }
+        tracing::error!(
+            path = %self.path.display(),
+            unflushed_changes = unflushed,
+            dirty_l2_tables = l2_tables,
+            dirty_l1 = l1,
+            dirty_refcounts = refcounts,
+            "image dropped without close(): changes acknowledged since the last flush may be \
+             lost (the file is left consistent, as after a crash)"
+        );
+    }
 }
 
 /// Metadata guarded by the metadata lock.
@@ -383,7 +425,12 @@ impl<O: Opener> Image<O> {
         }
         chain.push(canonical);
         let role = if depth == 0 { "image" } else { "backing file" };
-        let (file, file_len) = open_file(opener, path, options, role).await?;
+        if options.force_share && !options.read_only {
+            return Err(Error::InvalidOptions(
+                "force-share=on can only be used with read-only images".into(),
+            ));
+        }
+        let (file, file_len) = open_file(opener, path, options, role, FileRole::Qcow2).await?;
         let header = read_header(&file, path, file_len).await?;
         let format_err = |source: FormatError| Error::Format {
             path: path.into(),
@@ -459,13 +506,9 @@ impl<O: Opener> Image<O> {
                 })?;
             let resolved = resolve_data_file(path, &name);
             let backend = opener
-                .open(&resolved, io_options(options))
+                .open(&resolved, io_options(options, FileRole::DataFile))
                 .await
-                .map_err(|source| Error::OpenFile {
-                    role: "data file",
-                    path: resolved.clone(),
-                    source,
-                })?;
+                .map_err(|source| open_error("data file", &resolved, source))?;
             Some(DataFile {
                 flushes: FlushState::new(&backend),
                 backend,
@@ -508,6 +551,7 @@ impl<O: Opener> Image<O> {
                     read_only: true,
                     backing: BackingChoice::FromHeader,
                     data_file: None,
+                    lock_image: true,
                     ..options.clone()
                 };
                 let disk =
@@ -600,7 +644,7 @@ impl<O: Opener> Image<O> {
                 if chain.contains(&canonical) {
                     return Err(Error::BackingLoop { path: path.into() });
                 }
-                let (backend, len) = open_file(opener, path, options, role).await?;
+                let (backend, len) = open_file(opener, path, options, role, FileRole::Raw).await?;
                 // Like QEMU, a raw image's size is its length rounded up to whole sectors (the
                 // tail reads as zeros).
                 let size = len.div_ceil(512) * 512;
@@ -675,11 +719,34 @@ impl<O: Opener> Image<O> {
     }
 }
 
-fn io_options(options: &ImageOptions) -> OpenOptions {
+/// How to open a file of `role` with `options`: access mode, O_DIRECT, QEMU's locks.
+fn io_options(options: &ImageOptions, role: FileRole) -> OpenOptions {
+    let own_file = matches!(role, FileRole::Qcow2 | FileRole::Raw);
+    let lock = match own_file && !options.lock_image {
+        true => None,
+        false => options.lock_request(role),
+    };
     OpenOptions {
         write: !options.read_only,
         direct: options.direct,
+        lock,
         ..OpenOptions::default()
+    }
+}
+
+/// The error of a failed open: a lock conflict as such (QEMU's message), others as they are.
+pub(crate) fn open_error(role: &'static str, path: &Path, source: std::io::Error) -> Error {
+    match blockio::LockConflict::from_io(&source) {
+        Some(conflict) => Error::Locked {
+            role,
+            path: path.into(),
+            conflict: conflict.clone(),
+        },
+        None => Error::OpenFile {
+            role,
+            path: path.into(),
+            source,
+        },
     }
 }
 
@@ -720,7 +787,7 @@ async fn probe_format<O: Opener>(
     options: &ImageOptions,
     role: &'static str,
 ) -> Result<ImageFormat> {
-    let (f, len) = open_file(opener, path, options, role).await?;
+    let (f, len) = open_file(opener, path, options, role, FileRole::Probe).await?;
     if len < 4 {
         return Ok(ImageFormat::Raw);
     }
@@ -992,15 +1059,12 @@ async fn open_file<O: Opener>(
     path: &Path,
     options: &ImageOptions,
     role: &'static str,
+    file_role: FileRole,
 ) -> Result<(O::Backend, u64)> {
     let file = opener
-        .open(path, io_options(options))
+        .open(path, io_options(options, file_role))
         .await
-        .map_err(|source| Error::OpenFile {
-            role,
-            path: path.into(),
-            source,
-        })?;
+        .map_err(|source| open_error(role, path, source))?;
     let len = file
         .len()
         .await

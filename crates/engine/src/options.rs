@@ -1,5 +1,6 @@
 //! How to open an image: [`ImageOptions`], a builder.
 
+use blockio::{LockRequest, Locking, Perms};
 use std::path::PathBuf;
 
 /// The format of an image in a backing chain.
@@ -65,6 +66,11 @@ pub struct ImageOptions {
     pub(crate) data_file: Option<PathBuf>,
     pub(crate) max_backing_depth: usize,
     pub(crate) lazy_refcounts: Option<bool>,
+    pub(crate) locking: Locking,
+    pub(crate) force_share: bool,
+    /// Whether the image file itself is locked (the chain below it always is, as `locking`
+    /// says): off only for a file another open of this process locks already.
+    pub(crate) lock_image: bool,
 }
 
 impl Default for ImageOptions {
@@ -78,8 +84,24 @@ impl Default for ImageOptions {
             data_file: None,
             max_backing_depth: 64,
             lazy_refcounts: None,
+            locking: Locking::Auto,
+            force_share: false,
+            lock_image: true,
         }
     }
+}
+
+/// What an open file is to the image, for its locks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FileRole {
+    /// A qcow2 image's own file (the image, or a qcow2 backing file).
+    Qcow2,
+    /// A raw image's file (the image, or a raw backing file).
+    Raw,
+    /// A qcow2 image's external data file.
+    DataFile,
+    /// A file opened to read its first bytes (format probing).
+    Probe,
 }
 
 impl ImageOptions {
@@ -136,6 +158,62 @@ impl ImageOptions {
     pub fn lazy_refcounts(mut self, yes: bool) -> Self {
         self.lazy_refcounts = Some(yes);
         self
+    }
+
+    /// Whether to lock the files as QEMU does (invariant I10; QEMU's `locking` option of its
+    /// file driver): `Auto` (the default) locks where the system has OFD locks. See
+    /// [`ImageOptions::force_share`] for what the locks exclude.
+    pub fn locking(mut self, locking: Locking) -> Self {
+        self.locking = locking;
+        self
+    }
+
+    /// Shares every permission with other users of the files (qemu-img's `-U`,
+    /// `--force-share`): a read-only open then coexists with a writer, in this process or
+    /// another (QEMU, qemu-io), and reads what it finds, consistent or not. Only for read-only
+    /// opens: [`Image::open`](crate::Image::open) refuses it otherwise.
+    ///
+    /// Without it, the locks are QEMU's: a read-write open holds consistent read, write and
+    /// resize and shares neither write nor resize, so it excludes any other writer and any
+    /// reader that does not share; a read-only open excludes writers; read-only opens
+    /// coexist. Backing files are locked as read-only opens; an external data file is locked
+    /// against other resizers only (QEMU shares writes to it).
+    pub fn force_share(mut self, yes: bool) -> Self {
+        self.force_share = yes;
+        self
+    }
+
+    /// The locks to take on a file of `role`, as QEMU's block layer asks its file driver for
+    /// them (observed on QEMU 10 in /proc/locks).
+    pub(crate) fn lock_request(&self, role: FileRole) -> Option<LockRequest> {
+        const READ: Perms = Perms::CONSISTENT_READ;
+        let write = !self.read_only;
+        let (perm, shared) = match role {
+            FileRole::Qcow2 => {
+                let perm = match write {
+                    true => READ | Perms::WRITE | Perms::RESIZE,
+                    false => READ,
+                };
+                (perm, Perms::ALL.without(Perms::WRITE | Perms::RESIZE))
+            }
+            FileRole::DataFile => {
+                let perm = match write {
+                    true => READ | Perms::WRITE | Perms::RESIZE,
+                    false => READ,
+                };
+                (perm, Perms::ALL.without(Perms::RESIZE))
+            }
+            FileRole::Raw => {
+                let perm = match write {
+                    true => READ | Perms::WRITE,
+                    false => READ,
+                };
+                (perm, Perms::ALL)
+            }
+            FileRole::Probe => (READ, Perms::ALL),
+        };
+        let shared = if self.force_share { Perms::ALL } else { shared };
+        Some(LockRequest::new(perm, shared).locking(self.locking))
     }
 
     /// Whether these options open read-only.

@@ -51,6 +51,7 @@ impl TokioFile {
                     true => sys::direct_open_error(&path, e),
                     false => e,
                 })?;
+            locked(file.as_raw_fd(), options)?;
             Ok(Self::with_file(file, writes(options), options.direct))
         })
         .await?
@@ -164,17 +165,31 @@ impl TokioFile {
     }
 }
 
-/// `std` open options for ours: always readable; create and truncate imply write.
+/// `std` open options for ours: always readable; create and truncate imply write. With
+/// locks, the truncation waits until they are held ([`locked`]).
 fn std_options(o: OpenOptions) -> std::fs::OpenOptions {
     let mut so = std::fs::OpenOptions::new();
     so.read(true)
         .write(writes(o))
         .create(o.create)
-        .truncate(o.truncate);
+        .truncate(o.truncate && o.lock.is_none());
     if o.direct {
         so.custom_flags(libc::O_DIRECT);
     }
     so
+}
+
+/// Takes the locks `o` asks for on a file just opened, then truncates it if asked (after the
+/// locks, so that a file another process uses is never emptied). On an error the caller
+/// closes the file, which drops whatever locks it took.
+pub(crate) fn locked(fd: RawFd, o: OpenOptions) -> io::Result<()> {
+    if let Some(req) = &o.lock {
+        crate::lock::lock(fd, req)?;
+        if o.truncate {
+            sys::set_len(fd, 0)?;
+        }
+    }
+    Ok(())
 }
 
 /// Whether the options ask for a writable file.

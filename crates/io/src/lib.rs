@@ -15,6 +15,7 @@
 mod buf;
 mod fault;
 mod file;
+pub mod lock;
 mod memory;
 mod sys;
 #[cfg(target_os = "linux")]
@@ -26,6 +27,7 @@ pub use fault::{
     LogEntry, OpKind, RequestFilter, RequestInfo, TornSector, CRASH_SECTOR,
 };
 pub use file::{FileOpener, TokioFile};
+pub use lock::{LockConflict, LockRequest, Locking, Perms};
 pub use memory::{MemoryBackend, MemoryOpener};
 #[cfg(target_os = "linux")]
 pub use uring::{uring_builder, UringFile, UringOpener, URING_CQ_ENTRIES, URING_SQ_ENTRIES};
@@ -49,6 +51,10 @@ pub struct OpenOptions {
     /// Bypass the page cache (`O_DIRECT`, QEMU's `cache=none`): buffers, offsets and lengths
     /// must then be multiples of [`Backend::alignment`].
     pub direct: bool,
+    /// The locks to take on the file, as QEMU's file driver takes them (see [`lock`]); with
+    /// `truncate`, the file is truncated only once they are held. `None`: no lock. Backends
+    /// without a file descriptor (memory) ignore it.
+    pub lock: Option<LockRequest>,
 }
 
 /// A file-like object doing positional I/O with owned buffers.

@@ -107,7 +107,7 @@ impl UringFile {
         uo.read(true)
             .write(writes(options))
             .create(options.create)
-            .truncate(options.truncate);
+            .truncate(options.truncate && options.lock.is_none());
         if options.direct {
             uo.custom_flags(libc::O_DIRECT);
         }
@@ -115,6 +115,8 @@ impl UringFile {
             true => sys::direct_open_error(path, e),
             false => e,
         })?;
+        // Dropping the file on an error closes it (synchronously: no operation uses it yet).
+        crate::file::locked(file.as_raw_fd(), options)?;
         let align = match options.direct {
             true => sys::direct_alignment(file.as_raw_fd()),
             false => 1,

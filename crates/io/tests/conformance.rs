@@ -329,7 +329,57 @@ fn new_file(direct: bool) -> OpenOptions {
         create: true,
         truncate: true,
         direct,
+        ..Default::default()
     }
+}
+
+/// QEMU's locks (I10): a writer keeps a second writer and a non-sharing reader out, also in
+/// one process; a refused open that asked to truncate leaves the file alone; closing the
+/// writer lets the others in.
+async fn locking_cases<O: Opener>(o: O, dir: &Path) {
+    use blockio::{LockConflict, LockRequest, Perms};
+    let p = dir.join("locked");
+    let rw = Perms::CONSISTENT_READ | Perms::WRITE | Perms::RESIZE;
+    let metadata = Perms::ALL.without(Perms::WRITE | Perms::RESIZE);
+    let writer = OpenOptions {
+        write: true,
+        create: true,
+        lock: Some(LockRequest::new(rw, metadata)),
+        ..Default::default()
+    };
+    let w = o.open(&p, writer).await.unwrap();
+    write(&w, 0, b"kept").await;
+    let e = o.open(&p, writer).await.err().expect("a second writer");
+    let c = LockConflict::from_io(&e).expect("a lock conflict");
+    assert_eq!((c.perm, c.shared), ("write", false));
+    let truncating = OpenOptions {
+        truncate: true,
+        ..writer
+    };
+    assert!(o.open(&p, truncating).await.is_err());
+    assert_eq!(
+        read(&w, 0, 4).await,
+        b"kept",
+        "a refused open truncated the file"
+    );
+    let reader = OpenOptions {
+        lock: Some(LockRequest::new(Perms::CONSISTENT_READ, metadata)),
+        ..Default::default()
+    };
+    let e = o
+        .open(&p, reader)
+        .await
+        .err()
+        .expect("a reader that does not share write");
+    assert_eq!(e.to_string(), "Failed to get shared \"write\" lock");
+    let shared = OpenOptions {
+        lock: Some(LockRequest::new(Perms::CONSISTENT_READ, Perms::ALL)),
+        ..Default::default()
+    };
+    let s = o.open(&p, shared).await.unwrap();
+    drop((w, s));
+    let again = o.open(&p, truncating).await.unwrap();
+    assert_eq!(again.len().await.unwrap(), 0);
 }
 
 /// A directory on the disk (the target dir), where O_DIRECT works.
@@ -369,6 +419,7 @@ async fn tokio_file_cached() {
     })
     .await;
     opener_cases(FileOpener, dir.path()).await;
+    locking_cases(FileOpener, dir.path()).await;
     let p = path();
     let f = TokioFile::open(&p, new_file(false)).await.unwrap();
     dropped_operations_finish(f, file_contents(p)).await;
@@ -401,6 +452,7 @@ fn uring_cached() {
         })
         .await;
         opener_cases(UringOpener, dir.path()).await;
+        locking_cases(UringOpener, dir.path()).await;
         let p = path();
         let f = UringFile::open(&p, new_file(false)).await.unwrap();
         dropped_operations_finish(f, file_contents(p)).await;
