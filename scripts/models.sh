@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The lease models (crates/alloc/tests/loom_model.rs and shuttle_model.rs, over the crate's
-# own LeaseTable, Allocator and Gates): loom explores every interleaving within a preemption
-# bound, shuttle runs random and PCT schedules of larger scenarios. Each must pass. Built
-# again with --cfg qcow2_no_lease (the lease a no-op), every model test must fail with an
-# invariant violation: the proof that the models can see the race.
+# own LeaseTable, Allocator, Gates and Reservations): loom explores every interleaving within
+# a preemption bound, shuttle runs random and PCT schedules of larger scenarios. Each must
+# pass. Built again with --cfg qcow2_no_lease (the lease a no-op), every model test must fail
+# with an invariant violation, but `cancelled_allocation`, which guards the reservation and
+# the gate of a cancelled write (not a lease); built with --cfg qcow2_no_keep (the guards of
+# a cancelled request die with its future, before its I/O lands), every cancellation test
+# (named cancelled_*) must: the proof that the models can see the races.
 #
 # Usage: scripts/models.sh [loom|shuttle|all]   (default: all)
 # Env:   LOOM_MAX_PREEMPTIONS      loom's preemption bound (default 3, in loom_model.rs)
@@ -23,16 +26,39 @@ cd "$(dirname "$0")/.."
 what=${1:-all}
 export RUST_BACKTRACE=0
 
-# run MODEL [nolease]: runs the model's tests (with leases as no-ops when asked), output in
-# $out, status in $status.
+# run MODEL [CFG [TEST ARGS...]]: runs the model's tests (built with --cfg CFG for
+# qcow2-alloc alone when given), output in $out, status in $status.
 run() {
-  local model=$1 cargo_test=(cargo test)
-  [ "${2:-}" != nolease ] || cargo_test=(env RUSTC_BOOTSTRAP=1 cargo test -Zprofile-rustflags
-    --config 'profile.test.package.qcow2-alloc.rustflags=["--cfg", "qcow2_no_lease"]')
+  local model=$1 cfg=${2:-} cargo_test=(cargo test)
+  [ -z "$cfg" ] || cargo_test=(env RUSTC_BOOTSTRAP=1 cargo test -Zprofile-rustflags
+    --config "profile.test.package.qcow2-alloc.rustflags=[\"--cfg\", \"$cfg\"]")
   status=0
   out=$(RUSTFLAGS="--cfg $model" CARGO_TARGET_DIR="target/$model" CARGO_PROFILE_TEST_DEBUG=0 \
     "${cargo_test[@]}" -q -p qcow2-alloc --features "$model" --test "${model}_model" \
-    -- --nocapture 2>&1) || status=$?
+    -- --nocapture "${@:3}" 2>&1) || status=$?
+}
+
+# must_fail MODEL CFG WHAT [TEST ARGS...]: with --cfg CFG, every test selected must fail with
+# an invariant violation.
+must_fail() {
+  local model=$1 cfg=$2 what=$3 start=$SECONDS
+  echo "== $model model $what (must fail)"
+  run "$model" "$cfg" "${@:4}"
+  local summary passed failed violations
+  summary=$(printf '%s\n' "$out" | grep -E '^test result:' | tail -n 1)
+  passed=$(printf '%s\n' "$summary" | sed -nE 's/.* ([0-9]+) passed.*/\1/p')
+  failed=$(printf '%s\n' "$summary" | sed -nE 's/.* ([0-9]+) failed.*/\1/p')
+  # The failures must be invariant violations, not some other panic.
+  violations=$(printf '%s\n' "$out" | grep -cE '^I[0-9/I]+ violated' || true)
+  printf '%s\n' "$out" | grep -E '^I[0-9/I]+ violated' | sed -E 's/([^I0-9])[0-9]+/\1N/g' | sort | uniq -c || true
+  echo "$cfg $model build: $summary"
+  if [ -z "$failed" ] || [ "$failed" = 0 ] || [ "$passed" != 0 ] || [ "$violations" -lt "$failed" ]; then
+    printf '%s\n' "$out" | tail -n 60
+    echo "FAIL: $what every selected $model model test must report a violation" \
+      "(passed=$passed failed=$failed violations=$violations)" >&2
+    exit 1
+  fi
+  echo "ok: all $failed selected $model model tests report a violation $what ($((SECONDS - start)) s)"
 }
 
 check_model() {
@@ -48,24 +74,8 @@ check_model() {
   printf '%s\n' "$out" | grep -E '^test result:' | tail -n 1
   echo "$model model: ok in $((SECONDS - start)) s"
 
-  echo "== $model model without leases (must fail)"
-  start=$SECONDS
-  run "$model" nolease
-  local summary passed failed violations
-  summary=$(printf '%s\n' "$out" | grep -E '^test result:' | tail -n 1)
-  passed=$(printf '%s\n' "$summary" | sed -nE 's/.* ([0-9]+) passed.*/\1/p')
-  failed=$(printf '%s\n' "$summary" | sed -nE 's/.* ([0-9]+) failed.*/\1/p')
-  # The failures must be invariant violations, not some other panic.
-  violations=$(printf '%s\n' "$out" | grep -cE '^I[0-9]+ violated' || true)
-  printf '%s\n' "$out" | grep -E '^I[0-9]+ violated' | sort | uniq -c || true
-  echo "no-lease $model build: $summary"
-  if [ -z "$failed" ] || [ "$failed" = 0 ] || [ "$passed" != 0 ] || [ "$violations" -lt "$failed" ]; then
-    printf '%s\n' "$out" | tail -n 60
-    echo "FAIL: without leases every $model model test must report a violation" \
-      "(passed=$passed failed=$failed violations=$violations)" >&2
-    exit 1
-  fi
-  echo "ok: all $failed $model model tests report a violation without leases ($((SECONDS - start)) s)"
+  must_fail "$model" qcow2_no_lease "without leases" --skip cancelled_allocation
+  must_fail "$model" qcow2_no_keep "without keeps" cancelled
 }
 
 case "$what" in

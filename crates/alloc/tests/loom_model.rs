@@ -142,3 +142,60 @@ fn two_writers_one_cluster() {
         w.check_final();
     });
 }
+
+/// I9, the seed race with cancellation: the writer's future is dropped while its write to
+/// guest 0's host cluster H is in flight; guest 0 is discarded and written back; guest 1
+/// allocates. H's lease travels with the write: H is not freed (nor reallocated) before it
+/// lands.
+#[test]
+fn cancelled_write_discard_reallocate() {
+    explore("cancelled_write_discard_reallocate", || {
+        let w = World::new(2, 1);
+        let writer = spawn(&w, |w| async move { w.cancelled_write(0, 2).await });
+        let freer = spawn(&w, |w| async move {
+            w.discard(0).await;
+            w.write_back(false);
+        });
+        let allocator = spawn(&w, |w| async move { w.write(1, 3).await });
+        writer.join().unwrap();
+        freer.join().unwrap();
+        allocator.join().unwrap();
+        w.check_final();
+    });
+}
+
+/// I9 and I6: an allocating write of guest 1 is cancelled while its data write is in flight.
+/// Its new cluster stays reserved until the write lands (guest 2's allocation must not get
+/// it), the gate keeps a second writer of guest 1 waiting as long, and the cluster comes
+/// back afterwards (no leak).
+#[test]
+fn cancelled_allocation() {
+    explore("cancelled_allocation", || {
+        let w = World::new(3, 1);
+        let cancelled = spawn(&w, |w| async move { w.cancelled_write(1, 2).await });
+        let other = spawn(&w, |w| async move { w.write(2, 3).await });
+        let second = spawn(&w, |w| async move { w.write(1, 4).await });
+        cancelled.join().unwrap();
+        other.join().unwrap();
+        second.join().unwrap();
+        w.check_final();
+    });
+}
+
+/// I9 and I3: the write-back that frees guest 0's cluster is cancelled during its punch; the
+/// exclusive lease travels with the punch, so the cluster is not handed to guest 1 before
+/// the punch has landed.
+#[test]
+fn cancelled_punch_reallocate() {
+    explore("cancelled_punch_reallocate", || {
+        let w = World::new(2, 1);
+        let freer = spawn(&w, |w| async move {
+            w.discard(0).await;
+            w.write_back_then(true, true);
+        });
+        let allocator = spawn(&w, |w| async move { w.write(1, 3).await });
+        freer.join().unwrap();
+        allocator.join().unwrap();
+        w.check_final();
+    });
+}

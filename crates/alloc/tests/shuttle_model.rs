@@ -131,9 +131,9 @@ fn four_writers_one_cluster() {
     });
 }
 
-/// Random programs: five actors, each doing six operations chosen at random (write, read,
-/// discard, write-back with or without punch) on five guest clusters, three of them mapped
-/// at the start. Shuttle's random source drives the choices, so a failing run replays.
+/// Random programs: five actors, each doing six operations chosen at random (write, a write
+/// cancelled in flight, read, discard, write-back with or without punch) on five guest
+/// clusters, three of them mapped at the start. Shuttle's random source drives the choices, so a failing run replays.
 #[test]
 fn random_programs() {
     explore("random_programs", || {
@@ -147,7 +147,8 @@ fn random_programs() {
                 for i in 0..6u8 {
                     let g = thread_rng().gen_range(0..GUESTS);
                     match thread_rng().gen_range(0..10) {
-                        0..=3 => w.write(g, 10 + actor * 8 + i).await,
+                        0..=2 => w.write(g, 10 + actor * 8 + i).await,
+                        3 => w.cancelled_write(g, 10 + actor * 8 + i).await,
                         4..=5 => {
                             let _ = w.read(g).await;
                         }
@@ -162,6 +163,23 @@ fn random_programs() {
                 }
             }));
         }
+        run(w, a);
+    });
+}
+
+/// I9: writes cancelled in flight (in place and allocating), allocations and a freer whose
+/// punches are cancelled, all at once.
+#[test]
+fn cancelled_requests() {
+    explore("cancelled_requests", || {
+        let w = World::new(4, 2);
+        let a = actors![w;
+            |w: Arc<World>| async move { w.cancelled_write(0, 2).await },
+            |w: Arc<World>| async move { w.discard(0).await; w.write_back_then(true, true); },
+            |w: Arc<World>| async move { w.cancelled_write(2, 3).await },
+            |w: Arc<World>| async move { w.write(3, 4).await },
+            |w: Arc<World>| async move { w.write(2, 5).await; w.write_back_then(true, true); },
+        ];
         run(w, a);
     });
 }

@@ -22,11 +22,23 @@
 //! unregistered right before releasing it, so the ghost never claims a holder that the
 //! lease table does not have. With `--cfg qcow2_no_lease` the lease is a no-op and these
 //! checks must fire: scripts/models.sh asserts that.
+//!
+//! **Cancellation (I9).** A request whose future is dropped while its data I/O is in flight
+//! is modelled by the `cancelled_*` actors: the request plans as usual, then its future is
+//! gone, and the I/O it issued completes later ("the kernel finishes it"). Its guards (the
+//! lease, the gate, the reservation of a new cluster; for a freer, the exclusive lease of
+//! the cluster it punches) travel with the I/O and drop once it is done, as the engine's
+//! `blockio::Keep` makes them. Built with `--cfg qcow2_no_keep` they drop with the future
+//! instead, before the I/O lands, and the checks must fire (scripts/models.sh asserts that
+//! for the cancellation scenarios). A cluster allocated by a cancelled write goes back
+//! through its [`Reservation`] (dropped uncommitted) and the allocator's reclaim: the end
+//! state must show no leak.
 #![allow(dead_code)]
 
 use qcow2_alloc::sync::{lock, Mutex};
 use qcow2_alloc::{
-    Allocator, ExclusiveLease, Gate, GateGuard, Gates, LeaseTable, Refcounts, SharedLease,
+    Allocator, ExclusiveLease, Gate, GateGuard, Gates, LeaseTable, Refcounts, Reservation,
+    SharedLease,
 };
 use qcow2_format::{ClusterGeometry, HostCluster, HostOffset, RefcountWidth, ReftableEntry};
 use std::sync::Arc;
@@ -71,6 +83,22 @@ pub struct World {
     pub leases: LeaseTable,
     pub gates: Gates,
     pub ghost: Mutex<Ghost>,
+}
+
+/// Whether the guards of an I/O live until the I/O completes (I9), or die with the future
+/// that issued it (the `--cfg qcow2_no_keep` build).
+const KEEP: bool = !cfg!(qcow2_no_keep);
+
+/// A request's future is dropped while `io` (its data I/O) is in flight: `io` still runs
+/// (the kernel finishes it), and `guards` drop after it, or before it without the keep.
+fn in_flight<G>(guards: G, io: impl FnOnce()) {
+    if KEEP {
+        io();
+        drop(guards);
+    } else {
+        drop(guards);
+        io();
+    }
 }
 
 /// Host cluster `h` as the crate's type.
@@ -168,6 +196,30 @@ impl World {
                 v
             }
         }
+    }
+
+    /// I2, for the late write of a cancelled allocating write: nothing refers to `h` yet,
+    /// but it must still be this write's (not handed to another guest, not being freed).
+    fn io_write_unreferenced(&self, h: u64, g: usize, val: u8) {
+        let mut gh = lock(&self.ghost);
+        assert!(
+            gh.owner[h as usize].is_none_or(|o| o == g) && !gh.exclusive[h as usize],
+            "I2/I9 violated: the late write of guest {g}'s cancelled allocation lands on host \
+             cluster {h}, which was handed out again (owner {:?}, being freed {})",
+            gh.owner[h as usize],
+            gh.exclusive[h as usize]
+        );
+        gh.data[h as usize] = Some((g, val));
+    }
+
+    /// A cancelled allocating write of guest `g` gives host cluster `h` up (its reservation
+    /// drops uncommitted): the ghost forgets the owner; the count drops at the reclaim.
+    fn abandoned(&self, h: u64, g: usize) {
+        let mut gh = lock(&self.ghost);
+        if gh.owner[h as usize] == Some(g) {
+            gh.owner[h as usize] = None;
+        }
+        gh.allocating[g] -= 1;
     }
 
     /// I1 and I6: guest `g` was just handed host cluster `h` (under the metadata lock).
@@ -295,7 +347,7 @@ impl World {
             .try_shared(hc(h))
             .expect("I1 violated: a cluster just allocated is leased");
         self.hold(h, g);
-        Plan::Allocating(h, l, guard)
+        Plan::Allocating(h, l, guard, meta.alloc.reserve(&a))
     }
 
     /// After `plan` said the lease on `h` would wait: wait for it without the metadata
@@ -327,12 +379,13 @@ impl World {
                 },
                 Plan::Mapped(h, l) => (h, l),
                 Plan::Unmapped => unreachable!("planned with allocate"),
-                Plan::Allocating(h, l, guard) => {
+                Plan::Allocating(h, l, guard, reservation) => {
                     self.io_write(h, g, val);
                     {
                         let mut meta = lock(&self.meta);
                         self.installed(&meta, g);
                         meta.l2[g] = Some(h);
+                        reservation.commit();
                         drop(guard);
                     }
                     self.unhold(h, g);
@@ -343,6 +396,51 @@ impl World {
             self.io_write(h, g, val);
             self.unhold(h, g);
             drop(l);
+            return;
+        }
+    }
+
+    /// A write of `val` to guest cluster `g` whose future is dropped once its data I/O is
+    /// issued: the I/O lands later, under the guards that travel with it (see the module
+    /// documentation); an allocating one never installs its mapping, and its cluster goes
+    /// back (reservation dropped uncommitted).
+    pub async fn cancelled_write(&self, g: usize, val: u8) {
+        loop {
+            let plan = self.plan(&mut lock(&self.meta), g, true);
+            match plan {
+                Plan::Wait(gate) => {
+                    gate.wait().await;
+                    continue;
+                }
+                Plan::WaitLease(h) => match self.wait_lease(g, h).await {
+                    Some(l) => in_flight(l, || {
+                        self.io_write(h, g, val);
+                        self.unhold(h, g);
+                    }),
+                    None => continue,
+                },
+                Plan::Mapped(h, l) => in_flight(l, || {
+                    self.io_write(h, g, val);
+                    self.unhold(h, g);
+                }),
+                Plan::Unmapped => unreachable!("planned with allocate"),
+                Plan::Allocating(h, l, guard, reservation) => {
+                    // The ghost learns of the abandon where the reservation goes: after the
+                    // I/O with the keep, at the cancellation without.
+                    let guards = (l, guard, reservation);
+                    if KEEP {
+                        self.io_write_unreferenced(h, g, val);
+                        self.unhold(h, g);
+                        self.abandoned(h, g);
+                        drop(guards);
+                    } else {
+                        self.unhold(h, g);
+                        self.abandoned(h, g);
+                        drop(guards);
+                        self.io_write_unreferenced(h, g, val);
+                    }
+                }
+            }
             return;
         }
     }
@@ -396,6 +494,12 @@ impl World {
     /// lock, punch the freed clusters (if `punch`) and release their leases. Returns how many
     /// clusters were freed.
     pub fn write_back(&self, punch: bool) -> usize {
+        self.write_back_then(punch, false)
+    }
+
+    /// [`World::write_back`] whose future is dropped during its punches (with `cancelled`):
+    /// each punch still lands, under the exclusive lease that travels with it.
+    pub fn write_back_then(&self, punch: bool, cancelled: bool) -> usize {
         let freed = {
             let mut meta = lock(&self.meta);
             let Meta { l2, alloc } = &mut *meta;
@@ -409,9 +513,33 @@ impl World {
         };
         let n = freed.len();
         for (c, lease) in freed {
-            self.end_free(c.0, lease, punch);
+            if cancelled && punch {
+                self.cancelled_punch(c.0, lease);
+            } else {
+                self.end_free(c.0, lease, punch);
+            }
         }
         n
+    }
+
+    /// The punch of freed host cluster `h`, its future dropped: the punch lands later, and
+    /// the exclusive lease goes with it (I3, I9).
+    fn cancelled_punch(&self, h: u64, lease: ExclusiveLease) {
+        let punch = || {
+            let mut gh = lock(&self.ghost);
+            let hu = h as usize;
+            assert!(
+                gh.owner[hu].is_none() && gh.holders[hu].is_empty(),
+                "I3/I9 violated: a late punch of freed host cluster {h} lands after it was \
+                 handed out again (owner {:?}, holders {:?})",
+                gh.owner[hu],
+                gh.holders[hu]
+            );
+            gh.data[hu] = None;
+            gh.punched += 1;
+            gh.exclusive[hu] = false;
+        };
+        in_flight(lease, punch);
     }
 
     /// Checks the end state once every actor has finished: no lease or gate left, every
@@ -425,7 +553,10 @@ impl World {
         );
         assert!(self.gates.is_empty(), "gates left behind");
         while self.write_back(true) > 0 {}
-        let meta = lock(&self.meta);
+        let mut meta = lock(&self.meta);
+        // Clusters of cancelled allocations come back: none may leak.
+        meta.alloc.reclaim().expect("reclaim");
+        let meta = meta;
         assert!(
             !meta.alloc.has_pending(),
             "decrements stuck after every actor finished"
@@ -478,6 +609,6 @@ enum Plan {
     Mapped(u64, SharedLease),
     /// Not mapped (reads as zeros).
     Unmapped,
-    /// An allocating write to this new host cluster, leased, with the gate held.
-    Allocating(u64, SharedLease, GateGuard),
+    /// An allocating write to this new host cluster, leased and reserved, with the gate held.
+    Allocating(u64, SharedLease, GateGuard, Reservation),
 }
