@@ -9,7 +9,7 @@ test *ARGS:
     scripts/test.sh {{ARGS}}
 
 # What CI runs: fmt, clippy, the tests, the race replays and lease models with and without
-# leases, 60 s of fuzzing per target, more random schedules.
+# their guards (no lease, no keep), 60 s of fuzzing per target, more random schedules.
 ci:
     .ci/run
 
@@ -32,12 +32,14 @@ microbench *ARGS:
     scripts/microbench.sh {{ARGS}}
 
 # The lease models under loom: every interleaving within the preemption bound
-# (LOOM_MAX_PREEMPTIONS, default 3), then the no-lease build, which must report violations.
+# (LOOM_MAX_PREEMPTIONS, default 3), then the no-lease and no-keep builds, which must report
+# violations.
 loom:
     scripts/models.sh loom
 
 # The lease models under shuttle: random and PCT schedules (QCOW2_SHUTTLE_ITERATIONS per
-# scenario and scheduler, default 10000), then the no-lease build, which must report violations.
+# scenario and scheduler, default 10000), then the no-lease and no-keep builds, which must
+# report violations.
 shuttle:
     scripts/models.sh shuttle
 

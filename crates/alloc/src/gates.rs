@@ -188,6 +188,10 @@ impl Clone for Gate {
 impl Gate {
     /// Waits until the allocation behind this gate has finished (its guard dropped). Never
     /// call it with the metadata lock held: the allocator needs the lock to finish.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the wait gives this use of the gate back: nothing is left behind.
     pub async fn wait(self) {
         drop(self.user.entry().read().await);
     }

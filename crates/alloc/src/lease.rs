@@ -128,6 +128,11 @@ impl LeaseTable {
 
     /// Takes a shared lease, waiting for an exclusive holder to finish. Never call this with
     /// the metadata lock held. Cancelling the wait leaves nothing behind.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the wait leaves no entry behind (the cluster is free again for the
+    /// allocator's lease test once nobody else uses it).
     pub async fn shared(&self, cluster: HostCluster) -> SharedLease {
         if cfg!(qcow2_no_lease) {
             return self.noop_shared(cluster);
@@ -143,6 +148,10 @@ impl LeaseTable {
 
     /// Takes the exclusive lease, waiting for every shared holder. Never call this with the
     /// metadata lock held. Cancelling the wait leaves nothing behind.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`LeaseTable::shared`].
     pub async fn exclusive(&self, cluster: HostCluster) -> ExclusiveLease {
         if cfg!(qcow2_no_lease) {
             return self.noop_exclusive(cluster);

@@ -3,7 +3,7 @@
 //! Who owns which host cluster: the in-memory refcount view, cluster allocation, and the
 //! **lease table** that makes freeing a cluster safe while guest I/O may still be in flight.
 //!
-//! The rule this crate exists for (DESIGN.md §2): every data I/O on host cluster H holds a
+//! The rule this crate exists for (docs/DESIGN.md §2): every data I/O on host cluster H holds a
 //! shared lease on H; whatever drops H's refcount to zero first makes H unreachable, then takes
 //! the exclusive lease, and only then lets H become allocatable. A cluster is free only when
 //! its refcount is 0 *and* nobody holds or waits for its lease.

@@ -13,7 +13,7 @@
 //!   of the file, compressed entries with COPIED, and references past the end of the file.
 //!
 //! Repair follows QEMU's algorithm (`qcow2_check_refcounts` in `block/qcow2-refcount.c`) and
-//! the crash-safety rules of `DESIGN.md` (I4): refcount increases are written and flushed
+//! the crash-safety rules of docs/DESIGN.md (I4): refcount increases are written and flushed
 //! before any decrease; a stored refcount of 0 with references forces a rebuild of the whole
 //! refcount structure into clusters nothing references (the old structure stays valid until
 //! the header is switched to the new one in a single small write after a flush); COPIED flags
@@ -207,6 +207,10 @@ impl<O: Opener> Image<O> {
     /// Errors only when the check cannot start; a check that stops midway (an unreadable
     /// table, a bitmap directory that does not load) reports it in
     /// [`CheckReport::failure`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Reads only: dropping the future changes nothing.
     pub async fn check(&self) -> Result<CheckReport> {
         let mut c = Checker::new(self).await?;
         c.run(Fix::NONE).await;
@@ -220,6 +224,14 @@ impl<O: Opener> Image<O> {
     /// [`Error::ReadOnly`] otherwise. Writes go straight to the image file in a crash-safe
     /// order (see the module documentation). The image must not be used for other I/O during
     /// the repair, and its cached metadata is stale afterwards: drop it and reopen the file.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future stops the repair between two of its writes (a write the backend
+    /// accepted still lands, before any later metadata write of this image): the image is
+    /// then as a crash at that point would leave it, which the repair's order keeps no worse
+    /// than before (refcount increases are on disk before any decrease; a rebuilt refcount
+    /// structure takes effect in one small header write). Run it again to finish.
     pub async fn repair(&self, mode: RepairMode) -> Result<CheckReport> {
         if !self.file.is_writable() {
             return Err(Error::ReadOnly);
@@ -268,6 +280,10 @@ impl<O: Opener> Image<O> {
     /// Unlike a read-write [`Image::open`], this accepts images with the dirty bit (lazy
     /// refcounts after a crash) or the corrupt bit set, as `qemu-img check -r` does. The image
     /// still counts as read-only for guest I/O: only the repair writes to it.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::open`]: dropping the future writes nothing.
     pub async fn open_for_repair(
         opener: O,
         path: impl AsRef<Path>,
@@ -1894,6 +1910,10 @@ impl<'a, O: Opener> Checker<'a, O> {
         } else {
             offset / align * align
         };
+        // As every metadata write (I9): after any older one still in flight, and tracked.
+        self.img.meta_io.idle().await;
+        let mut buf = buf;
+        buf.attach(Keep::new(self.img.meta_io.token().await));
         let (res, _) = file.write_at(buf, at).await;
         res.map_err(|e| Error::io(what(), e))?;
         if end > self.file_len {

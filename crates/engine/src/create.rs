@@ -554,6 +554,10 @@ impl CreateOptions {
 
 impl<O: Opener> Image<O> {
     /// Creates a qcow2 image at `path`: see [`create`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`create`].
     pub async fn create(opener: &O, path: impl AsRef<Path>, options: &CreateOptions) -> Result<()> {
         create(opener, path, options).await
     }
@@ -569,6 +573,11 @@ impl<O: Opener> Image<O> {
 /// created. The external data file, if any, is created at its path as given.
 ///
 /// Errors: [`Error::Create`] for invalid options, [`Error::Io`] for failed writes.
+///
+/// # Cancel safety
+///
+/// Dropping the future leaves a partly written file at `path` (as an interrupted
+/// `qemu-img create` does): not an image to use. Create it again.
 pub async fn create<O: Opener>(
     opener: &O,
     path: impl AsRef<Path>,
@@ -603,6 +612,10 @@ pub async fn create<O: Opener>(
 /// relative to the image's directory) read-only with its own backing chain, as `format` or,
 /// when `None`, as whatever format it probes as. Returns its virtual size rounded up to 512
 /// bytes (what qemu-img takes as the new image's size when none is given) and its format.
+///
+/// # Cancel safety
+///
+/// Reads only: dropping the future changes nothing.
 pub async fn probe_backing<O: Opener>(
     opener: &O,
     image: &Path,
@@ -645,6 +658,10 @@ fn strerror(e: &io::Error) -> String {
 /// Creates a raw image of `size` bytes (rounded up to 512, as qemu-img does) at `path`,
 /// replacing any file there: sparse (`Off`), allocated (`Falloc`) or written with zeros
 /// (`Full`). `Metadata` is refused, as QEMU refuses it for raw files.
+///
+/// # Cancel safety
+///
+/// As [`create`]: a dropped creation leaves a partly written file.
 pub async fn create_raw<O: Opener>(
     opener: &O,
     path: impl AsRef<Path>,

@@ -266,6 +266,10 @@ impl<B> RawImage<B> {
 impl<O: Opener> Disk<O> {
     /// Opens `path` as `format`, probing the format when `None` (a file starting with the
     /// qcow2 magic is qcow2, anything else raw).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::open`]: dropping the future closes whatever it opened and writes nothing.
     pub async fn open(
         opener: O,
         path: impl AsRef<Path>,
@@ -323,12 +327,20 @@ impl<O: Opener> Disk<O> {
 
     /// Reads into the buffer's window from `offset` (see [`Image::read_at`]); a raw image
     /// reads zeros past its end.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::read_at`]: the read is abandoned, nothing changes.
     pub async fn read_at(&self, buf: IoBuf, offset: u64) -> crate::ReadResult {
         let range = buf.window();
         self.read_into(buf, range, offset).await
     }
 
     /// Reads `len` bytes at `offset` into a new buffer.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::read_at`]: the read is abandoned, nothing changes.
     pub async fn read(&self, offset: u64, len: usize) -> Result<IoBuf> {
         let (res, buf) = self.read_at(IoBuf::new(len), offset).await;
         res.map(|()| buf)
@@ -407,6 +419,13 @@ impl<O: Opener> Image<O> {
     ///
     /// Validates the header and the layout before anything else; an image that fails
     /// validation is never written to. An image with the corrupt bit opens read-only only.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future closes the files opened so far (their locks go with them) and
+    /// leaves them as they were: nothing is written before the open has validated the image,
+    /// except the repair of a dirty image (lazy refcounts after a crash), which writes in
+    /// crash-safe order and can be interrupted like a crash.
     pub async fn open(opener: O, path: impl AsRef<Path>, options: ImageOptions) -> Result<Self> {
         let mut chain = Vec::new();
         Self::open_in_chain(&opener, path.as_ref(), &options, &mut chain).await
@@ -709,6 +728,10 @@ impl<O: Opener> Image<O> {
     }
 
     /// (hits, misses) of the L2 table cache so far.
+    ///
+    /// # Cancel safety
+    ///
+    /// Only waits for the metadata lock: dropping it changes nothing.
     pub async fn l2_cache_stats(&self) -> (u64, u64) {
         self.meta.lock().await.l2.stats()
     }
@@ -829,6 +852,10 @@ const MAX_SNAPSHOT_TABLE: u64 = 64 << 20;
 
 impl<O: Opener> Image<O> {
     /// The internal snapshots, read from the snapshot table.
+    ///
+    /// # Cancel safety
+    ///
+    /// Reads only: dropping the future changes nothing.
     pub async fn snapshots(&self) -> Result<Vec<qcow2_format::Snapshot>> {
         read_snapshot_table(&self.file, &self.header, self.file_len())
             .await?
@@ -839,6 +866,10 @@ impl<O: Opener> Image<O> {
     }
 
     /// The persistent dirty bitmaps' directory entries (empty without the bitmaps extension).
+    ///
+    /// # Cancel safety
+    ///
+    /// Reads only: dropping the future changes nothing.
     pub async fn bitmaps(&self) -> Result<Vec<qcow2_format::BitmapDirectoryEntry>> {
         let Some(ext) = self.header.bitmaps() else {
             return Ok(Vec::new());

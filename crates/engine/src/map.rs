@@ -72,6 +72,10 @@ async fn file_status<B: Backend>(file: &B, offset: u64, len: u64) -> Result<(boo
 impl<O: Opener> Disk<O> {
     /// The map of `[offset, offset+len)` through the whole chain, merged as `qemu-img map`
     /// merges it.
+    ///
+    /// # Cancel safety
+    ///
+    /// Reads metadata only: dropping the future changes nothing.
     pub async fn map(&self, offset: u64, len: u64) -> Result<Vec<MapEntry>> {
         let end = offset.saturating_add(len).min(self.size());
         let mut out: Vec<MapEntry> = Vec::new();

@@ -77,6 +77,10 @@ fn push(out: &mut Vec<Extent>, e: Extent) {
 impl<O: Opener> Image<O> {
     /// The status of `[offset, offset+len)` in this image alone (not its backing chain),
     /// as maximal runs of one kind with contiguous host offsets.
+    ///
+    /// # Cancel safety
+    ///
+    /// Reads metadata only: dropping the future changes nothing.
     pub async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let len = len.min(self.size().saturating_sub(offset));
         let data_file = self.data_file.is_some();

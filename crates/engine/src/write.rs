@@ -1471,6 +1471,10 @@ pub(crate) async fn write_unaligned<B: Backend>(
 
 impl<O: Opener> Disk<O> {
     /// Writes the buffer's window at `offset` (see [`Image::write_at`]).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::write_at`]; on a raw image, the range reads old or new data.
     pub async fn write_at(&self, buf: IoBuf, offset: u64) -> WriteResult {
         match self {
             Disk::Qcow2(img) => img.write_at(buf, offset).await,
@@ -1499,6 +1503,10 @@ impl<O: Opener> Disk<O> {
     }
 
     /// See [`Image::write_zeroes`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::write_zeroes`].
     pub async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         match self {
             Disk::Qcow2(img) => img.write_zeroes(offset, len, may_unmap).await,
@@ -1511,6 +1519,10 @@ impl<O: Opener> Disk<O> {
     }
 
     /// See [`Image::discard`]; on a raw image, punches a hole.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::discard`].
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         match self {
             Disk::Qcow2(img) => img.discard(offset, len).await,
@@ -1523,6 +1535,10 @@ impl<O: Opener> Disk<O> {
     }
 
     /// See [`Image::flush`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::flush`].
     pub async fn flush(&self) -> Result<()> {
         match self {
             Disk::Qcow2(img) => img.flush().await,
@@ -1531,6 +1547,10 @@ impl<O: Opener> Disk<O> {
     }
 
     /// See [`Image::close`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::close`].
     pub async fn close(self) -> Result<()> {
         match self {
             Disk::Qcow2(img) => img.close().await,

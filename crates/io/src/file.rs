@@ -42,6 +42,11 @@ impl TokioFile {
     ///
     /// With `direct`, a file system that refuses O_DIRECT gives an
     /// [`io::ErrorKind::InvalidInput`] error saying so.
+    ///
+    /// # Cancel safety
+    ///
+    /// The open runs on the blocking pool and finishes there; dropping the future closes the
+    /// file it opened (and drops its locks).
     pub async fn open(path: impl AsRef<Path>, options: OpenOptions) -> io::Result<TokioFile> {
         let path = path.as_ref().to_path_buf();
         run_blocking(move || {

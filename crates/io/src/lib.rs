@@ -178,6 +178,10 @@ pub trait Opener: Clone + 'static {
 
 /// Reads exactly the buffer's window, treating bytes past the end of the file as zeros
 /// (how QEMU's file layer reads short files).
+///
+/// # Cancel safety
+///
+/// As [`Backend::read_at`]: dropping the future drops the buffer once the backend is done.
 pub async fn read_zero_padded<B: Backend>(
     backend: &B,
     mut buf: IoBuf,

@@ -101,6 +101,10 @@ impl UringFile {
     ///
     /// # Panics
     /// Outside a tokio-uring runtime.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future closes the file once the ring's open completes.
     pub async fn open(path: impl AsRef<Path>, options: OpenOptions) -> io::Result<UringFile> {
         let path = path.as_ref();
         let mut uo = tokio_uring::fs::OpenOptions::new();
@@ -141,6 +145,11 @@ impl UringFile {
 
     /// Closes the file through the ring if this is the last clone (otherwise just drops this
     /// handle: the others keep the file open).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future still closes the descriptor (the ring finishes the close, or the
+    /// last handle's drop does), without reporting an error.
     pub async fn close(self) -> io::Result<()> {
         match Rc::try_unwrap(self.inner) {
             Ok(inner) => inner.file.close().await,

@@ -13,7 +13,7 @@ pub const CRASH_SECTOR: u64 = 512;
 /// Where and how a crash happens: see [`CrashImage::from_log`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CrashSpec {
-    /// The file whose crash image is built (see [`RequestInfo::file`]).
+    /// The file whose crash image is built (see [`RequestInfo::file`](crate::RequestInfo::file)).
     pub file: u32,
     /// The crash comes once this many requests have completed (any file): entries with a
     /// smaller `seq` finished before it, requests issued by then (`issued_after <= at`) may
@@ -350,8 +350,8 @@ impl CrashImage {
 impl FaultController {
     /// The file as a crash now could leave it: `base` is its contents when the log began,
     /// `seed` picks which writes since the last completed flush survive, `tear` tears one
-    /// sector of one of them. File 0 (the injector made by [`FaultInjector::new`], or the
-    /// first file a [`FaultOpener`] opened). See [`CrashImage`] for the model and
+    /// sector of one of them. File 0 (the injector made by [`FaultInjector::new`](crate::FaultInjector::new), or the
+    /// first file a [`FaultOpener`](crate::FaultOpener) opened). See [`CrashImage`] for the model and
     /// [`crash`](Self::crash) for more control.
     ///
     /// # Panics

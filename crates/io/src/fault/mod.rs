@@ -1040,6 +1040,10 @@ impl FaultController {
     }
 
     /// Waits until a request is held and picks it (the oldest not yet picked).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future picks nothing: the request stays for the next call.
     pub async fn next_held(&self) -> HeldRequest {
         loop {
             let mut notified = std::pin::pin!(self.shared.held_changed.notified());
@@ -1135,6 +1139,11 @@ impl HeldRequest {
     ///
     /// # Panics
     /// If the request is an orphan and no orphan driver runs.
+    ///
+    /// # Cancel safety
+    ///
+    /// The request is released when this is first polled; dropping the future later only
+    /// stops the waiting.
     pub async fn release_and_wait(mut self) {
         self.decided = true;
         self.assert_driven();
