@@ -86,5 +86,5 @@ impl Guards {
 
 /// A keep holding `guards` (for one backend operation).
 pub(crate) fn keep(guards: &Arc<Guards>) -> Keep {
-    Keep::new(guards.clone())
+    Keep::from_arc(guards.clone())
 }

@@ -245,6 +245,16 @@ impl Keep {
         Keep(Some(Arc::new(guard)))
     }
 
+    /// Keeps what `shared` points to alive, sharing it (no new allocation: a request's guards
+    /// go to each of its operations this way).
+    pub fn from_arc<T: Send + Sync + 'static>(shared: Arc<T>) -> Self {
+        if cfg!(qcow2_no_keep) {
+            drop(shared);
+            return Keep(None);
+        }
+        Keep(Some(shared))
+    }
+
     /// Keeps both alive.
     pub fn and(self, other: Keep) -> Keep {
         match (self.0, other.0) {
