@@ -927,18 +927,34 @@ impl<O: Opener> Image<O> {
         Ok(used >= threshold)
     }
 
-    /// Counts clusters below `end` with a non-zero refcount, stopping at `limit`.
+    /// Counts clusters below `end` with a non-zero refcount, stopping at `limit`. A writable
+    /// image counts in the allocator's refcounts (the table moves when it fills up, and its
+    /// old clusters are reused: the header read at open may name a cluster of guest data by
+    /// then); a read-only image's table stays where its header says.
     async fn refcounts_until(&self, end: u64, limit: u64) -> Result<u64> {
+        {
+            let meta = self.meta.lock().await;
+            if let Some(alloc) = &meta.alloc {
+                let mut used = 0;
+                for c in 0..end {
+                    if used >= limit {
+                        break;
+                    }
+                    if alloc.get(qcow2_format::HostCluster(c)).unwrap_or(0) > 0 {
+                        used += 1;
+                    }
+                }
+                return Ok(used);
+            }
+        }
+        let (table_offset, table_clusters) = (
+            self.header.refcount_table_offset,
+            self.header.refcount_table_clusters,
+        );
         let h = &self.header;
         let cs = self.cluster_size();
-        let table_len = u64::from(h.refcount_table_clusters) * cs;
-        let raw = read_bytes(
-            &self.file,
-            h.refcount_table_offset,
-            table_len,
-            "refcount table",
-        )
-        .await?;
+        let table_len = u64::from(table_clusters) * cs;
+        let raw = read_bytes(&self.file, table_offset, table_len, "refcount table").await?;
         let table = raw
             .chunks_exact(8)
             .map(|c| qcow2_format::ReftableEntry(u64::from_be_bytes(c.try_into().expect("8"))))
