@@ -15,7 +15,8 @@
 //! maintained): otherwise the read-write open fails, as QEMU's does for a bitmap it cannot
 //! load. The writes at close go through the overlap guard again.
 
-use crate::image::{read_bytes, Image};
+use crate::aligned::read_bytes;
+use crate::image::Image;
 use crate::{Error, Result};
 use blockio::Opener;
 use qcow2_format::{BitmapDirectoryEntry, BitmapTableEntry};
@@ -95,7 +96,7 @@ impl<O: Opener> Image<O> {
     async fn read_bitmaps(&self, ext: &qcow2_format::BitmapsExtension) -> Result<Bitmaps> {
         let header = &self.header;
         let format_err = |source| Error::Format {
-            path: self.path.clone(),
+            path: self.path().to_path_buf(),
             source,
         };
         let cs = self.cluster_size();
@@ -108,7 +109,7 @@ impl<O: Opener> Image<O> {
         )
         .await?;
         let buf = read_bytes(
-            &self.file,
+            self.files.image(),
             ext.directory_offset,
             ext.directory_size,
             "bitmap directory",
@@ -155,7 +156,13 @@ impl<O: Opener> Image<O> {
                 table_len * 8,
             )
             .await?;
-            let raw = read_bytes(&self.file, e.table_offset, table_len * 8, "bitmap table").await?;
+            let raw = read_bytes(
+                self.files.image(),
+                e.table_offset,
+                table_len * 8,
+                "bitmap table",
+            )
+            .await?;
             let table: Vec<BitmapTableEntry> = (0..table_len as usize)
                 .map(|i| BitmapTableEntry::read(&raw, i))
                 .collect();
@@ -171,7 +178,7 @@ impl<O: Opener> Image<O> {
                             cs,
                         )
                         .await?;
-                        let c = read_bytes(&self.file, off.0, cs, "bitmap data").await?;
+                        let c = read_bytes(self.files.image(), off.0, cs, "bitmap data").await?;
                         let n = chunk.len();
                         data[chunk].copy_from_slice(&c[..n]);
                     }
@@ -186,10 +193,14 @@ impl<O: Opener> Image<O> {
                 data,
             });
         }
-        if !tracked.is_empty() && self.data_file.is_none() {
+        if !tracked.is_empty() && self.files.data().is_none() {
             let l1 = self.meta.lock().await.l1.clone();
             crate::verify::bitmaps_apart_from_data(
-                &self.file, &self.path, &self.geo, &l1, &claimed,
+                self.files.image(),
+                self.path(),
+                &self.geo,
+                &l1,
+                &claimed,
             )
             .await?;
         }
@@ -265,7 +276,7 @@ impl<O: Opener> Image<O> {
             (b.directory_offset, b.directory_bytes()?)
         };
         self.write_meta(bytes.0, &bytes.1).await?;
-        self.sync().await?;
+        self.files.sync().await?;
         // Only once `in_use` is on disk: a failure is retried before the next write.
         if let Some(b) = self.bitmaps.lock().await.as_mut() {
             b.marked_in_use = true;
@@ -330,13 +341,13 @@ impl<O: Opener> Image<O> {
                 let mut meta = self.meta.lock().await;
                 self.write_refcounts(&mut meta).await?;
                 drop(meta);
-                self.sync().await?;
+                self.files.sync().await?;
                 let table: Vec<u8> = t.table.iter().flat_map(|e| e.0.to_be_bytes()).collect();
                 let e = &b.directory[t.index];
                 self.write_bitmap_meta(e.table_offset, &table).await?;
             }
         }
-        self.sync().await?;
+        self.files.sync().await?;
         for t in &b.tracked {
             b.directory[t.index].flags &= !BitmapDirectoryEntry::IN_USE;
         }

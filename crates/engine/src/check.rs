@@ -25,7 +25,8 @@
 //! refcounts, header) is not refreshed. [`Image::open_for_repair`] opens an image for that
 //! purpose, including images QEMU repairs but a read-write open refuses (dirty or corrupt bit).
 
-use crate::image::{read_bytes, Image};
+use crate::aligned::read_bytes;
+use crate::image::Image;
 use crate::options::{FileRole, ImageOptions};
 use crate::{Error, Result};
 use blockio::{Backend, IoBuf, Keep, OpenOptions, Opener};
@@ -233,7 +234,7 @@ impl<O: Opener> Image<O> {
     /// than before (refcount increases are on disk before any decrease; a rebuilt refcount
     /// structure takes effect in one small header write). Run it again to finish.
     pub async fn repair(&self, mode: RepairMode) -> Result<CheckReport> {
-        if !self.file.is_writable() {
+        if !self.files.image().is_writable() {
             return Err(Error::ReadOnly);
         }
         let fix = match mode {
@@ -319,8 +320,7 @@ impl<O: Opener> Image<O> {
             )
             .await
             .map_err(|source| crate::image::open_error("image", path, source))?;
-        img.flushes = crate::image::FlushState::new(&file);
-        img.file = file;
+        img.files.replace_image(file);
         Ok(img)
     }
 }
@@ -538,21 +538,22 @@ impl<'a, O: Opener> Checker<'a, O> {
         let geo = img.geo;
         let cs = geo.cluster_size();
         let file_len = img
-            .file
+            .files
+            .image()
             .len()
             .await
-            .map_err(|e| Error::io(format!("{}: size", img.path.display()), e))?;
+            .map_err(|e| Error::io(format!("{}: size", img.files.path().display()), e))?;
         // The header as it is now: a repair may have changed it since the image was opened.
-        let raw = read_bytes(&img.file, 0, cs.min(file_len), "header").await?;
+        let raw = read_bytes(img.files.image(), 0, cs.min(file_len), "header").await?;
         let format_err = |source| Error::Format {
-            path: img.path.clone(),
+            path: img.files.path().to_path_buf(),
             source,
         };
         let header = Header::parse(&raw).map_err(format_err)?;
         header.validate_layout(file_len).map_err(format_err)?;
         let rt_bytes = u64::from(header.refcount_table_clusters) * cs;
         let raw = read_bytes(
-            &img.file,
+            img.files.image(),
             header.refcount_table_offset,
             rt_bytes,
             "refcount table",
@@ -562,7 +563,7 @@ impl<'a, O: Opener> Checker<'a, O> {
             .map(|i| ReftableEntry::read(&raw, i))
             .collect();
         let l1_raw = read_bytes(
-            &img.file,
+            img.files.image(),
             header.l1_table_offset,
             u64::from(header.l1_size) * 8,
             "L1 table",
@@ -948,14 +949,15 @@ impl<'a, O: Opener> Checker<'a, O> {
         if in_file == 0 {
             return Ok(());
         }
-        let table = match read_bytes(&self.img.file, l1_offset, in_file * 8, "L1 table").await {
-            Ok(t) => t,
-            Err(e) => {
-                self.msg("ERROR: I/O error in check_refcounts_l1".into());
-                self.res.check_errors += 1;
-                return Err(e.into());
-            }
-        };
+        let table =
+            match read_bytes(self.img.files.image(), l1_offset, in_file * 8, "L1 table").await {
+                Ok(t) => t,
+                Err(e) => {
+                    self.msg("ERROR: I/O error in check_refcounts_l1".into());
+                    self.res.check_errors += 1;
+                    return Err(e.into());
+                }
+            };
         // No valid L1 table names more L2 tables inside the file than it has clusters (those
         // past its end read as zeros and are not walked): the bound on the work of the walk.
         let max_tables = self.file_len.div_ceil(self.cs).max(1);
@@ -1009,14 +1011,15 @@ impl<'a, O: Opener> Checker<'a, O> {
             // Reads as zeros: unallocated entries, nothing to count or check.
             return Ok(());
         }
-        let mut table = match read_bytes(&self.img.file, l2_offset, self.cs, "L2 table").await {
-            Ok(t) => t,
-            Err(e) => {
-                self.msg("ERROR: I/O error in check_refcounts_l2".into());
-                self.res.check_errors += 1;
-                return Err(e.into());
-            }
-        };
+        let mut table =
+            match read_bytes(self.img.files.image(), l2_offset, self.cs, "L2 table").await {
+                Ok(t) => t,
+                Err(e) => {
+                    self.msg("ERROR: I/O error in check_refcounts_l2".into());
+                    self.res.check_errors += 1;
+                    return Err(e.into());
+                }
+            };
         let mut fixed = Vec::new();
         let walked = self
             .walk_l2(
@@ -1273,14 +1276,20 @@ impl<'a, O: Opener> Checker<'a, O> {
             let bytes = u64::from(bm.table_size) * 8;
             self.inc_meta(imrt, Role::BitmapTable, bm.table_offset, bytes)?;
             self.bitmap_placement(&mut claimed, bm.table_offset, bytes, Overlap::None);
-            let table =
-                match read_bytes(&self.img.file, bm.table_offset, bytes, "bitmap table").await {
-                    Ok(t) => t,
-                    Err(e) => {
-                        self.unfixable();
-                        return Err(e.into());
-                    }
-                };
+            let table = match read_bytes(
+                self.img.files.image(),
+                bm.table_offset,
+                bytes,
+                "bitmap table",
+            )
+            .await
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    self.unfixable();
+                    return Err(e.into());
+                }
+            };
             let mut data = Vec::with_capacity(bm.table_size as usize);
             for i in 0..bm.table_size as usize {
                 match BitmapTableEntry::read(&table, i).decode(self.cs) {
@@ -1404,7 +1413,8 @@ impl<'a, O: Opener> Checker<'a, O> {
             .filter(|e| *e <= i64::MAX as u64)
             .ok_or_else(|| EINVAL.to_string())?;
         self.img
-            .file
+            .files
+            .image()
             .set_len(end)
             .await
             .map_err(|e| e.to_string())?;
@@ -1455,7 +1465,7 @@ impl<'a, O: Opener> Checker<'a, O> {
                 let dirty = &self.dirty;
                 self.blocks.retain(|off, _| dirty.contains(off));
             }
-            let b = read_bytes(&self.img.file, offset, self.cs, "refcount block").await?;
+            let b = read_bytes(self.img.files.image(), offset, self.cs, "refcount block").await?;
             self.blocks.insert(offset, b.to_vec());
         }
         Ok(self.blocks.get_mut(&offset).expect("just inserted"))
@@ -1574,7 +1584,8 @@ impl<'a, O: Opener> Checker<'a, O> {
                 // Like QEMU, give freed clusters back to the file system; failure is harmless.
                 let _ = self
                     .img
-                    .file
+                    .files
+                    .image()
                     .punch_hole(cluster << self.cluster_bits(), self.cs, Keep::none())
                     .await;
             }
@@ -1631,14 +1642,15 @@ impl<'a, O: Opener> Checker<'a, O> {
                 // Reads as zeros: no allocated entry to check.
                 continue;
             }
-            let mut table = match read_bytes(&self.img.file, l2_offset, self.cs, "L2 table").await {
-                Ok(t) => t,
-                Err(e) => {
-                    msg!(self, "ERROR: Could not read L2 table: {e}");
-                    self.res.check_errors += 1;
-                    return Err(e.into());
-                }
-            };
+            let mut table =
+                match read_bytes(self.img.files.image(), l2_offset, self.cs, "L2 table").await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        msg!(self, "ERROR: Could not read L2 table: {e}");
+                        self.res.check_errors += 1;
+                        return Err(e.into());
+                    }
+                };
             let mut dirty = 0u64;
             for j in 0..geo.l2_entries() as usize {
                 let entry = L2Entry::read(&table, &geo, j);
@@ -1890,9 +1902,9 @@ impl<'a, O: Opener> Checker<'a, O> {
     /// Writes `data` at `offset` of the image file (read-modify-write around it when the
     /// backend needs aligned I/O), keeping the known file length up to date.
     async fn write_bytes(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        let file = &self.img.file;
+        let file = self.img.files.image();
         let align = file.alignment().max(1) as u64;
-        let what = || format!("{}: writing metadata", self.img.path.display());
+        let what = || format!("{}: writing metadata", self.img.files.path().display());
         let end = offset + data.len() as u64;
         let buf = if align == 1 {
             IoBuf::from_slice(data)
@@ -1924,19 +1936,21 @@ impl<'a, O: Opener> Checker<'a, O> {
 
     async fn flush(&mut self) -> Result<()> {
         self.img
-            .file
+            .files
+            .image()
             .flush()
             .await
-            .map_err(|e| Error::io(format!("{}: flush", self.img.path.display()), e))
+            .map_err(|e| Error::io(format!("{}: flush", self.img.files.path().display()), e))
     }
 
     async fn refresh_len(&mut self) -> Result<()> {
         self.file_len = self
             .img
-            .file
+            .files
+            .image()
             .len()
             .await
-            .map_err(|e| Error::io(format!("{}: size", self.img.path.display()), e))?;
+            .map_err(|e| Error::io(format!("{}: size", self.img.files.path().display()), e))?;
         Ok(())
     }
 

@@ -1,7 +1,9 @@
 //! The [`Image`]: opening an image, its backing chain and data file, and what it knows about
 //! itself.
 
+use crate::aligned::{read_bytes, read_data, Aligned};
 use crate::cache::TableCache;
+use crate::files::{DataFile, Files, FlushState};
 use crate::options::{BackingChoice, FileRole, ImageFormat, ImageOptions};
 use crate::{Error, Result};
 use blockio::{Backend, IoBuf, Keep, OpenOptions, Opener};
@@ -28,11 +30,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// the changes acknowledged since the last successful [`flush`](Image::flush) may be lost, and
 /// the drop reports it with a `tracing` error naming the image and what was not written back.
 pub struct Image<O: Opener> {
-    pub(crate) path: PathBuf,
-    pub(crate) file: O::Backend,
-    /// The image file's flushes.
-    pub(crate) flushes: FlushState,
-    pub(crate) data_file: Option<DataFile<O::Backend>>,
+    /// The image file and the data file.
+    pub(crate) files: Files<O::Backend>,
+    /// Aligned I/O and its read-modify-write lock.
+    pub(crate) aligned: Aligned,
     pub(crate) header: Header,
     pub(crate) geo: ClusterGeometry,
     pub(crate) read_only: bool,
@@ -41,21 +42,9 @@ pub struct Image<O: Opener> {
     pub(crate) backing: Option<Box<Disk<O>>>,
     pub(crate) meta: async_lock::Mutex<Meta>,
     pub(crate) leases: LeaseTable,
-    pub(crate) file_len: AtomicU64,
-    /// The image file's length as this session made it: it grows ahead of the allocations
-    /// ([`Image::grow_for`]), so that writes to new clusters overwrite reserved blocks.
-    pub(crate) grown: AtomicU64,
-    /// Serialises the growth of the file (one `preallocate` at a time).
-    pub(crate) growth: async_lock::Mutex<()>,
-    /// The length the file had at open: close trims the growth made ahead, never below this.
-    pub(crate) opened_len: u64,
     /// Whether the image looks like it was created with preallocation=metadata (computed on
     /// first use, as QEMU does, for block status).
     pub(crate) metadata_prealloc: async_lock::OnceCell<bool>,
-    /// With O_DIRECT, an unaligned write is a read-modify-write of whole blocks: it holds
-    /// this exclusively, aligned data writes hold it shared, so that no write lands between
-    /// the read and the write-back of a block. The guard goes with the write's I/O (I9).
-    pub(crate) rmw: std::sync::Arc<async_lock::RwLock<()>>,
     /// Requests and their backend operations in flight ([`crate::inflight`]): close waits
     /// until none is left.
     pub(crate) io: crate::inflight::Tracker,
@@ -93,7 +82,7 @@ impl<O: Opener> Drop for Image<O> {
             return;
         }
         tracing::error!(
-            path = %self.path.display(),
+            path = %self.path().display(),
             unflushed_changes = unflushed,
             dirty_l2_tables = l2_tables,
             dirty_l1 = l1,
@@ -163,71 +152,6 @@ impl MetadataClusters {
             .flat_map(|&(s, e)| s..e)
             .chain(self.l2.iter().copied())
     }
-}
-
-/// A file's flushes, failing for good after one failed on a file written through the page
-/// cache, as QEMU's file-posix does (`page_cache_inconsistent`): Linux may drop the dirty
-/// pages a failed fsync covered and report that once, so a later fsync would succeed without
-/// them. With O_DIRECT the data never waited in the page cache, and a later flush may succeed.
-///
-/// A flush whose future was dropped still fails in the backend, unseen: every flush compares
-/// the backend's count of failed flushes ([`Backend::flush_failures`]) with the count it has
-/// accounted for, and fails (as if it had failed itself) when another flush failed since.
-pub(crate) struct FlushState {
-    broken: std::sync::atomic::AtomicBool,
-    /// Failed flushes of the file accounted for.
-    seen: AtomicU64,
-}
-
-impl FlushState {
-    /// The flushes of `backend`, accounting for the failures it had before.
-    pub(crate) fn new<B: Backend>(backend: &B) -> Self {
-        FlushState {
-            broken: Default::default(),
-            seen: AtomicU64::new(backend.flush_failures()),
-        }
-    }
-
-    /// Flushes `backend` (the file at `path`).
-    pub(crate) async fn flush<B: Backend>(&self, backend: &B, path: &Path) -> Result<()> {
-        if self.broken.load(Ordering::Acquire) {
-            return Err(Error::io(
-                format!(
-                    "{}: flush: an earlier flush failed, so writes made through the page cache \
-                     may have been lost; reopen the image",
-                    path.display()
-                ),
-                std::io::Error::from_raw_os_error(EIO),
-            ));
-        }
-        let res = backend.flush().await;
-        let failures = backend.flush_failures();
-        let unseen = self.seen.fetch_max(failures, Ordering::AcqRel) < failures;
-        let what = match (&res, unseen) {
-            (Ok(()), true) => "flush: an earlier flush, whose caller went away, failed",
-            _ => "flush",
-        };
-        let res = match res {
-            Ok(()) if unseen => Err(std::io::Error::from_raw_os_error(EIO)),
-            r => r,
-        };
-        res.map_err(|e| {
-            if backend.alignment() <= 1 {
-                self.broken.store(true, Ordering::Release);
-            }
-            Error::io(format!("{}: {what}", path.display()), e)
-        })
-    }
-}
-
-/// EIO (5 on every Unix), the errno of every flush after a failed one.
-const EIO: i32 = 5;
-
-/// An external data file.
-pub(crate) struct DataFile<B> {
-    pub(crate) backend: B,
-    pub(crate) path: PathBuf,
-    pub(crate) flushes: FlushState,
 }
 
 /// A disk image of either format: what a backing chain is made of, and what `qimg` opens
@@ -355,8 +279,7 @@ impl<O: Opener> Disk<O> {
         match self {
             Disk::Qcow2(img) => Box::pin(img.read_into(buf, range, offset)).await,
             Disk::Raw(raw) => {
-                let (res, buf) =
-                    crate::read::read_data(&raw.backend, buf, range, offset, Keep::none()).await;
+                let (res, buf) = read_data(&raw.backend, buf, range, offset, Keep::none()).await;
                 (
                     res.map_err(|e| Error::io(format!("{}: reading", raw.path.display()), e)),
                     buf,
@@ -368,50 +291,6 @@ impl<O: Opener> Disk<O> {
 
 /// Largest header area read at open: one cluster of the largest size QEMU accepts.
 const MAX_CLUSTER: u64 = 2 << 20;
-
-/// Reads `[offset, offset+len)` of a backend into a fresh buffer, zero padded past EOF, with
-/// the alignment the backend needs.
-pub(crate) async fn read_bytes<B: Backend>(
-    backend: &B,
-    offset: u64,
-    len: u64,
-    what: &str,
-) -> Result<IoBuf> {
-    read_bytes_kept(backend, offset, len, what, Keep::none()).await
-}
-
-/// [`read_bytes`], the read carrying `keep`.
-pub(crate) async fn read_bytes_kept<B: Backend>(
-    backend: &B,
-    offset: u64,
-    len: u64,
-    what: &str,
-    keep: Keep,
-) -> Result<IoBuf> {
-    let align = backend.alignment().max(1) as u64;
-    let start = offset / align * align;
-    let end = offset
-        .checked_add(len)
-        .and_then(|e| e.checked_next_multiple_of(align))
-        .ok_or_else(|| {
-            Error::io(
-                format!("reading {what}"),
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!("range {offset:#x}+{len:#x} overflows"),
-                ),
-            )
-        })?;
-    // Callers bound `len` (header area, validated table sizes, one cluster).
-    let mut buf = IoBuf::with_alignment((end - start) as usize, align as usize);
-    buf.attach(keep);
-    let (res, b) = blockio::read_zero_padded(backend, buf, start).await;
-    buf = b;
-    drop(buf.take_keep());
-    res.map_err(|e| Error::io(format!("reading {what}"), e))?;
-    buf.set_window((offset - start) as usize..(offset - start + len) as usize);
-    Ok(buf)
-}
 
 impl<O: Opener> Image<O> {
     /// Opens the image at `path` with `opener` (which is also used for its backing chain and
@@ -528,11 +407,7 @@ impl<O: Opener> Image<O> {
                 .open(&resolved, io_options(options, FileRole::DataFile))
                 .await
                 .map_err(|source| open_error("data file", &resolved, source))?;
-            Some(DataFile {
-                flushes: FlushState::new(&backend),
-                backend,
-                path: resolved,
-            })
+            Some(DataFile::new(backend, resolved))
         } else {
             None
         };
@@ -596,10 +471,8 @@ impl<O: Opener> Image<O> {
                 .await?;
         }
         let img = Image {
-            path: path.into(),
-            flushes: FlushState::new(&file),
-            file,
-            data_file,
+            files: Files::new(path, file, file_len, data_file),
+            aligned: Aligned::default(),
             geo,
             read_only,
             backing,
@@ -615,13 +488,8 @@ impl<O: Opener> Image<O> {
                 metadata,
             }),
             leases: LeaseTable::new(),
-            file_len: AtomicU64::new(file_len),
-            grown: AtomicU64::new(file_len),
-            growth: async_lock::Mutex::new(()),
-            opened_len: file_len,
             metadata_prealloc: async_lock::OnceCell::new(),
             marked_corrupt: std::sync::atomic::AtomicBool::new(false),
-            rmw: Default::default(),
             io: Default::default(),
             meta_io: Default::default(),
             acked: AtomicU64::new(0),
@@ -679,7 +547,7 @@ impl<O: Opener> Image<O> {
 
     /// The path the image was opened with.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.files.path()
     }
 
     /// The virtual disk size in bytes.
@@ -714,17 +582,17 @@ impl<O: Opener> Image<O> {
 
     /// The external data file's path, if the image has one.
     pub fn data_file_path(&self) -> Option<&Path> {
-        self.data_file.as_ref().map(|d| d.path.as_path())
+        self.files.data().map(|d| d.path.as_path())
     }
 
     /// The image file's length in bytes.
     pub fn file_len(&self) -> u64 {
-        self.file_len.load(Ordering::Acquire)
+        self.files.len()
     }
 
     /// The image file's backend.
     pub fn file(&self) -> &O::Backend {
-        &self.file
+        self.files.image()
     }
 
     /// (hits, misses) of the L2 table cache so far.
@@ -857,10 +725,10 @@ impl<O: Opener> Image<O> {
     ///
     /// Reads only: dropping the future changes nothing.
     pub async fn snapshots(&self) -> Result<Vec<qcow2_format::Snapshot>> {
-        read_snapshot_table(&self.file, &self.header, self.file_len())
+        read_snapshot_table(self.files.image(), &self.header, self.file_len())
             .await?
             .map_err(|source| Error::Format {
-                path: self.path.clone(),
+                path: self.path().to_path_buf(),
                 source,
             })
     }
@@ -877,7 +745,7 @@ impl<O: Opener> Image<O> {
         let end = ext.directory_offset.checked_add(ext.directory_size);
         if end.is_none_or(|e| e > self.file_len()) || ext.directory_size > 1024 * 65535 {
             return Err(Error::Format {
-                path: self.path.clone(),
+                path: self.path().to_path_buf(),
                 source: FormatError::PastEnd {
                     what: "bitmap directory",
                     offset: ext.directory_offset,
@@ -887,7 +755,7 @@ impl<O: Opener> Image<O> {
             });
         }
         let buf = read_bytes(
-            &self.file,
+            self.files.image(),
             ext.directory_offset,
             ext.directory_size,
             "bitmap directory",
@@ -895,7 +763,7 @@ impl<O: Opener> Image<O> {
         .await?;
         qcow2_format::BitmapDirectoryEntry::parse_directory(&buf, ext.nb_bitmaps).map_err(
             |source| Error::Format {
-                path: self.path.clone(),
+                path: self.path().to_path_buf(),
                 source,
             },
         )
@@ -916,10 +784,11 @@ impl<O: Opener> Image<O> {
     async fn detect_metadata_preallocation(&self) -> Result<bool> {
         let cs = self.cluster_size();
         let allocated = self
-            .file
+            .files
+            .image()
             .allocated_size()
             .await
-            .map_err(|e| Error::io(format!("{}: allocated size", self.path.display()), e))?;
+            .map_err(|e| Error::io(format!("{}: allocated size", self.path().display()), e))?;
         let real_clusters = allocated / cs;
         let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
         let end_cluster = self.file_len().div_ceil(cs);
@@ -954,7 +823,13 @@ impl<O: Opener> Image<O> {
         let h = &self.header;
         let cs = self.cluster_size();
         let table_len = u64::from(table_clusters) * cs;
-        let raw = read_bytes(&self.file, table_offset, table_len, "refcount table").await?;
+        let raw = read_bytes(
+            self.files.image(),
+            table_offset,
+            table_len,
+            "refcount table",
+        )
+        .await?;
         let table = raw
             .chunks_exact(8)
             .map(|c| qcow2_format::ReftableEntry(u64::from_be_bytes(c.try_into().expect("8"))))
@@ -968,7 +843,7 @@ impl<O: Opener> Image<O> {
             let block = rc
                 .block_offset(slot.table_index)
                 .map_err(|e| Error::Corrupt {
-                    path: self.path.clone(),
+                    path: self.path().to_path_buf(),
                     what: format!("refcount table: {e}"),
                 })?;
             let block_end = ((slot.table_index + 1) * per_block).min(end);
@@ -977,14 +852,14 @@ impl<O: Opener> Image<O> {
                 continue;
             };
             if !rc.has_block(slot.table_index) {
-                let bytes = read_bytes(&self.file, block.0, cs, "refcount block").await?;
+                let bytes = read_bytes(self.files.image(), block.0, cs, "refcount block").await?;
                 rc.insert_block(slot.table_index, bytes.to_vec());
             }
             while cluster < block_end && used < limit {
                 let n = rc
                     .get(qcow2_format::HostCluster(cluster))
                     .map_err(|e| Error::Corrupt {
-                        path: self.path.clone(),
+                        path: self.path().to_path_buf(),
                         what: format!("refcount: {e}"),
                     })?;
                 if n > 0 {

@@ -28,12 +28,14 @@
 //! holds the metadata lock across data I/O.
 #![warn(missing_docs)]
 
+mod aligned;
 mod bitmaps;
 mod cache;
 mod check;
 mod compress;
 mod create;
 mod error;
+mod files;
 mod image;
 mod inflight;
 mod map;

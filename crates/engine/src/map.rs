@@ -172,7 +172,7 @@ impl<O: Opener> Image<O> {
             });
         };
         let len = first.len;
-        let image_file = || Some(self.path.clone());
+        let image_file = || Some(self.path().to_path_buf());
         let st = match first.kind {
             ExtentKind::Unallocated { host } => {
                 // Unallocated with nothing below (or below the backing file's end) reads zeros.
@@ -221,9 +221,9 @@ impl<O: Opener> Image<O> {
                 if recurse {
                     // With preallocated metadata QEMU asks the file whether the host range
                     // is a hole: a hole reads as zeros.
-                    let (file_data, n) = match (&self.data_file, data_file) {
+                    let (file_data, n) = match (self.files.data(), data_file) {
                         (Some(d), true) => file_status(&d.backend, host, len).await?,
-                        _ => file_status(&self.file, host, len).await?,
+                        _ => file_status(self.files.image(), host, len).await?,
                     };
                     st.len = n;
                     st.zero = !file_data;

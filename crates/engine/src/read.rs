@@ -1,19 +1,18 @@
 //! The read path: map a guest range to pieces (zeros, backing file, data, compressed), take
 //! shared leases on the host clusters under the metadata lock, then do the I/O without it.
 
-use crate::image::{read_bytes, read_bytes_kept, Image, Meta};
+use crate::aligned::{read_bytes, read_bytes_kept, read_data};
+use crate::image::{Image, Meta};
 use crate::inflight::{keep, Guards};
 use crate::{Error, Result};
-use blockio::{Backend, IoBuf, Keep, Opener};
+use blockio::{IoBuf, Keep, Opener};
 use qcow2_alloc::SharedLease;
 use qcow2_format::{
     CompressedDescriptor, GuestOffset, HostCluster, L2Entry, L2Mapping, SubclusterBitmap,
     SubclusterState,
 };
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::ops::Range;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// The outcome of a read into an owned buffer, and the buffer back.
@@ -152,12 +151,14 @@ impl<O: Opener> Image<O> {
             Source::Backing => self.read_backing(buf, r, piece.guest).await,
             Source::Data { host, data_file } => {
                 let keep = keep(guards);
-                let (res, buf) = match (&self.data_file, data_file) {
+                let (res, buf) = match (self.files.data(), data_file) {
                     (Some(d), true) => read_data(&d.backend, buf, r, host, keep).await,
-                    _ => read_data(&self.file, buf, r, host, keep).await,
+                    _ => read_data(self.files.image(), buf, r, host, keep).await,
                 };
                 (
-                    res.map_err(|e| Error::io(format!("{}: reading data", self.path.display()), e)),
+                    res.map_err(|e| {
+                        Error::io(format!("{}: reading data", self.path().display()), e)
+                    }),
                     buf,
                 )
             }
@@ -196,7 +197,7 @@ impl<O: Opener> Image<O> {
     async fn read_compressed(&self, desc: CompressedDescriptor, keep: Keep) -> Result<Vec<u8>> {
         let len = desc.read_len();
         let data = read_bytes_kept(
-            &self.file,
+            self.files.image(),
             desc.host_offset,
             len,
             "compressed cluster",
@@ -206,7 +207,7 @@ impl<O: Opener> Image<O> {
         let mut out = vec![0u8; self.cluster_size() as usize];
         crate::compress::decompress(self.header.compression_type, &data, &mut out).map_err(
             |reason| Error::Decompress {
-                path: self.path.clone(),
+                path: self.path().to_path_buf(),
                 host_offset: desc.host_offset,
                 reason,
             },
@@ -292,7 +293,7 @@ impl<O: Opener> Image<O> {
 
     fn corrupt(&self, what: impl Into<String>) -> Error {
         Error::Corrupt {
-            path: self.path.clone(),
+            path: self.path().to_path_buf(),
             what: what.into(),
         }
     }
@@ -301,12 +302,12 @@ impl<O: Opener> Image<O> {
     pub(crate) async fn l2_table<'m>(&self, meta: &'m mut Meta, offset: u64) -> Result<&'m IoBuf> {
         if meta.l2.get(offset).is_none() {
             let cs = self.cluster_size();
-            if offset.saturating_add(cs) > self.file_len.load(Ordering::Acquire) {
+            if offset.saturating_add(cs) > self.files.len() {
                 return Err(self.corrupt(format!(
                     "L2 table at {offset:#x} lies past the end of the file"
                 )));
             }
-            let table = read_bytes(&self.file, offset, cs, "L2 table").await?;
+            let table = read_bytes(self.files.image(), offset, cs, "L2 table").await?;
             meta.l2.insert(offset, table, false);
         }
         Ok(meta.l2.get(offset).expect("just inserted"))
@@ -339,8 +340,8 @@ impl<O: Opener> Image<O> {
         let mapping = entry
             .decode(&self.geo, zero_ok)
             .map_err(|e| self.corrupt(format!("L2 entry for guest offset {guest:#x}: {e}")))?;
-        let file_len = self.file_len.load(Ordering::Acquire);
-        if self.data_file.is_some() {
+        let file_len = self.files.len();
+        if self.files.data().is_some() {
             // An external data file maps every cluster at its guest offset (QEMU refuses any
             // other host offset as corruption): nothing else may be read or written there.
             let host = match mapping {
@@ -357,12 +358,12 @@ impl<O: Opener> Image<O> {
             }
         }
         match mapping {
-            L2Mapping::Normal { host, .. } if self.data_file.is_none() && host.0 >= file_len => {
+            L2Mapping::Normal { host, .. } if self.files.data().is_none() && host.0 >= file_len => {
                 Err(self.corrupt(format!(
                     "data cluster for guest offset {guest:#x} at {host} lies past the end of the file"
                 )))
             }
-            L2Mapping::Normal { host, copied } if self.data_file.is_none() && host.0 == 0 => {
+            L2Mapping::Normal { host, copied } if self.files.data().is_none() && host.0 == 0 => {
                 let _ = copied;
                 Err(self.corrupt(format!(
                     "data cluster for guest offset {guest:#x} points at the header"
@@ -372,7 +373,7 @@ impl<O: Opener> Image<O> {
                 "compressed cluster for guest offset {guest:#x} at {:#x} lies past the end of the file",
                 d.host_offset
             ))),
-            L2Mapping::Compressed(_) if self.data_file.is_some() => Err(self.corrupt(
+            L2Mapping::Compressed(_) if self.files.data().is_some() => Err(self.corrupt(
                 "compressed cluster in an image with an external data file",
             )),
             m => Ok(m),
@@ -468,7 +469,7 @@ impl<O: Opener> Image<O> {
         bitmap: SubclusterBitmap,
         fallthrough: Source,
     ) -> Result<()> {
-        let data_file = self.data_file.is_some();
+        let data_file = self.files.data().is_some();
         let whole = |source| Piece {
             guest: range.start,
             len: range.end - range.start,
@@ -540,53 +541,4 @@ impl<O: Opener> Image<O> {
         }
         Ok(())
     }
-}
-
-/// Runs `op` on `buf` with `keep` attached (so that it lives until the backend is done with
-/// the operation, even if this future is dropped), and gives the buffer back carrying only
-/// what it carried before.
-pub(crate) async fn with_keep<T, F, Fut>(mut buf: IoBuf, keep: Keep, op: F) -> (T, IoBuf)
-where
-    F: FnOnce(IoBuf) -> Fut,
-    Fut: Future<Output = (T, IoBuf)>,
-{
-    let theirs = buf.take_keep();
-    buf.attach(theirs.clone().and(keep));
-    let (r, mut buf) = op(buf).await;
-    drop(buf.take_keep());
-    buf.attach(theirs);
-    (r, buf)
-}
-
-/// Reads `[host, host + r.len())` of `backend` into `r` of the buffer's allocation, zero
-/// padded past EOF, bouncing through an aligned buffer when O_DIRECT's alignment demands it.
-/// The read carries `keep`.
-pub(crate) async fn read_data<B: Backend>(
-    backend: &B,
-    mut buf: IoBuf,
-    r: Range<usize>,
-    host: u64,
-    keep: Keep,
-) -> (std::io::Result<()>, IoBuf) {
-    let align = backend.alignment().max(1);
-    let window = buf.window();
-    buf.set_window(r.clone());
-    if align == 1 || (buf.is_aligned_to(align) && host % align as u64 == 0) {
-        let (res, mut b) =
-            with_keep(buf, keep, |b| blockio::read_zero_padded(backend, b, host)).await;
-        b.set_window(window);
-        return (res, b);
-    }
-    let a = align as u64;
-    let start = host / a * a;
-    let end = (host + r.len() as u64).div_ceil(a) * a;
-    let mut bounce = IoBuf::with_alignment((end - start) as usize, align);
-    bounce.attach(keep);
-    let (res, bounce) = blockio::read_zero_padded(backend, bounce, start).await;
-    if res.is_ok() {
-        let from = (host - start) as usize;
-        buf.copy_from_slice(&bounce[from..from + r.len()]);
-    }
-    buf.set_window(window);
-    (res, buf)
 }

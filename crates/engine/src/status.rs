@@ -83,7 +83,7 @@ impl<O: Opener> Image<O> {
     /// Reads metadata only: dropping the future changes nothing.
     pub async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let len = len.min(self.size().saturating_sub(offset));
-        let data_file = self.data_file.is_some();
+        let data_file = self.files.data().is_some();
         let sc = self.geo.subcluster_size();
         let extended = self.geo.extended_l2();
         let mut out = Vec::new();

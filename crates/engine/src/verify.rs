@@ -12,7 +12,8 @@
 //! same walk of the active tables, made again only when the image has bitmaps to maintain,
 //! keeps their clusters apart from guest data.
 
-use crate::image::{read_bytes, MetadataClusters};
+use crate::aligned::read_bytes;
+use crate::image::MetadataClusters;
 use crate::{Error, Result};
 use blockio::Backend;
 use qcow2_alloc::Allocator;

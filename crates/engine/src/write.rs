@@ -8,9 +8,10 @@
 //! written before the L2 entry that exposes it, and refcount decrements wait until the
 //! unmapping that caused them is on disk (I4, I5): see [`Image::write_back`].
 
+use crate::aligned::write_unaligned;
 use crate::image::{Disk, Image, Meta};
 use crate::inflight::{keep, Guards};
-use crate::read::{with_keep, Piece, Source};
+use crate::read::{Piece, Source};
 use crate::{Error, Result};
 use blockio::{Backend, IoBuf, Keep, Opener};
 use qcow2_alloc::{ExclusiveLease, Gate, GateGuard, Reservation, SharedLease};
@@ -30,9 +31,6 @@ const MAX_DIRTY_FACTOR: usize = 1;
 const MAX_PENDING_DECREMENTS: usize = 4096;
 /// Largest explicit zero write, in bytes.
 const ZERO_CHUNK: u64 = 1 << 20;
-/// The file grows ahead of the allocations by an eighth of its length, within these bounds.
-const GROWTH_MIN: u64 = 1 << 20;
-const GROWTH_MAX: u64 = 64 << 20;
 
 /// What one step of a write does.
 enum Step {
@@ -93,7 +91,7 @@ impl<O: Opener> Image<O> {
             .marked_corrupt
             .load(std::sync::atomic::Ordering::Acquire)
         {
-            return Err(Error::MarkedCorrupt(self.path.clone()));
+            return Err(Error::MarkedCorrupt(self.path().to_path_buf()));
         }
         if offset.checked_add(len).is_none_or(|e| e > self.size()) {
             return Err(Error::OutOfRange {
@@ -106,7 +104,7 @@ impl<O: Opener> Image<O> {
     }
 
     fn alloc_err(&self, e: qcow2_alloc::RefcountError) -> Error {
-        Error::from((self.path.as_path(), e))
+        Error::from((self.path(), e))
     }
 
     /// Allocates `count` clusters and extends the known end of the file over them (entries
@@ -134,9 +132,8 @@ impl<O: Opener> Image<O> {
                 "host cluster {c} holds metadata but its refcount is 0"
             )));
         }
-        let end = alloc.high_water() * self.cluster_size();
-        self.file_len
-            .fetch_max(end, std::sync::atomic::Ordering::AcqRel);
+        self.files
+            .extend_len(alloc.high_water() * self.cluster_size());
         Ok(a)
     }
 
@@ -203,10 +200,10 @@ impl<O: Opener> Image<O> {
             let header = meta.header.clone();
             // Best effort: the error the caller sees is the corruption itself.
             if self.write_header(&header).await.is_ok() {
-                let _ = self.sync().await;
+                let _ = self.files.sync().await;
             }
             drop(meta);
-            tracing::error!(path = %self.path.display(), error = %e, "image marked corrupt");
+            tracing::error!(path = %self.path().display(), error = %e, "image marked corrupt");
         }
         e
     }
@@ -255,44 +252,20 @@ impl<O: Opener> Image<O> {
         }
     }
 
-    fn data_backend(&self, data_file: bool) -> &O::Backend {
-        match (&self.data_file, data_file) {
-            (Some(d), true) => &d.backend,
-            _ => &self.file,
-        }
-    }
-
-    /// Writes `r` of the buffer's allocation at `host`, bouncing through an aligned buffer
-    /// when O_DIRECT's alignment demands it. The write carries `keep`, and the read-modify-write
-    /// lock's guard (I9).
+    /// Writes `r` of the buffer's allocation at `host` (of the data file when `data_file`);
+    /// the write carries `keep` (I9).
     async fn write_data(
         &self,
-        mut buf: IoBuf,
+        buf: IoBuf,
         r: std::ops::Range<usize>,
         host: u64,
         data_file: bool,
         keep: Keep,
     ) -> (Result<()>, IoBuf) {
-        let backend = self.data_backend(data_file);
-        let window = buf.window();
-        buf.set_window(r.clone());
-        let align = backend.alignment().max(1);
-        let res = if align == 1 {
-            let (res, b) = with_keep(buf, keep, |b| backend.write_at(b, host)).await;
-            buf = b;
-            res
-        } else if buf.is_aligned_to(align) && host % align as u64 == 0 {
-            let shared = Keep::new(self.rmw.read_arc().await);
-            let (res, b) = with_keep(buf, keep.and(shared), |b| backend.write_at(b, host)).await;
-            buf = b;
-            res
-        } else {
-            let exclusive = Keep::new(self.rmw.write_arc().await);
-            write_unaligned(backend, &buf, host, keep.and(exclusive)).await
-        };
-        buf.set_window(window);
+        let backend = self.files.backend(data_file);
+        let (res, buf) = self.aligned.write_data(backend, buf, r, host, keep).await;
         (
-            res.map_err(|e| Error::io(format!("{}: writing data", self.path.display()), e)),
+            res.map_err(|e| Error::io(format!("{}: writing data", self.path().display()), e)),
             buf,
         )
     }
@@ -306,7 +279,7 @@ impl<O: Opener> Image<O> {
             return Ok(Step::WaitGate(g));
         }
         let l1_index = geo.l1_index(GuestOffset(pos));
-        let data_file = self.data_file.is_some();
+        let data_file = self.files.data().is_some();
 
         // The in-place fast path: allocated, COPIED, (extended: every touched subcluster
         // allocated); coalesced over following clusters with contiguous host offsets.
@@ -447,7 +420,7 @@ impl<O: Opener> Image<O> {
         let l2_index = geo.l2_index(GuestOffset(pos));
         let entry = L2Entry::read(self.l2_table(meta, l2_offset).await?, &geo, l2_index);
         let old = self.decode_entry(entry, cluster)?;
-        let data_file = self.data_file.is_some();
+        let data_file = self.files.data().is_some();
         let extended = geo.extended_l2();
         let sc = geo.subcluster_size();
 
@@ -624,33 +597,9 @@ impl<O: Opener> Image<O> {
 
     pub(crate) fn corrupt_err(&self, what: String) -> Error {
         Error::Corrupt {
-            path: self.path.clone(),
+            path: self.path().to_path_buf(),
             what,
         }
-    }
-
-    /// Makes the image file at least `end` bytes long, growing it ahead by a chunk (an
-    /// eighth of its length, 1 to 64 MiB) reserved with [`Backend::preallocate`]: a write
-    /// to a new cluster then overwrites reserved blocks instead of extending the file, which
-    /// file systems serialise (ext4 takes the inode lock exclusively and O_DIRECT loses its
-    /// concurrency). The growth reads as zeros, and a crash leaves it as free space.
-    async fn grow_for(&self, end: u64, keep: Keep) -> Result<()> {
-        if self.grown.load(Ordering::Acquire) >= end {
-            return Ok(());
-        }
-        let _growing = self.growth.lock().await;
-        let cur = self.grown.load(Ordering::Acquire);
-        if cur >= end {
-            return Ok(());
-        }
-        let cs = self.cluster_size();
-        let target = (end + (cur / 8).clamp(GROWTH_MIN, GROWTH_MAX)).next_multiple_of(cs);
-        self.file
-            .preallocate(target, keep)
-            .await
-            .map_err(|e| Error::io(format!("{}: growing the file", self.path.display()), e))?;
-        self.grown.store(target, Ordering::Release);
-        Ok(())
     }
 
     /// Performs a planned allocating write, then installs its L2 entry.
@@ -671,7 +620,12 @@ impl<O: Opener> Image<O> {
         .await;
         let (res, buf) = match (a.fresh, a.data_file) {
             (true, false) => match self
-                .grow_for(a.host + self.cluster_size(), keep(&guards))
+                .files
+                .grow_for(
+                    a.host + self.cluster_size(),
+                    self.cluster_size(),
+                    keep(&guards),
+                )
                 .await
             {
                 Ok(()) => self.write_cluster(buf, at, &a, &guards).await,
@@ -726,7 +680,7 @@ impl<O: Opener> Image<O> {
         guards: &Arc<Guards>,
     ) -> (Result<()>, IoBuf) {
         let data = at..at + (a.to - a.from) as usize;
-        let backend = self.data_backend(a.data_file);
+        let backend = self.files.backend(a.data_file);
         let align = backend.alignment().max(1) as u64;
         let zeros_only = a
             .head
@@ -787,7 +741,7 @@ impl<O: Opener> Image<O> {
             let mut header = meta.header.clone();
             header.autoclear_features = keep;
             self.write_header(&header).await?;
-            self.sync().await?;
+            self.files.sync().await?;
             // Only once the cleared bits are on disk: a failure is retried by the next write.
             meta.header = header;
         }
@@ -812,25 +766,11 @@ impl<O: Opener> Image<O> {
     /// before this one is issued (I9). The write carries a token of the metadata tracker.
     pub(crate) async fn write_meta(&self, offset: u64, bytes: &[u8]) -> Result<()> {
         self.meta_io.idle().await;
-        let mut keep = Keep::new(self.meta_io.token().await);
-        let align = self.file.alignment().max(1) as u64;
-        if offset % align != 0 || bytes.len() as u64 % align != 0 {
-            keep = keep.and(Keep::new(self.rmw.write_arc().await));
-        }
-        write_unaligned(&self.file, bytes, offset, keep)
+        let keep = Keep::new(self.meta_io.token().await);
+        self.aligned
+            .write_bytes(self.files.image(), offset, bytes, keep)
             .await
-            .map_err(|e| Error::io(format!("{}: writing metadata", self.path.display()), e))
-    }
-
-    /// Flushes the image file and the data file; after a failed flush of a file written
-    /// through the page cache, every later one fails too (see
-    /// [`FlushState`](crate::image::FlushState)).
-    pub(crate) async fn sync(&self) -> Result<()> {
-        self.flushes.flush(&self.file, &self.path).await?;
-        if let Some(d) = &self.data_file {
-            d.flushes.flush(&d.backend, &d.path).await?;
-        }
-        Ok(())
+            .map_err(|e| Error::io(format!("{}: writing metadata", self.path().display()), e))
     }
 
     /// Writes dirty metadata back when too much has accumulated.
@@ -965,7 +905,7 @@ impl<O: Opener> Image<O> {
     /// A barrier that pays what the metadata writes before it owe: only a successful one
     /// clears the debt, so a failed barrier is repeated before anything that depends on it.
     async fn barrier(&self, meta: &mut Meta) -> Result<()> {
-        self.sync().await?;
+        self.files.sync().await?;
         meta.barrier_owed = false;
         Ok(())
     }
@@ -986,12 +926,12 @@ impl<O: Opener> Image<O> {
             // The new table, whole; then (after a barrier) the header points at it.
             let bytes = alloc.table_bytes();
             self.write_meta(m.offset.0, &bytes).await?;
-            self.sync().await?;
+            self.files.sync().await?;
             meta.header.refcount_table_offset = m.offset.0;
             meta.header.refcount_table_clusters = u32::try_from(m.clusters)
                 .map_err(|_| self.corrupt_err("refcount table too large".into()))?;
             self.write_header(&meta.header).await?;
-            self.sync().await?;
+            self.files.sync().await?;
             meta.alloc.as_mut().expect("checked").table_moved();
             wrote = true;
         } else {
@@ -1000,7 +940,7 @@ impl<O: Opener> Image<O> {
                 let table = alloc.table_bytes();
                 let table_off = alloc.table_offset().0;
                 // Blocks first: a table entry never names a block that is not on disk.
-                self.sync().await?;
+                self.files.sync().await?;
                 let lo = entries[0] as usize * 8;
                 let hi = (*entries.last().expect("non-empty") as usize + 1) * 8;
                 self.write_meta(table_off + lo as u64, &table[lo..hi])
@@ -1049,7 +989,7 @@ impl<O: Opener> Image<O> {
         {
             // Metadata known to be inconsistent is not written back; data already written
             // is made durable.
-            return self.sync().await;
+            return self.files.sync().await;
         }
         let freed = {
             let mut meta = self.meta.lock().await;
@@ -1058,7 +998,7 @@ impl<O: Opener> Image<O> {
                 .await?;
             if !synced {
                 // Nothing to write back: the barrier for the guest data alone (I8).
-                self.sync().await?;
+                self.files.sync().await?;
             }
             freed
         };
@@ -1075,28 +1015,11 @@ impl<O: Opener> Image<O> {
             let keep = Keep::new((lease, self.io.token().await));
             // Punching is an optimisation: a failure leaves stale bytes in a free cluster.
             let _ = self
-                .file
+                .files
+                .image()
                 .punch_hole(self.geo.cluster_offset(c).0, cs, keep)
                 .await;
         }
-    }
-
-    /// Gives back the growth made ahead and not used: the file ends after the last cluster
-    /// ever allocated (never shorter than it was at open).
-    async fn trim_growth(&self, meta: &Meta) -> Result<()> {
-        let Some(alloc) = meta.alloc.as_ref() else {
-            return Ok(());
-        };
-        let used = (alloc.high_water() * self.cluster_size()).max(self.opened_len);
-        if self.grown.load(Ordering::Acquire) <= used {
-            return Ok(());
-        }
-        self.file
-            .set_len(used)
-            .await
-            .map_err(|e| Error::io(format!("{}: trimming the file", self.path.display()), e))?;
-        self.grown.store(used, Ordering::Release);
-        Ok(())
     }
 
     /// Flushes and closes the image: every metadata structure written, the dirty bit of lazy
@@ -1130,7 +1053,7 @@ impl<O: Opener> Image<O> {
             .marked_corrupt
             .load(std::sync::atomic::Ordering::Acquire)
         {
-            return self.sync().await;
+            return self.files.sync().await;
         }
         self.bitmaps_store().await?;
         let freed = {
@@ -1144,8 +1067,12 @@ impl<O: Opener> Image<O> {
                 meta.header.incompatible_features &= !features::INCOMPAT_DIRTY;
                 self.write_header(&meta.header).await?;
             }
-            self.trim_growth(&meta).await?;
-            self.sync().await?;
+            if let Some(alloc) = meta.alloc.as_ref() {
+                self.files
+                    .trim_growth(alloc.high_water() * self.cluster_size())
+                    .await?;
+            }
+            self.files.sync().await?;
             freed
         };
         self.punch(freed).await;
@@ -1179,7 +1106,7 @@ impl<O: Opener> Image<O> {
         if len == 0 {
             return Ok(());
         }
-        if let (Some(d), true) = (&self.data_file, self.header.data_file_raw()) {
+        if let (Some(d), true) = (self.files.data(), self.header.data_file_raw()) {
             // A raw data file must show the guest's view at all times.
             d.backend
                 .write_zeroes(offset, len, Keep::new(self.io.token().await))
@@ -1304,7 +1231,7 @@ impl<O: Opener> Image<O> {
             {
                 let has_backing = self.backing.is_some();
                 let v3 = self.header.version >= 3;
-                let data_file = self.data_file.is_some();
+                let data_file = self.files.data().is_some();
                 let mut decoded = Vec::new();
                 {
                     let table = self.l2_table(&mut meta, l2).await?;
@@ -1440,33 +1367,6 @@ fn all_allocated(
 ) -> bool {
     let sc = geo.subcluster_size();
     ((from / sc) as u32..to.div_ceil(sc) as u32).all(|i| b.state(i) == SubclusterState::Allocated)
-}
-
-/// Writes `bytes` at `offset`, reading and rewriting the surrounding aligned blocks when
-/// the backend needs aligned I/O (O_DIRECT). The write carries `keep`.
-pub(crate) async fn write_unaligned<B: Backend>(
-    backend: &B,
-    bytes: &[u8],
-    offset: u64,
-    keep: Keep,
-) -> std::io::Result<()> {
-    let align = backend.alignment().max(1) as u64;
-    if align == 1 || (offset % align == 0 && bytes.len() as u64 % align == 0) {
-        let mut buf = IoBuf::from_slice(bytes);
-        buf.attach(keep);
-        let (res, _) = backend.write_at(buf, offset).await;
-        return res;
-    }
-    let start = offset / align * align;
-    let end = (offset + bytes.len() as u64).div_ceil(align) * align;
-    let mut buf = IoBuf::with_alignment((end - start) as usize, align as usize);
-    buf.attach(keep);
-    let (res, mut buf) = blockio::read_zero_padded(backend, buf, start).await;
-    res?;
-    let from = (offset - start) as usize;
-    buf[from..from + bytes.len()].copy_from_slice(bytes);
-    let (res, _) = backend.write_at(buf, start).await;
-    res
 }
 
 impl<O: Opener> Disk<O> {
