@@ -195,7 +195,7 @@ impl<O: Opener> Image<O> {
         }
         if !tracked.is_empty() && self.files.data().is_none() {
             let l1 = self.meta.lock().await.l1.clone();
-            crate::verify::bitmaps_apart_from_data(
+            crate::meta::verify::bitmaps_apart_from_data(
                 self.files.image(),
                 self.path(),
                 &self.geo,
@@ -227,19 +227,21 @@ impl<O: Opener> Image<O> {
         }
         let file_len = self.file_len();
         if offset.checked_add(len).is_none_or(|end| end > file_len) {
-            return Err(self.corrupt_err(format!(
+            return Err(self.store().corrupt_err(format!(
                 "{what} at {offset:#x} (+{len:#x}) lies past the end of the file \
                  ({file_len:#x} bytes)"
             )));
         }
         let meta = self.meta.lock().await;
-        if self.guard_overlap(&meta, offset, len).is_err() {
-            return Err(self.corrupt_err(format!("{what} at {offset:#x} overlaps other metadata")));
+        if self.store().guard_overlap(&meta, offset, len).is_err() {
+            return Err(self
+                .store()
+                .corrupt_err(format!("{what} at {offset:#x} overlaps other metadata")));
         }
         let bits = self.geo.cluster_bits();
         for c in (offset >> bits)..=((offset + len - 1) >> bits) {
             if !claimed.insert(c) {
-                return Err(self.corrupt_err(format!(
+                return Err(self.store().corrupt_err(format!(
                     "{what} at {offset:#x} shares host cluster {c} with other bitmap metadata"
                 )));
             }
@@ -252,12 +254,13 @@ impl<O: Opener> Image<O> {
     async fn write_bitmap_meta(&self, offset: u64, bytes: &[u8]) -> Result<()> {
         let guarded = {
             let meta = self.meta.lock().await;
-            self.guard_overlap(&meta, offset, bytes.len() as u64)
+            self.store()
+                .guard_overlap(&meta, offset, bytes.len() as u64)
         };
         if let Err(e) = guarded {
             return Err(self.on_error(e).await);
         }
-        self.write_meta(offset, bytes).await
+        self.store().write_meta(offset, bytes).await
     }
 
     /// Marks the maintained bitmaps `in_use` on disk before the first write.
@@ -275,7 +278,7 @@ impl<O: Opener> Image<O> {
             }
             (b.directory_offset, b.directory_bytes()?)
         };
-        self.write_meta(bytes.0, &bytes.1).await?;
+        self.store().write_meta(bytes.0, &bytes.1).await?;
         self.files.sync().await?;
         // Only once `in_use` is on disk: a failure is retried before the next write.
         if let Some(b) = self.bitmaps.lock().await.as_mut() {
@@ -311,7 +314,7 @@ impl<O: Opener> Image<O> {
                 let bytes = &t.data[chunk];
                 let current = t.table[i]
                     .decode(cs)
-                    .map_err(|e| self.corrupt_err(format!("bitmap table: {e}")))?;
+                    .map_err(|e| self.store().corrupt_err(format!("bitmap table: {e}")))?;
                 match current {
                     Ok(off) => {
                         let mut full = vec![0u8; cs as usize];
@@ -325,7 +328,7 @@ impl<O: Opener> Image<O> {
                             continue;
                         }
                         let mut meta = self.meta.lock().await;
-                        let a = self.allocate(&mut meta, 1)?;
+                        let a = self.store().allocate(&mut meta, 1)?;
                         drop(meta);
                         let off = geo.cluster_offset(a.first).0;
                         let mut full = vec![0u8; cs as usize];
@@ -339,7 +342,7 @@ impl<O: Opener> Image<O> {
             if table_changed {
                 // The new clusters are counted on disk before the table names them.
                 let mut meta = self.meta.lock().await;
-                self.write_refcounts(&mut meta).await?;
+                self.store().write_refcounts(&mut meta).await?;
                 drop(meta);
                 self.files.sync().await?;
                 let table: Vec<u8> = t.table.iter().flat_map(|e| e.0.to_be_bytes()).collect();
@@ -352,7 +355,7 @@ impl<O: Opener> Image<O> {
             b.directory[t.index].flags &= !BitmapDirectoryEntry::IN_USE;
         }
         let dir = b.directory_bytes()?;
-        self.write_meta(b.directory_offset, &dir).await?;
+        self.store().write_meta(b.directory_offset, &dir).await?;
         b.marked_in_use = false;
         Ok(())
     }

@@ -2,13 +2,15 @@
 //! itself.
 
 use crate::aligned::{read_bytes, read_data, Aligned};
-use crate::cache::TableCache;
 use crate::files::{DataFile, Files, FlushState};
+use crate::map::Mapper;
+use crate::meta::cache::TableCache;
+use crate::meta::{load, Meta, MetadataClusters, Store};
 use crate::options::{BackingChoice, FileRole, ImageFormat, ImageOptions};
 use crate::{Error, Result};
 use blockio::{Backend, IoBuf, Keep, OpenOptions, Opener};
 use qcow2_alloc::LeaseTable;
-use qcow2_format::{ClusterGeometry, FormatError, Header, L1Entry, QCOW_MAGIC};
+use qcow2_format::{ClusterGeometry, FormatError, Header, QCOW_MAGIC};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -90,67 +92,6 @@ impl<O: Opener> Drop for Image<O> {
             "image dropped without close(): changes acknowledged since the last flush may be \
              lost (the file is left consistent, as after a crash)"
         );
-    }
-}
-
-/// Metadata guarded by the metadata lock.
-pub(crate) struct Meta {
-    /// The active L1 table (authoritative; written back entry by entry).
-    pub(crate) l1: Vec<L1Entry>,
-    /// L1 indices changed since the last write-back.
-    pub(crate) l1_dirty: std::collections::BTreeSet<u64>,
-    pub(crate) l2: TableCache,
-    /// The header as it is (or is about to be) on disk.
-    pub(crate) header: Header,
-    /// Refcounts and allocation (read-write images only).
-    pub(crate) alloc: Option<qcow2_alloc::Allocator>,
-    /// Guest clusters with an allocating write in flight (invariant I6): others wait on the
-    /// gate, which opens when the allocating writer drops its guard (after its L2 entry is in
-    /// place, or when it fails or is cancelled).
-    pub(crate) gates: qcow2_alloc::Gates,
-    /// Whether the header changes due before the first write were made.
-    pub(crate) first_write_done: bool,
-    /// Clusters holding metadata the allocator does not own (the overlap guard's map).
-    pub(crate) metadata: MetadataClusters,
-    /// Metadata was written since the last successful barrier (write-back must not order
-    /// anything after it before a barrier succeeds).
-    pub(crate) barrier_owed: bool,
-}
-
-/// Where the image's metadata lives, apart from refcount structures (which the allocator
-/// knows): the header, the active L1 table and its L2 tables, the snapshot table and the
-/// snapshots' L1 tables, the bitmap directory (not the bitmap tables and data: QEMU's
-/// default overlap check leaves them out too). Data is never written there (QEMU's "cached"
-/// overlap check).
-#[derive(Default)]
-pub(crate) struct MetadataClusters {
-    /// Ranges of clusters, `[start, end)`.
-    ranges: Vec<(u64, u64)>,
-    /// L2 tables of the active L1.
-    pub(crate) l2: std::collections::HashSet<u64>,
-}
-
-impl MetadataClusters {
-    pub(crate) fn add_range(&mut self, geo: &ClusterGeometry, offset: u64, len: u64) {
-        if len == 0 {
-            return;
-        }
-        let first = offset >> geo.cluster_bits();
-        let end = (offset.saturating_add(len)).div_ceil(geo.cluster_size());
-        self.ranges.push((first, end));
-    }
-
-    /// Whether cluster `c` holds metadata.
-    pub(crate) fn contains(&self, c: u64) -> bool {
-        self.l2.contains(&c) || self.ranges.iter().any(|&(s, e)| (s..e).contains(&c))
-    }
-
-    /// Every cluster holding metadata (a range's clusters once each time it is listed).
-    pub(crate) fn clusters(&self) -> impl Iterator<Item = u64> + '_ {
-        self.ranges
-            .iter()
-            .flat_map(|&(s, e)| s..e)
-            .chain(self.l2.iter().copied())
     }
 }
 
@@ -289,9 +230,6 @@ impl<O: Opener> Disk<O> {
     }
 }
 
-/// Largest header area read at open: one cluster of the largest size QEMU accepts.
-const MAX_CLUSTER: u64 = 2 << 20;
-
 impl<O: Opener> Image<O> {
     /// Opens the image at `path` with `opener` (which is also used for its backing chain and
     /// data file).
@@ -329,7 +267,7 @@ impl<O: Opener> Image<O> {
             ));
         }
         let (file, file_len) = open_file(opener, path, options, role, FileRole::Qcow2).await?;
-        let header = read_header(&file, path, file_len).await?;
+        let header = load::read_header(&file, path, file_len).await?;
         let format_err = |source: FormatError| Error::Format {
             path: path.into(),
             source,
@@ -382,13 +320,7 @@ impl<O: Opener> Image<O> {
         }
         let geo = header.geometry();
 
-        // L1 table.
-        let l1_bytes = u64::from(header.l1_size) * 8;
-        let l1_buf = read_bytes(&file, header.l1_table_offset, l1_bytes, "L1 table").await?;
-        let l1: Vec<L1Entry> = l1_buf
-            .chunks_exact(8)
-            .map(|c| L1Entry(u64::from_be_bytes(c.try_into().expect("8 bytes"))))
-            .collect();
+        let l1 = load::read_l1(&file, &header).await?;
 
         // External data file.
         let data_file = if header.has_data_file() {
@@ -458,17 +390,19 @@ impl<O: Opener> Image<O> {
         let metadata = if read_only {
             MetadataClusters::default()
         } else {
-            metadata_clusters(&file, &header, &l1).await?
+            load::metadata_clusters(&file, &header, &l1).await?
         };
         let alloc = if read_only {
             None
         } else {
-            Some(load_allocator(&file, &header, path, file_len).await?)
+            Some(load::load_allocator(&file, &header, path, file_len).await?)
         };
         if let Some(alloc) = &alloc {
             let data_file = data_file.is_some();
-            crate::verify::references(&file, path, &geo, &header, &l1, data_file, &metadata, alloc)
-                .await?;
+            crate::meta::verify::references(
+                &file, path, &geo, &header, &l1, data_file, &metadata, alloc,
+            )
+            .await?;
         }
         let img = Image {
             files: Files::new(path, file, file_len, data_file),
@@ -604,6 +538,39 @@ impl<O: Opener> Image<O> {
         self.meta.lock().await.l2.stats()
     }
 
+    /// The metadata store of this image (see [`Store`]).
+    pub(crate) fn store(&self) -> Store<'_, O::Backend> {
+        Store {
+            files: &self.files,
+            aligned: &self.aligned,
+            meta_io: &self.meta_io,
+            leases: &self.leases,
+            geo: self.geo,
+            lazy_refcounts: self.lazy_refcounts,
+        }
+    }
+
+    /// The mapping layer of this image (see [`Mapper`]).
+    pub(crate) fn mapper(&self) -> Mapper<'_, O::Backend> {
+        Mapper {
+            store: self.store(),
+            version: self.header.version,
+            backing: self.backing.is_some(),
+        }
+    }
+
+    /// The status of `[offset, offset+len)` in this image alone (not its backing chain),
+    /// as maximal runs of one kind with contiguous host offsets.
+    ///
+    /// # Cancel safety
+    ///
+    /// Reads metadata only: dropping the future changes nothing.
+    pub async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<crate::Extent>> {
+        let len = len.min(self.size().saturating_sub(offset));
+        let mut meta = self.meta.lock().await;
+        self.mapper().block_status(&mut meta, offset, len).await
+    }
+
     /// The lease table (for diagnostics and tests: which clusters have I/O in flight).
     pub fn leases(&self) -> &LeaseTable {
         &self.leases
@@ -639,37 +606,6 @@ pub(crate) fn open_error(role: &'static str, path: &Path, source: std::io::Error
             source,
         },
     }
-}
-
-async fn read_header<B: Backend>(file: &B, path: &Path, file_len: u64) -> Result<Header> {
-    let format_err = |source: FormatError| Error::Format {
-        path: path.into(),
-        source,
-    };
-    let peek = read_bytes(file, 0, 4096.min(file_len.max(1)), "header").await?;
-    let avail = file_len.min(peek.len() as u64) as usize;
-    if avail < 24 {
-        // Too short to hold even the fields read below: let the parser say what is missing.
-        return Header::parse(&peek[..avail]).map_err(format_err);
-    }
-    let magic = u32::from_be_bytes(peek[0..4].try_into().expect("4 bytes"));
-    if magic != QCOW_MAGIC {
-        return Err(format_err(FormatError::BadMagic(magic)));
-    }
-    let bits = u32::from_be_bytes(peek[20..24].try_into().expect("4 bytes"));
-    let cluster = if (9..=21).contains(&bits) {
-        1u64 << bits
-    } else {
-        4096
-    };
-    let want = cluster.min(file_len).min(MAX_CLUSTER);
-    let buf = if want as usize > peek.len() {
-        read_bytes(file, 0, want, "header").await?
-    } else {
-        peek
-    };
-    let avail = (want as usize).min(buf.len());
-    Header::parse(&buf[..avail]).map_err(format_err)
 }
 
 async fn probe_format<O: Opener>(
@@ -715,9 +651,6 @@ fn resolve_data_file(image: &Path, name: &Path) -> PathBuf {
     }
 }
 
-/// QEMU's limit on the snapshot table's size.
-const MAX_SNAPSHOT_TABLE: u64 = 64 << 20;
-
 impl<O: Opener> Image<O> {
     /// The internal snapshots, read from the snapshot table.
     ///
@@ -725,7 +658,7 @@ impl<O: Opener> Image<O> {
     ///
     /// Reads only: dropping the future changes nothing.
     pub async fn snapshots(&self) -> Result<Vec<qcow2_format::Snapshot>> {
-        read_snapshot_table(self.files.image(), &self.header, self.file_len())
+        load::read_snapshot_table(self.files.image(), &self.header, self.file_len())
             .await?
             .map_err(|source| Error::Format {
                 path: self.path().to_path_buf(),
@@ -869,108 +802,6 @@ impl<O: Opener> Image<O> {
             }
         }
         Ok(used)
-    }
-}
-
-/// Loads the refcount table and every refcount block of a read-write image.
-async fn load_allocator<B: Backend>(
-    file: &B,
-    header: &Header,
-    path: &Path,
-    file_len: u64,
-) -> Result<qcow2_alloc::Allocator> {
-    let geo = header.geometry();
-    let cs = geo.cluster_size();
-    let corrupt = |what: String| Error::Corrupt {
-        path: path.into(),
-        what,
-    };
-    let raw = read_bytes(
-        file,
-        header.refcount_table_offset,
-        u64::from(header.refcount_table_clusters) * cs,
-        "refcount table",
-    )
-    .await?;
-    let table: Vec<qcow2_format::ReftableEntry> = raw
-        .chunks_exact(8)
-        .map(|c| qcow2_format::ReftableEntry(u64::from_be_bytes(c.try_into().expect("8"))))
-        .collect();
-    let mut rc = qcow2_alloc::Refcounts::new(geo, header.refcount_width(), table.clone());
-    for (i, e) in table.iter().enumerate() {
-        let Some(off) = e
-            .block_offset(cs)
-            .map_err(|e| corrupt(format!("refcount table entry {i}: {e}")))?
-        else {
-            continue;
-        };
-        if off.0.saturating_add(cs) > file_len {
-            return Err(corrupt(format!(
-                "refcount block {i} at {off} lies past the end of the file"
-            )));
-        }
-        let block = read_bytes(file, off.0, cs, "refcount block").await?;
-        rc.insert_block(i as u64, block.to_vec());
-    }
-    Ok(qcow2_alloc::Allocator::new(
-        rc,
-        geo,
-        qcow2_format::HostOffset(header.refcount_table_offset),
-        file_len.div_ceil(cs),
-    ))
-}
-
-/// The metadata map of a read-write image (see [`MetadataClusters`]).
-async fn metadata_clusters<B: Backend>(
-    file: &B,
-    header: &Header,
-    l1: &[L1Entry],
-) -> Result<MetadataClusters> {
-    let geo = header.geometry();
-    let mut m = MetadataClusters::default();
-    m.add_range(&geo, 0, geo.cluster_size());
-    m.add_range(&geo, header.l1_table_offset, u64::from(header.l1_size) * 8);
-    for e in l1 {
-        if let Ok(Some(off)) = e.l2_offset(&geo) {
-            m.l2.insert(off.0 >> geo.cluster_bits());
-        }
-    }
-    // The snapshot table's extent and the snapshots' L1 tables (a broken table is reported
-    // by the reads that need it; the guard works without it).
-    let file_len = file.len().await.unwrap_or(0);
-    if let Ok(snaps) = read_snapshot_table(file, header, file_len).await? {
-        let len: u64 = snaps.iter().map(|s| s.serialized_len() as u64).sum();
-        m.add_range(&geo, header.snapshots_offset, len);
-        for s in snaps {
-            m.add_range(&geo, s.l1_table_offset, u64::from(s.l1_size) * 8);
-        }
-    }
-    // The bitmap directory is added by `Image::load_bitmaps`, once checked against the rest.
-    Ok(m)
-}
-
-/// Reads and parses the snapshot table (empty without snapshots). Entries have variable
-/// length: a guess is read and grown while the parser says the table is truncated, up to
-/// QEMU's 64 MiB limit and the end of the file. I/O errors are the outer error, a malformed
-/// table the inner one.
-pub(crate) async fn read_snapshot_table<B: Backend>(
-    file: &B,
-    header: &Header,
-    file_len: u64,
-) -> Result<std::result::Result<Vec<qcow2_format::Snapshot>, FormatError>> {
-    let n = header.nb_snapshots;
-    if n == 0 {
-        return Ok(Ok(Vec::new()));
-    }
-    let off = header.snapshots_offset;
-    let limit = file_len.saturating_sub(off).min(MAX_SNAPSHOT_TABLE);
-    let mut want = (u64::from(n) * 64).max(4096).min(limit.max(1));
-    loop {
-        let buf = read_bytes(file, off, want.min(limit), "snapshot table").await?;
-        match qcow2_format::Snapshot::parse_table(&buf, n) {
-            Err(FormatError::Truncated { .. }) if want < limit => want = (want * 4).min(limit),
-            other => return Ok(other),
-        }
     }
 }
 

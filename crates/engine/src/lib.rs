@@ -30,7 +30,7 @@
 
 mod aligned;
 mod bitmaps;
-mod cache;
+mod chain;
 mod check;
 mod compress;
 mod create;
@@ -39,20 +39,19 @@ mod files;
 mod image;
 mod inflight;
 mod map;
+mod meta;
 mod options;
 mod read;
-mod status;
-mod verify;
 mod write;
 
+pub use chain::MapEntry;
 pub use check::{CheckLimit, CheckReport, RepairMode, MAX_MESSAGES, MAX_WALK_CORRUPTIONS};
 pub use create::{
     create, create_raw, probe_backing, Compat, CreateError, CreateOptions, Preallocation, V3Feature,
 };
 pub use error::{Error, Result};
 pub use image::{Disk, Image, RawImage};
-pub use map::MapEntry;
+pub use map::status::{Extent, ExtentKind};
 pub use options::{BackingChoice, ImageFormat, ImageOptions};
 pub use read::ReadResult;
-pub use status::{Extent, ExtentKind};
 pub use write::WriteResult;

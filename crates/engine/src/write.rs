@@ -9,9 +9,10 @@
 //! unmapping that caused them is on disk (I4, I5): see [`Image::write_back`].
 
 use crate::aligned::write_unaligned;
-use crate::image::{Disk, Image, Meta};
+use crate::image::{Disk, Image};
 use crate::inflight::{keep, Guards};
-use crate::read::{Piece, Source};
+use crate::map::{Piece, Source};
+use crate::meta::Meta;
 use crate::{Error, Result};
 use blockio::{Backend, IoBuf, Keep, Opener};
 use qcow2_alloc::{ExclusiveLease, Gate, GateGuard, Reservation, SharedLease};
@@ -25,10 +26,6 @@ use std::sync::Arc;
 /// The outcome of a write from an owned buffer, and the buffer back.
 pub type WriteResult = (Result<()>, IoBuf);
 
-/// Dirty L2 tables beyond this many times the cache capacity trigger a write-back.
-const MAX_DIRTY_FACTOR: usize = 1;
-/// Deferred refcount decrements beyond this trigger a write-back (so freed space is reused).
-const MAX_PENDING_DECREMENTS: usize = 4096;
 /// Largest explicit zero write, in bytes.
 const ZERO_CHUNK: u64 = 1 << 20;
 
@@ -103,40 +100,6 @@ impl<O: Opener> Image<O> {
         Ok(())
     }
 
-    fn alloc_err(&self, e: qcow2_alloc::RefcountError) -> Error {
-        Error::from((self.path(), e))
-    }
-
-    /// Allocates `count` clusters and extends the known end of the file over them (entries
-    /// pointing there are valid from now on).
-    ///
-    /// A cluster the refcounts call free but that holds live metadata (the header, an L1 or
-    /// L2 table, the snapshot table, the bitmap directory) is never handed out: finding one
-    /// means the refcounts are corrupt (QEMU's overlap check on metadata writes).
-    pub(crate) fn allocate(&self, meta: &mut Meta, count: u64) -> Result<qcow2_alloc::Allocation> {
-        let leases = &self.leases;
-        let live = &meta.metadata;
-        let lying = std::cell::Cell::new(None);
-        let alloc = meta.alloc.as_mut().ok_or(Error::ReadOnly)?;
-        let a = alloc
-            .allocate(count, |c| {
-                if live.contains(c.0) {
-                    lying.set(Some(c.0));
-                    return true;
-                }
-                leases.is_leased(c)
-            })
-            .map_err(|e| self.alloc_err(e))?;
-        if let Some(c) = lying.get() {
-            return Err(self.corrupt_err(format!(
-                "host cluster {c} holds metadata but its refcount is 0"
-            )));
-        }
-        self.files
-            .extend_len(alloc.high_water() * self.cluster_size());
-        Ok(a)
-    }
-
     /// Writes the buffer's window at guest offset `offset` and gives the buffer back.
     ///
     /// Any offset and length inside the disk work. The write is acknowledged once the data
@@ -199,7 +162,7 @@ impl<O: Opener> Image<O> {
             meta.header.incompatible_features |= features::INCOMPAT_CORRUPT;
             let header = meta.header.clone();
             // Best effort: the error the caller sees is the corruption itself.
-            if self.write_header(&header).await.is_ok() {
+            if self.store().write_header(&header).await.is_ok() {
                 let _ = self.files.sync().await;
             }
             drop(meta);
@@ -284,12 +247,12 @@ impl<O: Opener> Image<O> {
         // The in-place fast path: allocated, COPIED, (extended: every touched subcluster
         // allocated); coalesced over following clusters with contiguous host offsets.
         if let (Some(l2), true) = (
-            self.l2_offset(meta, l1_index)?,
+            self.mapper().l2_offset(meta, l1_index)?,
             meta.l1[l1_index as usize].copied(),
         ) {
             let table_end = end.min((l1_index + 1) * geo.l2_coverage());
             let entries: Vec<(u64, u64, L2Entry)> = {
-                let table = self.l2_table(meta, l2).await?;
+                let table = self.store().l2_table(meta, l2).await?;
                 let mut v = Vec::new();
                 let mut p = pos;
                 while p < table_end {
@@ -310,7 +273,7 @@ impl<O: Opener> Image<O> {
                 if p > pos && meta.gates.is_allocating(p >> geo.cluster_bits()) {
                     break;
                 }
-                let host = match self.decode_entry(entry, c)? {
+                let host = match self.mapper().decode_entry(entry, c)? {
                     L2Mapping::Normal { host, copied: true }
                         if !geo.extended_l2()
                             || all_allocated(entry.subclusters(), &geo, p - c, c_end - c) =>
@@ -327,7 +290,7 @@ impl<O: Opener> Image<O> {
             }
             if let Some((host, len)) = run {
                 if !data_file {
-                    self.guard_overlap(meta, host, len)?;
+                    self.store().guard_overlap(meta, host, len)?;
                 }
                 let leases = if data_file {
                     Vec::new()
@@ -350,24 +313,6 @@ impl<O: Opener> Image<O> {
         self.plan_allocation(meta, pos, end).await
     }
 
-    /// The overlap guard: data must never be written over live metadata. A hit means the
-    /// refcounts or the L2 tables are corrupt.
-    pub(crate) fn guard_overlap(&self, meta: &Meta, host: u64, len: u64) -> Result<()> {
-        let bits = self.geo.cluster_bits();
-        for c in (host >> bits)..=((host + len - 1) >> bits) {
-            let owned = meta
-                .alloc
-                .as_ref()
-                .is_some_and(|a| a.is_metadata(HostCluster(c)));
-            if owned || meta.metadata.contains(c) {
-                return Err(self.corrupt_err(format!(
-                    "a data write to host cluster {c} would overwrite metadata"
-                )));
-            }
-        }
-        Ok(())
-    }
-
     /// Shared leases on every cluster of `clusters`, or the first one that would wait.
     fn try_leases(
         &self,
@@ -386,17 +331,17 @@ impl<O: Opener> Image<O> {
     /// Makes sure the L2 table for `l1_index` exists and belongs to the active image alone
     /// (allocating it, or copying a table shared with a snapshot); returns its offset.
     async fn writable_l2(&self, meta: &mut Meta, l1_index: u64) -> Result<u64> {
-        let old = self.l2_offset(meta, l1_index)?;
+        let old = self.mapper().l2_offset(meta, l1_index)?;
         let copied = meta.l1[l1_index as usize].copied();
         if let (Some(off), true) = (old, copied) {
             return Ok(off);
         }
         let cs = self.cluster_size();
         let contents = match old {
-            Some(off) => self.l2_table(meta, off).await?.clone(),
+            Some(off) => self.store().l2_table(meta, off).await?.clone(),
             None => IoBuf::new(cs as usize),
         };
-        let a = self.allocate(meta, 1)?;
+        let a = self.store().allocate(meta, 1)?;
         let new_off = self.geo.cluster_offset(a.first).0;
         if let (Some(off), Some(alloc)) = (old, meta.alloc.as_mut()) {
             alloc.defer_decrement(self.geo.host_cluster(HostOffset(off)));
@@ -418,8 +363,12 @@ impl<O: Opener> Image<O> {
         let l1_index = geo.l1_index(GuestOffset(pos));
         let l2_offset = self.writable_l2(meta, l1_index).await?;
         let l2_index = geo.l2_index(GuestOffset(pos));
-        let entry = L2Entry::read(self.l2_table(meta, l2_offset).await?, &geo, l2_index);
-        let old = self.decode_entry(entry, cluster)?;
+        let entry = L2Entry::read(
+            self.store().l2_table(meta, l2_offset).await?,
+            &geo,
+            l2_index,
+        );
+        let old = self.mapper().decode_entry(entry, cluster)?;
         let data_file = self.files.data().is_some();
         let extended = geo.extended_l2();
         let sc = geo.subcluster_size();
@@ -466,11 +415,15 @@ impl<O: Opener> Image<O> {
         let mut tail = Vec::new();
         if cow_from < from {
             head = self
+                .mapper()
                 .map_range(meta, cluster + cow_from, from - cow_from)
                 .await?;
         }
         if to < cow_to {
-            tail = self.map_range(meta, cluster + to, cow_to - to).await?;
+            tail = self
+                .mapper()
+                .map_range(meta, cluster + to, cow_to - to)
+                .await?;
         }
         if let Some(h) = reuse {
             // Bytes of the reused cluster that already hold this cluster's data are not copied
@@ -496,8 +449,8 @@ impl<O: Opener> Image<O> {
                 "a copy of the reused cluster onto itself is left between other pieces"
             );
         }
-        let mut lease_clusters = self.lease_clusters(&head);
-        lease_clusters.extend(self.lease_clusters(&tail));
+        let mut lease_clusters = self.mapper().lease_clusters(&head);
+        lease_clusters.extend(self.mapper().lease_clusters(&tail));
 
         // Unreferenced by the new entry: the old cluster when the data moves.
         let mut unref = Vec::new();
@@ -521,13 +474,13 @@ impl<O: Opener> Image<O> {
         let (host, allocation) = match reuse {
             Some(h) => (h, None),
             None => {
-                let a = self.allocate(meta, 1)?;
+                let a = self.store().allocate(meta, 1)?;
                 (geo.cluster_offset(a.first).0, Some(a))
             }
         };
         let fresh = allocation.is_some_and(|a| a.fresh);
         if !data_file {
-            self.guard_overlap(meta, host, cs)?;
+            self.store().guard_overlap(meta, host, cs)?;
             lease_clusters.push(host >> geo.cluster_bits());
         }
         lease_clusters.sort_unstable();
@@ -539,7 +492,7 @@ impl<O: Opener> Image<O> {
                     let alloc = meta.alloc.as_mut().ok_or(Error::ReadOnly)?;
                     alloc
                         .release_unreferenced(geo.host_cluster(HostOffset(host)), 1)
-                        .map_err(|e| self.alloc_err(e))?;
+                        .map_err(|e| self.store().alloc_err(e))?;
                 }
                 return Ok(Step::WaitLease(c));
             }
@@ -553,7 +506,10 @@ impl<O: Opener> Image<O> {
             &geo,
             if extended { bitmap.0 } else { 0 },
         )
-        .map_err(|e| self.corrupt_err(format!("encoding an L2 entry: {e}")))?;
+        .map_err(|e| {
+            self.store()
+                .corrupt_err(format!("encoding an L2 entry: {e}"))
+        })?;
 
         let guard = match meta.gates.begin(cluster >> geo.cluster_bits()) {
             Ok(g) => g,
@@ -563,7 +519,7 @@ impl<O: Opener> Image<O> {
                     let alloc = meta.alloc.as_mut().ok_or(Error::ReadOnly)?;
                     alloc
                         .release_unreferenced(geo.host_cluster(HostOffset(host)), 1)
-                        .map_err(|e| self.alloc_err(e))?;
+                        .map_err(|e| self.store().alloc_err(e))?;
                 }
                 return Ok(Step::WaitGate(g));
             }
@@ -593,13 +549,6 @@ impl<O: Opener> Image<O> {
             gate: Some(guard),
             leases,
         })))
-    }
-
-    pub(crate) fn corrupt_err(&self, what: String) -> Error {
-        Error::Corrupt {
-            path: self.path().to_path_buf(),
-            what,
-        }
     }
 
     /// Performs a planned allocating write, then installs its L2 entry.
@@ -647,7 +596,7 @@ impl<O: Opener> Image<O> {
         );
         drop(guards);
         let res = match res {
-            Ok(()) => self.maybe_write_back(&mut meta).await,
+            Ok(()) => self.store().maybe_write_back(&mut meta).await,
             Err(e) => Err(e),
         };
         drop(meta);
@@ -658,7 +607,7 @@ impl<O: Opener> Image<O> {
     /// without an await between the two.
     async fn install(&self, meta: &mut Meta, a: &AllocStep, guards: &Guards) -> Result<()> {
         let geo = self.geo;
-        let table = self.l2_table_mut(meta, a.l2_offset).await?;
+        let table = self.store().l2_table_mut(meta, a.l2_offset).await?;
         a.new_entry.write(table, &geo, a.l2_index);
         if let Some(r) = &guards.reservation {
             r.commit();
@@ -740,7 +689,7 @@ impl<O: Opener> Image<O> {
         if meta.header.autoclear_features != keep {
             let mut header = meta.header.clone();
             header.autoclear_features = keep;
-            self.write_header(&header).await?;
+            self.store().write_header(&header).await?;
             self.files.sync().await?;
             // Only once the cleared bits are on disk: a failure is retried by the next write.
             meta.header = header;
@@ -748,211 +697,6 @@ impl<O: Opener> Image<O> {
         meta.first_write_done = true;
         drop(meta);
         self.bitmaps_in_use().await
-    }
-
-    /// Writes the header (cluster 0's used part).
-    pub(crate) async fn write_header(&self, header: &qcow2_format::Header) -> Result<()> {
-        let bytes = header
-            .serialize()
-            .map_err(|e| self.corrupt_err(format!("serializing the header: {e}")))?;
-        self.write_meta(0, &bytes).await
-    }
-
-    /// Writes metadata bytes at `offset` of the image file (read-modify-write where O_DIRECT
-    /// alignment demands it, under the read-modify-write lock).
-    ///
-    /// First waits until no other metadata write is in flight: one can be only if a
-    /// write-back's future was dropped mid-write, and its stale version of a table must land
-    /// before this one is issued (I9). The write carries a token of the metadata tracker.
-    pub(crate) async fn write_meta(&self, offset: u64, bytes: &[u8]) -> Result<()> {
-        self.meta_io.idle().await;
-        let keep = Keep::new(self.meta_io.token().await);
-        self.aligned
-            .write_bytes(self.files.image(), offset, bytes, keep)
-            .await
-            .map_err(|e| Error::io(format!("{}: writing metadata", self.path().display()), e))
-    }
-
-    /// Writes dirty metadata back when too much has accumulated.
-    async fn maybe_write_back(&self, meta: &mut Meta) -> Result<()> {
-        let too_dirty = meta.l2.dirty_count() > meta.l2.capacity() * MAX_DIRTY_FACTOR;
-        let too_pending = meta
-            .alloc
-            .as_ref()
-            .is_some_and(|a| a.pending_len() > MAX_PENDING_DECREMENTS);
-        if too_dirty || too_pending {
-            let freed = self.write_back(meta).await?;
-            drop(freed);
-        }
-        Ok(())
-    }
-
-    /// Writes every dirty metadata structure back, in the order that keeps the image
-    /// consistent at every instant (I4, I5):
-    ///
-    /// 1. refcount blocks (new counts before anything refers to the clusters), then the
-    ///    refcount table (a moved table whole, then the header switch), then a barrier that
-    ///    also makes earlier guest data durable;
-    /// 2. L2 tables, barrier; L1 entries, barrier;
-    /// 3. only now that every unmapping is on disk, the deferred refcount decrements are
-    ///    applied (a cluster is freed only under its exclusive lease) and their blocks
-    ///    written, barrier.
-    ///
-    /// Returns the exclusive leases of the clusters freed, for the caller to punch holes
-    /// with and release after dropping the metadata lock.
-    pub(crate) async fn write_back(
-        &self,
-        meta: &mut Meta,
-    ) -> Result<Vec<(HostCluster, ExclusiveLease)>> {
-        self.write_back_mode(meta, !self.lazy_refcounts).await
-    }
-
-    /// [`Image::write_back`], writing the refcounts or (lazy refcounts) leaving them in memory
-    /// under the dirty bit.
-    async fn write_back_mode(
-        &self,
-        meta: &mut Meta,
-        refcounts: bool,
-    ) -> Result<Vec<(HostCluster, ExclusiveLease)>> {
-        Ok(self.write_back_synced(meta, refcounts).await?.0)
-    }
-
-    /// [`Image::write_back_mode`], also saying whether it ended with a barrier (so that a
-    /// flush need not add another).
-    async fn write_back_synced(
-        &self,
-        meta: &mut Meta,
-        refcounts: bool,
-    ) -> Result<(Vec<(HostCluster, ExclusiveLease)>, bool)> {
-        // 0. A write-back whose future was dropped may have left a write in flight: it lands
-        //    first (I9). Clusters of dropped allocating writes come back.
-        self.meta_io.idle().await;
-        if let Some(alloc) = meta.alloc.as_mut() {
-            alloc.reclaim().map_err(|e| self.alloc_err(e))?;
-        }
-        let l2_dirty = meta.l2.dirty_count() > 0 || !meta.l1_dirty.is_empty();
-        let mut synced = false;
-        // 1. Refcounts; with lazy refcounts, the dirty bit instead, before any L2 update
-        //    that relies on it reaches the disk. The barrier after it also makes the guest
-        //    data written so far durable before the L2 entries that expose it. A barrier
-        //    owed by an earlier write-back that failed comes first of all.
-        if refcounts {
-            if self.write_refcounts(meta).await? {
-                meta.barrier_owed = true;
-            }
-        } else if !meta.header.is_dirty() && l2_dirty {
-            let mut header = meta.header.clone();
-            header.incompatible_features |= features::INCOMPAT_DIRTY;
-            self.write_header(&header).await?;
-            meta.barrier_owed = true;
-            self.barrier(meta).await?;
-            // Only a dirty bit known to be on disk counts.
-            meta.header = header;
-            synced = true;
-        }
-        if meta.barrier_owed || l2_dirty {
-            self.barrier(meta).await?;
-            synced = true;
-        }
-
-        // 2. L2 tables, then L1.
-        let dirty = meta.l2.dirty();
-        if !dirty.is_empty() {
-            for off in &dirty {
-                let bytes = meta.l2.peek(*off).expect("dirty table is cached").to_vec();
-                self.write_meta(*off, &bytes).await?;
-                meta.l2.mark_clean(*off);
-                meta.barrier_owed = true;
-            }
-            self.barrier(meta).await?;
-        }
-        if let (Some(&lo), Some(&hi)) = (meta.l1_dirty.first(), meta.l1_dirty.last()) {
-            let bytes: Vec<u8> = meta.l1[lo as usize..=hi as usize]
-                .iter()
-                .flat_map(|e| e.0.to_be_bytes())
-                .collect();
-            self.write_meta(meta.header.l1_table_offset + lo * 8, &bytes)
-                .await?;
-            meta.l1_dirty.clear();
-            meta.barrier_owed = true;
-            self.barrier(meta).await?;
-        }
-
-        // 3. Deferred decrements, now that every unmapping is on disk.
-        let Some(alloc) = meta.alloc.as_mut() else {
-            return Ok((Vec::new(), synced));
-        };
-        if !alloc.has_pending() {
-            return Ok((Vec::new(), synced));
-        }
-        let leases = &self.leases;
-        let freed = alloc
-            .apply_decrements(|c| leases.try_exclusive(c))
-            .map_err(|e| self.alloc_err(e))?;
-        for (c, _) in &freed {
-            // A freed L2 table must not linger in the cache, nor in the overlap map.
-            meta.l2.remove(self.geo.cluster_offset(*c).0);
-            meta.metadata.l2.remove(&c.0);
-        }
-        if refcounts && self.write_refcounts(meta).await? {
-            meta.barrier_owed = true;
-            self.barrier(meta).await?;
-            synced = true;
-        }
-        Ok((freed, synced))
-    }
-
-    /// A barrier that pays what the metadata writes before it owe: only a successful one
-    /// clears the debt, so a failed barrier is repeated before anything that depends on it.
-    async fn barrier(&self, meta: &mut Meta) -> Result<()> {
-        self.files.sync().await?;
-        meta.barrier_owed = false;
-        Ok(())
-    }
-
-    /// Writes dirty refcount blocks and the table (moving it if it grew).
-    pub(crate) async fn write_refcounts(&self, meta: &mut Meta) -> Result<bool> {
-        let Some(alloc) = meta.alloc.as_mut() else {
-            return Ok(false);
-        };
-        let mut wrote = false;
-        let blocks = alloc.dirty_blocks();
-        wrote |= !blocks.is_empty();
-        for (_, off, bytes) in &blocks {
-            self.write_meta(off.0, bytes).await?;
-        }
-        alloc.blocks_written(blocks.iter().map(|(t, _, _)| *t));
-        if let Some(m) = alloc.table_move() {
-            // The new table, whole; then (after a barrier) the header points at it.
-            let bytes = alloc.table_bytes();
-            self.write_meta(m.offset.0, &bytes).await?;
-            self.files.sync().await?;
-            meta.header.refcount_table_offset = m.offset.0;
-            meta.header.refcount_table_clusters = u32::try_from(m.clusters)
-                .map_err(|_| self.corrupt_err("refcount table too large".into()))?;
-            self.write_header(&meta.header).await?;
-            self.files.sync().await?;
-            meta.alloc.as_mut().expect("checked").table_moved();
-            wrote = true;
-        } else {
-            let entries = alloc.dirty_table_entries();
-            if !entries.is_empty() {
-                let table = alloc.table_bytes();
-                let table_off = alloc.table_offset().0;
-                // Blocks first: a table entry never names a block that is not on disk.
-                self.files.sync().await?;
-                let lo = entries[0] as usize * 8;
-                let hi = (*entries.last().expect("non-empty") as usize + 1) * 8;
-                self.write_meta(table_off + lo as u64, &table[lo..hi])
-                    .await?;
-                meta.alloc
-                    .as_mut()
-                    .expect("checked")
-                    .table_entries_written();
-                wrote = true;
-            }
-        }
-        Ok(wrote)
     }
 
     /// Makes every acknowledged write durable (I8): metadata written back in order, then the
@@ -994,6 +738,7 @@ impl<O: Opener> Image<O> {
         let freed = {
             let mut meta = self.meta.lock().await;
             let (freed, synced) = self
+                .store()
                 .write_back_synced(&mut meta, !self.lazy_refcounts)
                 .await?;
             if !synced {
@@ -1058,14 +803,14 @@ impl<O: Opener> Image<O> {
         self.bitmaps_store().await?;
         let freed = {
             let mut meta = self.meta.lock().await;
-            let mut freed = self.write_back_mode(&mut meta, true).await?;
+            let mut freed = self.store().write_back_mode(&mut meta, true).await?;
             if meta.alloc.as_ref().is_some_and(|a| a.has_pending()) {
                 // Decrements freed by the first pass (none can be in flight at close).
-                freed.extend(self.write_back_mode(&mut meta, true).await?);
+                freed.extend(self.store().write_back_mode(&mut meta, true).await?);
             }
             if meta.header.is_dirty() {
                 meta.header.incompatible_features &= !features::INCOMPAT_DIRTY;
-                self.write_header(&meta.header).await?;
+                self.store().write_header(&meta.header).await?;
             }
             if let Some(alloc) = meta.alloc.as_ref() {
                 self.files
@@ -1208,7 +953,7 @@ impl<O: Opener> Image<O> {
             let l1_index = geo.l1_index(GuestOffset(pos));
             let table_end = range.end.min((l1_index + 1) * geo.l2_coverage());
             // Unallocated ranges without an L2 table: only the backing file may need hiding.
-            let has_table = self.l2_offset(&meta, l1_index)?.is_some();
+            let has_table = self.mapper().l2_offset(&meta, l1_index)?.is_some();
             let needs_table = has_table
                 || (mode.hides_backing() && self.backing.is_some() && self.header.version >= 3);
             if !needs_table {
@@ -1234,7 +979,7 @@ impl<O: Opener> Image<O> {
                 let data_file = self.files.data().is_some();
                 let mut decoded = Vec::new();
                 {
-                    let table = self.l2_table(&mut meta, l2).await?;
+                    let table = self.store().l2_table(&mut meta, l2).await?;
                     let mut p = pos;
                     while p < table_end {
                         let idx = geo.l2_index(GuestOffset(p));
@@ -1246,7 +991,7 @@ impl<O: Opener> Image<O> {
                 let mut updates = Vec::new();
                 for (idx, e) in decoded {
                     let guest = pos + (idx - geo.l2_index(GuestOffset(pos))) as u64 * cs;
-                    let old = self.decode_entry(e, guest)?;
+                    let old = self.mapper().decode_entry(e, guest)?;
                     let new = mode.new_entry(old, e, &geo, has_backing, v3)?;
                     if new == e {
                         continue;
@@ -1269,7 +1014,7 @@ impl<O: Opener> Image<O> {
                     updates.push((idx, new));
                 }
                 if !updates.is_empty() {
-                    let table = self.l2_table_mut(&mut meta, l2).await?;
+                    let table = self.store().l2_table_mut(&mut meta, l2).await?;
                     for (idx, new) in updates {
                         new.write(table, &geo, idx);
                     }
@@ -1280,7 +1025,7 @@ impl<O: Opener> Image<O> {
                     alloc.defer_decrement(c);
                 }
             }
-            self.maybe_write_back(&mut meta).await?;
+            self.store().maybe_write_back(&mut meta).await?;
             pos = table_end;
         }
         Ok(())

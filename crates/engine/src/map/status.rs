@@ -1,9 +1,10 @@
 //! Block status: what one layer of the chain says about a guest range (QEMU's
 //! `bdrv_block_status` for qcow2), the base of `qimg map`.
 
-use crate::image::Image;
+use super::Mapper;
+use crate::meta::Meta;
 use crate::Result;
-use blockio::Opener;
+use blockio::Backend;
 use qcow2_format::{L2Mapping, SubclusterState};
 
 /// What one image (one layer of a chain) says about a guest range.
@@ -74,21 +75,21 @@ fn push(out: &mut Vec<Extent>, e: Extent) {
     out.push(e);
 }
 
-impl<O: Opener> Image<O> {
+impl<B: Backend> Mapper<'_, B> {
     /// The status of `[offset, offset+len)` in this image alone (not its backing chain),
     /// as maximal runs of one kind with contiguous host offsets.
-    ///
-    /// # Cancel safety
-    ///
-    /// Reads metadata only: dropping the future changes nothing.
-    pub async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        let len = len.min(self.size().saturating_sub(offset));
-        let data_file = self.files.data().is_some();
-        let sc = self.geo.subcluster_size();
-        let extended = self.geo.extended_l2();
+    pub(crate) async fn block_status(
+        &self,
+        meta: &mut Meta,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<Extent>> {
+        let data_file = self.store.files.data().is_some();
+        let geo = self.store.geo;
+        let sc = geo.subcluster_size();
+        let extended = geo.extended_l2();
         let mut out = Vec::new();
-        let mut meta = self.meta.lock().await;
-        self.walk(&mut meta, offset, len, |range, cluster_start, m| {
+        self.walk(meta, offset, len, |range, cluster_start, m| {
             let ext = |kind, r: std::ops::Range<u64>| Extent {
                 offset: r.start,
                 len: r.end - r.start,

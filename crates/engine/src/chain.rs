@@ -3,7 +3,7 @@
 //! and where that data lives.
 
 use crate::image::{Disk, Image};
-use crate::status::ExtentKind;
+use crate::map::status::ExtentKind;
 use crate::Result;
 use blockio::{Backend, Opener};
 use std::path::PathBuf;

@@ -13,7 +13,7 @@
 //! keeps their clusters apart from guest data.
 
 use crate::aligned::read_bytes;
-use crate::image::MetadataClusters;
+use crate::meta::MetadataClusters;
 use crate::{Error, Result};
 use blockio::Backend;
 use qcow2_alloc::Allocator;
@@ -61,7 +61,8 @@ pub(crate) async fn references<B: Backend>(
     // The snapshots' L2 tables and data, where they differ from the active ones (a broken
     // snapshot table or L1 table is reported by whatever reads the snapshot).
     let file_len = file_len(file, path).await?;
-    let Ok(snapshots) = crate::image::read_snapshot_table(file, header, file_len).await? else {
+    let Ok(snapshots) = crate::meta::load::read_snapshot_table(file, header, file_len).await?
+    else {
         return Ok(());
     };
     for s in snapshots {
