@@ -30,7 +30,6 @@
 
 mod aligned;
 mod bitmaps;
-mod chain;
 mod check;
 mod compress;
 mod create;
@@ -41,17 +40,16 @@ mod inflight;
 mod map;
 mod meta;
 mod options;
-mod read;
-mod write;
+mod request;
 
-pub use chain::MapEntry;
 pub use check::{CheckLimit, CheckReport, RepairMode, MAX_MESSAGES, MAX_WALK_CORRUPTIONS};
 pub use create::{
     create, create_raw, probe_backing, Compat, CreateError, CreateOptions, Preallocation, V3Feature,
 };
 pub use error::{Error, Result};
+pub use image::MapEntry;
 pub use image::{Disk, Image, RawImage};
 pub use map::status::{Extent, ExtentKind};
 pub use options::{BackingChoice, ImageFormat, ImageOptions};
-pub use read::ReadResult;
-pub use write::WriteResult;
+pub use request::read::ReadResult;
+pub use request::write::WriteResult;

@@ -454,6 +454,20 @@ impl Header {
             v => return Err(FormatError::UnsupportedVersion(v)),
         }
 
+        self.serialize_extensions(&mut out, cluster_size)?;
+        self.serialize_backing_name(&mut out, cluster_size)?;
+        if out.len() as u64 > cluster_size {
+            return Err(FormatError::HeaderTooLarge {
+                need: out.len() as u64,
+                cluster_size,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Appends the header extensions and their end marker to `out`, refusing duplicates and
+    /// anything past one cluster.
+    fn serialize_extensions(&self, out: &mut Vec<u8>, cluster_size: u64) -> Result<()> {
         let mut seen: Vec<u32> = Vec::with_capacity(self.extensions.len());
         for ext in &self.extensions {
             let kind = ext.kind();
@@ -461,7 +475,7 @@ impl Header {
                 return Err(FormatError::DuplicateExtension(kind));
             }
             seen.push(kind);
-            ext.encode_into(&mut out)?;
+            ext.encode_into(out)?;
             if out.len() as u64 > cluster_size {
                 return Err(FormatError::HeaderTooLarge {
                     need: out.len() as u64,
@@ -471,6 +485,13 @@ impl Header {
         }
         out.extend_from_slice(&[0u8; 8]);
 
+        Ok(())
+    }
+
+    /// Appends the backing file name at its offset, refusing a name that is too long,
+    /// disagrees with its size field, overlaps the extensions or passes one cluster.
+    fn serialize_backing_name(&self, out: &mut Vec<u8>, cluster_size: u64) -> Result<()> {
+        let invalid = |s: &str| Err(FormatError::InvalidHeader(s.to_owned()));
         match &self.backing_file {
             None => {
                 if self.backing_file_offset != 0 {
@@ -506,13 +527,7 @@ impl Header {
                 out.extend_from_slice(name.as_bytes());
             }
         }
-        if out.len() as u64 > cluster_size {
-            return Err(FormatError::HeaderTooLarge {
-                need: out.len() as u64,
-                cluster_size,
-            });
-        }
-        Ok(out)
+        Ok(())
     }
 
     /// Recomputes `backing_file_offset` and `backing_file_size` for the current extensions and

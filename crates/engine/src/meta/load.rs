@@ -160,3 +160,37 @@ pub(crate) async fn read_l1<B: Backend>(file: &B, header: &Header) -> Result<Vec
         .map(|c| L1Entry(u64::from_be_bytes(c.try_into().expect("8 bytes"))))
         .collect())
 }
+
+/// Reads and parses the bitmap directory (empty without the bitmaps extension); a directory
+/// past the end of the file or larger than QEMU allows is a format error.
+pub(crate) async fn read_bitmap_directory<B: Backend>(
+    file: &B,
+    header: &Header,
+    file_len: u64,
+    path: &Path,
+) -> Result<Vec<qcow2_format::BitmapDirectoryEntry>> {
+    let Some(ext) = header.bitmaps() else {
+        return Ok(Vec::new());
+    };
+    let format_err = |source| Error::Format {
+        path: path.into(),
+        source,
+    };
+    let end = ext.directory_offset.checked_add(ext.directory_size);
+    if end.is_none_or(|e| e > file_len) || ext.directory_size > 1024 * 65535 {
+        return Err(format_err(FormatError::PastEnd {
+            what: "bitmap directory",
+            offset: ext.directory_offset,
+            len: ext.directory_size,
+            file_len,
+        }));
+    }
+    let buf = read_bytes(
+        file,
+        ext.directory_offset,
+        ext.directory_size,
+        "bitmap directory",
+    )
+    .await?;
+    qcow2_format::BitmapDirectoryEntry::parse_directory(&buf, ext.nb_bitmaps).map_err(format_err)
+}

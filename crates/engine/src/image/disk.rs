@@ -1,0 +1,237 @@
+//! [`Disk`]: an image of either format, what a backing chain is made of and what `qimg`
+//! opens when the format is given or probed, with its dispatch to the qcow2 [`Image`] or
+//! the raw file.
+
+use super::Image;
+use crate::aligned::{read_data, write_unaligned};
+use crate::files::FlushState;
+use crate::options::{ImageFormat, ImageOptions};
+use crate::WriteResult;
+use crate::{Error, Result};
+use blockio::{Backend, IoBuf, Keep, Opener};
+use std::path::{Path, PathBuf};
+
+/// A disk image of either format: what a backing chain is made of, and what `qimg` opens
+/// when the format is given or probed.
+// A chain holds a handful of disks for its whole life: boxing the large variant would only add
+// an indirection to every read.
+#[allow(clippy::large_enum_variant)]
+pub enum Disk<O: Opener> {
+    /// A qcow2 image (itself possibly backed).
+    Qcow2(Image<O>),
+    /// A raw image.
+    Raw(RawImage<O::Backend>),
+}
+
+/// A raw disk image: the file's bytes are the disk.
+pub struct RawImage<B> {
+    pub(crate) backend: B,
+    pub(crate) path: PathBuf,
+    pub(crate) size: u64,
+    pub(crate) flushes: FlushState,
+}
+
+impl<B> RawImage<B> {
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Its size: the file's length when it was opened, rounded up to a multiple of 512 bytes
+    /// as QEMU does.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+impl<O: Opener> Disk<O> {
+    /// Opens `path` as `format`, probing the format when `None` (a file starting with the
+    /// qcow2 magic is qcow2, anything else raw).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::open`]: dropping the future closes whatever it opened and writes nothing.
+    pub async fn open(
+        opener: O,
+        path: impl AsRef<Path>,
+        format: Option<ImageFormat>,
+        options: ImageOptions,
+    ) -> Result<Self> {
+        let mut chain = Vec::new();
+        Image::open_disk(
+            &opener,
+            path.as_ref(),
+            format,
+            &options,
+            &mut chain,
+            "image",
+        )
+        .await
+    }
+
+    /// The path it was opened with.
+    pub fn path(&self) -> &Path {
+        match self {
+            Disk::Qcow2(i) => i.path(),
+            Disk::Raw(r) => r.path(),
+        }
+    }
+
+    /// Its format.
+    pub fn format(&self) -> ImageFormat {
+        match self {
+            Disk::Qcow2(_) => ImageFormat::Qcow2,
+            Disk::Raw(_) => ImageFormat::Raw,
+        }
+    }
+
+    /// Its virtual size.
+    pub fn size(&self) -> u64 {
+        match self {
+            Disk::Qcow2(i) => i.size(),
+            Disk::Raw(r) => r.size,
+        }
+    }
+
+    /// The qcow2 image, if it is one.
+    pub fn as_qcow2(&self) -> Option<&Image<O>> {
+        match self {
+            Disk::Qcow2(i) => Some(i),
+            Disk::Raw(_) => None,
+        }
+    }
+
+    /// The image below this one, if any.
+    pub fn backing(&self) -> Option<&Disk<O>> {
+        self.as_qcow2().and_then(|i| i.backing())
+    }
+
+    /// Reads into the buffer's window from `offset` (see [`Image::read_at`]); a raw image
+    /// reads zeros past its end.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::read_at`]: the read is abandoned, nothing changes.
+    pub async fn read_at(&self, buf: IoBuf, offset: u64) -> crate::ReadResult {
+        let range = buf.window();
+        self.read_into(buf, range, offset).await
+    }
+
+    /// Reads `len` bytes at `offset` into a new buffer.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::read_at`]: the read is abandoned, nothing changes.
+    pub async fn read(&self, offset: u64, len: usize) -> Result<IoBuf> {
+        let (res, buf) = self.read_at(IoBuf::new(len), offset).await;
+        res.map(|()| buf)
+    }
+
+    pub(crate) async fn read_into(
+        &self,
+        buf: IoBuf,
+        range: std::ops::Range<usize>,
+        offset: u64,
+    ) -> crate::ReadResult {
+        match self {
+            Disk::Qcow2(img) => Box::pin(img.read_into(buf, range, offset)).await,
+            Disk::Raw(raw) => {
+                let (res, buf) = read_data(&raw.backend, buf, range, offset, Keep::none()).await;
+                (
+                    res.map_err(|e| Error::io(format!("{}: reading", raw.path.display()), e)),
+                    buf,
+                )
+            }
+        }
+    }
+}
+
+impl<O: Opener> Disk<O> {
+    /// Writes the buffer's window at `offset` (see [`Image::write_at`]).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::write_at`]; on a raw image, the range reads old or new data.
+    pub async fn write_at(&self, buf: IoBuf, offset: u64) -> WriteResult {
+        match self {
+            Disk::Qcow2(img) => img.write_at(buf, offset).await,
+            Disk::Raw(raw) => {
+                let len = buf.len() as u64;
+                if offset.checked_add(len).is_none_or(|e| e > raw.size) {
+                    return (
+                        Err(Error::OutOfRange {
+                            offset,
+                            len,
+                            size: raw.size,
+                        }),
+                        buf,
+                    );
+                }
+                let window = buf.window();
+                let res = write_unaligned(&raw.backend, &buf, offset, Keep::none()).await;
+                let mut buf = buf;
+                buf.set_window(window);
+                (
+                    res.map_err(|e| Error::io(format!("{}: write", raw.path.display()), e)),
+                    buf,
+                )
+            }
+        }
+    }
+
+    /// See [`Image::write_zeroes`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::write_zeroes`].
+    pub async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        match self {
+            Disk::Qcow2(img) => img.write_zeroes(offset, len, may_unmap).await,
+            Disk::Raw(raw) => raw
+                .backend
+                .write_zeroes(offset, len, Keep::none())
+                .await
+                .map_err(|e| Error::io(format!("{}: write zeroes", raw.path.display()), e)),
+        }
+    }
+
+    /// See [`Image::discard`]; on a raw image, punches a hole.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::discard`].
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        match self {
+            Disk::Qcow2(img) => img.discard(offset, len).await,
+            Disk::Raw(raw) => raw
+                .backend
+                .punch_hole(offset, len, Keep::none())
+                .await
+                .map_err(|e| Error::io(format!("{}: discard", raw.path.display()), e)),
+        }
+    }
+
+    /// See [`Image::flush`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::flush`].
+    pub async fn flush(&self) -> Result<()> {
+        match self {
+            Disk::Qcow2(img) => img.flush().await,
+            Disk::Raw(raw) => raw.flushes.flush(&raw.backend, &raw.path).await,
+        }
+    }
+
+    /// See [`Image::close`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::close`].
+    pub async fn close(self) -> Result<()> {
+        match self {
+            Disk::Qcow2(img) => img.close().await,
+            raw @ Disk::Raw(_) => raw.flush().await,
+        }
+    }
+}

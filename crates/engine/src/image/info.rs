@@ -1,0 +1,138 @@
+//! What an image says about itself beyond its header: its snapshots, its bitmaps' directory,
+//! and whether it looks metadata-preallocated (for block status, as QEMU decides it).
+
+use super::Image;
+use crate::aligned::read_bytes;
+use crate::meta::load;
+use crate::{Error, Result};
+use blockio::{Backend, Opener};
+
+impl<O: Opener> Image<O> {
+    /// The internal snapshots, read from the snapshot table.
+    ///
+    /// # Cancel safety
+    ///
+    /// Reads only: dropping the future changes nothing.
+    pub async fn snapshots(&self) -> Result<Vec<qcow2_format::Snapshot>> {
+        load::read_snapshot_table(self.files.image(), &self.header, self.file_len())
+            .await?
+            .map_err(|source| Error::Format {
+                path: self.path().to_path_buf(),
+                source,
+            })
+    }
+
+    /// The persistent dirty bitmaps' directory entries (empty without the bitmaps extension).
+    ///
+    /// # Cancel safety
+    ///
+    /// Reads only: dropping the future changes nothing.
+    pub async fn bitmaps(&self) -> Result<Vec<qcow2_format::BitmapDirectoryEntry>> {
+        load::read_bitmap_directory(
+            self.files.image(),
+            &self.header,
+            self.file_len(),
+            self.path(),
+        )
+        .await
+    }
+    /// Whether more clusters are in use than the file has blocks allocated: the sign of
+    /// preallocated metadata, whose data clusters are holes in the file. QEMU decides the same
+    /// way (and then asks the file whether a data cluster is a hole).
+    pub(crate) async fn metadata_preallocated(&self) -> Result<bool> {
+        self.metadata_prealloc
+            .get_or_try_init(|| self.detect_metadata_preallocation())
+            .await
+            .copied()
+    }
+
+    async fn detect_metadata_preallocation(&self) -> Result<bool> {
+        let cs = self.cluster_size();
+        let allocated = self
+            .files
+            .image()
+            .allocated_size()
+            .await
+            .map_err(|e| Error::io(format!("{}: allocated size", self.path().display()), e))?;
+        let real_clusters = allocated / cs;
+        let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+        let end_cluster = self.file_len().div_ceil(cs);
+        let used = self.refcounts_until(end_cluster, threshold).await?;
+        Ok(used >= threshold)
+    }
+
+    /// Counts clusters below `end` with a non-zero refcount, stopping at `limit`. A writable
+    /// image counts in the allocator's refcounts (the table moves when it fills up, and its
+    /// old clusters are reused: the header read at open may name a cluster of guest data by
+    /// then); a read-only image's table stays where its header says.
+    async fn refcounts_until(&self, end: u64, limit: u64) -> Result<u64> {
+        {
+            let meta = self.meta.lock().await;
+            if let Some(alloc) = &meta.alloc {
+                let mut used = 0;
+                for c in 0..end {
+                    if used >= limit {
+                        break;
+                    }
+                    if alloc.get(qcow2_format::HostCluster(c)).unwrap_or(0) > 0 {
+                        used += 1;
+                    }
+                }
+                return Ok(used);
+            }
+        }
+        let (table_offset, table_clusters) = (
+            self.header.refcount_table_offset,
+            self.header.refcount_table_clusters,
+        );
+        let h = &self.header;
+        let cs = self.cluster_size();
+        let table_len = u64::from(table_clusters) * cs;
+        let raw = read_bytes(
+            self.files.image(),
+            table_offset,
+            table_len,
+            "refcount table",
+        )
+        .await?;
+        let table = raw
+            .chunks_exact(8)
+            .map(|c| qcow2_format::ReftableEntry(u64::from_be_bytes(c.try_into().expect("8"))))
+            .collect();
+        let mut rc = qcow2_alloc::Refcounts::new(self.geo, h.refcount_width(), table);
+        let per_block = rc.entries_per_block();
+        let mut used = 0;
+        let mut cluster = 0;
+        while cluster < end && used < limit {
+            let slot = rc.slot(qcow2_format::HostCluster(cluster));
+            let block = rc
+                .block_offset(slot.table_index)
+                .map_err(|e| Error::Corrupt {
+                    path: self.path().to_path_buf(),
+                    what: format!("refcount table: {e}"),
+                })?;
+            let block_end = ((slot.table_index + 1) * per_block).min(end);
+            let Some(block) = block else {
+                cluster = block_end;
+                continue;
+            };
+            if !rc.has_block(slot.table_index) {
+                let bytes = read_bytes(self.files.image(), block.0, cs, "refcount block").await?;
+                rc.insert_block(slot.table_index, bytes.to_vec());
+            }
+            while cluster < block_end && used < limit {
+                let n = rc
+                    .get(qcow2_format::HostCluster(cluster))
+                    .map_err(|e| Error::Corrupt {
+                        path: self.path().to_path_buf(),
+                        what: format!("refcount: {e}"),
+                    })?;
+                if n > 0 {
+                    used += 1;
+                }
+                cluster += 1;
+            }
+        }
+        Ok(used)
+    }
+}
