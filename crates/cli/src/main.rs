@@ -1,15 +1,10 @@
 //! `qimg`: the qcow2-engine command line. Commands and options follow `qemu-img` (and
 //! `qemu-io` for `qimg io`), so the same scripts run against both.
 
-mod bench;
-mod check;
-mod compare;
-mod convert;
-mod create;
-mod info;
-mod io;
-mod map;
+mod cmd;
 mod util;
+
+use cmd::{bench, check, compare, convert, create, info, io, map};
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;

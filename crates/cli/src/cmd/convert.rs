@@ -25,7 +25,7 @@ pub async fn run(
     match out_format {
         "raw" => {
             if !options.is_empty() {
-                crate::create::create_for_convert("raw", options, dest, disk.size()).await?;
+                super::create::create_for_convert("raw", options, dest, disk.size()).await?;
             }
             let out = FileOpener
                 .open(
@@ -53,7 +53,7 @@ pub async fn run(
                 .with_context(|| format!("error while writing '{}'", dest.display()))?;
         }
         "qcow2" => {
-            crate::create::create_for_convert("qcow2", options, dest, disk.size()).await?;
+            super::create::create_for_convert("qcow2", options, dest, disk.size()).await?;
             let out = Image::open(FileOpener, dest, ImageOptions::new())
                 .await
                 .with_context(|| format!("Could not open '{}'", dest.display()))?;
