@@ -8,11 +8,13 @@
 //! outside it), like qemu-img's; `--with-close` adds a second figure that includes the final
 //! flush and close.
 
+use crate::util;
 use anyhow::{bail, Context, Result};
 use blockio::{IoBuf, Opener};
 use qcow2_engine::{Disk, ImageFormat, ImageOptions};
 use std::cell::Cell;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
 
 /// The options of `qimg bench` (qemu-img bench's, plus `--random` and `--with-close`).
@@ -94,8 +96,13 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size '{s}' too large"))
 }
 
-/// Runs `qimg bench`.
-pub fn run(args: BenchArgs) -> Result<()> {
+/// Runs `qimg bench`: exit status 0, or 1 with the error on stderr.
+pub fn run(args: BenchArgs) -> ExitCode {
+    util::exit(1, start(args))
+}
+
+/// Starts the runtime `-i` asks for and runs the benchmark on it.
+fn start(args: BenchArgs) -> Result<()> {
     let direct = match args.cache.as_str() {
         "none" | "directsync" => true,
         "writeback" | "writethrough" | "unsafe" => false,
