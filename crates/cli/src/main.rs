@@ -5,6 +5,7 @@
 //! and `run` are in [`cmd`]), the runtime they run on and the dispatch.
 
 mod cmd;
+mod size;
 mod util;
 
 use clap::{Parser, Subcommand};

@@ -6,6 +6,7 @@
 //! (nothing printed), then the size and the backing file (opened to check it and to take its
 //! size), then the "Formatting" line, then the format's own checks, then the image.
 
+use crate::size::{cvtnum_full, parse_size, SizeError};
 use blockio::FileOpener;
 use qcow2_engine::{
     create, create_raw, probe_backing, Compat, CreateOptions, ImageFormat, Preallocation,
@@ -245,14 +246,15 @@ fn parse_options(qcow2: bool, lists: &[String]) -> Result<Opts, Failure> {
                     }
                 }
                 Kind::Size => {
+                    // QemuOpts' size options: qemu_strtosz over the whole of u64.
                     v.num = match parse_size(&text) {
                         Ok(n) => n,
-                        Err(SizeError::Negative) => {
+                        Err(SizeError::Negative | SizeError::OutOfRange) => {
                             return fail(format!(
                                 "Value '{text}' is out of range for parameter '{name}'"
                             ))
                         }
-                        Err(_) => {
+                        Err(SizeError::Invalid) => {
                             return fail(format!(
                                 "Parameter '{name}' expects a non-negative number below 2^64\n\
                                  Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, \
@@ -271,72 +273,6 @@ fn parse_options(qcow2: bool, lists: &[String]) -> Result<Opts, Failure> {
         }
     }
     Ok(opts)
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum SizeError {
-    Invalid,
-    Negative,
-    Overflow,
-}
-
-/// QEMU's `qemu_strtosz`: a decimal (or `0x` hex) number, a fraction only with a suffix, and
-/// one optional suffix b, k, M, G, T, P, E (any case, powers of 1024). Leading blanks are
-/// skipped.
-fn parse_size(s: &str) -> Result<u64, SizeError> {
-    let t = s.trim_start();
-    if t.starts_with('-') {
-        return Err(SizeError::Negative);
-    }
-    let (int_part, rest, hex) = if let Some(h) = t.strip_prefix("0x").or(t.strip_prefix("0X")) {
-        let end = h.find(|c: char| !c.is_ascii_hexdigit()).unwrap_or(h.len());
-        (&h[..end], &h[end..], true)
-    } else {
-        let end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-        (&t[..end], &t[end..], false)
-    };
-    if int_part.is_empty() {
-        return Err(SizeError::Invalid);
-    }
-    let int = u64::from_str_radix(int_part, if hex { 16 } else { 10 })
-        .map_err(|_| SizeError::Overflow)?;
-    let (fraction, rest) = match rest.strip_prefix('.') {
-        Some(f) if !hex => {
-            let end = f.find(|c: char| !c.is_ascii_digit()).unwrap_or(f.len());
-            (Some(&f[..end]), &f[end..])
-        }
-        Some(_) => return Err(SizeError::Invalid),
-        None => (None, rest),
-    };
-    let mut chars = rest.chars();
-    let mul: u64 = match chars.next() {
-        None => 1,
-        Some(c) => match c.to_ascii_lowercase() {
-            'b' => 1,
-            'k' => 1 << 10,
-            'm' => 1 << 20,
-            'g' => 1 << 30,
-            't' => 1 << 40,
-            'p' => 1 << 50,
-            'e' => 1 << 60,
-            _ => return Err(SizeError::Invalid),
-        },
-    };
-    if chars.next().is_some() {
-        return Err(SizeError::Invalid);
-    }
-    let has_suffix = !rest.is_empty();
-    let mut value = int.checked_mul(mul).ok_or(SizeError::Overflow)?;
-    if let Some(f) = fraction {
-        if !has_suffix || mul == 1 {
-            return Err(SizeError::Invalid);
-        }
-        let frac: f64 = format!("0.{f}").parse().map_err(|_| SizeError::Invalid)?;
-        value = value
-            .checked_add((frac * mul as f64) as u64)
-            .ok_or(SizeError::Overflow)?;
-    }
-    Ok(value)
 }
 
 /// QemuOpts' number parsing (`strtoull` with base 0): decimal, `0x` hex or `0` octal, a
@@ -384,19 +320,11 @@ async fn create_image(args: &CreateArgs) -> Result<(), Failure> {
     // The size argument (qemu-img's cvtnum).
     let positional_size = match &args.size {
         None => None,
-        Some(s) => match parse_size(s) {
-            Ok(n) if n <= i64::MAX as u64 => Some(n),
-            Ok(_) | Err(SizeError::Negative) | Err(SizeError::Overflow) => {
+        Some(s) => match cvtnum_full("image size", s, 0, i64::MAX as u64) {
+            Ok(n) => Some(n),
+            Err(msg) => {
                 return Err(Failure {
-                    msg: "Invalid image size specified. Must be between 0 and \
-                          9223372036854775807."
-                        .into(),
-                    with_name: false,
-                })
-            }
-            Err(SizeError::Invalid) => {
-                return Err(Failure {
-                    msg: format!("Invalid image size specified: '{s}'."),
+                    msg,
                     with_name: false,
                 })
             }
