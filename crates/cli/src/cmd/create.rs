@@ -57,7 +57,6 @@ fn fail<T>(msg: impl Into<String>) -> Result<T, Failure> {
     })
 }
 
-/// Runs `qimg create`; exit status 0 on success, 1 on any error.
 /// Creates `image` as `qimg create -q -f FORMAT -o OPTIONS IMAGE SIZE` would (for
 /// `qimg convert`): the same option parsing, checks and messages.
 pub async fn create_for_convert(
@@ -85,6 +84,7 @@ pub async fn create_for_convert(
     })
 }
 
+/// Runs `qimg create`; exit status 0 on success, 1 on any error.
 pub async fn run(args: CreateArgs) -> ExitCode {
     match create_image(&args).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -293,11 +293,11 @@ fn parse_number(s: &str) -> Option<u64> {
     Some(if neg { v.wrapping_neg() } else { v })
 }
 
-async fn create_image(args: &CreateArgs) -> Result<(), Failure> {
-    let fmt = args.format.as_deref().unwrap_or("raw");
-    let qcow2 = match fmt {
-        "qcow2" => true,
-        "raw" => false,
+/// The image format qemu-img names: `true` for qcow2, `false` for raw.
+fn is_qcow2(fmt: &str) -> Result<bool, Failure> {
+    match fmt {
+        "qcow2" => Ok(true),
+        "raw" => Ok(false),
         other => {
             if [
                 "vmdk",
@@ -313,10 +313,32 @@ async fn create_image(args: &CreateArgs) -> Result<(), Failure> {
             {
                 return fail(format!("format '{other}' is not supported by qimg"));
             }
-            return fail(format!("Unknown file format '{other}'"));
+            fail(format!("Unknown file format '{other}'"))
         }
-    };
+    }
+}
 
+/// A size option's value.
+fn size_value(n: u64) -> Value {
+    Value {
+        text: n.to_string(),
+        num: n,
+        flag: false,
+    }
+}
+
+/// A string option's value.
+fn text_value(t: &str) -> Value {
+    Value {
+        text: t.to_owned(),
+        num: 0,
+        flag: false,
+    }
+}
+
+/// The options of the new image from the command line, as `img_create` gathers them: the
+/// size argument, the `-o` lists, then `-b` and `-F`.
+fn gather_options(args: &CreateArgs, qcow2: bool) -> Result<Opts, Failure> {
     // The size argument (qemu-img's cvtnum).
     let positional_size = match &args.size {
         None => None,
@@ -342,83 +364,88 @@ async fn create_image(args: &CreateArgs) -> Result<(), Failure> {
     let mut opts = parse_options(qcow2, &args.options)?;
     match (opts.get("size").is_some(), positional_size) {
         (true, Some(_)) => return fail("The image size must be specified only once"),
-        (false, Some(n)) => opts.put(
-            "size",
-            Value {
-                text: n.to_string(),
-                num: n,
-                flag: false,
-            },
-        ),
+        (false, Some(n)) => opts.put("size", size_value(n)),
         _ => {}
     }
-    let text = |t: &str| Value {
-        text: t.to_owned(),
-        num: 0,
-        flag: false,
-    };
     if let Some(b) = &args.backing {
         if !qcow2 {
             return fail("Backing file not supported for file format 'raw'");
         }
-        opts.put("backing_file", text(b));
+        opts.put("backing_file", text_value(b));
     }
     if let Some(f) = &args.backing_format {
         if !qcow2 {
             return fail("Backing file format not supported for file format 'raw'");
         }
-        opts.put("backing_fmt", text(f));
+        opts.put("backing_fmt", text_value(f));
     }
+    Ok(opts)
+}
 
-    // The backing file (bdrv_img_create).
-    let backing = opts.get("backing_file").map(|v| v.text.clone());
+/// The backing file's checks (`bdrv_img_create`): its name, and unless `-u`, that it opens
+/// (as the format given, which must be given); the image's size defaults to its size.
+async fn check_backing(args: &CreateArgs, opts: &mut Opts) -> Result<(), Failure> {
+    let Some(name) = opts.get("backing_file").map(|v| v.text.clone()) else {
+        return Ok(());
+    };
     let backing_fmt = opts.get("backing_fmt").map(|v| v.text.clone());
-    if let Some(name) = &backing {
-        if *name == args.image {
-            return fail(
-                "Error: Trying to create an image with the same filename as the backing file",
-            );
-        }
-        if name.is_empty() {
-            return fail("Expected backing file name, got empty string");
-        }
-        if !args.unsafe_backing {
-            let format = match backing_fmt.as_deref() {
-                None => None,
-                Some(f) => match ImageFormat::from_name(f) {
-                    Some(f) => Some(f),
-                    None => {
-                        return fail(format!(
-                            "Unknown driver '{f}'\nCould not open backing image."
-                        ))
-                    }
-                },
-            };
-            let (size, detected) =
-                match probe_backing(&FileOpener, Path::new(&args.image), name, format).await {
-                    Ok(r) => r,
-                    Err(e) => return fail(format!("{e}\nCould not open backing image.")),
-                };
-            if backing_fmt.is_none() {
-                return fail(format!(
-                    "Backing file specified without backing format\nDetected format of {}.",
-                    detected.name()
-                ));
-            }
-            if opts.get("size").is_none() {
-                opts.put(
-                    "size",
-                    Value {
-                        text: size.to_string(),
-                        num: size,
-                        flag: false,
-                    },
-                );
-            }
-        } else if backing_fmt.is_none() {
+    if name == args.image {
+        return fail("Error: Trying to create an image with the same filename as the backing file");
+    }
+    if name.is_empty() {
+        return fail("Expected backing file name, got empty string");
+    }
+    if args.unsafe_backing {
+        if backing_fmt.is_none() {
             return fail("Backing file specified without backing format");
         }
+        return Ok(());
     }
+    let format = match backing_fmt.as_deref() {
+        None => None,
+        Some(f) => match ImageFormat::from_name(f) {
+            Some(f) => Some(f),
+            None => {
+                return fail(format!(
+                    "Unknown driver '{f}'\nCould not open backing image."
+                ))
+            }
+        },
+    };
+    let (size, detected) =
+        match probe_backing(&FileOpener, Path::new(&args.image), &name, format).await {
+            Ok(r) => r,
+            Err(e) => return fail(format!("{e}\nCould not open backing image.")),
+        };
+    if backing_fmt.is_none() {
+        return fail(format!(
+            "Backing file specified without backing format\nDetected format of {}.",
+            detected.name()
+        ));
+    }
+    if opts.get("size").is_none() {
+        opts.put("size", size_value(size));
+    }
+    Ok(())
+}
+
+/// An engine error as qemu-img reports it (after the image's name).
+fn engine_err(e: qcow2_engine::Error) -> Failure {
+    Failure {
+        msg: match e {
+            qcow2_engine::Error::Create(c) => c.to_string(),
+            other => other.to_string(),
+        },
+        with_name: true,
+    }
+}
+
+/// Creates the image, in qemu-img's order of checks (see the module documentation).
+async fn create_image(args: &CreateArgs) -> Result<(), Failure> {
+    let fmt = args.format.as_deref().unwrap_or("raw");
+    let qcow2 = is_qcow2(fmt)?;
+    let mut opts = gather_options(args, qcow2)?;
+    check_backing(args, &mut opts).await?;
     let Some(size) = opts.get("size").map(|v| v.num) else {
         return fail("Image creation needs a size parameter");
     };
@@ -441,20 +468,23 @@ async fn create_image(args: &CreateArgs) -> Result<(), Failure> {
             ))
         })?,
     };
-    let engine_err = |e: qcow2_engine::Error| Failure {
-        msg: match e {
-            qcow2_engine::Error::Create(c) => c.to_string(),
-            other => other.to_string(),
-        },
-        with_name: true,
-    };
     if !qcow2 {
         return create_raw(&FileOpener, &args.image, size, prealloc)
             .await
             .map_err(engine_err);
     }
+    let co = qcow2_options(&opts, size, prealloc)?;
+    create(&FileOpener, &args.image, &co)
+        .await
+        .map_err(engine_err)
+}
 
-    // qcow2_co_create_opts: enumerations, then the size rounded up to a sector.
+/// `qcow2_co_create_opts`: the enumerations checked, then the size rounded up to a sector.
+fn qcow2_options(
+    opts: &Opts,
+    size: u64,
+    prealloc: Preallocation,
+) -> Result<CreateOptions, Failure> {
     let mut co = CreateOptions::new();
     if let Some(v) = opts.get("compat") {
         co = co.compat(Compat::from_name(&v.text).ok_or(()).or_else(|_| {
@@ -476,7 +506,8 @@ async fn create_image(args: &CreateArgs) -> Result<(), Failure> {
             }
         });
     }
-    let backing_format = match backing_fmt.as_deref() {
+    let backing = opts.get("backing_file").map(|v| v.text.clone());
+    let backing_format = match opts.get("backing_fmt").map(|v| v.text.as_str()) {
         None => None,
         Some(f) => Some(ImageFormat::from_name(f).ok_or(()).or_else(|_| {
             fail(format!(
@@ -484,8 +515,8 @@ async fn create_image(args: &CreateArgs) -> Result<(), Failure> {
             ))
         })?),
     };
-    match (&backing, backing_format) {
-        (Some(name), Some(f)) => co = co.backing_file(name.clone(), f),
+    match (backing, backing_format) {
+        (Some(name), Some(f)) => co = co.backing_file(name, f),
         (None, Some(_)) => return fail("Backing format cannot be used without backing file"),
         _ => {}
     }
@@ -511,10 +542,7 @@ async fn create_image(args: &CreateArgs) -> Result<(), Failure> {
     else {
         return fail("Could not resize image: Image size cannot be negative");
     };
-    co = co.size(rounded);
-    create(&FileOpener, &args.image, &co)
-        .await
-        .map_err(engine_err)
+    Ok(co.size(rounded))
 }
 
 #[cfg(test)]
