@@ -1,4 +1,5 @@
-//! Unit tests of the qemu-io command parser, with what qemu-io 10.0 printed for each case.
+//! Unit tests of the qemu-io command parser; their expectations were checked against qemu-io
+//! 10.0.2 (values, messages and the stream each message goes to).
 
 use super::numbers::{cvtnum, parse_pattern, CvtError};
 use super::*;
