@@ -1,10 +1,20 @@
-//! What the commands share: opening images, sizes in qemu-img's style, exit codes.
+//! What the commands share: opening images, the `--output` format, sizes printed in
+//! qemu-img's style, exit codes.
 
 use anyhow::{anyhow, Result};
 use blockio::FileOpener;
 use qcow2_engine::{Disk, ImageFormat, ImageOptions};
 use std::path::Path;
 use std::process::ExitCode;
+
+/// Output format of `info`, `map` and `check` (`--output`).
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Text for people, as qemu-img prints it.
+    Human,
+    /// JSON with qemu-img's field names.
+    Json,
+}
 
 /// Opens `path` read-only as `format` (probed when `None`); with `force_share` (`-U`), in
 /// shared mode, so that it coexists with a writer.

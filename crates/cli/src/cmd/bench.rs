@@ -8,11 +8,14 @@
 //! outside it), like qemu-img's; `--with-close` adds a second figure that includes the final
 //! flush and close.
 
+use crate::size::cvtnum_full;
+use crate::util;
 use anyhow::{bail, Context, Result};
 use blockio::{IoBuf, Opener};
 use qcow2_engine::{Disk, ImageFormat, ImageOptions};
 use std::cell::Cell;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
 
 /// The options of `qimg bench` (qemu-img bench's, plus `--random` and `--with-close`).
@@ -25,13 +28,13 @@ pub struct BenchArgs {
     #[arg(short = 'd', default_value_t = 64)]
     pub depth: u64,
     /// Request size (k, M suffixes).
-    #[arg(short = 's', default_value = "4096", value_parser = parse_size)]
+    #[arg(short = 's', default_value = "4096", value_parser = buffer_size)]
     pub size: u64,
     /// Distance between requests (default: the request size).
-    #[arg(short = 'S', value_parser = parse_size)]
+    #[arg(short = 'S', value_parser = step_size)]
     pub step: Option<u64>,
     /// Offset of the first request.
-    #[arg(short = 'o', default_value = "0", value_parser = parse_size)]
+    #[arg(short = 'o', default_value = "0", value_parser = offset)]
     pub offset: u64,
     /// Write instead of read.
     #[arg(short = 'w')]
@@ -73,29 +76,28 @@ pub struct BenchArgs {
     pub image: PathBuf,
 }
 
-/// A size with qemu-img's suffixes (k, M, G, T; plain bytes).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_lowercase() {
-                'k' => 1u64 << 10,
-                'm' => 1 << 20,
-                'g' => 1 << 30,
-                't' => 1 << 40,
-                'b' => 1,
-                _ => return Err(format!("invalid size suffix in '{s}'")),
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
-    };
-    let n: u64 = num.parse().map_err(|_| format!("invalid size '{s}'"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size '{s}' too large"))
+/// `-s`, as qemu-img bench reads it: a size of 1 to `INT_MAX` bytes.
+fn buffer_size(s: &str) -> Result<u64, String> {
+    cvtnum_full("buffer size", s, 1, i32::MAX as u64)
 }
 
-/// Runs `qimg bench`.
-pub fn run(args: BenchArgs) -> Result<()> {
+/// `-S`, as qemu-img bench reads it: a size of 0 to `INT_MAX` bytes.
+fn step_size(s: &str) -> Result<u64, String> {
+    cvtnum_full("step size", s, 0, i32::MAX as u64)
+}
+
+/// `-o`, as qemu-img bench reads it: a size of 0 to `i64::MAX` bytes.
+fn offset(s: &str) -> Result<u64, String> {
+    cvtnum_full("offset", s, 0, i64::MAX as u64)
+}
+
+/// Runs `qimg bench`: exit status 0, or 1 with the error on stderr.
+pub fn run(args: BenchArgs) -> ExitCode {
+    util::exit(1, start(args))
+}
+
+/// Starts the runtime `-i` asks for and runs the benchmark on it.
+fn start(args: BenchArgs) -> Result<()> {
     let direct = match args.cache.as_str() {
         "none" | "directsync" => true,
         "writeback" | "writethrough" | "unsafe" => false,
@@ -273,10 +275,90 @@ mod tests {
     }
 
     #[test]
-    fn sizes_take_suffixes() {
-        assert_eq!(parse_size("4k"), Ok(4096));
-        assert_eq!(parse_size("1M"), Ok(1 << 20));
-        assert_eq!(parse_size("512"), Ok(512));
-        assert!(parse_size("4x").is_err());
+    fn sizes_parse_as_qemu_img_bench_parses_them() {
+        // `qemu-img bench -c 1 -d 1 OPT VALUE img.qcow2` (qemu-img 10.0.2, 64 MiB qcow2): its
+        // "Sending ..." line when it took the value, else its message.
+        // -s 0x1000: "Sending 1 read requests, 4096 bytes each, ... step size 4096)"
+        assert_eq!(buffer_size("0x1000"), Ok(4096));
+        // -s 1.5k: "Sending 1 read requests, 1536 bytes each, ..."
+        assert_eq!(buffer_size("1.5k"), Ok(1536));
+        // -s 010: "Sending 1 read requests, 10 bytes each, ..."
+        assert_eq!(buffer_size("010"), Ok(10));
+        // -s ' 4k' and -s +4k: "Sending 1 read requests, 4096 bytes each, ..."
+        assert_eq!(buffer_size(" 4k"), Ok(4096));
+        assert_eq!(buffer_size("+4k"), Ok(4096));
+        // -s 2147483647: "Sending 1 read requests, 2147483647 bytes each, ..."
+        assert_eq!(buffer_size("2147483647"), Ok(2_147_483_647));
+        for (s, printed) in [
+            ("1.5", "qemu-img: Invalid buffer size specified: '1.5'."),
+            ("4k ", "qemu-img: Invalid buffer size specified: '4k '."),
+            ("-1k", "qemu-img: Invalid buffer size specified: '-1k'."),
+            ("", "qemu-img: Invalid buffer size specified: ''."),
+            ("4x", "qemu-img: Invalid buffer size specified: '4x'."),
+            (
+                "-1",
+                "qemu-img: Invalid buffer size specified. Must be between 1 and 2147483647.",
+            ),
+            (
+                "0",
+                "qemu-img: Invalid buffer size specified. Must be between 1 and 2147483647.",
+            ),
+            (
+                "2G",
+                "qemu-img: Invalid buffer size specified. Must be between 1 and 2147483647.",
+            ),
+            (
+                "2147483648",
+                "qemu-img: Invalid buffer size specified. Must be between 1 and 2147483647.",
+            ),
+            (
+                "8E",
+                "qemu-img: Invalid buffer size specified. Must be between 1 and 2147483647.",
+            ),
+        ] {
+            assert_eq!(buffer_size(s), Err(printed[10..].to_string()), "{s:?}");
+        }
+        // -S 0: "... (starting at offset 0, step size 4096)"; -S 1.5k: "... step size 1536)";
+        // -S 2147483647: "... step size 2147483647)".
+        assert_eq!(step_size("0"), Ok(0));
+        assert_eq!(step_size("1.5k"), Ok(1536));
+        assert_eq!(step_size("2147483647"), Ok(2_147_483_647));
+        for (s, printed) in [
+            ("1.5", "qemu-img: Invalid step size specified: '1.5'."),
+            ("-1k", "qemu-img: Invalid step size specified: '-1k'."),
+            (
+                "-1",
+                "qemu-img: Invalid step size specified. Must be between 0 and 2147483647.",
+            ),
+            (
+                "2G",
+                "qemu-img: Invalid step size specified. Must be between 0 and 2147483647.",
+            ),
+        ] {
+            assert_eq!(step_size(s), Err(printed[10..].to_string()), "{s:?}");
+        }
+        // -o 0x1000: "... (starting at offset 4096, step size 4096)"; -o 1E: "... (starting
+        // at offset 1152921504606846976, ..." (then "Failed request": past the end).
+        assert_eq!(offset("0x1000"), Ok(4096));
+        assert_eq!(offset("1.5k"), Ok(1536));
+        assert_eq!(offset("1E"), Ok(1 << 60));
+        for (s, printed) in [
+            ("1.5", "qemu-img: Invalid offset specified: '1.5'."),
+            ("4x", "qemu-img: Invalid offset specified: '4x'."),
+            (
+                "-1",
+                "qemu-img: Invalid offset specified. Must be between 0 and 9223372036854775807.",
+            ),
+            (
+                "8E",
+                "qemu-img: Invalid offset specified. Must be between 0 and 9223372036854775807.",
+            ),
+            (
+                "99999999999999999999",
+                "qemu-img: Invalid offset specified. Must be between 0 and 9223372036854775807.",
+            ),
+        ] {
+            assert_eq!(offset(s), Err(printed[10..].to_string()), "{s:?}");
+        }
     }
 }

@@ -1,24 +1,42 @@
 //! `qimg info`: what an image is, in qemu-img's words and JSON field names.
 
-use crate::util::{open_disk, size_to_str};
-use crate::OutputFormat;
+use crate::util::{self, open_disk, size_to_str, OutputFormat};
 use anyhow::Result;
 use blockio::FileOpener;
 use qcow2_engine::{Disk, Image};
 use qcow2_format::{BitmapDirectoryEntry, CompressionType};
 use serde_json::{json, Map, Value};
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
-/// Runs `qimg info`.
-pub async fn run(
-    path: &Path,
-    format: Option<&str>,
+/// The arguments of `qimg info`.
+#[derive(clap::Args)]
+pub struct InfoArgs {
+    /// Image format (probed when absent).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Output format.
+    #[arg(long = "output", value_enum, default_value = "human")]
     output: OutputFormat,
+    /// Show every image of the backing chain.
+    #[arg(long = "backing-chain")]
     backing_chain: bool,
+    /// Open in shared mode (qemu-img's -U): coexist with a writer of the image.
+    #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-) -> Result<()> {
-    let disk = open_disk(path, format, force_share).await?;
+    /// The image.
+    image: PathBuf,
+}
+
+/// Runs `qimg info`: exit status 0, or 1 with the error on stderr.
+pub async fn run(args: InfoArgs) -> ExitCode {
+    util::exit(1, info(&args).await)
+}
+
+async fn info(args: &InfoArgs) -> Result<()> {
+    let (output, backing_chain) = (args.output, args.backing_chain);
+    let disk = open_disk(&args.image, args.format.as_deref(), args.force_share).await?;
     let mut infos = Vec::new();
     let mut layer = Some(&disk);
     while let Some(d) = layer {

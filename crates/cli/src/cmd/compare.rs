@@ -1,30 +1,54 @@
 //! `qimg compare`: whether two images show the same guest contents, as qemu-img compare
 //! decides it (the extra part of the larger image must read as zeros unless `-s`).
 
-use crate::util::open_disk;
+use crate::util::{self, open_disk};
 use anyhow::{Context, Result};
 use blockio::FileOpener;
 use blockio::IoBuf;
 use qcow2_engine::Disk;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 const CHUNK: usize = 1 << 20;
 const SECTOR: u64 = 512;
 
-/// Runs `qimg compare`; returns the exit code (0 identical, 1 different).
-pub async fn run(
-    a: &Path,
-    fmt_a: Option<&str>,
-    b: &Path,
-    fmt_b: Option<&str>,
+/// The arguments of `qimg compare`.
+#[derive(clap::Args)]
+pub struct CompareArgs {
+    /// Format of the first image (probed when absent).
+    #[arg(short = 'f')]
+    format_a: Option<String>,
+    /// Format of the second image (probed when absent).
+    #[arg(short = 'F')]
+    format_b: Option<String>,
+    /// Strict mode: images of different sizes differ.
+    #[arg(short = 's')]
     strict: bool,
+    /// Open in shared mode (qemu-img's -U): coexist with writers of the images.
+    #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-) -> Result<u8> {
-    let da = open_disk(a, fmt_a, force_share).await?;
-    let db = open_disk(b, fmt_b, force_share).await?;
+    /// First image.
+    a: PathBuf,
+    /// Second image.
+    b: PathBuf,
+}
+
+/// Runs `qimg compare`: exit status 0 identical, 1 different, 2 on an error (on stderr).
+pub async fn run(args: CompareArgs) -> ExitCode {
+    match compare(&args).await {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => util::exit::<()>(2, Err(e)),
+    }
+}
+
+/// Compares the images; the exit code (0 identical, 1 different).
+async fn compare(args: &CompareArgs) -> Result<u8> {
+    let (a, b) = (args.a.as_path(), args.b.as_path());
+    let da = open_disk(a, args.format_a.as_deref(), args.force_share).await?;
+    let db = open_disk(b, args.format_b.as_deref(), args.force_share).await?;
     let (sa, sb) = (da.size(), db.size());
     if sa != sb {
-        if strict {
+        if args.strict {
             println!("Strict mode: Image size mismatch!");
             return Ok(1);
         }

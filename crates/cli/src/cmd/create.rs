@@ -6,6 +6,7 @@
 //! (nothing printed), then the size and the backing file (opened to check it and to take its
 //! size), then the "Formatting" line, then the format's own checks, then the image.
 
+use crate::size::{cvtnum_full, parse_size, SizeError};
 use blockio::FileOpener;
 use qcow2_engine::{
     create, create_raw, probe_backing, Compat, CreateOptions, ImageFormat, Preallocation,
@@ -56,7 +57,6 @@ fn fail<T>(msg: impl Into<String>) -> Result<T, Failure> {
     })
 }
 
-/// Runs `qimg create`; exit status 0 on success, 1 on any error.
 /// Creates `image` as `qimg create -q -f FORMAT -o OPTIONS IMAGE SIZE` would (for
 /// `qimg convert`): the same option parsing, checks and messages.
 pub async fn create_for_convert(
@@ -84,6 +84,7 @@ pub async fn create_for_convert(
     })
 }
 
+/// Runs `qimg create`; exit status 0 on success, 1 on any error.
 pub async fn run(args: CreateArgs) -> ExitCode {
     match create_image(&args).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -245,14 +246,15 @@ fn parse_options(qcow2: bool, lists: &[String]) -> Result<Opts, Failure> {
                     }
                 }
                 Kind::Size => {
+                    // QemuOpts' size options: qemu_strtosz over the whole of u64.
                     v.num = match parse_size(&text) {
                         Ok(n) => n,
-                        Err(SizeError::Negative) => {
+                        Err(SizeError::Negative | SizeError::OutOfRange) => {
                             return fail(format!(
                                 "Value '{text}' is out of range for parameter '{name}'"
                             ))
                         }
-                        Err(_) => {
+                        Err(SizeError::Invalid) => {
                             return fail(format!(
                                 "Parameter '{name}' expects a non-negative number below 2^64\n\
                                  Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, \
@@ -273,72 +275,6 @@ fn parse_options(qcow2: bool, lists: &[String]) -> Result<Opts, Failure> {
     Ok(opts)
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum SizeError {
-    Invalid,
-    Negative,
-    Overflow,
-}
-
-/// QEMU's `qemu_strtosz`: a decimal (or `0x` hex) number, a fraction only with a suffix, and
-/// one optional suffix b, k, M, G, T, P, E (any case, powers of 1024). Leading blanks are
-/// skipped.
-fn parse_size(s: &str) -> Result<u64, SizeError> {
-    let t = s.trim_start();
-    if t.starts_with('-') {
-        return Err(SizeError::Negative);
-    }
-    let (int_part, rest, hex) = if let Some(h) = t.strip_prefix("0x").or(t.strip_prefix("0X")) {
-        let end = h.find(|c: char| !c.is_ascii_hexdigit()).unwrap_or(h.len());
-        (&h[..end], &h[end..], true)
-    } else {
-        let end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-        (&t[..end], &t[end..], false)
-    };
-    if int_part.is_empty() {
-        return Err(SizeError::Invalid);
-    }
-    let int = u64::from_str_radix(int_part, if hex { 16 } else { 10 })
-        .map_err(|_| SizeError::Overflow)?;
-    let (fraction, rest) = match rest.strip_prefix('.') {
-        Some(f) if !hex => {
-            let end = f.find(|c: char| !c.is_ascii_digit()).unwrap_or(f.len());
-            (Some(&f[..end]), &f[end..])
-        }
-        Some(_) => return Err(SizeError::Invalid),
-        None => (None, rest),
-    };
-    let mut chars = rest.chars();
-    let mul: u64 = match chars.next() {
-        None => 1,
-        Some(c) => match c.to_ascii_lowercase() {
-            'b' => 1,
-            'k' => 1 << 10,
-            'm' => 1 << 20,
-            'g' => 1 << 30,
-            't' => 1 << 40,
-            'p' => 1 << 50,
-            'e' => 1 << 60,
-            _ => return Err(SizeError::Invalid),
-        },
-    };
-    if chars.next().is_some() {
-        return Err(SizeError::Invalid);
-    }
-    let has_suffix = !rest.is_empty();
-    let mut value = int.checked_mul(mul).ok_or(SizeError::Overflow)?;
-    if let Some(f) = fraction {
-        if !has_suffix || mul == 1 {
-            return Err(SizeError::Invalid);
-        }
-        let frac: f64 = format!("0.{f}").parse().map_err(|_| SizeError::Invalid)?;
-        value = value
-            .checked_add((frac * mul as f64) as u64)
-            .ok_or(SizeError::Overflow)?;
-    }
-    Ok(value)
-}
-
 /// QemuOpts' number parsing (`strtoull` with base 0): decimal, `0x` hex or `0` octal, a
 /// leading minus wrapping around.
 fn parse_number(s: &str) -> Option<u64> {
@@ -357,11 +293,11 @@ fn parse_number(s: &str) -> Option<u64> {
     Some(if neg { v.wrapping_neg() } else { v })
 }
 
-async fn create_image(args: &CreateArgs) -> Result<(), Failure> {
-    let fmt = args.format.as_deref().unwrap_or("raw");
-    let qcow2 = match fmt {
-        "qcow2" => true,
-        "raw" => false,
+/// The image format qemu-img names: `true` for qcow2, `false` for raw.
+fn is_qcow2(fmt: &str) -> Result<bool, Failure> {
+    match fmt {
+        "qcow2" => Ok(true),
+        "raw" => Ok(false),
         other => {
             if [
                 "vmdk",
@@ -377,26 +313,40 @@ async fn create_image(args: &CreateArgs) -> Result<(), Failure> {
             {
                 return fail(format!("format '{other}' is not supported by qimg"));
             }
-            return fail(format!("Unknown file format '{other}'"));
+            fail(format!("Unknown file format '{other}'"))
         }
-    };
+    }
+}
 
+/// A size option's value.
+fn size_value(n: u64) -> Value {
+    Value {
+        text: n.to_string(),
+        num: n,
+        flag: false,
+    }
+}
+
+/// A string option's value.
+fn text_value(t: &str) -> Value {
+    Value {
+        text: t.to_owned(),
+        num: 0,
+        flag: false,
+    }
+}
+
+/// The options of the new image from the command line, as `img_create` gathers them: the
+/// size argument, the `-o` lists, then `-b` and `-F`.
+fn gather_options(args: &CreateArgs, qcow2: bool) -> Result<Opts, Failure> {
     // The size argument (qemu-img's cvtnum).
     let positional_size = match &args.size {
         None => None,
-        Some(s) => match parse_size(s) {
-            Ok(n) if n <= i64::MAX as u64 => Some(n),
-            Ok(_) | Err(SizeError::Negative) | Err(SizeError::Overflow) => {
+        Some(s) => match cvtnum_full("image size", s, 0, i64::MAX as u64) {
+            Ok(n) => Some(n),
+            Err(msg) => {
                 return Err(Failure {
-                    msg: "Invalid image size specified. Must be between 0 and \
-                          9223372036854775807."
-                        .into(),
-                    with_name: false,
-                })
-            }
-            Err(SizeError::Invalid) => {
-                return Err(Failure {
-                    msg: format!("Invalid image size specified: '{s}'."),
+                    msg,
                     with_name: false,
                 })
             }
@@ -414,83 +364,88 @@ async fn create_image(args: &CreateArgs) -> Result<(), Failure> {
     let mut opts = parse_options(qcow2, &args.options)?;
     match (opts.get("size").is_some(), positional_size) {
         (true, Some(_)) => return fail("The image size must be specified only once"),
-        (false, Some(n)) => opts.put(
-            "size",
-            Value {
-                text: n.to_string(),
-                num: n,
-                flag: false,
-            },
-        ),
+        (false, Some(n)) => opts.put("size", size_value(n)),
         _ => {}
     }
-    let text = |t: &str| Value {
-        text: t.to_owned(),
-        num: 0,
-        flag: false,
-    };
     if let Some(b) = &args.backing {
         if !qcow2 {
             return fail("Backing file not supported for file format 'raw'");
         }
-        opts.put("backing_file", text(b));
+        opts.put("backing_file", text_value(b));
     }
     if let Some(f) = &args.backing_format {
         if !qcow2 {
             return fail("Backing file format not supported for file format 'raw'");
         }
-        opts.put("backing_fmt", text(f));
+        opts.put("backing_fmt", text_value(f));
     }
+    Ok(opts)
+}
 
-    // The backing file (bdrv_img_create).
-    let backing = opts.get("backing_file").map(|v| v.text.clone());
+/// The backing file's checks (`bdrv_img_create`): its name, and unless `-u`, that it opens
+/// (as the format given, which must be given); the image's size defaults to its size.
+async fn check_backing(args: &CreateArgs, opts: &mut Opts) -> Result<(), Failure> {
+    let Some(name) = opts.get("backing_file").map(|v| v.text.clone()) else {
+        return Ok(());
+    };
     let backing_fmt = opts.get("backing_fmt").map(|v| v.text.clone());
-    if let Some(name) = &backing {
-        if *name == args.image {
-            return fail(
-                "Error: Trying to create an image with the same filename as the backing file",
-            );
-        }
-        if name.is_empty() {
-            return fail("Expected backing file name, got empty string");
-        }
-        if !args.unsafe_backing {
-            let format = match backing_fmt.as_deref() {
-                None => None,
-                Some(f) => match ImageFormat::from_name(f) {
-                    Some(f) => Some(f),
-                    None => {
-                        return fail(format!(
-                            "Unknown driver '{f}'\nCould not open backing image."
-                        ))
-                    }
-                },
-            };
-            let (size, detected) =
-                match probe_backing(&FileOpener, Path::new(&args.image), name, format).await {
-                    Ok(r) => r,
-                    Err(e) => return fail(format!("{e}\nCould not open backing image.")),
-                };
-            if backing_fmt.is_none() {
-                return fail(format!(
-                    "Backing file specified without backing format\nDetected format of {}.",
-                    detected.name()
-                ));
-            }
-            if opts.get("size").is_none() {
-                opts.put(
-                    "size",
-                    Value {
-                        text: size.to_string(),
-                        num: size,
-                        flag: false,
-                    },
-                );
-            }
-        } else if backing_fmt.is_none() {
+    if name == args.image {
+        return fail("Error: Trying to create an image with the same filename as the backing file");
+    }
+    if name.is_empty() {
+        return fail("Expected backing file name, got empty string");
+    }
+    if args.unsafe_backing {
+        if backing_fmt.is_none() {
             return fail("Backing file specified without backing format");
         }
+        return Ok(());
     }
+    let format = match backing_fmt.as_deref() {
+        None => None,
+        Some(f) => match ImageFormat::from_name(f) {
+            Some(f) => Some(f),
+            None => {
+                return fail(format!(
+                    "Unknown driver '{f}'\nCould not open backing image."
+                ))
+            }
+        },
+    };
+    let (size, detected) =
+        match probe_backing(&FileOpener, Path::new(&args.image), &name, format).await {
+            Ok(r) => r,
+            Err(e) => return fail(format!("{e}\nCould not open backing image.")),
+        };
+    if backing_fmt.is_none() {
+        return fail(format!(
+            "Backing file specified without backing format\nDetected format of {}.",
+            detected.name()
+        ));
+    }
+    if opts.get("size").is_none() {
+        opts.put("size", size_value(size));
+    }
+    Ok(())
+}
+
+/// An engine error as qemu-img reports it (after the image's name).
+fn engine_err(e: qcow2_engine::Error) -> Failure {
+    Failure {
+        msg: match e {
+            qcow2_engine::Error::Create(c) => c.to_string(),
+            other => other.to_string(),
+        },
+        with_name: true,
+    }
+}
+
+/// Creates the image, in qemu-img's order of checks (see the module documentation).
+async fn create_image(args: &CreateArgs) -> Result<(), Failure> {
+    let fmt = args.format.as_deref().unwrap_or("raw");
+    let qcow2 = is_qcow2(fmt)?;
+    let mut opts = gather_options(args, qcow2)?;
+    check_backing(args, &mut opts).await?;
     let Some(size) = opts.get("size").map(|v| v.num) else {
         return fail("Image creation needs a size parameter");
     };
@@ -513,20 +468,23 @@ async fn create_image(args: &CreateArgs) -> Result<(), Failure> {
             ))
         })?,
     };
-    let engine_err = |e: qcow2_engine::Error| Failure {
-        msg: match e {
-            qcow2_engine::Error::Create(c) => c.to_string(),
-            other => other.to_string(),
-        },
-        with_name: true,
-    };
     if !qcow2 {
         return create_raw(&FileOpener, &args.image, size, prealloc)
             .await
             .map_err(engine_err);
     }
+    let co = qcow2_options(&opts, size, prealloc)?;
+    create(&FileOpener, &args.image, &co)
+        .await
+        .map_err(engine_err)
+}
 
-    // qcow2_co_create_opts: enumerations, then the size rounded up to a sector.
+/// `qcow2_co_create_opts`: the enumerations checked, then the size rounded up to a sector.
+fn qcow2_options(
+    opts: &Opts,
+    size: u64,
+    prealloc: Preallocation,
+) -> Result<CreateOptions, Failure> {
     let mut co = CreateOptions::new();
     if let Some(v) = opts.get("compat") {
         co = co.compat(Compat::from_name(&v.text).ok_or(()).or_else(|_| {
@@ -548,7 +506,8 @@ async fn create_image(args: &CreateArgs) -> Result<(), Failure> {
             }
         });
     }
-    let backing_format = match backing_fmt.as_deref() {
+    let backing = opts.get("backing_file").map(|v| v.text.clone());
+    let backing_format = match opts.get("backing_fmt").map(|v| v.text.as_str()) {
         None => None,
         Some(f) => Some(ImageFormat::from_name(f).ok_or(()).or_else(|_| {
             fail(format!(
@@ -556,8 +515,8 @@ async fn create_image(args: &CreateArgs) -> Result<(), Failure> {
             ))
         })?),
     };
-    match (&backing, backing_format) {
-        (Some(name), Some(f)) => co = co.backing_file(name.clone(), f),
+    match (backing, backing_format) {
+        (Some(name), Some(f)) => co = co.backing_file(name, f),
         (None, Some(_)) => return fail("Backing format cannot be used without backing file"),
         _ => {}
     }
@@ -583,10 +542,7 @@ async fn create_image(args: &CreateArgs) -> Result<(), Failure> {
     else {
         return fail("Could not resize image: Image size cannot be negative");
     };
-    co = co.size(rounded);
-    create(&FileOpener, &args.image, &co)
-        .await
-        .map_err(engine_err)
+    Ok(co.size(rounded))
 }
 
 #[cfg(test)]

@@ -1,20 +1,35 @@
 //! `qimg map`: where each guest range's data lives, as qemu-img map prints it.
 
-use crate::util::open_disk;
-use crate::OutputFormat;
+use crate::util::{self, open_disk, OutputFormat};
 use anyhow::{bail, Result};
-use std::path::Path;
+use std::path::PathBuf;
+use std::process::ExitCode;
 
-/// Runs `qimg map`.
-pub async fn run(
-    path: &Path,
-    format: Option<&str>,
+/// The arguments of `qimg map`.
+#[derive(clap::Args)]
+pub struct MapArgs {
+    /// Image format (probed when absent).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Output format.
+    #[arg(long = "output", value_enum, default_value = "human")]
     output: OutputFormat,
+    /// Open in shared mode (qemu-img's -U): coexist with a writer of the image.
+    #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-) -> Result<()> {
-    let disk = open_disk(path, format, force_share).await?;
+    /// The image.
+    image: PathBuf,
+}
+
+/// Runs `qimg map`: exit status 0, or 1 with the error on stderr.
+pub async fn run(args: MapArgs) -> ExitCode {
+    util::exit(1, map(&args).await)
+}
+
+async fn map(args: &MapArgs) -> Result<()> {
+    let disk = open_disk(&args.image, args.format.as_deref(), args.force_share).await?;
     let entries = disk.map(0, disk.size()).await?;
-    match output {
+    match args.output {
         OutputFormat::Json => {
             let lines: Vec<String> = entries
                 .iter()

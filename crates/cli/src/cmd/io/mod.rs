@@ -82,7 +82,7 @@ pub struct IoArgs {
 
 /// Runs `qimg io` on a runtime of its own (a tokio-uring one for `--aio io_uring`) and
 /// returns the exit status.
-pub fn main(args: IoArgs) -> ExitCode {
+pub fn run(args: IoArgs) -> ExitCode {
     let cmds = if args.cmds.is_empty() {
         std::io::stdin()
             .lines()
@@ -100,11 +100,11 @@ pub fn main(args: IoArgs) -> ExitCode {
                 Ok(rt) => rt,
                 Err(e) => return fail(&format!("cannot start the runtime: {e}")),
             };
-            tokio::task::LocalSet::new().block_on(&rt, run(FileOpener, &args, &cmds))
+            tokio::task::LocalSet::new().block_on(&rt, run_script(FileOpener, &args, &cmds))
         }
         #[cfg(target_os = "linux")]
         AioMode::IoUring => match tokio_uring::Runtime::new(&blockio::uring_builder()) {
-            Ok(rt) => rt.block_on(run(blockio::UringOpener, &args, &cmds)),
+            Ok(rt) => rt.block_on(run_script(blockio::UringOpener, &args, &cmds)),
             Err(e) => return fail(&format!("cannot start io_uring: {e}")),
         },
         #[cfg(not(target_os = "linux"))]
@@ -125,7 +125,7 @@ fn fail(msg: &str) -> ExitCode {
 
 /// Opens the image and runs the script on it (inside a `LocalSet`); `true` if everything
 /// succeeded.
-async fn run<O: Opener>(opener: O, args: &IoArgs, cmds: &[String]) -> bool {
+async fn run_script<O: Opener>(opener: O, args: &IoArgs, cmds: &[String]) -> bool {
     let disk = match open(opener, args).await {
         Ok(d) => d,
         Err(e) => {

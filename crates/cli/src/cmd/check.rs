@@ -2,18 +2,68 @@
 //! diagnostic lines on stderr and its exit codes (0 clean, 1 check failed, 2 corruptions,
 //! 3 leaks only, 63 format without checks).
 
-use crate::util::open_disk;
-use crate::OutputFormat;
+use crate::util::{open_disk, OutputFormat};
 use blockio::FileOpener;
 use qcow2_engine::{CheckReport, Disk, Image, ImageOptions, RepairMode};
 use serde_json::{Map, Value};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 /// Exit status when the format has no consistency check (raw).
 const EXIT_NOT_SUPPORTED: u8 = 63;
 
+/// What `check -r` repairs.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RepairArg {
+    /// Leaked clusters only.
+    Leaks,
+    /// Every error that can be repaired.
+    All,
+}
+
+/// The arguments of `qimg check`.
+#[derive(clap::Args)]
+pub struct CheckArgs {
+    /// Image format (probed when absent).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Repair leaks only, or all errors that can be repaired (opens the image read-write).
+    #[arg(short = 'r', long = "repair", value_enum)]
+    repair: Option<RepairArg>,
+    /// Output format.
+    #[arg(long = "output", value_enum, default_value = "human")]
+    output: OutputFormat,
+    /// Print nothing on stdout (diagnostics still go to stderr).
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Open in shared mode (qemu-img's -U): check an image another process writes (read-only checks only).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The image.
+    image: PathBuf,
+}
+
 /// Runs `qimg check` and returns the exit status.
-pub async fn run(
+pub async fn run(args: CheckArgs) -> ExitCode {
+    let repair = args.repair.map(|r| match r {
+        RepairArg::Leaks => RepairMode::Leaks,
+        RepairArg::All => RepairMode::All,
+    });
+    ExitCode::from(
+        check_and_report(
+            &args.image,
+            args.format.as_deref(),
+            repair,
+            args.output,
+            args.quiet,
+            args.force_share,
+        )
+        .await,
+    )
+}
+
+/// Checks (or repairs) the image, prints the report and returns the exit status.
+async fn check_and_report(
     path: &Path,
     format: Option<&str>,
     repair: Option<RepairMode>,

@@ -1,31 +1,51 @@
 //! `qimg convert`: write the guest view of an image to a raw file or a new qcow2 image,
 //! leaving holes (unallocated clusters) where the source reads zeros.
 
-use crate::util::open_disk;
+use crate::util::{self, open_disk};
 use anyhow::{bail, Context, Result};
 use blockio::{Backend, FileOpener, IoBuf, LockRequest, OpenOptions, Opener, Perms};
 use qcow2_engine::{Disk, Image, ImageOptions};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// The arguments of `qimg convert`.
+#[derive(clap::Args)]
+pub struct ConvertArgs {
+    /// Source format (probed when absent).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Output format: raw or qcow2.
+    #[arg(short = 'O', default_value = "raw")]
+    output_format: String,
+    /// Options for the new image, as `qimg create -o` takes them (may be repeated).
+    #[arg(short = 'o')]
+    options: Vec<String>,
+    /// Open in shared mode (qemu-img's -U): read the source while another process writes it.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Source image.
+    source: PathBuf,
+    /// Destination file.
+    dest: PathBuf,
+}
 
 /// Bytes read per request.
 const CHUNK: usize = 2 << 20;
 /// Granularity of zero detection (qemu-img convert's default `-S 4k`).
 const SPARSE: usize = 4096;
 
-/// Runs `qimg convert`.
-pub async fn run(
-    source: &Path,
-    format: Option<&str>,
-    out_format: &str,
-    options: &[String],
-    dest: &Path,
-    force_share: bool,
-) -> Result<()> {
-    let disk = open_disk(source, format, force_share).await?;
-    match out_format {
+/// Runs `qimg convert`: exit status 0, or 1 with the error on stderr.
+pub async fn run(args: ConvertArgs) -> ExitCode {
+    util::exit(1, convert(&args).await)
+}
+
+async fn convert(args: &ConvertArgs) -> Result<()> {
+    let (source, dest, options) = (&args.source, &args.dest, &args.options);
+    let disk = open_disk(source, args.format.as_deref(), args.force_share).await?;
+    match args.output_format.as_str() {
         "raw" => {
             if !options.is_empty() {
-                crate::create::create_for_convert("raw", options, dest, disk.size()).await?;
+                super::create::create_for_convert("raw", options, dest, disk.size()).await?;
             }
             let out = FileOpener
                 .open(
@@ -53,7 +73,7 @@ pub async fn run(
                 .with_context(|| format!("error while writing '{}'", dest.display()))?;
         }
         "qcow2" => {
-            crate::create::create_for_convert("qcow2", options, dest, disk.size()).await?;
+            super::create::create_for_convert("qcow2", options, dest, disk.size()).await?;
             let out = Image::open(FileOpener, dest, ImageOptions::new())
                 .await
                 .with_context(|| format!("Could not open '{}'", dest.display()))?;

@@ -1,0 +1,325 @@
+//! Parsing `qimg io` commands: qemu-io's command lines into [`Cmd`] values.
+//!
+//! Everything here mirrors qemu-io 10.0 (`qemu-io-cmds.c`), checked by running it: a command
+//! line is split at single spaces (empty pieces dropped, no quoting), the command name may be
+//! an alias (`r`, `w`, `d`, `f`, `l`), the argument count is checked before the options, the
+//! options are parsed by GNU `getopt` (which permutes: `read 0 512 -q` is quiet), numbers by
+//! `cvtnum` (qemu's `qemu_strtosz`: suffixes, hex, fractions) and pattern bytes by `strtol`.
+//! Validation failures print the same message, on the same stream, as qemu-io.
+//!
+//! This module owns the parsed commands ([`Cmd`] and its parts), [`ParseError`] with what
+//! qemu-io prints for each, the command table and [`parse`] itself; `getopt` parses options,
+//! `numbers` the numeric arguments and `commands` each command's arguments.
+
+mod commands;
+mod getopt;
+mod numbers;
+#[cfg(test)]
+mod tests;
+
+use commands::{parse_aio_read, parse_aio_write, parse_discard, parse_read, parse_write};
+use std::fmt;
+
+/// qemu's `BDRV_REQUEST_MAX_BYTES`: the largest request length qemu-io accepts.
+pub const MAX_REQUEST_BYTES: u64 = 2_147_483_136;
+
+/// The byte `write` fills its buffer with when no `-P` is given.
+pub const DEFAULT_WRITE_PATTERN: u8 = 0xcd;
+
+/// One parsed command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cmd {
+    /// `read` (alias `r`).
+    Read(Read),
+    /// `write` (alias `w`).
+    Write(Write),
+    /// `discard` (alias `d`).
+    Discard(Discard),
+    /// `flush` (alias `f`).
+    Flush,
+    /// `aio_read`: issued without waiting for it.
+    AioRead(Read),
+    /// `aio_write`: issued without waiting for it.
+    AioWrite(Write),
+    /// `aio_flush`: waits for every in-flight aio request, then flushes.
+    AioFlush,
+    /// `length` (alias `l`): prints the disk size.
+    Length,
+    /// `aio_read -i` / `aio_write -i`: prints this line and does nothing (qemu-io only counts
+    /// an invalid request in its statistics).
+    Inject(&'static str),
+}
+
+/// A read: `read` or `aio_read`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Read {
+    /// Guest offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// `-P`: the bytes that must all equal a pattern.
+    pub verify: Option<Verify>,
+    /// `-q`: no report.
+    pub quiet: bool,
+    /// `-v`: hex dump of the data.
+    pub dump: bool,
+    /// `-C`: the report in qemu-io's comma-separated form.
+    pub csv: bool,
+}
+
+/// What `read -P` checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verify {
+    /// The byte every checked byte must equal.
+    pub pattern: u8,
+    /// First checked byte, relative to the read's offset (`-s`).
+    pub start: u64,
+    /// Number of checked bytes (`-l`; default: to the end of the read).
+    pub len: u64,
+}
+
+/// A write: `write` or `aio_write`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Write {
+    /// Guest offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// What is written.
+    pub data: WriteData,
+    /// `-q`: no report.
+    pub quiet: bool,
+    /// `-C`: the report in qemu-io's comma-separated form.
+    pub csv: bool,
+    /// `-f` (FUA): the write is durable when it completes (a flush follows it).
+    pub fua: bool,
+}
+
+/// The data of a [`Write`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteData {
+    /// Every byte is this one (`-P`, default 0xcd).
+    Pattern(u8),
+    /// `-z`: write zeroes; with `-u` whole clusters may be deallocated.
+    Zeroes {
+        /// `-u`.
+        may_unmap: bool,
+    },
+}
+
+/// A `discard`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discard {
+    /// Guest offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// `-q`: no report.
+    pub quiet: bool,
+    /// `-C`: the report in qemu-io's comma-separated form.
+    pub csv: bool,
+}
+
+/// Why a command line was rejected, and what qemu-io prints for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParseError {
+    /// Unknown command name (stderr: `command "X" not found`).
+    NotFound(String),
+    /// Wrong number of arguments (stderr: `bad argument count ...`).
+    ArgCount(String),
+    /// getopt's complaint (stderr), followed by the command's usage line (stdout).
+    BadOption {
+        /// e.g. `read: invalid option -- 'x'`.
+        message: String,
+        /// The usage line.
+        usage: &'static str,
+    },
+    /// The usage line alone (stdout): wrong number of positional arguments, `-s` without
+    /// `-P`...
+    Usage(&'static str),
+    /// A validation message qemu-io prints on stdout (`Parsing error: ...`, `-u requires -z
+    /// to be specified`...).
+    Invalid(String),
+    /// Something qemu-io has and `qimg io` does not implement (stderr).
+    Unsupported(String),
+}
+
+impl ParseError {
+    /// The line qemu-io prints on stdout for this error, if any.
+    pub fn stdout(&self) -> Option<String> {
+        match self {
+            ParseError::BadOption { usage, .. } | ParseError::Usage(usage) => {
+                Some(usage.to_string())
+            }
+            ParseError::Invalid(m) => Some(m.clone()),
+            _ => None,
+        }
+    }
+
+    /// The line qemu-io prints on stderr for this error, if any.
+    pub fn stderr(&self) -> Option<String> {
+        match self {
+            ParseError::NotFound(name) => Some(format!("command \"{name}\" not found")),
+            ParseError::ArgCount(m) | ParseError::BadOption { message: m, .. } => Some(m.clone()),
+            ParseError::Unsupported(m) => Some(format!("qimg io: {m}")),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = self.stderr().or_else(|| self.stdout()).unwrap_or_default();
+        f.write_str(&text)
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+/// A command's table entry, as in qemu-io's `cmdinfo_t`.
+struct Spec {
+    name: &'static str,
+    alias: Option<&'static str>,
+    argmin: usize,
+    /// `None`: no upper bound.
+    argmax: Option<usize>,
+    usage: &'static str,
+    /// Needs write permission (qemu-io's `BLK_PERM_WRITE`).
+    write: bool,
+}
+
+const READ: Spec = Spec {
+    name: "read",
+    alias: Some("r"),
+    argmin: 2,
+    argmax: None,
+    usage: "read [-abCqrv] [-P pattern [-s off] [-l len]] off len -- reads a number of bytes at a specified offset",
+    write: false,
+};
+const WRITE: Spec = Spec {
+    name: "write",
+    alias: Some("w"),
+    argmin: 2,
+    argmax: None,
+    usage: "write [-bcCfnqruz] [-P pattern | -s source_file] off len -- writes a number of bytes at a specified offset",
+    write: true,
+};
+const DISCARD: Spec = Spec {
+    name: "discard",
+    alias: Some("d"),
+    argmin: 2,
+    argmax: None,
+    usage: "discard [-Cq] off len -- discards a number of bytes at a specified offset",
+    write: true,
+};
+const FLUSH: Spec = Spec {
+    name: "flush",
+    alias: Some("f"),
+    argmin: 0,
+    argmax: Some(0),
+    usage: "flush -- flush all in-core file state to disk",
+    write: false,
+};
+const AIO_READ: Spec = Spec {
+    name: "aio_read",
+    alias: None,
+    argmin: 2,
+    argmax: None,
+    usage:
+        "aio_read [-Ciqrv] [-P pattern] off len [len..] -- asynchronously reads a number of bytes",
+    write: false,
+};
+const AIO_WRITE: Spec = Spec {
+    name: "aio_write",
+    alias: None,
+    argmin: 2,
+    argmax: None,
+    usage: "aio_write [-Cfiqruz] [-P pattern] off len [len..] -- asynchronously writes a number of bytes",
+    write: true,
+};
+const AIO_FLUSH: Spec = Spec {
+    name: "aio_flush",
+    alias: None,
+    argmin: 0,
+    argmax: Some(0),
+    usage: "aio_flush -- completes all outstanding aio requests",
+    write: false,
+};
+const LENGTH: Spec = Spec {
+    name: "length",
+    alias: Some("l"),
+    argmin: 0,
+    argmax: Some(0),
+    usage: "length -- gets the length of the current file",
+    write: false,
+};
+
+const COMMANDS: [&Spec; 8] = [
+    &READ, &WRITE, &DISCARD, &FLUSH, &AIO_READ, &AIO_WRITE, &AIO_FLUSH, &LENGTH,
+];
+
+/// qemu-io's `breakline()`: split at single spaces, drop empty pieces.
+fn words(line: &str) -> Vec<&str> {
+    line.split(' ').filter(|w| !w.is_empty()).collect()
+}
+
+fn lookup(name: &str) -> Option<&'static Spec> {
+    COMMANDS
+        .iter()
+        .copied()
+        .find(|s| s.name == name || s.alias == Some(name))
+}
+
+/// Whether `line` is a command needing write permission (`write`, `discard`, `aio_write`)
+/// with an acceptable number of arguments. qemu-io checks the permission at that point,
+/// before the command parses its options: on a read-only image `write -u 0 1` says the
+/// image is read-only, not that `-u` needs `-z`.
+pub fn needs_write(line: &str) -> bool {
+    let words = words(line);
+    let Some((&name, args)) = words.split_first() else {
+        return false;
+    };
+    lookup(name).is_some_and(|s| s.write && check_count(s, name, args.len()).is_ok())
+}
+
+/// Parses one qemu-io command line. `Ok(None)` for an empty line (qemu-io does nothing).
+pub fn parse(line: &str) -> Result<Option<Cmd>, ParseError> {
+    let words = words(line);
+    let Some((&name, args)) = words.split_first() else {
+        return Ok(None);
+    };
+    let spec = lookup(name).ok_or_else(|| ParseError::NotFound(name.to_string()))?;
+    check_count(spec, name, args.len())?;
+    let cmd = match spec.name {
+        "read" => Cmd::Read(parse_read(name, args)?),
+        "write" => Cmd::Write(parse_write(name, args)?),
+        "discard" => Cmd::Discard(parse_discard(name, args)?),
+        "flush" => Cmd::Flush,
+        "aio_read" => parse_aio_read(name, args)?,
+        "aio_write" => parse_aio_write(name, args)?,
+        "aio_flush" => Cmd::AioFlush,
+        "length" => Cmd::Length,
+        other => unreachable!("command table entry {other} without a parser"),
+    };
+    Ok(Some(cmd))
+}
+
+fn check_count(spec: &Spec, typed: &str, n: usize) -> Result<(), ParseError> {
+    let min = spec.argmin;
+    let msg = match spec.argmax {
+        None if n < min => {
+            format!("bad argument count {n} to {typed}, expected at least {min} arguments")
+        }
+        Some(max) if n < min || n > max => {
+            if min == max {
+                format!("bad argument count {n} to {typed}, expected {min} arguments")
+            } else {
+                format!(
+                    "bad argument count {n} to {typed}, expected between {min} and {max} arguments"
+                )
+            }
+        }
+        _ => return Ok(()),
+    };
+    Err(ParseError::ArgCount(msg))
+}

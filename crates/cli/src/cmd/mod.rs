@@ -1,0 +1,12 @@
+//! The subcommands of `qimg`, one module each: its clap arguments (`#[derive(clap::Args)]`)
+//! and its `run`. Each follows the qemu-img (or, for `io`, qemu-io) command of the same name:
+//! options, output, messages and exit status.
+
+pub mod bench;
+pub mod check;
+pub mod compare;
+pub mod convert;
+pub mod create;
+pub mod info;
+pub mod io;
+pub mod map;
