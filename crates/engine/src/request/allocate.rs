@@ -7,7 +7,7 @@ use crate::image::Image;
 use crate::inflight::{keep, Guards};
 use crate::map::{Piece, Source};
 use crate::meta::Meta;
-use crate::{Error, Result};
+use crate::Result;
 use blockio::{Backend, IoBuf, Opener};
 use qcow2_alloc::{GateGuard, Reservation, SharedLease};
 use qcow2_format::{
