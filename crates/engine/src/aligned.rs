@@ -1,4 +1,4 @@
-//! Aligned I/O (layer 0): the one place that turns byte ranges into what the backend can do
+//! Aligned I/O (layer 3): the one place that turns byte ranges into what the backend can do
 //! (O_DIRECT needs whole aligned blocks), with bounce buffers for unaligned reads and a
 //! read-modify-write for unaligned writes, under the read-modify-write lock that [`Aligned`]
 //! owns. Every operation carries a [`Keep`] (I9).

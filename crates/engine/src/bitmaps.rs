@@ -16,9 +16,10 @@
 //! load. The writes at close go through the overlap guard again.
 
 use crate::aligned::read_bytes;
-use crate::image::Image;
+use crate::meta::{Meta, Store};
 use crate::{Error, Result};
-use blockio::Opener;
+use blockio::Backend;
+use qcow2_format::Header;
 use qcow2_format::{BitmapDirectoryEntry, BitmapTableEntry};
 use std::collections::HashSet;
 
@@ -72,12 +73,22 @@ impl Bitmaps {
     }
 }
 
-impl<O: Opener> Image<O> {
+/// What the bitmaps work with: the metadata store, the metadata lock (for the overlap
+/// guard's map and allocations), the header as the image was opened, and the bitmaps' own
+/// lock.
+pub(crate) struct Ctx<'a, B> {
+    pub(crate) store: Store<'a, B>,
+    pub(crate) meta: &'a async_lock::Mutex<Meta>,
+    pub(crate) header: &'a Header,
+    pub(crate) bitmaps: &'a async_lock::Mutex<Option<Bitmaps>>,
+}
+
+impl<B: Backend> Ctx<'_, B> {
     /// Loads the directory and the enabled bitmaps of a read-write image at open (None
     /// without bitmaps), refusing bitmaps that would be written where they must not (see the
     /// module documentation). Then adds the directory to the overlap guard's map.
     pub(crate) async fn load_bitmaps(&self) -> Result<Option<Bitmaps>> {
-        let header = &self.header;
+        let header = self.header;
         let Some(ext) = header.bitmaps() else {
             return Ok(None);
         };
@@ -89,17 +100,17 @@ impl<O: Opener> Image<O> {
         };
         let mut meta = self.meta.lock().await;
         meta.metadata
-            .add_range(&self.geo, ext.directory_offset, ext.directory_size);
+            .add_range(&self.store.geo, ext.directory_offset, ext.directory_size);
         Ok(loaded)
     }
 
     async fn read_bitmaps(&self, ext: &qcow2_format::BitmapsExtension) -> Result<Bitmaps> {
-        let header = &self.header;
+        let header = self.header;
         let format_err = |source| Error::Format {
-            path: self.path().to_path_buf(),
+            path: self.store.files.path().to_path_buf(),
             source,
         };
-        let cs = self.cluster_size();
+        let cs = self.store.geo.cluster_size();
         let mut claimed = HashSet::new();
         self.bitmap_clusters_ok(
             &mut claimed,
@@ -109,7 +120,7 @@ impl<O: Opener> Image<O> {
         )
         .await?;
         let buf = read_bytes(
-            self.files.image(),
+            self.store.files.image(),
             ext.directory_offset,
             ext.directory_size,
             "bitmap directory",
@@ -157,7 +168,7 @@ impl<O: Opener> Image<O> {
             )
             .await?;
             let raw = read_bytes(
-                self.files.image(),
+                self.store.files.image(),
                 e.table_offset,
                 table_len * 8,
                 "bitmap table",
@@ -178,7 +189,8 @@ impl<O: Opener> Image<O> {
                             cs,
                         )
                         .await?;
-                        let c = read_bytes(self.files.image(), off.0, cs, "bitmap data").await?;
+                        let c =
+                            read_bytes(self.store.files.image(), off.0, cs, "bitmap data").await?;
                         let n = chunk.len();
                         data[chunk].copy_from_slice(&c[..n]);
                     }
@@ -193,12 +205,12 @@ impl<O: Opener> Image<O> {
                 data,
             });
         }
-        if !tracked.is_empty() && self.files.data().is_none() {
+        if !tracked.is_empty() && self.store.files.data().is_none() {
             let l1 = self.meta.lock().await.l1.clone();
             crate::meta::verify::bitmaps_apart_from_data(
-                self.files.image(),
-                self.path(),
-                &self.geo,
+                self.store.files.image(),
+                self.store.files.path(),
+                &self.store.geo,
                 &l1,
                 &claimed,
             )
@@ -225,23 +237,23 @@ impl<O: Opener> Image<O> {
         if len == 0 {
             return Ok(());
         }
-        let file_len = self.file_len();
+        let file_len = self.store.files.len();
         if offset.checked_add(len).is_none_or(|end| end > file_len) {
-            return Err(self.store().corrupt_err(format!(
+            return Err(self.store.corrupt_err(format!(
                 "{what} at {offset:#x} (+{len:#x}) lies past the end of the file \
                  ({file_len:#x} bytes)"
             )));
         }
         let meta = self.meta.lock().await;
-        if self.store().guard_overlap(&meta, offset, len).is_err() {
+        if self.store.guard_overlap(&meta, offset, len).is_err() {
             return Err(self
-                .store()
+                .store
                 .corrupt_err(format!("{what} at {offset:#x} overlaps other metadata")));
         }
-        let bits = self.geo.cluster_bits();
+        let bits = self.store.geo.cluster_bits();
         for c in (offset >> bits)..=((offset + len - 1) >> bits) {
             if !claimed.insert(c) {
-                return Err(self.store().corrupt_err(format!(
+                return Err(self.store.corrupt_err(format!(
                     "{what} at {offset:#x} shares host cluster {c} with other bitmap metadata"
                 )));
             }
@@ -254,13 +266,12 @@ impl<O: Opener> Image<O> {
     async fn write_bitmap_meta(&self, offset: u64, bytes: &[u8]) -> Result<()> {
         let guarded = {
             let meta = self.meta.lock().await;
-            self.store()
-                .guard_overlap(&meta, offset, bytes.len() as u64)
+            self.store.guard_overlap(&meta, offset, bytes.len() as u64)
         };
-        if let Err(e) = guarded {
-            return Err(self.on_error(e).await);
-        }
-        self.store().write_meta(offset, bytes).await
+        // A hit means the refcounts handed out a cluster that holds metadata: the caller
+        // marks the image corrupt.
+        guarded?;
+        self.store.write_meta(offset, bytes).await
     }
 
     /// Marks the maintained bitmaps `in_use` on disk before the first write.
@@ -278,8 +289,8 @@ impl<O: Opener> Image<O> {
             }
             (b.directory_offset, b.directory_bytes()?)
         };
-        self.store().write_meta(bytes.0, &bytes.1).await?;
-        self.files.sync().await?;
+        self.store.write_meta(bytes.0, &bytes.1).await?;
+        self.store.files.sync().await?;
         // Only once `in_use` is on disk: a failure is retried before the next write.
         if let Some(b) = self.bitmaps.lock().await.as_mut() {
             b.marked_in_use = true;
@@ -305,8 +316,8 @@ impl<O: Opener> Image<O> {
         if !b.marked_in_use {
             return Ok(());
         }
-        let cs = self.cluster_size();
-        let geo = self.geo;
+        let cs = self.store.geo.cluster_size();
+        let geo = self.store.geo;
         for t in &mut b.tracked {
             let mut table_changed = false;
             for i in 0..t.table.len() {
@@ -314,7 +325,7 @@ impl<O: Opener> Image<O> {
                 let bytes = &t.data[chunk];
                 let current = t.table[i]
                     .decode(cs)
-                    .map_err(|e| self.store().corrupt_err(format!("bitmap table: {e}")))?;
+                    .map_err(|e| self.store.corrupt_err(format!("bitmap table: {e}")))?;
                 match current {
                     Ok(off) => {
                         let mut full = vec![0u8; cs as usize];
@@ -328,7 +339,7 @@ impl<O: Opener> Image<O> {
                             continue;
                         }
                         let mut meta = self.meta.lock().await;
-                        let a = self.store().allocate(&mut meta, 1)?;
+                        let a = self.store.allocate(&mut meta, 1)?;
                         drop(meta);
                         let off = geo.cluster_offset(a.first).0;
                         let mut full = vec![0u8; cs as usize];
@@ -342,20 +353,20 @@ impl<O: Opener> Image<O> {
             if table_changed {
                 // The new clusters are counted on disk before the table names them.
                 let mut meta = self.meta.lock().await;
-                self.store().write_refcounts(&mut meta).await?;
+                self.store.write_refcounts(&mut meta).await?;
                 drop(meta);
-                self.files.sync().await?;
+                self.store.files.sync().await?;
                 let table: Vec<u8> = t.table.iter().flat_map(|e| e.0.to_be_bytes()).collect();
                 let e = &b.directory[t.index];
                 self.write_bitmap_meta(e.table_offset, &table).await?;
             }
         }
-        self.files.sync().await?;
+        self.store.files.sync().await?;
         for t in &b.tracked {
             b.directory[t.index].flags &= !BitmapDirectoryEntry::IN_USE;
         }
         let dir = b.directory_bytes()?;
-        self.store().write_meta(b.directory_offset, &dir).await?;
+        self.store.write_meta(b.directory_offset, &dir).await?;
         b.marked_in_use = false;
         Ok(())
     }

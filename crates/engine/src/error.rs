@@ -1,11 +1,18 @@
 //! The engine's error type: one enum a caller can match on.
 
+use crate::options::{Preallocation, V3Feature};
 use qcow2_format::FormatError;
 use std::io;
 use std::path::PathBuf;
 
 /// Result type of the engine.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The outcome of a read into an owned buffer, and the buffer back.
+pub type ReadResult = (Result<()>, blockio::IoBuf);
+
+/// The outcome of a write from an owned buffer, and the buffer back.
+pub type WriteResult = (Result<()>, blockio::IoBuf);
 
 /// What went wrong.
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +133,7 @@ pub enum Error {
     /// The options given to [`crate::create`] are invalid, or the image they describe
     /// cannot exist (the message is qemu-img's).
     #[error(transparent)]
-    Create(crate::CreateError),
+    Create(CreateError),
 }
 
 /// Errors that stop one request without saying anything about the image's consistency are
@@ -160,5 +167,118 @@ impl Error {
     /// Whether this error means the image is (or is marked) corrupt.
     pub fn is_corruption(&self) -> bool {
         matches!(self, Error::Corrupt { .. } | Error::MarkedCorrupt(_))
+    }
+}
+
+/// Why an image cannot be created with the given options. The messages are qemu-img's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CreateError {
+    /// No size was given and there is no backing file to take it from.
+    #[error("Image creation needs a size parameter")]
+    MissingSize,
+    /// The size is not a multiple of 512 bytes.
+    #[error("Image size must be a multiple of 512 bytes")]
+    SizeNotAligned(u64),
+    /// The cluster size is not a power of two between 512 and 2 MiB.
+    #[error("Cluster size must be a power of two between 512 and 2048k")]
+    ClusterSize(u64),
+    /// Extended L2 entries with clusters smaller than 16 KiB.
+    #[error("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes")]
+    ExtendedL2ClusterSize(u64),
+    /// The refcount width is not a power of two of at most 64 bits.
+    #[error("Refcount width must be a power of two and may not exceed 64 bits")]
+    RefcountBits(u64),
+    /// A feature that needs compat=1.1 with compat=0.10.
+    #[error("{}", v3_message(*.0))]
+    NeedsV3(V3Feature),
+    /// `data_file_raw` without `data_file`.
+    #[error("data-file-raw requires data-file")]
+    DataFileRawWithoutDataFile,
+    /// A backing file together with `data_file_raw`.
+    #[error("Backing file and data-file-raw cannot be used at the same time")]
+    BackingWithDataFileRaw,
+    /// A backing file together with preallocation, without extended L2 entries.
+    #[error(
+        "Backing file and preallocation can only be used at the same time if extended_l2 is on"
+    )]
+    BackingWithPreallocation,
+    /// The backing file name is the image's own name.
+    #[error("Error: Trying to create an image with the same filename as the backing file")]
+    BackingIsImage,
+    /// An empty backing file name.
+    #[error("Expected backing file name, got empty string")]
+    EmptyBackingName,
+    /// The backing file could not be opened (to check it and take its size).
+    #[error("{message}")]
+    OpenBacking {
+        /// The backing file as resolved against the image's directory.
+        path: PathBuf,
+        /// What went wrong, as qemu-img says it (`Could not open 'PATH': REASON`, or the
+        /// format's complaint, e.g. `Image is not in qcow2 format`).
+        message: String,
+    },
+    /// The backing file name is longer than 1023 bytes.
+    #[error("Could not assign backing file '{name}' with format '{format}': Invalid argument")]
+    BackingNameTooLong {
+        /// The name.
+        name: String,
+        /// The backing format.
+        format: &'static str,
+    },
+    /// The backing file name does not fit in cluster 0 after the header extensions.
+    #[error(
+        "Could not assign backing file '{name}' with format '{format}': No space left on device"
+    )]
+    BackingNameNoSpace {
+        /// The name.
+        name: String,
+        /// The backing format.
+        format: &'static str,
+    },
+    /// The header extensions (a long data file name) do not fit in cluster 0.
+    #[error("Could not update qcow2 header: No space left on device")]
+    HeaderNoSpace,
+    /// The L1 or refcount table this size needs exceeds QEMU's limits.
+    #[error(
+        "The image size is too large for file format 'qcow2' (try using a larger cluster size)"
+    )]
+    TooLarge,
+    /// A preallocation mode the format does not have (`metadata` for raw images).
+    #[error("Unsupported preallocation mode: {}", .0.name())]
+    UnsupportedPreallocation(Preallocation),
+    /// The model of QEMU's allocator reached a state QEMU asserts against (a bug here).
+    #[error("internal error while planning the image layout: {0}")]
+    Internal(&'static str),
+}
+
+fn v3_message(f: V3Feature) -> &'static str {
+    match f {
+        V3Feature::RefcountBits => {
+            "Different refcount widths than 16 bits require compatibility level 1.1 or above \
+             (use version=v3 or greater)"
+        }
+        V3Feature::LazyRefcounts => {
+            "Lazy refcounts only supported with compatibility level 1.1 and above \
+             (use version=v3 or greater)"
+        }
+        V3Feature::ExtendedL2 => {
+            "Extended L2 entries are only supported with compatibility level 1.1 and above \
+             (use version=v3 or greater)"
+        }
+        V3Feature::CompressionType => {
+            "Non-zlib compression type is only supported with compatibility level 1.1 and \
+             above (use version=v3 or greater)"
+        }
+        V3Feature::DataFile => {
+            "External data files are only supported with compatibility level 1.1 and above \
+             (use version=v3 or greater)"
+        }
+    }
+}
+
+impl From<CreateError> for Error {
+    fn from(e: CreateError) -> Self {
+        Error::Create(e)
     }
 }

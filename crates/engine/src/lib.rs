@@ -26,6 +26,18 @@
 //!
 //! This crate must not parse on-disk bytes by hand (that is `qcow2-format`'s job) and never
 //! holds the metadata lock across data I/O.
+//!
+//! ## Layers
+//!
+//! Each module uses only those above it in this list (crates/engine/tests/layers.rs checks
+//! it): `options`, `compress`, `inflight` (what an I/O keeps alive, I9); `error`; `files` (the
+//! image and data files, flushes, growth) and `aligned` (bounce buffers and read-modify-write,
+//! owning its lock); `meta` (the state under the metadata lock, its loaders, the table cache,
+//! the store that writes it back in I4/I5/I8 order, the open-time reference check); `map` (L2
+//! lookup and decoding with one rule, the walk, block status) and `bitmaps`; `check` (check
+//! and repair over the files and metadata); `image` (the facade type, opening, the `Disk` of a
+//! chain); `request` (the read, write, allocate, zero/discard, flush/close paths behind the
+//! facade); `create`. docs/DESIGN.md has the invariants, docs/CONCURRENCY.md the lock table.
 #![warn(missing_docs)]
 
 mod aligned;
@@ -46,10 +58,8 @@ pub use check::{CheckLimit, CheckReport, RepairMode, MAX_MESSAGES, MAX_WALK_CORR
 pub use create::{
     create, create_raw, probe_backing, Compat, CreateError, CreateOptions, Preallocation, V3Feature,
 };
-pub use error::{Error, Result};
+pub use error::{Error, ReadResult, Result, WriteResult};
 pub use image::MapEntry;
 pub use image::{Disk, Image, RawImage};
 pub use map::status::{Extent, ExtentKind};
 pub use options::{BackingChoice, ImageFormat, ImageOptions};
-pub use request::read::ReadResult;
-pub use request::write::WriteResult;

@@ -226,3 +226,96 @@ impl ImageOptions {
         self.direct
     }
 }
+
+// The options of `create` (qemu-img create's `-o`), here because the errors name them.
+
+/// The compatibility level (`compat=` in qemu-img, `version` in QMP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compat {
+    /// `compat=0.10`: a version 2 image (72-byte header, 16-bit refcounts, no feature bits).
+    V2,
+    /// `compat=1.1`: a version 3 image (the default).
+    #[default]
+    V3,
+}
+
+impl Compat {
+    /// Parses qemu-img's spellings: `0.10` or `v2`, `1.1` or `v3`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "0.10" | "v2" => Some(Compat::V2),
+            "1.1" | "v3" => Some(Compat::V3),
+            _ => None,
+        }
+    }
+
+    /// The header version number (2 or 3).
+    pub fn version(self) -> u32 {
+        match self {
+            Compat::V2 => 2,
+            Compat::V3 => 3,
+        }
+    }
+}
+
+/// How much of the image to allocate up front (`preallocation=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Preallocation {
+    /// Nothing: a sparse image with just the L1 table (the default).
+    #[default]
+    Off,
+    /// Every L2 table and data cluster is allocated (refcounts and COPIED L2 entries), and the
+    /// file is extended to cover the data clusters, sparsely.
+    Metadata,
+    /// As `Metadata`, with the data area reserved on disk (`fallocate`).
+    Falloc,
+    /// As `Metadata`, with zeros written over the data area.
+    Full,
+}
+
+impl Preallocation {
+    /// Parses QEMU's names: `off`, `metadata`, `falloc`, `full`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "off" => Some(Preallocation::Off),
+            "metadata" => Some(Preallocation::Metadata),
+            "falloc" => Some(Preallocation::Falloc),
+            "full" => Some(Preallocation::Full),
+            _ => None,
+        }
+    }
+
+    /// QEMU's name of the mode.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preallocation::Off => "off",
+            Preallocation::Metadata => "metadata",
+            Preallocation::Falloc => "falloc",
+            Preallocation::Full => "full",
+        }
+    }
+}
+
+/// A feature that a version 2 (`compat=0.10`) image cannot have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum V3Feature {
+    /// A refcount width other than 16 bits.
+    RefcountBits,
+    /// Lazy refcounts.
+    LazyRefcounts,
+    /// Extended L2 entries.
+    ExtendedL2,
+    /// A compression type other than zlib.
+    CompressionType,
+    /// An external data file.
+    DataFile,
+}
+
+impl std::fmt::Display for Compat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Compat::V2 => "0.10",
+            Compat::V3 => "1.1",
+        })
+    }
+}

@@ -1,10 +1,10 @@
-//! The image facade (layer 4): [`Image`], the one type an embedder holds, with its parts
+//! The image facade (layer 7): [`Image`], the one type an embedder holds, with its parts
 //! (files, aligned I/O, metadata, leases, trackers, bitmaps, backing chain); how an image is
 //! opened ([`open`]); the [`Disk`] a backing chain is made of ([`disk`]); what an image says
 //! about itself ([`info`]) and about a whole chain ([`chain`]).
 //!
-//! The request paths behind the facade's I/O methods are in `request`; this module uses the
-//! layers below it and never `request`.
+//! The request paths behind the facade's I/O methods are in `request`, which adds them to
+//! [`Image`]; this module uses the layers below it and never `request`.
 
 mod chain;
 mod check;
@@ -177,6 +177,16 @@ impl<O: Opener> Image<O> {
             leases: &self.leases,
             geo: self.geo,
             lazy_refcounts: self.lazy_refcounts,
+        }
+    }
+
+    /// What the persistent bitmaps work with (see [`crate::bitmaps::Ctx`]).
+    pub(crate) fn bitmap_ctx(&self) -> crate::bitmaps::Ctx<'_, O::Backend> {
+        crate::bitmaps::Ctx {
+            store: self.store(),
+            meta: &self.meta,
+            header: &self.header,
+            bitmaps: &self.bitmaps,
         }
     }
 

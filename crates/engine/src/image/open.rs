@@ -126,7 +126,7 @@ impl<O: Opener> Image<O> {
         };
         if !read_only {
             // Once the overlap guard's map is complete: the bitmaps are checked against it.
-            let bitmaps = img.load_bitmaps().await?;
+            let bitmaps = img.bitmap_ctx().load_bitmaps().await?;
             *img.bitmaps.lock().await = bitmaps;
         }
         Ok(img)

@@ -1,4 +1,4 @@
-//! The mapping layer (layer 2): which bytes a guest range reads, cluster by cluster, from
+//! The mapping layer (layer 5): which bytes a guest range reads, cluster by cluster, from
 //! the L1 and L2 tables (loaded through the metadata [`Store`]): an L2 entry decoded with one
 //! rule ([`Mapper::decode_entry`]), the walk over a range ([`Mapper::walk`]), the pieces a read
 //! or a copy-on-write is made of ([`Mapper::map_range`]), and the block status of a layer

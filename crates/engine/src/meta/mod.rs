@@ -1,4 +1,4 @@
-//! Metadata (layer 1): the state the metadata lock guards ([`Meta`]), how it is loaded
+//! Metadata (layer 4): the state the metadata lock guards ([`Meta`]), how it is loaded
 //! ([`load`]) and checked at open ([`verify`]), the L2 table cache ([`cache`]), and the
 //! [`Store`] that reads tables into it and writes it back in the crash-safe order (I4, I5,
 //! I8), allocates clusters and guards metadata against data writes.

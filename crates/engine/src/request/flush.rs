@@ -111,7 +111,9 @@ impl<O: Opener> Image<O> {
         {
             return self.files.sync().await;
         }
-        self.bitmaps_store().await?;
+        if let Err(e) = self.bitmap_ctx().bitmaps_store().await {
+            return Err(self.on_error(e).await);
+        }
         let freed = {
             let mut meta = self.meta.lock().await;
             let mut freed = self.store().write_back_mode(&mut meta, true).await?;
@@ -144,7 +146,7 @@ impl<O: Opener> Image<O> {
         if meta.first_write_done {
             drop(meta);
             // Cheap when done; repeats the bitmaps' in_use marking if it failed before.
-            return self.bitmaps_in_use().await;
+            return self.bitmap_ctx().bitmaps_in_use().await;
         }
         let maintained = self.bitmaps.lock().await.is_some();
         let mut known = features::AUTOCLEAR_DATA_FILE_RAW;
@@ -162,6 +164,6 @@ impl<O: Opener> Image<O> {
         }
         meta.first_write_done = true;
         drop(meta);
-        self.bitmaps_in_use().await
+        self.bitmap_ctx().bitmaps_in_use().await
     }
 }

@@ -5,16 +5,13 @@ use crate::aligned::{read_bytes_kept, read_data};
 use crate::image::Image;
 use crate::inflight::{keep, Guards};
 use crate::map::{Piece, Source};
-use crate::{Error, Result};
+use crate::{Error, ReadResult, Result};
 use blockio::{IoBuf, Keep, Opener};
 use qcow2_alloc::SharedLease;
 use qcow2_format::{CompressedDescriptor, HostCluster};
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
-
-/// The outcome of a read into an owned buffer, and the buffer back.
-pub type ReadResult = (Result<()>, IoBuf);
 
 impl<O: Opener> Image<O> {
     /// Reads into the buffer's window from guest offset `offset`, and gives the buffer back.

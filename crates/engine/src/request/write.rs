@@ -7,16 +7,13 @@ use super::allocate::AllocStep;
 use crate::image::Image;
 use crate::inflight::{keep, Guards};
 use crate::meta::Meta;
-use crate::{Error, Result};
+use crate::{Error, Result, WriteResult};
 use blockio::{IoBuf, Keep, Opener};
 use qcow2_alloc::{Gate, SharedLease};
 use qcow2_format::{
     GuestOffset, HostCluster, L2Entry, L2Mapping, SubclusterBitmap, SubclusterState,
 };
 use std::sync::atomic::Ordering;
-
-/// The outcome of a write from an owned buffer, and the buffer back.
-pub type WriteResult = (Result<()>, IoBuf);
 
 /// What one step of a write does.
 pub(super) enum Step {
@@ -81,7 +78,7 @@ impl<O: Opener> Image<O> {
         if let Err(e) = self.before_first_write().await {
             return (Err(e), buf);
         }
-        self.bitmaps_mark(offset, len).await;
+        self.bitmap_ctx().bitmaps_mark(offset, len).await;
         let mut pos = offset;
         let end = offset + len;
         let mut result = Ok(());

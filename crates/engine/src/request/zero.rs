@@ -33,7 +33,7 @@ impl<O: Opener> Image<O> {
     async fn write_zeroes_inner(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.check_writable(offset, len)?;
         self.before_first_write().await?;
-        self.bitmaps_mark(offset, len).await;
+        self.bitmap_ctx().bitmaps_mark(offset, len).await;
         if len == 0 {
             return Ok(());
         }
@@ -107,7 +107,7 @@ impl<O: Opener> Image<O> {
     async fn discard_inner(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable(offset, len)?;
         self.before_first_write().await?;
-        self.bitmaps_mark(offset, len).await;
+        self.bitmap_ctx().bitmaps_mark(offset, len).await;
         if self.header.version < 3 && self.backing.is_some() {
             // A v2 image cannot hide its backing file: QEMU leaves the data in place.
             return Ok(());
