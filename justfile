@@ -21,15 +21,15 @@ lint:
 # Benchmarks: qcow2-engine against QEMU's qcow2 driver and the raw file, every cell of issue 6,
 # and against itself built without leases on the 4k cells; then the microbenchmarks. Writes
 # docs/BENCHMARKS.md. Env: BENCH_RUNS (3), BENCH_SCALE (1), BENCH_CELLS, BENCH_NOLEASE_CELLS,
-# BENCH_MICRO, BENCH_NOTE (scripts/bench.sh lists them).
+# BENCH_MICRO, BENCH_NOTE (benches/bench.sh lists them).
 bench *ARGS:
-    scripts/bench.sh {{ARGS}}
+    benches/bench.sh {{ARGS}}
 
 # Microbenchmarks of the hot paths (divan, a few seconds once built): L2 entry decoding, a read's
 # L2 lookup through the table cache, refcount get/set, lease take and release, the allocator's
 # search. Arguments go to divan (a name filter, --sample-count N). `just bench` runs them too.
 microbench *ARGS:
-    scripts/microbench.sh {{ARGS}}
+    benches/microbench.sh {{ARGS}}
 
 # The lease models under loom: every interleaving within the preemption bound
 # (LOOM_MAX_PREEMPTIONS, default 3), then the no-lease and no-keep builds, which must report

@@ -12,8 +12,9 @@
 //! - deterministic workloads: [`OpMix`] (qemu-io scripts), [`random_ranges`]
 //!   (read ranges) and the [`Prng`] behind them.
 //!
-//! The library deliberately does not use the engine crates: it is QEMU's
-//! view of the images, the reference our implementation is compared to.
+//! The library deliberately does not use the engine crates (but for blockio's
+//! `splitmix64`, the project's one pseudo-random mixer): it is QEMU's view of the
+//! images, the reference our implementation is compared to.
 #![warn(missing_docs)]
 
 mod fixtures;

@@ -9,11 +9,8 @@ pub struct Prng(u64);
 impl Prng {
     /// Creates a generator from `seed`.
     pub fn new(seed: u64) -> Self {
-        // splitmix64 step to spread small seeds and avoid the all-zero state.
-        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
+        // A splitmix64 step to spread small seeds and avoid the all-zero state.
+        let z = blockio::splitmix64(seed.wrapping_add(blockio::SPLITMIX64_GAMMA));
         Prng(if z == 0 { 0x2545_F491_4F6C_DD1D } else { z })
     }
 

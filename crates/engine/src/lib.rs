@@ -34,14 +34,14 @@
 //! image and data files, flushes, growth) and `aligned` (bounce buffers and read-modify-write,
 //! owning its lock); `meta` (the state under the metadata lock, its loaders, the table cache,
 //! the store that writes it back in I4/I5/I8 order, the open-time reference check); `map` (L2
-//! lookup and decoding with one rule, the walk, block status) and `bitmaps`; `check` (check
+//! lookup and decoding with one rule, the walk, block status) and `tracking` (the upkeep of
+//! the persistent dirty bitmaps while writing); `check` (check
 //! and repair over the files and metadata); `image` (the facade type, opening, the `Disk` of a
 //! chain); `request` (the read, write, allocate, zero/discard, flush/close paths behind the
 //! facade); `create`. docs/DESIGN.md has the invariants, docs/CONCURRENCY.md the lock table.
 #![warn(missing_docs)]
 
 mod aligned;
-mod bitmaps;
 mod check;
 mod compress;
 mod create;
@@ -53,6 +53,7 @@ mod map;
 mod meta;
 mod options;
 mod request;
+mod tracking;
 
 pub use check::{CheckLimit, CheckReport, RepairMode, MAX_MESSAGES, MAX_WALK_CORRUPTIONS};
 pub use create::{

@@ -61,7 +61,6 @@ pub struct ImageOptions {
     pub(crate) read_only: bool,
     pub(crate) direct: bool,
     pub(crate) l2_cache_bytes: u64,
-    pub(crate) refcount_cache_bytes: u64,
     pub(crate) backing: BackingChoice,
     pub(crate) data_file: Option<PathBuf>,
     pub(crate) max_backing_depth: usize,
@@ -79,7 +78,6 @@ impl Default for ImageOptions {
             read_only: false,
             direct: false,
             l2_cache_bytes: 32 << 20,
-            refcount_cache_bytes: 8 << 20,
             backing: BackingChoice::FromHeader,
             data_file: None,
             max_backing_depth: 64,
@@ -125,12 +123,6 @@ impl ImageOptions {
     /// Upper bound of memory for cached L2 tables, in bytes (at least one table is kept).
     pub fn l2_cache_size(mut self, bytes: u64) -> Self {
         self.l2_cache_bytes = bytes;
-        self
-    }
-
-    /// Upper bound of memory for cached refcount blocks, in bytes.
-    pub fn refcount_cache_size(mut self, bytes: u64) -> Self {
-        self.refcount_cache_bytes = bytes;
         self
     }
 

@@ -6,7 +6,7 @@
 //! 2. `error`: the one error type (it names the options of `create`);
 //! 3. `files`, `aligned`: the files under an image, aligned I/O;
 //! 4. `meta`: the metadata state, its loaders, cache and store (write-back);
-//! 5. `map`, `bitmaps`: the mapping layer; the persistent bitmaps;
+//! 5. `map`, `tracking`: the mapping layer; the upkeep of the persistent dirty bitmaps;
 //! 6. `check`: the consistency check and repair;
 //! 7. `image`: the facade type, opening, the `Disk` of a chain;
 //! 8. `request`: the request paths behind the facade;
@@ -23,7 +23,7 @@ const LAYERS: &[&[&str]] = &[
     &["error"],
     &["files", "aligned"],
     &["meta"],
-    &["map", "bitmaps"],
+    &["map", "tracking"],
     &["check"],
     &["image"],
     &["request"],

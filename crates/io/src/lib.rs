@@ -6,13 +6,15 @@
 //!
 //! Backends: [`TokioFile`] (positional I/O on tokio's blocking pool, any tokio runtime, O_DIRECT
 //! capable), [`UringFile`] (io_uring through tokio-uring; its futures are not `Send` and run on
-//! a tokio-uring runtime), [`MemoryBackend`] (a growable byte vector, for tests), and
-//! [`FaultInjector`] (wraps any backend; a test can hold, release, reorder and fail requests).
+//! a tokio-uring runtime), [`MemoryBackend`] (a growable byte vector, for tests), and, with
+//! the `fault` feature (tests only), `FaultInjector` (wraps any backend; a test can hold,
+//! release, reorder and fail requests, and build crash images from its log).
 //!
 //! This crate knows nothing about qcow2.
 #![warn(missing_docs)]
 
 mod buf;
+#[cfg(feature = "fault")]
 mod fault;
 mod file;
 pub mod lock;
@@ -22,6 +24,7 @@ mod sys;
 mod uring;
 
 pub use buf::{IoBuf, Keep, DEFAULT_ALIGN};
+#[cfg(feature = "fault")]
 pub use fault::{
     CrashImage, CrashSpec, FaultController, FaultInjector, FaultOpener, FaultRule, HeldRequest,
     LogEntry, OpKind, RequestFilter, RequestInfo, TornSector, CRASH_SECTOR,
@@ -174,6 +177,19 @@ pub trait Opener: Clone + 'static {
         path: &Path,
         options: OpenOptions,
     ) -> impl Future<Output = io::Result<Self::Backend>>;
+}
+
+/// The increment of a SplitMix64 sequence (the golden ratio in 64 bits).
+pub const SPLITMIX64_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// SplitMix64's output function (Steele, Lea and Flood): `splitmix64(seed + n *
+/// SPLITMIX64_GAMMA)` is the n-th value of the sequence from `seed`, independent of the order
+/// in which values are asked for. The project's one source of deterministic pseudo-random
+/// numbers (crash images, benchmark offsets, test schedules); not for cryptography.
+pub fn splitmix64(z: u64) -> u64 {
+    let z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// Reads exactly the buffer's window, treating bytes past the end of the file as zeros

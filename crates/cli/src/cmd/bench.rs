@@ -120,11 +120,9 @@ fn start(args: BenchArgs) -> Result<()> {
 fn offset_of(args: &BenchArgs, i: u64, size: u64, step: u64) -> u64 {
     match args.random {
         Some(seed) => {
-            // splitmix64 of (seed, i): independent of completion order.
-            let mut z = seed.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^= z >> 31;
+            // The i-th value of a SplitMix64 sequence: independent of completion order.
+            let z =
+                blockio::splitmix64(seed.wrapping_add(i.wrapping_mul(blockio::SPLITMIX64_GAMMA)));
             let slots = (size / args.size).max(1);
             (z % slots) * args.size
         }

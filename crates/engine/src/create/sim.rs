@@ -136,7 +136,7 @@ pub(super) struct L2Plan {
 /// request ends `end` bytes after `guest` (QEMU copies-on-write from there to the end of the
 /// subcluster, writing zeros at creation, when there is no backing file yet).
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Meta {
+pub(super) struct L2Link {
     pub(super) guest: u64,
     pub(super) host: u64,
     pub(super) n: u64,
@@ -274,7 +274,7 @@ impl Sim {
                 while left > 0 {
                     let index = (guest >> self.bits) & (self.l2_entries - 1);
                     let n = left.min(self.l2_entries - index);
-                    self.link_l2(Meta {
+                    self.link_l2(L2Link {
                         guest,
                         host,
                         n,
@@ -334,7 +334,7 @@ impl Sim {
         &mut self,
         offset: u64,
         bytes: u64,
-    ) -> SimResult<(u64, u64, Vec<Meta>)> {
+    ) -> SimResult<(u64, u64, Vec<L2Link>)> {
         let (mut start, mut remaining) = (offset, bytes);
         let mut cluster_offset = INV;
         let mut host = INV;
@@ -373,7 +373,7 @@ impl Sim {
         guest: u64,
         host: &mut u64,
         bytes: &mut u64,
-        metas: &mut Vec<Meta>,
+        metas: &mut Vec<L2Link>,
     ) -> SimResult<bool> {
         let cs = self.cs;
         let oic = guest & (cs - 1);
@@ -399,7 +399,7 @@ impl Sim {
         let nb_bytes = requested.min(avail);
         *host = alloc + oic;
         *bytes = (*bytes).min(nb_bytes - oic);
-        metas.push(Meta {
+        metas.push(L2Link {
             guest: guest & !(cs - 1),
             host: alloc,
             n: (oic + *bytes).div_ceil(cs),
@@ -409,7 +409,7 @@ impl Sim {
     }
 
     /// `qcow2_alloc_cluster_link_l2` for a preallocation: entries `host | COPIED`.
-    pub(super) fn link_l2(&mut self, m: Meta) -> SimResult<()> {
+    pub(super) fn link_l2(&mut self, m: L2Link) -> SimResult<()> {
         self.get_cluster_table(m.guest)?;
         let l1_index = m.guest >> (self.bits + self.l2_bits);
         let index = (m.guest >> self.bits) & (self.l2_entries - 1);

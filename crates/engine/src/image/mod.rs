@@ -72,7 +72,7 @@ pub struct Image<O: Opener> {
     /// Set by a successful close: the drop has nothing to report.
     pub(crate) closed: std::sync::atomic::AtomicBool,
     /// The persistent bitmaps maintained while writing (read-write images with bitmaps).
-    pub(crate) bitmaps: async_lock::Mutex<Option<crate::bitmaps::Bitmaps>>,
+    pub(crate) tracked: async_lock::Mutex<Option<crate::tracking::Bitmaps>>,
     /// Set once corruption was found and the corrupt bit written: writes stop.
     pub(crate) marked_corrupt: std::sync::atomic::AtomicBool,
 }
@@ -154,11 +154,6 @@ impl<O: Opener> Image<O> {
         self.files.len()
     }
 
-    /// The image file's backend.
-    pub fn file(&self) -> &O::Backend {
-        self.files.image()
-    }
-
     /// (hits, misses) of the L2 table cache so far.
     ///
     /// # Cancel safety
@@ -180,13 +175,13 @@ impl<O: Opener> Image<O> {
         }
     }
 
-    /// What the persistent bitmaps work with (see [`crate::bitmaps::Ctx`]).
-    pub(crate) fn bitmap_ctx(&self) -> crate::bitmaps::Ctx<'_, O::Backend> {
-        crate::bitmaps::Ctx {
+    /// What the persistent bitmaps work with (see [`crate::tracking::Ctx`]).
+    pub(crate) fn bitmap_ctx(&self) -> crate::tracking::Ctx<'_, O::Backend> {
+        crate::tracking::Ctx {
             store: self.store(),
             meta: &self.meta,
             header: &self.header,
-            bitmaps: &self.bitmaps,
+            bitmaps: &self.tracked,
         }
     }
 
@@ -211,7 +206,9 @@ impl<O: Opener> Image<O> {
         self.mapper().block_status(&mut meta, offset, len).await
     }
 
-    /// The lease table (for diagnostics and tests: which clusters have I/O in flight).
+    /// The lease table: which clusters have I/O in flight (a test hook, with the `testing`
+    /// feature).
+    #[cfg(feature = "testing")]
     pub fn leases(&self) -> &LeaseTable {
         &self.leases
     }

@@ -118,7 +118,7 @@ impl<O: Opener> Image<O> {
             acked: AtomicU64::new(0),
             flushed: AtomicU64::new(0),
             closed: std::sync::atomic::AtomicBool::new(false),
-            bitmaps: async_lock::Mutex::new(None),
+            tracked: async_lock::Mutex::new(None),
             lazy_refcounts: !read_only
                 && header.version >= 3
                 && options.lazy_refcounts.unwrap_or(header.lazy_refcounts()),
@@ -127,7 +127,7 @@ impl<O: Opener> Image<O> {
         if !read_only {
             // Once the overlap guard's map is complete: the bitmaps are checked against it.
             let bitmaps = img.bitmap_ctx().load_bitmaps().await?;
-            *img.bitmaps.lock().await = bitmaps;
+            *img.tracked.lock().await = bitmaps;
         }
         Ok(img)
     }

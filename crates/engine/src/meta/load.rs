@@ -122,7 +122,7 @@ pub(crate) async fn metadata_clusters<B: Backend>(
             m.add_range(&geo, s.l1_table_offset, u64::from(s.l1_size) * 8);
         }
     }
-    // The bitmap directory is added by `bitmaps::Ctx::load_bitmaps`, once checked against
+    // The bitmap directory is added by `tracking::Ctx::load_bitmaps`, once checked against
     // the rest.
     Ok(m)
 }

@@ -148,7 +148,7 @@ impl<O: Opener> Image<O> {
             // Cheap when done; repeats the bitmaps' in_use marking if it failed before.
             return self.bitmap_ctx().bitmaps_in_use().await;
         }
-        let maintained = self.bitmaps.lock().await.is_some();
+        let maintained = self.tracked.lock().await.is_some();
         let mut known = features::AUTOCLEAR_DATA_FILE_RAW;
         if maintained {
             known |= features::AUTOCLEAR_BITMAPS;

@@ -205,12 +205,12 @@ impl<O: Opener> Image<O> {
     /// the L1 entry, the L2 table from the cache (loaded on a miss), each cluster's L2 entry
     /// decoded into pieces, and a shared lease taken on each host cluster; the leases are
     /// dropped again. Returns the number of pieces. For the microbenchmarks
-    /// (`crates/engine/benches`), not part of the API.
+    /// (benches/micro/engine.rs), not part of the API.
     ///
     /// # Cancel safety
     ///
     /// Dropping the future drops the leases with it: nothing changes.
-    #[doc(hidden)]
+    #[cfg(feature = "testing")]
     pub async fn bench_plan_read(&self, offset: u64, len: u64) -> Result<usize> {
         let (plan, leases) = self.plan_read(offset, len).await?;
         drop(leases);

@@ -143,16 +143,13 @@ impl fmt::Debug for CrashImage {
     }
 }
 
-/// splitmix64: the crash images' randomness (deterministic per seed, no dependency).
+/// The crash images' randomness: a SplitMix64 sequence (deterministic per seed).
 struct SplitMix(u64);
 
 impl SplitMix {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0 = self.0.wrapping_add(crate::SPLITMIX64_GAMMA);
+        crate::splitmix64(self.0)
     }
 
     fn below(&mut self, n: u64) -> u64 {

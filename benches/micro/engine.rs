@@ -3,7 +3,7 @@
 //! L1 entry, find the L2 table in the table cache (or load it), decode each cluster's L2 entry
 //! into pieces, take a shared lease per host cluster, and drop them. The image lives in
 //! memory (`MemoryOpener`), so a cache miss costs a 64 KiB copy, not a disk read. Run with
-//! `just microbench` (scripts/microbench.sh).
+//! `just microbench` (benches/microbench.sh).
 
 use blockio::MemoryOpener;
 use divan::{black_box, Bencher};

@@ -1,6 +1,6 @@
 //! Microbenchmarks of the format crate's share of the hot path: every read and write looks up
 //! the L1 entry of its guest range, then reads and decodes the L2 entry of each guest cluster
-//! out of a cached L2 table. Run with `just microbench` (scripts/microbench.sh).
+//! out of a cached L2 table. Run with `just microbench` (benches/microbench.sh).
 
 use divan::{black_box, Bencher};
 use qcow2_format::{

@@ -2,10 +2,10 @@
 # `just bench`: qcow2-engine (`qimg bench`, io_uring and the tokio file backend) against QEMU's
 # qcow2 driver (`qemu-img bench -i io_uring`) and the raw file underneath (fio, or
 # `qemu-img bench -f raw` as a stand-in when fio is not installed), same cells, same images,
-# alternating runs, and the microbenchmarks of the hot paths (scripts/microbench.sh). Writes
-# docs/BENCHMARKS.md; the work is done by scripts/bench.py.
+# alternating runs, and the microbenchmarks of the hot paths (benches/microbench.sh). Writes
+# docs/BENCHMARKS.md; the work is done by benches/bench.py.
 #
-# Environment (each also a flag of scripts/bench.py, see `scripts/bench.py --help`):
+# Environment (each also a flag of benches/bench.py, see `benches/bench.py --help`):
 #   BENCH_RUNS=3        measured runs of each side per cell
 #   BENCH_SCALE=1       multiplies every request count (0.25 for a quick look)
 #   BENCH_DIR=target/bench   where the images live: must be a real disk, not tmpfs
@@ -37,5 +37,5 @@ if [ "${BENCH_NOLEASE_CELLS-x}" != "" ]; then
   RUSTFLAGS="--cfg qcow2_no_lease" CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/bench-nolease" \
     cargo build --release -q -p qimg
 fi
-[ "${BENCH_MICRO:-1}" = 0 ] || scripts/microbench.sh --no-run
-exec python3 scripts/bench.py "$@"
+[ "${BENCH_MICRO:-1}" = 0 ] || benches/microbench.sh --no-run
+exec python3 benches/bench.py "$@"

@@ -1,6 +1,6 @@
 //! Microbenchmarks of the allocation crate's hot paths: refcount lookups and updates in each
 //! width, taking and releasing leases (every data I/O takes one per host cluster), and the
-//! allocator's search for free clusters. Run with `just microbench` (scripts/microbench.sh).
+//! allocator's search for free clusters. Run with `just microbench` (benches/microbench.sh).
 
 use divan::{black_box, Bencher};
 use qcow2_alloc::{Allocator, LeaseTable, Refcounts};
