@@ -1,14 +1,14 @@
 //! The fixture matrix: qcow2 images built by qemu-img / qemu-io at test time.
 //!
 //! Here are the types and the builders; the `matrix` submodule lists the
-//! fixtures.
+//! fixtures, and `compressed` builds the compressed ones.
 
 use std::path::{Path, PathBuf};
 
 use crate::ops::OpMix;
-use crate::prng::Prng;
 use crate::tools::{path_str, qemu_img, qemu_img_in, qemu_info_json, qemu_io, qemu_io_abort};
 
+mod compressed;
 mod matrix;
 
 pub use matrix::matrix;
@@ -242,193 +242,6 @@ fn sparse_raw(path: &Path, size: u64) {
 fn plain(dir: &Path, size: u64, opts: &str, mix: OpMix) -> PathBuf {
     let img = create(dir, "image.qcow2", size, opts);
     io(&img, &mix.script());
-    img
-}
-
-// ---------------------------------------------------------------------------
-// Compressed images
-
-/// Content kinds for clusters of the compressed fixtures' source.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Kind {
-    /// One repeated byte: compresses to a few bytes.
-    Constant,
-    /// A repeated text line with the cluster number: compresses well.
-    Text,
-    /// First half random, second half zero: compresses to about half.
-    HalfRandom,
-    /// A few random bytes, rest zero.
-    Sparse,
-    /// Random bytes: does not fit in `cluster-1` bytes, so QEMU stores the
-    /// cluster uncompressed.
-    Random,
-}
-
-/// Writes the source raw file for the compressed fixtures: runs of
-/// clusters of each [`Kind`] at seeded positions, holes in between, and a
-/// non-empty last (possibly partial) cluster. Returns `(cluster, kind)`.
-fn compressed_source(path: &Path, size: u64, cluster: u64, seed: u64) -> Vec<(u64, Kind)> {
-    use std::io::{Seek, SeekFrom, Write};
-    let mut r = Prng::new(seed);
-    let nclusters = size.div_ceil(cluster);
-    let mut chosen = std::collections::BTreeMap::new();
-    // About 40 runs; never more than 2/3 of the disk.
-    let runs = 40.min(nclusters * 2 / 3 / 3).max(4);
-    for _ in 0..runs {
-        let start = r.below(nclusters);
-        let len = r.range(1, 4);
-        let kind = match r.below(10) {
-            0..=2 => Kind::Constant,
-            3..=4 => Kind::Text,
-            5..=6 => Kind::HalfRandom,
-            7 => Kind::Sparse,
-            _ => Kind::Random,
-        };
-        for c in start..(start + len).min(nclusters) {
-            chosen.insert(c, kind);
-        }
-    }
-    // The last cluster (partial if size is not a multiple) always has data.
-    chosen.insert(nclusters - 1, Kind::Text);
-    // Cluster 0 is compressible too (a common hand-checked spot).
-    chosen.insert(0, Kind::Constant);
-
-    let mut f = std::fs::File::create(path).expect("create compressed source");
-    f.set_len(size).unwrap();
-    let mut buf = vec![0u8; cluster as usize];
-    for (&c, &kind) in &chosen {
-        buf.fill(0);
-        match kind {
-            Kind::Constant => buf.fill((c as u8).wrapping_mul(7) | 1),
-            Kind::Text => {
-                let line = format!("qcow2 fixture cluster {c:08} seed {seed:#x} -- ");
-                for (dst, src) in buf.iter_mut().zip(line.bytes().cycle()) {
-                    *dst = src;
-                }
-            }
-            Kind::HalfRandom => {
-                let half = buf.len() / 2;
-                r.fill(&mut buf[..half]);
-            }
-            Kind::Sparse => {
-                for _ in 0..8 {
-                    let i = r.below(cluster) as usize;
-                    buf[i] = (r.next_u64() as u8) | 1;
-                }
-            }
-            Kind::Random => r.fill(&mut buf),
-        }
-        let off = c * cluster;
-        let n = (size - off).min(cluster) as usize;
-        f.seek(SeekFrom::Start(off)).unwrap();
-        f.write_all(&buf[..n]).unwrap();
-    }
-    chosen.into_iter().collect()
-}
-
-/// `qemu-img convert -f raw -O qcow2 -c` of a mixed source; with `rewrite`,
-/// then partly rewritten by qemu-io (new compressed writes into holes,
-/// partial and full overwrites, zero writes and discards over compressed
-/// clusters).
-fn compressed(
-    dir: &Path,
-    size: u64,
-    cluster: u64,
-    zstd: bool,
-    rewrite: bool,
-    seed: u64,
-) -> PathBuf {
-    let src = dir.join("source.raw");
-    let layout = compressed_source(&src, size, cluster, seed);
-    let img = dir.join("image.qcow2");
-    let mut opts = format!("cluster_size={cluster}");
-    if zstd {
-        opts.push_str(",compression_type=zstd");
-    }
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "-c",
-        "-o",
-        &opts,
-        path_str(&src),
-        path_str(&img),
-    ]);
-    std::fs::remove_file(&src).unwrap();
-    if !rewrite {
-        return img;
-    }
-    let mut r = Prng::new(seed ^ 0xC0FFEE);
-    let compressible: Vec<u64> = layout
-        .iter()
-        .filter(|(_, k)| *k != Kind::Random)
-        .map(|(c, _)| *c)
-        .collect();
-    let used: std::collections::BTreeSet<u64> = layout.iter().map(|(c, _)| *c).collect();
-    let full = size / cluster; // clusters entirely inside the disk
-    let mut script = Vec::new();
-    // Compressed writes into never-touched clusters (qemu-io only allows
-    // them into unallocated clusters), done first.
-    let mut holes = std::collections::BTreeSet::new();
-    for _ in 0..200 {
-        let c = r.below(full);
-        if holes.len() < 3 && !used.contains(&c) && holes.insert(c) {
-            let p = 0xd0 + holes.len();
-            script.push(format!("write -c -P 0x{p:02x} {} {cluster}", c * cluster));
-        }
-    }
-    let mut pat = 0xe0u8;
-    for i in 0..24 {
-        let c = *r.pick(&compressible);
-        let base = c * cluster;
-        let op = match i % 8 {
-            // Small unaligned write inside a compressed cluster (COW).
-            0 | 1 => {
-                let off = base + r.below(cluster / 2);
-                let len = r.range(1, cluster / 2);
-                pat += 1;
-                format!("write -P 0x{pat:02x} {off} {len}")
-            }
-            // Unaligned write straddling into the next cluster.
-            2 => {
-                let off = base + cluster / 2 + r.below(cluster / 2);
-                pat += 1;
-                format!("write -P 0x{pat:02x} {off} {}", cluster)
-            }
-            // Whole-cluster overwrite.
-            3 => {
-                pat += 1;
-                format!("write -P 0x{pat:02x} {base} {cluster}")
-            }
-            4 => format!("write -z {base} {cluster}"),
-            5 => format!("write -z -u {base} {cluster}"),
-            6 => format!("discard {base} {cluster}"),
-            // Unaligned zero write inside a compressed cluster (COW).
-            _ => {
-                let off = base + 1 + r.below(cluster / 2);
-                format!("write -z {off} {}", r.range(1, cluster / 3))
-            }
-        };
-        script.push(op);
-    }
-    // Clip anything running past the end of the disk.
-    let script: Vec<String> = script
-        .into_iter()
-        .map(|s| {
-            let mut parts: Vec<String> = s.split(' ').map(str::to_string).collect();
-            let n = parts.len();
-            let off: u64 = parts[n - 2].parse().unwrap();
-            let len: u64 = parts[n - 1].parse().unwrap();
-            if off + len > size {
-                parts[n - 1] = (size - off).to_string();
-            }
-            parts.join(" ")
-        })
-        .collect();
-    io(&img, &script);
     img
 }
 
