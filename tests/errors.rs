@@ -672,6 +672,29 @@ struct Outcome {
     tolerated: bool,
 }
 
+/// The id of the target request (the pattern it writes).
+const TARGET: usize = 100;
+
+/// A case under way: the image (none once closed), the guest view as the model has it, and
+/// the disk at the last successful flush with the requests since.
+struct CaseState {
+    img: Option<Img>,
+    model: Model,
+    flushed: Model,
+    since: Vec<(G, usize)>,
+}
+
+/// A case whose target ran with a fault: what the checks after it need.
+struct Faulted<'a> {
+    scn: &'a Scenario,
+    p: &'a Prepared,
+    file: &'a MemoryBackend,
+    ctl: &'a FaultController,
+    /// Log position of the target's first request.
+    start: u64,
+    fault: Fault,
+}
+
 /// Runs the setup, then the target with `fault` (none: the reference run, returning the
 /// target's requests).
 async fn run_case(
@@ -684,66 +707,117 @@ async fn run_case(
 ) -> Result<(Outcome, Vec<LogEntry>, Vec<u8>), String> {
     let (opener, file) = p.opener();
     let ctl: FaultController = opener.controller();
-    let mut model = Model {
-        bytes: p.initial.clone(),
-        cluster: p.cluster,
-    };
-    let size = model.bytes.len() as u64;
-    // The disk at the last successful flush, and the requests since.
-    let mut flushed = model.clone();
-    let mut since: Vec<(G, usize)> = Vec::new();
-    let mut img = Some(open(&opener, p, scn).await);
-    for (i, &g) in scn.setup.iter().enumerate() {
-        match g {
-            G::Reopen => {
-                img.take()
-                    .unwrap()
-                    .close()
-                    .await
-                    .map_err(|e| format!("setup close: {e}"))?;
-                img = Some(open(&opener, p, scn).await);
-                flushed = model.clone();
-                since.clear();
-            }
-            G::Close => unreachable!("setups reopen"),
-            _ => {
-                exec(img.as_ref().unwrap(), g, i)
-                    .await
-                    .map_err(|e| format!("setup {g:?}: {e}"))?;
-                model.apply(g, i);
-                if g == G::Flush {
-                    flushed = model.clone();
-                    since.clear();
-                } else {
-                    since.push((g, i));
-                }
-            }
-        }
-    }
-    const TARGET: usize = 100;
+    let mut st = run_setup(&opener, p, scn).await?;
     let g = scn.target;
     let start = ctl.completed();
     if let Some(f) = fault {
         ctl.add_rule(f.rule());
     }
     let (res, closed) = match g {
-        G::Close => (img.take().unwrap().close().await.map(|()| None), true),
-        _ => (exec(img.as_ref().unwrap(), g, TARGET).await, false),
+        G::Close => (st.img.take().unwrap().close().await.map(|()| None), true),
+        _ => (exec(st.img.as_ref().unwrap(), g, TARGET).await, false),
     };
     let log = ctl.log();
     let during: Vec<LogEntry> = log.iter().filter(|e| e.seq >= start).cloned().collect();
-    let mut out = Outcome::default();
     let Some(f) = fault else {
         res.map_err(|e| format!("reference run: {g:?}: {e}"))?;
         if !closed {
-            img.take()
+            st.img
+                .take()
                 .unwrap()
                 .close()
                 .await
                 .map_err(|e| format!("close: {e}"))?;
         }
-        return Ok((out, during, file.snapshot()));
+        return Ok((Outcome::default(), during, file.snapshot()));
     };
+    let failed = injected_request(&during, f, reference)?;
+    let class = map.classify(failed);
+    check_target_result(scn, &res, class, f)?;
+    let out = Outcome {
+        class: Some(class),
+        tolerated: res.is_ok(),
+    };
+    read_while_faulty(&st, g, res.is_ok()).await?;
+    ctl.clear_rules();
+
+    // A failed file flush is never followed by a successful one (through the page cache, the
+    // kernel may have dropped what it covered): the next flush fails, and so does close.
+    let sticky = !closed && failed.info.op == OpKind::Flush;
+    if sticky {
+        flush_fails_again(&mut st, g).await?;
+    }
+    let case = Faulted {
+        scn,
+        p,
+        file: &file,
+        ctl: &ctl,
+        start,
+        fault: f,
+    };
+    if closed || sticky {
+        check_after_failed_close(&case, &st, out_checks).await?;
+        return Ok((out, during, file.snapshot()));
+    }
+    let img = st.img.take().unwrap();
+    recover(&case, &img, &mut st, res.is_err(), out_checks).await?;
+    let bytes = finish(&case, img, st.model).await?;
+    Ok((out, during, bytes))
+}
+
+/// Opens the image and runs the scenario's setup on it.
+async fn run_setup(
+    opener: &FaultOpener<MemoryOpener>,
+    p: &Prepared,
+    scn: &Scenario,
+) -> Result<CaseState, String> {
+    let model = Model {
+        bytes: p.initial.clone(),
+        cluster: p.cluster,
+    };
+    let mut st = CaseState {
+        flushed: model.clone(),
+        model,
+        since: Vec::new(),
+        img: Some(open(opener, p, scn).await),
+    };
+    for (i, &g) in scn.setup.iter().enumerate() {
+        match g {
+            G::Reopen => {
+                st.img
+                    .take()
+                    .unwrap()
+                    .close()
+                    .await
+                    .map_err(|e| format!("setup close: {e}"))?;
+                st.img = Some(open(opener, p, scn).await);
+                st.flushed = st.model.clone();
+                st.since.clear();
+            }
+            G::Close => unreachable!("setups reopen"),
+            _ => {
+                exec(st.img.as_ref().unwrap(), g, i)
+                    .await
+                    .map_err(|e| format!("setup {g:?}: {e}"))?;
+                st.model.apply(g, i);
+                if g == G::Flush {
+                    st.flushed = st.model.clone();
+                    st.since.clear();
+                } else {
+                    st.since.push((g, i));
+                }
+            }
+        }
+    }
+    Ok(st)
+}
+
+/// The target's request that failed: it must be the one the reference run made at `f.k`.
+fn injected_request<'a>(
+    during: &'a [LogEntry],
+    f: Fault,
+    reference: &[LogEntry],
+) -> Result<&'a LogEntry, String> {
     let Some(failed) = during.iter().find(|e| e.injected) else {
         return Err(format!("request {} was not reached", f.k));
     };
@@ -764,12 +838,21 @@ async fn run_case(
             f.k, failed.info, want.info
         ));
     }
-    let class = map.classify(failed);
-    out.class = Some(class);
-    match &res {
+    Ok(failed)
+}
+
+/// A failed target reports a typed error with the injected errno; one that succeeded anyway
+/// is reported unless the failed request was a hole punch.
+fn check_target_result(
+    scn: &Scenario,
+    res: &Result<Option<Vec<u8>>, Error>,
+    class: Class,
+    f: Fault,
+) -> Result<(), String> {
+    let g = scn.target;
+    match res {
         Err(e) => typed(e, f.errno).map_err(|m| format!("{g:?} failed untyped: {m}"))?,
         Ok(_) => {
-            out.tolerated = true;
             if class != Class::PunchHole {
                 // Not an error the engine may swallow; the checks below show whether the
                 // request really took effect.
@@ -780,12 +863,16 @@ async fn run_case(
             }
         }
     }
+    Ok(())
+}
 
-    // While the fault is still set: what does the range read now? (Only when a failed
-    // write could be half done; reads may fail again with a persistent fault.)
-    if let (Some(img), Some((r, _))) = (img.as_ref(), model.effect(g, TARGET)) {
+/// While the fault is still set: what does the range read now? (Only when a failed write
+/// could be half done; reads may fail again with a persistent fault.)
+async fn read_while_faulty(st: &CaseState, g: G, acknowledged: bool) -> Result<(), String> {
+    let model = &st.model;
+    if let (Some(img), Some((r, _))) = (st.img.as_ref(), model.effect(g, TARGET)) {
         if let Ok(b) = img.read(r.start, (r.end - r.start) as usize).await {
-            if res.is_ok() {
+            if acknowledged {
                 let mut m2 = model.clone();
                 m2.apply(g, TARGET);
                 if b[..] != m2.bytes[r.start as usize..r.end as usize] {
@@ -803,68 +890,85 @@ async fn run_case(
             }
         }
     }
-    ctl.clear_rules();
+    Ok(())
+}
 
-    // A failed file flush is never followed by a successful one (through the page cache, the
-    // kernel may have dropped what it covered): the next flush fails, and so does close.
-    let sticky = !closed && failed.info.op == OpKind::Flush;
-    if sticky {
-        let img = img.take().unwrap();
-        match img.flush().await {
-            Ok(()) => return Err(format!("a flush succeeded after the failed {g:?}")),
-            Err(e) => typed(&e, EIO).map_err(|m| format!("the flush after a failed one: {m}"))?,
-        }
-        if img.close().await.is_ok() {
-            return Err(format!("close succeeded after the failed {g:?}"));
-        }
-        since.push((g, TARGET));
+/// After the target's failed file flush: the next flush fails too, and so does close.
+async fn flush_fails_again(st: &mut CaseState, g: G) -> Result<(), String> {
+    let img = st.img.take().unwrap();
+    match img.flush().await {
+        Ok(()) => return Err(format!("a flush succeeded after the failed {g:?}")),
+        Err(e) => typed(&e, EIO).map_err(|m| format!("the flush after a failed one: {m}"))?,
     }
-    if closed || sticky {
-        // A failed close (or flush): the file is what a crash after it would leave, at best.
-        // Everything flushed before is there; the rest may or may not be (the model allows old
-        // or new for what was written since the last flush of the setup).
-        let bytes = file.snapshot();
-        qemu_ok(p, &bytes, "closed").map_err(|m| format!("after the failed close: {m}"))?;
-        let got = guest_view(p, bytes).await?;
-        allowed(&got, &flushed, &since).map_err(|m| format!("after the failed close: {m}"))?;
-        crash_during_recovery(p, &ctl, start, &flushed, &since, f, out_checks).await?;
-        return Ok((out, during, file.snapshot()));
+    if img.close().await.is_ok() {
+        return Err(format!("close succeeded after the failed {g:?}"));
     }
-    let img = img.unwrap();
+    st.since.push((g, TARGET));
+    Ok(())
+}
 
-    // The fault is gone: the request works again.
-    if res.is_err() {
-        let again = exec(&img, g, TARGET)
+/// A failed close (or flush): the file is what a crash after it would leave, at best.
+/// Everything flushed before is there; the rest may or may not be (the model allows old or
+/// new for what was written since the last flush of the setup).
+async fn check_after_failed_close(
+    c: &Faulted<'_>,
+    st: &CaseState,
+    checks: &mut CrashChecks,
+) -> Result<(), String> {
+    let bytes = c.file.snapshot();
+    qemu_ok(c.p, &bytes, "closed").map_err(|m| format!("after the failed close: {m}"))?;
+    let got = guest_view(c.p, bytes).await?;
+    allowed(&got, &st.flushed, &st.since).map_err(|m| format!("after the failed close: {m}"))?;
+    crash_during_recovery(c.p, c.ctl, c.start, &st.flushed, &st.since, c.fault, checks).await
+}
+
+/// The fault is gone: the target works again (`retry`: it failed), a flush succeeds, a crash
+/// during that recovery keeps what was flushed, and one after it loses nothing.
+async fn recover(
+    c: &Faulted<'_>,
+    img: &Img,
+    st: &mut CaseState,
+    retry: bool,
+    checks: &mut CrashChecks,
+) -> Result<(), String> {
+    let g = c.scn.target;
+    if retry {
+        let again = exec(img, g, TARGET)
             .await
             .map_err(|e| format!("{g:?} still fails after the fault cleared: {e}"))?;
         if let (G::Read(off, len), Some(data)) = (g, again) {
-            if data[..] != model.bytes[off as usize..(off + len) as usize] {
+            if data[..] != st.model.bytes[off as usize..(off + len) as usize] {
                 return Err("the read after the fault cleared returns wrong data".into());
             }
         }
     }
-    model.apply(g, TARGET);
-    since.push((g, TARGET));
+    st.model.apply(g, TARGET);
+    st.since.push((g, TARGET));
     img.flush()
         .await
         .map_err(|e| format!("flush after the fault cleared: {e}"))?;
     // A crash anywhere from the failed request to the end of that flush: the write-back
     // order must hold across the failure (leaks at most), and what was flushed before it
     // must be there.
-    crash_during_recovery(p, &ctl, start, &flushed, &since, f, out_checks).await?;
+    crash_during_recovery(c.p, c.ctl, c.start, &st.flushed, &st.since, c.fault, checks).await?;
     // Everything acknowledged is durable now: a crash here loses nothing.
-    let durable = ctl
-        .crash(p.base(), &CrashSpec::new(0).survival_percent(0))
+    let durable = c
+        .ctl
+        .crash(c.p.base(), &CrashSpec::new(0).survival_percent(0))
         .bytes;
-    let got = guest_view(p, durable.clone()).await?;
-    if let Some(d) = model.diff(&got) {
+    let got = guest_view(c.p, durable.clone()).await?;
+    if let Some(d) = st.model.diff(&got) {
         return Err(format!(
             "a crash after the successful flush loses acknowledged data: {d}"
         ));
     }
-    qemu_ok(p, &durable, "durable").map_err(|m| format!("crash after the flush: {m}"))?;
+    qemu_ok(c.p, &durable, "durable").map_err(|m| format!("crash after the flush: {m}"))
+}
 
-    // Later requests work; close; the image is consistent and holds what the model says.
+/// Later requests work; close; the image is consistent and holds what the model says.
+/// Returns the closed image's bytes.
+async fn finish(c: &Faulted<'_>, img: Img, mut model: Model) -> Result<Vec<u8>, String> {
+    let (p, size) = (c.p, model.bytes.len() as u64);
     let more = [
         G::Write(size / 3 + 12345, 3 * p.cluster),
         G::Discard(size / 2, 2 * p.cluster),
@@ -879,16 +983,16 @@ async fn run_case(
     img.close()
         .await
         .map_err(|e| format!("close after recovery: {e}"))?;
-    let bytes = file.snapshot();
+    let bytes = c.file.snapshot();
     qemu_ok(p, &bytes, "final").map_err(|m| format!("after close: {m}"))?;
     let got = guest_view(p, bytes.clone()).await?;
     if let Some(d) = model.diff(&got) {
         return Err(format!("after close: {d}"));
     }
-    if let Some(check) = scn.after {
+    if let Some(check) = c.scn.after {
         check(&bytes)?;
     }
-    Ok((out, during, bytes))
+    Ok(bytes)
 }
 
 fn runtime() -> tokio::runtime::Runtime {
