@@ -1007,61 +1007,9 @@ fn torture(scn: &Scenario, bugs_only: bool) -> (BTreeMap<Class, u64>, u64) {
     let t0 = Instant::now();
     let rt = runtime();
     let p = prepare(scn.source);
-    let (_, reference, closed) = rt
-        .block_on(run_case(
-            scn,
-            &p,
-            &MetaMap::default(),
-            None,
-            &[],
-            &mut CrashChecks::default(),
-        ))
-        .unwrap_or_else(|e| panic!("{}: {e}", scn.name));
-    let mut map = MetaMap::default();
-    map.add(p.base());
-    map.add(&closed);
-    let classes: BTreeMap<Class, u64> = reference.iter().fold(BTreeMap::new(), |mut m, e| {
-        *m.entry(map.classify(e)).or_default() += 1;
-        m
-    });
-    if std::env::var_os("QCOW2_ERRORS_VERBOSE").is_some() {
-        for e in &reference {
-            eprintln!(
-                "{}: {:?} file {} {:?} {:#x}+{:#x}",
-                scn.name,
-                map.classify(e),
-                e.info.file,
-                e.info.op,
-                e.info.offset,
-                e.info.len
-            );
-        }
-    }
-    for c in scn.expect {
-        assert!(
-            classes.contains_key(c),
-            "{}: the target makes no {c:?} request: {classes:?}",
-            scn.name
-        );
-    }
-    // Every request of short paths; long ones (512-byte clusters) sampled, ends included.
+    let (reference, map, classes) = reference_run(&rt, scn, &p);
     let n = reference.len() as u64;
-    let ks: Vec<u64> = if n <= 60 {
-        (0..n).collect()
-    } else {
-        let mut v: Vec<u64> = (0..10).chain(n - 10..n).collect();
-        v.extend((1..40).map(|i| 10 + i * (n - 20) / 40));
-        // Every request of a class seen only a few times.
-        for (k, e) in reference.iter().enumerate() {
-            if classes[&map.classify(e)] <= 4 {
-                v.push(k as u64);
-            }
-        }
-        v.sort_unstable();
-        v.dedup();
-        v
-    };
-    let ks: Vec<u64> = ks
+    let ks: Vec<u64> = requests_to_fail(&reference, &map, &classes)
         .into_iter()
         .filter(|k| scn.bugs.contains(k) == bugs_only)
         .collect();
@@ -1130,6 +1078,78 @@ fn torture(scn: &Scenario, bugs_only: bool) -> (BTreeMap<Class, u64>, u64) {
         scn.name
     );
     (hit, faults)
+}
+
+/// The scenario's run without a fault: the target's requests, the map of the image's
+/// metadata that classifies them, and how many there are of each class. The target must make
+/// a request of every class the scenario expects.
+fn reference_run(
+    rt: &tokio::runtime::Runtime,
+    scn: &Scenario,
+    p: &Prepared,
+) -> (Vec<LogEntry>, MetaMap, BTreeMap<Class, u64>) {
+    let (_, reference, closed) = rt
+        .block_on(run_case(
+            scn,
+            p,
+            &MetaMap::default(),
+            None,
+            &[],
+            &mut CrashChecks::default(),
+        ))
+        .unwrap_or_else(|e| panic!("{}: {e}", scn.name));
+    let mut map = MetaMap::default();
+    map.add(p.base());
+    map.add(&closed);
+    let classes: BTreeMap<Class, u64> = reference.iter().fold(BTreeMap::new(), |mut m, e| {
+        *m.entry(map.classify(e)).or_default() += 1;
+        m
+    });
+    if std::env::var_os("QCOW2_ERRORS_VERBOSE").is_some() {
+        for e in &reference {
+            eprintln!(
+                "{}: {:?} file {} {:?} {:#x}+{:#x}",
+                scn.name,
+                map.classify(e),
+                e.info.file,
+                e.info.op,
+                e.info.offset,
+                e.info.len
+            );
+        }
+    }
+    for c in scn.expect {
+        assert!(
+            classes.contains_key(c),
+            "{}: the target makes no {c:?} request: {classes:?}",
+            scn.name
+        );
+    }
+    (reference, map, classes)
+}
+
+/// The requests to fail: every request of short paths; long ones (512-byte clusters)
+/// sampled, ends included, with every request of a class seen only a few times.
+fn requests_to_fail(
+    reference: &[LogEntry],
+    map: &MetaMap,
+    classes: &BTreeMap<Class, u64>,
+) -> Vec<u64> {
+    let n = reference.len() as u64;
+    if n <= 60 {
+        return (0..n).collect();
+    }
+    let mut v: Vec<u64> = (0..10).chain(n - 10..n).collect();
+    v.extend((1..40).map(|i| 10 + i * (n - 20) / 40));
+    // Every request of a class seen only a few times.
+    for (k, e) in reference.iter().enumerate() {
+        if classes[&map.classify(e)] <= 4 {
+            v.push(k as u64);
+        }
+    }
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
 fn scenario(name: &str) {
