@@ -298,7 +298,16 @@ fn first(image: &Path, kind: L2ClusterType) -> (Layout, u64, usize, L2Entry) {
     (l, l2, i, e)
 }
 
+/// Every kind of damage `damaged_images_check_and_repair_as_qemu_img_does` applies.
 fn damages() -> Vec<Damage> {
+    let mut all = refcount_and_flag_damages();
+    all.extend(offset_damages());
+    all
+}
+
+/// Refcounts that disagree with the references (leaks, a refcount of 0 for a used cluster),
+/// and COPIED or reserved flags where they must not be.
+fn refcount_and_flag_damages() -> Vec<Damage> {
     vec![
         Damage {
             name: "leaked L1 cluster (refcount 2, one reference)",
@@ -382,6 +391,13 @@ fn damages() -> Vec<Damage> {
             },
             keeps_content: true,
         },
+    ]
+}
+
+/// Offsets that are wrong: a cluster mapped twice, misaligned, past the end of the file, or
+/// with reserved bits set in the L1 or refcount table.
+fn offset_damages() -> Vec<Damage> {
+    vec![
         Damage {
             name: "refcount block also mapped as guest data (referenced twice)",
             apply: |img| {

@@ -27,10 +27,13 @@
 //!
 //! `open` is tested the same way (every request it makes fails once, then it works).
 
+mod error_scenarios;
+
 use blockio::{
     CrashSpec, FaultController, FaultOpener, FaultRule, IoBuf, LogEntry, MemoryBackend,
     MemoryOpener, OpKind,
 };
+use error_scenarios::scenarios;
 use qcow2_engine::{Error, Image, ImageOptions};
 use qcow2_format::{Header, L1Entry, ReftableEntry};
 use qcow2_tests::{path_str, qemu_img, qemu_img_status};
@@ -669,6 +672,29 @@ struct Outcome {
     tolerated: bool,
 }
 
+/// The id of the target request (the pattern it writes).
+const TARGET: usize = 100;
+
+/// A case under way: the image (none once closed), the guest view as the model has it, and
+/// the disk at the last successful flush with the requests since.
+struct CaseState {
+    img: Option<Img>,
+    model: Model,
+    flushed: Model,
+    since: Vec<(G, usize)>,
+}
+
+/// A case whose target ran with a fault: what the checks after it need.
+struct Faulted<'a> {
+    scn: &'a Scenario,
+    p: &'a Prepared,
+    file: &'a MemoryBackend,
+    ctl: &'a FaultController,
+    /// Log position of the target's first request.
+    start: u64,
+    fault: Fault,
+}
+
 /// Runs the setup, then the target with `fault` (none: the reference run, returning the
 /// target's requests).
 async fn run_case(
@@ -681,66 +707,117 @@ async fn run_case(
 ) -> Result<(Outcome, Vec<LogEntry>, Vec<u8>), String> {
     let (opener, file) = p.opener();
     let ctl: FaultController = opener.controller();
-    let mut model = Model {
-        bytes: p.initial.clone(),
-        cluster: p.cluster,
-    };
-    let size = model.bytes.len() as u64;
-    // The disk at the last successful flush, and the requests since.
-    let mut flushed = model.clone();
-    let mut since: Vec<(G, usize)> = Vec::new();
-    let mut img = Some(open(&opener, p, scn).await);
-    for (i, &g) in scn.setup.iter().enumerate() {
-        match g {
-            G::Reopen => {
-                img.take()
-                    .unwrap()
-                    .close()
-                    .await
-                    .map_err(|e| format!("setup close: {e}"))?;
-                img = Some(open(&opener, p, scn).await);
-                flushed = model.clone();
-                since.clear();
-            }
-            G::Close => unreachable!("setups reopen"),
-            _ => {
-                exec(img.as_ref().unwrap(), g, i)
-                    .await
-                    .map_err(|e| format!("setup {g:?}: {e}"))?;
-                model.apply(g, i);
-                if g == G::Flush {
-                    flushed = model.clone();
-                    since.clear();
-                } else {
-                    since.push((g, i));
-                }
-            }
-        }
-    }
-    const TARGET: usize = 100;
+    let mut st = run_setup(&opener, p, scn).await?;
     let g = scn.target;
     let start = ctl.completed();
     if let Some(f) = fault {
         ctl.add_rule(f.rule());
     }
     let (res, closed) = match g {
-        G::Close => (img.take().unwrap().close().await.map(|()| None), true),
-        _ => (exec(img.as_ref().unwrap(), g, TARGET).await, false),
+        G::Close => (st.img.take().unwrap().close().await.map(|()| None), true),
+        _ => (exec(st.img.as_ref().unwrap(), g, TARGET).await, false),
     };
     let log = ctl.log();
     let during: Vec<LogEntry> = log.iter().filter(|e| e.seq >= start).cloned().collect();
-    let mut out = Outcome::default();
     let Some(f) = fault else {
         res.map_err(|e| format!("reference run: {g:?}: {e}"))?;
         if !closed {
-            img.take()
+            st.img
+                .take()
                 .unwrap()
                 .close()
                 .await
                 .map_err(|e| format!("close: {e}"))?;
         }
-        return Ok((out, during, file.snapshot()));
+        return Ok((Outcome::default(), during, file.snapshot()));
     };
+    let failed = injected_request(&during, f, reference)?;
+    let class = map.classify(failed);
+    check_target_result(scn, &res, class, f)?;
+    let out = Outcome {
+        class: Some(class),
+        tolerated: res.is_ok(),
+    };
+    read_while_faulty(&st, g, res.is_ok()).await?;
+    ctl.clear_rules();
+
+    // A failed file flush is never followed by a successful one (through the page cache, the
+    // kernel may have dropped what it covered): the next flush fails, and so does close.
+    let sticky = !closed && failed.info.op == OpKind::Flush;
+    if sticky {
+        flush_fails_again(&mut st, g).await?;
+    }
+    let case = Faulted {
+        scn,
+        p,
+        file: &file,
+        ctl: &ctl,
+        start,
+        fault: f,
+    };
+    if closed || sticky {
+        check_after_failed_close(&case, &st, out_checks).await?;
+        return Ok((out, during, file.snapshot()));
+    }
+    let img = st.img.take().unwrap();
+    recover(&case, &img, &mut st, res.is_err(), out_checks).await?;
+    let bytes = finish(&case, img, st.model).await?;
+    Ok((out, during, bytes))
+}
+
+/// Opens the image and runs the scenario's setup on it.
+async fn run_setup(
+    opener: &FaultOpener<MemoryOpener>,
+    p: &Prepared,
+    scn: &Scenario,
+) -> Result<CaseState, String> {
+    let model = Model {
+        bytes: p.initial.clone(),
+        cluster: p.cluster,
+    };
+    let mut st = CaseState {
+        flushed: model.clone(),
+        model,
+        since: Vec::new(),
+        img: Some(open(opener, p, scn).await),
+    };
+    for (i, &g) in scn.setup.iter().enumerate() {
+        match g {
+            G::Reopen => {
+                st.img
+                    .take()
+                    .unwrap()
+                    .close()
+                    .await
+                    .map_err(|e| format!("setup close: {e}"))?;
+                st.img = Some(open(opener, p, scn).await);
+                st.flushed = st.model.clone();
+                st.since.clear();
+            }
+            G::Close => unreachable!("setups reopen"),
+            _ => {
+                exec(st.img.as_ref().unwrap(), g, i)
+                    .await
+                    .map_err(|e| format!("setup {g:?}: {e}"))?;
+                st.model.apply(g, i);
+                if g == G::Flush {
+                    st.flushed = st.model.clone();
+                    st.since.clear();
+                } else {
+                    st.since.push((g, i));
+                }
+            }
+        }
+    }
+    Ok(st)
+}
+
+/// The target's request that failed: it must be the one the reference run made at `f.k`.
+fn injected_request<'a>(
+    during: &'a [LogEntry],
+    f: Fault,
+    reference: &[LogEntry],
+) -> Result<&'a LogEntry, String> {
     let Some(failed) = during.iter().find(|e| e.injected) else {
         return Err(format!("request {} was not reached", f.k));
     };
@@ -761,12 +838,21 @@ async fn run_case(
             f.k, failed.info, want.info
         ));
     }
-    let class = map.classify(failed);
-    out.class = Some(class);
-    match &res {
+    Ok(failed)
+}
+
+/// A failed target reports a typed error with the injected errno; one that succeeded anyway
+/// is reported unless the failed request was a hole punch.
+fn check_target_result(
+    scn: &Scenario,
+    res: &Result<Option<Vec<u8>>, Error>,
+    class: Class,
+    f: Fault,
+) -> Result<(), String> {
+    let g = scn.target;
+    match res {
         Err(e) => typed(e, f.errno).map_err(|m| format!("{g:?} failed untyped: {m}"))?,
         Ok(_) => {
-            out.tolerated = true;
             if class != Class::PunchHole {
                 // Not an error the engine may swallow; the checks below show whether the
                 // request really took effect.
@@ -777,12 +863,16 @@ async fn run_case(
             }
         }
     }
+    Ok(())
+}
 
-    // While the fault is still set: what does the range read now? (Only when a failed
-    // write could be half done; reads may fail again with a persistent fault.)
-    if let (Some(img), Some((r, _))) = (img.as_ref(), model.effect(g, TARGET)) {
+/// While the fault is still set: what does the range read now? (Only when a failed write
+/// could be half done; reads may fail again with a persistent fault.)
+async fn read_while_faulty(st: &CaseState, g: G, acknowledged: bool) -> Result<(), String> {
+    let model = &st.model;
+    if let (Some(img), Some((r, _))) = (st.img.as_ref(), model.effect(g, TARGET)) {
         if let Ok(b) = img.read(r.start, (r.end - r.start) as usize).await {
-            if res.is_ok() {
+            if acknowledged {
                 let mut m2 = model.clone();
                 m2.apply(g, TARGET);
                 if b[..] != m2.bytes[r.start as usize..r.end as usize] {
@@ -800,68 +890,85 @@ async fn run_case(
             }
         }
     }
-    ctl.clear_rules();
+    Ok(())
+}
 
-    // A failed file flush is never followed by a successful one (through the page cache, the
-    // kernel may have dropped what it covered): the next flush fails, and so does close.
-    let sticky = !closed && failed.info.op == OpKind::Flush;
-    if sticky {
-        let img = img.take().unwrap();
-        match img.flush().await {
-            Ok(()) => return Err(format!("a flush succeeded after the failed {g:?}")),
-            Err(e) => typed(&e, EIO).map_err(|m| format!("the flush after a failed one: {m}"))?,
-        }
-        if img.close().await.is_ok() {
-            return Err(format!("close succeeded after the failed {g:?}"));
-        }
-        since.push((g, TARGET));
+/// After the target's failed file flush: the next flush fails too, and so does close.
+async fn flush_fails_again(st: &mut CaseState, g: G) -> Result<(), String> {
+    let img = st.img.take().unwrap();
+    match img.flush().await {
+        Ok(()) => return Err(format!("a flush succeeded after the failed {g:?}")),
+        Err(e) => typed(&e, EIO).map_err(|m| format!("the flush after a failed one: {m}"))?,
     }
-    if closed || sticky {
-        // A failed close (or flush): the file is what a crash after it would leave, at best.
-        // Everything flushed before is there; the rest may or may not be (the model allows old
-        // or new for what was written since the last flush of the setup).
-        let bytes = file.snapshot();
-        qemu_ok(p, &bytes, "closed").map_err(|m| format!("after the failed close: {m}"))?;
-        let got = guest_view(p, bytes).await?;
-        allowed(&got, &flushed, &since).map_err(|m| format!("after the failed close: {m}"))?;
-        crash_during_recovery(p, &ctl, start, &flushed, &since, f, out_checks).await?;
-        return Ok((out, during, file.snapshot()));
+    if img.close().await.is_ok() {
+        return Err(format!("close succeeded after the failed {g:?}"));
     }
-    let img = img.unwrap();
+    st.since.push((g, TARGET));
+    Ok(())
+}
 
-    // The fault is gone: the request works again.
-    if res.is_err() {
-        let again = exec(&img, g, TARGET)
+/// A failed close (or flush): the file is what a crash after it would leave, at best.
+/// Everything flushed before is there; the rest may or may not be (the model allows old or
+/// new for what was written since the last flush of the setup).
+async fn check_after_failed_close(
+    c: &Faulted<'_>,
+    st: &CaseState,
+    checks: &mut CrashChecks,
+) -> Result<(), String> {
+    let bytes = c.file.snapshot();
+    qemu_ok(c.p, &bytes, "closed").map_err(|m| format!("after the failed close: {m}"))?;
+    let got = guest_view(c.p, bytes).await?;
+    allowed(&got, &st.flushed, &st.since).map_err(|m| format!("after the failed close: {m}"))?;
+    crash_during_recovery(c.p, c.ctl, c.start, &st.flushed, &st.since, c.fault, checks).await
+}
+
+/// The fault is gone: the target works again (`retry`: it failed), a flush succeeds, a crash
+/// during that recovery keeps what was flushed, and one after it loses nothing.
+async fn recover(
+    c: &Faulted<'_>,
+    img: &Img,
+    st: &mut CaseState,
+    retry: bool,
+    checks: &mut CrashChecks,
+) -> Result<(), String> {
+    let g = c.scn.target;
+    if retry {
+        let again = exec(img, g, TARGET)
             .await
             .map_err(|e| format!("{g:?} still fails after the fault cleared: {e}"))?;
         if let (G::Read(off, len), Some(data)) = (g, again) {
-            if data[..] != model.bytes[off as usize..(off + len) as usize] {
+            if data[..] != st.model.bytes[off as usize..(off + len) as usize] {
                 return Err("the read after the fault cleared returns wrong data".into());
             }
         }
     }
-    model.apply(g, TARGET);
-    since.push((g, TARGET));
+    st.model.apply(g, TARGET);
+    st.since.push((g, TARGET));
     img.flush()
         .await
         .map_err(|e| format!("flush after the fault cleared: {e}"))?;
     // A crash anywhere from the failed request to the end of that flush: the write-back
     // order must hold across the failure (leaks at most), and what was flushed before it
     // must be there.
-    crash_during_recovery(p, &ctl, start, &flushed, &since, f, out_checks).await?;
+    crash_during_recovery(c.p, c.ctl, c.start, &st.flushed, &st.since, c.fault, checks).await?;
     // Everything acknowledged is durable now: a crash here loses nothing.
-    let durable = ctl
-        .crash(p.base(), &CrashSpec::new(0).survival_percent(0))
+    let durable = c
+        .ctl
+        .crash(c.p.base(), &CrashSpec::new(0).survival_percent(0))
         .bytes;
-    let got = guest_view(p, durable.clone()).await?;
-    if let Some(d) = model.diff(&got) {
+    let got = guest_view(c.p, durable.clone()).await?;
+    if let Some(d) = st.model.diff(&got) {
         return Err(format!(
             "a crash after the successful flush loses acknowledged data: {d}"
         ));
     }
-    qemu_ok(p, &durable, "durable").map_err(|m| format!("crash after the flush: {m}"))?;
+    qemu_ok(c.p, &durable, "durable").map_err(|m| format!("crash after the flush: {m}"))
+}
 
-    // Later requests work; close; the image is consistent and holds what the model says.
+/// Later requests work; close; the image is consistent and holds what the model says.
+/// Returns the closed image's bytes.
+async fn finish(c: &Faulted<'_>, img: Img, mut model: Model) -> Result<Vec<u8>, String> {
+    let (p, size) = (c.p, model.bytes.len() as u64);
     let more = [
         G::Write(size / 3 + 12345, 3 * p.cluster),
         G::Discard(size / 2, 2 * p.cluster),
@@ -876,16 +983,16 @@ async fn run_case(
     img.close()
         .await
         .map_err(|e| format!("close after recovery: {e}"))?;
-    let bytes = file.snapshot();
+    let bytes = c.file.snapshot();
     qemu_ok(p, &bytes, "final").map_err(|m| format!("after close: {m}"))?;
     let got = guest_view(p, bytes.clone()).await?;
     if let Some(d) = model.diff(&got) {
         return Err(format!("after close: {d}"));
     }
-    if let Some(check) = scn.after {
+    if let Some(check) = c.scn.after {
         check(&bytes)?;
     }
-    Ok((out, during, bytes))
+    Ok(bytes)
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -900,61 +1007,9 @@ fn torture(scn: &Scenario, bugs_only: bool) -> (BTreeMap<Class, u64>, u64) {
     let t0 = Instant::now();
     let rt = runtime();
     let p = prepare(scn.source);
-    let (_, reference, closed) = rt
-        .block_on(run_case(
-            scn,
-            &p,
-            &MetaMap::default(),
-            None,
-            &[],
-            &mut CrashChecks::default(),
-        ))
-        .unwrap_or_else(|e| panic!("{}: {e}", scn.name));
-    let mut map = MetaMap::default();
-    map.add(p.base());
-    map.add(&closed);
-    let classes: BTreeMap<Class, u64> = reference.iter().fold(BTreeMap::new(), |mut m, e| {
-        *m.entry(map.classify(e)).or_default() += 1;
-        m
-    });
-    if std::env::var_os("QCOW2_ERRORS_VERBOSE").is_some() {
-        for e in &reference {
-            eprintln!(
-                "{}: {:?} file {} {:?} {:#x}+{:#x}",
-                scn.name,
-                map.classify(e),
-                e.info.file,
-                e.info.op,
-                e.info.offset,
-                e.info.len
-            );
-        }
-    }
-    for c in scn.expect {
-        assert!(
-            classes.contains_key(c),
-            "{}: the target makes no {c:?} request: {classes:?}",
-            scn.name
-        );
-    }
-    // Every request of short paths; long ones (512-byte clusters) sampled, ends included.
+    let (reference, map, classes) = reference_run(&rt, scn, &p);
     let n = reference.len() as u64;
-    let ks: Vec<u64> = if n <= 60 {
-        (0..n).collect()
-    } else {
-        let mut v: Vec<u64> = (0..10).chain(n - 10..n).collect();
-        v.extend((1..40).map(|i| 10 + i * (n - 20) / 40));
-        // Every request of a class seen only a few times.
-        for (k, e) in reference.iter().enumerate() {
-            if classes[&map.classify(e)] <= 4 {
-                v.push(k as u64);
-            }
-        }
-        v.sort_unstable();
-        v.dedup();
-        v
-    };
-    let ks: Vec<u64> = ks
+    let ks: Vec<u64> = requests_to_fail(&reference, &map, &classes)
         .into_iter()
         .filter(|k| scn.bugs.contains(k) == bugs_only)
         .collect();
@@ -1025,285 +1080,76 @@ fn torture(scn: &Scenario, bugs_only: bool) -> (BTreeMap<Class, u64>, u64) {
     (hit, faults)
 }
 
-/// An autoclear bit no one knows (bit 40).
-const UNKNOWN_AUTOCLEAR: u64 = 1 << 40;
-
-fn set_unknown_autoclear(bytes: &mut [u8]) {
-    // autoclear_features: header bytes 88..96 (v3).
-    let v = u64::from_be_bytes(bytes[88..96].try_into().unwrap()) | UNKNOWN_AUTOCLEAR;
-    bytes[88..96].copy_from_slice(&v.to_be_bytes());
-}
-
-/// A writer must clear unknown autoclear bits on disk before it changes the image.
-fn unknown_autoclear_clear(bytes: &[u8]) -> Result<(), String> {
-    let v = u64::from_be_bytes(bytes[88..96].try_into().unwrap());
-    if v & UNKNOWN_AUTOCLEAR != 0 {
-        return Err(
-            "the engine wrote to the image but left an unknown autoclear bit set on disk".into(),
+/// The scenario's run without a fault: the target's requests, the map of the image's
+/// metadata that classifies them, and how many there are of each class. The target must make
+/// a request of every class the scenario expects.
+fn reference_run(
+    rt: &tokio::runtime::Runtime,
+    scn: &Scenario,
+    p: &Prepared,
+) -> (Vec<LogEntry>, MetaMap, BTreeMap<Class, u64>) {
+    let (_, reference, closed) = rt
+        .block_on(run_case(
+            scn,
+            p,
+            &MetaMap::default(),
+            None,
+            &[],
+            &mut CrashChecks::default(),
+        ))
+        .unwrap_or_else(|e| panic!("{}: {e}", scn.name));
+    let mut map = MetaMap::default();
+    map.add(p.base());
+    map.add(&closed);
+    let classes: BTreeMap<Class, u64> = reference.iter().fold(BTreeMap::new(), |mut m, e| {
+        *m.entry(map.classify(e)).or_default() += 1;
+        m
+    });
+    if std::env::var_os("QCOW2_ERRORS_VERBOSE").is_some() {
+        for e in &reference {
+            eprintln!(
+                "{}: {:?} file {} {:?} {:#x}+{:#x}",
+                scn.name,
+                map.classify(e),
+                e.info.file,
+                e.info.op,
+                e.info.offset,
+                e.info.len
+            );
+        }
+    }
+    for c in scn.expect {
+        assert!(
+            classes.contains_key(c),
+            "{}: the target makes no {c:?} request: {classes:?}",
+            scn.name
         );
     }
-    Ok(())
+    (reference, map, classes)
 }
 
-const C64: u64 = 64 * KIB;
-
-/// Setup of a few allocations over one L2 table, flushed, and a cold cache.
-const WRITTEN: &[G] = &[
-    G::Write(0, 512 * KIB),
-    G::Write(MIB + 100, 300 * KIB),
-    G::Flush,
-    G::Reopen,
-];
-
-fn scenarios() -> Vec<Scenario> {
-    use Class::*;
-    vec![
-        Scenario {
-            name: "allocating-write",
-            source: Source::Create("", 4 * MIB),
-            l2_cache: None,
-            setup: &[],
-            target: G::Write(C64 + 100, 3 * C64),
-            expect: &[DataWrite],
-            after: None,
-            bugs: &[],
-        },
-        Scenario {
-            name: "in-place-write-l2-load",
-            source: Source::Create("", 4 * MIB),
-            l2_cache: Some(C64),
-            setup: WRITTEN,
-            target: G::Write(1000, 200 * KIB),
-            expect: &[L2Load, DataWrite],
-            after: None,
-            bugs: &[],
-        },
-        Scenario {
-            name: "cow-from-backing",
-            source: Source::Fixture("chain"),
-            l2_cache: None,
-            setup: &[],
-            target: G::Write(C64 + 4096 + 7, 2 * C64),
-            expect: &[BackingRead, DataWrite],
-            after: None,
-            bugs: &[],
-        },
-        Scenario {
-            // Clusters and L2 tables shared with internal snapshots: copy-on-write.
-            name: "cow-snapshot",
-            source: Source::Fixture("snapshot"),
-            l2_cache: None,
-            setup: &[],
-            target: G::Write(4096 + 7, 6 * C64),
-            expect: &[L2Load, DataRead, DataWrite],
-            after: None,
-            bugs: &[],
-        },
-        Scenario {
-            name: "cow-compressed",
-            source: Source::Fixture("compressed-zlib"),
-            l2_cache: None,
-            setup: &[],
-            target: G::Write(5 * C64 + 99, 3 * C64),
-            expect: &[L2Load, DataRead, DataWrite],
-            after: None,
-            bugs: &[],
-        },
-        Scenario {
-            name: "write-zeroes",
-            source: Source::Create("", 4 * MIB),
-            l2_cache: Some(C64),
-            setup: WRITTEN,
-            target: G::Zero(1000, 300 * KIB, true),
-            expect: &[L2Load, DataWrite],
-            after: None,
-            bugs: &[],
-        },
-        Scenario {
-            name: "discard",
-            source: Source::Create("", 4 * MIB),
-            l2_cache: Some(C64),
-            setup: WRITTEN,
-            target: G::Discard(0, 700 * KIB),
-            expect: &[L2Load],
-            after: None,
-            bugs: &[],
-        },
-        Scenario {
-            // Allocations, and freed clusters: refcount blocks, L2, L1, decrements, punches.
-            name: "flush",
-            source: Source::Create("cluster_size=4k", 4 * MIB),
-            l2_cache: None,
-            setup: &[
-                G::Write(0, 512 * KIB),
-                G::Flush,
-                G::Discard(0, 64 * KIB),
-                G::Write(2 * MIB, 128 * KIB),
-            ],
-            target: G::Flush,
-            expect: &[RefblockWrite, L2WriteBack, L1Write, Flush, PunchHole],
-            after: None,
-            bugs: &[],
-        },
-        Scenario {
-            // Two L2 tables of 4 KiB clusters, one cached: the second write writes back.
-            name: "write-triggers-write-back",
-            source: Source::Create("cluster_size=4k", 4 * MIB),
-            l2_cache: Some(4 * KIB),
-            setup: &[G::Write(0, 64 * KIB)],
-            target: G::Write(2 * MIB + 512, 16 * KIB),
-            expect: &[DataWrite, RefblockWrite, L2WriteBack, L1Write, Flush],
-            after: None,
-            bugs: &[],
-        },
-        Scenario {
-            // 512-byte clusters, 64-bit refcounts: the refcount table covers 2 MiB of file,
-            // and this flush moves it.
-            name: "refcount-table-growth",
-            source: Source::Create("cluster_size=512,refcount_bits=64", 4 * MIB),
-            l2_cache: None,
-            setup: &[
-                G::Write(0, 1800 * KIB),
-                G::Flush,
-                G::Write(2 * MIB, 600 * KIB),
-            ],
-            target: G::Flush,
-            expect: &[
-                RefblockWrite,
-                ReftableWrite,
-                HeaderWrite,
-                L2WriteBack,
-                Flush,
-            ],
-            after: None,
-            bugs: &[],
-        },
-        Scenario {
-            // Lazy refcounts: the dirty bit goes to disk (and is flushed) before any L2
-            // update that relies on it.
-            name: "lazy-refcounts-flush",
-            source: Source::Create("lazy_refcounts=on", 4 * MIB),
-            l2_cache: None,
-            setup: &[G::Write(0, 256 * KIB)],
-            target: G::Flush,
-            expect: &[HeaderWrite, L2WriteBack, Flush],
-            after: None,
-            bugs: &[],
-        },
-        Scenario {
-            name: "lazy-refcounts-close",
-            source: Source::Create("lazy_refcounts=on", 4 * MIB),
-            l2_cache: None,
-            setup: &[G::Write(0, 256 * KIB), G::Flush, G::Write(MIB, 128 * KIB)],
-            target: G::Close,
-            expect: &[HeaderWrite, RefblockWrite, L2WriteBack, Flush],
-            after: None,
-            bugs: &[],
-        },
-        Scenario {
-            name: "close",
-            source: Source::Create("", 4 * MIB),
-            l2_cache: None,
-            setup: &[
-                G::Write(0, 512 * KIB),
-                G::Flush,
-                G::Discard(0, 128 * KIB),
-                G::Write(MIB, 128 * KIB),
-            ],
-            target: G::Close,
-            expect: &[RefblockWrite, L2WriteBack, Flush],
-            after: None,
-            bugs: &[],
-        },
-        Scenario {
-            // The first write marks the persistent bitmaps in use (directory update + flush).
-            name: "first-write-bitmaps",
-            source: Source::Fixture("bitmap"),
-            l2_cache: None,
-            setup: &[],
-            target: G::Write(4096, 8192),
-            expect: &[BitmapWrite, Flush, DataWrite],
-            after: None,
-            bugs: &[],
-        },
-        Scenario {
-            // An unknown autoclear bit: the first write clears it (header update + flush).
-            name: "first-write-unknown-autoclear",
-            source: Source::Patched("", 4 * MIB, set_unknown_autoclear),
-            l2_cache: None,
-            setup: &[],
-            target: G::Write(4096, 8192),
-            expect: &[HeaderWrite, Flush, DataWrite],
-            after: Some(unknown_autoclear_clear),
-            bugs: &[],
-        },
-        Scenario {
-            // Discards only: the L2 update is the one write before the refcount decrement.
-            name: "discard-flush",
-            source: Source::Create("", 4 * MIB),
-            l2_cache: None,
-            setup: &[G::Write(0, 512 * KIB), G::Flush, G::Discard(0, 256 * KIB)],
-            target: G::Flush,
-            expect: &[L2WriteBack, RefblockWrite, Flush, PunchHole],
-            after: None,
-            bugs: &[],
-        },
-        Scenario {
-            name: "extended-l2-write",
-            source: Source::Create("extended_l2=on,cluster_size=32k", 4 * MIB),
-            l2_cache: Some(32 * KIB),
-            setup: &[
-                G::Write(0, 4096),
-                G::Write(40 * KIB, 1000),
-                G::Flush,
-                G::Reopen,
-            ],
-            target: G::Write(2048, 16 * KIB),
-            expect: &[L2Load, DataWrite],
-            after: None,
-            bugs: &[],
-        },
-        Scenario {
-            name: "v2-write-zeroes",
-            source: Source::Create("compat=0.10", 4 * MIB),
-            l2_cache: Some(C64),
-            setup: WRITTEN,
-            target: G::Zero(100, 400 * KIB, false),
-            expect: &[L2Load, DataWrite],
-            after: None,
-            bugs: &[],
-        },
-        Scenario {
-            name: "read",
-            source: Source::Create("", 4 * MIB),
-            l2_cache: Some(C64),
-            setup: WRITTEN,
-            target: G::Read(1000, 700 * KIB),
-            expect: &[L2Load, DataRead],
-            after: None,
-            bugs: &[],
-        },
-        Scenario {
-            name: "read-compressed",
-            source: Source::Fixture("compressed-zlib"),
-            l2_cache: None,
-            setup: &[],
-            target: G::Read(0, 512 * KIB),
-            expect: &[L2Load, DataRead],
-            after: None,
-            bugs: &[],
-        },
-        Scenario {
-            name: "read-backing",
-            source: Source::Fixture("chain"),
-            l2_cache: None,
-            setup: &[],
-            target: G::Read(0, 512 * KIB),
-            expect: &[BackingRead],
-            after: None,
-            bugs: &[],
-        },
-    ]
+/// The requests to fail: every request of short paths; long ones (512-byte clusters)
+/// sampled, ends included, with every request of a class seen only a few times.
+fn requests_to_fail(
+    reference: &[LogEntry],
+    map: &MetaMap,
+    classes: &BTreeMap<Class, u64>,
+) -> Vec<u64> {
+    let n = reference.len() as u64;
+    if n <= 60 {
+        return (0..n).collect();
+    }
+    let mut v: Vec<u64> = (0..10).chain(n - 10..n).collect();
+    v.extend((1..40).map(|i| 10 + i * (n - 20) / 40));
+    // Every request of a class seen only a few times.
+    for (k, e) in reference.iter().enumerate() {
+        if classes[&map.classify(e)] <= 4 {
+            v.push(k as u64);
+        }
+    }
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
 fn scenario(name: &str) {

@@ -49,11 +49,26 @@ fn check_fixture(spec: &FixtureSpec) -> Result<Duration, String> {
     let t = Instant::now();
     let fx = spec.build();
     let build_time = t.elapsed();
-    let ex = fx.expect;
+    check_qemu_check(&fx)?;
+    check_info(&fx)?;
+    check_map(&fx)?;
+    let reference = check_reference(&fx)?;
+    if fx.expect.data_file_raw {
+        check_data_file_raw(&fx, &reference)?;
+    }
+    if fx.expect.snapshots > 0 {
+        check_snapshots(&fx, &reference)?;
+    }
+    if fx.expect.dirty {
+        check_repair(&fx, &reference)?;
+    }
+    Ok(build_time)
+}
 
-    // qemu-img check: clean, except the deliberately crashed image.
+/// qemu-img check: clean, except the deliberately crashed image.
+fn check_qemu_check(fx: &Fixture) -> Result<(), String> {
     let check = qemu_check(&fx.image);
-    let want_rc = if ex.dirty { 2 } else { 0 };
+    let want_rc = if fx.expect.dirty { 2 } else { 0 };
     if check.status.code() != Some(want_rc) {
         return Err(format!(
             "qemu-img check exit {:?} (want {want_rc}):\n{}{}",
@@ -62,8 +77,12 @@ fn check_fixture(spec: &FixtureSpec) -> Result<Duration, String> {
             String::from_utf8_lossy(&check.stderr)
         ));
     }
+    Ok(())
+}
 
-    // qemu-img info.
+/// qemu-img info: the format, sizes, features, snapshots and backing chain expected.
+fn check_info(fx: &Fixture) -> Result<(), String> {
+    let ex = fx.expect;
     let info = fx.info_json();
     expect_eq("format", info["format"].as_str(), Some("qcow2"))?;
     expect_eq(
@@ -77,7 +96,27 @@ fn check_fixture(spec: &FixtureSpec) -> Result<Duration, String> {
         Some(ex.cluster_size),
     )?;
     expect_eq("dirty-flag", info["dirty-flag"].as_bool(), Some(ex.dirty))?;
-    let fs = &info["format-specific"]["data"];
+    check_format_specific(&info["format-specific"]["data"], &ex)?;
+    let snaps = info["snapshots"].as_array().map_or(0, Vec::len);
+    expect_eq("snapshots", snaps, ex.snapshots)?;
+    expect_eq(
+        "backing-filename present",
+        info.get("backing-filename").is_some(),
+        ex.backing_depth > 0,
+    )?;
+    if ex.backing_depth > 0 {
+        let chain = qemu_info_chain_json(&fx.image);
+        expect_eq(
+            "backing chain length",
+            chain.as_array().map(Vec::len),
+            Some(ex.backing_depth + 1),
+        )?;
+    }
+    Ok(())
+}
+
+/// The qcow2-specific part of qemu-img info (`format-specific.data`).
+fn check_format_specific(fs: &Value, ex: &Expect) -> Result<(), String> {
     expect_eq("compat", fs["compat"].as_str(), Some(ex.compat))?;
     expect_eq(
         "refcount-bits",
@@ -120,35 +159,29 @@ fn check_fixture(spec: &FixtureSpec) -> Result<Duration, String> {
         .as_array()
         .map(|a| a.iter().filter_map(|b| b["name"].as_str()).collect())
         .unwrap_or_default();
-    expect_eq("bitmaps", bitmaps.as_slice(), ex.bitmaps)?;
-    let snaps = info["snapshots"].as_array().map_or(0, Vec::len);
-    expect_eq("snapshots", snaps, ex.snapshots)?;
-    expect_eq(
-        "backing-filename present",
-        info.get("backing-filename").is_some(),
-        ex.backing_depth > 0,
-    )?;
-    if ex.backing_depth > 0 {
-        let chain = qemu_info_chain_json(&fx.image);
-        expect_eq(
-            "backing chain length",
-            chain.as_array().map(Vec::len),
-            Some(ex.backing_depth + 1),
-        )?;
-    }
+    expect_eq("bitmaps", bitmaps.as_slice(), ex.bitmaps)
+}
 
-    // qemu-img map.
+/// qemu-img map: the extents tile the disk, show compressed clusters if expected, and data in
+/// the top image.
+fn check_map(fx: &Fixture) -> Result<(), String> {
     let map = fx.map_json();
     check_map_tiles(&map, fx.virtual_size)?;
     let extents = map.as_array().unwrap();
     let compressed = extents.iter().any(|e| e["compressed"] == Value::Bool(true));
-    expect_eq("map shows compressed clusters", compressed, ex.compressed)?;
+    expect_eq(
+        "map shows compressed clusters",
+        compressed,
+        fx.expect.compressed,
+    )?;
     let own_data = extents
         .iter()
         .any(|e| e["depth"] == 0 && e["data"] == Value::Bool(true));
-    expect_eq("map shows data in the top image", own_data, true)?;
+    expect_eq("map shows data in the top image", own_data, true)
+}
 
-    // QEMU's reading of the disk.
+/// QEMU's reading of the disk: as long as the disk, and not all zeros. Returns it.
+fn check_reference(fx: &Fixture) -> Result<Vec<u8>, String> {
     let reference = fx.raw_reference();
     expect_eq(
         "raw reference length",
@@ -158,45 +191,51 @@ fn check_fixture(spec: &FixtureSpec) -> Result<Duration, String> {
     if all_zero(&reference) {
         return Err("raw reference is all zeros".into());
     }
+    Ok(reference)
+}
 
-    if ex.data_file_raw {
-        // Raw mode: the data file alone is the disk.
-        let data = std::fs::read(fx.dir.path().join("image.data")).map_err(|e| e.to_string())?;
-        let n = data.len().min(reference.len());
-        if data[..n] != reference[..n] || !all_zero(&reference[n..]) || !all_zero(&data[n..]) {
-            return Err("data_file_raw: data file differs from the guest view".into());
+/// Raw mode: the data file alone is the disk.
+fn check_data_file_raw(fx: &Fixture, reference: &[u8]) -> Result<(), String> {
+    let data = std::fs::read(fx.dir.path().join("image.data")).map_err(|e| e.to_string())?;
+    let n = data.len().min(reference.len());
+    if data[..n] != reference[..n] || !all_zero(&reference[n..]) || !all_zero(&data[n..]) {
+        return Err("data_file_raw: data file differs from the guest view".into());
+    }
+    Ok(())
+}
+
+/// Every internal snapshot reads differently from the active image, and not as all zeros.
+fn check_snapshots(fx: &Fixture, reference: &[u8]) -> Result<(), String> {
+    for s in 1..=fx.expect.snapshots {
+        let snap = raw_reference_snapshot(&fx.image, &format!("snap{s}"));
+        expect_eq("snapshot length", snap.len(), reference.len())?;
+        if snap == reference {
+            return Err(format!("snapshot snap{s} equals the active image"));
+        }
+        if all_zero(&snap) {
+            return Err(format!("snapshot snap{s} is all zeros"));
         }
     }
-    if ex.snapshots > 0 {
-        for s in 1..=ex.snapshots {
-            let snap = raw_reference_snapshot(&fx.image, &format!("snap{s}"));
-            expect_eq("snapshot length", snap.len(), reference.len())?;
-            if snap == reference {
-                return Err(format!("snapshot snap{s} equals the active image"));
-            }
-            if all_zero(&snap) {
-                return Err(format!("snapshot snap{s} is all zeros"));
-            }
-        }
+    Ok(())
+}
+
+/// The dirty image: `check -r all` on a copy repairs the refcounts; data unchanged.
+fn check_repair(fx: &Fixture, reference: &[u8]) -> Result<(), String> {
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("copy.qcow2");
+    std::fs::copy(&fx.image, &copy).unwrap();
+    qemu_img(&["check", "-q", "-r", "all", path_str(&copy)]);
+    let after = qemu_check(&copy);
+    expect_eq("check after repair", after.status.code(), Some(0))?;
+    expect_eq(
+        "dirty-flag after repair",
+        qemu_info_json(&copy)["dirty-flag"].as_bool(),
+        Some(false),
+    )?;
+    if raw_reference(&copy, "qcow2") != reference {
+        return Err("repair changed the guest data".into());
     }
-    if ex.dirty {
-        // `check -r all` on a copy repairs the refcounts; data unchanged.
-        let tmp = tempfile::tempdir().unwrap();
-        let copy = tmp.path().join("copy.qcow2");
-        std::fs::copy(&fx.image, &copy).unwrap();
-        qemu_img(&["check", "-q", "-r", "all", path_str(&copy)]);
-        let after = qemu_check(&copy);
-        expect_eq("check after repair", after.status.code(), Some(0))?;
-        expect_eq(
-            "dirty-flag after repair",
-            qemu_info_json(&copy)["dirty-flag"].as_bool(),
-            Some(false),
-        )?;
-        if raw_reference(&copy, "qcow2") != reference {
-            return Err("repair changed the guest data".into());
-        }
-    }
-    Ok(build_time)
+    Ok(())
 }
 
 fn fixture_specific(name: &str, fx: &Fixture) -> Result<(), String> {

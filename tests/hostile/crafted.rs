@@ -57,9 +57,6 @@ fn set_backing_name(l: &Layout, name: &str) -> Option<Vec<Mutation>> {
 /// Every crafted case that applies to a file with layout `l`. `own` is the file's path and
 /// `top` the path of the fixture's top image (for backing loops).
 pub fn cases(l: &Layout, own: &str, top: &str) -> Vec<Crafted> {
-    let cs = l.cs();
-    let end = l.file_len.div_ceil(cs) * cs;
-    let h = &l.header;
     let mut out = Vec::new();
     let mut add = |name: &str, mutations: Vec<Mutation>| {
         out.push(Crafted {
@@ -67,8 +64,30 @@ pub fn cases(l: &Layout, own: &str, top: &str) -> Vec<Crafted> {
             mutations,
         })
     };
+    l2_cases(l, &mut add);
+    compressed_cases(l, &mut add);
+    l1_and_refcount_cases(l, &mut add);
+    reftable_cases(l, &mut add);
+    header_cases(l, &mut add);
+    feature_cases(l, &mut add);
+    snapshot_cases(l, &mut add);
+    bitmap_cases(l, &mut add);
+    truncation_cases(l, &mut add);
+    backing_cases(l, own, top, &mut add);
+    whole_table_cases(l, &mut add);
+    out
+}
 
-    // L2 entries of data clusters pointing where they must not.
+/// The file's length rounded up to whole clusters.
+fn cluster_end(l: &Layout) -> u64 {
+    l.file_len.div_ceil(l.cs()) * l.cs()
+}
+
+/// L2 entries of data clusters pointing where they must not.
+fn l2_cases(l: &Layout, add: &mut impl FnMut(&str, Vec<Mutation>)) {
+    let cs = l.cs();
+    let end = cluster_end(l);
+    let h = &l.header;
     let normal = l
         .mapped
         .iter()
@@ -154,8 +173,13 @@ pub fn cases(l: &Layout, own: &str, top: &str) -> Vec<Crafted> {
             vec![put64(m.pos, l.compressed_word(l.file_len - 16, u64::MAX))],
         );
     }
+}
 
-    // Compressed descriptors.
+/// Compressed descriptors, and a preallocated zero cluster past the end of the file.
+fn compressed_cases(l: &Layout, add: &mut impl FnMut(&str, Vec<Mutation>)) {
+    let cs = l.cs();
+    let end = cluster_end(l);
+    let h = &l.header;
     if let Some(m) = l
         .mapped
         .iter()
@@ -221,8 +245,14 @@ pub fn cases(l: &Layout, own: &str, top: &str) -> Vec<Crafted> {
             vec![put64(m.pos, (end + cs) | L2_ZERO | L2_COPIED)],
         );
     }
+}
 
-    // L1 entries.
+/// L1 entries pointing where they must not, and the refcounts of the metadata zeroed or
+/// saturated.
+fn l1_and_refcount_cases(l: &Layout, add: &mut impl FnMut(&str, Vec<Mutation>)) {
+    let cs = l.cs();
+    let end = cluster_end(l);
+    let h = &l.header;
     let l1 = h.l1_table_offset;
     let first_l2 = l.l2_tables.first().copied();
     add(
@@ -306,8 +336,15 @@ pub fn cases(l: &Layout, own: &str, top: &str) -> Vec<Crafted> {
             })
             .collect(),
     );
+}
 
-    // Reftable entries.
+/// Refcount table entries pointing into the L1 table, past the end, far away, misaligned, at
+/// the table itself or nowhere.
+fn reftable_cases(l: &Layout, add: &mut impl FnMut(&str, Vec<Mutation>)) {
+    let cs = l.cs();
+    let end = cluster_end(l);
+    let h = &l.header;
+    let l1 = h.l1_table_offset;
     let rt = h.refcount_table_offset;
     add("reftable-into-l1", vec![put64(rt, l1 & !(cs - 1))]);
     add("reftable-past-eof", vec![put64(rt, end + cs)]);
@@ -324,8 +361,16 @@ pub fn cases(l: &Layout, own: &str, top: &str) -> Vec<Crafted> {
     add("reftable-misaligned", vec![put64(rt, rt + 512)]);
     add("reftable-self", vec![put64(rt, rt)]);
     add("reftable-empty", vec![put64(rt, 0)]);
+}
 
-    // Huge counts and sizes in the header.
+/// Huge counts and sizes in the header, and out-of-range cluster bits, refcount orders and
+/// backing file name fields.
+fn header_cases(l: &Layout, add: &mut impl FnMut(&str, Vec<Mutation>)) {
+    let cs = l.cs();
+    let end = cluster_end(l);
+    let h = &l.header;
+    let l1 = h.l1_table_offset;
+    let rt = h.refcount_table_offset;
     add(
         "l1-size-max",
         vec![put32(36, qcow2_format::limits::MAX_L1_ENTRIES)],
@@ -386,8 +431,11 @@ pub fn cases(l: &Layout, own: &str, top: &str) -> Vec<Crafted> {
         "backing-size-huge",
         vec![put64(8, 0x200.min(cs - 8)), put32(16, 0xffff_ffff)],
     );
+}
 
-    // Feature bits.
+/// Feature bits of v3 images set or flipped.
+fn feature_cases(l: &Layout, add: &mut impl FnMut(&str, Vec<Mutation>)) {
+    let h = &l.header;
     if h.version >= 3 {
         let inc = h.incompatible_features;
         add("dirty-bit", vec![put64(72, inc | features::INCOMPAT_DIRTY)]);
@@ -422,8 +470,15 @@ pub fn cases(l: &Layout, own: &str, top: &str) -> Vec<Crafted> {
             )],
         );
     }
+}
 
-    // Snapshot table.
+/// The first snapshot table entry's fields, the snapshot count, and a snapshot's L1 table.
+fn snapshot_cases(l: &Layout, add: &mut impl FnMut(&str, Vec<Mutation>)) {
+    let cs = l.cs();
+    let end = cluster_end(l);
+    let h = &l.header;
+    let l1 = h.l1_table_offset;
+    let rt = h.refcount_table_offset;
     if let Some(&e) = l.snapshot_entries.first() {
         add("snapshot-l1-size-huge", vec![put32(e + 8, 0xffff_ffff)]);
         add(
@@ -461,8 +516,13 @@ pub fn cases(l: &Layout, own: &str, top: &str) -> Vec<Crafted> {
             );
         }
     }
+}
 
-    // Bitmaps.
+/// The bitmaps extension, the first bitmap directory entry and the first bitmap table.
+fn bitmap_cases(l: &Layout, add: &mut impl FnMut(&str, Vec<Mutation>)) {
+    let cs = l.cs();
+    let end = cluster_end(l);
+    let l1 = l.header.l1_table_offset;
     if let Some(ext) = l.bitmaps_ext {
         add("bitmaps-count-max", vec![put32(ext, 65535)]);
         add("bitmaps-count-u32-max", vec![put32(ext, 0xffff_ffff)]);
@@ -512,8 +572,16 @@ pub fn cases(l: &Layout, own: &str, top: &str) -> Vec<Crafted> {
     if let Some(&e) = l.bitmap_entries.first() {
         add("bitmap-table-far", vec![put64(e, 1 << 50)]);
     }
+}
 
-    // Truncations.
+/// The file cut at fixed lengths and inside each kind of metadata.
+fn truncation_cases(l: &Layout, add: &mut impl FnMut(&str, Vec<Mutation>)) {
+    let cs = l.cs();
+    let end = cluster_end(l);
+    let h = &l.header;
+    let l1 = h.l1_table_offset;
+    let rt = h.refcount_table_offset;
+    let first_l2 = l.l2_tables.first().copied();
     for (name, len) in [
         ("truncate-0", 0),
         ("truncate-50", 50),
@@ -554,8 +622,10 @@ pub fn cases(l: &Layout, own: &str, top: &str) -> Vec<Crafted> {
             vec![Mutation::Truncate { len: b + cs / 2 }],
         );
     }
+}
 
-    // Backing loops.
+/// Backing files: the image itself, the top image (a loop), or a missing file.
+fn backing_cases(l: &Layout, own: &str, top: &str, add: &mut impl FnMut(&str, Vec<Mutation>)) {
     if let Some(m) = set_backing_name(l, own) {
         add("backing-self", m);
     }
@@ -567,8 +637,11 @@ pub fn cases(l: &Layout, own: &str, top: &str) -> Vec<Crafted> {
     if let Some(m) = set_backing_name(l, "/nonexistent/qcow2-hostile-backing") {
         add("backing-missing", m);
     }
+}
 
-    // Everything compressed and past the end at once (many failing clusters in one read).
+/// Everything compressed and past the end at once (many failing clusters in one read).
+fn whole_table_cases(l: &Layout, add: &mut impl FnMut(&str, Vec<Mutation>)) {
+    let h = &l.header;
     let all: Vec<Mutation> = l
         .mapped
         .iter()
@@ -592,5 +665,4 @@ pub fn cases(l: &Layout, own: &str, top: &str) -> Vec<Crafted> {
     if !comp.is_empty() {
         add("every-l2-entry-compressed-garbage", comp);
     }
-    out
 }

@@ -91,6 +91,26 @@ fn slice(b: &[u8], start: u64, len: u64) -> Option<&[u8]> {
     b.get(s..e)
 }
 
+/// The offset of the bitmaps extension's payload, found by walking the raw extension area
+/// from `start` to `end` (the last one if there are several).
+fn bitmaps_ext(bytes: &[u8], start: u64, end: u64) -> Option<u64> {
+    let mut found = None;
+    let mut pos = start;
+    while pos + 8 <= end {
+        let (Some(kind), Some(len)) = (u32_at(bytes, pos), u32_at(bytes, pos + 4)) else {
+            break;
+        };
+        if kind == 0 {
+            break;
+        }
+        if kind == qcow2_format::HeaderExtension::BITMAPS {
+            found = Some(pos + 8);
+        }
+        pos += 8 + u64::from(len).div_ceil(8) * 8;
+    }
+    found
+}
+
 impl Layout {
     /// Parses `bytes` (a whole qcow2 file). `None` if the header does not parse.
     pub fn parse(bytes: &[u8]) -> Option<Layout> {
@@ -99,13 +119,37 @@ impl Layout {
         let cs = 1u64 << bits;
         let header = Header::parse(&bytes[..(cs.min(file_len) as usize)]).ok()?;
         let geo = header.geometry();
-        let clip = |start: u64, len: u64| len.min(file_len.saturating_sub(start));
-        let mut regions = vec![Region {
-            kind: Kind::Header,
-            start: 0,
-            len: u64::from(header.header_length.max(Header::V2_LENGTH)),
-            entry: 1,
-        }];
+        let mut l = Layout {
+            header,
+            geo,
+            file_len,
+            regions: Vec::new(),
+            mapped: Vec::new(),
+            l2_tables: Vec::new(),
+            refblocks: Vec::new(),
+            bitmaps_ext: None,
+            snapshot_entries: Vec::new(),
+            bitmap_entries: Vec::new(),
+        };
+        l.add_header(bytes);
+        l.add_active_tables(bytes);
+        l.add_refcounts(bytes);
+        l.add_snapshots(bytes);
+        l.add_bitmaps(bytes);
+        l.regions.retain(|r| r.len > 0);
+        Some(l)
+    }
+
+    /// `len` clipped to what the file holds from `start` on.
+    fn clip(&self, start: u64, len: u64) -> u64 {
+        len.min(self.file_len.saturating_sub(start))
+    }
+
+    /// The header and extension regions, and where the bitmaps extension's payload is.
+    fn add_header(&mut self, bytes: &[u8]) {
+        let cs = self.cs();
+        let header = &self.header;
+        let header_len = u64::from(header.header_length.max(Header::V2_LENGTH));
         let ext_start = if header.version == 2 {
             u64::from(Header::V2_LENGTH)
         } else {
@@ -114,62 +158,58 @@ impl Layout {
         let ext_end = header
             .extensions_end()
             .max(header.backing_file_offset + u64::from(header.backing_file_size));
-        regions.push(Region {
-            kind: Kind::Extensions,
-            start: ext_start,
-            len: clip(ext_start, ext_end.min(cs) - ext_start),
+        let ext_len = self.clip(ext_start, ext_end.min(cs) - ext_start);
+        self.regions.push(Region {
+            kind: Kind::Header,
+            start: 0,
+            len: header_len,
             entry: 1,
         });
-        // The bitmaps extension's payload, found by walking the raw extension area.
-        let mut bitmaps_ext = None;
-        let mut pos = ext_start;
-        while pos + 8 <= cs.min(file_len) {
-            let (Some(kind), Some(len)) = (u32_at(bytes, pos), u32_at(bytes, pos + 4)) else {
-                break;
-            };
-            if kind == 0 {
-                break;
-            }
-            if kind == qcow2_format::HeaderExtension::BITMAPS {
-                bitmaps_ext = Some(pos + 8);
-            }
-            pos += 8 + u64::from(len).div_ceil(8) * 8;
-        }
+        self.regions.push(Region {
+            kind: Kind::Extensions,
+            start: ext_start,
+            len: ext_len,
+            entry: 1,
+        });
+        self.bitmaps_ext = bitmaps_ext(bytes, ext_start, cs.min(self.file_len));
+    }
 
-        // Active L1 and its L2 tables.
-        let l1_len = clip(header.l1_table_offset, u64::from(header.l1_size) * 8);
-        regions.push(Region {
+    /// The active L1 table, its L2 tables, and their entries that map something.
+    fn add_active_tables(&mut self, bytes: &[u8]) {
+        let cs = self.cs();
+        let l1_offset = self.header.l1_table_offset;
+        let l1_len = self.clip(l1_offset, u64::from(self.header.l1_size) * 8);
+        self.regions.push(Region {
             kind: Kind::L1,
-            start: header.l1_table_offset,
+            start: l1_offset,
             len: l1_len,
             entry: 8,
         });
-        let mut l2_tables = Vec::new();
-        let mut mapped = Vec::new();
-        let l1 = slice(bytes, header.l1_table_offset, l1_len).unwrap_or(&[]);
-        let zero_ok = header.version >= 3;
+        let l1 = slice(bytes, l1_offset, l1_len).unwrap_or(&[]);
+        let zero_ok = self.header.version >= 3;
+        let geo = &self.geo;
         for i in 0..l1.len() / 8 {
-            let Ok(Some(l2)) = L1Entry::read(l1, i).l2_offset(&geo) else {
+            let Ok(Some(l2)) = L1Entry::read(l1, i).l2_offset(geo) else {
                 continue;
             };
             let Some(table) = slice(bytes, l2.0, cs) else {
                 continue;
             };
-            l2_tables.push(l2.0);
-            regions.push(Region {
+            self.l2_tables.push(l2.0);
+            self.regions.push(Region {
                 kind: Kind::L2,
                 start: l2.0,
                 len: cs,
                 entry: geo.l2_entry_size(),
             });
             for j in 0..geo.l2_entries() as usize {
-                let e = L2Entry::read(table, &geo, j);
+                let e = L2Entry::read(table, geo, j);
                 if e.word == 0 && e.bitmap == 0 {
                     continue;
                 }
-                if let Ok(m) = e.decode(&geo, zero_ok) {
+                if let Ok(m) = e.decode(geo, zero_ok) {
                     if m != L2Mapping::Unallocated {
-                        mapped.push(MappedEntry {
+                        self.mapped.push(MappedEntry {
                             pos: l2.0 + j as u64 * geo.l2_entry_size(),
                             mapping: m,
                         });
@@ -177,25 +217,28 @@ impl Layout {
                 }
             }
         }
+    }
 
-        // Refcount table and blocks.
-        let rt_len = clip(
-            header.refcount_table_offset,
-            u64::from(header.refcount_table_clusters) * cs,
+    /// The refcount table and the refcount blocks it points at (those inside the file).
+    fn add_refcounts(&mut self, bytes: &[u8]) {
+        let cs = self.cs();
+        let rt_offset = self.header.refcount_table_offset;
+        let rt_len = self.clip(
+            rt_offset,
+            u64::from(self.header.refcount_table_clusters) * cs,
         );
-        regions.push(Region {
+        self.regions.push(Region {
             kind: Kind::Reftable,
-            start: header.refcount_table_offset,
+            start: rt_offset,
             len: rt_len,
             entry: 8,
         });
-        let mut refblocks = Vec::new();
-        let rt = slice(bytes, header.refcount_table_offset, rt_len).unwrap_or(&[]);
+        let rt = slice(bytes, rt_offset, rt_len).unwrap_or(&[]);
         for i in 0..rt.len() / 8 {
             if let Ok(Some(b)) = ReftableEntry::read(rt, i).block_offset(cs) {
-                if b.0 + cs <= file_len {
-                    refblocks.push((i as u64, b.0));
-                    regions.push(Region {
+                if b.0 + cs <= self.file_len {
+                    self.refblocks.push((i as u64, b.0));
+                    self.regions.push(Region {
                         kind: Kind::Refblock,
                         start: b.0,
                         len: cs,
@@ -204,97 +247,93 @@ impl Layout {
                 }
             }
         }
+    }
 
-        // Snapshot table, walked entry by entry on the raw bytes.
-        let mut snapshot_entries = Vec::new();
-        if header.nb_snapshots > 0 {
-            let mut pos = header.snapshots_offset;
-            for index in 0..header.nb_snapshots.min(1024) as usize {
-                let Some(fixed) = slice(bytes, pos, Snapshot::FIXED_LEN as u64) else {
-                    break;
-                };
-                let Ok(len) = Snapshot::entry_len(fixed, index) else {
-                    break;
-                };
-                snapshot_entries.push(pos);
-                pos += (len as u64).div_ceil(8) * 8;
+    /// The snapshot table, walked entry by entry on the raw bytes, and the snapshots' tables.
+    fn add_snapshots(&mut self, bytes: &[u8]) {
+        let (start, count) = (self.header.snapshots_offset, self.header.nb_snapshots);
+        if count == 0 {
+            return;
+        }
+        let mut pos = start;
+        for index in 0..count.min(1024) as usize {
+            let Some(fixed) = slice(bytes, pos, Snapshot::FIXED_LEN as u64) else {
+                break;
+            };
+            let Ok(len) = Snapshot::entry_len(fixed, index) else {
+                break;
+            };
+            self.snapshot_entries.push(pos);
+            pos += (len as u64).div_ceil(8) * 8;
+        }
+        let len = self.clip(start, pos - start);
+        self.regions.push(Region {
+            kind: Kind::SnapshotTable,
+            start,
+            len,
+            entry: 8,
+        });
+        let table = slice(bytes, start, pos - start).unwrap_or(&[]);
+        if let Ok(snaps) = Snapshot::parse_table(table, count) {
+            for s in snaps {
+                self.add_snapshot_tables(bytes, &s);
             }
-            regions.push(Region {
-                kind: Kind::SnapshotTable,
-                start: header.snapshots_offset,
-                len: clip(header.snapshots_offset, pos - header.snapshots_offset),
-                entry: 8,
-            });
-            let table = slice(
-                bytes,
-                header.snapshots_offset,
-                pos - header.snapshots_offset,
-            )
-            .unwrap_or(&[]);
-            if let Ok(snaps) = Snapshot::parse_table(table, header.nb_snapshots) {
-                for s in snaps {
-                    let len = clip(s.l1_table_offset, u64::from(s.l1_size) * 8);
-                    regions.push(Region {
-                        kind: Kind::SnapshotL1,
-                        start: s.l1_table_offset,
-                        len,
-                        entry: 8,
+        }
+    }
+
+    /// A snapshot's L1 table, and its L2 tables that the active L1 does not use.
+    fn add_snapshot_tables(&mut self, bytes: &[u8], s: &Snapshot) {
+        let cs = self.cs();
+        let len = self.clip(s.l1_table_offset, u64::from(s.l1_size) * 8);
+        self.regions.push(Region {
+            kind: Kind::SnapshotL1,
+            start: s.l1_table_offset,
+            len,
+            entry: 8,
+        });
+        let l1 = slice(bytes, s.l1_table_offset, len).unwrap_or(&[]);
+        for i in 0..l1.len() / 8 {
+            if let Ok(Some(l2)) = L1Entry::read(l1, i).l2_offset(&self.geo) {
+                if !self.l2_tables.contains(&l2.0) && l2.0 + cs <= self.file_len {
+                    self.regions.push(Region {
+                        kind: Kind::L2,
+                        start: l2.0,
+                        len: cs,
+                        entry: self.geo.l2_entry_size(),
                     });
-                    let l1 = slice(bytes, s.l1_table_offset, len).unwrap_or(&[]);
-                    for i in 0..l1.len() / 8 {
-                        if let Ok(Some(l2)) = L1Entry::read(l1, i).l2_offset(&geo) {
-                            if !l2_tables.contains(&l2.0) && l2.0 + cs <= file_len {
-                                regions.push(Region {
-                                    kind: Kind::L2,
-                                    start: l2.0,
-                                    len: cs,
-                                    entry: geo.l2_entry_size(),
-                                });
-                            }
-                        }
-                    }
                 }
             }
         }
+    }
 
-        // Bitmap directory and tables.
-        let mut bitmap_entries = Vec::new();
-        if let Some(ext) = header.bitmaps() {
-            if let Some(dir) = slice(bytes, ext.directory_offset, ext.directory_size) {
-                regions.push(Region {
-                    kind: Kind::BitmapDirectory,
-                    start: ext.directory_offset,
-                    len: ext.directory_size,
+    /// The bitmap directory and the bitmap tables it lists.
+    fn add_bitmaps(&mut self, bytes: &[u8]) {
+        let Some(ext) = self.header.bitmaps() else {
+            return;
+        };
+        let Some(dir) = slice(bytes, ext.directory_offset, ext.directory_size) else {
+            return;
+        };
+        self.regions.push(Region {
+            kind: Kind::BitmapDirectory,
+            start: ext.directory_offset,
+            len: ext.directory_size,
+            entry: 8,
+        });
+        if let Ok(entries) = BitmapDirectoryEntry::parse_directory(dir, ext.nb_bitmaps) {
+            let mut pos = ext.directory_offset;
+            for e in entries {
+                self.bitmap_entries.push(pos);
+                pos += e.serialized_len() as u64;
+                let len = self.clip(e.table_offset, u64::from(e.table_size) * 8);
+                self.regions.push(Region {
+                    kind: Kind::BitmapTable,
+                    start: e.table_offset,
+                    len,
                     entry: 8,
                 });
-                if let Ok(entries) = BitmapDirectoryEntry::parse_directory(dir, ext.nb_bitmaps) {
-                    let mut pos = ext.directory_offset;
-                    for e in entries {
-                        bitmap_entries.push(pos);
-                        pos += e.serialized_len() as u64;
-                        regions.push(Region {
-                            kind: Kind::BitmapTable,
-                            start: e.table_offset,
-                            len: clip(e.table_offset, u64::from(e.table_size) * 8),
-                            entry: 8,
-                        });
-                    }
-                }
             }
         }
-        regions.retain(|r| r.len > 0);
-        Some(Layout {
-            header,
-            geo,
-            file_len,
-            regions,
-            mapped,
-            l2_tables,
-            refblocks,
-            bitmaps_ext,
-            snapshot_entries,
-            bitmap_entries,
-        })
     }
 
     /// The cluster size.

@@ -329,173 +329,203 @@ fn used_entry_pos(bytes: &[u8], region: &Region, r: &mut Prng) -> u64 {
 
 /// One random mutation aimed at the metadata of `l`.
 pub fn random_one(bytes: &[u8], l: &Layout, r: &mut Prng) -> Mutation {
-    let cs = l.cs();
     // Truncations: anywhere, or at a metadata boundary.
     if r.chance(7) {
-        let len = if r.chance(50) {
-            r.below(l.file_len)
-        } else {
-            let reg = *r.pick(&l.regions);
-            let edge = if r.chance(50) {
-                reg.start
-            } else {
-                reg.start + reg.len
-            };
-            let delta = *r.pick(&[0i64, 1, -1, 8, -8, 512, -512]);
-            edge.saturating_add_signed(delta)
-        };
-        return Mutation::Truncate { len };
+        return random_truncation(l, r);
     }
     // Refcounts of referenced clusters: zero them, or set them to the width's maximum.
     if r.chance(6) && !l.refblocks.is_empty() {
-        let target = match r.below(4) {
-            0 => l.header.l1_table_offset / cs,
-            1 if !l.l2_tables.is_empty() => *r.pick(&l.l2_tables) / cs,
-            2 => l.header.refcount_table_offset / cs,
-            _ => match l.mapped.get(r.below(l.mapped.len().max(1) as u64) as usize) {
-                Some(MappedEntry {
-                    mapping: L2Mapping::Normal { host, .. },
-                    ..
-                }) => host.0 / cs,
-                Some(MappedEntry {
-                    mapping: L2Mapping::Compressed(d),
-                    ..
-                }) => d.host_offset / cs,
-                _ => r.below(l.file_len / cs),
-            },
-        };
-        let value = *r.pick(&[0, 0, 2, l.width().max(), l.width().max() - 1]);
-        return Mutation::Refcount {
-            cluster: target,
-            value,
-        };
+        return random_refcount(l, r);
     }
     let region = pick_region(l, r);
     match region.kind {
-        Kind::Header => {
-            let (at, width, name) = *r.pick(HEADER_FIELDS);
-            if r.chance(25) {
-                return Mutation::Flip {
-                    at: at + r.below(u64::from(width)),
-                    bit: r.below(8) as u8,
-                };
-            }
-            let values = header_values(l, r, name, width);
-            let value = *r.pick(&values);
-            return Mutation::Put { at, width, value };
-        }
-        Kind::Extensions => {
-            if let (Some(ext), true) = (l.bitmaps_ext, r.chance(50)) {
-                // nb_bitmaps, reserved, directory size, directory offset.
-                let (at, width) = *r.pick(&[(0u64, 4u8), (4, 4), (8, 8), (16, 8)]);
-                let random = r.next_u64();
-                let value = *r.pick(&[
-                    0,
-                    1,
-                    u64::MAX,
-                    65535,
-                    65536,
-                    1024 * 65535,
-                    1024 * 65535 + 8,
-                    l.file_len,
-                    l.file_len - 8,
-                    random,
-                ]);
-                return Mutation::Put {
-                    at: ext + at,
-                    width,
-                    value,
-                };
-            }
-            let at = region.start + r.below(region.len);
-            return match r.below(3) {
-                0 => Mutation::Flip {
-                    at,
-                    bit: r.below(8) as u8,
-                },
-                1 => Mutation::Put {
-                    at: at & !3,
-                    width: 4,
-                    value: *r.pick(&[
-                        0,
-                        0xffff_ffff,
-                        0x2385_2875,
-                        0x4441_5441,
-                        0xE279_2ACA,
-                        8,
-                        4096,
-                    ]),
-                },
-                _ => Mutation::Put {
-                    at,
-                    width: 1,
-                    value: r.next_u64() & 0xff,
-                },
-            };
-        }
+        Kind::Header => header_mutation(l, r),
+        Kind::Extensions => extensions_mutation(l, &region, r),
         Kind::SnapshotTable if !l.snapshot_entries.is_empty() && r.chance(70) => {
-            let e = *r.pick(&l.snapshot_entries);
-            // l1_table_offset, l1_size, id_str_size, name_size, extra_data_size, extra data.
-            let (at, width) = *r.pick(&[
-                (0u64, 8u8),
-                (8, 4),
-                (12, 2),
-                (14, 2),
-                (36, 4),
-                (40, 8),
-                (48, 8),
-            ]);
-            let mut vals = interesting_offsets(l, r);
-            vals.extend([
-                0xffff,
-                1024,
-                1025,
-                0xffff_ffff,
-                qcow2_format::limits::MAX_L1_ENTRIES + 1,
-            ]);
-            let value = *r.pick(&vals);
-            return Mutation::Put {
-                at: e + at,
-                width,
-                value,
-            };
+            snapshot_entry_mutation(l, r)
         }
         Kind::BitmapDirectory if !l.bitmap_entries.is_empty() && r.chance(70) => {
-            let e = *r.pick(&l.bitmap_entries);
-            // table_offset, table_size, flags, type, granularity, name_size, extra_data_size.
-            let (at, width) = *r.pick(&[
-                (0u64, 8u8),
-                (8, 4),
-                (12, 4),
-                (16, 1),
-                (17, 1),
-                (18, 2),
-                (20, 4),
-            ]);
-            let mut vals = interesting_offsets(l, r);
-            vals.extend([
-                0,
-                1,
-                2,
-                3,
-                0xff,
-                0x0800_0000,
-                0x0800_0001,
-                0xffff_ffff,
-                1023,
-                1024,
-            ]);
-            let value = *r.pick(&vals);
-            return Mutation::Put {
-                at: e + at,
-                width,
-                value,
-            };
+            bitmap_entry_mutation(l, r)
         }
-        _ => {}
+        _ => table_mutation(bytes, l, &region, r),
     }
-    // A table: L1, L2, reftable, refcount block, snapshot/bitmap areas.
-    let pos = used_entry_pos(bytes, &region, r);
+}
+
+/// A truncation anywhere, or near the start or end of a metadata region.
+fn random_truncation(l: &Layout, r: &mut Prng) -> Mutation {
+    let len = if r.chance(50) {
+        r.below(l.file_len)
+    } else {
+        let reg = *r.pick(&l.regions);
+        let edge = if r.chance(50) {
+            reg.start
+        } else {
+            reg.start + reg.len
+        };
+        let delta = *r.pick(&[0i64, 1, -1, 8, -8, 512, -512]);
+        edge.saturating_add_signed(delta)
+    };
+    Mutation::Truncate { len }
+}
+
+/// The refcount of the L1 table, an L2 table, the refcount table or a data cluster set to 0,
+/// 2 or the width's maximum (or one less).
+fn random_refcount(l: &Layout, r: &mut Prng) -> Mutation {
+    let cs = l.cs();
+    let target = match r.below(4) {
+        0 => l.header.l1_table_offset / cs,
+        1 if !l.l2_tables.is_empty() => *r.pick(&l.l2_tables) / cs,
+        2 => l.header.refcount_table_offset / cs,
+        _ => match l.mapped.get(r.below(l.mapped.len().max(1) as u64) as usize) {
+            Some(MappedEntry {
+                mapping: L2Mapping::Normal { host, .. },
+                ..
+            }) => host.0 / cs,
+            Some(MappedEntry {
+                mapping: L2Mapping::Compressed(d),
+                ..
+            }) => d.host_offset / cs,
+            _ => r.below(l.file_len / cs),
+        },
+    };
+    let value = *r.pick(&[0, 0, 2, l.width().max(), l.width().max() - 1]);
+    Mutation::Refcount {
+        cluster: target,
+        value,
+    }
+}
+
+/// A header field: a bit flipped, or an interesting value stored.
+fn header_mutation(l: &Layout, r: &mut Prng) -> Mutation {
+    let (at, width, name) = *r.pick(HEADER_FIELDS);
+    if r.chance(25) {
+        return Mutation::Flip {
+            at: at + r.below(u64::from(width)),
+            bit: r.below(8) as u8,
+        };
+    }
+    let values = header_values(l, r, name, width);
+    let value = *r.pick(&values);
+    Mutation::Put { at, width, value }
+}
+
+/// The bitmaps extension's fields, or a byte or word of the extension area.
+fn extensions_mutation(l: &Layout, region: &Region, r: &mut Prng) -> Mutation {
+    if let (Some(ext), true) = (l.bitmaps_ext, r.chance(50)) {
+        // nb_bitmaps, reserved, directory size, directory offset.
+        let (at, width) = *r.pick(&[(0u64, 4u8), (4, 4), (8, 8), (16, 8)]);
+        let random = r.next_u64();
+        let value = *r.pick(&[
+            0,
+            1,
+            u64::MAX,
+            65535,
+            65536,
+            1024 * 65535,
+            1024 * 65535 + 8,
+            l.file_len,
+            l.file_len - 8,
+            random,
+        ]);
+        return Mutation::Put {
+            at: ext + at,
+            width,
+            value,
+        };
+    }
+    let at = region.start + r.below(region.len);
+    match r.below(3) {
+        0 => Mutation::Flip {
+            at,
+            bit: r.below(8) as u8,
+        },
+        1 => Mutation::Put {
+            at: at & !3,
+            width: 4,
+            value: *r.pick(&[
+                0,
+                0xffff_ffff,
+                0x2385_2875,
+                0x4441_5441,
+                0xE279_2ACA,
+                8,
+                4096,
+            ]),
+        },
+        _ => Mutation::Put {
+            at,
+            width: 1,
+            value: r.next_u64() & 0xff,
+        },
+    }
+}
+
+/// A field of a snapshot table entry set to an interesting value.
+fn snapshot_entry_mutation(l: &Layout, r: &mut Prng) -> Mutation {
+    let e = *r.pick(&l.snapshot_entries);
+    // l1_table_offset, l1_size, id_str_size, name_size, extra_data_size, extra data.
+    let (at, width) = *r.pick(&[
+        (0u64, 8u8),
+        (8, 4),
+        (12, 2),
+        (14, 2),
+        (36, 4),
+        (40, 8),
+        (48, 8),
+    ]);
+    let mut vals = interesting_offsets(l, r);
+    vals.extend([
+        0xffff,
+        1024,
+        1025,
+        0xffff_ffff,
+        qcow2_format::limits::MAX_L1_ENTRIES + 1,
+    ]);
+    let value = *r.pick(&vals);
+    Mutation::Put {
+        at: e + at,
+        width,
+        value,
+    }
+}
+
+/// A field of a bitmap directory entry set to an interesting value.
+fn bitmap_entry_mutation(l: &Layout, r: &mut Prng) -> Mutation {
+    let e = *r.pick(&l.bitmap_entries);
+    // table_offset, table_size, flags, type, granularity, name_size, extra_data_size.
+    let (at, width) = *r.pick(&[
+        (0u64, 8u8),
+        (8, 4),
+        (12, 4),
+        (16, 1),
+        (17, 1),
+        (18, 2),
+        (20, 4),
+    ]);
+    let mut vals = interesting_offsets(l, r);
+    vals.extend([
+        0,
+        1,
+        2,
+        3,
+        0xff,
+        0x0800_0000,
+        0x0800_0001,
+        0xffff_ffff,
+        1023,
+        1024,
+    ]);
+    let value = *r.pick(&vals);
+    Mutation::Put {
+        at: e + at,
+        width,
+        value,
+    }
+}
+
+/// A table: L1, L2, reftable, refcount block, snapshot/bitmap areas.
+fn table_mutation(bytes: &[u8], l: &Layout, region: &Region, r: &mut Prng) -> Mutation {
+    let pos = used_entry_pos(bytes, region, r);
     match r.below(20) {
         0..=5 => Mutation::Flip {
             at: pos + r.below(8),
