@@ -8,6 +8,8 @@
 # a cancelled request die with its future, before its I/O lands), every cancellation test
 # (named cancelled_*) must: the proof that the models can see the races.
 #
+# Then the engine's own request paths under shuttle (crates/engine/tests/shuttle_engine.rs).
+#
 # Usage: scripts/models.sh [loom|shuttle|all]   (default: all)
 # Env:   LOOM_MAX_PREEMPTIONS      loom's preemption bound (default 3, in loom_model.rs)
 #        QCOW2_SHUTTLE_ITERATIONS  schedules per scenario and scheduler (default 10000)
@@ -78,9 +80,46 @@ check_model() {
   must_fail "$model" qcow2_no_keep "without keeps" cancelled
 }
 
+# The engine's own request paths under shuttle (crates/engine/tests/shuttle_engine.rs): they
+# must pass; built with qcow2-alloc's leases as no-ops, shuttle must find a violation from one
+# of three fixed seeds (a violation needs one unlucky schedule among thousands; the seeds make
+# the run replay).
+engine_cmd() {
+  RUSTFLAGS="--cfg shuttle" CARGO_TARGET_DIR="target/shuttle" CARGO_PROFILE_TEST_DEBUG=0 \
+    "$@" -q -p qcow2-engine --features shuttle,testing --test shuttle_engine -- --nocapture
+}
+
+check_engine() {
+  local start=$SECONDS status=0 found=0 seed
+  echo "== the engine's request paths under shuttle"
+  out=$(engine_cmd cargo test 2>&1) || status=$?
+  printf '%s\n' "$out" | grep -oE 'shuttle engine [a-z_]+: .*' || true
+  if [ "$status" != 0 ]; then
+    printf '%s\n' "$out" | tail -n 60
+    echo "FAIL: the engine under shuttle" >&2
+    exit 1
+  fi
+  echo "engine under shuttle: ok in $((SECONDS - start)) s"
+  echo "== the engine under shuttle without leases (must report a violation)"
+  start=$SECONDS
+  for seed in 11 12 13; do
+    out=$(QCOW2_SHUTTLE_SEED=$seed QCOW2_SHUTTLE_ITERATIONS=4000 engine_cmd env RUSTC_BOOTSTRAP=1 \
+      cargo test -Zprofile-rustflags \
+      --config 'profile.test.package.qcow2-alloc.rustflags=["--cfg", "qcow2_no_lease"]' 2>&1) || true
+    n=$(printf '%s\n' "$out" | grep -c 'lease violated' || true)
+    echo "seed $seed: $n scenarios report a lease violation"
+    found=$((found + n))
+  done
+  if [ "$found" = 0 ]; then
+    echo "FAIL: without leases, shuttle found no violation in the engine" >&2
+    exit 1
+  fi
+  echo "ok: $found violations without leases ($((SECONDS - start)) s)"
+}
+
 case "$what" in
   loom) check_model loom ;;
-  shuttle) check_model shuttle ;;
-  all) check_model loom; check_model shuttle ;;
+  shuttle) check_model shuttle; check_engine ;;
+  all) check_model loom; check_model shuttle; check_engine ;;
   *) echo "usage: $0 [loom|shuttle|all]" >&2; exit 2 ;;
 esac
