@@ -162,7 +162,12 @@ async fn finish(img: Arc<Img>, g0: &[u8], g1: &[u8]) {
     let report = img.check().await.unwrap();
     assert!(report.is_clean(), "the engine's check: {report:?}");
     assert!(img.leases().is_empty(), "leases left behind");
-    Arc::try_unwrap(img).ok().expect("one user").close().await.unwrap();
+    Arc::try_unwrap(img)
+        .ok()
+        .expect("one user")
+        .close()
+        .await
+        .unwrap();
 }
 
 /// Runs `scenario` under shuttle's random scheduler and its PCT scheduler (depth 3), each
