@@ -142,6 +142,11 @@ impl ClusterGeometry {
         off & (self.cluster_size() - 1)
     }
 
+    /// The first byte of the cluster that contains `off` (`off` rounded down to a cluster).
+    pub fn cluster_start(&self, off: u64) -> u64 {
+        off - self.offset_in_cluster(off)
+    }
+
     /// Whether `off` is a multiple of the cluster size.
     pub fn is_aligned(&self, off: u64) -> bool {
         self.offset_in_cluster(off) == 0

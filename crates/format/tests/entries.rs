@@ -345,6 +345,15 @@ proptest! {
             prop_assert_eq!(L2Entry::try_encode(m, &g, bm).unwrap(), e);
         }
     }
+
+    #[test]
+    fn cluster_start_rounds_down(g in arb_geometry(), off in 0u64..(1 << 62)) {
+        let cs = g.cluster_size();
+        let start = g.cluster_start(off);
+        prop_assert_eq!(start, off / cs * cs);
+        prop_assert_eq!(start + g.offset_in_cluster(off), off);
+        prop_assert!(g.is_aligned(start));
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ impl<B: Backend> Mapper<'_, B> {
                 L2Mapping::Zero { preallocated, .. } => preallocated,
                 _ => None,
             };
-            let cluster = guest & !(self.store.geo.cluster_size() - 1);
+            let cluster = self.store.geo.cluster_start(guest);
             if let Some(host) = host.filter(|h| h.0 != cluster) {
                 return Err(self.corrupt(format!(
                     "data file cluster for guest offset {cluster:#x} at {host}: an external \
@@ -159,13 +159,13 @@ impl<B: Backend> Mapper<'_, B> {
             let l1_index = geo.l1_index(GuestOffset(pos));
             let table_end = end.min((l1_index + 1) * geo.l2_coverage());
             let Some(l2) = self.l2_offset(meta, l1_index)? else {
-                f(pos..table_end, pos & !(cs - 1), None)?;
+                f(pos..table_end, geo.cluster_start(pos), None)?;
                 pos = table_end;
                 continue;
             };
             let table = self.store.l2_table(meta, l2).await?;
             while pos < table_end {
-                let cluster_start = pos & !(cs - 1);
+                let cluster_start = geo.cluster_start(pos);
                 let cluster_end = table_end.min(cluster_start + cs);
                 let entry = L2Entry::read(table, &geo, geo.l2_index(GuestOffset(pos)));
                 let mapping = self.decode_entry(entry, cluster_start)?;

@@ -84,7 +84,7 @@ impl<O: Opener> Image<O> {
     ) -> Result<Step> {
         let geo = self.geo;
         let cs = geo.cluster_size();
-        let cluster = pos & !(cs - 1);
+        let cluster = geo.cluster_start(pos);
         let from = pos - cluster;
         let to = end.min(cluster + cs) - cluster;
         let l1_index = geo.l1_index(GuestOffset(pos));

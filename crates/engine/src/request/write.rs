@@ -167,7 +167,7 @@ impl<O: Opener> Image<O> {
     pub(super) async fn plan_write(&self, meta: &mut Meta, pos: u64, end: u64) -> Result<Step> {
         let geo = self.geo;
         let cs = geo.cluster_size();
-        let cluster = pos & !(cs - 1);
+        let cluster = geo.cluster_start(pos);
         if let Some(g) = meta.gates.get(cluster >> geo.cluster_bits()) {
             return Ok(Step::WaitGate(g));
         }
@@ -186,7 +186,7 @@ impl<O: Opener> Image<O> {
                 let mut v = Vec::new();
                 let mut p = pos;
                 while p < table_end {
-                    let c = p & !(cs - 1);
+                    let c = geo.cluster_start(p);
                     let c_end = table_end.min(c + cs);
                     v.push((
                         p,
@@ -199,7 +199,7 @@ impl<O: Opener> Image<O> {
             };
             let mut run: Option<(u64, u64)> = None; // (host start, len)
             for (p, c_end, entry) in entries {
-                let c = p & !(cs - 1);
+                let c = geo.cluster_start(p);
                 if p > pos && meta.gates.is_allocating(p >> geo.cluster_bits()) {
                     break;
                 }
