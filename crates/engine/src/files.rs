@@ -1,4 +1,4 @@
-//! The files under an image (layer 3 of crates/engine/tests/layers.rs): the image file and the external data file, their
+//! The files under an image (layer 3): the image file and the external data file, their
 //! flushes, and the image file's length as this session makes it, growing ahead of the
 //! allocations.
 //!
