@@ -1,4 +1,4 @@
-//! The scenarios of the error-injection tests (`errors.rs`): an image, a setup, and the target
+//! The scenarios of the error-injection tests (`errors_*.rs`): an image, a setup, and the target
 //! request whose backend requests fail one by one.
 
 use super::Class::*;
