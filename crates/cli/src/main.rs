@@ -9,7 +9,7 @@ mod size;
 mod util;
 
 use clap::{Parser, Subcommand};
-use cmd::{bench, check, compare, convert, create, info, io, map};
+use cmd::{bench, check, compare, convert, create, info, io, map, measure};
 use std::process::ExitCode;
 
 /// Work with qcow2 images.
@@ -40,6 +40,8 @@ enum Command {
     Compare(compare::CompareArgs),
     /// Run qemu-io commands on an image (qemu-io's syntax, output and exit status).
     Io(io::IoArgs),
+    /// The file size a new image needs, for a size or an existing image (qemu-img measure).
+    Measure(measure::MeasureArgs),
     /// Benchmark an image with qemu-img bench's workload and options.
     Bench(bench::BenchArgs),
 }
@@ -68,6 +70,7 @@ fn main() -> ExitCode {
             Command::Create(args) => create::run(args).await,
             Command::Info(args) => info::run(args).await,
             Command::Map(args) => map::run(args).await,
+            Command::Measure(args) => measure::run(args).await,
             Command::Convert(args) => convert::run(args).await,
             Command::Check(args) => check::run(args).await,
             Command::Compare(args) => compare::run(args).await,

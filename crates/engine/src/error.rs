@@ -244,6 +244,17 @@ pub enum CreateError {
         "The image size is too large for file format 'qcow2' (try using a larger cluster size)"
     )]
     TooLarge,
+    /// `qemu-img measure`: refcounts other than 16 bits wide with compat 0.10 (the
+    /// condition of `NeedsV3(V3Feature::RefcountBits)`, in the words of QEMU's option parser,
+    /// which measuring uses).
+    #[error(
+        "Different refcount widths than 16 bits require compatibility level 1.1 or above \
+         (use compat=1.1 or greater)"
+    )]
+    MeasureRefcountBitsNeedV3,
+    /// `qemu-img measure`: the L1 table of the size measured would exceed QEMU's limit.
+    #[error("The image size is too large (try using a larger cluster size)")]
+    MeasureTooLarge,
     /// A preallocation mode the format does not have (`metadata` for raw images).
     #[error("Unsupported preallocation mode: {}", .0.name())]
     UnsupportedPreallocation(Preallocation),

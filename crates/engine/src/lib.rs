@@ -57,7 +57,8 @@ mod tracking;
 
 pub use check::{CheckLimit, CheckReport, RepairMode, MAX_MESSAGES, MAX_WALK_CORRUPTIONS};
 pub use create::{
-    create, create_raw, probe_backing, Compat, CreateError, CreateOptions, Preallocation, V3Feature,
+    create, create_raw, measure_disk, measure_size, probe_backing, Compat, CreateError,
+    CreateOptions, MeasureTarget, Measurement, Preallocation, V3Feature,
 };
 pub use error::{Error, ReadResult, Result, WriteResult};
 pub use image::MapEntry;

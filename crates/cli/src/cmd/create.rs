@@ -545,6 +545,47 @@ fn qcow2_options(
     Ok(co.size(rounded))
 }
 
+/// The new image `qemu-img measure -O FORMAT -o OPTIONS` describes, parsed as qemu-img parses
+/// it: `None` for raw, else the qcow2 options measuring reads (`qcow2_measure`: the cluster
+/// size, extended L2, version, refcount width, preallocation, and whether a backing file is
+/// named; the rest are accepted and ignored). Errors are qemu-img's messages.
+pub fn measure_options(format: &str, lists: &[String]) -> Result<Option<CreateOptions>, String> {
+    let qcow2 = is_qcow2(format).map_err(|f| f.msg)?;
+    let opts = parse_options(qcow2, lists)
+        .map_err(|f| format!("{}\nInvalid options for file format '{format}'", f.msg))?;
+    if !qcow2 {
+        return Ok(None);
+    }
+    let mut co = CreateOptions::new()
+        .extended_l2(opts.get("extended_l2").is_some_and(|v| v.flag))
+        .size(opts.get("size").map_or(0, |v| v.num));
+    if let Some(v) = opts.get("cluster_size") {
+        co = co.cluster_size(v.num);
+    }
+    if let Some(v) = opts.get("compat") {
+        let compat = Compat::from_name(&v.text)
+            .ok_or_else(|| format!("Invalid compatibility level: '{}'", v.text))?;
+        co = co.compat(compat);
+    }
+    if let Some(v) = opts.get("refcount_bits") {
+        co = co.refcount_bits(v.num);
+    }
+    if let Some(v) = opts.get("backing_file") {
+        // Measuring asks only whether there is a backing file; it never opens it, and
+        // qemu-img does not look at backing_fmt there.
+        co = co.backing_file(v.text.clone(), ImageFormat::Raw);
+    }
+    if let Some(v) = opts.get("preallocation") {
+        // qcow2_measure checks the geometry before the preallocation mode.
+        qcow2_engine::measure_size(qcow2_engine::MeasureTarget::Qcow2(&co), 0)
+            .map_err(|e| e.to_string())?;
+        let mode = Preallocation::from_name(&v.text)
+            .ok_or_else(|| format!("invalid parameter value: {}", v.text))?;
+        co = co.preallocation(mode);
+    }
+    Ok(Some(co))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

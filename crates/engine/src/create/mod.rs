@@ -1,5 +1,6 @@
 //! Creating images: [`CreateOptions`] and [`create`] (`qemu-img create -f qcow2`), and
-//! [`create_raw`] (`qemu-img create -f raw`).
+//! [`create_raw`] (`qemu-img create -f raw`); and measuring one before it exists
+//! ([`measure_size`], [`measure_disk`]: `qemu-img measure`).
 //!
 //! # The layout is QEMU's, to the byte
 //!
@@ -38,6 +39,7 @@
 //! - Encryption is not supported.
 
 mod file;
+mod measure;
 mod options;
 mod sim;
 #[cfg(test)]
@@ -46,6 +48,7 @@ mod tests;
 pub use crate::error::CreateError;
 pub use crate::options::{Compat, Preallocation, V3Feature};
 pub use file::{create, create_raw, probe_backing};
+pub use measure::{measure_disk, measure_size, MeasureTarget, Measurement};
 pub use options::CreateOptions;
 
 use crate::image::{resolve_backing, Disk};
