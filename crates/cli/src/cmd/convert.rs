@@ -42,10 +42,11 @@ pub async fn run(args: ConvertArgs) -> ExitCode {
 async fn convert(args: &ConvertArgs) -> Result<()> {
     let (source, dest, options) = (&args.source, &args.dest, &args.options);
     let disk = open_disk(source, args.format.as_deref(), args.force_share).await?;
+    let size = disk.size();
     match args.output_format.as_str() {
         "raw" => {
             if !options.is_empty() {
-                super::create::create_for_convert("raw", options, dest, disk.size()).await?;
+                super::create::create_for_convert("raw", options, dest, size).await?;
             }
             let out = FileOpener
                 .open(
@@ -64,8 +65,8 @@ async fn convert(args: &ConvertArgs) -> Result<()> {
                 )
                 .await
                 .with_context(|| format!("Could not create '{}'", dest.display()))?;
-            copy(&disk, source, dest, |buf, off| out.write_at(buf, off)).await?;
-            out.set_len(disk.size())
+            copy(&disk, &[(0, size)], source, dest, &RawSink(&out)).await?;
+            out.set_len(size)
                 .await
                 .with_context(|| format!("error while writing '{}'", dest.display()))?;
             out.flush()
@@ -73,16 +74,21 @@ async fn convert(args: &ConvertArgs) -> Result<()> {
                 .with_context(|| format!("error while writing '{}'", dest.display()))?;
         }
         "qcow2" => {
-            super::create::create_for_convert("qcow2", options, dest, disk.size()).await?;
+            super::create::create_for_convert("qcow2", options, dest, size).await?;
             let out = Image::open(FileOpener, dest, ImageOptions::new())
                 .await
                 .with_context(|| format!("Could not open '{}'", dest.display()))?;
-            let img = &out;
-            copy(&disk, source, dest, move |buf, off| async move {
-                let (res, buf) = img.write_at(buf, off).await;
-                (res.map_err(std::io::Error::other), buf)
-            })
-            .await?;
+            let ranges = match out.backing() {
+                // As qemu-img: with a backing file the new image takes what the source's top
+                // layer says, and the backing file provides the rest.
+                Some(b) => top_layer(&disk, b.size()).await?,
+                None => vec![(0, size)],
+            };
+            let sink = Qcow2Sink {
+                img: &out,
+                backing: out.backing().is_some(),
+            };
+            copy(&disk, &ranges, source, dest, &sink).await?;
             out.close()
                 .await
                 .with_context(|| format!("error while writing '{}'", dest.display()))?;
@@ -92,43 +98,114 @@ async fn convert(args: &ConvertArgs) -> Result<()> {
     Ok(())
 }
 
-/// Copies every run of non-zero granules of `disk` through `write`.
-async fn copy<F, Fut>(disk: &Disk<FileOpener>, source: &Path, dest: &Path, write: F) -> Result<()>
-where
-    F: Fn(IoBuf, u64) -> Fut,
-    Fut: std::future::Future<Output = (std::io::Result<()>, IoBuf)>,
-{
-    let size = disk.size();
-    let mut buf = IoBuf::new(CHUNK);
-    let mut offset = 0u64;
-    while offset < size {
-        let n = CHUNK.min((size - offset) as usize);
-        buf.set_window(0..n);
-        let (res, b) = disk.read_at(buf, offset).await;
-        buf = b;
-        res.with_context(|| format!("error while reading '{}'", source.display()))?;
-        // Write each run of non-zero granules; zero granules stay holes.
-        let mut i = 0;
-        while i < n {
-            let g = SPARSE.min(n - i);
-            if buf.as_full_slice()[i..i + g].iter().all(|&x| x == 0) {
-                i += g;
-                continue;
-            }
-            let start = i;
-            while i < n {
-                let g = SPARSE.min(n - i);
-                if buf.as_full_slice()[i..i + g].iter().all(|&x| x == 0) {
-                    break;
-                }
-                i += g;
-            }
-            buf.set_window(start..i);
-            let (res, b) = write(buf, offset + start as u64).await;
-            buf = b;
-            res.with_context(|| format!("error while writing '{}'", dest.display()))?;
+/// The guest ranges a new image over a backing file of `backing_size` bytes takes from
+/// `disk`, one per run of block status as qemu-img convert asks for them: what the top layer
+/// of `disk` says something about (data, or zeros: allocated zeros, or unallocated clusters
+/// of an image without a backing file); zeros past the end of the new backing file are left
+/// out, since they read as zeros there anyway. The runs are kept apart, as qemu-img writes
+/// each one by itself (a partial cluster of zeros is then written as qemu-img writes it).
+async fn top_layer(disk: &Disk<FileOpener>, backing_size: u64) -> Result<Vec<(u64, u64)>> {
+    let mut ranges = Vec::new();
+    for e in disk.map(0, disk.size()).await? {
+        let mut end = e.start + e.length;
+        if e.zero && !e.data {
+            end = end.min(backing_size.max(e.start));
         }
-        offset += n as u64;
+        if e.depth == 0 && end > e.start {
+            ranges.push((e.start, end));
+        }
+    }
+    Ok(ranges)
+}
+
+/// Where `copy` writes the bytes it read.
+trait Sink {
+    /// Writes `buf`'s window at `offset`.
+    async fn write(&self, buf: IoBuf, offset: u64) -> (std::io::Result<()>, IoBuf);
+    /// Makes `[offset, offset+len)` read as zeros, where a hole would not.
+    async fn zeroes(&self, offset: u64, len: u64) -> std::io::Result<()>;
+}
+
+/// A new raw file: holes read as zeros.
+struct RawSink<'a, B>(&'a B);
+
+impl<B: Backend> Sink for RawSink<'_, B> {
+    async fn write(&self, buf: IoBuf, offset: u64) -> (std::io::Result<()>, IoBuf) {
+        self.0.write_at(buf, offset).await
+    }
+    async fn zeroes(&self, _offset: u64, _len: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A new qcow2 image: unallocated clusters read as zeros, unless it has a backing file.
+struct Qcow2Sink<'a> {
+    img: &'a Image<FileOpener>,
+    backing: bool,
+}
+
+impl Sink for Qcow2Sink<'_> {
+    async fn write(&self, buf: IoBuf, offset: u64) -> (std::io::Result<()>, IoBuf) {
+        let (res, buf) = self.img.write_at(buf, offset).await;
+        (res.map_err(std::io::Error::other), buf)
+    }
+    async fn zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        if !self.backing {
+            return Ok(());
+        }
+        self.img
+            .write_zeroes(offset, len, false)
+            .await
+            .map_err(std::io::Error::other)
+    }
+}
+
+/// Copies `ranges` of `disk` to `sink`: runs of non-zero granules are written, runs of zero
+/// granules are left to read as zeros (`Sink::zeroes`).
+async fn copy(
+    disk: &Disk<FileOpener>,
+    ranges: &[(u64, u64)],
+    source: &Path,
+    dest: &Path,
+    sink: &impl Sink,
+) -> Result<()> {
+    let mut buf = IoBuf::new(CHUNK);
+    let written = || format!("error while writing '{}'", dest.display());
+    for &(start, end) in ranges {
+        let mut offset = start;
+        while offset < end {
+            let n = CHUNK.min((end - offset) as usize);
+            buf.set_window(0..n);
+            let (res, b) = disk.read_at(buf, offset).await;
+            buf = b;
+            res.with_context(|| format!("error while reading '{}'", source.display()))?;
+            let mut i = 0;
+            while i < n {
+                let zero = granule_is_zero(&buf, i, n);
+                let run = i;
+                while i < n && granule_is_zero(&buf, i, n) == zero {
+                    i += SPARSE.min(n - i);
+                }
+                let at = offset + run as u64;
+                if zero {
+                    sink.zeroes(at, (i - run) as u64)
+                        .await
+                        .with_context(written)?;
+                } else {
+                    buf.set_window(run..i);
+                    let (res, b) = sink.write(buf, at).await;
+                    buf = b;
+                    res.with_context(written)?;
+                }
+            }
+            offset += n as u64;
+        }
     }
     Ok(())
+}
+
+/// Whether the granule of `buf` at `i` (cut at `n`) holds only zeros.
+fn granule_is_zero(buf: &IoBuf, i: usize, n: usize) -> bool {
+    let g = SPARSE.min(n - i);
+    buf.as_full_slice()[i..i + g].iter().all(|&x| x == 0)
 }
