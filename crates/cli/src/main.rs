@@ -9,7 +9,7 @@ mod size;
 mod util;
 
 use clap::{Parser, Subcommand};
-use cmd::{bench, check, compare, convert, create, info, io, map, measure};
+use cmd::{amend, bench, check, compare, convert, create, info, io, map, measure};
 use std::process::ExitCode;
 
 /// Work with qcow2 images.
@@ -42,6 +42,8 @@ enum Command {
     Io(io::IoArgs),
     /// The file size a new image needs, for a size or an existing image (qemu-img measure).
     Measure(measure::MeasureArgs),
+    /// Change an image's qcow2 options: compat, lazy_refcounts, data_file (qemu-img amend).
+    Amend(amend::AmendArgs),
     /// Benchmark an image with qemu-img bench's workload and options.
     Bench(bench::BenchArgs),
 }
@@ -71,6 +73,7 @@ fn main() -> ExitCode {
             Command::Info(args) => info::run(args).await,
             Command::Map(args) => map::run(args).await,
             Command::Measure(args) => measure::run(args).await,
+            Command::Amend(args) => amend::run(args).await,
             Command::Convert(args) => convert::run(args).await,
             Command::Check(args) => check::run(args).await,
             Command::Compare(args) => compare::run(args).await,

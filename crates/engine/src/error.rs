@@ -134,6 +134,10 @@ pub enum Error {
     /// cannot exist (the message is qemu-img's).
     #[error(transparent)]
     Create(CreateError),
+    /// [`Image::amend`](crate::Image::amend) was asked for a change QEMU refuses (the message
+    /// is qemu-img's).
+    #[error(transparent)]
+    Amend(AmendError),
 }
 
 /// Errors that stop one request without saying anything about the image's consistency are
@@ -292,4 +296,60 @@ impl From<CreateError> for Error {
     fn from(e: CreateError) -> Self {
         Error::Create(e)
     }
+}
+
+/// Why [`Image::amend`](crate::Image::amend) refuses an amendment. The messages are
+/// qemu-img amend's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AmendError {
+    /// `refcount_bits` is not a power of two up to 64.
+    #[error("Refcount width must be a power of two and may not exceed 64 bits")]
+    RefcountBits(u64),
+    /// `data_file` given for an image without an external data file.
+    #[error("data-file can only be set for images that use an external data file")]
+    DataFileWithoutDataFile,
+    /// `data_file_raw=on` for an image whose data file is not raw already.
+    #[error("data-file-raw cannot be set on existing images")]
+    DataFileRawOnExisting,
+    /// A refcount width other than 16 bits for a version 2 image.
+    #[error(
+        "Refcount widths other than 16 bits require compatibility level 1.1 or above \
+         (use compat=1.1 or greater)"
+    )]
+    RefcountBitsNeedV3,
+    /// A different refcount width (the engine cannot rebuild the refcount structure yet;
+    /// reported as [`Error::Unsupported`]).
+    #[error("changing the refcount width is not supported")]
+    RefcountWidthChange,
+    /// A version change that needs the snapshot table rewritten (reported as
+    /// [`Error::Unsupported`]).
+    #[error("rewriting the snapshot table is not supported")]
+    SnapshotTableRewrite,
+    /// A different backing file or format: that is a rebase.
+    #[error("Cannot amend the backing file")]
+    BackingFile,
+    /// Lazy refcounts for a version 2 image.
+    #[error(
+        "Lazy refcounts only supported with compatibility level 1.1 and above \
+         (use compat=1.1 or greater)"
+    )]
+    LazyRefcountsNeedV3,
+    /// Version 2 with refcounts other than 16 bits wide.
+    #[error("compat=0.10 requires refcount_bits=16")]
+    DowngradeRefcountBits,
+    /// Version 2 with an external data file.
+    #[error("Cannot downgrade an image with a data file")]
+    DowngradeDataFile,
+    /// Version 2 with snapshots that have a large VM state or another disk size.
+    #[error("Internal snapshots prevent downgrade of image")]
+    DowngradeSnapshots,
+    /// Version 2 with incompatible features it cannot express (the bits).
+    #[error("Cannot downgrade an image with incompatible features {0:#x} set")]
+    DowngradeFeatures(u64),
+    /// Version 2 with zstd-compressed clusters.
+    #[error(
+        "Cannot downgrade an image with zstd compression type and existing compressed clusters"
+    )]
+    DowngradeZstd,
 }

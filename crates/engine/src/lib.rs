@@ -38,10 +38,11 @@
 //! the persistent dirty bitmaps while writing); `check` (check
 //! and repair over the files and metadata); `image` (the facade type, opening, the `Disk` of a
 //! chain); `request` (the read, write, allocate, zero/discard, flush/close paths behind the
-//! facade); `create`. docs/DESIGN.md has the invariants, docs/CONCURRENCY.md the lock table.
+//! facade); `create` and `amend` (making and changing images). docs/DESIGN.md has the invariants, docs/CONCURRENCY.md the lock table.
 #![warn(missing_docs)]
 
 mod aligned;
+mod amend;
 mod check;
 mod compress;
 mod create;
@@ -55,12 +56,13 @@ mod options;
 mod request;
 mod tracking;
 
+pub use amend::AmendOptions;
 pub use check::{CheckLimit, CheckReport, RepairMode, MAX_MESSAGES, MAX_WALK_CORRUPTIONS};
 pub use create::{
     create, create_raw, measure_disk, measure_size, probe_backing, Compat, CreateError,
     CreateOptions, MeasureTarget, Measurement, Preallocation, V3Feature,
 };
-pub use error::{Error, ReadResult, Result, WriteResult};
+pub use error::{AmendError, Error, ReadResult, Result, WriteResult};
 pub use image::MapEntry;
 pub use image::{Disk, Image, RawImage};
 pub use map::status::{Extent, ExtentKind};

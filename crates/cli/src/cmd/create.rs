@@ -9,7 +9,8 @@
 use crate::size::{cvtnum_full, parse_size, SizeError};
 use blockio::FileOpener;
 use qcow2_engine::{
-    create, create_raw, probe_backing, Compat, CreateOptions, ImageFormat, Preallocation,
+    create, create_raw, probe_backing, AmendOptions, Compat, CreateOptions, ImageFormat,
+    Preallocation,
 };
 use qcow2_format::CompressionType;
 use std::path::Path;
@@ -543,6 +544,56 @@ fn qcow2_options(
         return fail("Could not resize image: Image size cannot be negative");
     };
     Ok(co.size(rounded))
+}
+
+/// The changes `qemu-img amend -o OPTIONS` asks of a qcow2 image, parsed as qemu-img parses
+/// them (the create options' syntax and types; the options only creation takes are refused
+/// with qemu-img's words), and the new size if one is given. Errors are qemu-img's messages.
+pub fn amend_options(lists: &[String]) -> Result<(AmendOptions, Option<u64>), String> {
+    const CREATION_ONLY: [&str; 6] = [
+        "cluster_size",
+        "extended_l2",
+        "preallocation",
+        "compression_type",
+        "nocow",
+        "extent_size_hint",
+    ];
+    for list in lists {
+        for item in split_list(list) {
+            let key = item.split_once('=').map_or(item.as_str(), |(k, _)| k);
+            if CREATION_ONLY.contains(&key) || key.starts_with("encrypt") {
+                return Err(format!(
+                    "Invalid parameter '{key}'\nThis option is only supported for image creation"
+                ));
+            }
+        }
+    }
+    let opts = parse_options(true, lists).map_err(|f| f.msg)?;
+    let mut amend = AmendOptions::new();
+    if let Some(v) = opts.get("compat") {
+        let compat = Compat::from_name(&v.text)
+            .ok_or_else(|| format!("Unknown compatibility level {}", v.text))?;
+        amend = amend.compat(compat);
+    }
+    if let Some(v) = opts.get("backing_file") {
+        amend = amend.backing_file(v.text.clone());
+    }
+    if let Some(v) = opts.get("backing_fmt") {
+        amend = amend.backing_fmt(v.text.clone());
+    }
+    if let Some(v) = opts.get("data_file") {
+        amend = amend.data_file(v.text.clone());
+    }
+    if let Some(v) = opts.get("data_file_raw") {
+        amend = amend.data_file_raw(v.flag);
+    }
+    if let Some(v) = opts.get("lazy_refcounts") {
+        amend = amend.lazy_refcounts(v.flag);
+    }
+    if let Some(v) = opts.get("refcount_bits") {
+        amend = amend.refcount_bits(v.num);
+    }
+    Ok((amend, opts.get("size").map(|v| v.num)))
 }
 
 /// The new image `qemu-img measure -O FORMAT -o OPTIONS` describes, parsed as qemu-img parses

@@ -2,6 +2,7 @@
 //! and its `run`. Each follows the qemu-img (or, for `io`, qemu-io) command of the same name:
 //! options, output, messages and exit status.
 
+pub mod amend;
 pub mod bench;
 pub mod check;
 pub mod compare;

@@ -114,11 +114,22 @@ impl<O: Opener> Image<O> {
         if let Err(e) = self.bitmap_ctx().bitmaps_store().await {
             return Err(self.on_error(e).await);
         }
+        self.make_clean().await?;
+        self.flushed
+            .store(self.acked.load(Ordering::Acquire), Ordering::Release);
+        Ok(())
+    }
+
+    /// Writes every metadata structure back, refcounts included (lazy or not), clears the
+    /// dirty bit and makes it all durable: the image on disk is clean, as `close` leaves it
+    /// (QEMU's `qcow2_mark_clean` after a full cache flush). The clusters freed on the way are
+    /// punched afterwards.
+    pub(crate) async fn make_clean(&self) -> Result<()> {
         let freed = {
             let mut meta = self.meta.lock().await;
             let mut freed = self.store().write_back_mode(&mut meta, true).await?;
             if meta.alloc.as_ref().is_some_and(|a| a.has_pending()) {
-                // Decrements freed by the first pass (none can be in flight at close).
+                // Decrements freed by the first pass (none can be in flight here).
                 freed.extend(self.store().write_back_mode(&mut meta, true).await?);
             }
             if meta.header.is_dirty() {
@@ -134,8 +145,6 @@ impl<O: Opener> Image<O> {
             freed
         };
         self.punch(freed).await;
-        self.flushed
-            .store(self.acked.load(Ordering::Acquire), Ordering::Release);
         Ok(())
     }
 

@@ -127,6 +127,13 @@ impl<O: Opener> Image<O> {
         self.zero_clusters(first..last, ZeroMode::Discard).await
     }
 
+    /// Makes the whole clusters of `range` unallocated, whatever they were: what a version 2
+    /// image without a backing file reads as zeros (the amendment to version 2 uses it for
+    /// zero clusters, which version 2 cannot express).
+    pub(crate) async fn deallocate(&self, range: std::ops::Range<u64>) -> Result<()> {
+        self.zero_clusters(range, ZeroMode::Deallocate).await
+    }
+
     /// Changes the L2 entries of the whole clusters in `range` (cluster-aligned, or ending
     /// at the end of the disk) as `mode` says; old clusters are unreferenced (their counts
     /// drop at the next write-back).

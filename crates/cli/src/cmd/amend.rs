@@ -1,0 +1,75 @@
+//! `qimg amend`: change an existing qcow2 image's options (qemu-img amend): `compat`,
+//! `lazy_refcounts`, `data_file`, `data_file_raw`; `backing_file`/`backing_fmt` and
+//! `refcount_bits` only as they are. qemu-img's syntax, messages and exit status.
+
+use crate::cmd::create::amend_options;
+use anyhow::{anyhow, bail, Result};
+use blockio::FileOpener;
+use qcow2_engine::{AmendError, Error, Image, ImageFormat, ImageOptions};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// The arguments of `qimg amend`.
+#[derive(clap::Args)]
+pub struct AmendArgs {
+    /// Image format (probed when absent); only qcow2 images can be amended.
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// The options to change, `OPT=VAL[,OPT=VAL...]` (may be repeated; the last value of an
+    /// option counts).
+    #[arg(short = 'o')]
+    options: Vec<String>,
+    /// Quiet (nothing is printed on success anyway).
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Accepted for qemu-img's sake: it matters only for encryption, which qimg does not do.
+    #[arg(long = "force")]
+    force: bool,
+    /// The image.
+    images: Vec<PathBuf>,
+}
+
+/// Runs `qimg amend`: exit status 0, or 1 with qemu-img's message on stderr.
+pub async fn run(args: AmendArgs) -> ExitCode {
+    crate::util::exit(1, amend(&args).await)
+}
+
+async fn amend(args: &AmendArgs) -> Result<()> {
+    if args.options.is_empty() {
+        bail!("Must specify options (-o)\nTry 'qimg amend --help' for more info");
+    }
+    let [image] = args.images.as_slice() else {
+        bail!("Expecting one image file name");
+    };
+    let format = match args.format.as_deref() {
+        None => None,
+        Some(f) => {
+            Some(ImageFormat::from_name(f).ok_or_else(|| anyhow!("Unknown file format '{f}'"))?)
+        }
+    };
+    if format == Some(ImageFormat::Raw) {
+        bail!("Format driver 'raw' does not support option amendment");
+    }
+    let img = Image::open(FileOpener, image, ImageOptions::new())
+        .await
+        .map_err(|e| anyhow!("Could not open '{}': {e}", image.display()))?;
+    let (opts, size) = match amend_options(&args.options) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            img.close().await?;
+            bail!(e);
+        }
+    };
+    if size.is_some_and(|s| s != img.size()) {
+        img.close().await?;
+        bail!("changing the size with amend is not supported by qimg (use resize)");
+    }
+    match img.amend(&opts).await {
+        Ok(()) => Ok(()),
+        Err(Error::Amend(AmendError::BackingFile)) => {
+            bail!("Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.")
+        }
+        Err(Error::Amend(e)) => bail!(e),
+        Err(e) => Err(e.into()),
+    }
+}
