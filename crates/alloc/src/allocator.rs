@@ -179,6 +179,17 @@ impl Allocator {
         }
     }
 
+    /// Whether allocating `count` clusters now would take clusters past the highest one in
+    /// use (and so grow the file), `leased` as for [`Allocator::allocate`]. A caller with
+    /// decrements pending can make them take effect first and reuse what they free.
+    pub fn would_grow(
+        &self,
+        count: u64,
+        leased: impl Fn(HostCluster) -> bool,
+    ) -> Result<bool, RefcountError> {
+        Ok(self.find_run(count, &leased)? + count > self.high_water)
+    }
+
     fn find_run(
         &self,
         count: u64,

@@ -68,6 +68,34 @@ impl<B: Backend> Store<'_, B> {
             .extend_len(alloc.high_water() * self.geo.cluster_size());
         Ok(a)
     }
+    /// [`Store::allocate`], first reusing what discards freed: when the allocation would
+    /// grow the file while refcount decrements wait for their unmapping to be durable, the
+    /// metadata is written back (which makes the unmappings durable and applies the
+    /// decrements, each cluster freed only under its exclusive lease, I3/I4), so that the
+    /// freed clusters are handed out instead of new ones at the end of the file, as QEMU
+    /// reuses them. Without pending decrements, or with free clusters below the end, it is
+    /// just [`Store::allocate`].
+    pub(crate) async fn allocate_reusing(
+        &self,
+        meta: &mut Meta,
+        count: u64,
+    ) -> Result<qcow2_alloc::Allocation> {
+        let reuse = match meta.alloc.as_ref() {
+            Some(alloc) if alloc.has_pending() => {
+                let live = &meta.metadata;
+                alloc
+                    .would_grow(count, |c| live.contains(c.0) || self.leases.is_leased(c))
+                    .map_err(|e| self.alloc_err(e))?
+            }
+            _ => false,
+        };
+        if reuse {
+            // The freed clusters' exclusive leases go at once: nothing is punched here (the
+            // next allocation may take them), as in `maybe_write_back`.
+            drop(self.write_back(meta).await?);
+        }
+        self.allocate(meta, count)
+    }
     /// The overlap guard: data must never be written over live metadata. A hit means the
     /// refcounts or the L2 tables are corrupt.
     pub(crate) fn guard_overlap(&self, meta: &Meta, host: u64, len: u64) -> Result<()> {

@@ -63,7 +63,7 @@ impl<O: Opener> Image<O> {
             Some(off) => self.store().l2_table(meta, off).await?.clone(),
             None => IoBuf::new(cs as usize),
         };
-        let a = self.store().allocate(meta, 1)?;
+        let a = self.store().allocate_reusing(meta, 1).await?;
         let new_off = self.geo.cluster_offset(a.first).0;
         if let (Some(off), Some(alloc)) = (old, meta.alloc.as_mut()) {
             alloc.defer_decrement(self.geo.host_cluster(HostOffset(off)));
@@ -137,7 +137,7 @@ impl<O: Opener> Image<O> {
         let (host, allocation) = match reuse {
             Some(h) => (h, None),
             None => {
-                let a = self.store().allocate(meta, 1)?;
+                let a = self.store().allocate_reusing(meta, 1).await?;
                 (geo.cluster_offset(a.first).0, Some(a))
             }
         };
