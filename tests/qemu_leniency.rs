@@ -1,0 +1,238 @@
+//! Odd images QEMU reads: reserved bits in L2 entries, a compressed entry with COPIED or a
+//! subcluster bitmap, a refcount block at an unaligned offset, a header extension given twice,
+//! a compressed cluster whose size field runs into clusters nobody counts. Each image is made
+//! by qemu-img and qemu-io and then patched by hand; QEMU's tools say what QEMU does with it
+//! (reads it, fails which request, marks it corrupt or not, what `qemu-img check` reports),
+//! and the engine must do the same: never refuse or mark corrupt what QEMU accepts, and still
+//! refuse what QEMU refuses.
+
+use blockio::FileOpener;
+use qcow2_engine::{Image, ImageOptions};
+use qcow2_tests::{
+    path_str, qemu_img, qemu_img_status, qemu_info_json, qemu_io, raw_reference, tool,
+};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// Offset bits of an L2 entry.
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// `qemu-img create -f qcow2 [-o OPTS] DIR/NAME 1M`.
+fn create(dir: &Path, name: &str, opts: &str) -> PathBuf {
+    let path = dir.join(name);
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([path_str(&path), "1M"]);
+    qemu_img(&args);
+    path
+}
+
+fn get64(path: &Path, at: u64) -> u64 {
+    let data = std::fs::read(path).unwrap();
+    u64::from_be_bytes(data[at as usize..at as usize + 8].try_into().unwrap())
+}
+
+fn put64(path: &Path, at: u64, value: u64) {
+    let mut data = std::fs::read(path).unwrap();
+    data[at as usize..at as usize + 8].copy_from_slice(&value.to_be_bytes());
+    std::fs::write(path, data).unwrap();
+}
+
+/// The offset of the L2 table of L1 entry 0.
+fn first_l2_table(path: &Path) -> u64 {
+    let l1 = get64(path, 40);
+    get64(path, l1) & OFFSET_MASK
+}
+
+/// A copy of `path` beside it, named `name`.
+fn copy(path: &Path, name: &str) -> PathBuf {
+    let to = path.with_file_name(name);
+    std::fs::copy(path, &to).unwrap();
+    to
+}
+
+/// Runs qemu-io on a qcow2 image, returning whether every command worked, and its output.
+fn qemu_io_outcome(path: &Path, cmds: &[&str]) -> (bool, String) {
+    let mut cmd = std::process::Command::new(tool("qemu-io"));
+    cmd.env("LC_ALL", "C").args(["-f", "qcow2"]);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    let out = cmd.arg(path).output().expect("run qemu-io");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success() && !text.contains("failed"), text)
+}
+
+/// Whether `qemu-img info` says the corrupt bit is set.
+fn marked_corrupt(path: &Path) -> bool {
+    qemu_info_json(path)["format-specific"]["data"]["corrupt"]
+        .as_bool()
+        .expect("qemu-img info reports the corrupt bit")
+}
+
+/// Opens with the engine (read-only or read-write), reads the whole disk and closes.
+fn engine_read_all(path: &Path, read_only: bool) -> Vec<u8> {
+    rt().block_on(async {
+        let opts = ImageOptions::new().read_only(read_only);
+        let img = Image::open(FileOpener, path, opts)
+            .await
+            .unwrap_or_else(|e| panic!("{} (read_only={read_only}): {e}", path.display()));
+        let data = img
+            .read(0, img.size() as usize)
+            .await
+            .unwrap_or_else(|e| panic!("{}: read: {e}", path.display()))
+            .to_vec();
+        img.close().await.unwrap();
+        data
+    })
+}
+
+/// Reads the whole disk read-write, as QEMU's reading of it, and leaves the image as QEMU
+/// leaves it after a read: not marked corrupt.
+fn assert_read_write_reads_as_qemu(path: &Path, want: &[u8]) {
+    assert!(
+        engine_read_all(path, false) == want,
+        "{}: the engine read differs from qemu-img convert",
+        path.display()
+    );
+    assert!(
+        !marked_corrupt(path),
+        "{}: the engine marked an image corrupt that QEMU reads",
+        path.display()
+    );
+}
+
+/// `Image::check` says what `qemu-img check` says: exit status, diagnostic lines and counts.
+fn assert_check_agrees(path: &Path) {
+    let out = qemu_img_status(&["check", "--output=json", path_str(path)]);
+    let code = out.status.code().expect("qemu-img exit status");
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    let messages: Vec<String> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.starts_with("qemu-img:"))
+        .map(str::to_string)
+        .collect();
+    let r = rt().block_on(async {
+        let opts = ImageOptions::new().read_only(true);
+        let img = Image::open(FileOpener, path, opts).await.unwrap();
+        img.check().await.unwrap()
+    });
+    let what = path.display();
+    assert_eq!(
+        i32::from(r.exit_code()),
+        code,
+        "{what}: exit status ({r:#?})"
+    );
+    assert_eq!(r.messages, messages, "{what}: diagnostic lines");
+    let n = |k: &str| json.get(k).and_then(Value::as_u64).unwrap_or(0);
+    for (key, ours) in [
+        ("corruptions", r.corruptions),
+        ("leaks", r.leaks),
+        ("check-errors", r.check_errors),
+        ("image-end-offset", r.image_end_offset),
+    ] {
+        if !json.is_null() {
+            assert_eq!(ours, n(key), "{what}: {key} (qemu-img: {json})");
+        }
+    }
+}
+
+// Item: L2 entries QEMU reads as it finds them.
+
+/// With extended L2 entries, QEMU reads a standard entry whatever its reserved bits say
+/// (bit 0, the zero flag of standard L2, included) and a compressed entry whatever its
+/// subcluster bitmap says: `qcow2_get_subcluster_type` returns COMPRESSED for any bitmap,
+/// `qcow2_get_cluster_type` ignores the zero flag, and `qcow2_get_host_offset` never looks at
+/// the reserved bits. Only `qemu-img check` reports them. A bitmap with a subcluster both
+/// allocated and zero is INVALID: QEMU fails the read and marks the image corrupt, as we do.
+#[test]
+fn extended_l2_entries_with_reserved_bits_or_a_compressed_bitmap_read_as_qemu_reads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(dir.path(), "extl2.qcow2", "extended_l2=on,cluster_size=64k");
+    qemu_io(
+        "qcow2",
+        &img,
+        &[
+            "write -P 0x11 0 64k",
+            "write -c -P 0x22 64k 64k",
+            "write -P 0x33 128k 64k",
+        ],
+    );
+    let l2 = first_l2_table(&img);
+    let pristine = copy(&img, "pristine.qcow2");
+    put64(&img, l2, get64(&img, l2) | 1);
+    assert_ne!(get64(&img, l2 + 16) & (1 << 62), 0, "entry 1 is compressed");
+    put64(&img, l2 + 16 + 8, 0xffff_ffff);
+    put64(&img, l2 + 32, get64(&img, l2 + 32) | 0x3f00_0000_0000_01fe);
+
+    let theirs = copy(&img, "qemu.qcow2");
+    let reads = [
+        "read -P 0x11 0 64k",
+        "read -P 0x22 64k 64k",
+        "read -P 0x33 128k 64k",
+    ];
+    qemu_io("qcow2", &theirs, &reads);
+    assert!(!marked_corrupt(&theirs), "QEMU reads without marking");
+    let want = raw_reference(&img, "qcow2");
+    assert_read_write_reads_as_qemu(&img, &want);
+    qemu_io("qcow2", &img, &reads);
+    assert_check_agrees(&img);
+
+    // Allocated and zero at once: corrupt for both.
+    let invalid = copy(&pristine, "invalid.qcow2");
+    put64(&invalid, l2 + 8, 0x0000_0001_0000_0001);
+    let theirs = copy(&invalid, "invalid-qemu.qcow2");
+    let (ok, out) = qemu_io_outcome(&theirs, &["read 0 64k"]);
+    assert!(!ok && marked_corrupt(&theirs), "QEMU: {out}");
+    let err = rt().block_on(async {
+        let img = Image::open(FileOpener, &invalid, ImageOptions::new())
+            .await
+            .unwrap();
+        img.read(0, 65536).await.unwrap_err()
+    });
+    assert!(err.is_corruption(), "{err}");
+    assert!(
+        marked_corrupt(&invalid),
+        "QEMU marks it corrupt, and so do we"
+    );
+}
+
+/// Standard L2 entries too: QEMU reads a data cluster whose entry has reserved bits set
+/// (bits 1-8 and 56-61), and a compressed cluster whose entry has COPIED set
+/// (`qcow2_get_host_offset` takes the descriptor with L2E_COMPRESSED_OFFSET_SIZE_MASK, which
+/// leaves COPIED out); `qemu-img check` reports both as corruption.
+#[test]
+fn standard_l2_entries_with_reserved_bits_or_a_copied_compressed_cluster_read_as_qemu_reads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(dir.path(), "std.qcow2", "");
+    qemu_io(
+        "qcow2",
+        &img,
+        &["write -P 0x11 0 64k", "write -c -P 0x22 64k 64k"],
+    );
+    let l2 = first_l2_table(&img);
+    put64(&img, l2, get64(&img, l2) | 0x3f00_0000_0000_01fe);
+    assert_ne!(get64(&img, l2 + 8) & (1 << 62), 0, "entry 1 is compressed");
+    put64(&img, l2 + 8, get64(&img, l2 + 8) | (1 << 63));
+
+    let theirs = copy(&img, "qemu.qcow2");
+    let reads = ["read -P 0x11 0 64k", "read -P 0x22 64k 64k"];
+    qemu_io("qcow2", &theirs, &reads);
+    assert!(!marked_corrupt(&theirs), "QEMU reads without marking");
+    let want = raw_reference(&img, "qcow2");
+    assert_read_write_reads_as_qemu(&img, &want);
+    assert_check_agrees(&img);
+}
