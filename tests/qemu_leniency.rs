@@ -7,9 +7,10 @@
 //! refuse what QEMU refuses.
 
 use blockio::FileOpener;
-use qcow2_engine::{Image, ImageOptions};
+use qcow2_engine::{Disk, Image, ImageOptions};
 use qcow2_tests::{
-    path_str, qemu_img, qemu_img_status, qemu_info_json, qemu_io, raw_reference, tool,
+    path_str, qemu_img, qemu_img_status, qemu_info_json, qemu_io, qemu_map_json, raw_reference,
+    tool,
 };
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -235,4 +236,100 @@ fn standard_l2_entries_with_reserved_bits_or_a_copied_compressed_cluster_read_as
     let want = raw_reference(&img, "qcow2");
     assert_read_write_reads_as_qemu(&img, &want);
     assert_check_agrees(&img);
+}
+
+// Item: a refcount block at an unaligned offset.
+
+/// QEMU opens an image whose refcount table names a refcount block at an unaligned offset,
+/// reads it and writes in place; only a request that needs a refcount from that block fails
+/// (`qcow2_get_refcount` and `alloc_refcount_block` call `qcow2_signal_corruption`, which
+/// marks a writable image corrupt). The engine opens it, reads and writes in place, and fails
+/// the first allocating write with QEMU's message, marking the image corrupt as QEMU does.
+#[test]
+fn unaligned_refcount_block_fails_only_the_writes_that_need_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(dir.path(), "refblock.qcow2", "");
+    qemu_io("qcow2", &img, &["write -P 0x11 0 64k"]);
+    let reftable = get64(&img, 48);
+    let block = get64(&img, reftable);
+    put64(&img, reftable, block + 512);
+    let message = format!(
+        "Refblock offset {:#x} unaligned (reftable index: 0)",
+        block + 512
+    );
+
+    let theirs = copy(&img, "qemu.qcow2");
+    qemu_io(
+        "qcow2",
+        &theirs,
+        &[
+            "read -P 0x11 0 64k",
+            "write -P 0x55 0 4k",
+            "read -P 0x55 0 4k",
+        ],
+    );
+    assert!(!marked_corrupt(&theirs), "QEMU writes in place");
+    let (ok, out) = qemu_io_outcome(&theirs, &["write -P 0x66 64k 4k"]);
+    assert!(!ok && out.contains(&message), "QEMU: {out}");
+    assert!(marked_corrupt(&theirs), "QEMU marks it corrupt");
+
+    let want = raw_reference(&img, "qcow2");
+    assert_check_agrees(&img);
+    assert!(engine_read_all(&img, true) == want, "read-only open");
+    assert_map_agrees(&img);
+    rt().block_on(async {
+        let image = Image::open(FileOpener, &img, ImageOptions::new())
+            .await
+            .expect("a read-write open works");
+        assert!(image.read(0, 1 << 20).await.unwrap()[..] == want[..]);
+        image
+            .write(0, &[0x55; 4096])
+            .await
+            .expect("a write in place");
+        assert!(image
+            .read(0, 4096)
+            .await
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0x55));
+        let err = image
+            .write(65536, &[0x66; 4096])
+            .await
+            .expect_err("an allocating write needs the refcount block");
+        assert!(
+            err.is_corruption() && err.to_string().contains(&message),
+            "{err}"
+        );
+        let _ = image.close().await;
+    });
+    assert!(marked_corrupt(&img), "marked corrupt, as QEMU does");
+    assert!(
+        raw_reference(&img, "qcow2") == raw_reference(&theirs, "qcow2"),
+        "the image reads as QEMU's copy does after the same requests"
+    );
+}
+
+/// `Disk::map` says what `qemu-img map` says (QEMU maps the image although its refcounts
+/// cannot all be read).
+fn assert_map_agrees(path: &Path) {
+    let theirs = qemu_map_json(path);
+    let ours = rt().block_on(async {
+        let opts = ImageOptions::new().read_only(true);
+        let disk = Disk::open(FileOpener, path, None, opts).await.unwrap();
+        disk.map(0, disk.size()).await.unwrap()
+    });
+    let theirs = theirs.as_array().unwrap();
+    assert_eq!(ours.len(), theirs.len(), "{ours:?} / {theirs:?}");
+    for (o, t) in ours.iter().zip(theirs) {
+        let got = (o.start, o.length, o.present, o.zero, o.data, o.offset);
+        let want = (
+            t["start"].as_u64().unwrap(),
+            t["length"].as_u64().unwrap(),
+            t["present"].as_bool().unwrap(),
+            t["zero"].as_bool().unwrap(),
+            t["data"].as_bool().unwrap(),
+            t["offset"].as_u64(),
+        );
+        assert_eq!(got, want);
+    }
 }

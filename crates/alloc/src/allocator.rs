@@ -1,7 +1,8 @@
 //! Cluster allocation over the in-memory refcounts.
 //!
 //! The [`Allocator`] owns the refcount table and every refcount block (the engine loads them
-//! all when it opens an image read-write) and decides which host clusters to hand out. It
+//! all when it opens an image read-write, but for one at an unaligned offset, whose refcounts
+//! are then errors as they are for QEMU) and decides which host clusters to hand out. It
 //! records what changed (dirty blocks, a relocated table) for the engine to write back in
 //! crash-safe order, and it keeps refcount *decrements* aside until the engine says that the
 //! unmapping that caused them is on disk (invariant I4): until then the cluster keeps its
