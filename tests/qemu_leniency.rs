@@ -7,7 +7,8 @@
 //! refuse what QEMU refuses.
 
 use blockio::FileOpener;
-use qcow2_engine::{Disk, Image, ImageOptions};
+use qcow2_engine::{Disk, Error, Image, ImageOptions};
+use qcow2_format::FormatError;
 use qcow2_tests::{
     path_str, qemu_img, qemu_img_status, qemu_info_json, qemu_io, qemu_map_json, raw_reference,
     tool,
@@ -331,5 +332,243 @@ fn assert_map_agrees(path: &Path) {
             t["offset"].as_u64(),
         );
         assert_eq!(got, want);
+    }
+}
+
+// Item: a header extension given twice.
+
+const BACKING_FORMAT: u32 = 0xe279_2aca;
+const FEATURE_TABLE: u32 = 0x6803_f857;
+const DATA_FILE: u32 = 0x4441_5441;
+const BITMAPS: u32 = 0x2385_2875;
+
+/// The header extensions of a v3 image, in file order.
+fn extensions(path: &Path) -> Vec<(u32, Vec<u8>)> {
+    let d = std::fs::read(path).unwrap();
+    let be32 = |at: usize| u32::from_be_bytes(d[at..at + 4].try_into().unwrap());
+    let mut at = be32(100) as usize;
+    let mut out = Vec::new();
+    loop {
+        let (kind, len) = (be32(at), be32(at + 4) as usize);
+        if kind == 0 {
+            return out;
+        }
+        out.push((kind, d[at + 8..at + 8 + len].to_vec()));
+        at += 8 + len.next_multiple_of(8);
+    }
+}
+
+/// Replaces the header extensions of a v3 image by `exts` (and the end marker), moving the
+/// backing file name to right after them.
+fn set_extensions(path: &Path, exts: &[(u32, &[u8])]) {
+    let mut d = std::fs::read(path).unwrap();
+    let name_at = u64::from_be_bytes(d[8..16].try_into().unwrap()) as usize;
+    let name_len = u32::from_be_bytes(d[16..20].try_into().unwrap()) as usize;
+    let name = d[name_at..name_at + name_len].to_vec();
+    let mut area = Vec::new();
+    for (kind, payload) in exts {
+        area.extend_from_slice(&kind.to_be_bytes());
+        area.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        area.extend_from_slice(payload);
+        area.resize(area.len().next_multiple_of(8), 0);
+    }
+    area.extend_from_slice(&[0; 8]);
+    let start = u32::from_be_bytes(d[100..104].try_into().unwrap()) as usize;
+    let end = start + area.len();
+    d[start..end].copy_from_slice(&area);
+    if name_at != 0 {
+        d[end..end + name_len].copy_from_slice(&name);
+        d[8..16].copy_from_slice(&(end as u64).to_be_bytes());
+    }
+    std::fs::write(path, d).unwrap();
+}
+
+fn payload(exts: &[(u32, Vec<u8>)], kind: u32) -> &[u8] {
+    &exts.iter().find(|e| e.0 == kind).expect("extension").1
+}
+
+/// QEMU's `qcow2_read_extensions` keeps no count of the extensions it meets: a backing format
+/// given twice is overwritten by the later one. Both orders, against a qcow2 backing file:
+/// the last one names the format QEMU opens it with (as raw, the guest sees its header).
+#[test]
+fn backing_format_given_twice_the_last_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = create(dir.path(), "base.qcow2", "");
+    qemu_io("qcow2", &base, &["write -P 0x5a 0 64k"]);
+    for (first, last) in [("raw", "qcow2"), ("qcow2", "raw")] {
+        let top = dir.path().join(format!("top-{last}.qcow2"));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            path_str(&base),
+            "-F",
+            "qcow2",
+            path_str(&top),
+        ]);
+        let table = extensions(&top);
+        let table = payload(&table, FEATURE_TABLE);
+        set_extensions(
+            &top,
+            &[
+                (BACKING_FORMAT, first.as_bytes()),
+                (BACKING_FORMAT, last.as_bytes()),
+                (FEATURE_TABLE, table),
+            ],
+        );
+        let info = qemu_info_json(&top);
+        assert_eq!(info["backing-filename-format"], last, "QEMU uses the last");
+        let want = raw_reference(&top, "qcow2");
+        assert_read_write_reads_as_qemu(&top, &want);
+    }
+}
+
+/// A data file name given twice: QEMU opens the later one.
+#[test]
+fn data_file_name_given_twice_the_last_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = dir.path().join("one.raw");
+    let two = dir.path().join("two.raw");
+    let img = create(
+        dir.path(),
+        "data.qcow2",
+        &format!("data_file={}", path_str(&one)),
+    );
+    qemu_io("qcow2", &img, &["write -P 0x61 0 64k"]);
+    std::fs::copy(&one, &two).unwrap();
+    qemu_io("raw", &two, &["write -P 0x62 0 64k"]);
+    let exts = extensions(&img);
+    set_extensions(
+        &img,
+        &[
+            (DATA_FILE, path_str(&one).as_bytes()),
+            (FEATURE_TABLE, payload(&exts, FEATURE_TABLE)),
+            (DATA_FILE, path_str(&two).as_bytes()),
+        ],
+    );
+    qemu_io("qcow2", &img, &["read -P 0x62 0 64k"]);
+    let want = raw_reference(&img, "qcow2");
+    assert_read_write_reads_as_qemu(&img, &want);
+}
+
+/// Two feature name tables: QEMU names an unknown incompatible feature from the later one
+/// (and refuses the image, as we do).
+#[test]
+fn feature_table_given_twice_names_from_the_last() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(dir.path(), "features.qcow2", "");
+    let entry = |name: &str| {
+        let mut e = vec![0u8, 5];
+        e.extend_from_slice(name.as_bytes());
+        e.resize(48, 0);
+        e
+    };
+    set_extensions(
+        &img,
+        &[
+            (FEATURE_TABLE, &entry("first-name")),
+            (FEATURE_TABLE, &entry("second-name")),
+        ],
+    );
+    put64(&img, 72, 1 << 5);
+    let out = qemu_img_status(&["info", path_str(&img)]);
+    let qemu = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        qemu.contains("Unsupported qcow2 feature(s): second-name"),
+        "{qemu}"
+    );
+    let err = rt()
+        .block_on(Image::open(FileOpener, &img, ImageOptions::new()))
+        .err()
+        .expect("an unknown incompatible feature is refused");
+    match err {
+        Error::Format {
+            source: FormatError::UnknownIncompatibleFeatures { bits, names },
+            ..
+        } => assert_eq!((bits, names), (1 << 5, vec!["second-name".to_string()])),
+        other => panic!("{other}"),
+    }
+}
+
+/// An unknown extension given twice: QEMU keeps both, and writes both back when it rewrites
+/// the header (here to clear an unknown autoclear bit before the first write).
+#[test]
+fn unknown_extension_given_twice_is_kept_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(dir.path(), "unknown.qcow2", "");
+    set_extensions(
+        &img,
+        &[(0x1234_5678, b"payload-one"), (0x1234_5678, b"payload-two")],
+    );
+    put64(&img, 88, 1 << 5);
+    let theirs = copy(&img, "qemu.qcow2");
+    qemu_io("qcow2", &theirs, &["write -P 0x11 0 64k"]);
+    rt().block_on(async {
+        let image = Image::open(FileOpener, &img, ImageOptions::new())
+            .await
+            .unwrap();
+        image.write(0, &[0x11; 65536]).await.unwrap();
+        image.close().await.unwrap();
+    });
+    for path in [&theirs, &img] {
+        let kept: Vec<Vec<u8>> = extensions(path)
+            .into_iter()
+            .filter(|e| e.0 == 0x1234_5678)
+            .map(|e| e.1)
+            .collect();
+        assert_eq!(kept.len(), 2, "{}: {kept:?}", path.display());
+        assert!(kept.contains(&b"payload-one".to_vec()) && kept.contains(&b"payload-two".to_vec()));
+        assert_eq!(get64(path, 88), 0, "{}: autoclear bits", path.display());
+        qemu_io("qcow2", path, &["read -P 0x11 0 64k"]);
+    }
+}
+
+/// Two bitmaps extensions: QEMU checks each one it meets (one with zero bitmaps is refused
+/// wherever it stands) and keeps the last.
+#[test]
+fn bitmaps_extension_given_twice_each_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(dir.path(), "bitmaps.qcow2", "");
+    qemu_img(&["bitmap", "--add", path_str(&img), "b0"]);
+    let exts = extensions(&img);
+    let good = payload(&exts, BITMAPS).to_vec();
+    let mut empty = good.clone();
+    empty[..4].fill(0);
+    let rest: Vec<(u32, &[u8])> = exts
+        .iter()
+        .filter(|e| e.0 != BITMAPS)
+        .map(|e| (e.0, &e.1[..]))
+        .collect();
+    for (what, pair) in [
+        ("empty first", [&empty, &good]),
+        ("empty last", [&good, &empty]),
+    ] {
+        let path = copy(&img, &format!("{}.qcow2", what.replace(' ', "-")));
+        let mut list = vec![(BITMAPS, &pair[0][..]), (BITMAPS, &pair[1][..])];
+        list.extend(rest.iter().copied());
+        set_extensions(&path, &list);
+        let out = qemu_img_status(&["info", path_str(&path)]);
+        let qemu = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            qemu.contains("found bitmaps extension with zero bitmaps"),
+            "{qemu}"
+        );
+        for read_only in [true, false] {
+            let opts = ImageOptions::new().read_only(read_only);
+            match rt().block_on(Image::open(FileOpener, &path, opts)) {
+                Err(Error::Format {
+                    source:
+                        FormatError::BadExtension {
+                            kind: BITMAPS,
+                            reason,
+                        },
+                    ..
+                }) => assert!(reason.contains("zero bitmaps"), "{what}: {reason}"),
+                Err(e) => panic!("{what}: {e}"),
+                Ok(_) => panic!("{what}: opened"),
+            }
+        }
     }
 }
