@@ -16,6 +16,7 @@ use qcow2_tests::{
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
+const CS: u64 = 65536;
 /// Offset bits of an L2 entry.
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 
@@ -570,5 +571,87 @@ fn bitmaps_extension_given_twice_each_is_checked() {
                 Ok(_) => panic!("{what}: opened"),
             }
         }
+    }
+}
+
+// Item: a compressed cluster whose size field runs into clusters nobody counts.
+
+/// The sector count of a compressed descriptor is an upper bound (the stream ends where its
+/// cluster is complete). QEMU reads such a cluster whatever the refcounts of the clusters the
+/// count runs into, in the file or past its end, and its open checks no refcount;
+/// `qemu-img check` reports the references. The engine opens such an image read-write, reads
+/// QEMU's bytes, and does not hand those clusters out for new data.
+#[test]
+fn compressed_size_field_running_into_unreferenced_clusters() {
+    for past_eof in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = create(dir.path(), "span.qcow2", "");
+        qemu_io(
+            "qcow2",
+            &img,
+            &["write -P 0x44 128k 64k", "write -c -P 0x33 0 64k"],
+        );
+        let l2 = first_l2_table(&img);
+        let entry = get64(&img, l2);
+        assert_ne!(entry & (1 << 62), 0, "entry 0 is compressed");
+        // 64 KiB clusters: the sector count is bits 54-61; all ones is 256 sectors.
+        put64(&img, l2, entry | (0xff << 54));
+        let span_start = entry & ((1 << 54) - 1) & !511;
+        let span = span_start..span_start + 256 * 512;
+        let last_cluster = (span.end - 1) / CS;
+        let len = std::fs::metadata(&img).unwrap().len();
+        assert!(
+            len <= last_cluster * CS,
+            "the span's last cluster is past the end"
+        );
+        if !past_eof {
+            std::fs::File::options()
+                .write(true)
+                .open(&img)
+                .unwrap()
+                .set_len((last_cluster + 1) * CS)
+                .unwrap();
+        }
+        let what = if past_eof {
+            "past the end"
+        } else {
+            "in the file"
+        };
+
+        let theirs = copy(&img, "qemu.qcow2");
+        let reads = ["read -P 0x33 0 64k", "read -P 0x44 128k 64k"];
+        qemu_io("qcow2", &theirs, &reads);
+        assert!(
+            !marked_corrupt(&theirs),
+            "{what}: QEMU reads without marking"
+        );
+        assert_check_agrees(&img);
+        let want = raw_reference(&img, "qcow2");
+        assert_read_write_reads_as_qemu(&img, &want);
+
+        rt().block_on(async {
+            let image = Image::open(FileOpener, &img, ImageOptions::new())
+                .await
+                .unwrap();
+            image.write(256 << 10, &[0x77; 65536]).await.unwrap();
+            image.close().await.unwrap();
+        });
+        qemu_io(
+            "qcow2",
+            &img,
+            &["read -P 0x33 0 64k", "read -P 0x77 256k 64k"],
+        );
+        let map = qemu_map_json(&img);
+        let placed = map
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["start"] == 256 << 10)
+            .and_then(|e| e["offset"].as_u64())
+            .expect("the new cluster's offset");
+        assert!(
+            !span.contains(&placed),
+            "{what}: new data at {placed:#x}, inside the compressed span {span:x?}"
+        );
     }
 }
