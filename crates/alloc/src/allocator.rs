@@ -1,7 +1,8 @@
 //! Cluster allocation over the in-memory refcounts.
 //!
 //! The [`Allocator`] owns the refcount table and every refcount block (the engine loads them
-//! all when it opens an image read-write) and decides which host clusters to hand out. It
+//! all when it opens an image read-write, but for one at an unaligned offset, whose refcounts
+//! are then errors as they are for QEMU) and decides which host clusters to hand out. It
 //! records what changed (dirty blocks, a relocated table) for the engine to write back in
 //! crash-safe order, and it keeps refcount *decrements* aside until the engine says that the
 //! unmapping that caused them is on disk (invariant I4): until then the cluster keeps its
@@ -257,18 +258,27 @@ impl Allocator {
         let per = self.rc.entries_per_block();
         let old_len = self.rc.table().len() as u64;
         let old_clusters = (old_len * 8).div_ceil(cs);
-        // Clusters at or past the high-water mark have never been handed out: all free.
-        let start = self.high_water;
+        // Clusters at or past the high-water mark have never been handed out: their refcount
+        // is 0. They are free unless `leased` says otherwise (a read of a compressed span
+        // reaching past the end of the file, a cluster the engine keeps out of use).
+        let mut start = self.high_water;
         let mut want = entries.max(old_len * 2).max(1);
         let clusters = loop {
             let clusters = (want * 8).div_ceil(cs);
             // Room for the table, one block per table index it spans, and one spare.
             let end = start + clusters + clusters.div_ceil(per) + 2;
             let needed = end.div_ceil(per);
-            if want >= needed {
-                break clusters;
+            if want < needed {
+                want = needed;
+                continue;
             }
-            want = needed;
+            match (start..start + clusters)
+                .rev()
+                .find(|&c| leased(HostCluster(c)))
+            {
+                Some(c) => start = c + 1,
+                None => break clusters,
+            }
         };
         let new_len = clusters * cs / 8;
         let mut table = self.rc.table().to_vec();
@@ -479,5 +489,35 @@ impl Allocator {
     /// One past the highest cluster handed out or present in the file.
     pub fn high_water(&self) -> u64 {
         self.high_water
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The refcount table moves to clusters past everything ever allocated, but never onto
+    /// a leased one there (invariant I1): a read of a compressed span past the end of the
+    /// file leases clusters nothing has allocated yet.
+    #[test]
+    fn a_growing_table_skips_leased_clusters_past_the_high_water_mark() {
+        let geo = ClusterGeometry::new(9, false).unwrap();
+        let width = RefcountWidth::from_order(4).unwrap();
+        // One table entry (256 clusters): block at cluster 1, table at cluster 2.
+        let mut rc = Refcounts::new(geo, width, vec![ReftableEntry(512)]);
+        let mut block = vec![0u8; 512];
+        for c in 0..3 {
+            width.set(&mut block, c, 1).unwrap();
+        }
+        rc.insert_block(0, block);
+        let mut a = Allocator::new(rc, geo, HostOffset(1024), 3);
+        let first = a.allocate(253, |_| false).unwrap();
+        assert_eq!((first.first, a.high_water()), (HostCluster(3), 256));
+        let leased = |c: HostCluster| c.0 == 256;
+        let next = a.allocate(1, leased).unwrap();
+        let moved = a.table_move().expect("the table grew");
+        assert_ne!(next.first, HostCluster(256));
+        assert!(moved.offset.0 / 512 > 256, "{moved:?}");
+        assert_eq!(a.get(HostCluster(256)), Ok(0));
     }
 }

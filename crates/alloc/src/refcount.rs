@@ -36,9 +36,29 @@ pub enum RefcountError {
         /// The cluster.
         cluster: HostCluster,
     },
+    /// The cluster's refcount block is at an offset that is not cluster aligned, so none of
+    /// the refcounts it should hold can be read or changed. The message is QEMU's
+    /// (`qcow2_get_refcount`, `alloc_refcount_block`), which fails the request and marks the
+    /// image corrupt the same way.
+    #[error("Refblock offset {offset:#x} unaligned (reftable index: {})", c_hex(*table_index))]
+    UnalignedBlock {
+        /// Index in the refcount table.
+        table_index: u64,
+        /// The offset the table gives.
+        offset: u64,
+    },
     /// A malformed table entry or an overflowing refcount.
     #[error(transparent)]
     Format(#[from] FormatError),
+}
+
+/// `v` as C's `%#x` prints it (`0` without the prefix).
+fn c_hex(v: u64) -> String {
+    if v == 0 {
+        "0".into()
+    } else {
+        format!("{v:#x}")
+    }
 }
 
 /// Where a cluster's refcount lives.
@@ -103,7 +123,13 @@ impl Refcounts {
     pub fn block_offset(&self, table_index: u64) -> Result<Option<HostOffset>, RefcountError> {
         match self.table.get(table_index as usize) {
             None => Ok(None),
-            Some(e) => Ok(e.block_offset(self.geo.cluster_size())?),
+            Some(e) => match e.block_offset(self.geo.cluster_size()) {
+                Err(FormatError::Misaligned { offset, .. }) => Err(RefcountError::UnalignedBlock {
+                    table_index,
+                    offset,
+                }),
+                other => Ok(other?),
+            },
         }
     }
 

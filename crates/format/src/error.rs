@@ -103,7 +103,8 @@ pub enum FormatError {
         /// What is wrong.
         reason: String,
     },
-    /// The same extension type appears twice.
+    /// A known extension type given twice to [`crate::Header::serialize`] (parsing keeps
+    /// the last of each, as QEMU does).
     #[error("header extension {0:#010x} appears more than once")]
     DuplicateExtension(u32),
     /// A string field is not valid UTF-8.

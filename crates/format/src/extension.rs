@@ -99,6 +99,19 @@ impl HeaderExtension {
     /// External data file name type.
     pub const EXTERNAL_DATA_FILE: u32 = 0x4441_5441;
 
+    /// Whether `kind` is one of the types above (decoded into its own variant, and given at
+    /// most once in a header QEMU writes).
+    pub fn is_known(kind: u32) -> bool {
+        [
+            Self::BACKING_FORMAT,
+            Self::FEATURE_NAME_TABLE,
+            Self::BITMAPS,
+            Self::FULL_DISK_ENCRYPTION,
+            Self::EXTERNAL_DATA_FILE,
+        ]
+        .contains(&kind)
+    }
+
     /// The extension's type number.
     pub fn kind(&self) -> u32 {
         match self {

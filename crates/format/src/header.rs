@@ -86,7 +86,9 @@ pub struct Header {
     /// Additional header bytes beyond the fields known here (from byte 112 up to
     /// header_length), kept byte for byte.
     pub unknown_additional: Vec<u8>,
-    /// Header extensions in file order (the end marker is implicit).
+    /// Header extensions in file order (the end marker is implicit). As QEMU reads them, a
+    /// known type given more than once counts once, where it was given last; unknown types
+    /// are all kept.
     pub extensions: Vec<HeaderExtension>,
     /// The backing file name, if any.
     pub backing_file: Option<String>,
@@ -185,6 +187,8 @@ impl Header {
         }
 
         let (extensions, _ext_end) = parse_extensions(buf, hl, cluster_size)?;
+        let bitmaps_in_use = autoclear_features & AUTOCLEAR_BITMAPS != 0;
+        let extensions = last_of_each_kind(extensions, bitmaps_in_use, cluster_size)?;
 
         let backing_file_offset = u64_at(buf, 8);
         let backing_file_size = u32_at(buf, 16);
@@ -332,27 +336,7 @@ impl Header {
         // Bitmaps, when the extension is declared consistent.
         if self.autoclear_features & AUTOCLEAR_BITMAPS != 0 {
             if let Some(b) = self.bitmaps() {
-                let bad = |reason: String| FormatError::BadExtension {
-                    kind: HeaderExtension::BITMAPS,
-                    reason,
-                };
-                if b.nb_bitmaps == 0 {
-                    return Err(bad("bitmaps extension with zero bitmaps".into()));
-                }
-                if b.nb_bitmaps > limits::MAX_BITMAPS {
-                    return Err(FormatError::TooLarge {
-                        what: "number of bitmaps",
-                        value: u64::from(b.nb_bitmaps),
-                        limit: u64::from(limits::MAX_BITMAPS),
-                    });
-                }
-                if b.directory_size > limits::MAX_BITMAP_DIRECTORY_BYTES {
-                    return Err(FormatError::TooLarge {
-                        what: "bitmap directory (bytes)",
-                        value: b.directory_size,
-                        limit: limits::MAX_BITMAP_DIRECTORY_BYTES,
-                    });
-                }
+                check_bitmaps_extension(b)?;
                 check_table(
                     "bitmap directory",
                     b.directory_offset,
@@ -383,8 +367,8 @@ impl Header {
     /// Fails (rather than write something that would not parse back to `self`) on: a bad
     /// version or cluster_bits; a v2 header with feature bits, a refcount order other than 4,
     /// header_length other than 72, zstd or additional fields; a v3 header_length that is
-    /// invalid, too short for zstd, or disagrees with `unknown_additional`; duplicate or
-    /// unencodable extensions; a backing name that is too long, disagrees with
+    /// invalid, too short for zstd, or disagrees with `unknown_additional`; a known extension
+    /// given twice, or one that cannot be encoded; a backing name that is too long, disagrees with
     /// `backing_file_size`, or would overlap the extensions; a backing offset without a name;
     /// and [`FormatError::HeaderTooLarge`] when it all does not fit in one cluster.
     pub fn serialize(&self) -> Result<Vec<u8>> {
@@ -465,13 +449,16 @@ impl Header {
         Ok(out)
     }
 
-    /// Appends the header extensions and their end marker to `out`, refusing duplicates and
-    /// anything past one cluster.
+    /// Appends the header extensions and their end marker to `out`, refusing a known
+    /// extension given twice (QEMU writes each once; unknown ones may repeat, as QEMU keeps
+    /// and writes back every one it read) and anything past one cluster.
     fn serialize_extensions(&self, out: &mut Vec<u8>, cluster_size: u64) -> Result<()> {
         let mut seen: Vec<u32> = Vec::with_capacity(self.extensions.len());
         for ext in &self.extensions {
             let kind = ext.kind();
-            if seen.contains(&kind) {
+            let repeatable =
+                matches!(ext, HeaderExtension::Unknown { .. }) && !HeaderExtension::is_known(kind);
+            if seen.contains(&kind) && !repeatable {
                 return Err(FormatError::DuplicateExtension(kind));
             }
             seen.push(kind);
@@ -712,12 +699,66 @@ fn parse_extensions(
         }
         let data_end = data_start + len;
         need(buf, data_end, "header extension")?;
-        if exts.iter().any(|e| e.kind() == kind) {
-            return Err(FormatError::DuplicateExtension(kind));
-        }
         exts.push(HeaderExtension::decode(kind, &buf[data_start..data_end])?);
         off = data_start + crate::be::pad8(len);
     }
+}
+
+/// The extensions as QEMU keeps them: `qcow2_read_extensions` (block/qcow2.c) counts none,
+/// so a known extension given again replaces the earlier one (the last counts), and unknown
+/// ones are all kept (QEMU writes each back when it rewrites the header). A bitmaps
+/// extension is checked when met, as QEMU checks it, even if a later one replaces it
+/// (`bitmaps_in_use`: autoclear bit 0, without which QEMU ignores the extension).
+fn last_of_each_kind(
+    all: Vec<HeaderExtension>,
+    bitmaps_in_use: bool,
+    cluster_size: u64,
+) -> Result<Vec<HeaderExtension>> {
+    let mut kept: Vec<HeaderExtension> = Vec::with_capacity(all.len());
+    for ext in all {
+        if !matches!(ext, HeaderExtension::Unknown { .. }) {
+            if let Some(i) = kept.iter().position(|e| e.kind() == ext.kind()) {
+                if let (HeaderExtension::Bitmaps(b), true) = (kept.remove(i), bitmaps_in_use) {
+                    check_bitmaps_extension(&b)?;
+                    if b.directory_offset % cluster_size != 0 {
+                        return Err(FormatError::Misaligned {
+                            what: "bitmap directory",
+                            offset: b.directory_offset,
+                        });
+                    }
+                }
+            }
+        }
+        kept.push(ext);
+    }
+    Ok(kept)
+}
+
+/// The checks of a bitmaps extension's fields that need no file: 1..=65535 bitmaps and a
+/// directory of at most 1024 * 65535 bytes (its placement is checked against the file by
+/// [`Header::validate_layout`]).
+fn check_bitmaps_extension(b: &crate::BitmapsExtension) -> Result<()> {
+    if b.nb_bitmaps == 0 {
+        return Err(FormatError::BadExtension {
+            kind: HeaderExtension::BITMAPS,
+            reason: "bitmaps extension with zero bitmaps".into(),
+        });
+    }
+    if b.nb_bitmaps > limits::MAX_BITMAPS {
+        return Err(FormatError::TooLarge {
+            what: "number of bitmaps",
+            value: u64::from(b.nb_bitmaps),
+            limit: u64::from(limits::MAX_BITMAPS),
+        });
+    }
+    if b.directory_size > limits::MAX_BITMAP_DIRECTORY_BYTES {
+        return Err(FormatError::TooLarge {
+            what: "bitmap directory (bytes)",
+            value: b.directory_size,
+            limit: limits::MAX_BITMAP_DIRECTORY_BYTES,
+        });
+    }
+    Ok(())
 }
 
 /// Reads the backing file name at `offset` (non-zero).

@@ -253,10 +253,17 @@ impl L2Entry {
         }
     }
 
-    /// Decodes the entry. `zero_flag_allowed` is true for v3 images with standard L2 (the
-    /// ZERO bit is reserved in v2 and in extended L2). Checks reserved bits, alignment of the
-    /// host offset, compressed entries without COPIED and with a zero bitmap word, and the
-    /// bitmap's own validity (allocated subclusters need a host cluster).
+    /// Decodes the entry as QEMU reads it (`qcow2_get_subcluster_type`,
+    /// `qcow2_get_host_offset`). `zero_flag_allowed` is true for v3 images: the ZERO bit of a
+    /// standard L2 entry in a v2 image is corruption (QEMU: "Zero cluster entry found in
+    /// pre-v3 image"); with extended L2 the bit is reserved and, like the other reserved bits
+    /// ([`L2Entry::RESERVED_MASK`]), ignored. A compressed entry is its descriptor: COPIED and
+    /// the subcluster bitmap are not looked at. `qemu-img check` reports all of these (see
+    /// [`L2Entry::cluster_type`]); reading does not refuse them.
+    ///
+    /// Refused: a host offset not cluster aligned, a compressed offset beyond 56 bits, and
+    /// an invalid subcluster bitmap (a subcluster both allocated and zero, or allocated
+    /// subclusters without a host cluster), which QEMU reads as corruption too.
     ///
     /// Offset 0 with COPIED set decodes as `Normal { host: 0, copied: true }`: that is guest
     /// cluster 0 of an external data file, and corrupt otherwise; the engine decides. With
@@ -266,26 +273,13 @@ impl L2Entry {
         let word = self.word;
         let extended = geo.extended_l2();
         if word & L2_COMPRESSED != 0 {
-            if word & L2_COPIED != 0 {
-                return Err(FormatError::ReservedBits {
-                    what: "compressed L2 entry (COPIED is never set on compressed clusters)",
-                    value: word,
-                });
-            }
-            if extended && self.bitmap != 0 {
-                return Err(FormatError::BadSubclusterBitmap {
-                    bitmap: self.bitmap,
-                    reason: "compressed cluster with a non-zero subcluster bitmap",
-                });
-            }
             let desc = CompressedDescriptor::decode(word & !(L2_COPIED | L2_COMPRESSED), geo)?;
             return Ok(L2Mapping::Compressed(desc));
         }
-        let zero_ok = zero_flag_allowed && !extended;
-        let reserved = word & (Self::RESERVED_MASK | if zero_ok { 0 } else { L2_ZERO });
-        if reserved != 0 {
+        let zero = !extended && word & L2_ZERO != 0;
+        if zero && !zero_flag_allowed {
             return Err(FormatError::ReservedBits {
-                what: "L2 entry",
+                what: "L2 entry (the zero flag in a v2 image)",
                 value: word,
             });
         }
@@ -297,7 +291,7 @@ impl L2Entry {
                 offset: off,
             });
         }
-        if word & L2_ZERO != 0 {
+        if zero {
             return Ok(L2Mapping::Zero {
                 preallocated: (off != 0).then_some(HostOffset(off)),
                 copied,

@@ -3,7 +3,8 @@
 use proptest::prelude::*;
 use qcow2_format::{
     ClusterGeometry, CompressedDescriptor, FormatError, HostOffset, L1Entry, L2Entry, L2Mapping,
-    RefcountWidth, ReftableEntry, SubclusterBitmap, SubclusterState,
+    RefcountWidth, ReftableEntry, SubclusterBitmap, SubclusterState, L2_COMPRESSED, L2_COPIED,
+    L2_ZERO,
 };
 
 fn geo(bits: u32, ext: bool) -> ClusterGeometry {
@@ -128,14 +129,16 @@ fn l2_decode_standard() {
             copied: true
         })
     );
-    for bad in [2u64, 0x100, 1 << 56, 1 << 61] {
-        assert!(matches!(
-            std_entry(0x70000 | bad).decode(&g, true),
-            Err(FormatError::ReservedBits {
-                what: "L2 entry",
-                ..
+    // Reserved bits are read past, as QEMU's qcow2_get_host_offset does (only
+    // `qemu-img check` reports them).
+    for reserved in [2u64, 0x100, 1 << 56, 1 << 61, 0x3F00_0000_0000_01FE] {
+        assert_eq!(
+            std_entry(0x8000_0000_0007_0000 | reserved).decode(&g, true),
+            Ok(L2Mapping::Normal {
+                host: HostOffset(0x70000),
+                copied: true
             })
-        ));
+        );
     }
     assert_eq!(
         std_entry(0x70200).decode(&g, true),
@@ -148,19 +151,14 @@ fn l2_decode_standard() {
         std_entry(0x70201).decode(&g, true),
         Err(FormatError::ReservedBits { .. }) | Err(FormatError::Misaligned { .. })
     ));
-    // Compressed: never COPIED.
+    // Compressed: COPIED is never set by QEMU, but QEMU reads the descriptor without it.
     let comp = (1u64 << 62) | (3u64 << 54) | 0x12345;
-    assert_eq!(
-        std_entry(comp).decode(&g, true),
-        Ok(L2Mapping::Compressed(CompressedDescriptor {
-            host_offset: 0x12345,
-            additional_sectors: 3
-        }))
-    );
-    assert!(matches!(
-        std_entry(comp | (1 << 63)).decode(&g, true),
-        Err(FormatError::ReservedBits { .. })
-    ));
+    let desc = Ok(L2Mapping::Compressed(CompressedDescriptor {
+        host_offset: 0x12345,
+        additional_sectors: 3,
+    }));
+    assert_eq!(std_entry(comp).decode(&g, true), desc);
+    assert_eq!(std_entry(comp | (1 << 63)).decode(&g, true), desc);
 }
 
 #[test]
@@ -180,11 +178,15 @@ fn l2_decode_extended() {
         e(0, SubclusterBitmap::ALL_ZERO.0).decode(&g, true),
         Ok(L2Mapping::Unallocated)
     );
-    // The ZERO bit is reserved in extended L2, whatever the caller says.
-    assert!(matches!(
-        e(1, 0).decode(&g, true),
-        Err(FormatError::ReservedBits { .. })
-    ));
+    // The ZERO bit is reserved in extended L2, whatever the caller says: QEMU ignores it.
+    assert_eq!(e(1, 0).decode(&g, true), Ok(L2Mapping::Unallocated));
+    assert_eq!(
+        e(0x8000_0000_0005_0001, 1).decode(&g, true),
+        Ok(L2Mapping::Normal {
+            host: HostOffset(0x50000),
+            copied: true
+        })
+    );
     // Allocated and zero at once.
     assert!(matches!(
         e(0x50000, 0x0000_0004_0000_0004).decode(&g, true),
@@ -195,16 +197,14 @@ fn l2_decode_extended() {
         e(0, 0x10).decode(&g, true),
         Err(FormatError::BadSubclusterBitmap { .. })
     ));
-    // Compressed: the bitmap word must be 0.
+    // Compressed: QEMU writes the bitmap word as 0, but reads the cluster whatever it says.
     let comp = (1u64 << 62) | 0x12345;
-    assert!(matches!(
-        e(comp, 1).decode(&g, true),
-        Err(FormatError::BadSubclusterBitmap { .. })
-    ));
-    assert!(matches!(
-        e(comp, 0).decode(&g, true),
-        Ok(L2Mapping::Compressed(_))
-    ));
+    for bitmap in [0, 1, u64::MAX] {
+        assert!(matches!(
+            e(comp, bitmap).decode(&g, true),
+            Ok(L2Mapping::Compressed(_))
+        ));
+    }
 }
 
 #[test]
@@ -341,8 +341,17 @@ proptest! {
         // Masking off the reserved bits makes valid words likely.
         let word = if mask { word & 0xC0FF_FFFF_FFFF_FE01 } else { word };
         let e = L2Entry { word, bitmap: bm };
+        // The bits decoding reads past (as QEMU does): they make no difference, and encoding
+        // leaves them clear.
+        let ignored = if word & L2_COMPRESSED != 0 {
+            L2_COPIED
+        } else {
+            L2Entry::RESERVED_MASK | if g.extended_l2() { L2_ZERO } else { 0 }
+        };
+        let canonical = L2Entry { word: word & !ignored, bitmap: bm };
         if let Ok(m) = e.decode(&g, v3) {
-            prop_assert_eq!(L2Entry::try_encode(m, &g, bm).unwrap(), e);
+            prop_assert_eq!(canonical.decode(&g, v3), Ok(m));
+            prop_assert_eq!(L2Entry::try_encode(m, &g, bm).unwrap(), canonical);
         }
     }
 

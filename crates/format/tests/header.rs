@@ -520,14 +520,29 @@ fn extension_rules() {
     dirty[8 + 5] = 0xee;
     assert_eq!(Header::parse(&with_raw_extensions(&dirty)).unwrap(), h);
 
-    // Duplicate.
-    let mut raw = ext(0x1234_5678, b"a");
+    // Given twice: QEMU's qcow2_read_extensions counts none. A known extension given again
+    // replaces the earlier one; unknown ones are all kept, and written back.
+    let mut raw = ext(HeaderExtension::BACKING_FORMAT, b"qcow2");
+    raw.extend(ext(0x1234_5678, b"a"));
     raw.extend(ext(HeaderExtension::BACKING_FORMAT, b"raw"));
     raw.extend(ext(0x1234_5678, b"b"));
+    let h = Header::parse(&with_raw_extensions(&raw)).unwrap();
     assert_eq!(
-        parse_err(&with_raw_extensions(&raw)),
-        FormatError::DuplicateExtension(0x1234_5678)
+        h.extensions,
+        vec![
+            HeaderExtension::Unknown {
+                kind: 0x1234_5678,
+                data: b"a".to_vec()
+            },
+            HeaderExtension::BackingFormat("raw".into()),
+            HeaderExtension::Unknown {
+                kind: 0x1234_5678,
+                data: b"b".to_vec()
+            },
+        ]
     );
+    assert_eq!(h.backing_format(), Some("raw"));
+    assert_eq!(Header::parse(&h.serialize().unwrap()).unwrap(), h);
 
     // Not UTF-8.
     let raw = ext(HeaderExtension::BACKING_FORMAT, &[0xc3]);

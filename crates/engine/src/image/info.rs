@@ -38,10 +38,18 @@ impl<O: Opener> Image<O> {
     }
     /// Whether more clusters are in use than the file has blocks allocated: the sign of
     /// preallocated metadata, whose data clusters are holes in the file. QEMU decides the same
-    /// way (and then asks the file whether a data cluster is a hole).
+    /// way (and then asks the file whether a data cluster is a hole). Refcounts that cannot be
+    /// read (a refcount block at an unaligned offset) answer no, as in QEMU's
+    /// `qcow2_co_block_status`, which takes any failure of the detection as "not
+    /// preallocated".
     pub(crate) async fn metadata_preallocated(&self) -> Result<bool> {
         self.metadata_prealloc
-            .get_or_try_init(|| self.detect_metadata_preallocation())
+            .get_or_try_init(|| async {
+                match self.detect_metadata_preallocation().await {
+                    Err(e) if e.is_corruption() => Ok(false),
+                    other => other,
+                }
+            })
             .await
             .copied()
     }

@@ -74,12 +74,12 @@ impl<O: Opener> Image<O> {
         let data_file = open_data_file(opener, path, options, &header).await?;
         let backing = Self::open_backing(opener, path, options, &header, chain).await?;
         let geo = header.geometry();
-        let (metadata, alloc) = if read_only {
-            (MetadataClusters::default(), None)
+        let (metadata, alloc, compressed_tails) = if read_only {
+            (MetadataClusters::default(), None, Default::default())
         } else {
             let metadata = load::metadata_clusters(&file, &header, &l1).await?;
             let alloc = load::load_allocator(&file, &header, path, file_len).await?;
-            crate::meta::verify::references(
+            let tails = crate::meta::verify::references(
                 &file,
                 path,
                 &geo,
@@ -90,7 +90,7 @@ impl<O: Opener> Image<O> {
                 &alloc,
             )
             .await?;
-            (metadata, Some(alloc))
+            (metadata, Some(alloc), tails)
         };
         let l2_tables = (options.l2_cache_bytes / geo.cluster_size()).max(1) as usize;
         let img = Image {
@@ -109,6 +109,7 @@ impl<O: Opener> Image<O> {
                 barrier_owed: false,
                 first_write_done: false,
                 metadata,
+                compressed_tails,
             }),
             leases: LeaseTable::new(),
             metadata_prealloc: async_lock::OnceCell::new(),

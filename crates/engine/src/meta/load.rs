@@ -50,6 +50,11 @@ pub(crate) async fn read_header<B: Backend>(
 }
 
 /// Loads the refcount table and every refcount block of a read-write image.
+///
+/// A table entry naming a block at an unaligned offset is left unloaded: QEMU opens such an
+/// image (`qcow2_refcount_init` reads the table only) and fails the requests that need a
+/// refcount from that block, marking the image corrupt (`qcow2_get_refcount`); the
+/// allocator answers those lookups with [`qcow2_alloc::RefcountError::UnalignedBlock`].
 pub(crate) async fn load_allocator<B: Backend>(
     file: &B,
     header: &Header,
@@ -75,11 +80,10 @@ pub(crate) async fn load_allocator<B: Backend>(
         .collect();
     let mut rc = qcow2_alloc::Refcounts::new(geo, header.refcount_width(), table.clone());
     for (i, e) in table.iter().enumerate() {
-        let Some(off) = e
-            .block_offset(cs)
-            .map_err(|e| corrupt(format!("refcount table entry {i}: {e}")))?
-        else {
-            continue;
+        let off = match e.block_offset(cs) {
+            Ok(Some(off)) => off,
+            Ok(None) | Err(FormatError::Misaligned { .. }) => continue,
+            Err(e) => return Err(corrupt(format!("refcount table entry {i}: {e}"))),
         };
         if off.0.saturating_add(cs) > file_len {
             return Err(corrupt(format!(

@@ -35,6 +35,10 @@ pub(crate) struct Meta {
     pub(crate) first_write_done: bool,
     /// Clusters holding metadata the allocator does not own (the overlap guard's map).
     pub(crate) metadata: MetadataClusters,
+    /// Clusters with refcount 0 at open that the sector count of a compressed cluster runs
+    /// into ([`verify`]): never allocated, so that no new data lands where the compressed
+    /// stream may still be.
+    pub(crate) compressed_tails: std::collections::HashSet<u64>,
     /// Metadata was written since the last successful barrier (write-back must not order
     /// anything after it before a barrier succeeds).
     pub(crate) barrier_owed: bool,

@@ -44,14 +44,19 @@ impl<B: Backend> Store<'_, B> {
     ///
     /// A cluster the refcounts call free but that holds live metadata (the header, an L1 or
     /// L2 table, the snapshot table, the bitmap directory) is never handed out: finding one
-    /// means the refcounts are corrupt (QEMU's overlap check on metadata writes).
+    /// means the refcounts are corrupt (QEMU's overlap check on metadata writes). Neither is a
+    /// cluster a compressed cluster's sector count runs into ([`Meta::compressed_tails`]).
     pub(crate) fn allocate(&self, meta: &mut Meta, count: u64) -> Result<qcow2_alloc::Allocation> {
         let leases = &self.leases;
         let live = &meta.metadata;
+        let tails = &meta.compressed_tails;
         let lying = std::cell::Cell::new(None);
         let alloc = meta.alloc.as_mut().ok_or(Error::ReadOnly)?;
         let a = alloc
             .allocate(count, |c| {
+                if tails.contains(&c.0) {
+                    return true;
+                }
                 if live.contains(c.0) {
                     lying.set(Some(c.0));
                     return true;

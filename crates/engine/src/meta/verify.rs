@@ -11,6 +11,13 @@
 //! ones (a snapshot whose data the allocator handed out again would be lost on revert). The
 //! same walk of the active tables, made again only when the image has bitmaps to maintain,
 //! keeps their clusters apart from guest data.
+//!
+//! A compressed cluster's sector count is an upper bound (the stream ends once its cluster is
+//! complete, and other writers than QEMU round it up), so of its span only the first cluster
+//! must be counted. The clusters the count runs into with refcount 0, in the file or past its
+//! end, are accepted, as QEMU accepts them (it reads the cluster and checks no refcount at
+//! open; `qemu-img check` reports the references): the check returns them, and the allocator
+//! never hands them out while the image is open, in case the stream does reach them.
 
 use crate::aligned::read_bytes;
 use crate::meta::MetadataClusters;
@@ -23,6 +30,8 @@ use std::path::Path;
 
 /// Fails with [`Error::Corrupt`] (and writes nothing) when a cluster the image refers to has
 /// refcount 0. Entries that are themselves invalid are left to the requests that meet them.
+/// Returns the clusters with refcount 0 that only the sector count of a compressed cluster
+/// runs into (see the module documentation).
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn references<B: Backend>(
     file: &B,
@@ -33,7 +42,7 @@ pub(crate) async fn references<B: Backend>(
     data_file: bool,
     metadata: &MetadataClusters,
     alloc: &Allocator,
-) -> Result<()> {
+) -> Result<HashSet<u64>> {
     let corrupt = |what: String| Error::Corrupt {
         path: path.into(),
         what: format!("{what}; `qimg check -r all` repairs the refcounts"),
@@ -44,11 +53,16 @@ pub(crate) async fn references<B: Backend>(
             "host cluster {c} holds metadata but its refcount is 0"
         )));
     }
+    let mut tails = HashSet::new();
     if data_file {
-        return Ok(());
+        return Ok(tails);
     }
     let mut seen = HashSet::new();
-    data_clusters(file, path, geo, l1, &mut seen, |guest, c| {
+    data_clusters(file, path, geo, l1, &mut seen, |guest, c, tail| {
+        if tail && free(c) {
+            tails.insert(c);
+            return None;
+        }
         free(c).then(|| {
             corrupt(format!(
                 "host cluster {c} holds the data of guest offset {guest:#x} but its refcount \
@@ -63,7 +77,7 @@ pub(crate) async fn references<B: Backend>(
     let file_len = file_len(file, path).await?;
     let Ok(snapshots) = crate::meta::load::read_snapshot_table(file, header, file_len).await?
     else {
-        return Ok(());
+        return Ok(tails);
     };
     for s in snapshots {
         let len = u64::from(s.l1_size) * 8;
@@ -92,7 +106,11 @@ pub(crate) async fn references<B: Backend>(
                 }
             }
         }
-        data_clusters(file, path, geo, &snap_l1, &mut seen, |guest, c| {
+        data_clusters(file, path, geo, &snap_l1, &mut seen, |guest, c, tail| {
+            if tail && free(c) {
+                tails.insert(c);
+                return None;
+            }
             free(c).then(|| {
                 corrupt(format!(
                     "host cluster {c} holds the data of guest offset {guest:#x} in snapshot \
@@ -102,7 +120,7 @@ pub(crate) async fn references<B: Backend>(
         })
         .await?;
     }
-    Ok(())
+    Ok(tails)
 }
 
 async fn file_len<B: Backend>(file: &B, path: &Path) -> Result<u64> {
@@ -124,7 +142,7 @@ pub(crate) async fn bitmaps_apart_from_data<B: Backend>(
     if claimed.is_empty() {
         return Ok(());
     }
-    data_clusters(file, path, geo, l1, &mut HashSet::new(), |guest, c| {
+    data_clusters(file, path, geo, l1, &mut HashSet::new(), |guest, c, _| {
         claimed.contains(&c).then(|| Error::Corrupt {
             path: path.into(),
             what: format!(
@@ -139,15 +157,15 @@ pub(crate) async fn bitmaps_apart_from_data<B: Backend>(
 /// Walks the data clusters of the L2 tables `l1` points to, skipping the tables in `seen`
 /// (and adding the others: each table is read once), and entries that are invalid or point
 /// past the end of the file (the requests that meet them report the corruption). Calls
-/// `f(guest offset, host cluster)` for each host cluster of each entry; the first error `f`
-/// returns ends the walk.
+/// `f(guest offset, host cluster, tail)` for each host cluster of each entry, `tail` telling
+/// a cluster of a compressed span after its first; the first error `f` returns ends the walk.
 async fn data_clusters<B: Backend>(
     file: &B,
     path: &Path,
     geo: &ClusterGeometry,
     l1: &[L1Entry],
     seen: &mut HashSet<u64>,
-    mut f: impl FnMut(u64, u64) -> Option<Error>,
+    mut f: impl FnMut(u64, u64, bool) -> Option<Error>,
 ) -> Result<()> {
     let cs = geo.cluster_size();
     let file_len = file_len(file, path).await?;
@@ -173,7 +191,8 @@ async fn data_clusters<B: Backend>(
                 _ => continue,
             };
             let guest = (i as u64 * geo.l2_entries() + j as u64) * cs;
-            if let Some(e) = hosts.into_iter().find_map(|c| f(guest, c)) {
+            let first = *hosts.start();
+            if let Some(e) = hosts.into_iter().find_map(|c| f(guest, c, c != first)) {
                 return Err(e);
             }
         }
