@@ -16,6 +16,9 @@ use crate::reservation::{Reservation, Returns};
 use qcow2_format::{ClusterGeometry, HostCluster, HostOffset, RefcountWidth, ReftableEntry};
 use std::collections::BTreeSet;
 
+mod bytes;
+pub use bytes::ByteAllocation;
+
 /// A contiguous run of newly allocated host clusters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Allocation {
@@ -57,6 +60,10 @@ pub struct Allocator {
     block_clusters: std::collections::HashSet<u64>,
     /// Clusters given back by dropped reservations, not reclaimed yet.
     returns: Returns,
+    /// Where the next compressed cluster's bytes go (QEMU's `free_byte_offset`): inside a
+    /// host cluster that already holds compressed data, never at a cluster boundary. Only in
+    /// memory; forgotten when that cluster's count drops to 0.
+    free_byte: Option<u64>,
 }
 
 impl Allocator {
@@ -87,13 +94,14 @@ impl Allocator {
             high_water: file_clusters,
             pending: Vec::new(),
             returns: Returns::default(),
+            free_byte: None,
         }
     }
 
     /// A reservation of the clusters of `a` (just allocated, not referred to yet): see
     /// [`Reservation`].
     pub fn reserve(&self, a: &Allocation) -> Reservation {
-        Reservation::new(a.first, a.count, self.returns.clone())
+        Reservation::new(a.first, a.count, false, self.returns.clone())
     }
 
     /// Takes back the clusters of reservations dropped uncommitted (their count drops to 0).
@@ -101,8 +109,14 @@ impl Allocator {
     /// refcounts back. Returns how many runs came back.
     pub fn reclaim(&mut self) -> Result<usize, RefcountError> {
         let runs = self.returns.take();
-        for &(first, count) in &runs {
-            self.release_unreferenced(first, count)?;
+        for r in &runs {
+            if r.unref {
+                for c in r.first.0..r.first.0 + r.count {
+                    self.defer_decrement(HostCluster(c));
+                }
+            } else {
+                self.release_unreferenced(r.first, r.count)?;
+            }
         }
         Ok(runs.len())
     }
@@ -326,6 +340,14 @@ impl Allocator {
 
     fn set(&mut self, c: HostCluster, value: u64) -> Result<(), RefcountError> {
         self.rc.set(c, value)?;
+        if value == 0
+            && self
+                .free_byte
+                .is_some_and(|b| b >> self.geo.cluster_bits() == c.0)
+        {
+            // The cluster can be handed out again: nothing more may be packed into it.
+            self.free_byte = None;
+        }
         self.dirty_blocks.insert(self.rc.slot(c).table_index);
         Ok(())
     }

@@ -13,6 +13,12 @@
 //! [`Returns`] list; the allocator takes it back ([`Allocator::reclaim`](crate::Allocator::reclaim))
 //! the next time it allocates or the engine writes refcounts back. Dropping needs no lock
 //! the caller may hold: the list has its own mutex (a leaf, held for a push).
+//!
+//! A compressed write holds its references the same way, with one difference: the host
+//! cluster its bytes go into may be shared with other compressed clusters (packed at byte
+//! granularity, as QEMU packs them), so an uncommitted reservation of that kind gives back
+//! one *reference* per cluster, as a deferred decrement: the count drops to 0 only if nothing
+//! else uses the cluster, and then under its exclusive lease (invariant I3).
 
 use crate::sync::{lock, Arc, Mutex};
 use qcow2_format::HostCluster;
@@ -22,12 +28,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// clone; clones share the list.
 #[derive(Clone, Default)]
 pub struct Returns {
-    inner: Arc<Mutex<Vec<(HostCluster, u64)>>>,
+    inner: Arc<Mutex<Vec<Returned>>>,
+}
+
+/// A run given back by an uncommitted reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Returned {
+    pub(crate) first: HostCluster,
+    pub(crate) count: u64,
+    /// One reference each, through the deferred decrements (a compressed write's bytes),
+    /// rather than clusters nothing else can use.
+    pub(crate) unref: bool,
 }
 
 impl Returns {
     /// Takes every run given back so far.
-    pub(crate) fn take(&self) -> Vec<(HostCluster, u64)> {
+    pub(crate) fn take(&self) -> Vec<Returned> {
         std::mem::take(&mut *lock(&self.inner))
     }
 
@@ -56,15 +72,17 @@ impl std::fmt::Debug for Returns {
 pub struct Reservation {
     first: HostCluster,
     count: u64,
+    unref: bool,
     committed: AtomicBool,
     returns: Returns,
 }
 
 impl Reservation {
-    pub(crate) fn new(first: HostCluster, count: u64, returns: Returns) -> Self {
+    pub(crate) fn new(first: HostCluster, count: u64, unref: bool, returns: Returns) -> Self {
         Reservation {
             first,
             count,
+            unref,
             committed: AtomicBool::new(false),
             returns,
         }
@@ -91,7 +109,11 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.committed.load(Ordering::Acquire) {
-            lock(&self.returns.inner).push((self.first, self.count));
+            lock(&self.returns.inner).push(Returned {
+                first: self.first,
+                count: self.count,
+                unref: self.unref,
+            });
         }
     }
 }

@@ -1,6 +1,10 @@
-//! Decompression of compressed clusters (raw deflate and zstd), as QEMU does it: the output
-//! must fill exactly one cluster; bytes after the end of the stream are ignored (the tail of
-//! the last sector may hold the start of another compressed cluster).
+//! Compression and decompression of compressed clusters (raw deflate and zstd), as QEMU
+//! does it. Decompression must fill exactly one cluster; bytes after the end of the stream
+//! are ignored (the tail of the last sector may hold the start of another compressed
+//! cluster). Compression makes what QEMU's `qcow2_compress` makes: zlib as raw deflate with
+//! a 4 KiB window (`windowBits` -12) at the default level, zstd as one frame at the default
+//! level; an output that does not fit the limit given is no output (the caller writes the
+//! cluster uncompressed).
 
 use qcow2_format::CompressionType;
 
@@ -9,6 +13,32 @@ pub(crate) fn decompress(ty: CompressionType, input: &[u8], out: &mut [u8]) -> R
     match ty {
         CompressionType::Zlib => inflate(input, out),
         CompressionType::Zstd => unzstd(input, out),
+    }
+}
+
+/// Compresses `input` (one cluster) into at most `limit` bytes; `None` when it does not fit.
+pub(crate) fn compress(
+    ty: CompressionType,
+    input: &[u8],
+    limit: usize,
+) -> Result<Option<Vec<u8>>, String> {
+    match ty {
+        CompressionType::Zlib => deflate(input, limit),
+        CompressionType::Zstd => {
+            let out = zstd::bulk::compress(input, 0).map_err(|e| format!("zstd: {e}"))?;
+            Ok((out.len() <= limit).then_some(out))
+        }
+    }
+}
+
+fn deflate(input: &[u8], limit: usize) -> Result<Option<Vec<u8>>, String> {
+    let mut c = flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+    let mut out = Vec::with_capacity(limit);
+    match c.compress_vec(input, &mut out, flate2::FlushCompress::Finish) {
+        Ok(flate2::Status::StreamEnd) => Ok(Some(out)),
+        // Out of room before the end of the stream: it does not pay.
+        Ok(_) => Ok(None),
+        Err(e) => Err(format!("deflate: {e}")),
     }
 }
 
@@ -58,6 +88,30 @@ mod tests {
 
     fn sample() -> Vec<u8> {
         (0..65536u32).map(|i| (i / 7 % 251) as u8).collect()
+    }
+
+    #[test]
+    fn compression_round_trips_and_gives_up_when_it_does_not_pay() {
+        let data = sample();
+        for ty in [CompressionType::Zlib, CompressionType::Zstd] {
+            let c = compress(ty, &data, data.len() - 1).unwrap().unwrap();
+            assert!(c.len() < data.len() / 2, "{ty:?}: {}", c.len());
+            let mut out = vec![0; data.len()];
+            decompress(ty, &c, &mut out).unwrap();
+            assert_eq!(out, data);
+            // Too little room: no output.
+            assert_eq!(compress(ty, &data, 10).unwrap(), None);
+            let mut x = 0x2545_f491_4f6c_dd1du64;
+            let noise: Vec<u8> = (0..4096)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 32) as u8
+                })
+                .collect();
+            assert_eq!(compress(ty, &noise, noise.len() - 1).unwrap(), None);
+        }
     }
 
     #[test]

@@ -14,6 +14,25 @@ pub type ReadResult = (Result<()>, blockio::IoBuf);
 /// The outcome of a write from an owned buffer, and the buffer back.
 pub type WriteResult = (Result<()>, blockio::IoBuf);
 
+/// Why a compressed write is refused (each as QEMU refuses it; the errno qemu-io reports is
+/// in brackets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CompressedRefusal {
+    /// The request is not whole clusters (nor ends at the end of the disk) [EINVAL].
+    #[error("compressed writes cover whole clusters (or end at the end of the disk)")]
+    NotWholeClusters,
+    /// The cluster is allocated: compressed data only goes to unallocated clusters [EIO].
+    #[error("the cluster is allocated; compressed data only goes to unallocated clusters")]
+    Allocated,
+    /// The image has an external data file, which holds no compressed clusters [ENOTSUP].
+    #[error("an image with an external data file cannot hold compressed clusters")]
+    DataFile,
+    /// The disk is raw [ENOTSUP].
+    #[error("a raw disk cannot hold compressed clusters")]
+    Raw,
+}
+
 /// What went wrong.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -119,6 +138,15 @@ pub enum Error {
         host_offset: u64,
         /// What the decoder said.
         reason: String,
+    },
+    /// A compressed write QEMU refuses as well: see
+    /// [`Image::write_compressed`](crate::Image::write_compressed).
+    #[error("compressed write at {offset:#x}: {reason}")]
+    CompressedWrite {
+        /// Guest offset of the request (or of the cluster refused).
+        offset: u64,
+        /// Why.
+        reason: CompressedRefusal,
     },
     /// A refcount would exceed what the image's refcount width holds.
     #[error("{path}: refcount {value} does not fit in {bits} bits")]

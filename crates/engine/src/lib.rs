@@ -62,7 +62,7 @@ pub use create::{
     create, create_raw, measure_disk, measure_size, probe_backing, Compat, CreateError,
     CreateOptions, MeasureTarget, Measurement, Preallocation, V3Feature,
 };
-pub use error::{AmendError, Error, ReadResult, Result, WriteResult};
+pub use error::{AmendError, CompressedRefusal, Error, ReadResult, Result, WriteResult};
 pub use image::MapEntry;
 pub use image::{Disk, Image, RawImage};
 pub use map::status::{Extent, ExtentKind};

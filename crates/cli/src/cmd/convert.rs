@@ -23,6 +23,9 @@ pub struct ConvertArgs {
     /// Open in shared mode (qemu-img's -U): read the source while another process writes it.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// `-c`: the new image's clusters compressed (qcow2 only, as qemu-img).
+    #[arg(short = 'c')]
+    compress: bool,
     /// Source image.
     source: PathBuf,
     /// Destination file.
@@ -43,6 +46,9 @@ async fn convert(args: &ConvertArgs) -> Result<()> {
     let (source, dest, options) = (&args.source, &args.dest, &args.options);
     let disk = open_disk(source, args.format.as_deref(), args.force_share).await?;
     let size = disk.size();
+    if args.compress && args.output_format != "qcow2" {
+        bail!("Compression not supported for this file format");
+    }
     match args.output_format.as_str() {
         "raw" => {
             if !options.is_empty() {
@@ -65,7 +71,7 @@ async fn convert(args: &ConvertArgs) -> Result<()> {
                 )
                 .await
                 .with_context(|| format!("Could not create '{}'", dest.display()))?;
-            copy(&disk, &[(0, size)], source, dest, &RawSink(&out)).await?;
+            copy(&disk, &[(0, size)], source, dest, &RawSink(&out), SPARSE).await?;
             out.set_len(size)
                 .await
                 .with_context(|| format!("error while writing '{}'", dest.display()))?;
@@ -78,7 +84,7 @@ async fn convert(args: &ConvertArgs) -> Result<()> {
             let out = Image::open(FileOpener, dest, ImageOptions::new())
                 .await
                 .with_context(|| format!("Could not open '{}'", dest.display()))?;
-            let ranges = match out.backing() {
+            let mut ranges = match out.backing() {
                 // As qemu-img: with a backing file the new image takes what the source's top
                 // layer says, and the backing file provides the rest.
                 Some(b) => top_layer(&disk, b.size()).await?,
@@ -87,8 +93,17 @@ async fn convert(args: &ConvertArgs) -> Result<()> {
             let sink = Qcow2Sink {
                 img: &out,
                 backing: out.backing().is_some(),
+                compress: args.compress,
             };
-            copy(&disk, &ranges, source, dest, &sink).await?;
+            let granule = if args.compress {
+                // Compressed writes are whole clusters: so are the ranges and the zero test.
+                let cs = out.cluster_size();
+                ranges = whole_clusters(&ranges, cs, size);
+                cs as usize
+            } else {
+                SPARSE
+            };
+            copy(&disk, &ranges, source, dest, &sink, granule).await?;
             out.close()
                 .await
                 .with_context(|| format!("error while writing '{}'", dest.display()))?;
@@ -104,6 +119,19 @@ async fn convert(args: &ConvertArgs) -> Result<()> {
 /// of an image without a backing file); zeros past the end of the new backing file are left
 /// out, since they read as zeros there anyway. The runs are kept apart, as qemu-img writes
 /// each one by itself (a partial cluster of zeros is then written as qemu-img writes it).
+/// `ranges` (sorted) widened to cluster boundaries (and the end of the disk), merged.
+fn whole_clusters(ranges: &[(u64, u64)], cs: u64, size: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &(s, e) in ranges {
+        let (s, e) = (s / cs * cs, e.next_multiple_of(cs).min(size));
+        match out.last_mut() {
+            Some(last) if last.1 >= s => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
 async fn top_layer(disk: &Disk<FileOpener>, backing_size: u64) -> Result<Vec<(u64, u64)>> {
     let mut ranges = Vec::new();
     for e in disk.map(0, disk.size()).await? {
@@ -142,11 +170,17 @@ impl<B: Backend> Sink for RawSink<'_, B> {
 struct Qcow2Sink<'a> {
     img: &'a Image<FileOpener>,
     backing: bool,
+    /// `-c`: data goes in as compressed writes.
+    compress: bool,
 }
 
 impl Sink for Qcow2Sink<'_> {
     async fn write(&self, buf: IoBuf, offset: u64) -> (std::io::Result<()>, IoBuf) {
-        let (res, buf) = self.img.write_at(buf, offset).await;
+        let (res, buf) = if self.compress {
+            self.img.write_compressed(buf, offset).await
+        } else {
+            self.img.write_at(buf, offset).await
+        };
         (res.map_err(std::io::Error::other), buf)
     }
     async fn zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
@@ -168,6 +202,7 @@ async fn copy(
     source: &Path,
     dest: &Path,
     sink: &impl Sink,
+    granule: usize,
 ) -> Result<()> {
     let mut buf = IoBuf::new(CHUNK);
     let written = || format!("error while writing '{}'", dest.display());
@@ -181,10 +216,10 @@ async fn copy(
             res.with_context(|| format!("error while reading '{}'", source.display()))?;
             let mut i = 0;
             while i < n {
-                let zero = granule_is_zero(&buf, i, n);
+                let zero = granule_is_zero(&buf, i, n, granule);
                 let run = i;
-                while i < n && granule_is_zero(&buf, i, n) == zero {
-                    i += SPARSE.min(n - i);
+                while i < n && granule_is_zero(&buf, i, n, granule) == zero {
+                    i += granule.min(n - i);
                 }
                 let at = offset + run as u64;
                 if zero {
@@ -205,7 +240,7 @@ async fn copy(
 }
 
 /// Whether the granule of `buf` at `i` (cut at `n`) holds only zeros.
-fn granule_is_zero(buf: &IoBuf, i: usize, n: usize) -> bool {
-    let g = SPARSE.min(n - i);
+fn granule_is_zero(buf: &IoBuf, i: usize, n: usize, granule: usize) -> bool {
+    let g = granule.min(n - i);
     buf.as_full_slice()[i..i + g].iter().all(|&x| x == 0)
 }

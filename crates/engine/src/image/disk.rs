@@ -179,6 +179,29 @@ impl<O: Opener> Disk<O> {
         }
     }
 
+    /// Writes the buffer's window compressed at `offset` (see [`Image::write_compressed`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Image::write_compressed`]; a raw disk refuses with
+    /// [`CompressedRefusal::Raw`](crate::CompressedRefusal::Raw).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::write_compressed`].
+    pub async fn write_compressed(&self, buf: IoBuf, offset: u64) -> WriteResult {
+        match self {
+            Disk::Qcow2(img) => img.write_compressed(buf, offset).await,
+            Disk::Raw(_) => (
+                Err(Error::CompressedWrite {
+                    offset,
+                    reason: crate::CompressedRefusal::Raw,
+                }),
+                buf,
+            ),
+        }
+    }
+
     /// See [`Image::write_zeroes`].
     ///
     /// # Cancel safety

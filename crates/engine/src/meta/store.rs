@@ -101,6 +101,38 @@ impl<B: Backend> Store<'_, B> {
         }
         self.allocate(meta, count)
     }
+
+    /// Allocates `size` bytes for a compressed cluster (packed after the previous one, as
+    /// QEMU packs them: [`qcow2_alloc::Allocator::allocate_bytes`]), with the lease and
+    /// metadata tests of [`allocate`](Self::allocate).
+    pub(crate) fn allocate_bytes(
+        &self,
+        meta: &mut Meta,
+        size: u64,
+    ) -> Result<qcow2_alloc::ByteAllocation> {
+        let leases = &self.leases;
+        let live = &meta.metadata;
+        let lying = std::cell::Cell::new(None);
+        let alloc = meta.alloc.as_mut().ok_or(Error::ReadOnly)?;
+        let b = alloc
+            .allocate_bytes(size, |c| {
+                if live.contains(c.0) {
+                    lying.set(Some(c.0));
+                    return true;
+                }
+                leases.is_leased(c)
+            })
+            .map_err(|e| self.alloc_err(e))?;
+        if let Some(c) = lying.get() {
+            return Err(self.corrupt_err(format!(
+                "host cluster {c} holds metadata but its refcount is 0"
+            )));
+        }
+        self.files
+            .extend_len(alloc.high_water() * self.geo.cluster_size());
+        Ok(b)
+    }
+
     /// The overlap guard: data must never be written over live metadata. A hit means the
     /// refcounts or the L2 tables are corrupt.
     pub(crate) fn guard_overlap(&self, meta: &Meta, host: u64, len: u64) -> Result<()> {

@@ -9,6 +9,7 @@
 //! bitmaps) and reach each other's items only where `pub(super)` says so.
 
 mod allocate;
+mod compressed;
 mod corrupt;
 mod flush;
 mod read;

@@ -79,21 +79,14 @@ impl<O: Opener> Image<O> {
             return (Err(e), buf);
         }
         self.bitmap_ctx().bitmaps_mark(offset, len).await;
-        let mut pos = offset;
-        let end = offset + len;
-        let mut result = Ok(());
-        while pos < end {
-            let at = window.start + (pos - offset) as usize;
-            let (res, b) = self.write_step(buf, at, pos, end).await;
-            buf = b;
-            match res {
-                Ok(n) => pos += n,
-                Err(e) => {
-                    result = Err(self.on_error(e).await);
-                    break;
-                }
-            }
-        }
+        let (res, b) = self
+            .write_steps(buf, window.start, offset, offset + len)
+            .await;
+        buf = b;
+        let result = match res {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.on_error(e).await),
+        };
         buf.set_window(window);
         if result.is_ok() {
             self.acked.fetch_add(1, Ordering::AcqRel);
@@ -108,6 +101,28 @@ impl<O: Opener> Image<O> {
     /// As [`Image::write_at`].
     pub async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.write_at(IoBuf::from_slice(data), offset).await.0
+    }
+
+    /// Writes guest `offset..end` from the buffer's allocation at `at`, step by step.
+    pub(super) async fn write_steps(
+        &self,
+        mut buf: IoBuf,
+        at: usize,
+        offset: u64,
+        end: u64,
+    ) -> (Result<()>, IoBuf) {
+        let mut pos = offset;
+        while pos < end {
+            let (res, b) = self
+                .write_step(buf, at + (pos - offset) as usize, pos, end)
+                .await;
+            buf = b;
+            match res {
+                Ok(n) => pos += n,
+                Err(e) => return (Err(e), buf),
+            }
+        }
+        (Ok(()), buf)
     }
 
     /// Plans and performs one step of a write starting at guest `pos` (buffer position `at`):

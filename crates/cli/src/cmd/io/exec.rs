@@ -10,7 +10,7 @@
 use super::parse::{self, Cmd, Discard, Read, Write, WriteData, MAX_REQUEST_BYTES};
 use super::report;
 use blockio::{IoBuf, Opener};
-use qcow2_engine::{Disk, Error};
+use qcow2_engine::{CompressedRefusal, Disk, Error};
 use std::io::Write as _;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -45,6 +45,12 @@ fn strerror(e: &Error) -> String {
             }
         }
         Error::OutOfRange { .. } => "Input/output error".into(),
+        Error::CompressedWrite { reason, .. } => match reason {
+            CompressedRefusal::NotWholeClusters => "Invalid argument",
+            CompressedRefusal::Allocated => "Input/output error",
+            _ => "Operation not supported",
+        }
+        .into(),
         other => other.to_string(),
     }
 }
@@ -114,7 +120,11 @@ async fn do_write<O: Opener>(disk: &Disk<O>, w: &Write) -> Result<Duration, Stri
             WriteData::Pattern(p) => {
                 let mut buf = IoBuf::new(w.len as usize);
                 buf.fill(p);
-                let (res, _) = disk.write_at(buf, w.offset).await;
+                let (res, _) = if w.compressed {
+                    disk.write_compressed(buf, w.offset).await
+                } else {
+                    disk.write_at(buf, w.offset).await
+                };
                 res.map_err(|e| strerror(&e))?;
             }
         }

@@ -139,9 +139,6 @@ pub(super) fn parse_write(typed: &str, args: &[&str]) -> Result<Write, ParseErro
     if vmstate {
         return Err(unsupported("write", "-b (the VM state area)"));
     }
-    if compressed {
-        return Err(unsupported("write", "-c (compressed writes)"));
-    }
     if no_fallback {
         return Err(unsupported("write", "-n (zero writes without fallback)"));
     }
@@ -159,6 +156,7 @@ pub(super) fn parse_write(typed: &str, args: &[&str]) -> Result<Write, ParseErro
         quiet,
         csv,
         fua,
+        compressed,
     })
 }
 
@@ -287,5 +285,6 @@ pub(super) fn parse_aio_write(typed: &str, args: &[&str]) -> Result<Cmd, ParseEr
         quiet,
         csv,
         fua,
+        compressed: false,
     }))
 }

@@ -93,6 +93,8 @@ pub struct Write {
     pub csv: bool,
     /// `-f` (FUA): the write is durable when it completes (a flush follows it).
     pub fua: bool,
+    /// `-c`: a compressed write (whole clusters, into unallocated clusters).
+    pub compressed: bool,
 }
 
 /// The data of a [`Write`].

@@ -36,6 +36,7 @@ fn write(offset: u64, len: u64, data: WriteData) -> Write {
         quiet: false,
         csv: false,
         fua: false,
+        compressed: false,
     }
 }
 
@@ -354,7 +355,7 @@ fn rejections_print_what_qemu_io_prints() {
         "-z supports only a single length parameter",
     );
     // What qemu-io has and qimg io does not: said on stderr, the command fails.
-    assert!(matches!(err("write -c 0 64k"), ParseError::Unsupported(_)));
+    assert!(matches!(err("write -b 0 64k"), ParseError::Unsupported(_)));
     assert!(matches!(err("read -b 0 512"), ParseError::Unsupported(_)));
     assert!(matches!(err("write -s f 0 1"), ParseError::Unsupported(_)));
 }
@@ -380,4 +381,15 @@ fn write_commands_need_permission_once_counted() {
     ] {
         assert!(!needs_write(l), "{l}");
     }
+}
+
+#[test]
+fn write_c_is_a_compressed_write() {
+    let mut w = write(65536, 65536, WriteData::Pattern(0x22));
+    w.compressed = true;
+    assert_eq!(ok("write -c -P 0x22 64k 64k"), Cmd::Write(w));
+    assert_eq!(
+        err("write -c 0 1000"),
+        ParseError::Invalid("1000 is not a sector-aligned value for 'count'".into())
+    );
 }
