@@ -138,10 +138,9 @@ impl<O: Opener> Image<O> {
             let mut meta = self.meta.lock().await;
             let l1_index = geo.l1_index(GuestOffset(pos));
             let table_end = range.end.min((l1_index + 1) * geo.l2_coverage());
-            // Unallocated ranges without an L2 table: only the backing file may need hiding.
             let has_table = self.mapper().l2_offset(&meta, l1_index)?.is_some();
-            let needs_table = has_table
-                || (mode.hides_backing() && self.backing.is_some() && self.header.version >= 3);
+            let needs_table =
+                has_table || mode.needs_table(self.backing.is_some(), self.header.version >= 3);
             if !needs_table {
                 pos = table_end;
                 continue;
@@ -230,8 +229,18 @@ enum ZeroMode {
 }
 
 impl ZeroMode {
-    fn hides_backing(&self) -> bool {
-        !matches!(self, ZeroMode::Deallocate)
+    /// Whether clusters in a range without an L2 table change, so that the table must be
+    /// allocated. Write-zeroes sets the zero flag on them as QEMU does (`zero_in_l2_slice`,
+    /// whose `get_cluster_table` allocates the table): `qemu-img map` shows them present and
+    /// zero, with or without a backing file. A discard only needs to hide a backing file
+    /// (QEMU allocates the table there too, but leaves every entry as it was: nothing to see);
+    /// deallocating finds nothing to deallocate.
+    fn needs_table(&self, has_backing: bool, v3: bool) -> bool {
+        match self {
+            ZeroMode::Zero { .. } => true,
+            ZeroMode::Discard => has_backing && v3,
+            ZeroMode::Deallocate => false,
+        }
     }
 
     fn new_entry(
