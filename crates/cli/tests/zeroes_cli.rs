@@ -236,3 +236,62 @@ fn write_zeroes_without_a_backing_file_sets_the_zero_flag() {
         ),
     ]);
 }
+
+/// QEMU's `zero_l2_subclusters`: with extended L2 entries, write-zeroes sets the zero bits of
+/// the whole subclusters it covers in a partial cluster (keeping the cluster's host space),
+/// and writes zeros only where a compressed cluster cannot take zero bits.
+#[test]
+fn extended_l2_write_zeroes_sets_subcluster_zero_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = create(
+        d,
+        "extl2.qcow2",
+        "qcow2",
+        "extended_l2=on",
+        None,
+        1024 * KIB,
+    );
+    qemu_io(
+        "qcow2",
+        &img,
+        &[
+            "write -P 1 64k 64k",
+            "write -P 2 130k 4k",
+            "write -c -P 3 256k 64k",
+        ],
+    );
+    let small = create(
+        d,
+        "extl2-16k.qcow2",
+        "qcow2",
+        "extended_l2=on,cluster_size=16k",
+        None,
+        256 * KIB,
+    );
+    all_same_as_qemu(&[
+        (
+            "extl2",
+            &img,
+            &[
+                // Unallocated cluster, whole subclusters.
+                "write -z 2048 4096",
+                // Allocated cluster: zero bits, the host cluster stays.
+                "write -z 68k 8k",
+                "write -z -u 96k 2k",
+                // Partly allocated cluster, covering its data.
+                "write -z 128k 8k",
+                // Tail of cluster 2, all of 3, head of 4, which is compressed: QEMU zeroes 2 and
+                // 3, stops at 4 and writes zeros over the whole request.
+                "write -z 188k 72k",
+                // A compressed cluster cannot hold zero bits.
+                "write -z 258k 2k",
+            ],
+        ),
+        (
+            "extl2-16k",
+            &small,
+            &["write -z 1k 14k", "write -z 16k 1k", "write -z 33280 16k"],
+        ),
+    ]);
+}
