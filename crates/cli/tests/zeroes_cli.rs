@@ -162,6 +162,92 @@ fn create(
     p
 }
 
+/// QEMU's `qcow2_co_pwrite_zeroes`: a request that covers only part of a cluster (subcluster)
+/// becomes a zero cluster when the rest of it already reads as zeros (here: past the end of a
+/// 512-byte backing file, or unallocated without one). Where the rest holds data, or the
+/// cluster is allocated, qemu-io writes zeros instead.
+#[test]
+fn write_zeroes_in_part_of_a_cluster_that_otherwise_reads_zeros_makes_a_zero_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Backing files of 512 bytes with data: a raw one and a qcow2 one (QEMU's iotest 154).
+    let raw = create(d, "b.raw", "raw", "", None, 512);
+    qemu_io("raw", &raw, &["write -P 7 0 512"]);
+    let qb = create(d, "b.qcow2", "qcow2", "", None, 512);
+    qemu_io("qcow2", &qb, &["write -P 7 0 512"]);
+    let over_raw = create(
+        d,
+        "over-raw.qcow2",
+        "qcow2",
+        "cluster_size=4096",
+        Some(("b.raw", "raw")),
+        64 * KIB,
+    );
+    let over_qcow2 = create(
+        d,
+        "over-qcow2.qcow2",
+        "qcow2",
+        "cluster_size=4096",
+        Some(("b.qcow2", "qcow2")),
+        64 * KIB,
+    );
+    let v3 = create(d, "v3.qcow2", "qcow2", "cluster_size=4096", None, 64 * KIB);
+    let v2 = create(
+        d,
+        "v2.qcow2",
+        "qcow2",
+        "cluster_size=4096,compat=0.10",
+        None,
+        64 * KIB,
+    );
+    let extl2 = create(
+        d,
+        "extl2.qcow2",
+        "qcow2",
+        "extended_l2=on",
+        None,
+        1024 * KIB,
+    );
+    for img in [&over_raw, &over_qcow2, &v3, &v2] {
+        // Cluster 5 holds data of the image itself.
+        qemu_io("qcow2", img, &["write -P 5 20480 512"]);
+    }
+    qemu_io("qcow2", &extl2, &["write -P 5 200000 512"]);
+    // Clusters 1..4 and 5 of a 4 KiB-cluster image: inside the backing file's end or past
+    // it, crossing a cluster boundary, over the image's own data.
+    let common = [
+        "write -z 4096 100",
+        "write -z 10000 500",
+        "write -z 16383 2",
+        "write -z 21000 100",
+        "write -z -u 12400 10",
+    ];
+    let with = |first: &'static str| -> Vec<&'static str> {
+        std::iter::once(first).chain(common).collect()
+    };
+    all_same_as_qemu(&[
+        // The rest of cluster 0 lies past the backing file's end: reads zeros.
+        ("over-raw", &over_raw, &with("write -z 0 512")),
+        // The head of cluster 0 is the backing file's data: qemu-io writes zeros.
+        ("over-qcow2", &over_qcow2, &with("write -z 256 256")),
+        ("over-qcow2-tail", &over_qcow2, &with("write -z 0 512")),
+        ("v3", &v3, &with("write -z 0 512")),
+        // v2 has no zero flag: zeroing an unallocated cluster without a backing file
+        // leaves it unallocated.
+        ("v2", &v2, &with("write -z 0 512")),
+        // Extended L2: the same, one subcluster (2 KiB) at a time.
+        (
+            "extl2",
+            &extl2,
+            &[
+                "write -z 300000 5000",
+                "write -z 199680 512",
+                "write -z 1000 10",
+            ],
+        ),
+    ]);
+}
+
 /// QEMU's `zero_in_l2_slice`: write-zeroes on a v3 image without a backing file sets the zero
 /// flag on every whole cluster, unallocated ones too (allocating their L2 table); with `-u`
 /// an allocated cluster is freed as well, without it the cluster keeps its host space.

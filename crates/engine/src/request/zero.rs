@@ -1,8 +1,9 @@
 //! Write-zeroes and discard, as QEMU does them: a write-zeroes is split at subcluster
 //! boundaries as QEMU's block layer splits it; whole clusters change their L2 entries (zero
 //! flag, or deallocated), whole subclusters of a partial cluster their zero bits (extended
-//! L2), and what cannot be done with metadata is written with zeros. One place decides what
-//! an entry becomes ([`ZeroMode::change`]). Unmapped clusters are freed by a later
+//! L2), a request covering part of a subcluster zeroes all of it when the rest already reads
+//! as zeros, and what cannot be done with metadata is written with zeros. One place decides
+//! what an entry becomes ([`ZeroMode::change`]). Unmapped clusters are freed by a later
 //! write-back, each under its exclusive lease (I3, I4).
 
 use crate::image::Image;
@@ -67,9 +68,8 @@ impl<O: Opener> Image<O> {
         while pos < end {
             let n = next_request(pos, end, sc);
             let zeroed = match partial_subcluster(pos, pos + n, sc, self.size()) {
-                // Part of a subcluster: written with zeros.
-                Some(_) => false,
-                None => self.change_range(pos..pos + n, mode).await?,
+                Some(p) => self.zero_partial(&p, mode).await?,
+                None => self.change_range(pos..pos + n, mode, false).await?,
             };
             let n = if zeroed {
                 n
@@ -83,6 +83,24 @@ impl<O: Opener> Image<O> {
             pos += n;
         }
         Ok(())
+    }
+
+    /// A request covering part of a subcluster (QEMU's `qcow2_co_pwrite_zeroes` with a head
+    /// or tail): when the rest of the subcluster already reads as zeros through the chain
+    /// (`is_zero`), the whole subcluster is zeroed instead, provided that, under the metadata
+    /// lock, it is still unallocated or zero in this image (a write may have come in since).
+    /// Returns false when it was not (the caller writes zeros).
+    async fn zero_partial(&self, p: &Partial, mode: ZeroMode) -> Result<bool> {
+        if !self
+            .reads_as_zeros(p.head.start, p.head.end - p.head.start)
+            .await?
+            || !self
+                .reads_as_zeros(p.tail.start, p.tail.end - p.tail.start)
+                .await?
+        {
+            return Ok(false);
+        }
+        self.change_range(p.subcluster.clone(), mode, true).await
     }
 
     /// Writes real zeros over `[from, to)`.
@@ -136,7 +154,7 @@ impl<O: Opener> Image<O> {
         if first >= last {
             return Ok(());
         }
-        self.change_range(first..last, ZeroMode::Discard)
+        self.change_range(first..last, ZeroMode::Discard, false)
             .await
             .map(|_| ())
     }
@@ -149,8 +167,15 @@ impl<O: Opener> Image<O> {
     ///
     /// Returns false, as QEMU's `-ENOTSUP`, when a cluster cannot take the change (the
     /// subclusters of a compressed cluster): the clusters before it keep theirs, as in QEMU,
-    /// and the caller writes zeros instead.
-    async fn change_range(&self, range: std::ops::Range<u64>, mode: ZeroMode) -> Result<bool> {
+    /// and the caller writes zeros instead. With `only_unset` (a partial request expanded to
+    /// its subcluster) the first subcluster of `range` must still read through or as zeros
+    /// in this image ([`unset`]), checked in the critical section that changes it.
+    async fn change_range(
+        &self,
+        range: std::ops::Range<u64>,
+        mode: ZeroMode,
+        only_unset: bool,
+    ) -> Result<bool> {
         let geo = self.geo;
         let cs = geo.cluster_size();
         let size = self.size();
@@ -195,7 +220,13 @@ impl<O: Opener> Image<O> {
             for (c, idx, e) in entries {
                 let old = self.mapper().decode_entry(e, c)?;
                 let part = cluster_part(&geo, c, pos..table_end, size);
-                match mode.change(part, old, e, &geo, has_backing, v3) {
+                let first_sc = ((pos.max(c) - c) / geo.subcluster_size()) as u32;
+                let change = if only_unset && !unset(old, e.subclusters(), first_sc, &geo) {
+                    Change::Unsupported
+                } else {
+                    mode.change(part, old, e, &geo, has_backing, v3)
+                };
+                match change {
                     Change::Keep => {}
                     Change::Set(new) => {
                         if !data_file {
@@ -300,6 +331,20 @@ fn cluster_part(
         Part::Whole
     } else {
         Part::Subclusters((from / sc) as u32..to.div_ceil(sc) as u32)
+    }
+}
+
+/// Whether subcluster `i` of a cluster mapping `old` (with `bitmap`, extended L2) reads
+/// through to the backing file or as zeros in this image: QEMU's subcluster types
+/// `UNALLOCATED_*` and `ZERO_*`, which alone let `qcow2_co_pwrite_zeroes` zero a whole
+/// subcluster for part of it.
+fn unset(old: L2Mapping, bitmap: SubclusterBitmap, i: u32, geo: &ClusterGeometry) -> bool {
+    match old {
+        L2Mapping::Unallocated | L2Mapping::Zero { .. } => true,
+        L2Mapping::Compressed(_) => false,
+        L2Mapping::Normal { .. } => {
+            geo.extended_l2() && bitmap.state(i) != SubclusterState::Allocated
+        }
     }
 }
 
@@ -616,5 +661,39 @@ mod tests {
         assert!(ZeroMode::Zero { unmap: false }.needs_table(false, true));
         assert!(!ZeroMode::Discard.needs_table(false, true));
         assert!(!ZeroMode::Deallocate.needs_table(false, false));
+    }
+
+    #[test]
+    fn a_partial_request_zeroes_its_subcluster_only_where_it_reads_through_or_as_zeros() {
+        let std = geo(false);
+        let ext = geo(true);
+        let data = L2Mapping::Normal {
+            host: HostOffset(0x70000),
+            copied: true,
+        };
+        let none = SubclusterBitmap(0);
+        assert!(unset(L2Mapping::Unallocated, none, 0, &std));
+        assert!(unset(
+            L2Mapping::Zero {
+                preallocated: Some(HostOffset(0x70000)),
+                copied: true
+            },
+            none,
+            0,
+            &std
+        ));
+        assert!(!unset(data, none, 0, &std));
+        // Extended L2: the subcluster's own state decides.
+        let mut b = SubclusterBitmap(0);
+        b.set(1, SubclusterState::Allocated);
+        b.set(2, SubclusterState::Zero);
+        assert!(unset(data, b, 0, &ext));
+        assert!(!unset(data, b, 1, &ext));
+        assert!(unset(data, b, 2, &ext));
+        let c = L2Mapping::Compressed(CompressedDescriptor {
+            host_offset: 0x30000,
+            additional_sectors: 0,
+        });
+        assert!(!unset(c, none, 0, &ext));
     }
 }
