@@ -381,3 +381,64 @@ fn extended_l2_write_zeroes_sets_subcluster_zero_bits() {
         ),
     ]);
 }
+
+/// QEMU's `calculate_l2_meta` and `qcow2_alloc_cluster_link_l2`: writing to a cluster shared
+/// with an internal snapshot copies it to a new cluster, but the new entry marks allocated only
+/// the range written and copied, which runs from the first to the last allocated subcluster of
+/// the old cluster (or the written ones, if wider): subclusters outside it keep their state
+/// (unallocated stays unallocated, zero stays zero).
+#[test]
+fn copy_on_write_after_a_snapshot_keeps_the_state_of_unwritten_subclusters() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = create(d, "base.qcow2", "qcow2", "", None, 1024 * KIB);
+    qemu_io("qcow2", &base, &["write -P 0xbb 0 1M"]);
+    let top = create(
+        d,
+        "top.qcow2",
+        "qcow2",
+        "extended_l2=on",
+        Some(("base.qcow2", "qcow2")),
+        1024 * KIB,
+    );
+    let alone = create(
+        d,
+        "alone.qcow2",
+        "qcow2",
+        "extended_l2=on",
+        None,
+        1024 * KIB,
+    );
+    const SC: u64 = 2048;
+    let c = |n: u64, sc: u64| 64 * KIB * n + SC * sc;
+    let setup = [
+        // Cluster 0: data in subclusters 4 and 10..11, zeros in 7 and 20.
+        format!("write -P 1 {} 2048", c(0, 4)),
+        format!("write -P 2 {} 4096", c(0, 10)),
+        format!("write -z {} 2048", c(0, 7)),
+        format!("write -z {} 2048", c(0, 20)),
+        // Cluster 1: all data.
+        format!("write -P 3 {} 64k", c(1, 0)),
+        // Cluster 2: data in 30..31 only.
+        format!("write -P 4 {} 4096", c(2, 30)),
+        // Cluster 3: data in 10, zeros in 20 and 28.
+        format!("write -P 5 {} 2048", c(3, 10)),
+        format!("write -z {} 2048", c(3, 20)),
+        format!("write -z {} 2048", c(3, 28)),
+    ];
+    let script = [
+        // Between allocated subclusters: 4..12 become allocated, 20 stays zero.
+        format!("write -P 9 {} 100", c(0, 6)),
+        format!("write -P 8 {} 512", c(1, 2)),
+        // Before the only allocated ones: 0..32.
+        format!("write -P 7 {} 512", c(2, 0)),
+        // After the allocated one: 10..26, 28 stays zero.
+        format!("write -P 6 {} 100", c(3, 25)),
+    ];
+    let script: Vec<&str> = script.iter().map(String::as_str).collect();
+    for img in [&top, &alone] {
+        qemu_io("qcow2", img, &setup);
+        qemu_img(&["snapshot", "-c", "s1", path_str(img)]);
+    }
+    all_same_as_qemu(&[("over-backing", &top, &script), ("alone", &alone, &script)]);
+}
