@@ -39,8 +39,10 @@ fn write_in_place_survives_a_neighbours_subcluster_padding() {
     let first = (2 * SC, CS - 2 * SC);
     // In place, inside allocated subclusters 4 and 5.
     let in_place = (4 * SC, 2 * SC);
-    // Zeroes subclusters 0..4 and the start of 4: allocates 0 and 1, pads to the end of 4.
-    let zero = (0, 4 * SC + 100);
+    // Writes subclusters 0..4 and the start of 4: allocates 0 and 1, pads to the end of 4.
+    // (A data write: write-zeroes would set the zero bits of 0..4, as QEMU does, and write
+    // the start of 4 in place, padding nothing.)
+    let second = (0, 4 * SC + 100);
     rt.block_on(async {
         let opener = FaultOpener::new(FileOpener);
         let ctl = opener.controller();
@@ -66,16 +68,16 @@ fn write_in_place_survives_a_neighbours_subcluster_padding() {
             })
         };
         let held_in_place = ctl.next_held().await;
-        let zeroer = {
+        let padder = {
             let img = img.clone();
-            tokio::spawn(async move { img.write_zeroes(zero.0, zero.1, false).await })
+            tokio::spawn(async move { img.write(second.0, &vec![0x22; second.1 as usize]).await })
         };
-        let held_zero = ctl.next_held().await;
+        let held_second = ctl.next_held().await;
         ctl.stop_holding();
         held_in_place.release_and_wait().await;
         writer.await.unwrap().unwrap();
-        held_zero.release_and_wait().await;
-        zeroer.await.unwrap().unwrap();
+        held_second.release_and_wait().await;
+        padder.await.unwrap().unwrap();
         Arc::try_unwrap(img)
             .ok()
             .expect("no other user")
@@ -92,7 +94,7 @@ fn write_in_place_survives_a_neighbours_subcluster_padding() {
     );
     // The expected contents, from the three requests applied in the order they completed.
     let mut model = vec![0u8; 1 << 20];
-    for (range, val) in [(first, 0x11), (in_place, 0xbb), (zero, 0)] {
+    for (range, val) in [(first, 0x11), (in_place, 0xbb), (second, 0x22)] {
         model[range.0 as usize..(range.0 + range.1) as usize].fill(val);
     }
     let raw = raw_reference(&path, "qcow2");

@@ -234,3 +234,35 @@ impl<O: Opener> Image<O> {
         Ok(st)
     }
 }
+
+impl<O: Opener> Image<O> {
+    /// Whether `[offset, offset+len)` (clamped to the disk) reads as zeros by the block
+    /// status of the whole chain from this image down, as QEMU's `is_zero` (block/qcow2.c)
+    /// asks `bdrv_block_status_above`: every part of it zero in the layer that decides it (a
+    /// zero cluster, unallocated with nothing below, past the end of a backing file, a hole in
+    /// a raw file). Data that merely happens to be zero does not count. Takes the metadata
+    /// lock of each layer it asks.
+    ///
+    /// # Cancel safety
+    ///
+    /// Reads metadata only: dropping the future changes nothing.
+    pub(crate) async fn reads_as_zeros(&self, offset: u64, len: u64) -> Result<bool> {
+        let end = offset.saturating_add(len).min(self.size());
+        let mut pos = offset;
+        while pos < end {
+            let st = self.layer_status(pos, end - pos).await?;
+            let (zero, n) = match self.backing() {
+                Some(b) if !st.data && !st.zero => {
+                    let e = b.status_above(pos, st.len).await?;
+                    (e.zero, e.length)
+                }
+                _ => (st.zero, st.len),
+            };
+            if !zero || n == 0 {
+                return Ok(false);
+            }
+            pos += n;
+        }
+        Ok(true)
+    }
+}

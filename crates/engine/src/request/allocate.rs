@@ -353,8 +353,11 @@ struct Target {
 /// `old` mapping (its raw `entry`): a cluster allocated with COPIED set keeps its host
 /// cluster (extended L2: new subclusters in it), as does a preallocated zero cluster, and
 /// with an external data file every cluster writes at `data_file_cluster`; anything else
-/// goes to a new cluster. Standard L2 (and anything moving to a new cluster) copies the whole
-/// cluster; extended L2 copies only to subcluster boundaries, marking what holds data.
+/// goes to a new cluster. Standard L2 (and a compressed cluster) copies the whole cluster;
+/// extended L2 copies to subcluster boundaries, and a cluster moving away from a host cluster
+/// it shares (a snapshot's) from its first to its last allocated subcluster, as QEMU's
+/// `calculate_l2_meta` does; the subclusters written or copied become allocated, the others
+/// keep their state.
 fn target(
     old: L2Mapping,
     entry: L2Entry,
@@ -375,30 +378,30 @@ fn target(
         _ => (None, entry.subclusters()),
     };
     let reuse = data_file_cluster.or(reuse);
-    let whole_cow = !extended
-        || matches!(old, L2Mapping::Compressed(_))
-        || (reuse.is_none() && matches!(old, L2Mapping::Normal { .. }));
-    let (cow_from, cow_to) = if whole_cow {
+    let compressed = matches!(old, L2Mapping::Compressed(_));
+    let (cow_from, cow_to) = if !extended || compressed {
         (0, cs)
+    } else if reuse.is_none() && matches!(old, L2Mapping::Normal { .. }) {
+        // A cluster with data moving to a new host cluster (shared with a snapshot): as
+        // QEMU's calculate_l2_meta, the copy reaches back to the first allocated subcluster
+        // and on to the last one, and no further.
+        let alloc = bitmap.allocated();
+        let first = ((from / sc) as u32).min(alloc.trailing_zeros());
+        let last = (to.div_ceil(sc) as u32).max(u32::BITS - alloc.leading_zeros());
+        (u64::from(first) * sc, u64::from(last) * sc)
     } else {
         (from / sc * sc, to.div_ceil(sc) * sc)
     };
     if extended {
-        let first = (cow_from / sc) as u32;
-        let last = (cow_to / sc) as u32;
-        if whole_cow {
-            // Everything that held data (or is being written) is copied to the new cluster.
-            for i in 0..geo.subclusters() {
-                let touched = (first..last).contains(&i);
-                if touched || bitmap.state(i) == SubclusterState::Allocated {
-                    bitmap.set(i, SubclusterState::Allocated);
-                }
-            }
-            if matches!(old, L2Mapping::Compressed(_)) {
-                bitmap = SubclusterBitmap::ALL_ALLOCATED;
-            }
+        if compressed {
+            bitmap = SubclusterBitmap::ALL_ALLOCATED;
         } else {
-            bitmap.set_range(first..last, SubclusterState::Allocated);
+            // As qcow2_alloc_cluster_link_l2: what was written or copied is allocated, every
+            // other subcluster keeps its state (unallocated, or zero).
+            bitmap.set_range(
+                (cow_from / sc) as u32..(cow_to / sc) as u32,
+                SubclusterState::Allocated,
+            );
         }
     }
     Target {
@@ -515,6 +518,43 @@ mod tests {
         assert_eq!(t.bitmap.state(1), SubclusterState::Allocated);
         assert_eq!(t.bitmap.state(2), SubclusterState::Unallocated);
         assert!(unreferenced(old, &g).is_empty());
+    }
+
+    #[test]
+    fn extended_l2_copy_on_write_of_a_shared_cluster_spans_its_allocated_subclusters_only() {
+        let g = geo(true);
+        let sc = g.subcluster_size();
+        let old = L2Mapping::Normal {
+            host: HostOffset(0x70000),
+            copied: false,
+        };
+        // Allocated: 4 and 10..12; zero: 7 and 20.
+        let mut b = SubclusterBitmap(0);
+        b.set(4, SubclusterState::Allocated);
+        b.set_range(10..12, SubclusterState::Allocated);
+        b.set(7, SubclusterState::Zero);
+        b.set(20, SubclusterState::Zero);
+        // A write into subcluster 6 copies 4..12 to the new cluster.
+        let t = target(old, entry(old, &g, b.0), &g, None, 6 * sc, 6 * sc + 100);
+        assert_eq!(t.reuse, None);
+        assert_eq!((t.cow_from, t.cow_to), (4 * sc, 12 * sc));
+        for i in 0..32 {
+            let want = match i {
+                4..12 => SubclusterState::Allocated,
+                20 => SubclusterState::Zero,
+                _ => SubclusterState::Unallocated,
+            };
+            assert_eq!(t.bitmap.state(i), want, "subcluster {i}");
+        }
+        assert_eq!(unreferenced(old, &g), vec![HostCluster(7)]);
+        // Beyond the allocated ones on either side: from the write to them.
+        let t = target(old, entry(old, &g, b.0), &g, None, 25 * sc, 25 * sc + 1);
+        assert_eq!((t.cow_from, t.cow_to), (4 * sc, 26 * sc));
+        assert_eq!(t.bitmap.state(20), SubclusterState::Allocated);
+        assert_eq!(t.bitmap.state(26), SubclusterState::Unallocated);
+        let t = target(old, entry(old, &g, b.0), &g, None, 0, 1);
+        assert_eq!((t.cow_from, t.cow_to), (0, 12 * sc));
+        assert_eq!(t.bitmap.state(20), SubclusterState::Zero);
     }
 
     #[test]
