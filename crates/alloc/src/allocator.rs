@@ -15,6 +15,10 @@ use crate::reservation::{Reservation, Returns};
 use qcow2_format::{ClusterGeometry, HostCluster, HostOffset, RefcountWidth, ReftableEntry};
 use std::collections::BTreeSet;
 
+mod area;
+
+pub use area::refcount_metadata_blocks;
+
 /// A contiguous run of newly allocated host clusters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Allocation {
@@ -162,7 +166,7 @@ impl Allocator {
             let first = self.find_run(count, &leased)?;
             // Every cluster of the run needs its refcount block (and a table entry for it).
             if let Some(t) = self.missing_block(first, count) {
-                self.create_block(t, &leased)?;
+                self.create_block(t, first + count, &leased)?;
                 continue;
             }
             let fresh = first >= self.high_water;
@@ -202,11 +206,15 @@ impl Allocator {
         (first / per..=(first + count - 1) / per).find(|&t| !self.rc.has_block(t))
     }
 
-    /// Creates the refcount block for table index `t`, placed in the first free cluster of
-    /// the range it describes (so that it describes itself).
+    /// Creates the refcount block for table index `t`, as QEMU's `alloc_refcount_block`
+    /// places it: in the first free cluster from `from` (the end of the run being allocated,
+    /// which the run's retry then keeps). Inside `t`'s range the block describes itself;
+    /// past it, the block of the range it lands in counts it, and is created first if
+    /// missing (in the next free cluster after it, as QEMU's retry leaves it).
     fn create_block(
         &mut self,
         t: u64,
+        from: u64,
         leased: &impl Fn(HostCluster) -> bool,
     ) -> Result<(), RefcountError> {
         let per = self.rc.entries_per_block();
@@ -216,17 +224,16 @@ impl Allocator {
                 return Ok(());
             }
         }
-        let at = self.next_free(t * per, leased)?;
-        if at / per != t {
-            // The whole range is in use without a block: only possible with a corrupt table.
-            return Err(RefcountError::NoBlock {
-                cluster: HostCluster(at),
-            });
+        let at = self.next_free(from, leased)?;
+        let home = at / per;
+        if home != t && !self.rc.has_block(home) {
+            self.create_block(home, at + 1, leased)?;
         }
         let offset = self.geo.cluster_offset(HostCluster(at));
         self.rc
             .add_block(t, offset, vec![0u8; self.geo.cluster_size() as usize]);
-        self.rc.set(HostCluster(at), 1)?;
+        self.block_clusters.insert(at);
+        self.set(HostCluster(at), 1)?;
         self.dirty_blocks.insert(t);
         if self.table_move.is_none() {
             self.dirty_table_entries.insert(t);
@@ -469,4 +476,63 @@ impl Allocator {
     pub fn high_water(&self) -> u64 {
         self.high_water
     }
+
+    /// One past the last cluster with a non-zero refcount (0 when none has one): where a
+    /// shrink may cut the file (QEMU's `qcow2_get_last_cluster`). A cluster whose decrement
+    /// is still deferred, or that a reservation holds, keeps its count and so stays inside.
+    pub fn used_end(&self) -> Result<u64, RefcountError> {
+        let mut c = self.high_water;
+        while c > 0 && self.rc.get(HostCluster(c - 1))? == 0 {
+            c -= 1;
+        }
+        Ok(c)
+    }
+
+    /// Drops the refcount blocks that count nothing but (perhaps) themselves, as QEMU's
+    /// `qcow2_shrink_reftable` does after a shrink: their table entries become 0, to be
+    /// written by the next write-back before anything is allocated in their place (the
+    /// caller holds the metadata lock until then). A dropped block that another block counts
+    /// gets a deferred decrement there, applied once the table is on disk. Does nothing while
+    /// a moved table waits to be written. Returns how many blocks were dropped.
+    pub fn drop_empty_blocks(&mut self) -> Result<usize, RefcountError> {
+        if self.table_move.is_some() {
+            return Ok(0);
+        }
+        let per = self.rc.entries_per_block();
+        let width = self.rc.width();
+        let mut dropped = 0;
+        for t in 0..self.rc.table().len() as u64 {
+            let (Some(offset), Some(bytes)) = (self.rc.block_offset(t)?, self.rc.block(t)) else {
+                continue;
+            };
+            let own = self.geo.host_cluster(offset).0;
+            let counts_itself = own / per == t;
+            let mut rest = bytes.to_vec();
+            if counts_itself {
+                width.set(&mut rest, own % per, 0)?;
+            }
+            if rest.iter().any(|&b| b != 0) {
+                continue;
+            }
+            self.rc.remove_block(t);
+            self.block_clusters.remove(&own);
+            self.dirty_blocks.remove(&t);
+            self.dirty_table_entries.insert(t);
+            if !counts_itself {
+                self.pending.push(HostCluster(own));
+            }
+            self.free_hint = self.free_hint.min(own);
+            dropped += 1;
+        }
+        Ok(dropped)
+    }
+
+    /// The file was cut at `clusters` (at or past [`used_end`](Self::used_end)): the clusters
+    /// from there on read as zeros again, as if never written.
+    pub fn truncated(&mut self, clusters: u64) {
+        self.high_water = clusters;
+    }
 }
+
+#[cfg(test)]
+mod tests;
