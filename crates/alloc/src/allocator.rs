@@ -218,14 +218,16 @@ impl Allocator {
         leased: &impl Fn(HostCluster) -> bool,
     ) -> Result<(), RefcountError> {
         let per = self.rc.entries_per_block();
+        let at = self.next_free(from, leased)?;
         if t >= self.rc.table().len() as u64 {
-            self.grow_table(t + 1, leased)?;
+            // The table grows past the run and the new block (QEMU puts it past both).
+            self.grow_table(t + 1, at + 1, leased)?;
             if self.rc.has_block(t) {
                 return Ok(());
             }
         }
-        let at = self.next_free(from, leased)?;
         let home = at / per;
+
         if home != t && !self.rc.has_block(home) {
             self.create_block(home, at + 1, leased)?;
         }
@@ -242,11 +244,13 @@ impl Allocator {
         Ok(())
     }
 
-    /// Moves the refcount table to fresh clusters past everything in use, with room for at
-    /// least `entries` entries and for the blocks that describe the new table itself.
+    /// Moves the refcount table to fresh clusters past everything in use and past `from`
+    /// (what is being allocated), with room for at least `entries` entries and for the
+    /// blocks that describe the new table itself.
     fn grow_table(
         &mut self,
         entries: u64,
+        from: u64,
         leased: &impl Fn(HostCluster) -> bool,
     ) -> Result<(), RefcountError> {
         let cs = self.geo.cluster_size();
@@ -254,7 +258,7 @@ impl Allocator {
         let old_len = self.rc.table().len() as u64;
         let old_clusters = (old_len * 8).div_ceil(cs);
         // Clusters at or past the high-water mark have never been handed out: all free.
-        let start = self.high_water;
+        let start = self.high_water.max(from);
         let mut want = entries.max(old_len * 2).max(1);
         let clusters = loop {
             let clusters = (want * 8).div_ceil(cs);

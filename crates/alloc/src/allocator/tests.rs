@@ -115,3 +115,23 @@ fn a_preallocated_area_follows_new_refcount_structures() {
     b.allocate_at(HostCluster(6), 600, |_| false).unwrap();
     assert_eq!(b.used_end().unwrap(), 606);
 }
+
+#[test]
+fn a_run_that_outgrows_the_table_keeps_its_place_and_the_file_stays_compact() {
+    // 512-byte clusters: a one-cluster table names 64 blocks (16384 clusters); an L1 table
+    // of 32 MiB (65536 clusters) needs 256 more blocks, and the table must grow. It goes
+    // past the run and its first new block (as QEMU's growth does), not into the run's
+    // place, so the run is not pushed on and nothing lands far away.
+    let mut a = allocator(9);
+    a.allocate(2089, |_| false).unwrap();
+    let r = a.allocate(65536, |_| false).unwrap();
+    let end = r.first.0 + r.count;
+    assert!(r.first.0 < 2200, "the run moved to {}", r.first.0);
+    assert!(
+        a.high_water() < end + 300,
+        "blocks and table end at {}, the run at {end}",
+        a.high_water()
+    );
+    let m = a.table_move().expect("the table grew");
+    assert!(m.offset.0 >> 9 >= end, "the new table lies inside the run");
+}
