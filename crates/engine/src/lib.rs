@@ -59,8 +59,8 @@ pub use check::{CheckLimit, CheckReport, RepairMode, MAX_MESSAGES, MAX_WALK_CORR
 pub use create::{
     create, create_raw, probe_backing, Compat, CreateError, CreateOptions, Preallocation, V3Feature,
 };
-pub use error::{Error, ReadResult, Result, WriteResult};
+pub use error::{Error, ReadResult, ResizeError, Result, WriteResult};
 pub use image::MapEntry;
 pub use image::{Disk, Image, RawImage};
 pub use map::status::{Extent, ExtentKind};
-pub use options::{BackingChoice, ImageFormat, ImageOptions};
+pub use options::{BackingChoice, ImageFormat, ImageOptions, ResizeOptions};

@@ -25,6 +25,11 @@ pub(crate) struct Meta {
     pub(crate) l2: TableCache,
     /// The header as it is (or is about to be) on disk.
     pub(crate) header: Header,
+    /// The end of the disk for planning: writes, write-zeroes and discards plan only below
+    /// it (checked under this lock, so that a shrink, which lowers it first, sees no new
+    /// mapping appear beyond its new end). Equal to the size but while a grow prepares the
+    /// new area, which only the grow itself may touch until its header is written.
+    pub(crate) disk_end: u64,
     /// Refcounts and allocation (read-write images only).
     pub(crate) alloc: Option<qcow2_alloc::Allocator>,
     /// Guest clusters with an allocating write in flight (invariant I6): others wait on the
@@ -61,6 +66,15 @@ impl MetadataClusters {
         let first = offset >> geo.cluster_bits();
         let end = (offset.saturating_add(len)).div_ceil(geo.cluster_size());
         self.ranges.push((first, end));
+    }
+
+    /// Forgets a range added with [`MetadataClusters::add_range`] (a table that moved).
+    pub(crate) fn remove_range(&mut self, geo: &ClusterGeometry, offset: u64, len: u64) {
+        let first = offset >> geo.cluster_bits();
+        let end = (offset.saturating_add(len)).div_ceil(geo.cluster_size());
+        if let Some(i) = self.ranges.iter().position(|&r| r == (first, end)) {
+            self.ranges.swap_remove(i);
+        }
     }
 
     /// Whether cluster `c` holds metadata.

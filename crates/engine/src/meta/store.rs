@@ -115,6 +115,19 @@ impl<B: Backend> Store<'_, B> {
             .map_err(|e| self.corrupt_err(format!("serializing the header: {e}")))?;
         self.write_meta(0, &bytes).await
     }
+    /// Writes the bytes `fields` of the serialized header alone (a range inside the first
+    /// sector, such as [`Header::SIZE_FIELD`](qcow2_format::Header::SIZE_FIELD)): a crash
+    /// leaves them all old or all new.
+    pub(crate) async fn write_header_fields(
+        &self,
+        header: &qcow2_format::Header,
+        fields: std::ops::Range<usize>,
+    ) -> Result<()> {
+        let bytes = header
+            .serialize()
+            .map_err(|e| self.corrupt_err(format!("serializing the header: {e}")))?;
+        self.write_meta(fields.start as u64, &bytes[fields]).await
+    }
     /// Writes metadata bytes at `offset` of the image file (read-modify-write where O_DIRECT
     /// alignment demands it, under the read-modify-write lock).
     ///

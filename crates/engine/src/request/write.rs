@@ -69,7 +69,7 @@ impl<O: Opener> Image<O> {
     /// handed to another guest offset under it; a cluster allocated for a write that never
     /// installs its mapping goes back to the free space (nothing leaks); the metadata is
     /// changed only in steps that leave it consistent.
-    pub async fn write_at(&self, mut buf: IoBuf, offset: u64) -> WriteResult {
+    pub async fn write_at(&self, buf: IoBuf, offset: u64) -> WriteResult {
         let window = buf.window();
         let len = window.len() as u64;
         if let Err(e) = self.check_writable(offset, len) {
@@ -79,8 +79,20 @@ impl<O: Opener> Image<O> {
             return (Err(e), buf);
         }
         self.bitmap_ctx().bitmaps_mark(offset, len).await;
+        let (result, buf) = self.write_steps(buf, offset).await;
+        if result.is_ok() {
+            self.acked.fetch_add(1, Ordering::AcqRel);
+        }
+        (result, buf)
+    }
+
+    /// Writes the buffer's window at `offset` step by step, checked only against the end
+    /// of the disk for planning (a grow writes its new area with it before the size
+    /// changes).
+    pub(super) async fn write_steps(&self, mut buf: IoBuf, offset: u64) -> WriteResult {
+        let window = buf.window();
         let mut pos = offset;
-        let end = offset + len;
+        let end = offset + window.len() as u64;
         let mut result = Ok(());
         while pos < end {
             let at = window.start + (pos - offset) as usize;
@@ -95,9 +107,6 @@ impl<O: Opener> Image<O> {
             }
         }
         buf.set_window(window);
-        if result.is_ok() {
-            self.acked.fetch_add(1, Ordering::AcqRel);
-        }
         (result, buf)
     }
 
@@ -168,6 +177,14 @@ impl<O: Opener> Image<O> {
         let geo = self.geo;
         let cs = geo.cluster_size();
         let cluster = geo.cluster_start(pos);
+        if end > meta.disk_end {
+            // A shrink came between the request's entry check and this step.
+            return Err(Error::OutOfRange {
+                offset: pos,
+                len: end - pos,
+                size: meta.disk_end,
+            });
+        }
         if let Some(g) = meta.gates.get(cluster >> geo.cluster_bits()) {
             return Ok(Step::WaitGate(g));
         }

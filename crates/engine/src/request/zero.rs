@@ -130,12 +130,24 @@ impl<O: Opener> Image<O> {
     /// Changes the L2 entries of the whole clusters in `range` (cluster-aligned, or ending
     /// at the end of the disk) as `mode` says; old clusters are unreferenced (their counts
     /// drop at the next write-back).
-    async fn zero_clusters(&self, range: std::ops::Range<u64>, mode: ZeroMode) -> Result<()> {
+    pub(super) async fn zero_clusters(
+        &self,
+        range: std::ops::Range<u64>,
+        mode: ZeroMode,
+    ) -> Result<()> {
         let geo = self.geo;
         let cs = geo.cluster_size();
         let mut pos = range.start;
         while pos < range.end {
             let mut meta = self.meta.lock().await;
+            if range.end > meta.disk_end && !matches!(mode, ZeroMode::Truncate) {
+                // A shrink came between the request's entry check and this step.
+                return Err(Error::OutOfRange {
+                    offset: pos,
+                    len: range.end - pos,
+                    size: meta.disk_end,
+                });
+            }
             let l1_index = geo.l1_index(GuestOffset(pos));
             let table_end = range.end.min((l1_index + 1) * geo.l2_coverage());
             // Unallocated ranges without an L2 table: only the backing file may need hiding.
@@ -220,18 +232,21 @@ impl<O: Opener> Image<O> {
 
 /// How [`Image::zero_clusters`] changes an entry.
 #[derive(Clone, Copy)]
-enum ZeroMode {
+pub(super) enum ZeroMode {
     /// Discard: deallocate; read zeros (v3, when needed) or the backing file (v2).
     Discard,
     /// Write zeroes on v3: the zero flag; deallocate if `unmap` (always for compressed).
     Zero { unmap: bool },
     /// Write zeroes on v2 without a backing file: deallocate.
     Deallocate,
+    /// A shrink cutting the clusters past the new end: deallocate, whatever lies below
+    /// (QEMU's full discard); the only mode allowed past [`Meta::disk_end`](crate::meta::Meta).
+    Truncate,
 }
 
 impl ZeroMode {
     fn hides_backing(&self) -> bool {
-        !matches!(self, ZeroMode::Deallocate)
+        !matches!(self, ZeroMode::Deallocate | ZeroMode::Truncate)
     }
 
     fn new_entry(
@@ -279,7 +294,7 @@ impl ZeroMode {
                     e
                 }
             }
-            ZeroMode::Deallocate => L2Entry::default(),
+            ZeroMode::Deallocate | ZeroMode::Truncate => L2Entry::default(),
             ZeroMode::Zero { unmap } => {
                 let compressed = matches!(old, L2Mapping::Compressed(_));
                 let keep = !(compressed || *unmap && allocated);
