@@ -10,3 +10,4 @@ pub mod create;
 pub mod info;
 pub mod io;
 pub mod map;
+pub mod resize;
