@@ -1119,6 +1119,6 @@ fn field_ranges_hold_the_size_and_the_l1_fields() {
         let mut l1 = h.l1_size.to_be_bytes().to_vec();
         l1.extend(h.l1_table_offset.to_be_bytes());
         assert_eq!(b[Header::L1_FIELDS].to_vec(), l1);
-        assert!(Header::SIZE_FIELD.end <= 512 && Header::L1_FIELDS.end <= 512);
+        const { assert!(Header::SIZE_FIELD.end <= 512 && Header::L1_FIELDS.end <= 512) };
     }
 }
