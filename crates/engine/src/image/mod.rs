@@ -95,7 +95,7 @@ impl<O: Opener> Drop for Image<O> {
             .saturating_sub(self.flushed.load(Ordering::Acquire));
         let meta = self.meta.get_mut();
         let l2_tables = meta.l2.dirty_count();
-        let l1 = !meta.l1_dirty.is_empty();
+        let l1 = !meta.l1_dirty.is_empty() || meta.l1_switch.is_some();
         let refcounts = meta
             .alloc
             .as_ref()

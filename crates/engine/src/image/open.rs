@@ -110,6 +110,7 @@ impl<O: Opener> Image<O> {
                 alloc,
                 gates: qcow2_alloc::Gates::new(),
                 barrier_owed: false,
+                l1_switch: None,
                 first_write_done: false,
                 metadata,
             }),

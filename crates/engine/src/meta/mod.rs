@@ -43,6 +43,26 @@ pub(crate) struct Meta {
     /// Metadata was written since the last successful barrier (write-back must not order
     /// anything after it before a barrier succeeds).
     pub(crate) barrier_owed: bool,
+    /// A grown L1 table waiting to be put in place by the next write-back (see
+    /// [`L1Switch`]); `l1` already has its length.
+    pub(crate) l1_switch: Option<L1Switch>,
+}
+
+/// A grown L1 table that is not in place yet: its clusters are allocated (and counted), and
+/// the write-back's L1 step writes the whole table there, makes it durable, switches the
+/// header's `l1_size` and `l1_table_offset` (one sector), makes that durable, and only then
+/// unreferences the old table. A resize whose future is dropped midway, or whose write
+/// fails, leaves it here for the next write-back to finish: the switch is never half made
+/// in memory while the disk says otherwise.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct L1Switch {
+    /// Where the new table goes.
+    pub(crate) offset: u64,
+    /// Its entries.
+    pub(crate) entries: u32,
+    /// Where the old table is, and its length in bytes.
+    pub(crate) old_offset: u64,
+    pub(crate) old_bytes: u64,
 }
 
 /// Where the image's metadata lives, apart from refcount structures (which the allocator

@@ -12,7 +12,7 @@
 
 use super::zero::ZeroMode;
 use crate::image::Image;
-use crate::meta::Meta;
+use crate::meta::{L1Switch, Meta};
 use crate::options::{Preallocation, ResizeOptions};
 use crate::{Error, ResizeError, Result};
 use blockio::{Backend, Opener};
@@ -264,95 +264,51 @@ impl<O: Opener> Image<O> {
     }
 
     /// Grows the active L1 table to `entries` (QEMU's `qcow2_grow_l1_table` with an exact
-    /// size). Returns what the write-backs on the way freed.
+    /// size): everything written back first (what the new table copies is on disk), then
+    /// its clusters allocated, and a write-back puts it in place in the crash-safe order
+    /// (the refcounts, then the whole table, then the header's L1 fields, each durable, then
+    /// the old table freed: see `L1Switch`). Returns what the write-backs freed.
     async fn grow_l1(&self, meta: &mut Meta, entries: u64) -> Result<Freed> {
-        let old_len = meta.l1.len() as u64;
-        if entries <= old_len {
+        if entries <= meta.l1.len() as u64 {
             return Ok(Vec::new());
         }
         let store = self.store();
         let geo = self.geo;
-        // 1. Everything the new table copies is on disk (L2 tables and their refcounts).
+        // Also finishes the switch of a grow whose future was dropped.
         let mut freed = store.write_back_mode(meta, true).await?;
-        // 2. Its clusters, counted on disk before anything names them (I4); 3. the table.
         let bytes = entries * 8;
         let a = store.allocate(meta, bytes.div_ceil(geo.cluster_size()))?;
-        let at = geo.cluster_offset(a.first).0;
-        meta.metadata.add_range(&geo, at, bytes);
-        let header = match self.write_new_l1(meta, at, entries).await {
-            Ok(h) => h,
-            Err(e) => {
-                // Nothing names the new clusters: they go back.
-                meta.metadata.remove_range(&geo, at, bytes);
-                if let Some(alloc) = meta.alloc.as_mut() {
-                    alloc
-                        .release_unreferenced(a.first, a.count)
-                        .map_err(|e| store.alloc_err(e))?;
-                }
-                return Err(e);
-            }
-        };
-        // 4. The switch: l1_size and l1_table_offset, one sector.
-        store
-            .write_header_fields(&header, Header::L1_FIELDS)
-            .await?;
-        meta.barrier_owed = true;
-        store.barrier(meta).await?;
-        let (old_at, old_bytes) = (meta.header.l1_table_offset, old_len * 8);
-        meta.header = header;
+        let offset = geo.cluster_offset(a.first).0;
+        meta.metadata.add_range(&geo, offset, bytes);
+        meta.l1_switch = Some(L1Switch {
+            offset,
+            entries: u32::try_from(entries)
+                .map_err(|_| store.corrupt_err(format!("an L1 table of {entries} entries")))?,
+            old_offset: meta.header.l1_table_offset,
+            old_bytes: u64::from(meta.header.l1_size) * 8,
+        });
         meta.l1.resize(entries as usize, L1Entry(0));
-        // 5. The old table, freed once nothing on disk names it.
-        meta.metadata.remove_range(&geo, old_at, old_bytes);
-        if let Some(alloc) = meta.alloc.as_mut() {
-            let first = old_at >> geo.cluster_bits();
-            for c in first..(old_at + old_bytes).div_ceil(geo.cluster_size()) {
-                alloc.defer_decrement(HostCluster(c));
-            }
-        }
         freed.extend(store.write_back_mode(meta, true).await?);
         Ok(freed)
     }
 
-    /// Steps 2 and 3 of [`Image::grow_l1`]: the refcounts of the new table's clusters, then
-    /// the table (the current one, zero-padded to `entries`) at `at`, each made durable.
-    /// Returns the header that names it.
-    async fn write_new_l1(&self, meta: &mut Meta, at: u64, entries: u64) -> Result<Header> {
-        let store = self.store();
-        store.write_refcounts(meta).await?;
-        meta.barrier_owed = true;
-        store.barrier(meta).await?;
-        let mut table: Vec<u8> = meta.l1.iter().flat_map(|e| e.0.to_be_bytes()).collect();
-        table.resize(entries as usize * 8, 0);
-        store.write_meta(at, &table).await?;
-        meta.barrier_owed = true;
-        store.barrier(meta).await?;
-        let mut header = meta.header.clone();
-        header.l1_size = u32::try_from(entries)
-            .map_err(|_| store.corrupt_err(format!("an L1 table of {entries} entries")))?;
-        header.l1_table_offset = at;
-        Ok(header)
-    }
-
     /// Clears the L1 entries from `entries` on (QEMU's `qcow2_shrink_l1_table`: the table
-    /// keeps its size): zeros on disk first, made durable, and only then are the L2 tables
-    /// they named unreferenced (freed by the write-back that follows).
+    /// keeps its size) and unreferences the L2 tables they named: in memory first, then a
+    /// write-back puts the cleared entries on disk, durable, before it applies the
+    /// decrements (I4). A drop midway leaves that to the next write-back.
     async fn shrink_l1(&self, meta: &mut Meta, entries: u64) -> Result<Freed> {
         let len = meta.l1.len() as u64;
         if entries >= len {
             return Ok(Vec::new());
         }
-        let store = self.store();
         let geo = self.geo;
-        let zeros = vec![0u8; ((len - entries) * 8) as usize];
-        store
-            .write_meta(meta.header.l1_table_offset + entries * 8, &zeros)
-            .await?;
-        meta.barrier_owed = true;
-        store.barrier(meta).await?;
+        let mut tables = Vec::new();
         for i in entries..len {
-            let l2 = self.mapper().l2_offset(meta, i)?;
+            tables.push(self.mapper().l2_offset(meta, i)?);
+        }
+        for (i, l2) in (entries..len).zip(tables) {
             meta.l1[i as usize] = L1Entry(0);
-            meta.l1_dirty.remove(&i);
+            meta.l1_dirty.insert(i);
             if let Some(off) = l2 {
                 meta.l2.remove(off);
                 meta.metadata.l2.remove(&(off >> geo.cluster_bits()));
@@ -361,7 +317,7 @@ impl<O: Opener> Image<O> {
                 }
             }
         }
-        store.write_back_mode(meta, true).await
+        self.store().write_back_mode(meta, true).await
     }
 
     /// Drops the refcount blocks that count only themselves (QEMU's
