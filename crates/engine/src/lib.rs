@@ -37,8 +37,8 @@
 //! lookup and decoding with one rule, the walk, block status) and `tracking` (the upkeep of
 //! the persistent dirty bitmaps while writing); `check` (check
 //! and repair over the files and metadata); `image` (the facade type, opening, the `Disk` of a
-//! chain); `request` (the read, write, allocate, zero/discard, flush/close paths behind the
-//! facade); `create`. docs/DESIGN.md has the invariants, docs/CONCURRENCY.md the lock table.
+//! chain); `request` (the read, write, allocate, zero/discard, flush/close and resize paths
+//! behind the facade); `create`. docs/DESIGN.md has the invariants, docs/CONCURRENCY.md the lock table.
 #![warn(missing_docs)]
 
 mod aligned;
