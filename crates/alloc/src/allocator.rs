@@ -16,7 +16,10 @@ use crate::reservation::{Reservation, Returns};
 use qcow2_format::{ClusterGeometry, HostCluster, HostOffset, RefcountWidth, ReftableEntry};
 use std::collections::BTreeSet;
 
+mod area;
 mod bytes;
+
+pub use area::refcount_metadata_blocks;
 pub use bytes::ByteAllocation;
 
 /// A contiguous run of newly allocated host clusters.
@@ -177,7 +180,7 @@ impl Allocator {
             let first = self.find_run(count, &leased)?;
             // Every cluster of the run needs its refcount block (and a table entry for it).
             if let Some(t) = self.missing_block(first, count) {
-                self.create_block(t, &leased)?;
+                self.create_block(t, first + count, &leased)?;
                 continue;
             }
             let fresh = first >= self.high_water;
@@ -228,31 +231,36 @@ impl Allocator {
         (first / per..=(first + count - 1) / per).find(|&t| !self.rc.has_block(t))
     }
 
-    /// Creates the refcount block for table index `t`, placed in the first free cluster of
-    /// the range it describes (so that it describes itself).
+    /// Creates the refcount block for table index `t`, as QEMU's `alloc_refcount_block`
+    /// places it: in the first free cluster from `from` (the end of the run being allocated,
+    /// which the run's retry then keeps). Inside `t`'s range the block describes itself;
+    /// past it, the block of the range it lands in counts it, and is created first if
+    /// missing (in the next free cluster after it, as QEMU's retry leaves it).
     fn create_block(
         &mut self,
         t: u64,
+        from: u64,
         leased: &impl Fn(HostCluster) -> bool,
     ) -> Result<(), RefcountError> {
         let per = self.rc.entries_per_block();
+        let at = self.next_free(from, leased)?;
         if t >= self.rc.table().len() as u64 {
-            self.grow_table(t + 1, leased)?;
+            // The table grows past the run and the new block (QEMU puts it past both).
+            self.grow_table(t + 1, at + 1, leased)?;
             if self.rc.has_block(t) {
                 return Ok(());
             }
         }
-        let at = self.next_free(t * per, leased)?;
-        if at / per != t {
-            // The whole range is in use without a block: only possible with a corrupt table.
-            return Err(RefcountError::NoBlock {
-                cluster: HostCluster(at),
-            });
+        let home = at / per;
+
+        if home != t && !self.rc.has_block(home) {
+            self.create_block(home, at + 1, leased)?;
         }
         let offset = self.geo.cluster_offset(HostCluster(at));
         self.rc
             .add_block(t, offset, vec![0u8; self.geo.cluster_size() as usize]);
-        self.rc.set(HostCluster(at), 1)?;
+        self.block_clusters.insert(at);
+        self.set(HostCluster(at), 1)?;
         self.dirty_blocks.insert(t);
         if self.table_move.is_none() {
             self.dirty_table_entries.insert(t);
@@ -261,11 +269,13 @@ impl Allocator {
         Ok(())
     }
 
-    /// Moves the refcount table to fresh clusters past everything in use, with room for at
-    /// least `entries` entries and for the blocks that describe the new table itself.
+    /// Moves the refcount table to fresh clusters past everything in use and past `from`
+    /// (what is being allocated), with room for at least `entries` entries and for the
+    /// blocks that describe the new table itself.
     fn grow_table(
         &mut self,
         entries: u64,
+        from: u64,
         leased: &impl Fn(HostCluster) -> bool,
     ) -> Result<(), RefcountError> {
         let cs = self.geo.cluster_size();
@@ -274,8 +284,9 @@ impl Allocator {
         let old_clusters = (old_len * 8).div_ceil(cs);
         // Clusters at or past the high-water mark have never been handed out: their refcount
         // is 0. They are free unless `leased` says otherwise (a read of a compressed span
-        // reaching past the end of the file, a cluster the engine keeps out of use).
-        let mut start = self.high_water;
+        // reaching past the end of the file, a cluster the engine keeps out of use). The
+        // table also goes past `from`, the run being allocated.
+        let mut start = self.high_water.max(from);
         let mut want = entries.max(old_len * 2).max(1);
         let clusters = loop {
             let clusters = (want * 8).div_ceil(cs);
@@ -512,34 +523,63 @@ impl Allocator {
     pub fn high_water(&self) -> u64 {
         self.high_water
     }
+
+    /// One past the last cluster with a non-zero refcount (0 when none has one): where a
+    /// shrink may cut the file (QEMU's `qcow2_get_last_cluster`). A cluster whose decrement
+    /// is still deferred, or that a reservation holds, keeps its count and so stays inside.
+    pub fn used_end(&self) -> Result<u64, RefcountError> {
+        let mut c = self.high_water;
+        while c > 0 && self.rc.get(HostCluster(c - 1))? == 0 {
+            c -= 1;
+        }
+        Ok(c)
+    }
+
+    /// Drops the refcount blocks that count nothing but (perhaps) themselves, as QEMU's
+    /// `qcow2_shrink_reftable` does after a shrink: their table entries become 0, to be
+    /// written by the next write-back before anything is allocated in their place (the
+    /// caller holds the metadata lock until then). A dropped block that another block counts
+    /// gets a deferred decrement there, applied once the table is on disk. Does nothing while
+    /// a moved table waits to be written. Returns how many blocks were dropped.
+    pub fn drop_empty_blocks(&mut self) -> Result<usize, RefcountError> {
+        if self.table_move.is_some() {
+            return Ok(0);
+        }
+        let per = self.rc.entries_per_block();
+        let width = self.rc.width();
+        let mut dropped = 0;
+        for t in 0..self.rc.table().len() as u64 {
+            let (Some(offset), Some(bytes)) = (self.rc.block_offset(t)?, self.rc.block(t)) else {
+                continue;
+            };
+            let own = self.geo.host_cluster(offset).0;
+            let counts_itself = own / per == t;
+            let mut rest = bytes.to_vec();
+            if counts_itself {
+                width.set(&mut rest, own % per, 0)?;
+            }
+            if rest.iter().any(|&b| b != 0) {
+                continue;
+            }
+            self.rc.remove_block(t);
+            self.block_clusters.remove(&own);
+            self.dirty_blocks.remove(&t);
+            self.dirty_table_entries.insert(t);
+            if !counts_itself {
+                self.pending.push(HostCluster(own));
+            }
+            self.free_hint = self.free_hint.min(own);
+            dropped += 1;
+        }
+        Ok(dropped)
+    }
+
+    /// The file was cut at `clusters` (at or past [`used_end`](Self::used_end)): the clusters
+    /// from there on read as zeros again, as if never written.
+    pub fn truncated(&mut self, clusters: u64) {
+        self.high_water = clusters;
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The refcount table moves to clusters past everything ever allocated, but never onto
-    /// a leased one there (invariant I1): a read of a compressed span past the end of the
-    /// file leases clusters nothing has allocated yet.
-    #[test]
-    fn a_growing_table_skips_leased_clusters_past_the_high_water_mark() {
-        let geo = ClusterGeometry::new(9, false).unwrap();
-        let width = RefcountWidth::from_order(4).unwrap();
-        // One table entry (256 clusters): block at cluster 1, table at cluster 2.
-        let mut rc = Refcounts::new(geo, width, vec![ReftableEntry(512)]);
-        let mut block = vec![0u8; 512];
-        for c in 0..3 {
-            width.set(&mut block, c, 1).unwrap();
-        }
-        rc.insert_block(0, block);
-        let mut a = Allocator::new(rc, geo, HostOffset(1024), 3);
-        let first = a.allocate(253, |_| false).unwrap();
-        assert_eq!((first.first, a.high_water()), (HostCluster(3), 256));
-        let leased = |c: HostCluster| c.0 == 256;
-        let next = a.allocate(1, leased).unwrap();
-        let moved = a.table_move().expect("the table grew");
-        assert_ne!(next.first, HostCluster(256));
-        assert!(moved.offset.0 / 512 > 256, "{moved:?}");
-        assert_eq!(a.get(HostCluster(256)), Ok(0));
-    }
-}
+mod tests;

@@ -47,6 +47,13 @@ pub enum RefcountError {
         /// The offset the table gives.
         offset: u64,
     },
+    /// A cluster asked for by its place ([`Allocator::allocate_at`](crate::Allocator::allocate_at))
+    /// is not free.
+    #[error("{cluster} is in use")]
+    InUse {
+        /// The cluster.
+        cluster: HostCluster,
+    },
     /// A malformed table entry or an overflowing refcount.
     #[error(transparent)]
     Format(#[from] FormatError),
@@ -190,6 +197,15 @@ impl Refcounts {
     pub fn add_block(&mut self, table_index: u64, offset: HostOffset, bytes: Vec<u8>) {
         self.table[table_index as usize] = ReftableEntry(offset.0);
         self.blocks.insert(table_index, bytes);
+    }
+
+    /// Drops the block of table index `i`: its table entry becomes 0 (every cluster it
+    /// covered then counts 0).
+    pub fn remove_block(&mut self, table_index: u64) {
+        if let Some(e) = self.table.get_mut(table_index as usize) {
+            *e = ReftableEntry(0);
+        }
+        self.blocks.remove(&table_index);
     }
 
     /// Replaces the table (a grown copy of the old one).

@@ -9,7 +9,7 @@ mod size;
 mod util;
 
 use clap::{Parser, Subcommand};
-use cmd::{amend, bench, check, compare, convert, create, info, io, map, measure};
+use cmd::{amend, bench, check, compare, convert, create, info, io, map, measure, resize};
 use std::process::ExitCode;
 
 /// Work with qcow2 images.
@@ -38,6 +38,8 @@ enum Command {
     Check(check::CheckArgs),
     /// Compare the contents of two images.
     Compare(compare::CompareArgs),
+    /// Grow or shrink an image's virtual disk (qemu-img resize).
+    Resize(resize::ResizeArgs),
     /// Run qemu-io commands on an image (qemu-io's syntax, output and exit status).
     Io(io::IoArgs),
     /// The file size a new image needs, for a size or an existing image (qemu-img measure).
@@ -77,6 +79,7 @@ fn main() -> ExitCode {
             Command::Convert(args) => convert::run(args).await,
             Command::Check(args) => check::run(args).await,
             Command::Compare(args) => compare::run(args).await,
+            Command::Resize(args) => resize::run(args).await,
             Command::Io(_) | Command::Bench(_) => {
                 unreachable!("qimg io and bench are dispatched before the runtime starts")
             }

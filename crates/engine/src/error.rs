@@ -166,6 +166,10 @@ pub enum Error {
     /// is qemu-img's).
     #[error(transparent)]
     Amend(AmendError),
+    /// A resize was refused before anything changed (the message is QEMU's where it has
+    /// one).
+    #[error(transparent)]
+    Resize(ResizeError),
 }
 
 /// Errors that stop one request without saying anything about the image's consistency are
@@ -199,6 +203,54 @@ impl Error {
     /// Whether this error means the image is (or is marked) corrupt.
     pub fn is_corruption(&self) -> bool {
         matches!(self, Error::Corrupt { .. } | Error::MarkedCorrupt(_))
+    }
+}
+
+/// Why [`Image::resize`](crate::Image::resize) refused a size. Nothing was changed. The
+/// messages are QEMU's (qemu-img's, or its qcow2 driver's), but for [`ResizeError::Bitmaps`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResizeError {
+    /// A size below the current one without [`ResizeOptions::shrink`](crate::ResizeOptions).
+    #[error("Use the --shrink option to perform a shrink operation.")]
+    ShrinkNotAllowed {
+        /// The size now.
+        size: u64,
+        /// The size asked for.
+        new_size: u64,
+    },
+    /// The new size is not a multiple of 512 bytes (qcow2 images).
+    #[error("The new size must be a multiple of 512")]
+    Unaligned(u64),
+    /// A version 2 image with internal snapshots: its snapshot table does not record their
+    /// sizes.
+    #[error("Can't resize a v2 image which has snapshots")]
+    V2Snapshots,
+    /// The image has persistent dirty bitmaps. QEMU resizes them with the image; this engine
+    /// does not (it keeps bitmaps in place), so it refuses rather than leave them sized for
+    /// the old disk.
+    #[error("Cannot resize an image with persistent dirty bitmaps")]
+    Bitmaps,
+    /// Preallocation asked for a shrink.
+    #[error("Preallocation can't be used for shrinking an image")]
+    PreallocationShrink,
+    /// The L1 table the new size needs exceeds QEMU's limit (32 MiB).
+    #[error("Failed to grow the L1 table: File too large")]
+    TooLarge(u64),
+    /// A grow of a version 2 image whose backing file reaches past the old end: the new area
+    /// must read as zeros, and a version 2 image has no zero clusters to hide the backing
+    /// file with. (QEMU grows the L1 table first and then fails with this message; nothing is
+    /// changed here.)
+    #[error("Failed to zero out new clusters: Operation not supported")]
+    CannotZeroNewArea,
+    /// A preallocation mode the format does not have (`metadata` for raw images).
+    #[error("Unsupported preallocation mode: {}", .0.name())]
+    UnsupportedPreallocation(Preallocation),
+}
+
+impl From<ResizeError> for Error {
+    fn from(e: ResizeError) -> Self {
+        Error::Resize(e)
     }
 }
 

@@ -29,8 +29,9 @@ pub(crate) struct Files<B> {
     grown: AtomicU64,
     /// Serialises the growth of the file (one `preallocate` at a time).
     growth: async_lock::Mutex<()>,
-    /// The length the file had at open: close trims the growth made ahead, never below this.
-    opened_len: u64,
+    /// The length the file had at open (or a shrink cut it to): close trims the growth made
+    /// ahead, never below this.
+    opened_len: AtomicU64,
 }
 
 impl<B: Backend> Files<B> {
@@ -44,7 +45,7 @@ impl<B: Backend> Files<B> {
             len: AtomicU64::new(len),
             grown: AtomicU64::new(len),
             growth: async_lock::Mutex::new(()),
-            opened_len: len,
+            opened_len: AtomicU64::new(len),
         }
     }
 
@@ -121,10 +122,24 @@ impl<B: Backend> Files<B> {
         Ok(())
     }
 
+    /// Cuts the image file at `len` (a shrink: nothing at or past it is referenced any more,
+    /// and no I/O on it is in flight). The growth made ahead goes with it.
+    pub(crate) async fn truncate(&self, len: u64) -> Result<()> {
+        let _growing = self.growth.lock().await;
+        self.image
+            .set_len(len)
+            .await
+            .map_err(|e| Error::io(format!("{}: truncating the file", self.path.display()), e))?;
+        self.len.store(len, Ordering::Release);
+        self.grown.store(len, Ordering::Release);
+        self.opened_len.fetch_min(len, Ordering::AcqRel);
+        Ok(())
+    }
+
     /// Gives back the growth made ahead and not used: the file ends at `used` (never shorter
     /// than it was at open).
     pub(crate) async fn trim_growth(&self, used: u64) -> Result<()> {
-        let used = used.max(self.opened_len);
+        let used = used.max(self.opened_len.load(Ordering::Acquire));
         if self.grown.load(Ordering::Acquire) <= used {
             return Ok(());
         }

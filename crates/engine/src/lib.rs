@@ -37,8 +37,9 @@
 //! lookup and decoding with one rule, the walk, block status) and `tracking` (the upkeep of
 //! the persistent dirty bitmaps while writing); `check` (check
 //! and repair over the files and metadata); `image` (the facade type, opening, the `Disk` of a
-//! chain); `request` (the read, write, allocate, zero/discard, flush/close paths behind the
-//! facade); `create` and `amend` (making and changing images). docs/DESIGN.md has the invariants, docs/CONCURRENCY.md the lock table.
+//! chain); `request` (the read, write, allocate, zero/discard, flush/close and resize paths
+//! behind the facade); `create` and `amend` (making and changing images). docs/DESIGN.md has
+//! the invariants, docs/CONCURRENCY.md the lock table.
 #![warn(missing_docs)]
 
 mod aligned;
@@ -62,8 +63,10 @@ pub use create::{
     create, create_raw, measure_disk, measure_size, probe_backing, Compat, CreateError,
     CreateOptions, MeasureTarget, Measurement, Preallocation, V3Feature,
 };
-pub use error::{AmendError, CompressedRefusal, Error, ReadResult, Result, WriteResult};
+pub use error::{
+    AmendError, CompressedRefusal, Error, ReadResult, ResizeError, Result, WriteResult,
+};
 pub use image::MapEntry;
 pub use image::{Disk, Image, RawImage};
 pub use map::status::{Extent, ExtentKind};
-pub use options::{BackingChoice, ImageFormat, ImageOptions};
+pub use options::{BackingChoice, ImageFormat, ImageOptions, ResizeOptions};

@@ -288,6 +288,36 @@ impl Preallocation {
     }
 }
 
+/// How [`Image::resize`](crate::Image::resize) may change an image: whether it may shrink it,
+/// and what it allocates for the area a grow adds (QEMU's `qemu-img resize` options).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ResizeOptions {
+    /// A size below the current one is refused unless this is set (`--shrink`): shrinking
+    /// deletes everything past the new end.
+    pub shrink: bool,
+    /// What a grow allocates for the new area (`--preallocation`); only `Off` may shrink.
+    pub preallocation: Preallocation,
+}
+
+impl ResizeOptions {
+    /// Grow only, nothing preallocated.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Allows (or not) a size below the current one.
+    pub fn shrink(mut self, allow: bool) -> Self {
+        self.shrink = allow;
+        self
+    }
+
+    /// What a grow allocates for the new area.
+    pub fn preallocation(mut self, mode: Preallocation) -> Self {
+        self.preallocation = mode;
+        self
+    }
+}
+
 /// A feature that a version 2 (`compat=0.10`) image cannot have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum V3Feature {

@@ -102,6 +102,12 @@ impl Header {
     /// The header_length QEMU writes for v3 (fields through the compression type and its
     /// padding).
     pub const QEMU_V3_LENGTH: u32 = 112;
+    /// Where the virtual size lies in the serialized header: a resize rewrites these bytes
+    /// alone (one sector, as QEMU does).
+    pub const SIZE_FIELD: std::ops::Range<usize> = 24..32;
+    /// Where `l1_size` and `l1_table_offset` lie in the serialized header: a new L1 table
+    /// takes effect by rewriting these bytes alone (one sector, as QEMU does).
+    pub const L1_FIELDS: std::ops::Range<usize> = 36..48;
 
     /// Reads just enough of the header (magic, version, cluster_bits; 24 bytes) to say how big
     /// cluster 0 is, so that the caller can read the whole cluster before calling

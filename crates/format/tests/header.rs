@@ -1117,3 +1117,23 @@ proptest! {
         }
     }
 }
+
+/// A resize rewrites the size, and an L1 table that moved takes effect, by writing these
+/// byte ranges of the serialized header alone: they must hold exactly those fields.
+#[test]
+fn field_ranges_hold_the_size_and_the_l1_fields() {
+    for mut h in [base_v3(), base_v2()] {
+        h.size = 0x0102_0304_0506_0708;
+        h.l1_size = 0x1112_1314;
+        h.l1_table_offset = 0x2122_2324_2526_2728;
+        let b = h.serialize().unwrap();
+        assert_eq!(
+            b[Header::SIZE_FIELD].to_vec(),
+            h.size.to_be_bytes().to_vec()
+        );
+        let mut l1 = h.l1_size.to_be_bytes().to_vec();
+        l1.extend(h.l1_table_offset.to_be_bytes());
+        assert_eq!(b[Header::L1_FIELDS].to_vec(), l1);
+        const { assert!(Header::SIZE_FIELD.end <= 512 && Header::L1_FIELDS.end <= 512) };
+    }
+}

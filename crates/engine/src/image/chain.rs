@@ -125,7 +125,7 @@ impl<O: Opener> Disk<O> {
     async fn layer_status(&self, pos: u64, bytes: u64) -> Result<LayerStatus> {
         match self {
             Disk::Raw(raw) => {
-                let len = bytes.min(raw.size.saturating_sub(pos));
+                let len = bytes.min(raw.size().saturating_sub(pos));
                 if len == 0 {
                     return Ok(LayerStatus {
                         len: bytes,

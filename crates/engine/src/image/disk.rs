@@ -5,9 +5,9 @@
 use super::Image;
 use crate::aligned::{read_data, write_unaligned};
 use crate::files::FlushState;
-use crate::options::{ImageFormat, ImageOptions};
+use crate::options::{ImageFormat, ImageOptions, Preallocation, ResizeOptions};
 use crate::WriteResult;
-use crate::{Error, Result};
+use crate::{Error, ResizeError, Result};
 use blockio::{Backend, IoBuf, Keep, Opener};
 use std::path::{Path, PathBuf};
 
@@ -27,7 +27,8 @@ pub enum Disk<O: Opener> {
 pub struct RawImage<B> {
     pub(crate) backend: B,
     pub(crate) path: PathBuf,
-    pub(crate) size: u64,
+    /// The size (see [`RawImage::size`]); a resize changes it.
+    pub(crate) size: std::sync::atomic::AtomicU64,
     pub(crate) flushes: FlushState,
 }
 
@@ -37,10 +38,51 @@ impl<B> RawImage<B> {
         &self.path
     }
 
-    /// Its size: the file's length when it was opened, rounded up to a multiple of 512 bytes
-    /// as QEMU does.
+    /// Its size: the file's length when it was opened (or resized), rounded up to a
+    /// multiple of 512 bytes as QEMU does.
     pub fn size(&self) -> u64 {
+        self.size.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl<B: Backend> RawImage<B> {
+    async fn resize(&self, new_size: u64, options: ResizeOptions) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        let old = self.size();
+        if new_size < old && !options.shrink {
+            return Err(ResizeError::ShrinkNotAllowed {
+                size: old,
+                new_size,
+            }
+            .into());
+        }
+        let err = |e| Error::io(format!("{}: resizing", self.path.display()), e);
+        let len = self.backend.len().await.map_err(err)?;
+        match options.preallocation {
+            Preallocation::Metadata => {
+                return Err(ResizeError::UnsupportedPreallocation(Preallocation::Metadata).into())
+            }
+            p if p != Preallocation::Off && new_size < len => {
+                return Err(ResizeError::PreallocationShrink.into())
+            }
+            Preallocation::Falloc => self.backend.preallocate(new_size, Keep::none()).await,
+            Preallocation::Full => {
+                let mut res = Ok(());
+                let mut pos = len;
+                while pos < new_size && res.is_ok() {
+                    let n = (new_size - pos).min(1 << 20);
+                    res = self.backend.write_at(IoBuf::new(n as usize), pos).await.0;
+                    pos += n;
+                }
+                res
+            }
+            _ => self.backend.set_len(new_size).await,
+        }
+        .map_err(err)?;
+        self.flushes.flush(&self.backend, &self.path).await?;
         self.size
+            .store(new_size.div_ceil(512) * 512, Ordering::Release);
+        Ok(())
     }
 }
 
@@ -89,7 +131,7 @@ impl<O: Opener> Disk<O> {
     pub fn size(&self) -> u64 {
         match self {
             Disk::Qcow2(i) => i.size(),
-            Disk::Raw(r) => r.size,
+            Disk::Raw(r) => r.size(),
         }
     }
 
@@ -157,12 +199,12 @@ impl<O: Opener> Disk<O> {
             Disk::Qcow2(img) => img.write_at(buf, offset).await,
             Disk::Raw(raw) => {
                 let len = buf.len() as u64;
-                if offset.checked_add(len).is_none_or(|e| e > raw.size) {
+                if offset.checked_add(len).is_none_or(|e| e > raw.size()) {
                     return (
                         Err(Error::OutOfRange {
                             offset,
                             len,
-                            size: raw.size,
+                            size: raw.size(),
                         }),
                         buf,
                     );
@@ -243,6 +285,30 @@ impl<O: Opener> Disk<O> {
         match self {
             Disk::Qcow2(img) => img.flush().await,
             Disk::Raw(raw) => raw.flushes.flush(&raw.backend, &raw.path).await,
+        }
+    }
+
+    /// Resizes the disk to `new_size` bytes (see [`Image::resize`]); a raw image's file is
+    /// cut or extended to that length, as QEMU's file driver does (`falloc` reserves the
+    /// storage of what is added, `full` writes zeros over it; `metadata` does not apply), and
+    /// then flushed.
+    ///
+    /// # Errors
+    ///
+    /// As [`Image::resize`]; for a raw image: [`ResizeError::ShrinkNotAllowed`] and
+    /// [`ResizeError::PreallocationShrink`] as for qcow2,
+    /// [`ResizeError::UnsupportedPreallocation`] for `metadata`, [`Error::Io`] when the file
+    /// cannot be changed. Sizes need not be multiples of 512 (the size reads as the length
+    /// rounded up to one, as QEMU has it).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::resize`]; for a raw image, dropping the future leaves the file at its old
+    /// length or the new one (a `full` resize: part of the zeros written).
+    pub async fn resize(&self, new_size: u64, options: ResizeOptions) -> Result<()> {
+        match self {
+            Disk::Qcow2(img) => img.resize(new_size, options).await,
+            Disk::Raw(raw) => raw.resize(new_size, options).await,
         }
     }
 

@@ -49,7 +49,14 @@ pub struct Image<O: Opener> {
     pub(crate) files: Files<O::Backend>,
     /// Aligned I/O and its read-modify-write lock.
     pub(crate) aligned: Aligned,
+    /// The header as read at open (its size and L1 fields change with a resize: the
+    /// current ones are `size` and `meta.header`).
     pub(crate) header: Header,
+    /// The virtual disk size: requests are checked against it on entry. A resize changes it
+    /// under the metadata lock (see `Meta::disk_end` for the bound plans are checked against).
+    pub(crate) size: AtomicU64,
+    /// Serialises resizes (taken before the metadata lock, never under it).
+    pub(crate) resizing: async_lock::Mutex<()>,
     pub(crate) geo: ClusterGeometry,
     pub(crate) read_only: bool,
     /// Lazy refcounts in use: refcount blocks are written only at close, under the dirty bit.
@@ -88,7 +95,7 @@ impl<O: Opener> Drop for Image<O> {
             .saturating_sub(self.flushed.load(Ordering::Acquire));
         let meta = self.meta.get_mut();
         let l2_tables = meta.l2.dirty_count();
-        let l1 = !meta.l1_dirty.is_empty();
+        let l1 = !meta.l1_dirty.is_empty() || meta.l1_switch.is_some();
         let refcounts = meta
             .alloc
             .as_ref()
@@ -114,9 +121,10 @@ impl<O: Opener> Image<O> {
         self.files.path()
     }
 
-    /// The virtual disk size in bytes.
+    /// The virtual disk size in bytes (as the last completed [`resize`](Image::resize)
+    /// left it).
     pub fn size(&self) -> u64 {
-        self.header.size
+        self.size.load(Ordering::Acquire)
     }
 
     /// The cluster size in bytes.
@@ -129,7 +137,8 @@ impl<O: Opener> Image<O> {
         self.geo
     }
 
-    /// The header as read at open.
+    /// The header as read at open. A [`resize`](Image::resize) changes the size and may move
+    /// the L1 table: [`Image::size`] is the size now.
     pub fn header(&self) -> &Header {
         &self.header
     }

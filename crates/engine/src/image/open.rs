@@ -99,7 +99,10 @@ impl<O: Opener> Image<O> {
             geo,
             read_only,
             backing,
+            size: AtomicU64::new(header.size),
+            resizing: async_lock::Mutex::new(()),
             meta: async_lock::Mutex::new(Meta {
+                disk_end: header.size,
                 l1,
                 l1_dirty: Default::default(),
                 l2: TableCache::new(l2_tables),
@@ -107,6 +110,7 @@ impl<O: Opener> Image<O> {
                 alloc,
                 gates: qcow2_alloc::Gates::new(),
                 barrier_owed: false,
+                l1_switch: None,
                 first_write_done: false,
                 metadata,
                 compressed_tails,
@@ -251,7 +255,7 @@ impl<O: Opener> Image<O> {
                     flushes: FlushState::new(&backend),
                     backend,
                     path: path.into(),
-                    size,
+                    size: AtomicU64::new(size),
                 }))
             }
         }

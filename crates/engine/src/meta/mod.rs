@@ -25,6 +25,11 @@ pub(crate) struct Meta {
     pub(crate) l2: TableCache,
     /// The header as it is (or is about to be) on disk.
     pub(crate) header: Header,
+    /// The end of the disk for planning: writes, write-zeroes and discards plan only below
+    /// it (checked under this lock, so that a shrink, which lowers it first, sees no new
+    /// mapping appear beyond its new end). Equal to the size but while a grow prepares the
+    /// new area, which only the grow itself may touch until its header is written.
+    pub(crate) disk_end: u64,
     /// Refcounts and allocation (read-write images only).
     pub(crate) alloc: Option<qcow2_alloc::Allocator>,
     /// Guest clusters with an allocating write in flight (invariant I6): others wait on the
@@ -42,6 +47,26 @@ pub(crate) struct Meta {
     /// Metadata was written since the last successful barrier (write-back must not order
     /// anything after it before a barrier succeeds).
     pub(crate) barrier_owed: bool,
+    /// A grown L1 table waiting to be put in place by the next write-back (see
+    /// [`L1Switch`]); `l1` already has its length.
+    pub(crate) l1_switch: Option<L1Switch>,
+}
+
+/// A grown L1 table that is not in place yet: its clusters are allocated (and counted), and
+/// the write-back's L1 step writes the whole table there, makes it durable, switches the
+/// header's `l1_size` and `l1_table_offset` (one sector), makes that durable, and only then
+/// unreferences the old table. A resize whose future is dropped midway, or whose write
+/// fails, leaves it here for the next write-back to finish: the switch is never half made
+/// in memory while the disk says otherwise.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct L1Switch {
+    /// Where the new table goes.
+    pub(crate) offset: u64,
+    /// Its entries.
+    pub(crate) entries: u32,
+    /// Where the old table is, and its length in bytes.
+    pub(crate) old_offset: u64,
+    pub(crate) old_bytes: u64,
 }
 
 /// Where the image's metadata lives, apart from refcount structures (which the allocator
@@ -65,6 +90,15 @@ impl MetadataClusters {
         let first = offset >> geo.cluster_bits();
         let end = (offset.saturating_add(len)).div_ceil(geo.cluster_size());
         self.ranges.push((first, end));
+    }
+
+    /// Forgets a range added with [`MetadataClusters::add_range`] (a table that moved).
+    pub(crate) fn remove_range(&mut self, geo: &ClusterGeometry, offset: u64, len: u64) {
+        let first = offset >> geo.cluster_bits();
+        let end = (offset.saturating_add(len)).div_ceil(geo.cluster_size());
+        if let Some(i) = self.ranges.iter().position(|&r| r == (first, end)) {
+            self.ranges.swap_remove(i);
+        }
     }
 
     /// Whether cluster `c` holds metadata.

@@ -180,6 +180,19 @@ impl<B: Backend> Store<'_, B> {
             .map_err(|e| self.corrupt_err(format!("serializing the header: {e}")))?;
         self.write_meta(0, &bytes).await
     }
+    /// Writes the bytes `fields` of the serialized header alone (a range inside the first
+    /// sector, such as [`Header::SIZE_FIELD`](qcow2_format::Header::SIZE_FIELD)): a crash
+    /// leaves them all old or all new.
+    pub(crate) async fn write_header_fields(
+        &self,
+        header: &qcow2_format::Header,
+        fields: std::ops::Range<usize>,
+    ) -> Result<()> {
+        let bytes = header
+            .serialize()
+            .map_err(|e| self.corrupt_err(format!("serializing the header: {e}")))?;
+        self.write_meta(fields.start as u64, &bytes[fields]).await
+    }
     /// Writes metadata bytes at `offset` of the image file (read-modify-write where O_DIRECT
     /// alignment demands it, under the read-modify-write lock).
     ///
@@ -253,7 +266,8 @@ impl<B: Backend> Store<'_, B> {
         if let Some(alloc) = meta.alloc.as_mut() {
             alloc.reclaim().map_err(|e| self.alloc_err(e))?;
         }
-        let l2_dirty = meta.l2.dirty_count() > 0 || !meta.l1_dirty.is_empty();
+        let l2_dirty =
+            meta.l2.dirty_count() > 0 || !meta.l1_dirty.is_empty() || meta.l1_switch.is_some();
         let mut synced = false;
         // 1. Refcounts; with lazy refcounts, the dirty bit instead, before any L2 update
         //    that relies on it reaches the disk. The barrier after it also makes the guest
@@ -289,7 +303,9 @@ impl<B: Backend> Store<'_, B> {
             }
             self.barrier(meta).await?;
         }
-        if let (Some(&lo), Some(&hi)) = (meta.l1_dirty.first(), meta.l1_dirty.last()) {
+        if meta.l1_switch.is_some() {
+            self.switch_l1(meta).await?;
+        } else if let (Some(&lo), Some(&hi)) = (meta.l1_dirty.first(), meta.l1_dirty.last()) {
             let bytes: Vec<u8> = meta.l1[lo as usize..=hi as usize]
                 .iter()
                 .flat_map(|e| e.0.to_be_bytes())
@@ -323,6 +339,37 @@ impl<B: Backend> Store<'_, B> {
             synced = true;
         }
         Ok((freed, synced))
+    }
+    /// Puts a grown L1 table in place (see [`L1Switch`](super::L1Switch)): the whole table
+    /// at its new place, durable; then the header's L1 fields, durable; then the old table's
+    /// clusters unreferenced (the same write-back frees them, after this is on disk).
+    async fn switch_l1(&self, meta: &mut Meta) -> Result<()> {
+        let Some(s) = meta.l1_switch else {
+            return Ok(());
+        };
+        let table: Vec<u8> = meta.l1.iter().flat_map(|e| e.0.to_be_bytes()).collect();
+        self.write_meta(s.offset, &table).await?;
+        meta.barrier_owed = true;
+        self.barrier(meta).await?;
+        let mut header = meta.header.clone();
+        header.l1_size = s.entries;
+        header.l1_table_offset = s.offset;
+        self.write_header_fields(&header, qcow2_format::Header::L1_FIELDS)
+            .await?;
+        meta.barrier_owed = true;
+        self.barrier(meta).await?;
+        meta.header = header;
+        meta.l1_dirty.clear();
+        meta.l1_switch = None;
+        let geo = self.geo;
+        meta.metadata.remove_range(&geo, s.old_offset, s.old_bytes);
+        if let Some(alloc) = meta.alloc.as_mut() {
+            let first = s.old_offset >> geo.cluster_bits();
+            for c in first..(s.old_offset + s.old_bytes).div_ceil(geo.cluster_size()) {
+                alloc.defer_decrement(HostCluster(c));
+            }
+        }
+        Ok(())
     }
     /// A barrier that pays what the metadata writes before it owe: only a successful one
     /// clears the debt, so a failed barrier is repeated before anything that depends on it.

@@ -1,6 +1,6 @@
 //! Guest requests (layer 8): reads, writes (in place and allocating), write-zeroes and
-//! discard, flush and close, and what happens when one finds corruption. Each plans under the
-//! metadata lock through the mapping layer (`map`) and the metadata store (`meta`), takes the
+//! discard, flush and close, resize (with its preallocation), and what happens when one
+//! finds corruption. Each plans under the metadata lock through the mapping layer (`map`) and the metadata store (`meta`), takes the
 //! leases and gates its I/O needs (I2, I6), and does its data I/O without the lock (I7), its
 //! guards travelling with the I/O (I9).
 //!
@@ -12,6 +12,8 @@ mod allocate;
 mod compressed;
 mod corrupt;
 mod flush;
+mod prealloc;
 mod read;
+mod resize;
 mod write;
 mod zero;

@@ -69,9 +69,8 @@ impl<O: Opener> Image<O> {
     /// handed to another guest offset under it; a cluster allocated for a write that never
     /// installs its mapping goes back to the free space (nothing leaks); the metadata is
     /// changed only in steps that leave it consistent.
-    pub async fn write_at(&self, mut buf: IoBuf, offset: u64) -> WriteResult {
-        let window = buf.window();
-        let len = window.len() as u64;
+    pub async fn write_at(&self, buf: IoBuf, offset: u64) -> WriteResult {
+        let len = buf.window().len() as u64;
         if let Err(e) = self.check_writable(offset, len) {
             return (Err(e), buf);
         }
@@ -79,18 +78,25 @@ impl<O: Opener> Image<O> {
             return (Err(e), buf);
         }
         self.bitmap_ctx().bitmaps_mark(offset, len).await;
-        let (res, b) = self
-            .write_steps(buf, window.start, offset, offset + len)
-            .await;
-        buf = b;
+        let (result, buf) = self.write_window(buf, offset).await;
+        if result.is_ok() {
+            self.acked.fetch_add(1, Ordering::AcqRel);
+        }
+        (result, buf)
+    }
+
+    /// Writes the buffer's window at `offset` step by step, checked only against the end
+    /// of the disk for planning (a grow writes its new area with it before the size
+    /// changes); an error goes through the corruption handling.
+    pub(super) async fn write_window(&self, buf: IoBuf, offset: u64) -> WriteResult {
+        let window = buf.window();
+        let end = offset + window.len() as u64;
+        let (res, mut buf) = self.write_steps(buf, window.start, offset, end).await;
         let result = match res {
             Ok(()) => Ok(()),
             Err(e) => Err(self.on_error(e).await),
         };
         buf.set_window(window);
-        if result.is_ok() {
-            self.acked.fetch_add(1, Ordering::AcqRel);
-        }
         (result, buf)
     }
 
@@ -183,6 +189,14 @@ impl<O: Opener> Image<O> {
         let geo = self.geo;
         let cs = geo.cluster_size();
         let cluster = geo.cluster_start(pos);
+        if end > meta.disk_end {
+            // A shrink came between the request's entry check and this step.
+            return Err(Error::OutOfRange {
+                offset: pos,
+                len: end - pos,
+                size: meta.disk_end,
+            });
+        }
         if let Some(g) = meta.gates.get(cluster >> geo.cluster_bits()) {
             return Ok(Step::WaitGate(g));
         }

@@ -179,7 +179,7 @@ impl<O: Opener> Image<O> {
     /// and the caller writes zeros instead. With `only_unset` (a partial request expanded to
     /// its subcluster) the first subcluster of `range` must still read through or as zeros
     /// in this image ([`unset`]), checked in the critical section that changes it.
-    async fn change_range(
+    pub(super) async fn change_range(
         &self,
         range: std::ops::Range<u64>,
         mode: ZeroMode,
@@ -194,6 +194,22 @@ impl<O: Opener> Image<O> {
         let mut pos = range.start;
         while pos < range.end {
             let mut meta = self.meta.lock().await;
+            if range.end > meta.disk_end && mode != ZeroMode::Truncate {
+                // A shrink came between the request's entry check and this step.
+                return Err(Error::OutOfRange {
+                    offset: pos,
+                    len: range.end - pos,
+                    size: meta.disk_end,
+                });
+            }
+            if range.end > meta.disk_end && !matches!(mode, ZeroMode::Truncate) {
+                // A shrink came between the request's entry check and this step.
+                return Err(Error::OutOfRange {
+                    offset: pos,
+                    len: range.end - pos,
+                    size: meta.disk_end,
+                });
+            }
             let l1_index = geo.l1_index(GuestOffset(pos));
             let table_end = range.end.min((l1_index + 1) * geo.l2_coverage());
             let has_table = self.mapper().l2_offset(&meta, l1_index)?.is_some();
@@ -398,7 +414,7 @@ fn dropped_clusters(old: L2Mapping, new: L2Entry, geo: &ClusterGeometry) -> Vec<
 
 /// How [`Image::change_range`] changes an entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ZeroMode {
+pub(super) enum ZeroMode {
     /// Discard: deallocate; read zeros (v3, when needed) or the backing file (v2).
     Discard,
     /// Write zeroes on v3: the zero flag (zero bits); deallocate if `unmap` (always for
@@ -406,6 +422,9 @@ enum ZeroMode {
     Zero { unmap: bool },
     /// Write zeroes on v2 without a backing file: deallocate.
     Deallocate,
+    /// A shrink cutting the clusters past the new end: deallocate, whatever lies below
+    /// (QEMU's full discard); the only mode allowed past [`Meta::disk_end`](crate::meta::Meta).
+    Truncate,
 }
 
 impl ZeroMode {
@@ -419,7 +438,7 @@ impl ZeroMode {
         match self {
             ZeroMode::Zero { .. } => true,
             ZeroMode::Discard => has_backing && v3,
-            ZeroMode::Deallocate => false,
+            ZeroMode::Deallocate | ZeroMode::Truncate => false,
         }
     }
 
@@ -506,7 +525,7 @@ impl ZeroMode {
                     e
                 }
             }
-            ZeroMode::Deallocate => L2Entry::default(),
+            ZeroMode::Deallocate | ZeroMode::Truncate => L2Entry::default(),
             ZeroMode::Zero { unmap } => {
                 let compressed = matches!(old, L2Mapping::Compressed(_));
                 let keep = !(compressed || *unmap && allocated);
