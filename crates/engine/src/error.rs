@@ -109,6 +109,9 @@ pub enum Error {
     /// Options that cannot go together (the message is QEMU's where it has one).
     #[error("{0}")]
     InvalidOptions(String),
+    /// A persistent dirty bitmap operation refused (the message is QEMU's where it has one).
+    #[error("{0}")]
+    Bitmap(String),
     /// A backing or data file could not be opened.
     #[error("could not open {role} {path}: {source}")]
     OpenFile {
