@@ -214,7 +214,7 @@ fn check_downgrade(old: &Header, snapshots: &[Snapshot]) -> std::result::Result<
 }
 
 /// Lays out `header`'s fixed part and extensions as `qcow2_update_header` writes them.
-fn qemu_extensions(header: &mut Header, data_file: Option<String>) {
+pub(crate) fn qemu_extensions(header: &mut Header, data_file: Option<String>) {
     let mut exts = Vec::new();
     if let Some(fmt) = header.backing_format() {
         exts.push(HeaderExtension::BackingFormat(fmt.to_owned()));

@@ -38,11 +38,12 @@
 //! the persistent dirty bitmaps while writing); `check` (check
 //! and repair over the files and metadata); `image` (the facade type, opening, the `Disk` of a
 //! chain); `request` (the read, write, allocate, zero/discard, flush/close paths behind the
-//! facade); `create` and `amend` (making and changing images). docs/DESIGN.md has the invariants, docs/CONCURRENCY.md the lock table.
+//! facade); `create`, `amend` and `bitmap_edit` (making and changing images). docs/DESIGN.md has the invariants, docs/CONCURRENCY.md the lock table.
 #![warn(missing_docs)]
 
 mod aligned;
 mod amend;
+mod bitmap_edit;
 mod check;
 mod compress;
 mod create;
@@ -57,6 +58,7 @@ mod request;
 mod tracking;
 
 pub use amend::AmendOptions;
+pub use bitmap_edit::BitmapAction;
 pub use check::{CheckLimit, CheckReport, RepairMode, MAX_MESSAGES, MAX_WALK_CORRUPTIONS};
 pub use create::{
     create, create_raw, measure_disk, measure_size, probe_backing, Compat, CreateError,

@@ -28,7 +28,7 @@ const LAYERS: &[&[&str]] = &[
     &["check"],
     &["image"],
     &["request"],
-    &["create", "amend"],
+    &["create", "amend", "bitmap_edit"],
 ];
 
 fn layer(module: &str) -> usize {
