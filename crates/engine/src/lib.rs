@@ -38,7 +38,7 @@
 //! the persistent dirty bitmaps while writing); `check` (check
 //! and repair over the files and metadata); `image` (the facade type, opening, the `Disk` of a
 //! chain); `request` (the read, write, allocate, zero/discard, flush/close paths behind the
-//! facade); `create`, `amend` and `bitmap_edit` (making and changing images). docs/DESIGN.md has the invariants, docs/CONCURRENCY.md the lock table.
+//! facade); `create` and `amend` (making and changing images); `bitmap_edit` (changing the persistent bitmaps, with amend's header layout). docs/DESIGN.md has the invariants, docs/CONCURRENCY.md the lock table.
 #![warn(missing_docs)]
 
 mod aligned;
