@@ -114,3 +114,53 @@ async fn extents_while_open_then_qemu_adds() {
         expected(&all, 4096)
     );
 }
+
+/// `bitmap_edit` on an image the engine has written to in the same session: the maintained
+/// bitmap is stored first (with those writes), the edit applies on top, `qemu-img check`
+/// finds no leak, and QEMU then keeps the new bitmap up to date.
+#[tokio::test]
+async fn edit_after_writes_in_the_same_session() {
+    use qcow2_engine::BitmapAction;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("b.qcow2");
+    let p = path_str(&image);
+    qemu_img(&["create", "-q", "-f", "qcow2", p, &SIZE.to_string()]);
+    let img = Image::open(FileOpener, &image, ImageOptions::new())
+        .await
+        .unwrap();
+    let add = BitmapAction::Add {
+        granularity: Some(65536),
+    };
+    img.bitmap_edit("a", std::slice::from_ref(&add))
+        .await
+        .unwrap();
+    let img = Image::open(FileOpener, &image, ImageOptions::new())
+        .await
+        .unwrap();
+    img.write(3 << 20, &[7u8; 100]).await.unwrap();
+    assert_eq!(
+        img.bitmap_dirty_extents("a").await.unwrap(),
+        vec![(3 << 20, 65536)]
+    );
+    let actions = [add, BitmapAction::Merge("a".into()), BitmapAction::Disable];
+    img.bitmap_edit("b", &actions).await.unwrap();
+    let check = qcow2_tests::qemu_check(&image);
+    assert!(check.status.success(), "{check:?}");
+    assert!(!String::from_utf8_lossy(&check.stdout).contains("leaked"));
+    qemu_write(&image, &[(0, 1)]);
+    assert_eq!(
+        extents(&image, true, "a").await.unwrap(),
+        vec![(0, 65536), (3 << 20, 65536)]
+    );
+    assert_eq!(
+        extents(&image, true, "b").await.unwrap(),
+        vec![(3 << 20, 65536)]
+    );
+    let img = Image::open(FileOpener, &image, ImageOptions::new().read_only(true))
+        .await
+        .unwrap();
+    match img.bitmap_edit("a", &[BitmapAction::Remove]).await {
+        Err(Error::ReadOnly) => {}
+        other => panic!("{other:?}"),
+    }
+}
