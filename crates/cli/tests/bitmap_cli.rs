@@ -228,3 +228,32 @@ fn refusals_as_qemu_img() {
     let v2 = Pair::new(dir.path(), "v2", &["-o", "compat=0.10"]);
     v2.same(&["--add"], "b");
 }
+
+/// `--merge SOURCE -b SOURCE_FILE`: a bitmap of another image merged in, and the refusals
+/// (missing file, missing bitmap, `-F raw`, different sizes).
+#[test]
+fn merge_from_another_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Pair::new(dir.path(), "src", &[]).theirs;
+    let s = path_str(&src);
+    qemu_img(&["bitmap", "--add", "-g", "1M", s, "sb"]);
+    let writes = [(5 << 20, 10), (20 << 20, 2 << 20)];
+    let cmds: Vec<String> = writes
+        .iter()
+        .map(|(o, l)| format!("write {o} {l}"))
+        .collect();
+    qemu_io("qcow2", &src, &cmds);
+    let p = Pair::new(dir.path(), "dst", &[]);
+    p.same(&["--add", "-g", "64k"], "b");
+    p.same(&["--merge", "sb", "-b", s], "b");
+    assert_eq!(p.extents("b"), expected(&expected(&writes, 1 << 20), 65536));
+    p.same(&["--merge", "sb", "-b", s, "-F", "qcow2"], "b");
+    p.same(&["--add", "--merge", "nope", "-b", s], "c");
+    p.same(&["--merge", "sb", "-b", "missing.qcow2"], "b");
+    p.same(&["--merge", "sb", "-b", s, "-F", "raw"], "b");
+    let big = Pair::new(dir.path(), "big", &[]);
+    qemu_img(&["resize", "-q", path_str(&big.theirs), "64M"]);
+    qemu_img(&["resize", "-q", path_str(&big.ours), "64M"]);
+    big.same(&["--add"], "b");
+    big.same(&["--merge", "sb", "-b", s], "b");
+}

@@ -41,6 +41,14 @@ pub enum BitmapAction {
     Disable,
     /// `--merge SOURCE`: the bits of bitmap SOURCE (same image) set in this one too.
     Merge(String),
+    /// `--merge SOURCE -b SOURCE_FILE`: the dirty extents of a bitmap of another image (as
+    /// [`Image::bitmap_dirty_extents`] gives them) set in this one too.
+    MergeExtents {
+        /// The `(offset, length)` ranges to set.
+        extents: Vec<(u64, u64)>,
+        /// The size of the image they come from: it must be this image's.
+        size: u64,
+    },
 }
 
 impl BitmapAction {
@@ -52,7 +60,7 @@ impl BitmapAction {
             BitmapAction::Clear => "clear",
             BitmapAction::Enable => "enable",
             BitmapAction::Disable => "disable",
-            BitmapAction::Merge(_) => "merge",
+            BitmapAction::Merge(_) | BitmapAction::MergeExtents { .. } => "merge",
         }
     }
 }
@@ -153,19 +161,29 @@ impl<O: Opener> Image<O> {
                 let Some(s) = find(edited, src) else {
                     return not_found(src);
                 };
+                if edited[s].entry.flags & BitmapDirectoryEntry::IN_USE != 0 {
+                    return Ok(Err(format!(
+                        "Bitmap '{src}' is inconsistent and cannot be used"
+                    )));
+                }
                 let src_bits = self.bits_of(&edited[s]).await?;
                 let extents = crate::tracking::dirty_extents(
                     &src_bits,
                     u32::from(edited[s].entry.granularity_bits),
                     self.size(),
                 );
-                let mut dst = self.bits_of(&edited[i]).await?;
-                let gb = u32::from(edited[i].entry.granularity_bits);
-                for (o, l) in extents {
-                    for g in (o >> gb)..=((o + l - 1) >> gb) {
-                        dst[(g / 8) as usize] |= 1 << (g % 8);
-                    }
+                let dst = self.merged(&edited[i], &extents).await?;
+                edited[i].data = Some(dst);
+            }
+            BitmapAction::MergeExtents { extents, size } => {
+                if *size != self.size() {
+                    return Ok(Err(format!(
+                        "Bitmaps are of different sizes (destination size is {}, source size \
+                         is {size}) and can't be merged",
+                        self.size()
+                    )));
                 }
+                let dst = self.merged(&edited[i], extents).await?;
                 edited[i].data = Some(dst);
             }
         }
@@ -224,6 +242,22 @@ impl<O: Opener> Image<O> {
         b.data = Some(vec![0; self.bitmap_bytes(&b)]);
         edited.push(b);
         Ok(())
+    }
+
+    /// The bits of `b` with those of every granule `extents` touch set too.
+    async fn merged(&self, b: &Edited, extents: &[(u64, u64)]) -> Result<Vec<u8>> {
+        let mut dst = self.bits_of(b).await?;
+        let gb = u32::from(b.entry.granularity_bits);
+        for &(o, l) in extents {
+            if l == 0 || o >= self.size() {
+                continue;
+            }
+            let end = (o + l).min(self.size());
+            for g in (o >> gb)..=((end - 1) >> gb) {
+                dst[(g / 8) as usize] |= 1 << (g % 8);
+            }
+        }
+        Ok(dst)
     }
 
     /// The size of a bitmap's bits in bytes.

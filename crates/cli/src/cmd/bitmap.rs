@@ -1,7 +1,7 @@
 //! `qimg bitmap`: change an image's persistent dirty bitmaps (qemu-img bitmap): `--add`,
-//! `--remove`, `--clear`, `--enable`, `--disable`, `--merge SOURCE`, several in one command,
-//! applied in order. qemu-img's syntax, messages and exit status. Not done: `-b` (merging
-//! from another file), `--object`, `--image-opts`.
+//! `--remove`, `--clear`, `--enable`, `--disable`, `--merge SOURCE [-b SOURCE_FILE [-F FMT]]`,
+//! several in one command, applied in order. qemu-img's syntax, messages and exit status. Not
+//! done: `--object`, `--image-opts`.
 
 use crate::size::parse_size;
 use anyhow::{anyhow, bail, Result};
@@ -119,8 +119,8 @@ async fn bitmap(p: Parsed) -> Result<()> {
     let [image, name] = p.positional.as_slice() else {
         bail!("Expecting filename and bitmap name");
     };
-    if p.source_file.is_some() || p.image_opts || !p.objects.is_empty() {
-        bail!("qimg bitmap does not support -b, --image-opts or --object yet");
+    if p.image_opts || !p.objects.is_empty() {
+        bail!("qimg bitmap does not support --image-opts or --object yet");
     }
     if let Some(f) = p.format.as_deref() {
         match ImageFormat::from_name(f) {
@@ -142,7 +142,72 @@ async fn bitmap(p: Parsed) -> Result<()> {
         .collect();
     let img = Image::open(FileOpener, image, ImageOptions::new())
         .await
-        .map_err(|e| anyhow!("Could not open '{image}': {e}"))?;
+        .map_err(|e| open_error(image, &e))?;
+    let (actions, stop) = match &p.source_file {
+        None => (actions, None),
+        Some(file) => from_source(file, p.source_fmt.as_deref(), name, actions).await,
+    };
     img.bitmap_edit(name, &actions).await?;
-    Ok(())
+    stop.map_or(Ok(()), Err)
+}
+
+/// With `-b FILE`, each `--merge SOURCE` takes bitmap SOURCE of FILE: its extents are read
+/// here. At the first that cannot be read, the actions stop (those before it are still
+/// done, as qemu-img does them) with qemu-img's message.
+async fn from_source(
+    file: &str,
+    fmt: Option<&str>,
+    name: &str,
+    actions: Vec<BitmapAction>,
+) -> (Vec<BitmapAction>, Option<anyhow::Error>) {
+    let mut src = None;
+    let mut out = Vec::new();
+    for a in actions {
+        let BitmapAction::Merge(source) = &a else {
+            out.push(a);
+            continue;
+        };
+        if src.is_none() {
+            let raw = fmt.and_then(ImageFormat::from_name) == Some(ImageFormat::Raw);
+            let opened = if raw {
+                None
+            } else {
+                match Image::open(FileOpener, file, ImageOptions::new().read_only(true)).await {
+                    Ok(img) => Some(img),
+                    Err(e) => return (out, Some(open_error(file, &e))),
+                }
+            };
+            src = Some(opened);
+        }
+        let img = src.as_ref().and_then(Option::as_ref);
+        let extents = match img {
+            None => Err(qcow2_engine::Error::Bitmap(format!(
+                "Dirty bitmap '{source}' not found"
+            ))),
+            Some(img) => img.bitmap_dirty_extents(source).await,
+        };
+        match extents {
+            Ok(extents) => out.push(BitmapAction::MergeExtents {
+                extents,
+                size: img.map_or(0, Image::size),
+            }),
+            Err(qcow2_engine::Error::Bitmap(m)) => {
+                let e = anyhow!("Operation merge on bitmap {name} failed: {m}");
+                return (out, Some(e));
+            }
+            Err(e) => return (out, Some(e.into())),
+        }
+    }
+    (out, None)
+}
+
+/// An image that cannot be opened, as qemu-img says it (the file's own error, without Rust's
+/// "(os error N)").
+fn open_error(path: &str, e: &qcow2_engine::Error) -> anyhow::Error {
+    if let qcow2_engine::Error::OpenFile { source, .. } = e {
+        let text = source.to_string();
+        let text = text.split(" (os error").next().unwrap_or(&text);
+        return anyhow!("Could not open '{path}': Could not open '{path}': {text}");
+    }
+    anyhow!("Could not open '{path}': {e}")
 }
