@@ -198,6 +198,18 @@ fn actions_as_qemu_img() {
     );
     p.same(&["--remove", "--add"], "b");
     assert_eq!(p.extents("b"), vec![]);
+    // `qimg info` lists them as `qemu-img info` does.
+    let specific = |program: &str| {
+        let out = Command::new(program)
+            .args(["info", path_str(&p.theirs)])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let start = text.find("Format specific information:").unwrap();
+        let end = text.find("Child node").unwrap_or(text.len());
+        text[start..end].to_owned()
+    };
+    assert_eq!(specific(env!("CARGO_BIN_EXE_qimg")), specific("qemu-img"));
 }
 
 #[test]
