@@ -269,3 +269,15 @@ fn merge_from_another_file() {
     big.same(&["--add"], "b");
     big.same(&["--merge", "sb", "-b", s], "b");
 }
+
+/// The default granularity follows the cluster size, between 4 KiB and 64 KiB, as QEMU's.
+#[test]
+fn default_granularity_as_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    for cs in ["512", "8k", "2M"] {
+        let opt = format!("cluster_size={cs}");
+        let p = Pair::new(dir.path(), cs, &["-o", &opt]);
+        p.same(&["--add"], "b");
+        p.same(&["--add", "-g", "0"], "z");
+    }
+}

@@ -227,7 +227,9 @@ pub(crate) fn qemu_extensions(header: &mut Header, data_file: Option<String>) {
             exts.push(e.clone());
         }
     }
-    if header.version >= 3 {
+    // QEMU 10 leaves the feature table out for clusters of 4 KiB and less (there would be
+    // too little room for the backing file name).
+    if header.version >= 3 && header.cluster_bits > 12 {
         exts.push(HeaderExtension::qemu_feature_table());
     }
     for e in &header.extensions {
