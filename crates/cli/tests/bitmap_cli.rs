@@ -281,3 +281,21 @@ fn default_granularity_as_qemu_img() {
         p.same(&["--add", "-g", "0"], "z");
     }
 }
+
+/// A bitmap left `in-use` by a crash (qemu-io aborted while it was maintained): every action
+/// but `--remove` refused, with QEMU's hint.
+#[test]
+fn inconsistent_bitmap_as_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Pair::new(dir.path(), "iu", &[]);
+    p.same(&["--add"], "b");
+    p.same(&["--add"], "ok");
+    qcow2_tests::qemu_io_abort("qcow2", &p.theirs, &["write 0 4k"]);
+    std::fs::copy(&p.theirs, &p.ours).unwrap();
+    for a in ["--clear", "--enable", "--disable"] {
+        p.same(&[a], "b");
+    }
+    p.same(&["--merge", "b"], "ok");
+    p.same(&["--merge", "ok"], "b");
+    p.same(&["--remove"], "b");
+}

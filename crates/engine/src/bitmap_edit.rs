@@ -72,6 +72,8 @@ struct Edited {
 }
 
 const MAX_NAME: usize = 1023;
+/// QEMU's hint after refusing an inconsistent bitmap.
+const REMOVE_HINT: &str = "Try block-dirty-bitmap-remove to delete this bitmap from disk";
 const MAX_BITMAPS: usize = 65535;
 /// QEMU's limit on the directory size (`QCOW2_MAX_BITMAP_DIRECTORY_SIZE`).
 const MAX_DIRECTORY: usize = 64 << 20;
@@ -146,7 +148,7 @@ impl<O: Opener> Image<O> {
         let in_use = edited[i].entry.flags & BitmapDirectoryEntry::IN_USE != 0;
         if in_use && *action != BitmapAction::Remove {
             return Ok(Err(format!(
-                "Bitmap '{name}' is inconsistent and cannot be used"
+                "Bitmap '{name}' is inconsistent and cannot be used\n{REMOVE_HINT}"
             )));
         }
         match action {
@@ -163,7 +165,7 @@ impl<O: Opener> Image<O> {
                 };
                 if edited[s].entry.flags & BitmapDirectoryEntry::IN_USE != 0 {
                     return Ok(Err(format!(
-                        "Bitmap '{src}' is inconsistent and cannot be used"
+                        "Bitmap '{src}' is inconsistent and cannot be used\n{REMOVE_HINT}"
                     )));
                 }
                 let src_bits = self.bits_of(&edited[s]).await?;
