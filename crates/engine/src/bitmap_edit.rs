@@ -99,6 +99,92 @@ impl<O: Opener> Image<O> {
         r.and(closed)
     }
 
+    /// Adds an empty persistent bitmap `name` (granularity in bytes, None for QEMU's
+    /// default), enabled or not, then closes the image: [`bitmap_edit`](Self::bitmap_edit)
+    /// with `--add` (and `--disable`).
+    ///
+    /// # Errors
+    ///
+    /// As [`bitmap_edit`](Self::bitmap_edit).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`bitmap_edit`](Self::bitmap_edit).
+    pub async fn bitmap_add(
+        self,
+        name: &str,
+        granularity: Option<u64>,
+        enabled: bool,
+    ) -> Result<()> {
+        let mut actions = vec![BitmapAction::Add { granularity }];
+        if !enabled {
+            actions.push(BitmapAction::Disable);
+        }
+        self.bitmap_edit(name, &actions).await
+    }
+
+    /// Removes the bitmap `name`, then closes the image ([`bitmap_edit`](Self::bitmap_edit)
+    /// with `--remove`).
+    ///
+    /// # Errors
+    ///
+    /// As [`bitmap_edit`](Self::bitmap_edit).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`bitmap_edit`](Self::bitmap_edit).
+    pub async fn bitmap_remove(self, name: &str) -> Result<()> {
+        self.bitmap_edit(name, &[BitmapAction::Remove]).await
+    }
+
+    /// Clears every bit of the bitmap `name`, then closes the image
+    /// ([`bitmap_edit`](Self::bitmap_edit) with `--clear`).
+    ///
+    /// # Errors
+    ///
+    /// As [`bitmap_edit`](Self::bitmap_edit).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`bitmap_edit`](Self::bitmap_edit).
+    pub async fn bitmap_clear(self, name: &str) -> Result<()> {
+        self.bitmap_edit(name, &[BitmapAction::Clear]).await
+    }
+
+    /// Enables (`true`) or disables the bitmap `name`, then closes the image
+    /// ([`bitmap_edit`](Self::bitmap_edit) with `--enable` / `--disable`).
+    ///
+    /// # Errors
+    ///
+    /// As [`bitmap_edit`](Self::bitmap_edit).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`bitmap_edit`](Self::bitmap_edit).
+    pub async fn bitmap_set_enabled(self, name: &str, enabled: bool) -> Result<()> {
+        let a = if enabled {
+            BitmapAction::Enable
+        } else {
+            BitmapAction::Disable
+        };
+        self.bitmap_edit(name, &[a]).await
+    }
+
+    /// Sets in bitmap `dst` every granule bitmap `src` (same image) has set, then closes the
+    /// image ([`bitmap_edit`](Self::bitmap_edit) with `--merge`).
+    ///
+    /// # Errors
+    ///
+    /// As [`bitmap_edit`](Self::bitmap_edit).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`bitmap_edit`](Self::bitmap_edit).
+    pub async fn bitmap_merge(self, dst: &str, src: &str) -> Result<()> {
+        self.bitmap_edit(dst, &[BitmapAction::Merge(src.to_owned())])
+            .await
+    }
+
     async fn bitmap_edit_inner(&self, name: &str, actions: &[BitmapAction]) -> Result<()> {
         if self.is_read_only() {
             return Err(Error::ReadOnly);

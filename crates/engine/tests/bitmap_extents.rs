@@ -164,3 +164,61 @@ async fn edit_after_writes_in_the_same_session() {
         other => panic!("{other:?}"),
     }
 }
+
+/// The one-action helpers do what the actions do.
+#[tokio::test]
+async fn one_action_helpers() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("b.qcow2");
+    let p = path_str(&image);
+    qemu_img(&["create", "-q", "-f", "qcow2", p, &SIZE.to_string()]);
+    let open = || Image::open(FileOpener, &image, ImageOptions::new());
+    open()
+        .await
+        .unwrap()
+        .bitmap_add("a", Some(4096), true)
+        .await
+        .unwrap();
+    open()
+        .await
+        .unwrap()
+        .bitmap_add("d", None, false)
+        .await
+        .unwrap();
+    qemu_write(&image, &[(4096, 1)]);
+    assert_eq!(extents(&image, true, "d").await.unwrap(), vec![]);
+    open().await.unwrap().bitmap_merge("d", "a").await.unwrap();
+    assert_eq!(extents(&image, true, "d").await.unwrap(), vec![(0, 65536)]);
+    open().await.unwrap().bitmap_clear("a").await.unwrap();
+    open()
+        .await
+        .unwrap()
+        .bitmap_set_enabled("a", false)
+        .await
+        .unwrap();
+    open()
+        .await
+        .unwrap()
+        .bitmap_set_enabled("d", true)
+        .await
+        .unwrap();
+    qemu_write(&image, &[(1 << 20, 1)]);
+    assert_eq!(extents(&image, true, "a").await.unwrap(), vec![]);
+    assert_eq!(
+        extents(&image, true, "d").await.unwrap(),
+        vec![(0, 65536), (1 << 20, 65536)]
+    );
+    open().await.unwrap().bitmap_remove("a").await.unwrap();
+    let img = open().await.unwrap();
+    let names: Vec<String> = img
+        .bitmaps()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, ["d"]);
+    img.close().await.unwrap();
+    let check = qcow2_tests::qemu_check(&image);
+    assert!(check.status.success(), "{check:?}");
+}
