@@ -137,6 +137,9 @@ fn options_amend_as_qemu_img_amends_them() {
         same_as_qemu_img(d, "plain.qcow2", args);
     }
     same_as_qemu_img(d, "lazy.qcow2", &["-o", "lazy_refcounts=off"]);
+    // Clusters of 4 KiB and less: QEMU writes no feature table.
+    create("small.qcow2", "cluster_size=4k", "8M");
+    same_as_qemu_img(d, "small.qcow2", &["-o", "lazy_refcounts=on"]);
     same_as_qemu_img(d, "ext.qcow2", &downgrade);
     same_as_qemu_img(d, "r8.qcow2", &downgrade);
     same_as_qemu_img(d, "df.qcow2", &downgrade);

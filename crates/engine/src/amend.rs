@@ -214,7 +214,7 @@ fn check_downgrade(old: &Header, snapshots: &[Snapshot]) -> std::result::Result<
 }
 
 /// Lays out `header`'s fixed part and extensions as `qcow2_update_header` writes them.
-fn qemu_extensions(header: &mut Header, data_file: Option<String>) {
+pub(crate) fn qemu_extensions(header: &mut Header, data_file: Option<String>) {
     let mut exts = Vec::new();
     if let Some(fmt) = header.backing_format() {
         exts.push(HeaderExtension::BackingFormat(fmt.to_owned()));
@@ -227,7 +227,9 @@ fn qemu_extensions(header: &mut Header, data_file: Option<String>) {
             exts.push(e.clone());
         }
     }
-    if header.version >= 3 {
+    // QEMU 10 leaves the feature table out for clusters of 4 KiB and less (there would be
+    // too little room for the backing file name).
+    if header.version >= 3 && header.cluster_bits > 12 {
         exts.push(HeaderExtension::qemu_feature_table());
     }
     for e in &header.extensions {

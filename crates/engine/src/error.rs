@@ -109,6 +109,20 @@ pub enum Error {
     /// Options that cannot go together (the message is QEMU's where it has one).
     #[error("{0}")]
     InvalidOptions(String),
+    /// A persistent dirty bitmap operation refused (the message is QEMU's where it has one).
+    #[error("{0}")]
+    Bitmap(String),
+    /// One action of [`Image::bitmap_edit`](crate::Image::bitmap_edit) refused, in
+    /// qemu-img bitmap's words.
+    #[error("Operation {action} on bitmap {bitmap} failed: {message}")]
+    BitmapAction {
+        /// "add", "remove", "clear", "enable", "disable", "merge".
+        action: &'static str,
+        /// The bitmap acted on.
+        bitmap: String,
+        /// Why (QEMU's message).
+        message: String,
+    },
     /// A backing or data file could not be opened.
     #[error("could not open {role} {path}: {source}")]
     OpenFile {

@@ -38,12 +38,14 @@
 //! the persistent dirty bitmaps while writing); `check` (check
 //! and repair over the files and metadata); `image` (the facade type, opening, the `Disk` of a
 //! chain); `request` (the read, write, allocate, zero/discard, flush/close and resize paths
-//! behind the facade); `create` and `amend` (making and changing images). docs/DESIGN.md has
-//! the invariants, docs/CONCURRENCY.md the lock table.
+//! behind the facade); `create` and `amend` (making and changing images); `bitmap_edit`
+//! (changing the persistent bitmaps, with amend's header layout). docs/DESIGN.md has the
+//! invariants, docs/CONCURRENCY.md the lock table.
 #![warn(missing_docs)]
 
 mod aligned;
 mod amend;
+mod bitmap_edit;
 mod check;
 mod compress;
 mod create;
@@ -58,6 +60,7 @@ mod request;
 mod tracking;
 
 pub use amend::AmendOptions;
+pub use bitmap_edit::BitmapAction;
 pub use check::{CheckLimit, CheckReport, RepairMode, MAX_MESSAGES, MAX_WALK_CORRUPTIONS};
 pub use create::{
     create, create_raw, measure_disk, measure_size, probe_backing, Compat, CreateError,

@@ -65,6 +65,15 @@ impl Bitmaps {
         }
     }
 
+    /// The dirty extents of the maintained bitmap `name` (None if it is not maintained).
+    pub(crate) fn tracked_extents(&self, name: &str, size: u64) -> Option<Vec<(u64, u64)>> {
+        let t = self
+            .tracked
+            .iter()
+            .find(|t| self.directory[t.index].name == name)?;
+        Some(dirty_extents(&t.data, t.granularity_bits, size))
+    }
+
     fn directory_bytes(&self) -> Result<Vec<u8>> {
         BitmapDirectoryEntry::try_serialize_directory(&self.directory).map_err(|e| Error::Corrupt {
             path: Default::default(),
@@ -370,4 +379,74 @@ impl<B: Backend> Ctx<'_, B> {
         b.marked_in_use = false;
         Ok(())
     }
+}
+
+/// The guest byte ranges `(offset, length)` of the set bits of `data` (bit g is granule g,
+/// LSB first), adjacent granules merged, the last range clipped to the disk `size`.
+pub(crate) fn dirty_extents(data: &[u8], granularity_bits: u32, size: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let g = 1u64 << granularity_bits;
+    for (i, &byte) in data.iter().enumerate() {
+        if byte == 0 {
+            continue;
+        }
+        for bit in 0..8 {
+            if byte & (1 << bit) == 0 {
+                continue;
+            }
+            let start = (i as u64 * 8 + bit) * g;
+            if start >= size {
+                return out;
+            }
+            let len = g.min(size - start);
+            match out.last_mut() {
+                Some((o, l)) if *o + *l == start => *l += len,
+                _ => out.push((start, len)),
+            }
+        }
+    }
+    out
+}
+
+/// Reads a bitmap's bits from the file (its table, then its data clusters; all-zeros and
+/// all-ones table entries need no cluster): `granules(size)/8` bytes, bit g is granule g.
+pub(crate) async fn read_bitmap_data<B: Backend>(
+    file: &B,
+    path: &std::path::Path,
+    e: &BitmapDirectoryEntry,
+    cluster_size: u64,
+    size: u64,
+) -> Result<Vec<u8>> {
+    let cs = cluster_size;
+    let corrupt = |what: String| Error::Corrupt {
+        path: path.to_path_buf(),
+        what,
+    };
+    let bytes = size.div_ceil(1u64 << e.granularity_bits).div_ceil(8);
+    let table_len = u64::from(e.table_size);
+    if table_len != bytes.div_ceil(cs) {
+        return Err(corrupt(format!(
+            "bitmap '{}': table has {table_len} entries, the bitmap needs {}",
+            e.name,
+            bytes.div_ceil(cs)
+        )));
+    }
+    let raw = read_bytes(file, e.table_offset, table_len * 8, "bitmap table").await?;
+    let mut data = vec![0u8; bytes as usize];
+    for i in 0..table_len as usize {
+        let chunk = i * cs as usize..((i + 1) * cs as usize).min(data.len());
+        let entry = BitmapTableEntry::read(&raw, i)
+            .decode(cs)
+            .map_err(|err| corrupt(format!("bitmap '{}' table: {err}", e.name)))?;
+        match entry {
+            Ok(off) => {
+                let c = read_bytes(file, off.0, cs, "bitmap data").await?;
+                let n = chunk.len();
+                data[chunk].copy_from_slice(&c[..n]);
+            }
+            Err(true) => data[chunk].fill(0xff),
+            Err(false) => {}
+        }
+    }
+    Ok(data)
 }

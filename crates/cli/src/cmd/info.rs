@@ -273,7 +273,7 @@ fn print_human(v: &Value) {
                         println!("        [{i}]:");
                         if let Some(o) = item.as_object() {
                             for (ik, iv) in o {
-                                println!("            {ik}: {iv}");
+                                print_human_field(ik, iv);
                             }
                         }
                     }
@@ -282,6 +282,24 @@ fn print_human(v: &Value) {
                 other => println!("    {key}: {other}"),
             }
         }
+    }
+}
+
+/// One field of a listed item (a bitmap), at qemu-img's indentation: strings bare, lists
+/// one `[i]: value` a line.
+fn print_human_field(key: &str, v: &Value) {
+    let bare = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    match v {
+        Value::Array(items) => {
+            println!("            {key}:");
+            for (i, item) in items.iter().enumerate() {
+                println!("                [{i}]: {}", bare(item));
+            }
+        }
+        other => println!("            {key}: {}", bare(other)),
     }
 }
 
