@@ -132,11 +132,13 @@ fn flush_and_close_scenarios() -> Vec<Scenario> {
             name: "flush",
             source: Source::Create("cluster_size=4k", 4 * MIB),
             l2_cache: None,
+            // The discard comes last: a write after it that needs new clusters would reuse
+            // the discarded ones (a write-back of its own) and leave the flush nothing to punch.
             setup: &[
                 G::Write(0, 512 * KIB),
                 G::Flush,
-                G::Discard(0, 64 * KIB),
                 G::Write(2 * MIB, 128 * KIB),
+                G::Discard(0, 64 * KIB),
             ],
             target: G::Flush,
             expect: &[RefblockWrite, L2WriteBack, L1Write, Flush, PunchHole],
