@@ -52,7 +52,11 @@ fn same_as_qemu_img(dir: &Path, image: &str, args: &[&str]) {
         "amend {args:?} on {image}: qimg's file differs from qemu-img's"
     );
     let check = |p: &Path| qemu_img_status(&["check", path_str(p)]).status.code();
-    assert_eq!(check(&ours), check(&theirs), "amend {args:?} on {image}: qemu-img check");
+    assert_eq!(
+        check(&ours),
+        check(&theirs),
+        "amend {args:?} on {image}: qemu-img check"
+    );
     std::fs::remove_file(&ours).unwrap();
 }
 
@@ -106,7 +110,11 @@ fn options_amend_as_qemu_img_amends_them() {
     create("r8.qcow2", "refcount_bits=8", "8M");
     let data_file = d.join("df.raw");
     let df = path_str(&data_file);
-    create("df.qcow2", &format!("data_file={df},data_file_raw=on"), "8M");
+    create(
+        "df.qcow2",
+        &format!("data_file={df},data_file_raw=on"),
+        "8M",
+    );
     for name in ["plain", "over", "prealloc", "old", "oldover", "lazy"] {
         fill(&d.join(format!("{name}.qcow2")));
     }
