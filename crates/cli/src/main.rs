@@ -9,7 +9,7 @@ mod size;
 mod util;
 
 use clap::{Parser, Subcommand};
-use cmd::{amend, bench, check, compare, convert, create, info, io, map, measure};
+use cmd::{amend, bench, check, compare, convert, create, info, io, map, measure, snapshot};
 use std::process::ExitCode;
 
 /// Work with qcow2 images.
@@ -44,6 +44,8 @@ enum Command {
     Measure(measure::MeasureArgs),
     /// Change an image's qcow2 options: compat, lazy_refcounts, data_file (qemu-img amend).
     Amend(amend::AmendArgs),
+    /// List, create, apply or delete internal snapshots (qemu-img snapshot).
+    Snapshot(snapshot::SnapshotArgs),
     /// Benchmark an image with qemu-img bench's workload and options.
     Bench(bench::BenchArgs),
 }
@@ -74,6 +76,7 @@ fn main() -> ExitCode {
             Command::Map(args) => map::run(args).await,
             Command::Measure(args) => measure::run(args).await,
             Command::Amend(args) => amend::run(args).await,
+            Command::Snapshot(args) => snapshot::run(args).await,
             Command::Convert(args) => convert::run(args).await,
             Command::Check(args) => check::run(args).await,
             Command::Compare(args) => compare::run(args).await,

@@ -38,7 +38,7 @@
 //! the persistent dirty bitmaps while writing); `check` (check
 //! and repair over the files and metadata); `image` (the facade type, opening, the `Disk` of a
 //! chain); `request` (the read, write, allocate, zero/discard, flush/close paths behind the
-//! facade); `create` and `amend` (making and changing images). docs/DESIGN.md has the invariants, docs/CONCURRENCY.md the lock table.
+//! facade); `create`, `amend` and `snapshot` (making and changing images, internal snapshots). docs/DESIGN.md has the invariants, docs/CONCURRENCY.md the lock table.
 #![warn(missing_docs)]
 
 mod aligned;
@@ -54,6 +54,7 @@ mod map;
 mod meta;
 mod options;
 mod request;
+mod snapshot;
 mod tracking;
 
 pub use amend::AmendOptions;
@@ -67,3 +68,4 @@ pub use image::MapEntry;
 pub use image::{Disk, Image, RawImage};
 pub use map::status::{Extent, ExtentKind};
 pub use options::{BackingChoice, ImageFormat, ImageOptions};
+pub use snapshot::{SnapshotLookup, SnapshotView};

@@ -12,3 +12,4 @@ pub mod info;
 pub mod io;
 pub mod map;
 pub mod measure;
+pub mod snapshot;

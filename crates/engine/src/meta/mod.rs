@@ -8,6 +8,7 @@
 
 pub(crate) mod cache;
 pub(crate) mod load;
+mod snapshots;
 mod store;
 pub(crate) mod verify;
 
@@ -38,6 +39,26 @@ pub(crate) struct Meta {
     /// Metadata was written since the last successful barrier (write-back must not order
     /// anything after it before a barrier succeeds).
     pub(crate) barrier_owed: bool,
+    /// Snapshots deleted since open: a reader of a snapshot ([`SnapshotL1`]) checks that its
+    /// snapshot still exists when this changed since it last looked.
+    pub(crate) snapshot_deletions: u64,
+}
+
+/// A snapshot's L1 table as a reader of the snapshot holds it. The snapshot's L2 tables and
+/// data clusters never change while it exists (the active layer copies whatever it shares
+/// with a snapshot before writing), so a mapping read through this table is valid as long
+/// as a snapshot with this L1 table is in the snapshot table ([`Store::snapshot_live`]).
+pub(crate) struct SnapshotL1 {
+    /// The snapshot's name (for messages).
+    pub(crate) name: String,
+    /// The snapshot's virtual disk size.
+    pub(crate) size: u64,
+    /// Where the table is.
+    pub(crate) offset: u64,
+    /// Its entries.
+    pub(crate) l1: Vec<L1Entry>,
+    /// `Meta::snapshot_deletions` when the snapshot was last known to exist.
+    pub(crate) seen: std::sync::atomic::AtomicU64,
 }
 
 /// Where the image's metadata lives, apart from refcount structures (which the allocator
@@ -61,6 +82,15 @@ impl MetadataClusters {
         let first = offset >> geo.cluster_bits();
         let end = (offset.saturating_add(len)).div_ceil(geo.cluster_size());
         self.ranges.push((first, end));
+    }
+
+    /// Forgets a range added with the same `offset` and `len` (metadata that is going away).
+    pub(crate) fn remove_range(&mut self, geo: &ClusterGeometry, offset: u64, len: u64) {
+        let first = offset >> geo.cluster_bits();
+        let end = (offset.saturating_add(len)).div_ceil(geo.cluster_size());
+        if let Some(i) = self.ranges.iter().position(|&r| r == (first, end)) {
+            self.ranges.swap_remove(i);
+        }
     }
 
     /// Whether cluster `c` holds metadata.

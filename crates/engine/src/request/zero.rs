@@ -21,6 +21,8 @@ impl<O: Opener> Image<O> {
     /// zeros (the change is made one L2 table at a time, each step consistent), clusters it
     /// unmapped are freed by a later write-back, and nothing else is affected.
     pub async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        // No snapshot operation runs meanwhile (see `Image::writers`).
+        let _writer = self.writers.token().await;
         match self.write_zeroes_inner(offset, len, may_unmap).await {
             Ok(()) => {
                 self.acked.fetch_add(1, Ordering::AcqRel);
@@ -95,6 +97,8 @@ impl<O: Opener> Image<O> {
     /// left as it was; the clusters unmapped are freed by a later write-back, once no I/O is
     /// in flight on them.
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        // No snapshot operation runs meanwhile (see `Image::writers`).
+        let _writer = self.writers.token().await;
         match self.discard_inner(offset, len).await {
             Ok(()) => {
                 self.acked.fetch_add(1, Ordering::AcqRel);
