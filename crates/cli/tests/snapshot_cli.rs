@@ -181,3 +181,48 @@ fn small_clusters_compressed_and_zero_clusters() {
     p.snapshot(&["-c", "b"]);
     p.same("4k clusters");
 }
+
+#[test]
+fn delete_by_name_as_qemu_img() {
+    let p = pair("cluster_size=65536", "4M", &[]);
+    p.io(&["write -P 1 0 192k", "write -P 2 2M 64k"]);
+    p.snapshot(&["-c", "a"]);
+    p.io(&["write -P 3 64k 64k", "discard 2M 64k"]);
+    p.snapshot(&["-c", "b"]);
+    p.io(&["write -P 4 0 64k", "write -P 5 3M 64k"]);
+    p.snapshot(&["-c", "1"]);
+    p.same("three snapshots");
+    // qemu-img snapshot -d looks names up only: "1" is the third snapshot's name.
+    p.snapshot(&["-d", "2"]);
+    p.snapshot(&["-d", "1"]);
+    p.same("the snapshot named 1 deleted");
+    // Clusters only snapshot a reached (2M: discarded since) are freed; COPIED comes back
+    // where the active layer is alone again (qemu-img check would say otherwise).
+    p.snapshot(&["-d", "a"]);
+    p.same("a deleted");
+    p.io(&["write -P 6 0 256k"]);
+    p.snapshot(&["-d", "b"]);
+    p.same("all deleted");
+    p.snapshot(&["-l"]);
+    p.snapshot(&["-d", "b"]);
+}
+
+#[test]
+fn apply_by_id_or_name_as_qemu_img() {
+    let p = pair("cluster_size=65536", "4M", &[]);
+    p.io(&["write -P 1 0 128k", "write -P 2 1M 64k"]);
+    p.snapshot(&["-c", "a"]);
+    p.io(&["write -P 3 64k 128k", "discard 1M 64k", "write -P 4 3M 4k"]);
+    p.snapshot(&["-c", "2"]);
+    p.io(&["write -P 5 0 64k"]);
+    // By ID first: "2" is snapshot 2; "a" by name.
+    p.snapshot(&["-a", "1"]);
+    p.same("snapshot 1 applied");
+    p.io(&["write -P 6 0 64k", "write -P 7 2M 64k"]);
+    p.snapshot(&["-a", "2"]);
+    p.same("snapshot 2 applied");
+    p.snapshot(&["-a", "nope"]);
+    p.snapshot(&["-d", "a"]);
+    p.snapshot(&["-a", "2"]);
+    p.same("applied again after a delete");
+}
