@@ -3,7 +3,7 @@
 //! `qimg io` on the other), then `qemu-img snapshot -l` must list the same snapshots (dates
 //! left out), `qemu-img check` must find both clean (no leak), `qemu-img compare` must find
 //! the active layers equal, and every snapshot must read the same (`qemu-img convert -l`
-//! of each copy).
+//! of each copy, and `qimg convert -l` of ours).
 
 use qcow2_tests::{path_str, qemu_check, qemu_img, qemu_io, raw_reference_snapshot};
 use std::path::{Path, PathBuf};
@@ -140,6 +140,23 @@ impl Pair {
                 raw_reference_snapshot(&self.ours, name) == expected,
                 "{what}: snapshot {name} reads otherwise (qemu-img convert -l)"
             );
+            let dir = tempfile::tempdir().unwrap();
+            let raw = dir.path().join("s.raw");
+            let sel = format!("snapshot.name={name}");
+            let o = qimg(&[
+                "convert",
+                "-l",
+                &sel,
+                "-O",
+                "raw",
+                path_str(&self.ours),
+                path_str(&raw),
+            ]);
+            assert!(o.status.success(), "{what}: qimg convert -l {name}: {o:?}");
+            assert!(
+                std::fs::read(&raw).unwrap() == expected,
+                "{what}: qimg convert -l {name} reads otherwise"
+            );
         }
     }
 }
@@ -225,4 +242,42 @@ fn apply_by_id_or_name_as_qemu_img() {
     p.snapshot(&["-d", "a"]);
     p.snapshot(&["-a", "2"]);
     p.same("applied again after a delete");
+}
+
+#[test]
+fn convert_l_selects_as_qemu_img() {
+    let p = pair("cluster_size=65536", "1M", &[]);
+    p.io(&["write -P 1 0 64k"]);
+    p.snapshot(&["-c", "2"]);
+    p.io(&["write -P 2 0 64k"]);
+    p.snapshot(&["-c", "x"]);
+    let dir = tempfile::tempdir().unwrap();
+    for sel in ["1", "2", "x", "snapshot.id=2", "snapshot.name=2", "nope"] {
+        let convert = |program: &str, image: &Path, out: &str| {
+            let raw = dir.path().join(out);
+            let args = [
+                "convert",
+                "-l",
+                sel,
+                "-O",
+                "raw",
+                path_str(image),
+                path_str(&raw),
+            ];
+            let o = if program == "qimg" {
+                qimg(&args)
+            } else {
+                qemu_tool(program, &args)
+            };
+            (o, std::fs::read(&raw).ok())
+        };
+        let (q, q_raw) = convert("qemu-img", &p.theirs, "q.raw");
+        let (o, o_raw) = convert("qimg", &p.ours, "o.raw");
+        assert_eq!(
+            seen(&o, "qimg: "),
+            seen(&q, "qemu-img: "),
+            "convert -l {sel}"
+        );
+        assert!(o_raw == q_raw, "convert -l {sel}: the contents differ");
+    }
 }
