@@ -2,7 +2,8 @@
 # Proof that the race replays can see the races they guard against: built with a guard
 # compiled out (a test-only switch), every replay test of that guard must fail.
 #
-#   --cfg qcow2_no_lease  the lease a no-op            -> crates/engine/tests/seed_race.rs
+#   --cfg qcow2_no_lease  the lease a no-op            -> crates/engine/tests/seed_race.rs,
+#                                                         crates/engine/tests/snapshot_race.rs
 #   --cfg qcow2_no_keep   guards die with the future   -> crates/engine/tests/cancel_race.rs
 #                         (a blockio::Keep holds nothing)
 #
@@ -30,4 +31,5 @@ must_fail() {
 }
 
 must_fail qcow2_no_lease seed_race
+must_fail qcow2_no_lease snapshot_race
 must_fail qcow2_no_keep cancel_race
