@@ -132,6 +132,28 @@ impl Pair {
             cmp.status.success(),
             "{what}: active layers differ: {cmp:?}"
         );
+        // qimg info prints the table as qemu-img info does, in text and JSON.
+        let block = |o: Output| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            let from = text.find("Snapshot list:");
+            let to = text.find("Format specific information:");
+            from.map(|f| text[f..to.unwrap_or(text.len())].to_owned())
+        };
+        let ours = path_str(&self.ours);
+        assert_eq!(
+            block(qimg(&["info", ours])),
+            block(qemu_img(&["info", ours])),
+            "{what}: qimg info's snapshot table"
+        );
+        let snaps = |o: Output| {
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            v.get("snapshots").cloned()
+        };
+        assert_eq!(
+            snaps(qimg(&["info", "--output=json", ours])),
+            snaps(qemu_img(&["info", "--output=json", ours])),
+            "{what}: qimg info --output=json's snapshots"
+        );
         let names = qimg(&["snapshot", "-l", path_str(&self.ours)]);
         for line in String::from_utf8_lossy(&names.stdout).lines().skip(2) {
             let name = line.split_whitespace().nth(1).unwrap();
