@@ -330,6 +330,12 @@ impl<O: Opener> Image<O> {
         }
         let mut l1 = store.snapshot_l1(&snapshot).await?;
         l1.resize(meta.l1.len(), L1Entry(0));
+        // Every L2 table is shared with the snapshot from now on: written without COPIED, so
+        // that no crash before the COPIED pass leaves one writable in place (QEMU writes the
+        // snapshot's flags as they are).
+        for e in &mut l1 {
+            e.0 &= !L1Entry::COPIED;
+        }
         let old = self.tree_clusters(meta, &meta.l1.clone()).await?;
         let new = self.tree_clusters(meta, &l1).await?;
         self.increment_all(meta, &new)?;
