@@ -73,9 +73,13 @@ async fn snapshot(args: &SnapshotArgs) -> Result<()> {
 
 async fn act(args: &SnapshotArgs, img: &Image<FileOpener>) -> Result<()> {
     if let Some(name) = &args.create {
-        img.snapshot_create(name)
-            .await
-            .map_err(|e| anyhow!("Could not create snapshot '{name}': {e}"))?;
+        img.snapshot_create(name).await.map_err(|e| match e {
+            // QEMU's refcount update fails with EINVAL.
+            Error::RefcountOverflow { .. } => {
+                anyhow!("Could not create snapshot '{name}': Invalid argument")
+            }
+            e => anyhow!("Could not create snapshot '{name}': {e}"),
+        })?;
     } else if let Some(name) = &args.apply {
         img.snapshot_apply(SnapshotLookup::IdOrName(name))
             .await

@@ -117,7 +117,8 @@ impl<O: Opener> Image<O> {
     /// # Errors
     ///
     /// [`Error::ReadOnly`]; [`Error::Unsupported`] for images with an external data file (as
-    /// QEMU); [`Error::MarkedCorrupt`]; a refcount overflow; I/O errors. A failure after the
+    /// QEMU); [`Error::MarkedCorrupt`]; [`Error::RefcountOverflow`] when a count would not
+    /// fit the refcount width (checked before anything changes); I/O errors. A failure after the
     /// refcounts were raised leaves leaked clusters, never a corrupt image.
     ///
     /// # Cancel safety
@@ -156,6 +157,10 @@ impl<O: Opener> Image<O> {
         let mut freed = store.write_back_mode(meta, true).await?;
         let mut list = store.snapshot_table(meta).await?;
         let l1 = meta.l1.clone();
+        // One more reference from the new L1 table to everything the active one reaches
+        // (checked to fit before anything is allocated).
+        let clusters = self.tree_clusters(meta, &l1).await?;
+        self.increment_all(meta, &clusters)?;
         let l1_bytes: Vec<u8> = l1.iter().flat_map(|e| e.0.to_be_bytes()).collect();
         let l1_offset = if l1_bytes.is_empty() {
             0
@@ -182,9 +187,6 @@ impl<O: Opener> Image<O> {
             icount: Some(0),
             extra_data: vec![0; 24],
         };
-        // One more reference from the new L1 table to everything the active one reaches.
-        let clusters = self.tree_clusters(meta, &l1).await?;
-        self.increment_all(meta, &clusters)?;
         self.fix_copied(meta).await?;
         // Refcounts (and the L1 copy) durable, then the COPIED changes.
         freed.extend(store.write_back_mode(meta, true).await?);

@@ -46,10 +46,28 @@ impl<O: Opener> Image<O> {
         Ok(out)
     }
 
-    /// Adds one reference to each of `clusters`.
+    /// Adds one reference to each of `clusters`; checks first that every count fits the
+    /// refcount width, so that a refused increment changes nothing.
     pub(super) fn increment_all(&self, meta: &mut Meta, clusters: &[HostCluster]) -> Result<()> {
         let store = self.store();
         let alloc = meta.alloc.as_mut().ok_or(Error::ReadOnly)?;
+        let mut adds: std::collections::HashMap<HostCluster, u64> = Default::default();
+        for &c in clusters {
+            *adds.entry(c).or_default() += 1;
+        }
+        for (&c, &n) in &adds {
+            let value = alloc
+                .get(c)
+                .map_err(|e| store.alloc_err(e))?
+                .saturating_add(n);
+            if value > alloc.width().max() {
+                return Err(Error::RefcountOverflow {
+                    path: self.path().to_path_buf(),
+                    value,
+                    bits: alloc.width().bits(),
+                });
+            }
+        }
         for &c in clusters {
             alloc.increment(c).map_err(|e| store.alloc_err(e))?;
         }
