@@ -97,6 +97,11 @@ async fn a_view_of_a_deleted_snapshot_fails_and_the_others_read_on() {
     // Another snapshot's view looks again, finds its snapshot, and reads on.
     assert_eq!(&c.read(0, 1 << 20).await.unwrap()[..], &expected_c[..]);
     drop((b, c));
+    // The engine's own check of the open image sees the header as it is now.
+    img.snapshot_create("d").await.unwrap();
+    img.flush().await.unwrap();
+    let report = img.check().await.unwrap();
+    assert!(report.is_clean(), "{report:?}");
     img.close().await.unwrap();
     let check = qcow2_tests::qemu_check(&image);
     assert!(check.status.success(), "{check:?}");

@@ -9,11 +9,12 @@ use blockio::{Backend, OpenOptions, Opener};
 use std::path::Path;
 
 impl<O: Opener> Image<O> {
-    /// What the checker works on.
-    fn check_subject(&self) -> Subject<'_, O::Backend> {
+    /// What the checker works on: the header as it is now (snapshot operations change it
+    /// after open).
+    fn check_subject<'a>(&'a self, header: &'a qcow2_format::Header) -> Subject<'a, O::Backend> {
         Subject {
             files: &self.files,
-            header: &self.header,
+            header,
             geo: self.geo,
             meta_io: &self.meta_io,
         }
@@ -29,7 +30,8 @@ impl<O: Opener> Image<O> {
     ///
     /// Reads only: dropping the future changes nothing.
     pub async fn check(&self) -> Result<CheckReport> {
-        crate::check::check(self.check_subject()).await
+        let header = self.meta.lock().await.header.clone();
+        crate::check::check(self.check_subject(&header)).await
     }
 
     /// Checks and repairs the image as `qemu-img check -r leaks|all` does, then checks it
@@ -52,8 +54,9 @@ impl<O: Opener> Image<O> {
             return Err(Error::ReadOnly);
         }
         // Keep the engine's own request paths out while the metadata changes underneath.
-        let _meta = self.meta.lock().await;
-        crate::check::repair(self.check_subject(), mode).await
+        let meta = self.meta.lock().await;
+        let header = meta.header.clone();
+        crate::check::repair(self.check_subject(&header), mode).await
     }
 
     /// Opens an image for [`Image::repair`]: validated and opened like a read-only image
