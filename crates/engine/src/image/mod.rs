@@ -132,7 +132,9 @@ impl<O: Opener> Image<O> {
         self.geo
     }
 
-    /// The header as read at open.
+    /// The header as read at open. Snapshot operations ([`Image::snapshot_create`] and the
+    /// others) change its snapshot fields on disk afterwards: [`Image::snapshots`] reads the
+    /// table as it is now.
     pub fn header(&self) -> &Header {
         &self.header
     }
