@@ -125,8 +125,9 @@ impl<O: Opener> Image<O> {
     ///
     /// Dropping the future leaves the file consistent at every step (the order above): at
     /// worst clusters leak, and the snapshot exists only if the header write landed. The
-    /// in-memory state may then be ahead of the file only in ways the next write-back
-    /// completes.
+    /// in-memory changes that must go together (a refcount and its COPIED flags) are made
+    /// in one step, so the next write-back completes them consistently
+    /// (crates/engine/tests/snapshot_cancel.rs drops each operation after every write).
     pub async fn snapshot_create(&self, name: &str) -> Result<Snapshot> {
         self.snapshot_writable()?;
         self.before_first_write().await?;
@@ -158,9 +159,12 @@ impl<O: Opener> Image<O> {
         let mut list = store.snapshot_table(meta).await?;
         let l1 = meta.l1.clone();
         // One more reference from the new L1 table to everything the active one reaches
-        // (checked to fit before anything is allocated).
+        // (checked to fit first), and COPIED cleared where it is now shared: both in memory
+        // in one step (the tables were just loaded, so nothing waits between them and a
+        // dropped future cannot leave one without the other).
         let clusters = self.tree_clusters(meta, &l1).await?;
         self.increment_all(meta, &clusters)?;
+        self.fix_copied(meta, &[]).await?;
         let l1_bytes: Vec<u8> = l1.iter().flat_map(|e| e.0.to_be_bytes()).collect();
         let l1_offset = if l1_bytes.is_empty() {
             0
@@ -187,7 +191,6 @@ impl<O: Opener> Image<O> {
             icount: Some(0),
             extra_data: vec![0; 24],
         };
-        self.fix_copied(meta).await?;
         // Refcounts (and the L1 copy) durable, then the COPIED changes.
         freed.extend(store.write_back_mode(meta, true).await?);
         list.push(snapshot.clone());
@@ -254,8 +257,10 @@ impl<O: Opener> Image<O> {
         let (mut list, i) = self.find_snapshot(meta, which).await?;
         let snapshot = list.remove(i);
         let l1 = store.snapshot_l1(&snapshot).await?;
-        // Read (and checked) before anything changes.
+        // Read (and checked) before anything changes; the active tables loaded too, so that
+        // the decrements and the COPIED flags change in one step below.
         let mut clusters = self.tree_clusters(meta, &l1).await?;
+        self.tree_clusters(meta, &meta.l1.clone()).await?;
         store.write_snapshot_table(meta, &list).await?;
         // Unreachable now, on disk: readers of the snapshot look again before planning.
         meta.snapshot_deletions += 1;
@@ -270,11 +275,10 @@ impl<O: Opener> Image<O> {
             );
         }
         let alloc = meta.alloc.as_mut().ok_or(Error::ReadOnly)?;
-        for c in clusters {
+        for &c in &clusters {
             alloc.defer_decrement(c);
         }
-        freed.extend(store.write_back_mode(meta, true).await?);
-        self.fix_copied(meta).await?;
+        self.fix_copied(meta, &clusters).await?;
         freed.extend(store.write_back_mode(meta, true).await?);
         Ok((snapshot, freed))
     }
@@ -356,11 +360,10 @@ impl<O: Opener> Image<O> {
         meta.l1 = l1;
         meta.l1_dirty.clear();
         let alloc = meta.alloc.as_mut().ok_or(Error::ReadOnly)?;
-        for c in old {
+        for &c in &old {
             alloc.defer_decrement(c);
         }
-        freed.extend(store.write_back_mode(meta, true).await?);
-        self.fix_copied(meta).await?;
+        self.fix_copied(meta, &old).await?;
         freed.extend(store.write_back_mode(meta, true).await?);
         Ok((snapshot, freed))
     }

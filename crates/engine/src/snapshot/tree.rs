@@ -76,14 +76,21 @@ impl<O: Opener> Image<O> {
 
     /// Sets COPIED on the active L1 entries and standard or preallocated-zero L2 entries
     /// whose cluster has refcount 1, and clears it elsewhere; only the tables that change
-    /// become dirty.
-    pub(super) async fn fix_copied(&self, meta: &mut Meta) -> Result<()> {
+    /// become dirty. `pending` are decrements deferred but not applied yet, counted as
+    /// applied (so that the flags change in the same step as the decrements are recorded,
+    /// and a dropped future cannot leave one without the other).
+    pub(super) async fn fix_copied(&self, meta: &mut Meta, pending: &[HostCluster]) -> Result<()> {
+        let mut minus: std::collections::HashMap<HostCluster, u64> = Default::default();
+        for &c in pending {
+            *minus.entry(c).or_default() += 1;
+        }
         let geo = self.geo;
         let store = self.store();
         let zero_ok = self.header.version >= 3 && !geo.extended_l2();
         let refcount = |meta: &Meta, c: HostCluster| -> Result<u64> {
             let alloc = meta.alloc.as_ref().ok_or(Error::ReadOnly)?;
-            alloc.get(c).map_err(|e| store.alloc_err(e))
+            let n = alloc.get(c).map_err(|e| store.alloc_err(e))?;
+            Ok(n.saturating_sub(minus.get(&c).copied().unwrap_or(0)))
         };
         for i in 0..meta.l1.len() {
             let Some(l2) = self.mapper().l2_offset(meta, i as u64)? else {
