@@ -4,6 +4,7 @@
 #
 #   --cfg qcow2_no_lease  the lease a no-op            -> crates/engine/tests/seed_race.rs,
 #                                                         crates/engine/tests/resize_race.rs
+#                                                         crates/engine/tests/snapshot_race.rs
 #   --cfg qcow2_no_keep   guards die with the future   -> crates/engine/tests/cancel_race.rs
 #                         (a blockio::Keep holds nothing)
 #
@@ -32,4 +33,5 @@ must_fail() {
 
 must_fail qcow2_no_lease seed_race
 must_fail qcow2_no_lease resize_race
+must_fail qcow2_no_lease snapshot_race
 must_fail qcow2_no_keep cancel_race

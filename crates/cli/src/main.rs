@@ -9,7 +9,9 @@ mod size;
 mod util;
 
 use clap::{Parser, Subcommand};
-use cmd::{amend, bench, bitmap, check, compare, convert, create, info, io, map, measure, resize};
+use cmd::{
+    amend, bench, bitmap, check, compare, convert, create, info, io, map, measure, resize, snapshot,
+};
 use std::process::ExitCode;
 
 /// Work with qcow2 images.
@@ -48,6 +50,8 @@ enum Command {
     Amend(amend::AmendArgs),
     /// Add, remove, clear, enable, disable, merge persistent dirty bitmaps (qemu-img bitmap).
     Bitmap(bitmap::BitmapArgs),
+    /// List, create, apply or delete internal snapshots (qemu-img snapshot).
+    Snapshot(snapshot::SnapshotArgs),
     /// Benchmark an image with qemu-img bench's workload and options.
     Bench(bench::BenchArgs),
 }
@@ -79,6 +83,7 @@ fn main() -> ExitCode {
             Command::Measure(args) => measure::run(args).await,
             Command::Amend(args) => amend::run(args).await,
             Command::Bitmap(args) => bitmap::run(args).await,
+            Command::Snapshot(args) => snapshot::run(args).await,
             Command::Convert(args) => convert::run(args).await,
             Command::Check(args) => check::run(args).await,
             Command::Compare(args) => compare::run(args).await,

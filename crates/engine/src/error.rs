@@ -143,6 +143,14 @@ pub enum Error {
         /// What is not supported.
         what: String,
     },
+    /// No internal snapshot has this ID or name (or a snapshot being read was deleted).
+    #[error("{path}: snapshot '{name}' not found")]
+    SnapshotNotFound {
+        /// The image.
+        path: PathBuf,
+        /// The ID or name asked for.
+        name: String,
+    },
     /// A compressed cluster that does not decompress to a full cluster.
     #[error("{path}: compressed cluster at host offset {host_offset:#x} is invalid: {reason}")]
     Decompress {

@@ -43,6 +43,14 @@ impl Tracker {
     pub(crate) async fn idle(&self) {
         drop(self.0.write().await);
     }
+
+    /// Waits until no token is left and keeps new ones waiting until the guard is dropped.
+    ///
+    /// # Cancel safety
+    /// Dropping the wait leaves nothing behind.
+    pub(crate) async fn exclusive(&self) -> async_lock::RwLockWriteGuard<'_, ()> {
+        self.0.write().await
+    }
 }
 
 /// The guards of one request: they live until the request's future and every backend

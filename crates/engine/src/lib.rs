@@ -38,9 +38,9 @@
 //! the persistent dirty bitmaps while writing); `check` (check
 //! and repair over the files and metadata); `image` (the facade type, opening, the `Disk` of a
 //! chain); `request` (the read, write, allocate, zero/discard, flush/close and resize paths
-//! behind the facade); `create` and `amend` (making and changing images); `bitmap_edit`
-//! (changing the persistent bitmaps, with amend's header layout). docs/DESIGN.md has the
-//! invariants, docs/CONCURRENCY.md the lock table.
+//! behind the facade); `create`, `amend` and `snapshot` (making and changing images, internal
+//! snapshots); `bitmap_edit` (changing the persistent bitmaps, with amend's header layout).
+//! docs/DESIGN.md has the invariants, docs/CONCURRENCY.md the lock table.
 #![warn(missing_docs)]
 
 mod aligned;
@@ -57,6 +57,7 @@ mod map;
 mod meta;
 mod options;
 mod request;
+mod snapshot;
 mod tracking;
 
 pub use amend::AmendOptions;
@@ -73,3 +74,4 @@ pub use image::MapEntry;
 pub use image::{Disk, Image, RawImage};
 pub use map::status::{Extent, ExtentKind};
 pub use options::{BackingChoice, ImageFormat, ImageOptions, ResizeOptions};
+pub use snapshot::{SnapshotLookup, SnapshotView};

@@ -10,8 +10,8 @@
 //! 6. `check`: the consistency check and repair;
 //! 7. `image`: the facade type, opening, the `Disk` of a chain;
 //! 8. `request`: the request paths behind the facade;
-//! 9. `create`, `amend`: creating images (it opens backing files to probe them), changing
-//!    their options;
+//! 9. `create`, `amend`, `snapshot`: creating images (it opens backing files to probe them),
+//!    changing their options, internal snapshots;
 //! 10. `bitmap_edit`: changing the persistent bitmaps (it uses amend's header layout).
 //!
 //! A name the crate root re-exports (`crate::Error`) counts as the module it comes from. The
@@ -29,7 +29,7 @@ const LAYERS: &[&[&str]] = &[
     &["check"],
     &["image"],
     &["request"],
-    &["create", "amend"],
+    &["create", "amend", "snapshot"],
     &["bitmap_edit"],
 ];
 

@@ -4,7 +4,7 @@
 use crate::util::{self, open_disk};
 use anyhow::{bail, Context, Result};
 use blockio::{Backend, FileOpener, IoBuf, LockRequest, OpenOptions, Opener, Perms};
-use qcow2_engine::{Disk, Image, ImageOptions};
+use qcow2_engine::{Disk, Error, Image, ImageOptions, ReadResult, SnapshotLookup, SnapshotView};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -26,6 +26,10 @@ pub struct ConvertArgs {
     /// `-c`: the new image's clusters compressed (qcow2 only, as qemu-img).
     #[arg(short = 'c')]
     compress: bool,
+    /// Convert this internal snapshot of the source instead of its active layer:
+    /// `ID_OR_NAME`, `snapshot.id=ID` or `snapshot.name=NAME` (qemu-img's -l).
+    #[arg(short = 'l', value_name = "SNAPSHOT")]
+    snapshot: Option<String>,
     /// Source image.
     source: PathBuf,
     /// Destination file.
@@ -45,10 +49,14 @@ pub async fn run(args: ConvertArgs) -> ExitCode {
 async fn convert(args: &ConvertArgs) -> Result<()> {
     let (source, dest, options) = (&args.source, &args.dest, &args.options);
     let disk = open_disk(source, args.format.as_deref(), args.force_share).await?;
-    let size = disk.size();
     if args.compress && args.output_format != "qcow2" {
         bail!("Compression not supported for this file format");
     }
+    let reader = match &args.snapshot {
+        None => Reader::Disk(&disk),
+        Some(sel) => Reader::Snapshot(Box::new(open_snapshot(&disk, sel).await?)),
+    };
+    let size = reader.size();
     match args.output_format.as_str() {
         "raw" => {
             if !options.is_empty() {
@@ -71,7 +79,7 @@ async fn convert(args: &ConvertArgs) -> Result<()> {
                 )
                 .await
                 .with_context(|| format!("Could not create '{}'", dest.display()))?;
-            copy(&disk, &[(0, size)], source, dest, &RawSink(&out), SPARSE).await?;
+            copy(&reader, &[(0, size)], source, dest, &RawSink(&out), SPARSE).await?;
             out.set_len(size)
                 .await
                 .with_context(|| format!("error while writing '{}'", dest.display()))?;
@@ -84,11 +92,11 @@ async fn convert(args: &ConvertArgs) -> Result<()> {
             let out = Image::open(FileOpener, dest, ImageOptions::new())
                 .await
                 .with_context(|| format!("Could not open '{}'", dest.display()))?;
-            let mut ranges = match out.backing() {
+            let mut ranges = match (out.backing(), &reader) {
                 // As qemu-img: with a backing file the new image takes what the source's top
                 // layer says, and the backing file provides the rest.
-                Some(b) => top_layer(&disk, b.size()).await?,
-                None => vec![(0, size)],
+                (Some(b), Reader::Disk(disk)) => top_layer(disk, b.size()).await?,
+                _ => vec![(0, size)],
             };
             let sink = Qcow2Sink {
                 img: &out,
@@ -103,7 +111,7 @@ async fn convert(args: &ConvertArgs) -> Result<()> {
             } else {
                 SPARSE
             };
-            copy(&disk, &ranges, source, dest, &sink, granule).await?;
+            copy(&reader, &ranges, source, dest, &sink, granule).await?;
             out.close()
                 .await
                 .with_context(|| format!("error while writing '{}'", dest.display()))?;
@@ -144,6 +152,56 @@ async fn top_layer(disk: &Disk<FileOpener>, backing_size: u64) -> Result<Vec<(u6
         }
     }
     Ok(ranges)
+}
+
+/// What `copy` reads: a disk's active layer, or a snapshot of it.
+enum Reader<'a> {
+    Disk(&'a Disk<FileOpener>),
+    Snapshot(Box<SnapshotView<'a, FileOpener>>),
+}
+
+impl Reader<'_> {
+    fn size(&self) -> u64 {
+        match self {
+            Reader::Disk(d) => d.size(),
+            Reader::Snapshot(v) => v.size(),
+        }
+    }
+
+    async fn read_at(&self, buf: IoBuf, offset: u64) -> ReadResult {
+        match self {
+            Reader::Disk(d) => d.read_at(buf, offset).await,
+            Reader::Snapshot(v) => v.read_at(buf, offset).await,
+        }
+    }
+}
+
+/// The snapshot `sel` of `disk` (`-l`: `ID_OR_NAME`, `snapshot.id=ID` or
+/// `snapshot.name=NAME`), with qemu-img's message when there is none.
+async fn open_snapshot<'a>(
+    disk: &'a Disk<FileOpener>,
+    sel: &'a str,
+) -> Result<SnapshotView<'a, FileOpener>> {
+    let lookup = if let Some(id) = sel.strip_prefix("snapshot.id=") {
+        SnapshotLookup::Id(id)
+    } else if let Some(name) = sel.strip_prefix("snapshot.name=") {
+        SnapshotLookup::Name(name)
+    } else {
+        SnapshotLookup::IdOrName(sel)
+    };
+    if matches!(lookup, SnapshotLookup::Id(s) | SnapshotLookup::Name(s) if s.contains(',')) {
+        bail!("-l with both snapshot.id and snapshot.name is not supported by qimg");
+    }
+    let Disk::Qcow2(img) = disk else {
+        bail!("Failed to load snapshot: Block format 'raw' used by device '' does not support internal snapshots");
+    };
+    match img.snapshot_view(lookup).await {
+        Ok(v) => Ok(v),
+        Err(Error::SnapshotNotFound { .. }) => {
+            bail!("Failed to load snapshot: Can't find snapshot")
+        }
+        Err(e) => bail!("Failed to load snapshot: {e}"),
+    }
 }
 
 /// Where `copy` writes the bytes it read.
@@ -197,7 +255,7 @@ impl Sink for Qcow2Sink<'_> {
 /// Copies `ranges` of `disk` to `sink`: runs of non-zero granules are written, runs of zero
 /// granules are left to read as zeros (`Sink::zeroes`).
 async fn copy(
-    disk: &Disk<FileOpener>,
+    disk: &Reader<'_>,
     ranges: &[(u64, u64)],
     source: &Path,
     dest: &Path,

@@ -116,8 +116,9 @@ async fn describe_qcow2(img: &Image<FileOpener>, m: &mut Map<String, Value>) -> 
         let list: Vec<Value> = snapshots
             .iter()
             .map(|s| {
-                json!({
-                    "icount": s.icount.unwrap_or(0),
+                // QEMU leaves icount out when it is unknown (-1).
+                let mut v = json!({
+                    "icount": s.icount.unwrap_or(u64::MAX),
                     "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
                     "name": s.name,
                     "date-sec": s.date_sec,
@@ -125,7 +126,11 @@ async fn describe_qcow2(img: &Image<FileOpener>, m: &mut Map<String, Value>) -> 
                     "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
                     "id": s.id,
                     "vm-state-size": s.vm_state_size,
-                })
+                });
+                if s.icount.is_none_or(|i| i == u64::MAX) {
+                    v.as_object_mut().map(|o| o.remove("icount"));
+                }
+                v
             })
             .collect();
         m.insert("snapshots".into(), Value::Array(list));
@@ -235,27 +240,20 @@ fn print_human(v: &Value) {
     }
     if let Some(Value::Array(snaps)) = v.get("snapshots") {
         println!("Snapshot list:");
-        println!(
-            "{:<4} {:<16} {:>10} {:>19} {:>15} {:>10}",
-            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
-        );
+        println!("{}", super::snapshot::table_header());
         for sn in snaps {
             let g = |k: &str| sn.get(k).and_then(Value::as_u64).unwrap_or_default();
-            let secs = g("vm-clock-sec");
+            let icount = sn.get("icount").and_then(Value::as_u64);
             println!(
-                "{:<4} {:<16} {:>10} {:>19} {:>15} {:>10}",
-                sn.get("id").and_then(Value::as_str).unwrap_or_default(),
-                sn.get("name").and_then(Value::as_str).unwrap_or_default(),
-                size_to_str(g("vm-state-size")),
-                g("date-sec"),
-                format!(
-                    "{:04}:{:02}:{:02}.{:03}",
-                    secs / 3600,
-                    secs / 60 % 60,
-                    secs % 60,
-                    g("vm-clock-nsec") / 1_000_000
-                ),
-                g("icount"),
+                "{}",
+                super::snapshot::table_row(
+                    sn.get("id").and_then(Value::as_str).unwrap_or_default(),
+                    sn.get("name").and_then(Value::as_str).unwrap_or_default(),
+                    g("vm-state-size"),
+                    u32::try_from(g("date-sec")).unwrap_or(u32::MAX),
+                    g("vm-clock-sec") * 1_000_000_000 + g("vm-clock-nsec"),
+                    icount,
+                )
             );
         }
     }

@@ -14,3 +14,4 @@ pub mod io;
 pub mod map;
 pub mod measure;
 pub mod resize;
+pub mod snapshot;

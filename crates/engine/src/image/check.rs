@@ -10,7 +10,8 @@ use std::path::Path;
 
 impl<O: Opener> Image<O> {
     /// What the checker works on: the files, and the header as it is on disk now (a
-    /// resize or a refcount table move may have changed it since the open).
+    /// resize, a refcount table move or a snapshot operation may have changed it since the
+    /// open).
     fn check_subject<'a>(&'a self, header: &'a qcow2_format::Header) -> Subject<'a, O::Backend> {
         Subject {
             files: &self.files,

@@ -8,20 +8,6 @@ use crate::{Error, Result};
 use blockio::{Backend, Opener};
 
 impl<O: Opener> Image<O> {
-    /// The internal snapshots, read from the snapshot table.
-    ///
-    /// # Cancel safety
-    ///
-    /// Reads only: dropping the future changes nothing.
-    pub async fn snapshots(&self) -> Result<Vec<qcow2_format::Snapshot>> {
-        load::read_snapshot_table(self.files.image(), &self.header, self.file_len())
-            .await?
-            .map_err(|source| Error::Format {
-                path: self.path().to_path_buf(),
-                source,
-            })
-    }
-
     /// The persistent dirty bitmaps' directory entries (empty without the bitmaps extension).
     ///
     /// # Cancel safety

@@ -72,6 +72,9 @@ pub struct Image<O: Opener> {
     pub(crate) io: crate::inflight::Tracker,
     /// Metadata writes in flight: each waits until none is, and close too.
     pub(crate) meta_io: crate::inflight::Tracker,
+    /// Guest changes in flight (writes, write-zeroes, discards): a snapshot operation holds
+    /// it exclusively, so that none interleaves with it.
+    pub(crate) writers: crate::inflight::Tracker,
     /// Acknowledged guest changes (writes, zeroings, discards), counted.
     pub(crate) acked: AtomicU64,
     /// `acked` as the last successful flush found it: what is not durable yet is the rest.
@@ -138,7 +141,9 @@ impl<O: Opener> Image<O> {
     }
 
     /// The header as read at open. A [`resize`](Image::resize) changes the size and may move
-    /// the L1 table: [`Image::size`] is the size now.
+    /// the L1 table: [`Image::size`] is the size now. Snapshot operations
+    /// ([`Image::snapshot_create`] and the others) change its snapshot fields on disk
+    /// afterwards: [`Image::snapshots`] reads the table as it is now.
     pub fn header(&self) -> &Header {
         &self.header
     }
@@ -200,6 +205,7 @@ impl<O: Opener> Image<O> {
             store: self.store(),
             version: self.header.version,
             backing: self.backing.is_some(),
+            l1: None,
         }
     }
 

@@ -74,6 +74,8 @@ pub(crate) struct Mapper<'a, B> {
     pub(crate) version: u32,
     /// Whether unallocated ranges fall through to a backing file (else they read as zeros).
     pub(crate) backing: bool,
+    /// The L1 table walked instead of the active one (a snapshot's), if any.
+    pub(crate) l1: Option<&'a [qcow2_format::L1Entry]>,
 }
 
 impl<B: Backend> Mapper<'_, B> {
@@ -85,7 +87,7 @@ impl<B: Backend> Mapper<'_, B> {
     }
     /// The L2 table offset for L1 index `i` (None = unallocated).
     pub(crate) fn l2_offset(&self, meta: &Meta, i: u64) -> Result<Option<u64>> {
-        let Some(entry) = meta.l1.get(i as usize) else {
+        let Some(entry) = self.l1.unwrap_or(&meta.l1).get(i as usize) else {
             return Ok(None);
         };
         entry

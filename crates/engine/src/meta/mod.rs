@@ -8,6 +8,7 @@
 
 pub(crate) mod cache;
 pub(crate) mod load;
+mod snapshots;
 mod store;
 pub(crate) mod verify;
 
@@ -50,6 +51,9 @@ pub(crate) struct Meta {
     /// A grown L1 table waiting to be put in place by the next write-back (see
     /// [`L1Switch`]); `l1` already has its length.
     pub(crate) l1_switch: Option<L1Switch>,
+    /// Snapshots deleted since open: a reader of a snapshot ([`SnapshotL1`]) checks that its
+    /// snapshot still exists when this changed since it last looked.
+    pub(crate) snapshot_deletions: u64,
 }
 
 /// A grown L1 table that is not in place yet: its clusters are allocated (and counted), and
@@ -67,6 +71,23 @@ pub(crate) struct L1Switch {
     /// Where the old table is, and its length in bytes.
     pub(crate) old_offset: u64,
     pub(crate) old_bytes: u64,
+}
+
+/// A snapshot's L1 table as a reader of the snapshot holds it. The snapshot's L2 tables and
+/// data clusters never change while it exists (the active layer copies whatever it shares
+/// with a snapshot before writing), so a mapping read through this table is valid as long
+/// as a snapshot with this L1 table is in the snapshot table ([`Store::snapshot_live`]).
+pub(crate) struct SnapshotL1 {
+    /// The snapshot's name (for messages).
+    pub(crate) name: String,
+    /// The snapshot's virtual disk size.
+    pub(crate) size: u64,
+    /// Where the table is.
+    pub(crate) offset: u64,
+    /// Its entries.
+    pub(crate) l1: Vec<L1Entry>,
+    /// `Meta::snapshot_deletions` when the snapshot was last known to exist.
+    pub(crate) seen: std::sync::atomic::AtomicU64,
 }
 
 /// Where the image's metadata lives, apart from refcount structures (which the allocator
@@ -92,7 +113,8 @@ impl MetadataClusters {
         self.ranges.push((first, end));
     }
 
-    /// Forgets a range added with [`MetadataClusters::add_range`] (a table that moved).
+    /// Forgets a range added with [`MetadataClusters::add_range`] with the same `offset` and
+    /// `len` (a table that moved, metadata that is going away).
     pub(crate) fn remove_range(&mut self, geo: &ClusterGeometry, offset: u64, len: u64) {
         let first = offset >> geo.cluster_bits();
         let end = (offset.saturating_add(len)).div_ceil(geo.cluster_size());

@@ -72,6 +72,8 @@ impl<O: Opener> Image<O> {
     /// is over, as deferred decrements, so a host cluster shared with other compressed
     /// clusters stays theirs.
     pub async fn write_compressed(&self, mut buf: IoBuf, offset: u64) -> WriteResult {
+        // No snapshot operation runs meanwhile (see `Image::writers`).
+        let _writer = self.writers.token().await;
         let window = buf.window();
         let len = window.len() as u64;
         if let Err(e) = self.check_compressed(offset, len) {

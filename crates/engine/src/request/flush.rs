@@ -65,7 +65,7 @@ impl<O: Opener> Image<O> {
     /// Deallocates freed clusters in the file, under their exclusive leases (so that none of
     /// them is handed out again before the hole is punched). Each lease goes with its punch
     /// (I9): dropped, this leaves the rest unpunched and their leases released.
-    pub(super) async fn punch(&self, freed: Vec<(HostCluster, ExclusiveLease)>) {
+    pub(crate) async fn punch(&self, freed: Vec<(HostCluster, ExclusiveLease)>) {
         let cs = self.cluster_size();
         for (c, lease) in freed {
             let keep = Keep::new((lease, self.io.token().await));
@@ -150,7 +150,7 @@ impl<O: Opener> Image<O> {
 
     /// Before the first write: clears unknown autoclear bits (and the bitmaps bit when the
     /// bitmaps cannot be maintained), and marks the maintained bitmaps in use.
-    pub(super) async fn before_first_write(&self) -> Result<()> {
+    pub(crate) async fn before_first_write(&self) -> Result<()> {
         let mut meta = self.meta.lock().await;
         if meta.first_write_done {
             drop(meta);

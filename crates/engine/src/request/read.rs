@@ -4,7 +4,8 @@
 use crate::aligned::{read_bytes_kept, read_data};
 use crate::image::Image;
 use crate::inflight::{keep, Guards};
-use crate::map::{Piece, Source};
+use crate::map::{Mapper, Piece, Source};
+use crate::meta::SnapshotL1;
 use crate::{Error, ReadResult, Result};
 use blockio::{IoBuf, Keep, Opener};
 use qcow2_alloc::SharedLease;
@@ -42,23 +43,28 @@ impl<O: Opener> Image<O> {
     /// the buffer comes back with the window it had.
     pub(crate) async fn read_into(
         &self,
-        mut buf: IoBuf,
+        buf: IoBuf,
         range: Range<usize>,
         offset: u64,
     ) -> ReadResult {
+        self.read_through(buf, range, offset, None).await
+    }
+
+    /// [`Image::read_into`] through the L1 table of a snapshot (`view`) or the active one.
+    pub(crate) async fn read_through(
+        &self,
+        mut buf: IoBuf,
+        range: Range<usize>,
+        offset: u64,
+        view: Option<&SnapshotL1>,
+    ) -> ReadResult {
         let window = buf.window();
         let len = range.len() as u64;
-        if offset.checked_add(len).is_none_or(|end| end > self.size()) {
-            return (
-                Err(Error::OutOfRange {
-                    offset,
-                    len,
-                    size: self.size(),
-                }),
-                buf,
-            );
+        let size = view.map_or(self.size(), |v| v.size);
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return (Err(Error::OutOfRange { offset, len, size }), buf);
         }
-        let (plan, leases) = match self.plan_read(offset, len).await {
+        let (plan, leases) = match self.plan_read(offset, len, view).await {
             Ok(p) => p,
             Err(e) => return (Err(self.on_error(e).await), buf),
         };
@@ -164,16 +170,32 @@ impl<O: Opener> Image<O> {
     /// reads, all under the metadata lock. When a lease is contended (a cluster is being
     /// freed), every lease is dropped, the metadata lock released, the contended lease waited
     /// for, and the mapping computed again: the plan returned is valid under the leases held.
+    ///
+    /// Through a snapshot's L1 table (`view`), the snapshot is first checked to exist still,
+    /// in the same critical section: a deleted snapshot's clusters may be freed (I2, I3).
     async fn plan_read(
         &self,
         offset: u64,
         len: u64,
+        view: Option<&SnapshotL1>,
     ) -> Result<(Vec<Piece>, BTreeMap<u64, SharedLease>)> {
         let mut held: BTreeMap<u64, SharedLease> = BTreeMap::new();
         loop {
             let mut meta = self.meta.lock().await;
-            let plan = self.mapper().map_range(&mut meta, offset, len).await?;
-            let needed = self.mapper().lease_clusters(&plan);
+            if let Some(v) = view {
+                if !self.store().snapshot_live(&mut meta, v).await? {
+                    return Err(Error::SnapshotNotFound {
+                        path: self.path().to_path_buf(),
+                        name: v.name.clone(),
+                    });
+                }
+            }
+            let mapper = Mapper {
+                l1: view.map(|v| v.l1.as_slice()),
+                ..self.mapper()
+            };
+            let plan = mapper.map_range(&mut meta, offset, len).await?;
+            let needed = mapper.lease_clusters(&plan);
             held.retain(|c, _| needed.contains(c));
             let mut blocked = None;
             for c in needed {
@@ -212,7 +234,7 @@ impl<O: Opener> Image<O> {
     /// Dropping the future drops the leases with it: nothing changes.
     #[cfg(feature = "testing")]
     pub async fn bench_plan_read(&self, offset: u64, len: u64) -> Result<usize> {
-        let (plan, leases) = self.plan_read(offset, len).await?;
+        let (plan, leases) = self.plan_read(offset, len, None).await?;
         drop(leases);
         Ok(plan.len())
     }

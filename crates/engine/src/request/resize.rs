@@ -74,6 +74,8 @@ impl<O: Opener> Image<O> {
     /// either.
     pub async fn resize(&self, new_size: u64, options: ResizeOptions) -> Result<()> {
         let _one_at_a_time = self.resizing.lock().await;
+        // No snapshot operation runs meanwhile (see `Image::writers`).
+        let _writer = self.writers.token().await;
         match self.resize_inner(new_size, options).await {
             Ok(()) => Ok(()),
             Err(e) => Err(self.on_error(e).await),

@@ -33,7 +33,7 @@ pub(super) enum Step {
 }
 
 impl<O: Opener> Image<O> {
-    pub(super) fn check_writable(&self, offset: u64, len: u64) -> Result<()> {
+    pub(crate) fn check_writable(&self, offset: u64, len: u64) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
@@ -70,6 +70,8 @@ impl<O: Opener> Image<O> {
     /// installs its mapping goes back to the free space (nothing leaks); the metadata is
     /// changed only in steps that leave it consistent.
     pub async fn write_at(&self, buf: IoBuf, offset: u64) -> WriteResult {
+        // No snapshot operation runs meanwhile (see `Image::writers`).
+        let _writer = self.writers.token().await;
         let len = buf.window().len() as u64;
         if let Err(e) = self.check_writable(offset, len) {
             return (Err(e), buf);

@@ -28,6 +28,8 @@ impl<O: Opener> Image<O> {
     /// zeros (the change is made one L2 table at a time, each step consistent), clusters it
     /// unmapped are freed by a later write-back, and nothing else is affected.
     pub async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        // No snapshot operation runs meanwhile (see `Image::writers`).
+        let _writer = self.writers.token().await;
         match self.write_zeroes_inner(offset, len, may_unmap).await {
             Ok(()) => {
                 self.acked.fetch_add(1, Ordering::AcqRel);
@@ -103,12 +105,16 @@ impl<O: Opener> Image<O> {
         self.change_range(p.subcluster.clone(), mode, true).await
     }
 
-    /// Writes real zeros over `[from, to)`.
+    /// Writes real zeros over `[from, to)`, as part of the request that holds the writer's
+    /// token already (a second token could wait behind a snapshot operation that waits for
+    /// the first).
     async fn write_zero_bytes(&self, from: u64, to: u64) -> Result<()> {
         let mut pos = from;
         while pos < to {
             let n = (to - pos).min(ZERO_CHUNK);
-            self.write_at(IoBuf::new(n as usize), pos).await.0?;
+            self.write_steps(IoBuf::new(n as usize), 0, pos, pos + n)
+                .await
+                .0?;
             pos += n;
         }
         Ok(())
@@ -125,6 +131,8 @@ impl<O: Opener> Image<O> {
     /// left as it was; the clusters unmapped are freed by a later write-back, once no I/O is
     /// in flight on them.
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        // No snapshot operation runs meanwhile (see `Image::writers`).
+        let _writer = self.writers.token().await;
         match self.discard_inner(offset, len).await {
             Ok(()) => {
                 self.acked.fetch_add(1, Ordering::AcqRel);
