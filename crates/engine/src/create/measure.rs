@@ -6,8 +6,8 @@
 //! so the figures are qemu-img's to the byte. Like QEMU's they are upper bounds: `required`
 //! counts the metadata of a fully allocated image even when little data is measured.
 
-use super::sim::refcount_metadata_blocks;
 use super::*;
+use qcow2_alloc::refcount_metadata_blocks;
 use qcow2_format::limits;
 
 /// What `qemu-img measure` reports: the file size a new image needs.

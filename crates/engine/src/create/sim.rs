@@ -4,6 +4,7 @@
 //! the byte.
 
 use super::*;
+use qcow2_alloc::refcount_metadata_blocks;
 
 // ---------------------------------------------------------------------------------------
 // The allocator model.
@@ -744,33 +745,6 @@ impl Sim {
                     entry.write(out, &geo, (index + i) as usize);
                 }
             }
-        }
-    }
-}
-
-/// `qcow2_refcount_metadata_size`: how many refcount blocks cover `clusters` clusters plus
-/// the refcount structures themselves (with `generous`, room for the table to grow by half).
-pub(super) fn refcount_metadata_blocks(
-    mut clusters: u64,
-    cs: u64,
-    order: u32,
-    mut generous: bool,
-) -> u64 {
-    let per_table_cluster = cs / 8;
-    let per_block = (cs * 8) >> order;
-    let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
-    loop {
-        let last = n;
-        blocks = (clusters + table + blocks).div_ceil(per_block);
-        table = blocks.div_ceil(per_table_cluster);
-        n = clusters + blocks + table;
-        if n == last && generous {
-            clusters += table.div_ceil(2);
-            n = 0;
-            generous = false;
-        }
-        if n == last {
-            return blocks;
         }
     }
 }
