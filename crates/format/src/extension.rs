@@ -1,7 +1,8 @@
 //! Header extensions.
 
 use crate::be::{u32_at, u64_at};
-use crate::{FormatError, Result};
+use crate::header::need;
+use crate::{limits, FormatError, Result};
 
 /// Which feature bit set a feature-name-table entry names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -320,4 +321,112 @@ impl HeaderExtension {
         crate::be::pad_vec8(out);
         Ok(())
     }
+}
+
+/// Parses the extension list starting at `start` up to and including the end marker. Returns
+/// the extensions and the offset just past the end marker.
+pub(crate) fn parse_extensions(
+    buf: &[u8],
+    start: usize,
+    cluster_size: u64,
+) -> Result<(Vec<HeaderExtension>, usize)> {
+    // Everything must lie in cluster 0 and in the buffer; `limit` is the cluster bound.
+    let limit = usize::try_from(cluster_size).unwrap_or(usize::MAX);
+    let mut exts: Vec<HeaderExtension> = Vec::new();
+    let mut off = start;
+    loop {
+        if off + 8 > limit {
+            return Err(FormatError::BadExtension {
+                kind: 0,
+                reason: format!(
+                    "extension header at {off:#x} runs past the end of cluster 0 \
+                     (no end marker)"
+                ),
+            });
+        }
+        need(buf, off + 8, "header extension")?;
+        let kind = u32_at(buf, off);
+        let len = u32_at(buf, off + 4) as usize;
+        if kind == 0 {
+            return Ok((exts, off + 8));
+        }
+        let data_start = off + 8;
+        // `len` is at most u32::MAX, so these cannot overflow a 64-bit usize; use checked
+        // arithmetic anyway for 32-bit targets.
+        let data_end = data_start.checked_add(len);
+        let padded_end = data_start.checked_add(crate::be::pad8(len));
+        match (data_end, padded_end) {
+            (Some(_), Some(p)) if p <= limit => {}
+            _ => {
+                return Err(FormatError::BadExtension {
+                    kind,
+                    reason: format!(
+                        "length {len} at {off:#x} runs past the end of cluster 0 \
+                         ({cluster_size:#x} bytes)"
+                    ),
+                })
+            }
+        }
+        let data_end = data_start + len;
+        need(buf, data_end, "header extension")?;
+        exts.push(HeaderExtension::decode(kind, &buf[data_start..data_end])?);
+        off = data_start + crate::be::pad8(len);
+    }
+}
+
+/// The extensions as QEMU keeps them: `qcow2_read_extensions` (block/qcow2.c) counts none,
+/// so a known extension given again replaces the earlier one (the last counts), and unknown
+/// ones are all kept (QEMU writes each back when it rewrites the header). A bitmaps
+/// extension is checked when met, as QEMU checks it, even if a later one replaces it
+/// (`bitmaps_in_use`: autoclear bit 0, without which QEMU ignores the extension).
+pub(crate) fn last_of_each_kind(
+    all: Vec<HeaderExtension>,
+    bitmaps_in_use: bool,
+    cluster_size: u64,
+) -> Result<Vec<HeaderExtension>> {
+    let mut kept: Vec<HeaderExtension> = Vec::with_capacity(all.len());
+    for ext in all {
+        if !matches!(ext, HeaderExtension::Unknown { .. }) {
+            if let Some(i) = kept.iter().position(|e| e.kind() == ext.kind()) {
+                if let (HeaderExtension::Bitmaps(b), true) = (kept.remove(i), bitmaps_in_use) {
+                    check_bitmaps_extension(&b)?;
+                    if b.directory_offset % cluster_size != 0 {
+                        return Err(FormatError::Misaligned {
+                            what: "bitmap directory",
+                            offset: b.directory_offset,
+                        });
+                    }
+                }
+            }
+        }
+        kept.push(ext);
+    }
+    Ok(kept)
+}
+
+/// The checks of a bitmaps extension's fields that need no file: 1..=65535 bitmaps and a
+/// directory of at most 1024 * 65535 bytes (its placement is checked against the file by
+/// [`Header::validate_layout`](crate::Header::validate_layout)).
+pub(crate) fn check_bitmaps_extension(b: &crate::BitmapsExtension) -> Result<()> {
+    if b.nb_bitmaps == 0 {
+        return Err(FormatError::BadExtension {
+            kind: HeaderExtension::BITMAPS,
+            reason: "bitmaps extension with zero bitmaps".into(),
+        });
+    }
+    if b.nb_bitmaps > limits::MAX_BITMAPS {
+        return Err(FormatError::TooLarge {
+            what: "number of bitmaps",
+            value: u64::from(b.nb_bitmaps),
+            limit: u64::from(limits::MAX_BITMAPS),
+        });
+    }
+    if b.directory_size > limits::MAX_BITMAP_DIRECTORY_BYTES {
+        return Err(FormatError::TooLarge {
+            what: "bitmap directory (bytes)",
+            value: b.directory_size,
+            limit: limits::MAX_BITMAP_DIRECTORY_BYTES,
+        });
+    }
+    Ok(())
 }
