@@ -47,23 +47,35 @@ impl<B: Backend> Store<'_, B> {
     /// means the refcounts are corrupt (QEMU's overlap check on metadata writes). Neither is a
     /// cluster a compressed cluster's sector count runs into ([`Meta::compressed_tails`]).
     pub(crate) fn allocate(&self, meta: &mut Meta, count: u64) -> Result<qcow2_alloc::Allocation> {
+        self.allocate_with(meta, |alloc, taken| alloc.allocate(count, taken))
+    }
+    /// Runs one of the allocator's allocations with the one test of what it must not hand
+    /// out (see [`Store::allocate`]), then reports a cluster that holds live metadata with a
+    /// refcount of 0 as corruption and extends the file's known length.
+    fn allocate_with<T>(
+        &self,
+        meta: &mut Meta,
+        run: impl FnOnce(
+            &mut qcow2_alloc::Allocator,
+            &dyn Fn(HostCluster) -> bool,
+        ) -> std::result::Result<T, qcow2_alloc::RefcountError>,
+    ) -> Result<T> {
         let leases = &self.leases;
         let live = &meta.metadata;
         let tails = &meta.compressed_tails;
         let lying = std::cell::Cell::new(None);
         let alloc = meta.alloc.as_mut().ok_or(Error::ReadOnly)?;
-        let a = alloc
-            .allocate(count, |c| {
-                if tails.contains(&c.0) {
-                    return true;
-                }
-                if live.contains(c.0) {
-                    lying.set(Some(c.0));
-                    return true;
-                }
-                leases.is_leased(c)
-            })
-            .map_err(|e| self.alloc_err(e))?;
+        let taken = |c: HostCluster| {
+            if tails.contains(&c.0) {
+                return true;
+            }
+            if live.contains(c.0) {
+                lying.set(Some(c.0));
+                return true;
+            }
+            leases.is_leased(c)
+        };
+        let out = run(alloc, &taken).map_err(|e| self.alloc_err(e))?;
         if let Some(c) = lying.get() {
             return Err(self.corrupt_err(format!(
                 "host cluster {c} holds metadata but its refcount is 0"
@@ -71,7 +83,7 @@ impl<B: Backend> Store<'_, B> {
         }
         self.files
             .extend_len(alloc.high_water() * self.geo.cluster_size());
-        Ok(a)
+        Ok(out)
     }
     /// [`Store::allocate`], first reusing what discards freed: when the allocation would
     /// grow the file while refcount decrements wait for their unmapping to be durable, the
@@ -87,9 +99,11 @@ impl<B: Backend> Store<'_, B> {
     ) -> Result<qcow2_alloc::Allocation> {
         let reuse = match meta.alloc.as_ref() {
             Some(alloc) if alloc.has_pending() => {
-                let live = &meta.metadata;
+                let (live, tails) = (&meta.metadata, &meta.compressed_tails);
                 alloc
-                    .would_grow(count, |c| live.contains(c.0) || self.leases.is_leased(c))
+                    .would_grow(count, |c| {
+                        tails.contains(&c.0) || live.contains(c.0) || self.leases.is_leased(c)
+                    })
                     .map_err(|e| self.alloc_err(e))?
             }
             _ => false,
@@ -110,27 +124,7 @@ impl<B: Backend> Store<'_, B> {
         meta: &mut Meta,
         size: u64,
     ) -> Result<qcow2_alloc::ByteAllocation> {
-        let leases = &self.leases;
-        let live = &meta.metadata;
-        let lying = std::cell::Cell::new(None);
-        let alloc = meta.alloc.as_mut().ok_or(Error::ReadOnly)?;
-        let b = alloc
-            .allocate_bytes(size, |c| {
-                if live.contains(c.0) {
-                    lying.set(Some(c.0));
-                    return true;
-                }
-                leases.is_leased(c)
-            })
-            .map_err(|e| self.alloc_err(e))?;
-        if let Some(c) = lying.get() {
-            return Err(self.corrupt_err(format!(
-                "host cluster {c} holds metadata but its refcount is 0"
-            )));
-        }
-        self.files
-            .extend_len(alloc.high_water() * self.geo.cluster_size());
-        Ok(b)
+        self.allocate_with(meta, |alloc, taken| alloc.allocate_bytes(size, taken))
     }
 
     /// The overlap guard: data must never be written over live metadata. A hit means the
