@@ -329,3 +329,20 @@ impl Drop for QemuIoHolder {
         let _ = self.0.wait();
     }
 }
+
+/// What a run of qemu-img or of qimg said, in a form the two can be compared in: stdout,
+/// stderr with the program's name taken off each message (`program` is `"qemu-img: "` or
+/// `"qimg: "`, and "Try 'qemu-img ..." reads "Try 'qimg ..."), and the exit status.
+pub fn said(o: &Output, program: &str) -> (String, String, Option<i32>) {
+    let err = String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .map(|l| l.strip_prefix(program).unwrap_or(l))
+        .map(|l| l.replace("Try 'qemu-img ", "Try 'qimg "))
+        .collect::<Vec<_>>()
+        .join("\n");
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        err,
+        o.status.code(),
+    )
+}

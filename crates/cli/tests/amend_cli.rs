@@ -4,25 +4,9 @@
 //! expands them), and `qemu-img check` must say the same of both. Images: plain, over a backing file, with
 //! preallocated metadata, version 2, lazy refcounts, an external data file.
 
-use qcow2_tests::{path_str, qemu_img, qemu_img_status, qemu_io};
+use qcow2_tests::{path_str, qemu_img, qemu_img_status, qemu_io, said};
 use std::path::Path;
-use std::process::{Command, Output};
-
-/// What a run printed, the program's name taken off (at the start of a message, and in
-/// "Try 'PROGRAM amend --help'").
-fn seen(o: &Output, program: &str) -> (String, String, Option<i32>) {
-    let err = String::from_utf8_lossy(&o.stderr)
-        .lines()
-        .map(|l| l.strip_prefix(program).unwrap_or(l))
-        .map(|l| l.replace("Try 'qemu-img ", "Try 'qimg "))
-        .collect::<Vec<_>>()
-        .join("\n");
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        err,
-        o.status.code(),
-    )
-}
+use std::process::Command;
 
 /// Runs `amend ARGS IMAGE` with qemu-img on `image` and with qimg on a copy of it taken
 /// before, in `dir`; both must say the same and leave the same bytes.
@@ -43,8 +27,8 @@ fn same_as_qemu_img(dir: &Path, image: &str, args: &[&str]) {
     let q = run("qemu-img", image);
     let o = run(env!("CARGO_BIN_EXE_qimg"), &copy);
     assert_eq!(
-        seen(&o, "qimg: "),
-        seen(&q, "qemu-img: "),
+        said(&o, "qimg: "),
+        said(&q, "qemu-img: "),
         "amend {args:?} on {image}: qimg says otherwise (left: qimg)"
     );
     assert!(

@@ -5,7 +5,7 @@
 //! check` must find nothing wrong (no leak) in qimg's copy.
 
 use qcow2_engine::{Image, ImageOptions};
-use qcow2_tests::{path_str, qemu_img, qemu_img_json, qemu_img_status, qemu_io};
+use qcow2_tests::{path_str, qemu_img, qemu_img_json, qemu_img_status, qemu_io, said};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -14,11 +14,10 @@ const SIZE: u64 = 32 << 20;
 /// stderr with the program's name taken off, QEMU's node name (which qimg cannot know)
 /// replaced; stdout; exit status.
 fn seen(o: &Output, program: &str) -> (String, String, Option<i32>) {
-    let err = String::from_utf8_lossy(&o.stderr)
+    let (out, err, status) = said(o, program);
+    let err = err
         .lines()
         .filter(|l| !l.is_empty())
-        .map(|l| l.strip_prefix(program).unwrap_or(l).to_owned())
-        .map(|l| l.replace("Try 'qemu-img ", "Try 'qimg "))
         .map(|l| l.replace("qemu-img bitmap: ", "qimg bitmap: "))
         .map(|l| match l.split_once("persistent in '") {
             Some((a, b)) => format!("{a}persistent in NODE{}", &b[b.find('\'').unwrap() + 1..]),
@@ -26,11 +25,7 @@ fn seen(o: &Output, program: &str) -> (String, String, Option<i32>) {
         })
         .collect::<Vec<_>>()
         .join("\n");
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        err,
-        o.status.code(),
-    )
+    (out, err, status)
 }
 
 /// Two copies: qemu-img's and qimg's.

@@ -4,23 +4,9 @@
 //! holes) measured as qcow2 images of several geometries and as raw, and for the mistakes
 //! qemu-img reports.
 
-use qcow2_tests::{path_str, qemu_img, qemu_img_status, qemu_io};
+use qcow2_tests::{path_str, qemu_img, qemu_img_status, qemu_io, said};
 use std::path::Path;
-use std::process::{Command, Output};
-
-/// What a run printed, with the program name taken off the messages.
-fn seen(o: &Output, program: &str) -> (String, String, Option<i32>) {
-    let err = String::from_utf8_lossy(&o.stderr)
-        .lines()
-        .map(|l| l.strip_prefix(program).unwrap_or(l))
-        .collect::<Vec<_>>()
-        .join("\n");
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        err,
-        o.status.code(),
-    )
-}
+use std::process::Command;
 
 fn same_as_qemu_img(dir: &Path, args: &[&str]) {
     let qemu = qemu_img_status(&[&["measure"], args].concat());
@@ -31,8 +17,8 @@ fn same_as_qemu_img(dir: &Path, args: &[&str]) {
         .output()
         .expect("run qimg");
     assert_eq!(
-        seen(&ours, "qimg: "),
-        seen(&qemu, "qemu-img: "),
+        said(&ours, "qimg: "),
+        said(&qemu, "qemu-img: "),
         "qimg measure {args:?} differs from qemu-img (left: qimg)"
     );
 }

@@ -5,7 +5,7 @@
 //! the active layers equal, and every snapshot must read the same (`qemu-img convert -l`
 //! of each copy, and `qimg convert -l` of ours).
 
-use qcow2_tests::{path_str, qemu_check, qemu_img, qemu_io, raw_reference_snapshot};
+use qcow2_tests::{path_str, qemu_check, qemu_img, qemu_io, raw_reference_snapshot, said};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -48,21 +48,6 @@ fn qimg(args: &[&str]) -> Output {
         .unwrap()
 }
 
-/// Exit status, stdout, and stderr with the program's name taken off each line.
-fn seen(o: &Output, program: &str) -> (Option<i32>, String, String) {
-    let err = String::from_utf8_lossy(&o.stderr)
-        .lines()
-        .map(|l| l.strip_prefix(program).unwrap_or(l))
-        .map(|l| l.replace("Try 'qemu-img ", "Try 'qimg "))
-        .collect::<Vec<_>>()
-        .join("\n");
-    (
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        err,
-    )
-}
-
 /// `qemu-img snapshot -l` with the DATE column (19 characters at column 34: IDs under 8
 /// and names under 17 characters) blanked.
 fn listing(image: &Path) -> String {
@@ -103,8 +88,8 @@ impl Pair {
         let theirs = qemu_tool("qemu-img", &q);
         let ours = qimg(&o);
         assert_eq!(
-            seen(&ours, "qimg: "),
-            seen(&theirs, "qemu-img: "),
+            said(&ours, "qimg: "),
+            said(&theirs, "qemu-img: "),
             "snapshot {args:?}: qimg (left) differs from qemu-img"
         );
     }
@@ -296,8 +281,8 @@ fn convert_l_selects_as_qemu_img() {
         let (q, q_raw) = convert("qemu-img", &p.theirs, "q.raw");
         let (o, o_raw) = convert("qimg", &p.ours, "o.raw");
         assert_eq!(
-            seen(&o, "qimg: "),
-            seen(&q, "qemu-img: "),
+            said(&o, "qimg: "),
+            said(&q, "qemu-img: "),
             "convert -l {sel}"
         );
         assert!(o_raw == q_raw, "convert -l {sel}: the contents differ");
