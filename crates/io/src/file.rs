@@ -1,5 +1,6 @@
 //! The tokio file backend: positional I/O on tokio's blocking pool.
 
+use crate::lock::HeldLocks;
 use crate::{
     punch_by_writing, sys, zero_by_punching, Backend, BufResult, IoBuf, Keep, OpenOptions, Opener,
 };
@@ -26,6 +27,9 @@ pub struct TokioFile {
 #[derive(Debug)]
 struct Inner {
     file: File,
+    /// The locks the open took, held for their drop: they go when the last operation
+    /// holding `Inner` is over.
+    _locks: Option<HeldLocks>,
     writable: bool,
     direct: bool,
     align: usize,
@@ -56,8 +60,13 @@ impl TokioFile {
                     true => sys::direct_open_error(&path, e),
                     false => e,
                 })?;
-            locked(file.as_raw_fd(), options)?;
-            Ok(Self::with_file(file, writes(options), options.direct))
+            let locks = locked(file.as_raw_fd(), options)?;
+            Ok(Self::with_file(
+                file,
+                writes(options),
+                options.direct,
+                locks,
+            ))
         })
         .await?
     }
@@ -67,10 +76,10 @@ impl TokioFile {
         let flags = sys::status_flags(file.as_raw_fd())?;
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let direct = flags & libc::O_DIRECT != 0;
-        Ok(Self::with_file(file, writable, direct))
+        Ok(Self::with_file(file, writable, direct, None))
     }
 
-    fn with_file(file: File, writable: bool, direct: bool) -> TokioFile {
+    fn with_file(file: File, writable: bool, direct: bool, locks: Option<HeldLocks>) -> TokioFile {
         let align = match direct {
             true => sys::direct_alignment(file.as_raw_fd()),
             false => 1,
@@ -78,6 +87,7 @@ impl TokioFile {
         TokioFile {
             inner: Arc::new(Inner {
                 file,
+                _locks: locks,
                 writable,
                 direct,
                 align,
@@ -185,16 +195,17 @@ fn std_options(o: OpenOptions) -> std::fs::OpenOptions {
 }
 
 /// Takes the locks `o` asks for on a file just opened, then truncates it if asked (after the
-/// locks, so that a file another process uses is never emptied). On an error the caller
-/// closes the file, which drops whatever locks it took.
-pub(crate) fn locked(fd: RawFd, o: OpenOptions) -> io::Result<()> {
-    if let Some(req) = &o.lock {
-        crate::lock::lock(fd, req)?;
-        if o.truncate {
-            sys::set_len(fd, 0)?;
-        }
+/// locks, so that a file another process uses is never emptied). The locks are held until
+/// the result drops; on an error none are left.
+pub(crate) fn locked(fd: RawFd, o: OpenOptions) -> io::Result<Option<HeldLocks>> {
+    let Some(req) = &o.lock else {
+        return Ok(None);
+    };
+    let held = crate::lock::lock(fd, req)?;
+    if o.truncate {
+        sys::set_len(fd, 0)?;
     }
-    Ok(())
+    Ok(held)
 }
 
 /// Whether the options ask for a writable file.
@@ -421,5 +432,10 @@ mod tests {
         f.inner.no_punch.store(true, Ordering::Relaxed);
         f.inner.no_zero_range.store(true, Ordering::Relaxed);
         crate::check_fallbacks(&f).await;
+    }
+
+    #[tokio::test]
+    async fn locks_go_with_the_file() {
+        crate::check_locks_released(FileOpener, |f| f.inner.file.try_clone().unwrap().into()).await;
     }
 }

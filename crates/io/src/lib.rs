@@ -288,6 +288,39 @@ pub(crate) async fn write_zero_bytes<B: Backend>(
     Ok(())
 }
 
+/// A backend's file, opened with a writer's locks, releases them when the backend drops,
+/// although a copy of its descriptor (made by `copy`, as a child process between `fork` and
+/// `exec` holds one) is still open: the file opens again right away.
+#[cfg(test)]
+pub(crate) async fn check_locks_released<O: Opener>(
+    opener: O,
+    copy: impl Fn(&O::Backend) -> std::os::fd::OwnedFd,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    let writer = LockRequest::new(Perms::ALL, Perms::CONSISTENT_READ);
+    let o = OpenOptions {
+        write: true,
+        create: true,
+        lock: Some(writer),
+        ..Default::default()
+    };
+    let f = opener.open(&path, o).await.unwrap();
+    let child = copy(&f);
+    let e = opener
+        .open(&path, o)
+        .await
+        .err()
+        .expect("a second writer conflicts");
+    assert!(LockConflict::from_io(&e).is_some(), "{e}");
+    drop(f);
+    opener
+        .open(&path, o)
+        .await
+        .expect("the locks went with the backend");
+    drop(child);
+}
+
 /// What the fallbacks of `punch_hole` and `write_zeroes` ([`punch_by_writing`],
 /// [`zero_by_punching`]) must leave, on a writable backend whose fallocate is refused.
 #[cfg(test)]

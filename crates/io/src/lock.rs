@@ -10,13 +10,18 @@
 //! byte `200 + i` for a permission `i` it wants ("Failed to get "write" lock") or byte
 //! `100 + i` for a permission `i` it does not share ("Failed to get shared "write" lock").
 //! OFD locks belong to the open file description, so two opens in one process conflict as
-//! two processes do, and they go away when the descriptor is closed.
+//! two processes do. They would go away when the last descriptor of the description closes,
+//! but a copy of it can outlive ours (a child process between `fork` and `exec` holds a copy
+//! of every descriptor of its parent): so an open releases its locks explicitly when it is
+//! done ([`HeldLocks`]), and closing then reopening a file in a process that spawns children
+//! never meets its own old locks.
 //!
 //! [`LockRequest`] says which locks an open takes; the engine chooses them per role as QEMU
 //! does (see `qcow2_engine::ImageOptions`). [`LockConflict`] is the error, inside an
 //! [`io::Error`] of kind [`io::ErrorKind::WouldBlock`].
 
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::io::RawFd;
 
 /// A set of QEMU block permissions (`BLK_PERM_*`).
@@ -136,17 +141,39 @@ const PERM_BASE: i64 = 100;
 /// Byte of the lock for not sharing permission bit `i`.
 const SHARED_BASE: i64 = 200;
 
+/// The locks an open took, released when this drops. It holds its own descriptor of the
+/// open file description (a `dup`), so it can release them whenever it drops: before or after
+/// the file's descriptor closes, whoever else holds a copy of it.
+#[derive(Debug)]
+pub(crate) struct HeldLocks {
+    fd: OwnedFd,
+    setlk: libc::c_int,
+}
+
+impl Drop for HeldLocks {
+    fn drop(&mut self) {
+        // Every byte this crate may have locked; unlocking a byte not held is a no-op. With
+        // POSIX locks (no OFD) this releases the process's locks on the file, as closing any
+        // of its descriptors would anyway.
+        let mut fl = one_byte(PERM_BASE, libc::F_UNLCK);
+        fl.l_len = (SHARED_BASE - PERM_BASE) * 2;
+        if let Err(e) = fcntl_lock(self.fd.as_raw_fd(), self.setlk, &mut fl) {
+            tracing::warn!("releasing the file's locks failed: {e}");
+        }
+    }
+}
+
 /// Takes the locks `req` asks for on `fd` and tests for conflicts, as QEMU's
-/// `raw_apply_lock_bytes` and `raw_check_lock_bytes` do. On a conflict the caller closes
-/// `fd` (which drops the locks).
-pub(crate) fn lock(fd: RawFd, req: &LockRequest) -> io::Result<()> {
+/// `raw_apply_lock_bytes` and `raw_check_lock_bytes` do. The locks are held until the
+/// returned [`HeldLocks`] drops (`None`: `req` asked for none); on an error none are left.
+pub(crate) fn lock(fd: RawFd, req: &LockRequest) -> io::Result<Option<HeldLocks>> {
     let ofd = match req.locking {
-        Locking::Off => return Ok(()),
+        Locking::Off => return Ok(None),
         Locking::Auto | Locking::On => has_ofd_locks(fd),
     };
     if !ofd {
         if req.locking == Locking::Auto {
-            return Ok(());
+            return Ok(None);
         }
         tracing::warn!(
             "file lock requested but OFD locking is unavailable, falling back to POSIX file \
@@ -154,6 +181,10 @@ pub(crate) fn lock(fd: RawFd, req: &LockRequest) -> io::Result<()> {
         );
     }
     let (setlk, getlk) = commands(ofd);
+    // SAFETY: `fd` is open for the duration of the call (the caller's file).
+    let copy = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
+    // From here on, an early return releases what was taken.
+    let held = HeldLocks { fd: copy, setlk };
     for (i, _) in req.perm.bits() {
         set_read_lock(fd, setlk, PERM_BASE + i as i64)?;
     }
@@ -170,7 +201,7 @@ pub(crate) fn lock(fd: RawFd, req: &LockRequest) -> io::Result<()> {
             return Err(conflict(perm, true));
         }
     }
-    Ok(())
+    Ok(Some(held))
 }
 
 fn conflict(perm: &'static str, shared: bool) -> io::Error {
@@ -276,7 +307,7 @@ mod tests {
         let shared_reader = LockRequest::new(Perms::CONSISTENT_READ, Perms::ALL);
 
         let w = open(&p);
-        lock(w.as_raw_fd(), &writer).unwrap();
+        let w_locks = lock(w.as_raw_fd(), &writer).unwrap();
         let r = open(&p);
         let e = lock(r.as_raw_fd(), &reader).unwrap_err();
         assert_eq!(
@@ -289,21 +320,45 @@ mod tests {
         assert_eq!(e.to_string(), "Failed to get shared \"write\" lock");
         drop(r);
         let s = open(&p);
-        lock(s.as_raw_fd(), &shared_reader).unwrap();
+        let _s_locks = lock(s.as_raw_fd(), &shared_reader).unwrap();
         let w2 = open(&p);
         let e = lock(w2.as_raw_fd(), &writer).unwrap_err();
         assert_eq!(e.to_string(), "Failed to get \"write\" lock");
         drop(w2);
-        drop(w);
+        drop((w_locks, w));
         let r1 = open(&p);
-        lock(r1.as_raw_fd(), &reader).unwrap();
+        let _r1_locks = lock(r1.as_raw_fd(), &reader).unwrap();
         let r2 = open(&p);
-        lock(r2.as_raw_fd(), &reader).unwrap();
+        let _r2_locks = lock(r2.as_raw_fd(), &reader).unwrap();
         let w3 = open(&p);
         assert!(
             lock(w3.as_raw_fd(), &writer).is_err(),
             "readers keep writers out"
         );
         assert!(lock(w3.as_raw_fd(), &writer.locking(Locking::Off)).is_ok());
+    }
+
+    /// A copy of the descriptor that outlives ours (here a `dup`, as a child process holds
+    /// one between `fork` and `exec`) keeps no lock once ours are released: reopening the
+    /// file right away succeeds. Neither does a failed lock attempt leave any.
+    #[test]
+    fn a_copy_of_the_descriptor_keeps_no_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"x").unwrap();
+        let writer = LockRequest::new(RW, METADATA);
+
+        let w = open(&p);
+        let held = lock(w.as_raw_fd(), &writer).unwrap();
+        let child_copy = w.try_clone().unwrap();
+        let refused = open(&p);
+        let refused_copy = {
+            assert!(lock(refused.as_raw_fd(), &writer).is_err());
+            refused.try_clone().unwrap()
+        };
+        drop((held, w, refused));
+        let again = open(&p);
+        let _locks = lock(again.as_raw_fd(), &writer).expect("the old open's locks are gone");
+        drop((child_copy, refused_copy));
     }
 }

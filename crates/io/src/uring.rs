@@ -1,6 +1,7 @@
 //! The io_uring backend, on tokio-uring 0.5.
 
 use crate::file::{check_direct, writes};
+use crate::lock::HeldLocks;
 use crate::{
     punch_by_writing, sys, zero_by_punching, Backend, BufResult, IoBuf, Keep, OpenOptions, Opener,
 };
@@ -10,6 +11,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::{AsRawFd, BorrowedFd, RawFd};
 use std::path::Path;
 use std::rc::Rc;
+use std::sync::Arc;
 
 // SAFETY: the pointer is the start of the window of a heap allocation owned by the IoBuf, so
 // it does not move when the IoBuf does, and stays valid until the IoBuf is dropped; the window
@@ -87,6 +89,10 @@ pub struct UringFile {
 #[derive(Debug)]
 struct Inner {
     file: tokio_uring::fs::File,
+    /// The locks the open took. A write whose future is dropped goes on in the kernel after
+    /// this handle may be gone: each write's buffer keeps them too, so that they go only
+    /// when no write of ours can still land.
+    locks: Option<Arc<HeldLocks>>,
     writable: bool,
     direct: bool,
     align: usize,
@@ -120,7 +126,7 @@ impl UringFile {
             false => e,
         })?;
         // Dropping the file on an error closes it (synchronously: no operation uses it yet).
-        crate::file::locked(file.as_raw_fd(), options)?;
+        let locks = crate::file::locked(file.as_raw_fd(), options)?.map(Arc::new);
         let align = match options.direct {
             true => sys::direct_alignment(file.as_raw_fd()),
             false => 1,
@@ -128,6 +134,7 @@ impl UringFile {
         Ok(UringFile {
             inner: Rc::new(Inner {
                 file,
+                locks,
                 writable: writes(options),
                 direct: options.direct,
                 align,
@@ -214,12 +221,18 @@ impl UringFile {
     ) -> io::Result<T> {
         // SAFETY: the descriptor is open for as long as `self` lives (this call).
         let fd = unsafe { BorrowedFd::borrow_raw(self.fd()) }.try_clone_to_owned()?;
-        tokio::task::spawn_blocking(move || f(fd.as_raw_fd()))
-            .await
-            .map_err(|e| match e.try_into_panic() {
-                Ok(p) => std::panic::resume_unwind(p),
-                Err(_) => io::Error::other("blocking task cancelled: the runtime is shutting down"),
-            })?
+        // The locks stay until the call is over, even if this future is dropped.
+        let locks = self.inner.locks.clone();
+        tokio::task::spawn_blocking(move || {
+            let r = f(fd.as_raw_fd());
+            drop(locks);
+            r
+        })
+        .await
+        .map_err(|e| match e.try_into_panic() {
+            Ok(p) => std::panic::resume_unwind(p),
+            Err(_) => io::Error::other("blocking task cancelled: the runtime is shutting down"),
+        })?
     }
 }
 
@@ -273,6 +286,12 @@ impl Backend for UringFile {
         if let Err(e) = check_direct(i.direct, i.align, "write", &buf, offset) {
             return (Err(e), buf);
         }
+        // The locks ride with the buffer while the write may be in the kernel.
+        let prior = i.locks.as_ref().map(|l| {
+            let prior = buf.take_keep();
+            buf.attach(prior.clone().and(Keep::from_arc(l.clone())));
+            prior
+        });
         let win = buf.window();
         let mut done = 0;
         let res = loop {
@@ -290,6 +309,10 @@ impl Backend for UringFile {
             }
         };
         buf.set_window(win);
+        if let Some(prior) = prior {
+            buf.take_keep();
+            buf.attach(prior);
+        }
         (res, buf)
     }
 
@@ -417,5 +440,15 @@ mod tests {
             f.inner.no_zero_range.set(true);
             crate::check_fallbacks(&f).await;
         });
+    }
+
+    #[test]
+    fn locks_go_with_the_file() {
+        crate::uring_builder().start(crate::check_locks_released(UringOpener, |f| {
+            // SAFETY: the descriptor is open while `f` lives.
+            unsafe { BorrowedFd::borrow_raw(f.fd()) }
+                .try_clone_to_owned()
+                .unwrap()
+        }));
     }
 }
