@@ -44,8 +44,11 @@ fn checklist_is_covered() {
         RefblockWrite,
         ReftableWrite,
         HeaderWrite,
+        BitmapWrite,
+        SnapshotTableWrite,
         Flush,
         PunchHole,
+        SetLen,
     ] {
         assert!(seen.contains(&c), "no scenario fails a {c:?} request");
     }

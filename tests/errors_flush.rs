@@ -55,10 +55,7 @@ fn failed_flush_is_reported_to_every_waiter() {
         let img = Image::open(opener, &p.image, ImageOptions::new())
             .await
             .unwrap();
-        let mut model = Model {
-            bytes: p.initial.clone(),
-            cluster: p.cluster,
-        };
+        let mut model = Model::new(p.initial.clone(), p.cluster);
         for (i, g) in [G::Write(0, 300 * KIB), G::Write(MIB, 100 * KIB)]
             .into_iter()
             .enumerate()
@@ -109,10 +106,7 @@ fn no_success_after_a_failed_fsync() {
         let img = Image::open(opener, &p.image, ImageOptions::new())
             .await
             .unwrap();
-        let mut model = Model {
-            bytes: p.initial.clone(),
-            cluster: p.cluster,
-        };
+        let mut model = Model::new(p.initial.clone(), p.cluster);
         for (i, g) in [G::Write(0, 300 * KIB), G::Write(MIB, 100 * KIB)]
             .into_iter()
             .enumerate()

@@ -17,11 +17,13 @@
 //! images, the reference our implementation is compared to.
 #![warn(missing_docs)]
 
+mod copied;
 mod fixtures;
 mod ops;
 mod prng;
 mod tools;
 
+pub use copied::only_safe_copied_errors;
 pub use fixtures::{fixture, matrix, Expect, Fixture, FixtureSpec};
 pub use ops::{random_ranges, OpMix};
 pub use prng::Prng;

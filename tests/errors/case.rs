@@ -1,8 +1,10 @@
 //! One case: a scenario's setup, then its target with one fault, then the checks of the
 //! failure, the recovery and the image left.
 
-use super::checks::{allowed, crash_during_recovery, guest_view, qemu_ok, CrashChecks};
-use super::image::{exec, open, MetaMap, Prepared};
+use super::checks::{
+    allowed, crash_during_recovery, guest_view, qemu_check_code, qemu_ok, CrashChecks,
+};
+use super::image::{exec, exec_closing, open, MetaMap, Prepared};
 use super::model::Model;
 use super::{typed, Class, Img, Scenario, EIO, G};
 use blockio::{
@@ -81,9 +83,12 @@ pub async fn run_case(
     if let Some(f) = fault {
         ctl.add_rule(f.rule());
     }
-    let (res, closed) = match g {
-        G::Close => (st.img.take().unwrap().close().await.map(|()| None), true),
-        _ => (exec(st.img.as_ref().unwrap(), g, TARGET).await, false),
+    let (res, closed) = match g.closes() {
+        true => (
+            exec_closing(st.img.take().unwrap(), g).await.map(|()| None),
+            true,
+        ),
+        false => (exec(st.img.as_ref().unwrap(), g, TARGET).await, false),
     };
     let log = ctl.log();
     let during: Vec<LogEntry> = log.iter().filter(|e| e.seq >= start).cloned().collect();
@@ -139,10 +144,7 @@ pub async fn run_setup(
     p: &Prepared,
     scn: &Scenario,
 ) -> Result<CaseState, String> {
-    let model = Model {
-        bytes: p.initial.clone(),
-        cluster: p.cluster,
-    };
+    let model = Model::new(p.initial.clone(), p.cluster);
     let mut st = CaseState {
         flushed: model.clone(),
         model,
@@ -284,7 +286,8 @@ pub async fn check_after_failed_close(
     checks: &mut CrashChecks,
 ) -> Result<(), String> {
     let bytes = c.file.snapshot();
-    qemu_ok(c.p, &bytes, "closed").map_err(|m| format!("after the failed close: {m}"))?;
+    qemu_check_code(c.p, &bytes, "closed", &st.since)
+        .map_err(|m| format!("after the failed close: {m}"))?;
     let got = guest_view(c.p, bytes).await?;
     allowed(&got, &st.flushed, &st.since).map_err(|m| format!("after the failed close: {m}"))?;
     crash_during_recovery(c.p, c.ctl, c.start, &st.flushed, &st.since, c.fault, checks).await

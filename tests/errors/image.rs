@@ -1,10 +1,10 @@
 //! A scenario's image: made once, then copied for every case; where its metadata lives (to
 //! classify the backend requests); the guest requests run on it.
 
-use super::{pattern, Class, Img, Scenario, Source, G, MIB};
+use super::{pattern, snapshot_name, BitmapOp, Class, Img, Scenario, Source, G, MIB};
 use blockio::{FaultOpener, IoBuf, LogEntry, MemoryBackend, MemoryOpener, OpKind};
-use qcow2_engine::{Error, Image, ImageOptions};
-use qcow2_format::{Header, L1Entry, ReftableEntry};
+use qcow2_engine::{BitmapAction, Error, Image, ImageOptions, ResizeOptions, SnapshotLookup};
+use qcow2_format::{Header, L1Entry, ReftableEntry, Snapshot};
 use qcow2_tests::{path_str, qemu_img};
 use std::collections::HashSet;
 use std::ops::Range;
@@ -111,6 +111,7 @@ pub struct MetaMap {
     pub refblocks: HashSet<u64>,
     pub l2: HashSet<u64>,
     pub bitmaps: Vec<Range<u64>>,
+    pub snapshot_tables: Vec<Range<u64>>,
 }
 
 impl MetaMap {
@@ -143,6 +144,23 @@ impl MetaMap {
             }
         }
         self.reftables.push(rt);
+        if h.nb_snapshots > 0 {
+            let at = (h.snapshots_offset as usize).min(bytes.len());
+            if let Ok(list) = Snapshot::parse_table(&bytes[at..], h.nb_snapshots) {
+                let len: usize = list.iter().map(Snapshot::serialized_len).sum();
+                self.snapshot_tables
+                    .push(h.snapshots_offset..h.snapshots_offset + len as u64);
+                for s in &list {
+                    let l1 = s.l1_table_offset..s.l1_table_offset + u64::from(s.l1_size) * 8;
+                    for e in u64s(l1.clone()) {
+                        if let Ok(Some(o)) = L1Entry(e).l2_offset(&geo) {
+                            self.l2.insert(o.0);
+                        }
+                    }
+                    self.l1.push(l1);
+                }
+            }
+        }
         if let Some(b) = h.bitmaps() {
             self.bitmaps
                 .push(b.directory_offset..b.directory_offset + b.directory_size);
@@ -188,6 +206,7 @@ impl MetaMap {
                 }
             }
             _ if write && in_any(&self.bitmaps) => Class::BitmapWrite,
+            _ if write && in_any(&self.snapshot_tables) => Class::SnapshotTableWrite,
             _ if self.refblocks.contains(&cluster) => {
                 if write {
                     Class::RefblockWrite
@@ -229,18 +248,61 @@ pub async fn open(opener: &FaultOpener<MemoryOpener>, p: &Prepared, scn: &Scenar
 
 /// Runs one guest request (not `Close`/`Reopen`); reads return their data.
 pub async fn exec(img: &Img, g: G, id: usize) -> Result<Option<Vec<u8>>, Error> {
+    let has = |list: &[Snapshot], n: u8| list.iter().any(|s| s.name == snapshot_name(n));
     match g {
         G::Write(off, len) => {
             let data: Vec<u8> = (off..off + len).map(|b| pattern(id, b)).collect();
             img.write_at(IoBuf::from_slice(&data), off).await.0?;
         }
+        G::Compressed(off, len) => {
+            let data: Vec<u8> = (off..off + len).map(|b| pattern(id, b)).collect();
+            img.write_compressed(IoBuf::from_slice(&data), off)
+                .await
+                .0?;
+        }
         G::Zero(off, len, unmap) => img.write_zeroes(off, len, unmap).await?,
         G::Discard(off, len) => img.discard(off, len).await?,
         G::Flush => img.flush().await?,
         G::Read(off, len) => return Ok(Some(img.read(off, len as usize).await?.to_vec())),
-        G::Close | G::Reopen => unreachable!("handled by the caller"),
+        // Run again after a failure that took effect anyway: done already.
+        G::SnapCreate(n) => {
+            if !has(&img.snapshots().await?, n) {
+                img.snapshot_create(&snapshot_name(n)).await?;
+            }
+        }
+        G::SnapDelete(n) => {
+            if has(&img.snapshots().await?, n) {
+                let name = snapshot_name(n);
+                img.snapshot_delete(SnapshotLookup::Name(&name)).await?;
+            }
+        }
+        G::SnapApply(n) => {
+            let name = snapshot_name(n);
+            img.snapshot_apply(SnapshotLookup::Name(&name)).await?;
+        }
+        G::Resize(size) => {
+            img.resize(size, ResizeOptions::new().shrink(true)).await?;
+        }
+        G::Close | G::Reopen | G::Bitmap(..) => unreachable!("handled by the caller"),
     }
     Ok(None)
+}
+
+/// Runs a request that consumes the image ([`G::closes`]).
+pub async fn exec_closing(img: Img, g: G) -> Result<(), Error> {
+    match g {
+        G::Close => img.close().await,
+        G::Bitmap(name, op) => {
+            let action = match op {
+                BitmapOp::Add => BitmapAction::Add { granularity: None },
+                BitmapOp::Remove => BitmapAction::Remove,
+                BitmapOp::Clear => BitmapAction::Clear,
+                BitmapOp::Disable => BitmapAction::Disable,
+            };
+            img.bitmap_edit(name, &[action]).await
+        }
+        _ => unreachable!("{g:?} does not close the image"),
+    }
 }
 
 pub async fn read_all(img: &Img, size: u64) -> Result<Vec<u8>, Error> {

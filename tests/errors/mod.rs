@@ -30,7 +30,8 @@
 //! This module is the harness; the tests are in `tests/errors_*.rs`, one file per kind of
 //! failure: guest writes (`errors_write`), flushes and closes (`errors_flush`), metadata that
 //! must reach the disk first (`errors_ordering`), reads (`errors_read`), `open`
-//! (`errors_open`), and the checklist's coverage (`errors_checklist`). The pieces: the
+//! (`errors_open`), image operations (`errors_image_ops`: compressed writes, snapshots,
+//! resize, bitmap edits), and the checklist's coverage (`errors_checklist`). The pieces: the
 //! scenarios ([`scenarios`]), the image they start from and the requests run on it
 //! ([`image`]), the guest's view of it ([`model`]), the checks of what a fault leaves
 //! ([`checks`]), one case with one fault ([`case`]), and every fault of a scenario
@@ -50,6 +51,11 @@ use qcow2_engine::{Error, Image};
 
 pub type Img = Image<FaultOpener<MemoryOpener>>;
 
+/// The name of snapshot `n` of [`G::SnapCreate`] and the others.
+pub fn snapshot_name(n: u8) -> String {
+    format!("s{n}")
+}
+
 /// Linux errno values (the tests package does not depend on libc).
 pub const EIO: i32 = 5;
 pub const ENOSPC: i32 = 28;
@@ -68,6 +74,32 @@ pub enum G {
     Close,
     /// Close and open again (cold caches).
     Reopen,
+    /// A compressed write of whole clusters.
+    Compressed(u64, u64),
+    /// Internal snapshot `s{n}` created, deleted, applied.
+    SnapCreate(u8),
+    SnapDelete(u8),
+    SnapApply(u8),
+    /// A resize to this size (shrinking allowed).
+    Resize(u64),
+    /// A persistent bitmap edited (`bitmap_edit`, which closes the image, as `Close` does).
+    Bitmap(&'static str, BitmapOp),
+}
+
+/// The bitmap edits of [`G::Bitmap`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BitmapOp {
+    Add,
+    Remove,
+    Clear,
+    Disable,
+}
+
+impl G {
+    /// Whether the request consumes the image (closes it).
+    pub fn closes(self) -> bool {
+        matches!(self, G::Close | G::Bitmap(..))
+    }
 }
 
 /// Where the image comes from.
@@ -94,6 +126,7 @@ pub enum Class {
     ReftableWrite,
     HeaderWrite,
     BitmapWrite,
+    SnapshotTableWrite,
     MetadataRead,
     Flush,
     PunchHole,

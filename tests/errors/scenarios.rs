@@ -2,7 +2,7 @@
 //! request whose backend requests fail one by one.
 
 use super::Class::*;
-use super::{Scenario, Source, G, KIB, MIB};
+use super::{BitmapOp, Scenario, Source, G, KIB, MIB};
 
 /// An autoclear bit no one knows (bit 40).
 const UNKNOWN_AUTOCLEAR: u64 = 1 << 40;
@@ -42,6 +42,7 @@ pub fn scenarios() -> Vec<Scenario> {
         ordering_scenarios(),
         format_scenarios(),
         read_scenarios(),
+        image_op_scenarios(),
     ];
     groups.into_iter().flatten().collect()
 }
@@ -319,6 +320,119 @@ fn read_scenarios() -> Vec<Scenario> {
             setup: &[],
             target: G::Read(0, 512 * KIB),
             expect: &[BackingRead],
+            after: None,
+            bugs: &[],
+        },
+    ]
+}
+
+/// A scenario with `target` after `setup` on a `qemu-img create -o opts` image of 4 MiB.
+fn op(
+    name: &'static str,
+    opts: &'static str,
+    setup: &'static [G],
+    target: G,
+    expect: &'static [super::Class],
+) -> Scenario {
+    Scenario {
+        name,
+        source: Source::Create(opts, 4 * MIB),
+        l2_cache: None,
+        setup,
+        target,
+        expect,
+        after: None,
+        bugs: &[],
+    }
+}
+
+/// Image operations: compressed writes, internal snapshots, resize, persistent bitmaps.
+fn image_op_scenarios() -> Vec<Scenario> {
+    const SNAPSHOTTED: &[G] = &[
+        G::Write(0, 512 * KIB),
+        G::SnapCreate(1),
+        G::Write(100 * KIB, 200 * KIB),
+        G::Write(2 * MIB, 64 * KIB),
+        G::SnapCreate(2),
+        G::Write(0, 64 * KIB),
+        G::Flush,
+        G::Reopen,
+    ];
+    vec![
+        // One cluster: QEMU refuses compressed writes to allocated clusters, so a write of
+        // several that failed half way could not be run again.
+        op(
+            "compressed-write",
+            "",
+            WRITTEN,
+            G::Compressed(2 * MIB, C64),
+            &[L2Load, DataWrite],
+        ),
+        op(
+            "compressed-write-new-l2",
+            "",
+            &[],
+            G::Compressed(3 * C64, C64),
+            &[DataWrite, SetLen],
+        ),
+        op(
+            "snapshot-create",
+            "",
+            WRITTEN,
+            G::SnapCreate(1),
+            &[
+                L1Write,
+                RefblockWrite,
+                SnapshotTableWrite,
+                HeaderWrite,
+                Flush,
+            ],
+        ),
+        op(
+            "snapshot-delete",
+            "",
+            SNAPSHOTTED,
+            G::SnapDelete(1),
+            &[RefblockWrite, SnapshotTableWrite, HeaderWrite, Flush],
+        ),
+        op(
+            "snapshot-apply",
+            "",
+            SNAPSHOTTED,
+            G::SnapApply(1),
+            &[L1Write, RefblockWrite, Flush],
+        ),
+        Scenario {
+            name: "resize-grow-l1",
+            source: Source::Create("cluster_size=512", MIB),
+            l2_cache: None,
+            setup: &[G::Write(0, 64 * KIB), G::Write(MIB - 4 * KIB, 4 * KIB)],
+            target: G::Resize(3 * MIB),
+            expect: &[L1Write, HeaderWrite],
+            after: None,
+            bugs: &[],
+        },
+        op(
+            "resize-shrink",
+            "",
+            WRITTEN,
+            G::Resize(MIB + 64 * KIB),
+            &[L2WriteBack, RefblockWrite, HeaderWrite],
+        ),
+        op(
+            "bitmap-add",
+            "",
+            WRITTEN,
+            G::Bitmap("b0", BitmapOp::Add),
+            &[BitmapWrite, HeaderWrite, Flush],
+        ),
+        Scenario {
+            name: "bitmap-clear",
+            source: Source::Fixture("bitmap"),
+            l2_cache: None,
+            setup: &[],
+            target: G::Bitmap("bm0", BitmapOp::Clear),
+            expect: &[BitmapWrite, Flush],
             after: None,
             bugs: &[],
         },
