@@ -30,5 +30,5 @@ pub use prng::Prng;
 pub use tools::{
     path_str, qemu_check, qemu_img, qemu_img_in, qemu_img_json, qemu_img_status,
     qemu_info_chain_json, qemu_info_json, qemu_io, qemu_io_abort, qemu_map_json, raw_reference,
-    raw_reference_file, raw_reference_snapshot, said, tool, QemuIoHolder,
+    raw_reference_file, raw_reference_snapshot, said, tool, without_timings, QemuIoHolder,
 };

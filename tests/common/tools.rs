@@ -346,3 +346,20 @@ pub fn said(o: &Output, program: &str) -> (String, String, Option<i32>) {
         o.status.code(),
     )
 }
+
+/// A qemu-io run's output lines without what changes from run to run: the timing lines
+/// (`... ops; ... ops/sec)`) go, and a `-C` report (`bytes,ops,H:MM:SS.ss,bytes/sec,ops/sec`)
+/// keeps its counts only.
+pub fn without_timings(text: &str) -> Vec<String> {
+    let is_timing = |l: &str| l.contains(" ops; ") && l.ends_with(" ops/sec)");
+    let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    let csv_counts = |l: &str| {
+        let f: Vec<&str> = l.split(',').collect();
+        (f.len() == 5 && numeric(f[0]) && numeric(f[1]) && f[2].contains(':'))
+            .then(|| format!("{},{},(timing)", f[0], f[1]))
+    };
+    text.lines()
+        .filter(|l| !is_timing(l))
+        .map(|l| csv_counts(l).unwrap_or_else(|| l.to_owned()))
+        .collect()
+}

@@ -3,9 +3,14 @@
 //!
 //! This file holds the command line's top level only: the subcommands (each one's arguments
 //! and `run` are in [`cmd`]), the runtime they run on and the dispatch.
+//!
+//! One binary, several tools: invoked through a link named `qemu-img` it is `qimg` (its
+//! commands are qemu-img's), through one named `qemu-io` it is `qimg io`; messages then start
+//! with that name, as the tool's own do.
 
 mod cmd;
 mod size;
+mod usage;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -19,6 +24,8 @@ use std::process::ExitCode;
 #[command(
     name = "qimg",
     version,
+    // A repeated option: the last one wins, as with QEMU's getopt loops.
+    args_override_self = true,
     about = "qcow2 images: info, convert, map, compare"
 )]
 struct Cli {
@@ -56,8 +63,43 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// Which tool the binary was invoked as (the file name of `argv[0]`).
+fn tool_args() -> Vec<std::ffi::OsString> {
+    let mut args: Vec<_> = std::env::args_os().collect();
+    if let Some(a) = args.first() {
+        util::set_invoked_as(a.to_string_lossy().into_owned());
+    }
+    let name = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or("qimg");
+    match name {
+        "qemu-img" => util::set_program("qemu-img"),
+        "qemu-io" => {
+            util::set_program("qemu-io");
+            args.insert(1, "io".into());
+        }
+        _ => {}
+    }
+    args
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Output into a closed pipe (`qimg info X | head -1`) ends the process quietly, as it
+    // does QEMU's tools, instead of failing every print.
+    // SAFETY: at start-up, before any other thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    let args = tool_args();
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(e) => return usage::report(e, &args),
+    };
+    // Invoked as qimg (a no-op otherwise: the tool's name is set).
+    util::set_program(match cli.command {
+        Command::Io(_) => "qimg io",
+        _ => "qimg",
+    });
     // `qimg io` and `qimg bench` run on a runtime of their own choosing (tokio-uring for
     // io_uring); the other commands share a current-thread tokio runtime.
     let cli = match cli.command {
@@ -71,7 +113,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("qimg: cannot start the runtime: {e}");
+            eprintln!("{}: cannot start the runtime: {e}", util::program());
             return ExitCode::from(1);
         }
     };

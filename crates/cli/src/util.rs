@@ -40,12 +40,40 @@ pub async fn open_disk(
     Ok(disk)
 }
 
+/// The name messages start with: the tool qimg was invoked as (`qemu-img`, `qemu-io`, `qimg`),
+/// with the subcommand for `qimg io` (`qimg io`), as QEMU's tools print their own name.
+static PROGRAM: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// `argv[0]` as given: QEMU's tools name themselves so in getopt's messages and in "Try
+/// '... --help'".
+static INVOKED_AS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets the name messages start with (once, at start-up).
+pub fn set_program(name: &'static str) {
+    let _ = PROGRAM.set(name);
+}
+
+/// Records `argv[0]` (once, at start-up).
+pub fn set_invoked_as(argv0: String) {
+    let _ = INVOKED_AS.set(argv0);
+}
+
+/// `argv[0]` as given (see [`set_invoked_as`]), or the program's name.
+pub fn invoked_as() -> &'static str {
+    INVOKED_AS.get().map_or_else(program, String::as_str)
+}
+
+/// The name messages start with (see [`set_program`]).
+pub fn program() -> &'static str {
+    PROGRAM.get().copied().unwrap_or("qimg")
+}
+
 /// Prints an error as one line and maps it to an exit code.
 pub fn exit<T>(code: u8, res: Result<T>) -> ExitCode {
     match res {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("qimg: {e:#}");
+            eprintln!("{}: {e:#}", program());
             ExitCode::from(code)
         }
     }

@@ -12,7 +12,8 @@
 //! engine still differs from QEMU, the case is in an `#[ignore]`d test naming the bug.
 
 use qcow2_tests::{
-    fixture, matrix, path_str, qemu_check, qemu_img, qemu_img_status, tool, OpMix, Prng,
+    fixture, matrix, path_str, qemu_check, qemu_img, qemu_img_status, tool, without_timings, OpMix,
+    Prng,
 };
 use std::path::Path;
 use std::process::{Command, Output};
@@ -74,32 +75,12 @@ impl Run {
     }
 }
 
-/// The second line of a qemu-io report, e.g.
-/// `4 KiB, 1 ops; 00.00 sec (1.585 MiB/sec and 405.8621 ops/sec)`.
-fn is_timing(line: &str) -> bool {
-    line.contains(" ops; ") && line.ends_with(" ops/sec)")
-}
-
-/// A `-C` report, `bytes,ops,H:MM:SS.ss,bytes/sec,ops/sec`, without its timing fields.
-fn csv_counts(line: &str) -> Option<String> {
-    let f: Vec<&str> = line.split(',').collect();
-    let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit() || b == b'.');
-    (f.len() == 5 && numeric(f[0]) && numeric(f[1]) && f[2].contains(':'))
-        .then(|| format!("{},{},(timing)", f[0], f[1]))
-}
-
 fn lines(bytes: &[u8]) -> Vec<String> {
-    String::from_utf8_lossy(bytes)
-        .lines()
-        .filter(|l| !is_timing(l))
-        .map(|l| {
-            if let Some(c) = csv_counts(l) {
-                c
-            } else if let Some(rest) = l.strip_prefix("qemu-io: ") {
-                format!("qimg io: {rest}")
-            } else {
-                l.to_string()
-            }
+    without_timings(&String::from_utf8_lossy(bytes))
+        .into_iter()
+        .map(|l| match l.strip_prefix("qemu-io: ") {
+            Some(rest) => format!("qimg io: {rest}"),
+            None => l,
         })
         .collect()
 }

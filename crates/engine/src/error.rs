@@ -123,8 +123,9 @@ pub enum Error {
         /// Why (QEMU's message).
         message: String,
     },
-    /// A backing or data file could not be opened.
-    #[error("could not open {role} {path}: {source}")]
+    /// A file could not be opened: QEMU's file driver's message (`Could not open 'PATH':
+    /// REASON`, the reason as C's `strerror` words it).
+    #[error("Could not open '{}': {}", path.display(), strerror(source))]
     OpenFile {
         /// "backing file", "data file", "image".
         role: &'static str,
@@ -211,6 +212,15 @@ impl From<(&std::path::Path, qcow2_alloc::RefcountError)> for Error {
                 what: other.to_string(),
             },
         }
+    }
+}
+
+/// An I/O error as C's `strerror` words it, as QEMU prints it (without Rust's " (os error N)").
+pub fn strerror(e: &io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_owned(),
+        None => s,
     }
 }
 

@@ -68,7 +68,7 @@ pub use create::{
     CreateOptions, MeasureTarget, Measurement, Preallocation, V3Feature,
 };
 pub use error::{
-    AmendError, CompressedRefusal, Error, ReadResult, ResizeError, Result, WriteResult,
+    strerror, AmendError, CompressedRefusal, Error, ReadResult, ResizeError, Result, WriteResult,
 };
 pub use image::MapEntry;
 pub use image::{Disk, Image, RawImage};

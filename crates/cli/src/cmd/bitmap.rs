@@ -37,11 +37,12 @@ pub async fn run(args: BitmapArgs) -> ExitCode {
     let parsed = match parse(&args.args) {
         Ok(p) => p,
         Err(Usage(m)) if m.starts_with('\0') => {
-            eprintln!("qimg: {}", &m[1..]);
+            eprintln!("{}: {}", crate::util::program(), &m[1..]);
             return ExitCode::from(1);
         }
         Err(Usage(m)) => {
-            eprintln!("qimg bitmap: {m}\nTry 'qimg bitmap --help' for more info");
+            let p = crate::util::program();
+            eprintln!("{p} bitmap: {m}\nTry '{p} bitmap --help' for more info");
             return ExitCode::from(1);
         }
     };
@@ -201,13 +202,8 @@ async fn from_source(
     (out, None)
 }
 
-/// An image that cannot be opened, as qemu-img says it (the file's own error, without Rust's
-/// "(os error N)").
+/// An image that cannot be opened, as qemu-img says it (its words, then the engine's, which
+/// are QEMU's file driver's).
 fn open_error(path: &str, e: &qcow2_engine::Error) -> anyhow::Error {
-    if let qcow2_engine::Error::OpenFile { source, .. } = e {
-        let text = source.to_string();
-        let text = text.split(" (os error").next().unwrap_or(&text);
-        return anyhow!("Could not open '{path}': Could not open '{path}': {text}");
-    }
     anyhow!("Could not open '{path}': {e}")
 }

@@ -2,7 +2,7 @@
 //! diagnostic lines on stderr and its exit codes (0 clean, 1 check failed, 2 corruptions,
 //! 3 leaks only, 63 format without checks).
 
-use crate::util::{open_disk, OutputFormat};
+use crate::util::{open_disk, program, OutputFormat};
 use blockio::FileOpener;
 use qcow2_engine::{CheckReport, Disk, Image, ImageOptions, RepairMode};
 use serde_json::{Map, Value};
@@ -74,11 +74,11 @@ async fn check_and_report(
     let report = match check(path, format, repair, force_share).await {
         Ok(Some(r)) => r,
         Ok(None) => {
-            eprintln!("qimg: This image format does not support checks");
+            eprintln!("{}: This image format does not support checks", program());
             return EXIT_NOT_SUPPORTED;
         }
         Err(e) => {
-            eprintln!("qimg: {e:#}");
+            eprintln!("{}: {e:#}", program());
             return CheckReport::EXIT_CHECK_FAILED;
         }
     };
@@ -87,12 +87,13 @@ async fn check_and_report(
     }
     if report.messages_suppressed > 0 {
         eprintln!(
-            "qimg: {} more diagnostic lines not shown",
+            "{}: {} more diagnostic lines not shown",
+            program(),
             report.messages_suppressed
         );
     }
     if let Some(why) = &report.failure {
-        eprintln!("qimg: Check failed: {why}");
+        eprintln!("{}: Check failed: {why}", program());
         return CheckReport::EXIT_CHECK_FAILED;
     }
     if !quiet {
@@ -103,7 +104,7 @@ async fn check_and_report(
         }
     }
     if report.check_errors > 0 {
-        eprintln!("qimg: Check failed");
+        eprintln!("{}: Check failed", program());
     }
     report.exit_code()
 }

@@ -91,9 +91,9 @@ pub async fn run(args: CreateArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             if f.with_name {
-                eprintln!("qimg: {}: {}", args.image, f.msg);
+                eprintln!("{}: {}: {}", crate::util::program(), args.image, f.msg);
             } else {
-                eprintln!("qimg: {}", f.msg);
+                eprintln!("{}: {}", crate::util::program(), f.msg);
             }
             ExitCode::from(1)
         }

@@ -281,6 +281,23 @@ fn print_human(v: &Value) {
             }
         }
     }
+    if let Some(file) = v.pointer("/children/0/info") {
+        let n = |k: &str| file.get(k).and_then(Value::as_u64).unwrap_or_default();
+        println!("Child node '/file':");
+        println!(
+            "    filename: {}",
+            file.get("filename")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+        );
+        println!("    protocol type: file");
+        println!(
+            "    file length: {} ({} bytes)",
+            size_to_str(n("virtual-size")),
+            n("virtual-size")
+        );
+        println!("    disk size: {}", size_to_str(n("actual-size")));
+    }
 }
 
 /// One field of a listed item (a bitmap), at qemu-img's indentation: strings bare, lists

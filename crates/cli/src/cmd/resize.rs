@@ -53,7 +53,7 @@ pub async fn run(args: ResizeArgs) -> ExitCode {
         }
         Err(Failure(lines)) => {
             for l in lines {
-                eprintln!("qimg: {l}");
+                eprintln!("{}: {l}", crate::util::program());
             }
             ExitCode::from(1)
         }

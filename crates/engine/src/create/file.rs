@@ -73,9 +73,6 @@ pub async fn probe_backing<O: Opener>(
     .await
     .map_err(|e| CreateError::OpenBacking {
         message: match &e {
-            Error::OpenFile { source, path, .. } => {
-                format!("Could not open '{}': {}", path.display(), strerror(source))
-            }
             Error::Format {
                 source: FormatError::BadMagic(_),
                 ..
@@ -85,15 +82,6 @@ pub async fn probe_backing<O: Opener>(
         path: resolved.clone(),
     })?;
     Ok((disk.size().div_ceil(512) * 512, disk.format()))
-}
-
-/// An I/O error as C's `strerror` words it (without Rust's " (os error N)").
-pub(super) fn strerror(e: &io::Error) -> String {
-    let s = e.to_string();
-    match s.find(" (os error") {
-        Some(i) => s[..i].to_owned(),
-        None => s,
-    }
 }
 
 /// Creates a raw image of `size` bytes (rounded up to 512, as qemu-img does) at `path`,

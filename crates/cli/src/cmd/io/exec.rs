@@ -9,6 +9,7 @@
 
 use super::parse::{self, Cmd, Discard, Read, Write, WriteData, MAX_REQUEST_BYTES};
 use super::report;
+use crate::util::program;
 use blockio::{IoBuf, Opener};
 use qcow2_engine::{CompressedRefusal, Disk, Error};
 use std::io::Write as _;
@@ -37,13 +38,7 @@ pub struct Session<O: Opener> {
 /// Rust's "(os error N)"), EIO's for out-of-range requests, the engine's message otherwise.
 fn strerror(e: &Error) -> String {
     match e {
-        Error::Io { source, .. } => {
-            let s = source.to_string();
-            match s.find(" (os error ") {
-                Some(i) => s[..i].to_string(),
-                None => s,
-            }
-        }
+        Error::Io { source, .. } => qcow2_engine::strerror(source),
         Error::OutOfRange { .. } => "Input/output error".into(),
         Error::CompressedWrite { reason, .. } => match reason {
             CompressedRefusal::NotWholeClusters => "Invalid argument",
@@ -151,7 +146,7 @@ impl<O: Opener> Session<O> {
     pub async fn run_line(&mut self, line: &str) -> bool {
         if self.read_only && parse::needs_write(line) {
             // qemu-io -r: the write permission is refused before the command parses.
-            err("qimg io: Block node is read-only\n");
+            err(&format!("{}: Block node is read-only\n", program()));
             return false;
         }
         match parse::parse(line) {
@@ -172,7 +167,7 @@ impl<O: Opener> Session<O> {
     /// Runs one command; `false` if it failed.
     pub async fn run(&mut self, cmd: Cmd) -> bool {
         if self.read_only && matches!(cmd, Cmd::Write(_) | Cmd::Discard(_) | Cmd::AioWrite(_)) {
-            err("qimg io: Block node is read-only\n");
+            err(&format!("{}: Block node is read-only\n", program()));
             return false;
         }
         match cmd {
@@ -303,7 +298,7 @@ impl<O: Opener> Session<O> {
         let mut ok = true;
         for task in std::mem::take(&mut self.inflight) {
             if let Err(e) = task.await {
-                err(&format!("qimg io: an aio request failed: {e}\n"));
+                err(&format!("{}: an aio request failed: {e}\n", program()));
                 ok = false;
             }
         }
@@ -321,14 +316,17 @@ impl<O: Opener> Session<O> {
         let disk = match Rc::try_unwrap(self.disk) {
             Ok(d) => d,
             Err(_) => {
-                err("qimg io: the image is still in use by a request; not closed\n");
+                err(&format!(
+                    "{}: the image is still in use by a request; not closed\n",
+                    program()
+                ));
                 return false;
             }
         };
         match disk.close().await {
             Ok(()) => drained,
             Err(e) => {
-                err(&format!("qimg io: closing the image failed: {e}\n"));
+                err(&format!("{}: closing the image failed: {e}\n", program()));
                 false
             }
         }

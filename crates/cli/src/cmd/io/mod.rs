@@ -26,6 +26,7 @@ mod exec;
 mod parse;
 mod report;
 
+use crate::util::program;
 use blockio::{FileOpener, Opener};
 use exec::Session;
 use qcow2_engine::{Disk, ImageFormat, ImageOptions};
@@ -119,7 +120,7 @@ pub fn run(args: IoArgs) -> ExitCode {
 }
 
 fn fail(msg: &str) -> ExitCode {
-    exec::err(&format!("qimg io: {msg}\n"));
+    exec::err(&format!("{}: {msg}\n", program()));
     ExitCode::from(1)
 }
 
@@ -130,7 +131,8 @@ async fn run_script<O: Opener>(opener: O, args: &IoArgs, cmds: &[String]) -> boo
         Ok(d) => d,
         Err(e) => {
             exec::err(&format!(
-                "qimg io: can't open device {}: {e}\n",
+                "{}: can't open device {}: {e}\n",
+                program(),
                 args.image.display()
             ));
             return false;

@@ -163,7 +163,7 @@ impl ParseError {
         match self {
             ParseError::NotFound(name) => Some(format!("command \"{name}\" not found")),
             ParseError::ArgCount(m) | ParseError::BadOption { message: m, .. } => Some(m.clone()),
-            ParseError::Unsupported(m) => Some(format!("qimg io: {m}")),
+            ParseError::Unsupported(m) => Some(format!("{}: {m}", crate::util::program())),
             _ => None,
         }
     }

@@ -1,0 +1,198 @@
+//! qimg invoked as `qemu-img` and `qemu-io` (through links with those names) against the real
+//! tools: the same arguments, run in two directories holding the same files, print the same
+//! lines (timing lines aside), exit with the same status and leave the same images. Messages
+//! start with the tool's name; usage errors are worded and numbered as QEMU's getopt loops do
+//! them; a repeated option is the last one given.
+
+use qcow2_tests::{path_str, qemu_img, qemu_img_status, tool, without_timings};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Links named `qemu-img` and `qemu-io` to the qimg under test, in a directory of their own.
+struct Links {
+    _dir: tempfile::TempDir,
+    bin: PathBuf,
+}
+
+impl Links {
+    fn new() -> Links {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["qemu-img", "qemu-io"] {
+            std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_qimg"), dir.path().join(name)).unwrap();
+        }
+        Links {
+            bin: dir.path().to_path_buf(),
+            _dir: dir,
+        }
+    }
+}
+
+/// What a run printed and its exit status.
+#[derive(Debug, PartialEq, Eq)]
+struct Run {
+    code: Option<i32>,
+    stdout: Vec<String>,
+    stderr: Vec<String>,
+}
+
+/// Runs `program args` in `dir`; the program's path, where the output names it (as QEMU's
+/// tools name themselves in usage errors), reads `PROG`.
+fn run(program: &Path, dir: &Path, args: &[&str]) -> Run {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .env("LC_ALL", "C")
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", program.display()));
+    let text =
+        |b: &[u8]| without_timings(&String::from_utf8_lossy(b).replace(path_str(program), "PROG"));
+    Run {
+        code: out.status.code(),
+        stdout: text(&out.stdout),
+        stderr: text(&out.stderr),
+    }
+}
+
+/// Two directories with the same files: one for QEMU's tools, one for ours.
+struct Pair {
+    links: Links,
+    theirs: tempfile::TempDir,
+    ours: tempfile::TempDir,
+}
+
+impl Pair {
+    /// Each directory gets `t.qcow2`, a 1 MiB image made by qemu-img.
+    fn new() -> Pair {
+        let pair = Pair {
+            links: Links::new(),
+            theirs: tempfile::tempdir().unwrap(),
+            ours: tempfile::tempdir().unwrap(),
+        };
+        for d in [&pair.theirs, &pair.ours] {
+            let t = d.path().join("t.qcow2");
+            qemu_img(&["create", "-q", "-f", "qcow2", path_str(&t), "1M"]);
+        }
+        pair
+    }
+
+    /// Runs the tool with `args` in both directories; returns what QEMU's and ours did.
+    fn both(&self, program: &str, args: &[&str]) -> (Run, Run) {
+        let theirs = run(&tool(program), self.theirs.path(), args);
+        let ours = run(&self.links.bin.join(program), self.ours.path(), args);
+        (theirs, ours)
+    }
+
+    /// The same as [`Pair::both`], and the two runs must agree.
+    fn same(&self, program: &str, args: &[&str]) -> Run {
+        let (theirs, ours) = self.both(program, args);
+        assert_eq!(ours, theirs, "{program} {args:?}: ours, then QEMU's");
+        ours
+    }
+
+    /// The guest contents of `name` are the same in both directories.
+    fn same_image(&self, name: &str) {
+        let a = self.theirs.path().join(name);
+        let b = self.ours.path().join(name);
+        let out = qemu_img_status(&["compare", path_str(&a), path_str(&b)]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let check = qemu_img_status(&["check", path_str(&b)]);
+        assert_eq!(check.status.code(), Some(0), "qemu-img check of ours");
+    }
+}
+
+#[test]
+fn usage_errors_are_qemu_imgs() {
+    let p = Pair::new();
+    for args in [
+        &[][..],
+        &["frobnicate"],
+        &["info", "-Z", "t.qcow2"],
+        &["info", "--zork", "t.qcow2"],
+        &["info"],
+        &["check", "-Q", "t.qcow2"],
+    ] {
+        let r = p.same("qemu-img", args);
+        assert_eq!(r.code, Some(1), "{args:?}");
+        let first = &r.stderr[0];
+        assert!(
+            first.starts_with("qemu-img") || first.starts_with("PROG "),
+            "{r:?}"
+        );
+    }
+}
+
+#[test]
+fn qemu_img_commands_print_as_qemu_img() {
+    let p = Pair::new();
+    p.same("qemu-img", &["create", "-f", "qcow2", "n.qcow2", "2M"]);
+    let a = std::fs::read(p.theirs.path().join("n.qcow2")).unwrap();
+    let b = std::fs::read(p.ours.path().join("n.qcow2")).unwrap();
+    assert!(a == b, "qemu-img create made different files");
+    p.same("qemu-img", &["info", "t.qcow2"]);
+    p.same("qemu-img", &["check", "t.qcow2"]);
+    p.same("qemu-img", &["map", "--output=json", "t.qcow2"]);
+    // The last -f wins.
+    p.same("qemu-img", &["info", "-f", "raw", "-f", "qcow2", "t.qcow2"]);
+    let r = p.same("qemu-img", &["info", "missing.qcow2"]);
+    assert_eq!(
+        r.stderr,
+        [
+            "qemu-img: Could not open 'missing.qcow2': Could not open 'missing.qcow2': \
+          No such file or directory"
+        ]
+    );
+    p.same("qemu-img", &["resize", "t.qcow2", "+1M"]);
+    p.same_image("t.qcow2");
+}
+
+#[test]
+fn qemu_io_runs_as_qemu_io() {
+    let p = Pair::new();
+    let r = p.same(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0xab 4k 64k",
+            "-c",
+            "read -P 0xab 4k 64k",
+            "-c",
+            "write -z 512k 128k",
+            "t.qcow2",
+        ],
+    );
+    assert_eq!(r.code, Some(0));
+    p.same_image("t.qcow2");
+    // The last -f wins; a read-only open refuses writes with QEMU's message.
+    let r = p.same(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-f",
+            "qcow2",
+            "-r",
+            "-c",
+            "write 0 512",
+            "t.qcow2",
+        ],
+    );
+    assert_eq!(r.stderr, ["qemu-io: Block node is read-only"]);
+    let r = p.same("qemu-io", &["-c", "read 0 512", "missing.qcow2"]);
+    assert_eq!(
+        r.stderr,
+        [
+            "qemu-io: can't open device missing.qcow2: Could not open 'missing.qcow2': \
+          No such file or directory"
+        ]
+    );
+    // An unknown option: the first line is getopt's (qemu-io prints its usage after it).
+    let (theirs, ours) = p.both("qemu-io", &["-Z", "t.qcow2"]);
+    assert_eq!((ours.code, &ours.stderr), (theirs.code, &theirs.stderr));
+}
