@@ -164,10 +164,24 @@ fn qemu_io_runs_as_qemu_io() {
             "read -P 0xab 4k 64k",
             "-c",
             "write -z 512k 128k",
+            "-c",
+            "writev -P 0x11 8k 512 4k 1k",
+            "-c",
+            "readv -P 0x11 8k 5k 512",
+            "-c",
+            "readv -v 8k 16 16",
+            "-c",
+            "readv -P 0x12 8k 512",
+            "-c",
+            "readv -Z 8k 512",
             "t.qcow2",
         ],
     );
-    assert_eq!(r.code, Some(0));
+    assert_eq!(
+        r.code,
+        Some(1),
+        "the failed pattern check and the bad option"
+    );
     p.same_image("t.qcow2");
     // The last -f wins; a read-only open refuses writes with QEMU's message.
     let r = p.same(

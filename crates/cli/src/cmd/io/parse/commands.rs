@@ -1,12 +1,12 @@
-//! The argument parsers of the commands that take arguments (`read`, `write`, `discard`,
-//! `aio_read`, `aio_write`): their getopt options, positional arguments and qemu-io's checks,
+//! The argument parsers of the commands that take arguments (`read`, `readv`, `write`,
+//! `writev`, `discard`, `aio_read`, `aio_write`): their getopt options, positional arguments and qemu-io's checks,
 //! in qemu-io's order.
 
 use super::getopt::{getopt, Opt};
 use super::numbers::{cvt, pattern_arg};
 use super::{
-    Cmd, Discard, ParseError, Read, Verify, Write, WriteData, AIO_READ, AIO_WRITE,
-    DEFAULT_WRITE_PATTERN, DISCARD, MAX_REQUEST_BYTES, READ, WRITE,
+    Cmd, Discard, ParseError, Read, Spec, Verify, Write, WriteData, AIO_READ, AIO_WRITE,
+    DEFAULT_WRITE_PATTERN, DISCARD, MAX_REQUEST_BYTES, READ, READV, WRITE, WRITEV,
 };
 
 fn too_long(len: u64, arg: &str, suffix: &str) -> Result<(), ParseError> {
@@ -206,13 +206,32 @@ fn iovec_len(lens: &[&str]) -> Result<u64, ParseError> {
 }
 
 pub(super) fn parse_aio_read(typed: &str, args: &[&str]) -> Result<Cmd, ParseError> {
-    let (opts, pos) = getopt(typed, args, "CiP:qrv");
+    Ok(match iovec_read(typed, args, &AIO_READ, "CiP:qrv")? {
+        Some(r) => Cmd::AioRead(r),
+        None => Cmd::Inject("injecting invalid read request"),
+    })
+}
+
+pub(super) fn parse_readv(typed: &str, args: &[&str]) -> Result<Cmd, ParseError> {
+    let r = iovec_read(typed, args, &READV, "CP:qrv")?;
+    Ok(Cmd::Read(r.expect("readv has no -i")))
+}
+
+/// A read into several buffers (`aio_read`, `readv`: one length per buffer); `None` for
+/// `-i` (an invalid request injected, where `optstring` has it).
+fn iovec_read(
+    typed: &str,
+    args: &[&str],
+    spec: &Spec,
+    optstring: &str,
+) -> Result<Option<Read>, ParseError> {
+    let (opts, pos) = getopt(typed, args, optstring);
     let (mut csv, mut quiet, mut dump, mut pattern) = (false, false, false, None);
     for o in opts {
         match o {
-            Opt::Error(m) => return Err(bad_option(m, AIO_READ.usage)),
+            Opt::Error(m) => return Err(bad_option(m, spec.usage)),
             Opt::Flag('C', _) => csv = true,
-            Opt::Flag('i', _) => return Ok(Cmd::Inject("injecting invalid read request")),
+            Opt::Flag('i', _) => return Ok(None),
             Opt::Flag('P', Some(a)) => pattern = Some(pattern_arg(a)?),
             Opt::Flag('q', _) => quiet = true,
             Opt::Flag('v', _) => dump = true,
@@ -220,11 +239,11 @@ pub(super) fn parse_aio_read(typed: &str, args: &[&str]) -> Result<Cmd, ParseErr
         }
     }
     let Some((off, lens)) = pos.split_first().filter(|(_, l)| !l.is_empty()) else {
-        return Err(ParseError::Usage(AIO_READ.usage));
+        return Err(ParseError::Usage(spec.usage));
     };
     let offset = cvt(off)?;
     let len = iovec_len(lens)?;
-    Ok(Cmd::AioRead(Read {
+    Ok(Some(Read {
         offset,
         len,
         verify: pattern.map(|pattern| Verify {
@@ -239,15 +258,33 @@ pub(super) fn parse_aio_read(typed: &str, args: &[&str]) -> Result<Cmd, ParseErr
 }
 
 pub(super) fn parse_aio_write(typed: &str, args: &[&str]) -> Result<Cmd, ParseError> {
-    let (opts, pos) = getopt(typed, args, "CfiP:qruz");
+    Ok(match iovec_write(typed, args, &AIO_WRITE, "CfiP:qruz")? {
+        Some(w) => Cmd::AioWrite(w),
+        None => Cmd::Inject("injecting invalid write request"),
+    })
+}
+
+pub(super) fn parse_writev(typed: &str, args: &[&str]) -> Result<Cmd, ParseError> {
+    let w = iovec_write(typed, args, &WRITEV, "CfP:qr")?;
+    Ok(Cmd::Write(w.expect("writev has no -i")))
+}
+
+/// A write from several buffers (`aio_write`, `writev`); `None` for `-i`.
+fn iovec_write(
+    typed: &str,
+    args: &[&str],
+    spec: &Spec,
+    optstring: &str,
+) -> Result<Option<Write>, ParseError> {
+    let (opts, pos) = getopt(typed, args, optstring);
     let (mut csv, mut fua, mut quiet, mut registered) = (false, false, false, false);
     let (mut unmap, mut zero, mut pattern) = (false, false, DEFAULT_WRITE_PATTERN);
     for o in opts {
         match o {
-            Opt::Error(m) => return Err(bad_option(m, AIO_WRITE.usage)),
+            Opt::Error(m) => return Err(bad_option(m, spec.usage)),
             Opt::Flag('C', _) => csv = true,
             Opt::Flag('f', _) => fua = true,
-            Opt::Flag('i', _) => return Ok(Cmd::Inject("injecting invalid write request")),
+            Opt::Flag('i', _) => return Ok(None),
             Opt::Flag('P', Some(a)) => pattern = pattern_arg(a)?,
             Opt::Flag('q', _) => quiet = true,
             Opt::Flag('r', _) => registered = true,
@@ -257,7 +294,7 @@ pub(super) fn parse_aio_write(typed: &str, args: &[&str]) -> Result<Cmd, ParseEr
         }
     }
     let Some((off, lens)) = pos.split_first().filter(|(_, l)| !l.is_empty()) else {
-        return Err(ParseError::Usage(AIO_WRITE.usage));
+        return Err(ParseError::Usage(spec.usage));
     };
     let invalid = |m: &str| Err(ParseError::Invalid(m.to_string()));
     if zero && lens.len() != 1 {
@@ -278,7 +315,7 @@ pub(super) fn parse_aio_write(typed: &str, args: &[&str]) -> Result<Cmd, ParseEr
     } else {
         (iovec_len(lens)?, WriteData::Pattern(pattern))
     };
-    Ok(Cmd::AioWrite(Write {
+    Ok(Some(Write {
         offset,
         len,
         data,

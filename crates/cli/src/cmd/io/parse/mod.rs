@@ -17,7 +17,10 @@ mod numbers;
 #[cfg(test)]
 mod tests;
 
-use commands::{parse_aio_read, parse_aio_write, parse_discard, parse_read, parse_write};
+use commands::{
+    parse_aio_read, parse_aio_write, parse_discard, parse_read, parse_readv, parse_write,
+    parse_writev,
+};
 use std::fmt;
 
 /// qemu's `BDRV_REQUEST_MAX_BYTES`: the largest request length qemu-io accepts.
@@ -29,9 +32,9 @@ pub const DEFAULT_WRITE_PATTERN: u8 = 0xcd;
 /// One parsed command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cmd {
-    /// `read` (alias `r`).
+    /// `read` (alias `r`), `readv` (several buffers, read as one).
     Read(Read),
-    /// `write` (alias `w`).
+    /// `write` (alias `w`), `writev` (several buffers, written as one).
     Write(Write),
     /// `discard` (alias `d`).
     Discard(Discard),
@@ -206,6 +209,22 @@ const WRITE: Spec = Spec {
     usage: "write [-bcCfnqruz] [-P pattern | -s source_file] off len -- writes a number of bytes at a specified offset",
     write: true,
 };
+const READV: Spec = Spec {
+    name: "readv",
+    alias: None,
+    argmin: 2,
+    argmax: None,
+    usage: "readv [-Cqrv] [-P pattern] off len [len..] -- reads a number of bytes at a specified offset",
+    write: false,
+};
+const WRITEV: Spec = Spec {
+    name: "writev",
+    alias: None,
+    argmin: 2,
+    argmax: None,
+    usage: "writev [-Cfqr] [-P pattern] off len [len..] -- writes a number of bytes at a specified offset",
+    write: true,
+};
 const DISCARD: Spec = Spec {
     name: "discard",
     alias: Some("d"),
@@ -256,8 +275,8 @@ const LENGTH: Spec = Spec {
     write: false,
 };
 
-const COMMANDS: [&Spec; 8] = [
-    &READ, &WRITE, &DISCARD, &FLUSH, &AIO_READ, &AIO_WRITE, &AIO_FLUSH, &LENGTH,
+const COMMANDS: [&Spec; 10] = [
+    &READ, &READV, &WRITE, &WRITEV, &DISCARD, &FLUSH, &AIO_READ, &AIO_WRITE, &AIO_FLUSH, &LENGTH,
 ];
 
 /// qemu-io's `breakline()`: split at single spaces, drop empty pieces.
@@ -294,7 +313,9 @@ pub fn parse(line: &str) -> Result<Option<Cmd>, ParseError> {
     check_count(spec, name, args.len())?;
     let cmd = match spec.name {
         "read" => Cmd::Read(parse_read(name, args)?),
+        "readv" => parse_readv(name, args)?,
         "write" => Cmd::Write(parse_write(name, args)?),
+        "writev" => parse_writev(name, args)?,
         "discard" => Cmd::Discard(parse_discard(name, args)?),
         "flush" => Cmd::Flush,
         "aio_read" => parse_aio_read(name, args)?,
