@@ -73,5 +73,5 @@ pub use error::{
 pub use image::MapEntry;
 pub use image::{Disk, Image, RawImage};
 pub use map::status::{Extent, ExtentKind};
-pub use options::{BackingChoice, ImageFormat, ImageOptions, ResizeOptions};
+pub use options::{BackingChoice, ImageFormat, ImageOptions, ResizeOptions, SnapshotOptions};
 pub use snapshot::{SnapshotLookup, SnapshotView};

@@ -318,6 +318,37 @@ impl ResizeOptions {
     }
 }
 
+/// What [`Image::snapshot_create_with`](crate::Image::snapshot_create_with) records with a
+/// snapshot besides the disk: the VM state saved with it, as QEMU's `savevm` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SnapshotOptions {
+    /// Bytes of the VM state area (written with
+    /// [`Image::vm_state_write_at`](crate::Image::vm_state_write_at)) that belong to the
+    /// snapshot; the active image's copy of them is discarded once the snapshot holds them.
+    pub vm_state_size: u64,
+    /// The guest's clock at the snapshot, in nanoseconds.
+    pub vm_clock_nsec: u64,
+}
+
+impl SnapshotOptions {
+    /// No VM state, VM clock 0 (what `qemu-img snapshot -c` writes).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The VM state's size in bytes.
+    pub fn vm_state_size(mut self, bytes: u64) -> Self {
+        self.vm_state_size = bytes;
+        self
+    }
+
+    /// The guest clock, in nanoseconds.
+    pub fn vm_clock_nsec(mut self, nsec: u64) -> Self {
+        self.vm_clock_nsec = nsec;
+        self
+    }
+}
+
 /// A feature that a version 2 (`compat=0.10`) image cannot have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum V3Feature {

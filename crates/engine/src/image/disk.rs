@@ -43,6 +43,13 @@ impl<B> RawImage<B> {
     pub fn size(&self) -> u64 {
         self.size.load(std::sync::atomic::Ordering::Acquire)
     }
+
+    fn no_vm_state(&self) -> Error {
+        Error::Unsupported {
+            path: self.path.clone(),
+            what: "a VM state area (raw images have none)".into(),
+        }
+    }
 }
 
 impl<B: Backend> RawImage<B> {
@@ -241,6 +248,32 @@ impl<O: Opener> Disk<O> {
                 }),
                 buf,
             ),
+        }
+    }
+
+    /// See [`Image::vm_state_write_at`]; a raw disk has no VM state area
+    /// ([`Error::Unsupported`]).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::vm_state_write_at`].
+    pub async fn vm_state_write_at(&self, buf: IoBuf, pos: u64) -> WriteResult {
+        match self {
+            Disk::Qcow2(img) => img.vm_state_write_at(buf, pos).await,
+            Disk::Raw(raw) => (Err(raw.no_vm_state()), buf),
+        }
+    }
+
+    /// See [`Image::vm_state_read_at`]; a raw disk has no VM state area
+    /// ([`Error::Unsupported`]).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::vm_state_read_at`].
+    pub async fn vm_state_read_at(&self, buf: IoBuf, pos: u64) -> crate::ReadResult {
+        match self {
+            Disk::Qcow2(img) => img.vm_state_read_at(buf, pos).await,
+            Disk::Raw(raw) => (Err(raw.no_vm_state()), buf),
         }
     }
 

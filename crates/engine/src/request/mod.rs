@@ -1,5 +1,5 @@
 //! Guest requests (layer 8): reads, writes (in place and allocating), write-zeroes and
-//! discard, flush and close, resize (with its preallocation), and what happens when one
+//! discard, flush and close, resize (with its preallocation), the VM state area, and what happens when one
 //! finds corruption. Each plans under the metadata lock through the mapping layer (`map`) and the metadata store (`meta`), takes the
 //! leases and gates its I/O needs (I2, I6), and does its data I/O without the lock (I7), its
 //! guards travelling with the I/O (I9).
@@ -15,5 +15,6 @@ mod flush;
 mod prealloc;
 mod read;
 mod resize;
+mod vmstate;
 mod write;
 mod zero;

@@ -53,6 +53,23 @@ impl<O: Opener> Image<O> {
     /// [`Image::read_into`] through the L1 table of a snapshot (`view`) or the active one.
     pub(crate) async fn read_through(
         &self,
+        buf: IoBuf,
+        range: Range<usize>,
+        offset: u64,
+        view: Option<&SnapshotL1>,
+    ) -> ReadResult {
+        let len = range.len() as u64;
+        let size = view.map_or(self.size(), |v| v.size);
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return (Err(Error::OutOfRange { offset, len, size }), buf);
+        }
+        self.read_mapped(buf, range, offset, view).await
+    }
+
+    /// [`Image::read_through`] without the check against the disk's end: the VM state area
+    /// lies past it.
+    pub(super) async fn read_mapped(
+        &self,
         mut buf: IoBuf,
         range: Range<usize>,
         offset: u64,
@@ -60,10 +77,6 @@ impl<O: Opener> Image<O> {
     ) -> ReadResult {
         let window = buf.window();
         let len = range.len() as u64;
-        let size = view.map_or(self.size(), |v| v.size);
-        if offset.checked_add(len).is_none_or(|end| end > size) {
-            return (Err(Error::OutOfRange { offset, len, size }), buf);
-        }
         let (plan, leases) = match self.plan_read(offset, len, view).await {
             Ok(p) => p,
             Err(e) => return (Err(self.on_error(e).await), buf),

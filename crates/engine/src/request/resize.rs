@@ -139,7 +139,7 @@ impl<O: Opener> Image<O> {
     }
 
     /// L1 entries a disk of `size` bytes needs.
-    fn l1_entries(&self, size: u64) -> u64 {
+    pub(super) fn l1_entries(&self, size: u64) -> u64 {
         size.div_ceil(self.geo.l2_coverage())
     }
 
@@ -271,7 +271,7 @@ impl<O: Opener> Image<O> {
     /// its clusters allocated, and a write-back puts it in place in the crash-safe order
     /// (the refcounts, then the whole table, then the header's L1 fields, each durable, then
     /// the old table freed: see `L1Switch`). Returns what the write-backs freed.
-    async fn grow_l1(&self, meta: &mut Meta, entries: u64) -> Result<Freed> {
+    pub(super) async fn grow_l1(&self, meta: &mut Meta, entries: u64) -> Result<Freed> {
         if entries <= meta.l1.len() as u64 {
             return Ok(Vec::new());
         }

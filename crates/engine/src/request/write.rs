@@ -191,8 +191,9 @@ impl<O: Opener> Image<O> {
         let geo = self.geo;
         let cs = geo.cluster_size();
         let cluster = geo.cluster_start(pos);
-        if end > meta.disk_end {
-            // A shrink came between the request's entry check and this step.
+        if end > meta.disk_end && pos < self.vm_state_start(meta.disk_end) {
+            // A shrink came between the request's entry check and this step (the VM state
+            // area, past the disk, is written only by `vm_state_write_at`).
             return Err(Error::OutOfRange {
                 offset: pos,
                 len: end - pos,

@@ -210,14 +210,6 @@ impl<O: Opener> Image<O> {
                     size: meta.disk_end,
                 });
             }
-            if range.end > meta.disk_end && !matches!(mode, ZeroMode::Truncate) {
-                // A shrink came between the request's entry check and this step.
-                return Err(Error::OutOfRange {
-                    offset: pos,
-                    len: range.end - pos,
-                    size: meta.disk_end,
-                });
-            }
             let l1_index = geo.l1_index(GuestOffset(pos));
             let table_end = range.end.min((l1_index + 1) * geo.l2_coverage());
             let has_table = self.mapper().l2_offset(&meta, l1_index)?.is_some();

@@ -23,6 +23,7 @@ pub use view::SnapshotView;
 
 use crate::image::Image;
 use crate::meta::Meta;
+use crate::options::SnapshotOptions;
 use crate::{Error, Result};
 use blockio::Opener;
 use qcow2_alloc::ExclusiveLease;
@@ -129,15 +130,41 @@ impl<O: Opener> Image<O> {
     /// in one step, so the next write-back completes them consistently
     /// (crates/engine/tests/snapshot_cancel.rs drops each operation after every write).
     pub async fn snapshot_create(&self, name: &str) -> Result<Snapshot> {
+        self.snapshot_create_with(name, SnapshotOptions::new())
+            .await
+    }
+
+    /// [`Image::snapshot_create`] with the VM state and clock of `options` recorded, as
+    /// QEMU's `savevm` does: the snapshot takes the VM state area (written beforehand with
+    /// [`Image::vm_state_write_at`]) with the rest of the active L1 table, and its first
+    /// `vm_state_size` bytes are then discarded from the active image (QEMU's
+    /// `qcow2_snapshot_create`: they belong to the snapshot).
+    ///
+    /// # Errors
+    ///
+    /// As [`Image::snapshot_create`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::snapshot_create`]; a drop after the snapshot was written leaves the VM
+    /// state in the active image too (shared, still consistent).
+    pub async fn snapshot_create_with(
+        &self,
+        name: &str,
+        options: SnapshotOptions,
+    ) -> Result<Snapshot> {
         self.snapshot_writable()?;
         self.before_first_write().await?;
         let _quiet = self.writers.exclusive().await;
         self.io.idle().await;
         let (snapshot, freed) = {
             let mut meta = self.meta.lock().await;
-            self.create_locked(&mut meta, name).await?
+            self.create_locked(&mut meta, name, options).await?
         };
         self.punch(freed).await;
+        if options.vm_state_size > 0 {
+            self.vm_state_discard(options.vm_state_size).await?;
+        }
         Ok(snapshot)
     }
 
@@ -152,7 +179,12 @@ impl<O: Opener> Image<O> {
         Ok(())
     }
 
-    async fn create_locked(&self, meta: &mut Meta, name: &str) -> Result<(Snapshot, Freed)> {
+    async fn create_locked(
+        &self,
+        meta: &mut Meta,
+        name: &str,
+        options: SnapshotOptions,
+    ) -> Result<(Snapshot, Freed)> {
         let store = self.store();
         let geo = self.geo;
         let mut freed = store.write_back_mode(meta, true).await?;
@@ -185,8 +217,8 @@ impl<O: Opener> Image<O> {
             name: name.to_owned(),
             date_sec: now.as_secs() as u32,
             date_nsec: now.subsec_micros() * 1000,
-            vm_clock_nsec: 0,
-            vm_state_size: 0,
+            vm_clock_nsec: options.vm_clock_nsec,
+            vm_state_size: options.vm_state_size,
             disk_size: Some(self.size()),
             icount: Some(0),
             extra_data: vec![0; 24],

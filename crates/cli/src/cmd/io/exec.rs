@@ -40,6 +40,7 @@ fn strerror(e: &Error) -> String {
     match e {
         Error::Io { source, .. } => qcow2_engine::strerror(source),
         Error::OutOfRange { .. } => "Input/output error".into(),
+        Error::Unsupported { .. } => "Operation not supported".into(),
         Error::CompressedWrite { reason, .. } => match reason {
             CompressedRefusal::NotWholeClusters => "Invalid argument",
             CompressedRefusal::Allocated => "Input/output error",
@@ -60,7 +61,7 @@ const EIO: &str = "Input/output error";
 
 /// Runs a read; the elapsed time and the data, or the error text.
 async fn do_read<O: Opener>(disk: &Disk<O>, r: &Read) -> Result<(Duration, IoBuf), String> {
-    if !in_range(disk.size(), r.offset, r.len) {
+    if !r.vmstate && !in_range(disk.size(), r.offset, r.len) {
         return Err(EIO.into());
     }
     // Bounded by MAX_REQUEST_BYTES above.
@@ -69,7 +70,10 @@ async fn do_read<O: Opener>(disk: &Disk<O>, r: &Read) -> Result<(Duration, IoBuf
     if r.len == 0 {
         return Ok((start.elapsed(), buf));
     }
-    let (res, buf) = disk.read_at(buf, r.offset).await;
+    let (res, buf) = match r.vmstate {
+        true => disk.vm_state_read_at(buf, r.offset).await,
+        false => disk.read_at(buf, r.offset).await,
+    };
     let t = start.elapsed();
     res.map_err(|e| strerror(&e))?;
     Ok((t, buf))
@@ -102,7 +106,7 @@ fn finish_read(r: &Read, t: Duration, data: &[u8]) -> (String, bool) {
 
 /// Runs a write (data, zeroes, then a flush for FUA); the elapsed time or the error text.
 async fn do_write<O: Opener>(disk: &Disk<O>, w: &Write) -> Result<Duration, String> {
-    if !in_range(disk.size(), w.offset, w.len) {
+    if !w.vmstate && !in_range(disk.size(), w.offset, w.len) {
         return Err(EIO.into());
     }
     let start = Instant::now();
@@ -115,7 +119,9 @@ async fn do_write<O: Opener>(disk: &Disk<O>, w: &Write) -> Result<Duration, Stri
             WriteData::Pattern(p) => {
                 let mut buf = IoBuf::new(w.len as usize);
                 buf.fill(p);
-                let (res, _) = if w.compressed {
+                let (res, _) = if w.vmstate {
+                    disk.vm_state_write_at(buf, w.offset).await
+                } else if w.compressed {
                     disk.write_compressed(buf, w.offset).await
                 } else {
                     disk.write_at(buf, w.offset).await

@@ -60,12 +60,10 @@ pub(super) fn parse_read(typed: &str, args: &[&str]) -> Result<Read, ParseError>
             "pattern verification range exceeds end of read data".into(),
         ));
     }
-    if vmstate {
-        return Err(unsupported("read", "-b (the VM state area)"));
-    }
     Ok(Read {
         offset,
         len: len_v,
+        vmstate,
         verify: pattern.map(|pattern| Verify {
             pattern,
             start,
@@ -136,9 +134,6 @@ pub(super) fn parse_write(typed: &str, args: &[&str]) -> Result<Write, ParseErro
     if zero && registered {
         return invalid("cannot combine zero write with registered I/O buffer");
     }
-    if vmstate {
-        return Err(unsupported("write", "-b (the VM state area)"));
-    }
     if no_fallback {
         return Err(unsupported("write", "-n (zero writes without fallback)"));
     }
@@ -148,6 +143,7 @@ pub(super) fn parse_write(typed: &str, args: &[&str]) -> Result<Write, ParseErro
     Ok(Write {
         offset,
         len: len_v,
+        vmstate,
         data: if zero {
             WriteData::Zeroes { may_unmap: unmap }
         } else {
@@ -246,6 +242,7 @@ fn iovec_read(
     Ok(Some(Read {
         offset,
         len,
+        vmstate: false,
         verify: pattern.map(|pattern| Verify {
             pattern,
             start: 0,
@@ -318,6 +315,7 @@ fn iovec_write(
     Ok(Some(Write {
         offset,
         len,
+        vmstate: false,
         data,
         quiet,
         csv,

@@ -56,10 +56,12 @@ pub enum Cmd {
 /// A read: `read` or `aio_read`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Read {
-    /// Guest offset.
+    /// Guest offset (of the VM state area with `vmstate`).
     pub offset: u64,
     /// Length in bytes.
     pub len: u64,
+    /// `-b`: from the VM state area.
+    pub vmstate: bool,
     /// `-P`: the bytes that must all equal a pattern.
     pub verify: Option<Verify>,
     /// `-q`: no report.
@@ -84,10 +86,12 @@ pub struct Verify {
 /// A write: `write` or `aio_write`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Write {
-    /// Guest offset.
+    /// Guest offset (of the VM state area with `vmstate`).
     pub offset: u64,
     /// Length in bytes.
     pub len: u64,
+    /// `-b`: to the VM state area.
+    pub vmstate: bool,
     /// What is written.
     pub data: WriteData,
     /// `-q`: no report.

@@ -21,6 +21,7 @@ fn read(offset: u64, len: u64) -> Read {
     Read {
         offset,
         len,
+        vmstate: false,
         verify: None,
         quiet: false,
         dump: false,
@@ -32,6 +33,7 @@ fn write(offset: u64, len: u64, data: WriteData) -> Write {
     Write {
         offset,
         len,
+        vmstate: false,
         data,
         quiet: false,
         csv: false,
@@ -355,8 +357,6 @@ fn rejections_print_what_qemu_io_prints() {
         "-z supports only a single length parameter",
     );
     // What qemu-io has and qimg io does not: said on stderr, the command fails.
-    assert!(matches!(err("write -b 0 64k"), ParseError::Unsupported(_)));
-    assert!(matches!(err("read -b 0 512"), ParseError::Unsupported(_)));
     assert!(matches!(err("write -s f 0 1"), ParseError::Unsupported(_)));
 }
 
