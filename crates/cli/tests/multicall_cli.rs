@@ -220,3 +220,37 @@ fn qemu_io_runs_as_qemu_io() {
     let (theirs, ours) = p.both("qemu-io", &["-Z", "t.qcow2"]);
     assert_eq!((ours.code, &ours.stderr), (theirs.code, &theirs.stderr));
 }
+
+#[test]
+fn qemu_io_cache_modes() {
+    let p = Pair::new();
+    for mode in ["writeback", "writethrough", "directsync", "unsafe", "none"] {
+        // The last --cache wins.
+        let r = p.same(
+            "qemu-io",
+            &[
+                "--cache",
+                "none",
+                "--cache",
+                mode,
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 0x5a 64k 68k",
+                "-c",
+                "aio_write -P 0x5b 256k 4k",
+                "-c",
+                "aio_flush",
+                "-c",
+                "flush",
+                "-c",
+                "read -P 0x5a 64k 68k",
+                "t.qcow2",
+            ],
+        );
+        assert_eq!(r.code, Some(0), "{mode}");
+        p.same_image("t.qcow2");
+    }
+    let (theirs, ours) = p.both("qemu-io", &["-t", "bogus", "-c", "flush", "t.qcow2"]);
+    assert_eq!(ours.code, theirs.code);
+}

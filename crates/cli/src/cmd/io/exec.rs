@@ -9,6 +9,7 @@
 
 use super::parse::{self, Cmd, Discard, Read, Write, WriteData, MAX_REQUEST_BYTES};
 use super::report;
+use super::CacheMode;
 use crate::util::program;
 use blockio::{IoBuf, Opener};
 use qcow2_engine::{CompressedRefusal, Disk, Error};
@@ -31,6 +32,7 @@ pub fn err(text: &str) {
 pub struct Session<O: Opener> {
     disk: Rc<Disk<O>>,
     read_only: bool,
+    cache: CacheMode,
     inflight: Vec<JoinHandle<()>>,
 }
 
@@ -138,11 +140,13 @@ async fn do_write<O: Opener>(disk: &Disk<O>, w: &Write) -> Result<Duration, Stri
 
 impl<O: Opener> Session<O> {
     /// A session on `disk`. With `read_only` (qemu-io's `-r`), writes and discards are
-    /// refused and flushes do nothing.
-    pub fn new(disk: Disk<O>, read_only: bool) -> Self {
+    /// refused and flushes do nothing; `cache` says whether writes are flushed each
+    /// (`writethrough`, `directsync`) and flushes ignored (`unsafe`).
+    pub fn new(disk: Disk<O>, read_only: bool, cache: CacheMode) -> Self {
         Self {
             disk: Rc::new(disk),
             read_only,
+            cache,
             inflight: Vec::new(),
         }
     }
@@ -228,8 +232,16 @@ impl<O: Opener> Session<O> {
         }
     }
 
+    /// `w` as the cache mode makes it: durable on completion when it writes through.
+    fn cached(&self, w: &Write) -> Write {
+        Write {
+            fua: w.fua || self.cache.writes_through(),
+            ..w.clone()
+        }
+    }
+
     async fn write(&mut self, w: &Write) -> bool {
-        match do_write(&self.disk, w).await {
+        match do_write(&self.disk, &self.cached(w)).await {
             Ok(t) => {
                 if !w.quiet {
                     out(&report::report("wrote", t, w.offset, w.len, w.csv));
@@ -269,9 +281,9 @@ impl<O: Opener> Session<O> {
         }
     }
 
-    /// Flushes the image (nothing to do when it is read-only).
+    /// Flushes the image (nothing to do when it is read-only, or with cache mode `unsafe`).
     async fn flush(&self) -> Result<(), String> {
-        if self.read_only {
+        if self.read_only || self.cache == CacheMode::Unsafe {
             return Ok(());
         }
         self.disk.flush().await.map_err(|e| strerror(&e))
@@ -289,6 +301,7 @@ impl<O: Opener> Session<O> {
     }
 
     fn aio_write(&mut self, w: Write) {
+        let w = self.cached(&w);
         let disk = Rc::clone(&self.disk);
         self.inflight.push(tokio::task::spawn_local(async move {
             match do_write(&disk, &w).await {

@@ -33,13 +33,31 @@ use qcow2_engine::{Disk, ImageFormat, ImageOptions};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-/// Cache modes (`-t`).
+/// Cache modes (`-t`, `--cache`), as QEMU names them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum CacheMode {
     /// O_DIRECT: bypass the host page cache.
     None,
     /// Through the host page cache (the default).
     Writeback,
+    /// Through the page cache, each write durable before it completes.
+    Writethrough,
+    /// O_DIRECT, each write durable before it completes.
+    Directsync,
+    /// Through the page cache, flushes ignored.
+    Unsafe,
+}
+
+impl CacheMode {
+    /// Whether the file is opened with O_DIRECT.
+    pub fn direct(self) -> bool {
+        matches!(self, CacheMode::None | CacheMode::Directsync)
+    }
+
+    /// Whether every write is followed by a flush (as with FUA).
+    pub fn writes_through(self) -> bool {
+        matches!(self, CacheMode::Writethrough | CacheMode::Directsync)
+    }
 }
 
 /// I/O backends (`-i`, `--aio`).
@@ -138,7 +156,11 @@ async fn run_script<O: Opener>(opener: O, args: &IoArgs, cmds: &[String]) -> boo
             return false;
         }
     };
-    let mut session = Session::new(disk, args.read_only);
+    let cache = match (args.nocache, args.cache) {
+        (true, _) => CacheMode::None,
+        (false, mode) => mode.unwrap_or(CacheMode::Writeback),
+    };
+    let mut session = Session::new(disk, args.read_only, cache);
     let mut ok = true;
     for line in cmds {
         ok &= session.run_line(line).await;
@@ -153,7 +175,7 @@ async fn open<O: Opener>(opener: O, args: &IoArgs) -> Result<Disk<O>, String> {
             Some(ImageFormat::from_name(name).ok_or_else(|| format!("Unknown driver '{name}'"))?)
         }
     };
-    let direct = args.nocache || args.cache == Some(CacheMode::None);
+    let direct = args.nocache || args.cache.is_some_and(CacheMode::direct);
     let options = ImageOptions::new()
         .read_only(args.read_only)
         .force_share(args.force_share)
