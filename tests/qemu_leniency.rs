@@ -486,7 +486,7 @@ fn feature_table_given_twice_names_from_the_last() {
         .expect("an unknown incompatible feature is refused");
     match err {
         Error::Format {
-            source: FormatError::UnknownIncompatibleFeatures { bits, names },
+            source: FormatError::UnknownIncompatibleFeatures { bits, names, .. },
             ..
         } => assert_eq!((bits, names), (1 << 5, vec!["second-name".to_string()])),
         other => panic!("{other}"),

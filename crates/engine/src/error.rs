@@ -46,8 +46,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// The image's on-disk structures are invalid (found while opening).
-    #[error("{path}: {source}")]
+    /// The image's on-disk structures are invalid (found while opening). The message is the
+    /// format's, QEMU's where QEMU refuses the image for the same reason.
+    #[error("{source}")]
     Format {
         /// The file.
         path: PathBuf,
@@ -125,7 +126,12 @@ pub enum Error {
     },
     /// A file could not be opened: QEMU's file driver's message (`Could not open 'PATH':
     /// REASON`, the reason as C's `strerror` words it).
-    #[error("Could not open '{}': {}", path.display(), strerror(source))]
+    #[error(
+        "{}Could not open '{}': {}",
+        if *role == "backing file" { "Could not open backing file: " } else { "" },
+        path.display(),
+        strerror(source)
+    )]
     OpenFile {
         /// "backing file", "data file", "image".
         role: &'static str,

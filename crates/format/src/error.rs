@@ -1,6 +1,7 @@
 //! The one error type of the format crate.
 
-/// What is wrong with a qcow2 structure. Every variant names the structure and the value.
+/// What is wrong with a qcow2 structure. Every variant names the structure and the value;
+/// where QEMU's qcow2 driver refuses an image for the same reason, the message is QEMU's.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum FormatError {
@@ -15,39 +16,47 @@ pub enum FormatError {
         have: u64,
     },
     /// The first four bytes are not `QFI\xfb`.
-    #[error("not a qcow2 image (magic {0:#010x})")]
+    #[error("Image is not in qcow2 format")]
     BadMagic(u32),
     /// Version other than 2 or 3.
-    #[error("unsupported qcow2 version {0}")]
+    #[error("Unsupported qcow2 version {0}")]
     UnsupportedVersion(u32),
     /// cluster_bits outside 9..=21.
-    #[error("unsupported cluster size: cluster_bits {0} (must be 9..=21)")]
+    #[error("Unsupported cluster size: 2^{0}")]
     ClusterBits(u32),
     /// Extended L2 entries with clusters smaller than 16 KiB.
-    #[error("extended L2 entries need clusters of at least 16 KiB (cluster_bits {0})")]
+    #[error("Unsupported subcluster size: {}", (1u64 << .0) / 32)]
     ExtendedL2ClusterTooSmall(u32),
     /// header_length too small, not a multiple of 8, or larger than a cluster.
     #[error("invalid header length {0}")]
     HeaderLength(u32),
     /// refcount_order above 6.
-    #[error("invalid refcount order {0} (must be 0..=6)")]
+    #[error("Reference count entry width too large; may not exceed 64 bits")]
     RefcountOrder(u32),
+    /// A virtual size whose L1 table would have more than 2^31 - 1 entries (QEMU's limit).
+    #[error("Image is too big")]
+    ImageTooBig(u64),
     /// Incompatible feature bits this implementation does not know.
-    #[error("unknown incompatible feature bits {bits:#x}{}", names.iter().map(|n| format!(" ({n})")).collect::<String>())]
+    #[error("Unsupported qcow2 feature(s): {}", unsupported_features(names, *unnamed))]
     UnknownIncompatibleFeatures {
         /// The unknown bits.
         bits: u64,
-        /// Their names from the feature name table, where it has them.
+        /// The names the feature name table gives some of them, in the table's order.
         names: Vec<String>,
+        /// The unknown bits the table does not name.
+        unnamed: u64,
     },
     /// An encryption method other than none.
     #[error("encrypted images are not supported (crypt_method {0})")]
     Encrypted(u32),
     /// Compression type not known.
-    #[error("unknown compression type {0}")]
+    #[error("qcow2: unknown compression type: {0}")]
     CompressionType(u8),
     /// Compression type set without the incompatible bit, or the other way round.
-    #[error("compression type {0} does not match the compression-type feature bit")]
+    #[error(
+        "qcow2: Compression type incompatible feature bit must {}be set",
+        if *.0 == 0 { "not " } else { "" }
+    )]
     CompressionTypeBit(u8),
     /// A field that must be zero (or a reserved bit) is set.
     #[error("{what} has reserved bits set: {value:#x}")]
@@ -88,7 +97,7 @@ pub enum FormatError {
         limit: u64,
     },
     /// The L1 table has fewer entries than the virtual size needs.
-    #[error("L1 table too small: {l1_size} entries, the virtual size needs {needed}")]
+    #[error("L1 table is too small")]
     L1TooSmall {
         /// Entries in the header.
         l1_size: u64,
@@ -155,4 +164,13 @@ pub enum FormatError {
     /// Other inconsistent header contents.
     #[error("invalid header: {0}")]
     InvalidHeader(String),
+}
+
+/// QEMU's list of unsupported features: the names, then the bits without one.
+fn unsupported_features(names: &[String], unnamed: u64) -> String {
+    let mut parts = names.to_vec();
+    if unnamed != 0 {
+        parts.push(format!("Unknown incompatible feature: {unnamed:x}"));
+    }
+    parts.join(", ")
 }

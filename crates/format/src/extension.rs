@@ -170,22 +170,22 @@ impl HeaderExtension {
                     .map_err(|_| FormatError::NotUtf8("external data file name"))?,
             ),
             Self::FEATURE_NAME_TABLE => {
-                if data.len() % Self::FEATURE_ENTRY_LEN != 0 {
-                    return Err(bad(format!(
-                        "feature name table length {} is not a multiple of 48",
-                        data.len()
-                    )));
-                }
-                let mut entries = Vec::with_capacity(data.len() / Self::FEATURE_ENTRY_LEN);
-                for e in data.chunks_exact(Self::FEATURE_ENTRY_LEN) {
+                // QEMU reads the table as it is, whatever its length (a last partial entry
+                // is zero-padded) and whatever bytes the names hold: it is only ever used to
+                // name unknown features in an error message.
+                let mut padded = data.to_vec();
+                padded.resize(
+                    data.len().div_ceil(Self::FEATURE_ENTRY_LEN) * Self::FEATURE_ENTRY_LEN,
+                    0,
+                );
+                let mut entries = Vec::with_capacity(padded.len() / Self::FEATURE_ENTRY_LEN);
+                for e in padded.chunks_exact(Self::FEATURE_ENTRY_LEN) {
                     let field = &e[2..];
                     let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
-                    let name = std::str::from_utf8(&field[..end])
-                        .map_err(|_| FormatError::NotUtf8("feature name"))?;
                     entries.push(FeatureName {
                         kind: FeatureKind::from_byte(e[0]),
                         bit: e[1],
-                        name: name.to_owned(),
+                        name: String::from_utf8_lossy(&field[..end]).into_owned(),
                     });
                 }
                 HeaderExtension::FeatureNameTable(entries)

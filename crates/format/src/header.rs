@@ -264,18 +264,8 @@ impl Header {
         let geo = ClusterGeometry::new(self.cluster_bits, self.extended_l2())?;
         let cs = geo.cluster_size();
 
-        // Virtual size and the L1 table it needs.
-        let max_size = (limits::MAX_L1_ENTRIES)
-            .saturating_mul(geo.l2_coverage())
-            .min(limits::MAX_VIRTUAL_SIZE);
-        if self.size > max_size {
-            return Err(FormatError::TooLarge {
-                what: "virtual size",
-                value: self.size,
-                limit: max_size,
-            });
-        }
-        let needed = geo.l1_entries_for(self.size);
+        // The L1 table, then the virtual size it must map, in QEMU's order (a table within
+        // the limit that maps the size bounds the size well below MAX_VIRTUAL_SIZE).
         let l1_bytes = u64::from(self.l1_size) * 8;
         if l1_bytes > limits::MAX_L1_BYTES {
             return Err(FormatError::TooLarge {
@@ -283,6 +273,10 @@ impl Header {
                 value: l1_bytes,
                 limit: limits::MAX_L1_BYTES,
             });
+        }
+        let needed = geo.l1_entries_for(self.size);
+        if needed > i32::MAX as u64 {
+            return Err(FormatError::ImageTooBig(self.size));
         }
         if u64::from(self.l1_size) < needed {
             return Err(FormatError::L1TooSmall {
@@ -616,20 +610,24 @@ impl Header {
             HeaderExtension::FeatureNameTable(t) => Some(t.as_slice()),
             _ => None,
         });
-        let mut names = Vec::new();
-        for bit in 0..64u8 {
-            if bits & (1u64 << bit) == 0 {
-                continue;
-            }
-            if let Some(f) = table
-                .unwrap_or(&[])
-                .iter()
-                .find(|f| f.kind == FeatureKind::Incompatible && f.bit == bit)
-            {
+        // In the table's order, each bit once, as QEMU's report_unsupported_feature.
+        let (mut names, mut unnamed) = (Vec::new(), bits);
+        for f in table
+            .unwrap_or(&[])
+            .iter()
+            .take_while(|f| !f.name.is_empty())
+        {
+            let bit = 1u64.checked_shl(u32::from(f.bit)).unwrap_or(0);
+            if f.kind == FeatureKind::Incompatible && unnamed & bit != 0 {
                 names.push(f.name.clone());
+                unnamed &= !bit;
             }
         }
-        Some(FormatError::UnknownIncompatibleFeatures { bits, names })
+        Some(FormatError::UnknownIncompatibleFeatures {
+            bits,
+            names,
+            unnamed,
+        })
     }
 }
 
