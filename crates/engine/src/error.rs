@@ -420,10 +420,20 @@ pub enum AmendError {
          (use compat=1.1 or greater)"
     )]
     RefcountBitsNeedV3,
-    /// A different refcount width (the engine cannot rebuild the refcount structure yet;
-    /// reported as [`Error::Unsupported`]).
-    #[error("changing the refcount width is not supported")]
-    RefcountWidthChange,
+    /// A narrower refcount width than a cluster's refcount needs: the first such cluster
+    /// (by offset) and its refcount.
+    #[error(
+        "Cannot decrease refcount entry width to {bits} bits: Cluster at offset {offset:#x} \
+         has a refcount of {refcount}"
+    )]
+    RefcountOverflow {
+        /// The width asked for.
+        bits: u64,
+        /// The cluster's offset in the image file.
+        offset: u64,
+        /// Its refcount.
+        refcount: u64,
+    },
     /// A version change that needs the snapshot table rewritten (reported as
     /// [`Error::Unsupported`]).
     #[error("rewriting the snapshot table is not supported")]

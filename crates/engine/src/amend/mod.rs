@@ -1,6 +1,7 @@
 //! Changing an existing image's qcow2 options (`qemu-img amend`): the version (`compat`),
-//! lazy refcounts, the external data file's name and its raw flag; the backing file only as
-//! QEMU allows it (not at all: that is `rebase`'s job).
+//! lazy refcounts, the refcount width (`refcount_bits`), the external data file's name and
+//! its raw flag; the backing file only as QEMU allows it (not at all: that is `rebase`'s
+//! job).
 //!
 //! [`Image::amend`] checks everything first, in the order and with the words of QEMU 10's
 //! `qcow2_amend_options`, so that a refused amendment changes nothing. Then:
@@ -11,17 +12,22 @@
 //! 2. for version 2, which has no zero flag, every zero cluster of the active layer becomes
 //!    unallocated (without a host cluster or backing file) or is written with zeros
 //!    (QEMU's `qcow2_expand_zero_clusters`), and the metadata is written back again;
-//! 3. cluster 0 is rewritten as QEMU's `qcow2_update_header` writes it (fixed fields, then
+//! 3. for a new refcount width, a whole new refcount structure is built in new clusters,
+//!    counted by the old one, written and synced while nothing refers to it ([`refcounts`]);
+//! 4. cluster 0 is rewritten as QEMU's `qcow2_update_header` writes it (fixed fields, then
 //!    the backing format, data file name, encryption, feature table (v3), bitmaps and unknown
 //!    extensions, the end marker, the backing file name), in one write, then synced;
-//! 4. the image is closed.
+//!    (with the new refcount structure's place and width: the switch is this one write);
+//! 5. the image is closed, which frees the old refcount table and blocks (counted by the
+//!    new structure until then).
 //!
 //! Each step leaves a consistent image: a crash in 1 or 2 leaves the old options over
-//! consistent metadata (2's writes are ordinary writes: data before the L2 entry), and 3 is a
-//! single write of the first cluster.
+//! consistent metadata (2's writes are ordinary writes: data before the L2 entry), a crash
+//! in 3 the old options with the new structure's clusters leaked, 4 is a single write of the
+//! first cluster (its first sector holds every field that changes), and a crash in 5 leaks
+//! the old structure's clusters at most.
 //!
-//! Not done here: changing the refcount width (QEMU rebuilds the refcount structure;
-//! [`Error::Unsupported`]), upgrading an image whose internal snapshots lack the version 3
+//! Not done here: upgrading an image whose internal snapshots lack the version 3
 //! fields, or downgrading one with internal snapshots (both need the snapshot table
 //! rewritten; [`Error::Unsupported`]), and encryption, which the engine does not support.
 
@@ -30,7 +36,9 @@ use crate::image::Image;
 use crate::options::Compat;
 use crate::{Error, ExtentKind, Result};
 use blockio::{IoBuf, Opener};
-use qcow2_format::{features, CompressionType, Header, HeaderExtension, Snapshot};
+use qcow2_format::{features, CompressionType, Header, HeaderExtension, RefcountWidth, Snapshot};
+
+mod refcounts;
 
 /// What [`Image::amend`] changes: each option left unset keeps its value. The options are
 /// qemu-img amend's for qcow2 (`-o compat=...,lazy_refcounts=...`).
@@ -69,8 +77,8 @@ impl AmendOptions {
         self
     }
 
-    /// The refcount width in bits. Only the current width is accepted: changing it is not
-    /// supported yet.
+    /// The refcount width in bits: a power of two from 1 to 64 (16 on version 2). A
+    /// narrower width is refused when some refcount does not fit in it.
     pub fn refcount_bits(mut self, bits: u64) -> Self {
         self.refcount_bits = Some(bits);
         self
@@ -110,6 +118,8 @@ struct Plan {
     header: Header,
     /// Version 3 to 2: zero clusters must be expanded, compressed clusters looked for (zstd).
     downgrade: bool,
+    /// A new refcount width: the refcount structure is rebuilt ([`refcounts`]).
+    rewidth: Option<RefcountWidth>,
 }
 
 /// Decides the amendment of the image whose header is `old` and whose internal snapshots
@@ -137,12 +147,17 @@ fn plan(
         }
     }
     let width = 1u64 << old.refcount_order;
+    let mut refcount_order = old.refcount_order;
     if let Some(bits) = opts.refcount_bits.filter(|&b| b != width) {
         if version < 3 && bits != 16 {
             return Err(AmendError::RefcountBitsNeedV3);
         }
-        return Err(AmendError::RefcountWidthChange);
+        refcount_order = bits.trailing_zeros();
     }
+    let rewidth = (refcount_order != old.refcount_order)
+        .then(|| RefcountWidth::from_order(refcount_order))
+        .transpose()
+        .map_err(|_| AmendError::RefcountBits(1 << refcount_order))?;
     let backing_changes = |given: &Option<String>, have: Option<&str>| {
         given.as_deref().is_some_and(|g| Some(g) != have)
     };
@@ -157,7 +172,7 @@ fn plan(
     }
     let downgrade = version < old_version;
     if downgrade {
-        check_downgrade(old, snapshots)?;
+        check_downgrade(old, refcount_order, snapshots)?;
     }
     if version > old_version && snapshots.iter().any(|s| s.disk_size.is_none()) {
         return Err(AmendError::SnapshotTableRewrite);
@@ -165,6 +180,7 @@ fn plan(
 
     let mut header = old.clone();
     header.version = version;
+    header.refcount_order = refcount_order;
     header.incompatible_features &= !features::INCOMPAT_DIRTY;
     if opts.data_file_raw == Some(false) {
         header.autoclear_features &= !features::AUTOCLEAR_DATA_FILE_RAW;
@@ -186,12 +202,21 @@ fn plan(
         None => old.data_file_name().map(str::to_owned),
     };
     qemu_extensions(&mut header, data_file);
-    Ok(Plan { header, downgrade })
+    Ok(Plan {
+        header,
+        downgrade,
+        rewidth,
+    })
 }
 
-/// `qcow2_downgrade`'s checks, before anything is changed.
-fn check_downgrade(old: &Header, snapshots: &[Snapshot]) -> std::result::Result<(), AmendError> {
-    if old.refcount_order != 4 {
+/// `qcow2_downgrade`'s checks, before anything is changed; `refcount_order` is the one the
+/// image has by then (QEMU changes the width first).
+fn check_downgrade(
+    old: &Header,
+    refcount_order: u32,
+    snapshots: &[Snapshot],
+) -> std::result::Result<(), AmendError> {
+    if refcount_order != 4 {
         return Err(AmendError::DowngradeRefcountBits);
     }
     if old.has_data_file() {
@@ -257,15 +282,17 @@ impl<O: Opener> Image<O> {
     ///
     /// # Errors
     ///
-    /// [`Error::Amend`] for what QEMU refuses, with QEMU's words; [`Error::Unsupported`] for
-    /// what the engine cannot do yet (changing the refcount width; a version change that
-    /// needs the snapshot table rewritten) and for an image opened read-only; I/O errors
-    /// while writing.
+    /// [`Error::Amend`] for what QEMU refuses, with QEMU's words (a refcount too large for
+    /// a narrower width among them); [`Error::Unsupported`] for what the engine cannot do
+    /// yet (a version change that needs the snapshot table rewritten) and for an image
+    /// opened read-only; I/O errors while writing.
     ///
     /// # Cancel safety
     ///
     /// The image is consumed. Dropping the future leaves the file consistent: before the
-    /// header write, with the old options; after it, with the new ones.
+    /// header write, with the old options (and, during a refcount width change, the new
+    /// structure's clusters leaked); after it, with the new ones (and the old structure's
+    /// clusters leaked until a repair).
     pub async fn amend(self, opts: &AmendOptions) -> Result<()> {
         let r = self.amend_inner(opts).await;
         let closed = self.close().await;
@@ -281,30 +308,44 @@ impl<O: Opener> Image<O> {
         }
         let snapshots = self.snapshots().await?;
         let current = self.meta.lock().await.header.clone();
-        let plan = plan(&current, &snapshots, opts).map_err(|e| self.amend_error(e))?;
+        let first = plan(&current, &snapshots, opts).map_err(|e| self.amend_error(e))?;
+        if let Some(width) = first.rewidth {
+            self.check_width(width).await?;
+        }
         self.make_clean().await?;
-        if plan.downgrade {
+        if first.downgrade {
             self.expand_for_v2(&current).await?;
             self.make_clean().await?;
+        }
+        let mut meta = self.meta.lock().await;
+        let new_refcounts = match first.rewidth {
+            Some(width) => Some(self.build_refcounts(&mut meta, width).await?),
+            None => None,
+        };
+        // Planned again over the header as the write-backs left it (a moved refcount or L1
+        // table); the checks passed already and depend on nothing they change.
+        let mut plan = plan(&meta.header, &snapshots, opts).map_err(|e| self.amend_error(e))?;
+        if let Some(new) = &new_refcounts {
+            new.name_in(&mut plan.header, self.geo)
+                .map_err(|e| self.store().corrupt_err(e))?;
         }
         let mut bytes = plan.header.serialize().map_err(|e| Error::Unsupported {
             path: self.path().to_path_buf(),
             what: format!("the amended header: {e}"),
         })?;
         bytes.resize(self.cluster_size() as usize, 0);
-        let mut meta = self.meta.lock().await;
+        // One write of cluster 0 switches everything, the refcount structure included.
         self.store().write_meta(0, &bytes).await?;
         self.files.sync().await?;
         meta.header = plan.header;
+        if let Some(new) = new_refcounts {
+            new.switch(&mut meta, self.geo);
+        }
         Ok(())
     }
 
     fn amend_error(&self, e: AmendError) -> Error {
         match e {
-            AmendError::RefcountWidthChange => Error::Unsupported {
-                path: self.path().to_path_buf(),
-                what: "changing the refcount width (refcount_bits)".into(),
-            },
             AmendError::SnapshotTableRewrite => Error::Unsupported {
                 path: self.path().to_path_buf(),
                 what: "changing the version of an image whose snapshot table must be rewritten"
@@ -425,10 +466,21 @@ mod tests {
             plan(&h, &[], &o().refcount_bits(16)).map(|p| p.downgrade),
             Ok(false)
         );
+        let r8 = plan(&h, &[], &o().refcount_bits(8)).unwrap();
+        assert_eq!(r8.rewidth.map(|w| w.bits()), Some(8));
+        assert_eq!(r8.header.refcount_order, 3);
+        let mut v2 = v3();
+        v2.version = 2;
         assert_eq!(
-            plan(&h, &[], &o().refcount_bits(8)),
-            Err(AmendError::RefcountWidthChange)
+            plan(&v2, &[], &o().refcount_bits(8)),
+            Err(AmendError::RefcountBitsNeedV3)
         );
+        // QEMU changes the width before it downgrades: 16 bits then is fine.
+        let mut r8h = v3();
+        r8h.refcount_order = 3;
+        let down = plan(&r8h, &[], &o().compat(Compat::V2).refcount_bits(16)).unwrap();
+        assert!(down.downgrade);
+        assert_eq!(down.rewidth.map(|w| w.bits()), Some(16));
         assert_eq!(
             plan(&h, &[], &o().data_file("x")),
             Err(AmendError::DataFileWithoutDataFile)
