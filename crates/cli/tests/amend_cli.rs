@@ -6,6 +6,7 @@
 //! changes rebuild the refcount structure: the files may differ in the freed clusters, so
 //! they are compared by `check`, `compare`, `map`, `info` and length.
 
+use qcow2_format::{Header, Snapshot};
 use qcow2_tests::{
     path_str, qemu_check, qemu_img, qemu_img_status, qemu_info_json, qemu_io, qemu_map_json, said,
 };
@@ -301,4 +302,67 @@ fn refcount_widths_and_versions_combine_as_in_qemu_img() {
     ] {
         same_result_as_qemu_img(d, image, args);
     }
+}
+
+/// Rewrites the snapshot table of the image at `path` in place without extra data, as QEMU
+/// before 1.1 wrote it (no disk size, no 64-bit VM state size, no icount).
+fn strip_snapshot_extra_data(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let header = Header::parse(&bytes).unwrap();
+    let off = header.snapshots_offset as usize;
+    let list = Snapshot::parse_table(&bytes[off..], header.nb_snapshots).unwrap();
+    let old_len: usize = list.iter().map(Snapshot::serialized_len).sum();
+    let bare: Vec<Snapshot> = list
+        .into_iter()
+        .map(|s| Snapshot {
+            disk_size: None,
+            icount: None,
+            extra_data: Vec::new(),
+            ..s
+        })
+        .collect();
+    let mut table = Snapshot::serialize_table(&bare);
+    assert!(table.len() < old_len);
+    // The last entry's padding may lie past the end of the file.
+    let end = (off + old_len).min(bytes.len());
+    table.resize(end - off, 0);
+    bytes[off..end].copy_from_slice(&table);
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// QEMU's `qcow2_upgrade` writes the snapshot table anew when a snapshot lacks the version 3
+/// fields: the same bytes here, alone or with other options.
+#[test]
+fn an_upgrade_adds_the_snapshots_version_3_fields_as_qemu_img_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let path = d.join("old.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        path_str(&path),
+        "8M",
+    ]);
+    qemu_io("qcow2", &path, &["write -P 1 0 128k"]);
+    qemu_img(&["snapshot", "-c", "s1", path_str(&path)]);
+    qemu_io("qcow2", &path, &["write -P 3 0 64k"]);
+    qemu_img(&["snapshot", "-c", "s2", path_str(&path)]);
+    strip_snapshot_extra_data(&path);
+    let check = qemu_check(&path);
+    assert_eq!(
+        check.status.code(),
+        Some(0),
+        "the stripped image is not clean"
+    );
+    same_as_qemu_img(d, "old.qcow2", &["-o", "compat=1.1"]);
+    same_as_qemu_img(d, "old.qcow2", &["-o", "compat=1.1,lazy_refcounts=on"]);
+    same_result_as_qemu_img(d, "old.qcow2", &["-o", "compat=1.1,refcount_bits=8"]);
+    // Without an upgrade the table stays as it is.
+    same_as_qemu_img(d, "old.qcow2", &["-o", "lazy_refcounts=off"]);
+    let after = qemu_img(&["snapshot", "-l", path_str(&d.join("old.qcow2"))]);
+    assert!(String::from_utf8_lossy(&after.stdout).contains("s2"));
 }

@@ -434,9 +434,9 @@ pub enum AmendError {
         /// Its refcount.
         refcount: u64,
     },
-    /// A version change that needs the snapshot table rewritten (reported as
-    /// [`Error::Unsupported`]).
-    #[error("rewriting the snapshot table is not supported")]
+    /// A downgrade of an image with internal snapshots, which the engine does not do
+    /// (their zero clusters would need expanding; reported as [`Error::Unsupported`]).
+    #[error("downgrading an image with internal snapshots is not supported")]
     SnapshotTableRewrite,
     /// A different backing file or format: that is a rebase.
     #[error("Cannot amend the backing file")]

@@ -27,9 +27,12 @@
 //! first cluster (its first sector holds every field that changes), and a crash in 5 leaks
 //! the old structure's clusters at most.
 //!
-//! Not done here: upgrading an image whose internal snapshots lack the version 3
-//! fields, or downgrading one with internal snapshots (both need the snapshot table
-//! rewritten; [`Error::Unsupported`]), and encryption, which the engine does not support.
+//! An upgrade to version 3 of an image whose internal snapshots lack the version 3 fields
+//! first writes the snapshot table anew with them (QEMU's `qcow2_upgrade`; the table is
+//! switched by its own synced header write, and version 2 images may carry those fields).
+//!
+//! Not done here: downgrading an image with internal snapshots (their zero clusters would
+//! need expanding too; [`Error::Unsupported`]), and encryption, which the engine does not support.
 
 use crate::error::AmendError;
 use crate::image::Image;
@@ -120,6 +123,9 @@ struct Plan {
     downgrade: bool,
     /// A new refcount width: the refcount structure is rebuilt ([`refcounts`]).
     rewidth: Option<RefcountWidth>,
+    /// Version 2 to 3 with snapshots that lack the version 3 fields (the disk size): the
+    /// snapshot table is written anew with them first.
+    snapshot_table: bool,
 }
 
 /// Decides the amendment of the image whose header is `old` and whose internal snapshots
@@ -174,9 +180,8 @@ fn plan(
     if downgrade {
         check_downgrade(old, refcount_order, snapshots)?;
     }
-    if version > old_version && snapshots.iter().any(|s| s.disk_size.is_none()) {
-        return Err(AmendError::SnapshotTableRewrite);
-    }
+    // QEMU's `qcow2_upgrade`: snapshots without the version 3 fields get them.
+    let snapshot_table = version > old_version && snapshots.iter().any(|s| s.disk_size.is_none());
 
     let mut header = old.clone();
     header.version = version;
@@ -206,7 +211,25 @@ fn plan(
         header,
         downgrade,
         rewidth,
+        snapshot_table,
     })
+}
+
+/// The snapshots as QEMU's `qcow2_write_snapshots` writes them for version 3: a snapshot
+/// without a recorded disk size gets the current one (as `qcow2_read_snapshots` assumes),
+/// one without icount gets -1 (none); the 64-bit VM state size with them.
+fn with_v3_fields(snapshots: Vec<Snapshot>, size: u64) -> Vec<Snapshot> {
+    snapshots
+        .into_iter()
+        .map(|mut s| {
+            s.disk_size = Some(s.disk_size.unwrap_or(size));
+            s.icount = Some(s.icount.unwrap_or(u64::MAX));
+            if s.extra_data.len() < 24 {
+                s.extra_data.resize(24, 0);
+            }
+            s
+        })
+        .collect()
 }
 
 /// `qcow2_downgrade`'s checks, before anything is changed; `refcount_order` is the one the
@@ -318,6 +341,13 @@ impl<O: Opener> Image<O> {
             self.make_clean().await?;
         }
         let mut meta = self.meta.lock().await;
+        let snapshots = if first.snapshot_table {
+            let list = with_v3_fields(snapshots, self.size());
+            self.store().write_snapshot_table(&mut meta, &list).await?;
+            list
+        } else {
+            snapshots
+        };
         let new_refcounts = match first.rewidth {
             Some(width) => Some(self.build_refcounts(&mut meta, width).await?),
             None => None,
@@ -348,7 +378,8 @@ impl<O: Opener> Image<O> {
         match e {
             AmendError::SnapshotTableRewrite => Error::Unsupported {
                 path: self.path().to_path_buf(),
-                what: "changing the version of an image whose snapshot table must be rewritten"
+                what: "downgrading an image with internal snapshots (their zero clusters would \
+                       need expanding)"
                     .into(),
             },
             other => Error::Amend(other),
@@ -452,6 +483,39 @@ mod tests {
         let back = plan(&p.header, &[], &AmendOptions::new().compat(Compat::V3)).unwrap();
         assert!(!back.downgrade);
         assert_eq!(back.header.serialize().unwrap(), qemu_v3_header());
+    }
+
+    #[test]
+    fn an_upgrade_rewrites_snapshots_without_the_version_3_fields() {
+        let mut v2 = v3();
+        v2.version = 2;
+        let old = Snapshot {
+            l1_table_offset: 0x40000,
+            l1_size: 1,
+            id: "1".into(),
+            name: "s".into(),
+            date_sec: 0,
+            date_nsec: 0,
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            disk_size: None,
+            icount: None,
+            extra_data: Vec::new(),
+        };
+        let up = AmendOptions::new().compat(Compat::V3);
+        assert!(
+            plan(&v2, std::slice::from_ref(&old), &up)
+                .unwrap()
+                .snapshot_table
+        );
+        let new = with_v3_fields(vec![old], 5 << 20);
+        assert_eq!(new[0].disk_size, Some(5 << 20));
+        assert_eq!(new[0].icount, Some(u64::MAX));
+        assert_eq!(new[0].encoded_extra_data().len(), 24);
+        assert!(!plan(&v2, &new, &up).unwrap().snapshot_table);
+        // No upgrade, no rewrite.
+        let lazy = AmendOptions::new().lazy_refcounts(false);
+        assert!(!plan(&v2, &new[..0], &lazy).unwrap().snapshot_table);
     }
 
     #[test]
