@@ -361,6 +361,8 @@ fn an_upgrade_adds_the_snapshots_version_3_fields_as_qemu_img_does() {
     same_as_qemu_img(d, "old.qcow2", &["-o", "compat=1.1"]);
     same_as_qemu_img(d, "old.qcow2", &["-o", "compat=1.1,lazy_refcounts=on"]);
     same_result_as_qemu_img(d, "old.qcow2", &["-o", "compat=1.1,refcount_bits=8"]);
+    // QEMU upgrades first and keeps the upgrade when the narrower width is refused.
+    same_as_qemu_img(d, "old.qcow2", &["-o", "compat=1.1,refcount_bits=1"]);
     // Without an upgrade the table stays as it is.
     same_as_qemu_img(d, "old.qcow2", &["-o", "lazy_refcounts=off"]);
     let after = qemu_img(&["snapshot", "-l", path_str(&d.join("old.qcow2"))]);

@@ -4,7 +4,9 @@
 //! job).
 //!
 //! [`Image::amend`] checks everything first, in the order and with the words of QEMU 10's
-//! `qcow2_amend_options`, so that a refused amendment changes nothing. Then:
+//! `qcow2_amend_options`, so that a refused amendment changes nothing (but for QEMU's own
+//! exception: an upgrade asked for with a too narrow refcount width is made, then the width
+//! refused). Then:
 //!
 //! 1. the image is made clean (every metadata structure written back, refcounts included,
 //!    the dirty bit cleared), since turning lazy refcounts off or going back to version 2
@@ -300,7 +302,9 @@ impl<O: Opener> Image<O> {
     /// Changes the image's qcow2 options as `qemu-img amend -o ...` does, then closes it.
     ///
     /// Everything is checked before anything is written: a refused amendment leaves the file
-    /// as it was (and the image is still closed). See the module documentation of `amend`
+    /// as it was (and the image is still closed). The one exception is QEMU's: an upgrade
+    /// to version 3 asked for with a refcount width too narrow for the image is made before
+    /// the width is refused. See the module documentation of `amend`
     /// for the steps and their crash safety.
     ///
     /// # Errors
@@ -333,7 +337,15 @@ impl<O: Opener> Image<O> {
         let current = self.meta.lock().await.header.clone();
         let first = plan(&current, &snapshots, opts).map_err(|e| self.amend_error(e))?;
         if let Some(width) = first.rewidth {
-            self.check_width(width).await?;
+            if let Err(e) = self.check_width(width).await {
+                if first.header.version > current.version {
+                    // QEMU upgrades before it changes the width, and keeps the upgrade
+                    // when the change is refused.
+                    let upgrade = AmendOptions::new().compat(Compat::V3);
+                    Box::pin(self.amend_inner(&upgrade)).await?;
+                }
+                return Err(e);
+            }
         }
         self.make_clean().await?;
         if first.downgrade {
