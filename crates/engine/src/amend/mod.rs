@@ -11,27 +11,27 @@
 //! 1. the image is made clean (every metadata structure written back, refcounts included,
 //!    the dirty bit cleared), since turning lazy refcounts off or going back to version 2
 //!    needs it;
-//! 2. for version 2, which has no zero flag, every zero cluster of the active layer becomes
+//! 2. for an upgrade, snapshots lacking the version 3 fields get them: the snapshot table is
+//!    written anew (QEMU's `qcow2_upgrade`; switched by its own synced header write, and
+//!    version 2 images may carry those fields). An upgrade with a new refcount width is
+//!    written first as an amendment of its own, as QEMU upgrades first;
+//! 3. for a new refcount width, a whole new refcount structure is built in new clusters,
+//!    counted by the old one, written and synced while nothing refers to it, then named by
+//!    one synced write of the header's refcount fields; the old structure is freed by the
+//!    next write-back ([`refcounts`]);
+//! 4. for version 2, which has no zero flag, every zero cluster of the active layer becomes
 //!    unallocated (without a host cluster or backing file) or is written with zeros
 //!    (QEMU's `qcow2_expand_zero_clusters`), and the metadata is written back again;
-//! 3. for a new refcount width, a whole new refcount structure is built in new clusters,
-//!    counted by the old one, written and synced while nothing refers to it ([`refcounts`]);
-//! 4. cluster 0 is rewritten as QEMU's `qcow2_update_header` writes it (fixed fields, then
+//! 5. cluster 0 is rewritten as QEMU's `qcow2_update_header` writes it (fixed fields, then
 //!    the backing format, data file name, encryption, feature table (v3), bitmaps and unknown
 //!    extensions, the end marker, the backing file name), in one write, then synced;
-//!    (with the new refcount structure's place and width: the switch is this one write);
-//! 5. the image is closed, which frees the old refcount table and blocks (counted by the
-//!    new structure until then).
+//! 6. the image is closed.
 //!
-//! Each step leaves a consistent image: a crash in 1 or 2 leaves the old options over
-//! consistent metadata (2's writes are ordinary writes: data before the L2 entry), a crash
-//! in 3 the old options with the new structure's clusters leaked, 4 is a single write of the
-//! first cluster (its first sector holds every field that changes), and a crash in 5 leaks
-//! the old structure's clusters at most.
-//!
-//! An upgrade to version 3 of an image whose internal snapshots lack the version 3 fields
-//! first writes the snapshot table anew with them (QEMU's `qcow2_upgrade`; the table is
-//! switched by its own synced header write, and version 2 images may carry those fields).
+//! Each step leaves a consistent image: a crash in 1, 2 or 4 leaves the old options over
+//! consistent metadata (4's writes are ordinary writes: data before the L2 entry); a crash
+//! in 3 leaves the old structure with the new one's clusters leaked, or the new structure
+//! with the old one's clusters leaked; 5 is a single write of the first cluster (its first
+//! sector holds every field that changes).
 //!
 //! Not done here: downgrading an image with internal snapshots (their zero clusters would
 //! need expanding too; [`Error::Unsupported`]), and encryption, which the engine does not support.
@@ -336,41 +336,38 @@ impl<O: Opener> Image<O> {
         let snapshots = self.snapshots().await?;
         let current = self.meta.lock().await.header.clone();
         let first = plan(&current, &snapshots, opts).map_err(|e| self.amend_error(e))?;
+        if first.rewidth.is_some() && first.header.version > current.version {
+            // QEMU upgrades first, with a header write of its own (the width change needs the
+            // version 3 header), and keeps the upgrade when the width is then refused.
+            let upgrade = AmendOptions::new().compat(Compat::V3);
+            Box::pin(self.amend_inner(&upgrade)).await?;
+            return Box::pin(self.amend_inner(opts)).await;
+        }
         if let Some(width) = first.rewidth {
-            if let Err(e) = self.check_width(width).await {
-                if first.header.version > current.version {
-                    // QEMU upgrades before it changes the width, and keeps the upgrade
-                    // when the change is refused.
-                    let upgrade = AmendOptions::new().compat(Compat::V3);
-                    Box::pin(self.amend_inner(&upgrade)).await?;
-                }
-                return Err(e);
-            }
+            self.check_width(width).await?;
         }
         self.make_clean().await?;
-        if first.downgrade {
-            self.expand_for_v2(&current).await?;
-            self.make_clean().await?;
-        }
-        let mut meta = self.meta.lock().await;
+        // QEMU's order: the upgrade (its snapshot table), the width, the downgrade.
         let snapshots = if first.snapshot_table {
             let list = with_v3_fields(snapshots, self.size());
+            let mut meta = self.meta.lock().await;
             self.store().write_snapshot_table(&mut meta, &list).await?;
             list
         } else {
             snapshots
         };
-        let new_refcounts = match first.rewidth {
-            Some(width) => Some(self.build_refcounts(&mut meta, width).await?),
-            None => None,
-        };
-        // Planned again over the header as the write-backs left it (a moved refcount or L1
-        // table); the checks passed already and depend on nothing they change.
-        let mut plan = plan(&meta.header, &snapshots, opts).map_err(|e| self.amend_error(e))?;
-        if let Some(new) = &new_refcounts {
-            new.name_in(&mut plan.header, self.geo)
-                .map_err(|e| self.store().corrupt_err(e))?;
+        if let Some(width) = first.rewidth {
+            self.change_width(width).await?;
         }
+        if first.downgrade {
+            self.expand_for_v2(&current).await?;
+            self.make_clean().await?;
+        }
+        let mut meta = self.meta.lock().await;
+        // Planned again over the header as the steps before left it (a moved refcount or L1
+        // table, the new width); the checks passed already and depend on nothing they
+        // change.
+        let plan = plan(&meta.header, &snapshots, opts).map_err(|e| self.amend_error(e))?;
         let mut bytes = plan.header.serialize().map_err(|e| Error::Unsupported {
             path: self.path().to_path_buf(),
             what: format!("the amended header: {e}"),
@@ -380,9 +377,6 @@ impl<O: Opener> Image<O> {
         self.store().write_meta(0, &bytes).await?;
         self.files.sync().await?;
         meta.header = plan.header;
-        if let Some(new) = new_refcounts {
-            new.switch(&mut meta, self.geo);
-        }
         Ok(())
     }
 
@@ -398,18 +392,16 @@ impl<O: Opener> Image<O> {
         }
     }
 
-    /// Before a downgrade: zstd-compressed clusters refused; zero clusters, which version 2
-    /// cannot express, made unallocated where nothing shows through (no host cluster, no
-    /// backing file) and written with zeros elsewhere (`qcow2_expand_zero_clusters`).
+    /// Before a downgrade: zero clusters, which version 2 cannot express, made unallocated
+    /// where nothing shows through (no host cluster, no backing file) and written with zeros
+    /// elsewhere (`qcow2_expand_zero_clusters`); then zstd-compressed clusters refused (the
+    /// expansion stays, as in QEMU).
     async fn expand_for_v2(&self, old: &Header) -> Result<()> {
         let size = self.size();
         let cs = self.cluster_size();
         let extents = self.block_status(0, size).await?;
-        if old.compression_type == CompressionType::Zstd
-            && extents.iter().any(|e| e.kind == ExtentKind::Compressed)
-        {
-            return Err(Error::Amend(AmendError::DowngradeZstd));
-        }
+        let zstd = old.compression_type == CompressionType::Zstd
+            && extents.iter().any(|e| e.kind == ExtentKind::Compressed);
         for e in extents {
             if let ExtentKind::Zero { host } = e.kind {
                 if host.is_none() && self.backing().is_none() {
@@ -425,6 +417,10 @@ impl<O: Opener> Image<O> {
                     off += n;
                 }
             }
+        }
+        if zstd {
+            // After the expansion, as QEMU's `qcow2_downgrade` checks it.
+            return Err(Error::Amend(AmendError::DowngradeZstd));
         }
         Ok(())
     }

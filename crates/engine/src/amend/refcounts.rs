@@ -9,11 +9,13 @@
 //!    durable: a crash from here on leaves the new clusters leaked, no more.
 //! 3. The new blocks and table, filled from the counts as they are now on disk, are written
 //!    and made durable (a barrier) while nothing refers to them.
-//! 4. The caller writes cluster 0 with the new `refcount_order`, `refcount_table_offset` and
-//!    `refcount_table_clusters` (one sector: a crash leaves the old structure, valid, or the
-//!    new one, valid, which counts the old table and blocks as leaked clusters).
+//! 4. The header's `refcount_table_offset`, `refcount_table_clusters` and `refcount_order`
+//!    are rewritten in one write inside the first sector ([`Header::REFCOUNT_FIELDS`]), and
+//!    synced: a crash leaves the old structure, valid, or the new one, valid, which counts
+//!    the old table and blocks as leaked clusters. The header is version 3 by then (an
+//!    upgrade is written first, as QEMU does it first).
 //! 5. Only then does the allocator switch to the new structure, with deferred decrements of
-//!    the old table and blocks, which the next write-back (the amendment's close) applies.
+//!    the old table and blocks, which the next write-back applies.
 
 use super::Image;
 use crate::error::AmendError;
@@ -24,14 +26,14 @@ use qcow2_alloc::{NewRefcounts, Refcounts};
 use qcow2_format::{ClusterGeometry, Header, RefcountWidth};
 
 /// A new refcount structure written to disk, not yet named by the header.
-pub(super) struct Built {
+struct Built {
     new: NewRefcounts,
     rc: Refcounts,
 }
 
 impl Built {
     /// Sets the header's refcount fields to the new structure's.
-    pub(super) fn name_in(
+    fn name_in(
         &self,
         header: &mut Header,
         geo: ClusterGeometry,
@@ -45,7 +47,7 @@ impl Built {
 
     /// Once the header names it on disk: the allocator uses the new structure, and the old
     /// one's clusters wait as deferred decrements.
-    pub(super) fn switch(self, meta: &mut Meta, geo: ClusterGeometry) {
+    fn switch(self, meta: &mut Meta, geo: ClusterGeometry) {
         if let Some(alloc) = meta.alloc.as_mut() {
             alloc.switch_refcounts(self.rc, geo.cluster_offset(self.new.table));
         }
@@ -53,6 +55,25 @@ impl Built {
 }
 
 impl<O: Opener> Image<O> {
+    /// Changes the refcount width of a clean version 3 image (steps 2 to 5).
+    pub(super) async fn change_width(&self, width: RefcountWidth) -> Result<()> {
+        let store = self.store();
+        let mut meta = self.meta.lock().await;
+        let built = self.build_refcounts(&mut meta, width).await?;
+        let mut header = meta.header.clone();
+        built
+            .name_in(&mut header, self.geo)
+            .map_err(|e| store.corrupt_err(e))?;
+        store
+            .write_header_fields(&header, Header::REFCOUNT_FIELDS)
+            .await?;
+        meta.barrier_owed = true;
+        store.barrier(&mut meta).await?;
+        meta.header = header;
+        built.switch(&mut meta, self.geo);
+        Ok(())
+    }
+
     /// Refuses a width some refcount does not fit in, before anything is written.
     pub(super) async fn check_width(&self, width: RefcountWidth) -> Result<()> {
         let meta = self.meta.lock().await;
@@ -72,11 +93,7 @@ impl<O: Opener> Image<O> {
 
     /// Steps 2 and 3: the new structure allocated, counted durably, written and synced. On
     /// failure its clusters are given back (nothing refers to them).
-    pub(super) async fn build_refcounts(
-        &self,
-        meta: &mut Meta,
-        width: RefcountWidth,
-    ) -> Result<Built> {
+    async fn build_refcounts(&self, meta: &mut Meta, width: RefcountWidth) -> Result<Built> {
         let new = self.store().allocate_refcounts(meta, width)?;
         match self.write_refcounts_of(meta, &new).await {
             Ok(rc) => Ok(Built { new, rc }),
