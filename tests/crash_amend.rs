@@ -16,11 +16,18 @@
 //!     image before the workload), and in the range the workload writes, old or new bytes
 //!     until the close after that write returned, new ones after;
 //! (d) carry on read-write (a sample): a write and a close leave it clean.
+//!
+//! A second workload upgrades a version 2 image whose snapshot lacks the version 3 fields
+//! (the snapshot table is written anew) and changes its width in the same amendment; its
+//! crash images must also keep the snapshot as it read.
 
 use blockio::{CrashImage, CrashSpec, FaultOpener, MemoryBackend, MemoryOpener};
 use qcow2_engine::{AmendOptions, Compat, Image, ImageOptions};
 use qcow2_format::Header;
-use qcow2_tests::{path_str, qemu_img, qemu_img_status, qemu_io, raw_reference};
+use qcow2_tests::{
+    path_str, qemu_img, qemu_img_status, qemu_io, raw_reference, raw_reference_snapshot,
+    strip_snapshot_extra_data,
+};
 use std::collections::HashSet;
 use std::path::Path;
 
@@ -40,6 +47,7 @@ enum Op {
     Write,
 }
 
+/// The workload over the image [`base_image`] makes.
 fn workload() -> Vec<Op> {
     let a = AmendOptions::new;
     vec![
@@ -89,15 +97,15 @@ fn base_image(dir: &Path) -> (Vec<u8>, Vec<u8>) {
     (std::fs::read(&path).unwrap(), disk)
 }
 
-/// Runs the workload; returns the log and the ops' places in it.
-fn run_workload(base: &[u8]) -> (Vec<blockio::LogEntry>, Vec<Done>) {
+/// Runs `ops`; returns the log and the ops' places in it.
+fn run_workload(base: &[u8], ops: Vec<Op>) -> (Vec<blockio::LogEntry>, Vec<Done>) {
     let mem = MemoryOpener::new();
     mem.insert(IMAGE, MemoryBackend::from_vec(base.to_vec()));
     let opener = FaultOpener::new(mem);
     let ctl = opener.controller();
     let done = runtime().block_on(async {
         let mut done = Vec::new();
-        for op in workload() {
+        for op in ops {
             let start = ctl.completed();
             let img = Image::open(opener.clone(), IMAGE, ImageOptions::new())
                 .await
@@ -127,12 +135,11 @@ fn check_content(disk: &[u8], before: &[u8], done: &[Done], at: u64) -> Result<(
     if disk.len() != before.len() {
         return Err(format!("size {} instead of {}", disk.len(), before.len()));
     }
-    let w = done
-        .iter()
-        .find(|d| matches!(d.op, Op::Write))
-        .expect("the workload writes");
     let (off, len, byte) = WRITE;
-    let written = off as usize..(off + len) as usize;
+    let (written, w) = match done.iter().find(|d| matches!(d.op, Op::Write)) {
+        Some(w) => (off as usize..(off + len) as usize, w),
+        None => (0..0, &done[0]),
+    };
     for (b, (&got, &old)) in disk.iter().zip(before).enumerate() {
         let ok = if !written.contains(&b) || w.start > at {
             got == old
@@ -205,12 +212,16 @@ async fn recover(path: &Path) -> Result<(), String> {
     qemu_clean(path).map_err(|e| format!("recovery: {e}"))
 }
 
+/// A further check of a crash image (its path).
+type Extra<'a> = &'a dyn Fn(&Path) -> Result<(), String>;
+
 fn check_crash(
     dir: &Path,
     crash: &CrashImage,
     before: &[u8],
     done: &[Done],
     n: u64,
+    extra: Extra,
 ) -> Result<(), String> {
     let path = dir.join("crash.qcow2");
     std::fs::write(&path, &crash.bytes).unwrap();
@@ -218,17 +229,17 @@ fn check_crash(
     let disk = runtime().block_on(engine_disk(&path))?;
     check_content(&disk, before, done, crash.at)?;
     qemu_clean(&path)?;
+    extra(&path)?;
     if n % 7 == 0 {
         runtime().block_on(recover(&path))?;
     }
     Ok(())
 }
 
-#[test]
-fn crashes_during_amendments_leave_no_corruption() {
-    let dir = tempfile::tempdir().unwrap();
-    let (base, before) = base_image(dir.path());
-    let (log, done) = run_workload(&base);
+/// Runs `ops` over `base` (whose disk reads `before`) and checks every crash image;
+/// returns the number of requests and of distinct crash images.
+fn crash_all(dir: &Path, base: &[u8], before: &[u8], ops: Vec<Op>, extra: Extra) -> (u64, u64) {
+    let (log, done) = run_workload(base, ops);
     let total = log.iter().map(|e| e.seq + 1).max().unwrap_or(0);
     let mut seen = HashSet::new();
     let mut failures = Vec::new();
@@ -237,11 +248,11 @@ fn crashes_during_amendments_leave_no_corruption() {
         for variant in 0..VARIANTS {
             let tear = variant % 2 == 1;
             let spec = CrashSpec::new(at * VARIANTS + variant).at(at).tear(tear);
-            let crash = CrashImage::from_log(&log, &base, &spec);
+            let crash = CrashImage::from_log(&log, base, &spec);
             if !seen.insert(crash.bytes.clone()) {
                 continue;
             }
-            if let Err(e) = check_crash(dir.path(), &crash, &before, &done, n) {
+            if let Err(e) = check_crash(dir, &crash, before, &done, n, extra) {
                 failures.push(format!("crash at {at} (tear {tear}): {e}\n  {crash:?}"));
             }
             n += 1;
@@ -250,7 +261,57 @@ fn crashes_during_amendments_leave_no_corruption() {
             break;
         }
     }
-    eprintln!("crash amend: {total} requests, {n} distinct crash images");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    (total, n)
+}
+
+#[test]
+fn crashes_during_amendments_leave_no_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, before) = base_image(dir.path());
+    let (total, n) = crash_all(dir.path(), &base, &before, workload(), &|_| Ok(()));
+    eprintln!("crash amend: {total} requests, {n} distinct crash images");
     assert!(total > 100, "the workload issued only {total} requests");
+}
+
+/// An upgrade of a version 2 image whose snapshot lacks the version 3 fields (the snapshot
+/// table written anew), with a new refcount width: the snapshot, listed in every crash
+/// image, reads as before.
+#[test]
+fn crashes_during_an_upgrade_with_snapshots_leave_no_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.qcow2");
+    let size = SIZE.to_string();
+    let args = [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10,cluster_size=512",
+    ];
+    qemu_img(&[&args[..], &[path_str(&path), &size]].concat());
+    qemu_io("qcow2", &path, &["write -P 1 0 40k"]);
+    qemu_img(&["snapshot", "-c", "s1", path_str(&path)]);
+    qemu_io("qcow2", &path, &["write -P 3 4k 8k"]);
+    assert_eq!(strip_snapshot_extra_data(&path), 1);
+    let snapshot = raw_reference_snapshot(&path, "s1");
+    let before = raw_reference(&path, "qcow2");
+    let base = std::fs::read(&path).unwrap();
+    let ops = vec![Op::Amend(
+        AmendOptions::new()
+            .compat(Compat::V3)
+            .refcount_bits(8)
+            .lazy_refcounts(true),
+    )];
+    let same_snapshot = |p: &Path| {
+        if raw_reference_snapshot(p, "s1") == snapshot {
+            Ok(())
+        } else {
+            Err("snapshot s1 reads otherwise".to_string())
+        }
+    };
+    let (total, n) = crash_all(dir.path(), &base, &before, ops, &same_snapshot);
+    eprintln!("crash amend (upgrade): {total} requests, {n} distinct crash images");
+    assert!(total > 20, "the workload issued only {total} requests");
 }

@@ -18,11 +18,13 @@
 #![warn(missing_docs)]
 
 mod fixtures;
+mod legacy;
 mod ops;
 mod prng;
 mod tools;
 
 pub use fixtures::{fixture, matrix, Expect, Fixture, FixtureSpec};
+pub use legacy::strip_snapshot_extra_data;
 pub use ops::{random_ranges, OpMix};
 pub use prng::Prng;
 pub use tools::{

@@ -6,9 +6,9 @@
 //! changes rebuild the refcount structure: the files may differ in the freed clusters, so
 //! they are compared by `check`, `compare`, `map`, `info` and length.
 
-use qcow2_format::{Header, Snapshot};
 use qcow2_tests::{
     path_str, qemu_check, qemu_img, qemu_img_status, qemu_info_json, qemu_io, qemu_map_json, said,
+    strip_snapshot_extra_data,
 };
 use std::path::Path;
 use std::process::Command;
@@ -319,32 +319,6 @@ fn refcount_widths_and_versions_combine_as_in_qemu_img() {
     }
 }
 
-/// Rewrites the snapshot table of the image at `path` in place without extra data, as QEMU
-/// before 1.1 wrote it (no disk size, no 64-bit VM state size, no icount).
-fn strip_snapshot_extra_data(path: &Path) {
-    let mut bytes = std::fs::read(path).unwrap();
-    let header = Header::parse(&bytes).unwrap();
-    let off = header.snapshots_offset as usize;
-    let list = Snapshot::parse_table(&bytes[off..], header.nb_snapshots).unwrap();
-    let old_len: usize = list.iter().map(Snapshot::serialized_len).sum();
-    let bare: Vec<Snapshot> = list
-        .into_iter()
-        .map(|s| Snapshot {
-            disk_size: None,
-            icount: None,
-            extra_data: Vec::new(),
-            ..s
-        })
-        .collect();
-    let mut table = Snapshot::serialize_table(&bare);
-    assert!(table.len() < old_len);
-    // The last entry's padding may lie past the end of the file.
-    let end = (off + old_len).min(bytes.len());
-    table.resize(end - off, 0);
-    bytes[off..end].copy_from_slice(&table);
-    std::fs::write(path, bytes).unwrap();
-}
-
 /// QEMU's `qcow2_upgrade` writes the snapshot table anew when a snapshot lacks the version 3
 /// fields: the same bytes here, alone or with other options.
 #[test]
@@ -366,7 +340,12 @@ fn an_upgrade_adds_the_snapshots_version_3_fields_as_qemu_img_does() {
     qemu_img(&["snapshot", "-c", "s1", path_str(&path)]);
     qemu_io("qcow2", &path, &["write -P 3 0 64k"]);
     qemu_img(&["snapshot", "-c", "s2", path_str(&path)]);
-    strip_snapshot_extra_data(&path);
+    let with_extra = std::fs::read(&path).unwrap();
+    assert_eq!(strip_snapshot_extra_data(&path), 2);
+    assert!(
+        std::fs::read(&path).unwrap() != with_extra,
+        "nothing stripped"
+    );
     let check = qemu_check(&path);
     assert_eq!(
         check.status.code(),
