@@ -70,24 +70,33 @@ impl Allocator {
             blocks: BTreeMap::new(),
         };
         loop {
+            // The ranges in order, each judged with the counts as they are when it comes up
+            // (QEMU's walk over the old structure): a block allocated for one range may land
+            // in a later one.
             let mut changed = false;
-            let end = self.used_end()?;
-            for t in 0..end.div_ceil(per) {
-                if new.blocks.contains_key(&t) {
-                    continue;
+            let mut t = 0;
+            loop {
+                let end = self.used_end()?;
+                if t * per >= end {
+                    break;
                 }
-                if self.any_counted(t * per..((t + 1) * per).min(end))? {
+                if !new.blocks.contains_key(&t)
+                    && self.any_counted(t * per..((t + 1) * per).min(end))?
+                {
                     let a = self.allocate(1, &leased)?;
                     new.blocks.insert(t, a.first);
                     changed = true;
                 }
+                t += 1;
             }
-            let entries = new.blocks.keys().next_back().map_or(1, |&t| t + 1);
-            let clusters = (entries * 8).div_ceil(cs);
-            if clusters != new.table_clusters {
+            // After a round that allocated, the table goes anew (QEMU frees and allocates it
+            // again, at the first free place, whatever its size).
+            if changed || new.table_clusters == 0 {
                 if new.table_clusters > 0 {
                     self.release_unreferenced(new.table, new.table_clusters)?;
                 }
+                let entries = new.blocks.keys().next_back().map_or(1, |&t| t + 1);
+                let clusters = (entries * 8).div_ceil(cs);
                 let a = self.allocate(clusters, &leased)?;
                 new.table = a.first;
                 new.table_clusters = clusters;
