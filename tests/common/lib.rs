@@ -19,12 +19,14 @@
 
 mod copied;
 mod fixtures;
+mod legacy;
 mod ops;
 mod prng;
 mod tools;
 
 pub use copied::only_safe_copied_errors;
 pub use fixtures::{fixture, matrix, Expect, Fixture, FixtureSpec};
+pub use legacy::strip_snapshot_extra_data;
 pub use ops::{random_ranges, OpMix};
 pub use prng::Prng;
 pub use tools::{

@@ -18,9 +18,11 @@ use std::collections::BTreeSet;
 
 mod area;
 mod bytes;
+mod rewidth;
 
 pub use area::refcount_metadata_blocks;
 pub use bytes::ByteAllocation;
+pub use rewidth::NewRefcounts;
 
 /// A contiguous run of newly allocated host clusters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

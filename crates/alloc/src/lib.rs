@@ -25,7 +25,9 @@ pub mod refcount;
 pub mod reservation;
 pub mod sync;
 
-pub use allocator::{refcount_metadata_blocks, Allocation, Allocator, ByteAllocation, TableMove};
+pub use allocator::{
+    refcount_metadata_blocks, Allocation, Allocator, ByteAllocation, NewRefcounts, TableMove,
+};
 pub use gates::{Gate, GateGuard, Gates};
 pub use lease::{ExclusiveLease, LeaseTable, SharedLease};
 pub use refcount::{RefcountError, Refcounts};

@@ -436,13 +436,23 @@ pub enum AmendError {
          (use compat=1.1 or greater)"
     )]
     RefcountBitsNeedV3,
-    /// A different refcount width (the engine cannot rebuild the refcount structure yet;
-    /// reported as [`Error::Unsupported`]).
-    #[error("changing the refcount width is not supported")]
-    RefcountWidthChange,
-    /// A version change that needs the snapshot table rewritten (reported as
-    /// [`Error::Unsupported`]).
-    #[error("rewriting the snapshot table is not supported")]
+    /// A narrower refcount width than a cluster's refcount needs: the first such cluster
+    /// (by offset) and its refcount.
+    #[error(
+        "Cannot decrease refcount entry width to {bits} bits: Cluster at offset {offset:#x} \
+         has a refcount of {refcount}"
+    )]
+    RefcountOverflow {
+        /// The width asked for.
+        bits: u64,
+        /// The cluster's offset in the image file.
+        offset: u64,
+        /// Its refcount.
+        refcount: u64,
+    },
+    /// A downgrade of an image with internal snapshots, which the engine does not do
+    /// (their zero clusters would need expanding; reported as [`Error::Unsupported`]).
+    #[error("downgrading an image with internal snapshots is not supported")]
     SnapshotTableRewrite,
     /// A different backing file or format: that is a rebase.
     #[error("Cannot amend the backing file")]

@@ -109,6 +109,10 @@ impl Header {
     /// Where `l1_size` and `l1_table_offset` lie in the serialized header: a new L1 table
     /// takes effect by rewriting these bytes alone (one sector, as QEMU does).
     pub const L1_FIELDS: std::ops::Range<usize> = 36..48;
+    /// From `refcount_table_offset` to `refcount_order` (version 3) in the serialized
+    /// header: a refcount structure of another width takes effect by rewriting these bytes
+    /// alone (one sector; the fields between them are written with their values).
+    pub const REFCOUNT_FIELDS: std::ops::Range<usize> = 48..100;
 
     /// Reads just enough of the header (magic, version, cluster_bits; 24 bytes) to say how big
     /// cluster 0 is, so that the caller can read the whole cluster before calling

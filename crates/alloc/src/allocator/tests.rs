@@ -160,3 +160,47 @@ fn a_growing_table_skips_leased_clusters_past_the_high_water_mark() {
     assert!(moved.offset.0 / 512 > 256, "{moved:?}");
     assert_eq!(a.get(HostCluster(256)), Ok(0));
 }
+
+#[test]
+fn a_structure_of_another_width_counts_everything_and_itself() {
+    // 512-byte clusters: at 1 bit a block counts 4096 clusters, at 64 bits 64.
+    for bits in [1u32, 2, 8, 32, 64] {
+        let mut a = allocator(9);
+        a.allocate(300, |_| false).unwrap();
+        a.increment(HostCluster(10)).unwrap();
+        let width = RefcountWidth::from_bits(bits).unwrap();
+        let over = a.first_overflow(width).unwrap();
+        assert_eq!(
+            over,
+            (bits == 1).then_some((HostCluster(10), 2)),
+            "{bits} bits"
+        );
+        if over.is_some() {
+            continue;
+        }
+        let new = a.allocate_refcounts(width, |_| false).unwrap();
+        let rc = a.encode_refcounts(&new).unwrap();
+        let end = a.used_end().unwrap();
+        // Every block of the new structure is counted, and counts itself as the old did.
+        for c in new.clusters() {
+            assert_eq!(a.get(c).unwrap(), 1, "{bits} bits: {c:?}");
+            assert!(c.0 < end);
+        }
+        for c in 0..end + 64 {
+            assert_eq!(
+                rc.get(HostCluster(c)).unwrap(),
+                a.get(HostCluster(c)).unwrap()
+            );
+        }
+        let old_table = a.table_offset();
+        let old_blocks = a.block_clusters.len();
+        a.switch_refcounts(rc, a.geo.cluster_offset(new.table));
+        assert_eq!(a.width(), width);
+        assert!(a.is_metadata(new.table));
+        assert!(!a.is_metadata(a.geo.host_cluster(old_table)));
+        // The old table (one cluster) and blocks go once the decrements apply.
+        let freed = a.apply_decrements(|_| Some(())).unwrap();
+        assert_eq!(freed.len(), 1 + old_blocks, "{bits} bits");
+        assert!(!a.dirty_blocks().is_empty());
+    }
+}

@@ -1,6 +1,6 @@
 //! `qimg amend`: change an existing qcow2 image's options (qemu-img amend): `compat`,
-//! `lazy_refcounts`, `data_file`, `data_file_raw`; `backing_file`/`backing_fmt` and
-//! `refcount_bits` only as they are. qemu-img's syntax, messages and exit status.
+//! `lazy_refcounts`, `refcount_bits`, `data_file`, `data_file_raw`;
+//! `backing_file`/`backing_fmt` only as they are. qemu-img's syntax, messages and exit status.
 
 use crate::cmd::create::amend_options;
 use anyhow::{anyhow, bail, Result};

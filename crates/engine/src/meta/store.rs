@@ -85,6 +85,16 @@ impl<B: Backend> Store<'_, B> {
             .extend_len(alloc.high_water() * self.geo.cluster_size());
         Ok(out)
     }
+    /// The clusters of a refcount structure of `width` bits
+    /// ([`qcow2_alloc::Allocator::allocate_refcounts`]), with the tests of
+    /// [`allocate`](Self::allocate).
+    pub(crate) fn allocate_refcounts(
+        &self,
+        meta: &mut Meta,
+        width: qcow2_format::RefcountWidth,
+    ) -> Result<qcow2_alloc::NewRefcounts> {
+        self.allocate_with(meta, |alloc, taken| alloc.allocate_refcounts(width, taken))
+    }
     /// [`Store::allocate`], first reusing what discards freed: when the allocation would
     /// grow the file while refcount decrements wait for their unmapping to be durable, the
     /// metadata is written back (which makes the unmappings durable and applies the

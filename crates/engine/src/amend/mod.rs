@@ -1,36 +1,49 @@
 //! Changing an existing image's qcow2 options (`qemu-img amend`): the version (`compat`),
-//! lazy refcounts, the external data file's name and its raw flag; the backing file only as
-//! QEMU allows it (not at all: that is `rebase`'s job).
+//! lazy refcounts, the refcount width (`refcount_bits`), the external data file's name and
+//! its raw flag; the backing file only as QEMU allows it (not at all: that is `rebase`'s
+//! job).
 //!
 //! [`Image::amend`] checks everything first, in the order and with the words of QEMU 10's
-//! `qcow2_amend_options`, so that a refused amendment changes nothing. Then:
+//! `qcow2_amend_options`, so that a refused amendment changes nothing (but for QEMU's own
+//! exception: an upgrade asked for with a too narrow refcount width is made, then the width
+//! refused). Then:
 //!
 //! 1. the image is made clean (every metadata structure written back, refcounts included,
 //!    the dirty bit cleared), since turning lazy refcounts off or going back to version 2
 //!    needs it;
-//! 2. for version 2, which has no zero flag, every zero cluster of the active layer becomes
+//! 2. for an upgrade, snapshots lacking the version 3 fields get them: the snapshot table is
+//!    written anew (QEMU's `qcow2_upgrade`; switched by its own synced header write, and
+//!    version 2 images may carry those fields). An upgrade with a new refcount width is
+//!    written first as an amendment of its own, as QEMU upgrades first;
+//! 3. for a new refcount width, a whole new refcount structure is built in new clusters,
+//!    counted by the old one, written and synced while nothing refers to it, then named by
+//!    one synced write of the header's refcount fields; the old structure is freed by the
+//!    next write-back ([`refcounts`]);
+//! 4. for version 2, which has no zero flag, every zero cluster of the active layer becomes
 //!    unallocated (without a host cluster or backing file) or is written with zeros
 //!    (QEMU's `qcow2_expand_zero_clusters`), and the metadata is written back again;
-//! 3. cluster 0 is rewritten as QEMU's `qcow2_update_header` writes it (fixed fields, then
+//! 5. cluster 0 is rewritten as QEMU's `qcow2_update_header` writes it (fixed fields, then
 //!    the backing format, data file name, encryption, feature table (v3), bitmaps and unknown
 //!    extensions, the end marker, the backing file name), in one write, then synced;
-//! 4. the image is closed.
+//! 6. the image is closed.
 //!
-//! Each step leaves a consistent image: a crash in 1 or 2 leaves the old options over
-//! consistent metadata (2's writes are ordinary writes: data before the L2 entry), and 3 is a
-//! single write of the first cluster.
+//! Each step leaves a consistent image: a crash in 1, 2 or 4 leaves the old options over
+//! consistent metadata (4's writes are ordinary writes: data before the L2 entry); a crash
+//! in 3 leaves the old structure with the new one's clusters leaked, or the new structure
+//! with the old one's clusters leaked; 5 is a single write of the first cluster (its first
+//! sector holds every field that changes).
 //!
-//! Not done here: changing the refcount width (QEMU rebuilds the refcount structure;
-//! [`Error::Unsupported`]), upgrading an image whose internal snapshots lack the version 3
-//! fields, or downgrading one with internal snapshots (both need the snapshot table
-//! rewritten; [`Error::Unsupported`]), and encryption, which the engine does not support.
+//! Not done here: downgrading an image with internal snapshots (their zero clusters would
+//! need expanding too; [`Error::Unsupported`]), and encryption, which the engine does not support.
 
 use crate::error::AmendError;
 use crate::image::Image;
 use crate::options::Compat;
 use crate::{Error, ExtentKind, Result};
 use blockio::{IoBuf, Opener};
-use qcow2_format::{features, CompressionType, Header, HeaderExtension, Snapshot};
+use qcow2_format::{features, CompressionType, Header, HeaderExtension, RefcountWidth, Snapshot};
+
+mod refcounts;
 
 /// What [`Image::amend`] changes: each option left unset keeps its value. The options are
 /// qemu-img amend's for qcow2 (`-o compat=...,lazy_refcounts=...`).
@@ -69,8 +82,8 @@ impl AmendOptions {
         self
     }
 
-    /// The refcount width in bits. Only the current width is accepted: changing it is not
-    /// supported yet.
+    /// The refcount width in bits: a power of two from 1 to 64 (16 on version 2). A
+    /// narrower width is refused when some refcount does not fit in it.
     pub fn refcount_bits(mut self, bits: u64) -> Self {
         self.refcount_bits = Some(bits);
         self
@@ -110,6 +123,11 @@ struct Plan {
     header: Header,
     /// Version 3 to 2: zero clusters must be expanded, compressed clusters looked for (zstd).
     downgrade: bool,
+    /// A new refcount width: the refcount structure is rebuilt ([`refcounts`]).
+    rewidth: Option<RefcountWidth>,
+    /// Version 2 to 3 with snapshots that lack the version 3 fields (the disk size): the
+    /// snapshot table is written anew with them first.
+    snapshot_table: bool,
 }
 
 /// Decides the amendment of the image whose header is `old` and whose internal snapshots
@@ -137,12 +155,17 @@ fn plan(
         }
     }
     let width = 1u64 << old.refcount_order;
+    let mut refcount_order = old.refcount_order;
     if let Some(bits) = opts.refcount_bits.filter(|&b| b != width) {
         if version < 3 && bits != 16 {
             return Err(AmendError::RefcountBitsNeedV3);
         }
-        return Err(AmendError::RefcountWidthChange);
+        refcount_order = bits.trailing_zeros();
     }
+    let rewidth = (refcount_order != old.refcount_order)
+        .then(|| RefcountWidth::from_order(refcount_order))
+        .transpose()
+        .map_err(|_| AmendError::RefcountBits(1 << refcount_order))?;
     let backing_changes = |given: &Option<String>, have: Option<&str>| {
         given.as_deref().is_some_and(|g| Some(g) != have)
     };
@@ -157,14 +180,14 @@ fn plan(
     }
     let downgrade = version < old_version;
     if downgrade {
-        check_downgrade(old, snapshots)?;
+        check_downgrade(old, refcount_order, snapshots)?;
     }
-    if version > old_version && snapshots.iter().any(|s| s.disk_size.is_none()) {
-        return Err(AmendError::SnapshotTableRewrite);
-    }
+    // QEMU's `qcow2_upgrade`: snapshots without the version 3 fields get them.
+    let snapshot_table = version > old_version && snapshots.iter().any(|s| s.disk_size.is_none());
 
     let mut header = old.clone();
     header.version = version;
+    header.refcount_order = refcount_order;
     header.incompatible_features &= !features::INCOMPAT_DIRTY;
     if opts.data_file_raw == Some(false) {
         header.autoclear_features &= !features::AUTOCLEAR_DATA_FILE_RAW;
@@ -186,12 +209,39 @@ fn plan(
         None => old.data_file_name().map(str::to_owned),
     };
     qemu_extensions(&mut header, data_file);
-    Ok(Plan { header, downgrade })
+    Ok(Plan {
+        header,
+        downgrade,
+        rewidth,
+        snapshot_table,
+    })
 }
 
-/// `qcow2_downgrade`'s checks, before anything is changed.
-fn check_downgrade(old: &Header, snapshots: &[Snapshot]) -> std::result::Result<(), AmendError> {
-    if old.refcount_order != 4 {
+/// The snapshots as QEMU's `qcow2_write_snapshots` writes them for version 3: a snapshot
+/// without a recorded disk size gets the current one (as `qcow2_read_snapshots` assumes),
+/// one without icount gets -1 (none); the 64-bit VM state size with them.
+fn with_v3_fields(snapshots: Vec<Snapshot>, size: u64) -> Vec<Snapshot> {
+    snapshots
+        .into_iter()
+        .map(|mut s| {
+            s.disk_size = Some(s.disk_size.unwrap_or(size));
+            s.icount = Some(s.icount.unwrap_or(u64::MAX));
+            if s.extra_data.len() < 24 {
+                s.extra_data.resize(24, 0);
+            }
+            s
+        })
+        .collect()
+}
+
+/// `qcow2_downgrade`'s checks, before anything is changed; `refcount_order` is the one the
+/// image has by then (QEMU changes the width first).
+fn check_downgrade(
+    old: &Header,
+    refcount_order: u32,
+    snapshots: &[Snapshot],
+) -> std::result::Result<(), AmendError> {
+    if refcount_order != 4 {
         return Err(AmendError::DowngradeRefcountBits);
     }
     if old.has_data_file() {
@@ -252,20 +302,24 @@ impl<O: Opener> Image<O> {
     /// Changes the image's qcow2 options as `qemu-img amend -o ...` does, then closes it.
     ///
     /// Everything is checked before anything is written: a refused amendment leaves the file
-    /// as it was (and the image is still closed). See the module documentation of `amend`
+    /// as it was (and the image is still closed). The one exception is QEMU's: an upgrade
+    /// to version 3 asked for with a refcount width too narrow for the image is made before
+    /// the width is refused. See the module documentation of `amend`
     /// for the steps and their crash safety.
     ///
     /// # Errors
     ///
-    /// [`Error::Amend`] for what QEMU refuses, with QEMU's words; [`Error::Unsupported`] for
-    /// what the engine cannot do yet (changing the refcount width; a version change that
-    /// needs the snapshot table rewritten) and for an image opened read-only; I/O errors
-    /// while writing.
+    /// [`Error::Amend`] for what QEMU refuses, with QEMU's words (a refcount too large for
+    /// a narrower width among them); [`Error::Unsupported`] for what the engine cannot do
+    /// yet (a version change that needs the snapshot table rewritten) and for an image
+    /// opened read-only; I/O errors while writing.
     ///
     /// # Cancel safety
     ///
     /// The image is consumed. Dropping the future leaves the file consistent: before the
-    /// header write, with the old options; after it, with the new ones.
+    /// header write, with the old options (and, during a refcount width change, the new
+    /// structure's clusters leaked); after it, with the new ones (and the old structure's
+    /// clusters leaked until a repair).
     pub async fn amend(self, opts: &AmendOptions) -> Result<()> {
         let r = self.amend_inner(opts).await;
         let closed = self.close().await;
@@ -281,18 +335,45 @@ impl<O: Opener> Image<O> {
         }
         let snapshots = self.snapshots().await?;
         let current = self.meta.lock().await.header.clone();
-        let plan = plan(&current, &snapshots, opts).map_err(|e| self.amend_error(e))?;
+        let first = plan(&current, &snapshots, opts).map_err(|e| self.amend_error(e))?;
+        if first.rewidth.is_some() && first.header.version > current.version {
+            // QEMU upgrades first, with a header write of its own (the width change needs the
+            // version 3 header), and keeps the upgrade when the width is then refused.
+            let upgrade = AmendOptions::new().compat(Compat::V3);
+            Box::pin(self.amend_inner(&upgrade)).await?;
+            return Box::pin(self.amend_inner(opts)).await;
+        }
+        if let Some(width) = first.rewidth {
+            self.check_width(width).await?;
+        }
         self.make_clean().await?;
-        if plan.downgrade {
+        // QEMU's order: the upgrade (its snapshot table), the width, the downgrade.
+        let snapshots = if first.snapshot_table {
+            let list = with_v3_fields(snapshots, self.size());
+            let mut meta = self.meta.lock().await;
+            self.store().write_snapshot_table(&mut meta, &list).await?;
+            list
+        } else {
+            snapshots
+        };
+        if let Some(width) = first.rewidth {
+            self.change_width(width).await?;
+        }
+        if first.downgrade {
             self.expand_for_v2(&current).await?;
             self.make_clean().await?;
         }
+        let mut meta = self.meta.lock().await;
+        // Planned again over the header as the steps before left it (a moved refcount or L1
+        // table, the new width); the checks passed already and depend on nothing they
+        // change.
+        let plan = plan(&meta.header, &snapshots, opts).map_err(|e| self.amend_error(e))?;
         let mut bytes = plan.header.serialize().map_err(|e| Error::Unsupported {
             path: self.path().to_path_buf(),
             what: format!("the amended header: {e}"),
         })?;
         bytes.resize(self.cluster_size() as usize, 0);
-        let mut meta = self.meta.lock().await;
+        // One write of cluster 0 switches everything, the refcount structure included.
         self.store().write_meta(0, &bytes).await?;
         self.files.sync().await?;
         meta.header = plan.header;
@@ -301,31 +382,26 @@ impl<O: Opener> Image<O> {
 
     fn amend_error(&self, e: AmendError) -> Error {
         match e {
-            AmendError::RefcountWidthChange => Error::Unsupported {
-                path: self.path().to_path_buf(),
-                what: "changing the refcount width (refcount_bits)".into(),
-            },
             AmendError::SnapshotTableRewrite => Error::Unsupported {
                 path: self.path().to_path_buf(),
-                what: "changing the version of an image whose snapshot table must be rewritten"
+                what: "downgrading an image with internal snapshots (their zero clusters would \
+                       need expanding)"
                     .into(),
             },
             other => Error::Amend(other),
         }
     }
 
-    /// Before a downgrade: zstd-compressed clusters refused; zero clusters, which version 2
-    /// cannot express, made unallocated where nothing shows through (no host cluster, no
-    /// backing file) and written with zeros elsewhere (`qcow2_expand_zero_clusters`).
+    /// Before a downgrade: zero clusters, which version 2 cannot express, made unallocated
+    /// where nothing shows through (no host cluster, no backing file) and written with zeros
+    /// elsewhere (`qcow2_expand_zero_clusters`); then zstd-compressed clusters refused (the
+    /// expansion stays, as in QEMU).
     async fn expand_for_v2(&self, old: &Header) -> Result<()> {
         let size = self.size();
         let cs = self.cluster_size();
         let extents = self.block_status(0, size).await?;
-        if old.compression_type == CompressionType::Zstd
-            && extents.iter().any(|e| e.kind == ExtentKind::Compressed)
-        {
-            return Err(Error::Amend(AmendError::DowngradeZstd));
-        }
+        let zstd = old.compression_type == CompressionType::Zstd
+            && extents.iter().any(|e| e.kind == ExtentKind::Compressed);
         for e in extents {
             if let ExtentKind::Zero { host } = e.kind {
                 if host.is_none() && self.backing().is_none() {
@@ -341,6 +417,10 @@ impl<O: Opener> Image<O> {
                     off += n;
                 }
             }
+        }
+        if zstd {
+            // After the expansion, as QEMU's `qcow2_downgrade` checks it.
+            return Err(Error::Amend(AmendError::DowngradeZstd));
         }
         Ok(())
     }
@@ -414,6 +494,39 @@ mod tests {
     }
 
     #[test]
+    fn an_upgrade_rewrites_snapshots_without_the_version_3_fields() {
+        let mut v2 = v3();
+        v2.version = 2;
+        let old = Snapshot {
+            l1_table_offset: 0x40000,
+            l1_size: 1,
+            id: "1".into(),
+            name: "s".into(),
+            date_sec: 0,
+            date_nsec: 0,
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            disk_size: None,
+            icount: None,
+            extra_data: Vec::new(),
+        };
+        let up = AmendOptions::new().compat(Compat::V3);
+        assert!(
+            plan(&v2, std::slice::from_ref(&old), &up)
+                .unwrap()
+                .snapshot_table
+        );
+        let new = with_v3_fields(vec![old], 5 << 20);
+        assert_eq!(new[0].disk_size, Some(5 << 20));
+        assert_eq!(new[0].icount, Some(u64::MAX));
+        assert_eq!(new[0].encoded_extra_data().len(), 24);
+        assert!(!plan(&v2, &new, &up).unwrap().snapshot_table);
+        // No upgrade, no rewrite.
+        let lazy = AmendOptions::new().lazy_refcounts(false);
+        assert!(!plan(&v2, &new[..0], &lazy).unwrap().snapshot_table);
+    }
+
+    #[test]
     fn what_qemu_refuses_is_refused_before_anything_changes() {
         let h = v3();
         let o = AmendOptions::new;
@@ -425,10 +538,21 @@ mod tests {
             plan(&h, &[], &o().refcount_bits(16)).map(|p| p.downgrade),
             Ok(false)
         );
+        let r8 = plan(&h, &[], &o().refcount_bits(8)).unwrap();
+        assert_eq!(r8.rewidth.map(|w| w.bits()), Some(8));
+        assert_eq!(r8.header.refcount_order, 3);
+        let mut v2 = v3();
+        v2.version = 2;
         assert_eq!(
-            plan(&h, &[], &o().refcount_bits(8)),
-            Err(AmendError::RefcountWidthChange)
+            plan(&v2, &[], &o().refcount_bits(8)),
+            Err(AmendError::RefcountBitsNeedV3)
         );
+        // QEMU changes the width before it downgrades: 16 bits then is fine.
+        let mut r8h = v3();
+        r8h.refcount_order = 3;
+        let down = plan(&r8h, &[], &o().compat(Compat::V2).refcount_bits(16)).unwrap();
+        assert!(down.downgrade);
+        assert_eq!(down.rewidth.map(|w| w.bits()), Some(16));
         assert_eq!(
             plan(&h, &[], &o().data_file("x")),
             Err(AmendError::DataFileWithoutDataFile)
