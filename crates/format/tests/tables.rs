@@ -71,14 +71,14 @@ fn snapshot_table_errors() {
     put_u32(&mut b, 36, 1025);
     assert!(matches!(
         Snapshot::parse_table(&b, 2),
-        Err(FormatError::BadSnapshot { index: 0, .. })
+        Err(FormatError::SnapshotExtraData { index: 0, .. })
     ));
     // A huge extra data size in the second entry.
     let mut b = bytes.clone();
     put_u32(&mut b, 72 + 36, u32::MAX);
     assert!(matches!(
         Snapshot::parse_table(&b, 2),
-        Err(FormatError::BadSnapshot { index: 1, .. })
+        Err(FormatError::SnapshotExtraData { index: 1, .. })
     ));
     // A name running past the buffer.
     let mut b = bytes.clone();
