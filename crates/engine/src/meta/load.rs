@@ -128,7 +128,12 @@ pub(crate) async fn metadata_clusters<B: Backend>(
             let len: u64 = snaps.iter().map(|s| s.serialized_len() as u64).sum();
             m.add_range(&geo, header.snapshots_offset, len);
             for s in snaps {
-                m.add_range(&geo, s.l1_table_offset, u64::from(s.l1_size) * 8);
+                let len = u64::from(s.l1_size) * 8;
+                if geo.is_aligned(s.l1_table_offset) && len <= qcow2_format::limits::MAX_L1_BYTES {
+                    m.add_range(&geo, s.l1_table_offset, len);
+                } else {
+                    m.add_claimed_range(&geo, s.l1_table_offset, len);
+                }
             }
         }
         Err(source @ (FormatError::TooLarge { .. } | FormatError::SnapshotExtraData { .. })) => {
