@@ -343,32 +343,71 @@ fn more_than_65536_snapshots_past_the_end_of_the_file() {
     assert_eq!((check, repair), (Some(1), Some(2)), "qemu-img's verdicts");
 }
 
-#[test]
-fn a_table_over_64m_loses_its_last_snapshots_by_repair() {
-    // As QEMU's iotest 261: entries of 1 KiB extra data, 65535-byte ids and names (zeros,
-    // in a sparse file), one past 64 MiB.
-    let dir = tempfile::tempdir().unwrap();
-    let damaged = dir.path().join("big.qcow2");
+/// An image whose snapshot table, as QEMU's iotest 261 builds it, runs over 64 MiB: entries
+/// of 1 KiB extra data and 65535-byte ids and names (zeros, in a sparse file). With
+/// `big_extra`, the third-last entry has enough extra data to cross 64 MiB itself, and fits
+/// once a repair cuts it to 1 KiB; the last entry always lies past the limit.
+fn table_over_64m(dir: &Path, big_extra: bool) -> PathBuf {
+    let damaged = dir.join("big.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", path_str(&damaged), "4M"]);
     qemu_io("qcow2", &damaged, &["write -P 0x11 0 64k"]);
-    let mut entry = vec![0u8; 40];
-    entry[12..16].copy_from_slice(&[0xff; 4]);
-    entry[36..40].copy_from_slice(&1024u32.to_be_bytes());
-    let size = (40 + 1024 + 65535 * 2u64).div_ceil(8) * 8;
-    let start = 1u64 << 20;
+    let names = 65535 * 2u64;
+    let entry = |extra: u32| {
+        let mut e = vec![0u8; 40];
+        e[12..16].copy_from_slice(&[0xff; 4]);
+        e[36..40].copy_from_slice(&extra.to_be_bytes());
+        e
+    };
+    let size = (40 + 1024 + names).div_ceil(8) * 8;
+    let limit = 64u64 << 20;
+    let mut pos = 1u64 << 20;
+    let mut written = 0;
     let mut n = 0u32;
-    while u64::from(n) * size <= 64 << 20 {
-        write_at(&damaged, start + u64::from(n) * size, &entry);
+    let mut put = |extra: u32, pos: &mut u64, written: &mut u64| {
+        write_at(&damaged, *pos, &entry(extra));
+        let len = (40 + u64::from(extra) + names).div_ceil(8) * 8;
+        *pos += len;
+        *written += len;
         n += 1;
+    };
+    if big_extra {
+        while written + 3 * size <= limit {
+            put(1024, &mut pos, &mut written);
+        }
+        let extra = limit - written - (40 + names) + 100;
+        put(u32::try_from(extra).unwrap(), &mut pos, &mut written);
+        put(1024, &mut pos, &mut written);
+        put(1024, &mut pos, &mut written);
+    } else {
+        while written <= limit {
+            put(1024, &mut pos, &mut written);
+        }
     }
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(&damaged)
         .unwrap();
-    f.set_len(start + u64::from(n) * size).unwrap();
+    f.set_len(pos).unwrap();
     drop(f);
-    set_table_pointer(&damaged, n, start);
+    set_table_pointer(&damaged, n, 1 << 20);
+    damaged
+}
+
+#[test]
+fn a_table_over_64m_loses_its_last_snapshots_by_repair() {
+    let dir = tempfile::tempdir().unwrap();
+    let damaged = table_over_64m(dir.path(), false);
     let (check, repair) = check_and_repair_agree("table over 64 MiB", &damaged);
+    assert_eq!((check, repair), (Some(1), Some(0)), "qemu-img's verdicts");
+}
+
+#[test]
+fn a_table_over_64m_by_extra_data_is_cut_and_rewritten_by_repair() {
+    // The repair cuts the extra data, drops the last snapshot, and rewrites the table
+    // (with the all-zero ids and names empty, as QEMU reads them).
+    let dir = tempfile::tempdir().unwrap();
+    let damaged = table_over_64m(dir.path(), true);
+    let (check, repair) = check_and_repair_agree("table over 64 MiB by extra data", &damaged);
     assert_eq!((check, repair), (Some(1), Some(0)), "qemu-img's verdicts");
 }
 

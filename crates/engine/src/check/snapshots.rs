@@ -236,7 +236,10 @@ impl<B: Backend> Checker<'_, B> {
                 offset = pre_offset;
                 break;
             }
-            let sn = Snapshot::parse_parts(&fixed, &extra, &id, &name, i as usize)
+            // QEMU keeps the id and name as C strings: up to their first NUL.
+            let c_str = |b: &[u8]| b.iter().position(|&c| c == 0).unwrap_or(b.len());
+            let (id, name) = (&id[..c_str(&id)], &name[..c_str(&name)]);
+            let sn = Snapshot::parse_parts(&fixed, &extra, id, name, i as usize)
                 .map_err(|e| Abort(e.to_string()));
             match sn {
                 Ok(mut sn) => {

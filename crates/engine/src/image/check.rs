@@ -90,15 +90,18 @@ impl<O: Opener> Image<O> {
         let saved = std::mem::replace(&mut meta.header, rewrite.header);
         meta.alloc = Some(alloc);
         let store = self.store();
-        let mut outcome = store
+        let outcome = match store
             .replace_snapshot_table(meta, &rewrite.snapshots, rewrite.old)
-            .await;
-        if outcome.is_ok() {
-            outcome = store.write_back_mode(meta, true).await.map(drop);
-        }
+            .await
+        {
+            Ok(()) => store.write_back_mode(meta, true).await,
+            Err(e) => Err(e),
+        };
         meta.alloc = None;
         meta.header = saved;
-        outcome
+        // The old table's clusters are discarded, as QEMU discards them.
+        self.punch(outcome?).await;
+        Ok(())
     }
 
     /// Opens an image for [`Image::repair`]: validated and opened like a read-only image
