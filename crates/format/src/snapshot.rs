@@ -103,6 +103,9 @@ impl Snapshot {
         buf.extend_from_slice(name);
         let mut list = Self::parse_table(&buf, 1).map_err(|e| match e {
             FormatError::BadSnapshot { reason, .. } => bad(reason),
+            FormatError::SnapshotExtraData { size, limit, .. } => {
+                FormatError::SnapshotExtraData { index, size, limit }
+            }
             other => other,
         })?;
         list.pop().ok_or_else(|| bad("empty entry".into()))
