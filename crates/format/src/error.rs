@@ -135,6 +135,17 @@ pub enum FormatError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// A snapshot table entry declares more extra data than QEMU accepts (1 KiB): QEMU's
+    /// open refuses the image, `qemu-img check -r all` cuts the extra data down.
+    #[error("snapshot {index}: extra data size {size} exceeds the limit of {limit}")]
+    SnapshotExtraData {
+        /// Index in the table.
+        index: usize,
+        /// The declared size.
+        size: u32,
+        /// The limit.
+        limit: u32,
+    },
     /// A snapshot table entry is malformed.
     #[error("snapshot {index}: {reason}")]
     BadSnapshot {

@@ -265,6 +265,13 @@ impl Header {
     /// the extension's contents (1..=65535 bitmaps, aligned directory inside the file and at
     /// most 1024 * 65535 bytes). An empty refcount table is refused, as QEMU does.
     pub fn validate_layout(&self, file_len: u64) -> Result<()> {
+        self.validate_layout_but_snapshots(file_len)?;
+        self.validate_snapshot_table(file_len)
+    }
+
+    /// [`Header::validate_layout`] without the snapshot table, as QEMU opens an image for
+    /// `qemu-img check` (which reads, and may repair, the table itself) and for reading.
+    pub fn validate_layout_but_snapshots(&self, file_len: u64) -> Result<()> {
         let geo = ClusterGeometry::new(self.cluster_bits, self.extended_l2())?;
         let cs = geo.cluster_size();
 
@@ -320,6 +327,26 @@ impl Header {
             file_len,
         )?;
 
+        // Bitmaps, when the extension is declared consistent.
+        if self.autoclear_features & AUTOCLEAR_BITMAPS != 0 {
+            if let Some(b) = self.bitmaps() {
+                check_bitmaps_extension(b)?;
+                check_table(
+                    "bitmap directory",
+                    b.directory_offset,
+                    b.directory_size,
+                    &geo,
+                    file_len,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The part of [`Header::validate_layout`] about the snapshot table: at most 65536
+    /// snapshots, an aligned table whose entries' fixed parts lie inside the file.
+    pub fn validate_snapshot_table(&self, file_len: u64) -> Result<()> {
+        let geo = ClusterGeometry::new(self.cluster_bits, self.extended_l2())?;
         // Snapshot table: at least 40 bytes per entry.
         if self.nb_snapshots > limits::MAX_SNAPSHOTS {
             return Err(FormatError::TooLarge {
@@ -338,19 +365,6 @@ impl Header {
             )?;
         }
 
-        // Bitmaps, when the extension is declared consistent.
-        if self.autoclear_features & AUTOCLEAR_BITMAPS != 0 {
-            if let Some(b) = self.bitmaps() {
-                check_bitmaps_extension(b)?;
-                check_table(
-                    "bitmap directory",
-                    b.directory_offset,
-                    b.directory_size,
-                    &geo,
-                    file_len,
-                )?;
-            }
-        }
         Ok(())
     }
 

@@ -51,14 +51,64 @@ impl Snapshot {
         let name_len = usize::from(u16_at(fixed, 14));
         let extra = u32_at(fixed, 36);
         if extra > MAX_SNAPSHOT_EXTRA_DATA {
-            return Err(FormatError::BadSnapshot {
+            return Err(FormatError::SnapshotExtraData {
                 index,
-                reason: format!(
-                    "extra data size {extra} exceeds the limit of {MAX_SNAPSHOT_EXTRA_DATA}"
-                ),
+                size: extra,
+                limit: MAX_SNAPSHOT_EXTRA_DATA,
             });
         }
         Ok(Self::FIXED_LEN + extra as usize + id_len + name_len)
+    }
+
+    /// The lengths an entry's fixed part (at least [`Snapshot::FIXED_LEN`] bytes) declares,
+    /// without any limit applied: `(id, name, extra data)`. For a checker that repairs what
+    /// [`Snapshot::entry_len`] refuses.
+    pub fn declared_lengths(fixed: &[u8]) -> Result<(u16, u16, u32)> {
+        if fixed.len() < Self::FIXED_LEN {
+            return Err(FormatError::Truncated {
+                what: "snapshot table entry",
+                need: Self::FIXED_LEN as u64,
+                have: fixed.len() as u64,
+            });
+        }
+        Ok((u16_at(fixed, 12), u16_at(fixed, 14), u32_at(fixed, 36)))
+    }
+
+    /// Parses one entry from its parts: the fixed part, the extra data *as kept* (its length
+    /// replaces the declared one, as after QEMU's repair cuts extra data down to 1 KiB), the
+    /// id and the name bytes. `index` is only used in error messages.
+    pub fn parse_parts(
+        fixed: &[u8],
+        extra: &[u8],
+        id: &[u8],
+        name: &[u8],
+        index: usize,
+    ) -> Result<Snapshot> {
+        let bad = |reason: String| FormatError::BadSnapshot { index, reason };
+        let fixed = fixed.get(..Self::FIXED_LEN).ok_or(FormatError::Truncated {
+            what: "snapshot table entry",
+            need: Self::FIXED_LEN as u64,
+            have: fixed.len() as u64,
+        })?;
+        let extra_len =
+            u32::try_from(extra.len()).map_err(|_| bad("extra data too large".into()))?;
+        let id_len = u16::try_from(id.len()).map_err(|_| bad("id too long".into()))?;
+        let name_len = u16::try_from(name.len()).map_err(|_| bad("name too long".into()))?;
+        let mut buf = fixed.to_vec();
+        buf[12..14].copy_from_slice(&id_len.to_be_bytes());
+        buf[14..16].copy_from_slice(&name_len.to_be_bytes());
+        buf[36..40].copy_from_slice(&extra_len.to_be_bytes());
+        buf.extend_from_slice(extra);
+        buf.extend_from_slice(id);
+        buf.extend_from_slice(name);
+        let mut list = Self::parse_table(&buf, 1).map_err(|e| match e {
+            FormatError::BadSnapshot { reason, .. } => bad(reason),
+            FormatError::SnapshotExtraData { size, limit, .. } => {
+                FormatError::SnapshotExtraData { index, size, limit }
+            }
+            other => other,
+        })?;
+        list.pop().ok_or_else(|| bad("empty entry".into()))
     }
 
     /// Parses `count` entries from the table bytes. Bounds every length by the buffer; the

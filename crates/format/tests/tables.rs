@@ -39,6 +39,46 @@ fn qemu_snapshot_table() {
 }
 
 #[test]
+fn snapshot_entry_from_repaired_parts() {
+    let bytes = hex(QEMU_SNAP_TABLE);
+    let t = Snapshot::parse_table(&bytes, 2).unwrap();
+    // The declared lengths, without QEMU's limit on extra data.
+    let mut big = bytes[72..112].to_vec();
+    big[36..40].copy_from_slice(&5000u32.to_be_bytes());
+    assert_eq!(Snapshot::declared_lengths(&big), Ok((1, 6, 5000)));
+    assert!(matches!(
+        Snapshot::entry_len(&big, 1),
+        Err(FormatError::SnapshotExtraData {
+            index: 1,
+            size: 5000,
+            limit: 1024
+        })
+    ));
+    assert!(matches!(
+        Snapshot::declared_lengths(&big[..39]),
+        Err(FormatError::Truncated { .. })
+    ));
+    // Rebuilt from its parts, with the extra data as kept: the same entry.
+    let extra = &bytes[112..136];
+    let s = Snapshot::parse_parts(&big, extra, b"2", b"second", 1).unwrap();
+    assert_eq!(s, t[1]);
+    // Cut to 1 KiB, unknown bytes kept.
+    let mut kept = extra.to_vec();
+    kept.resize(1024, 0xab);
+    let s = Snapshot::parse_parts(&big, &kept, b"2", b"", 1).unwrap();
+    assert_eq!((s.extra_data.len(), s.name.as_str()), (1024, ""));
+    assert_eq!(s.disk_size, t[1].disk_size);
+    assert!(matches!(
+        Snapshot::parse_parts(&big, &vec![0; 1025], b"2", b"x", 1),
+        Err(FormatError::SnapshotExtraData { index: 1, .. })
+    ));
+    assert!(matches!(
+        Snapshot::parse_parts(&big, extra, b"\xff", b"x", 1),
+        Err(FormatError::BadSnapshot { index: 1, .. })
+    ));
+}
+
+#[test]
 fn snapshot_table_errors() {
     let bytes = hex(QEMU_SNAP_TABLE);
     // Truncated anywhere.
@@ -71,14 +111,14 @@ fn snapshot_table_errors() {
     put_u32(&mut b, 36, 1025);
     assert!(matches!(
         Snapshot::parse_table(&b, 2),
-        Err(FormatError::BadSnapshot { index: 0, .. })
+        Err(FormatError::SnapshotExtraData { index: 0, .. })
     ));
     // A huge extra data size in the second entry.
     let mut b = bytes.clone();
     put_u32(&mut b, 72 + 36, u32::MAX);
     assert!(matches!(
         Snapshot::parse_table(&b, 2),
-        Err(FormatError::BadSnapshot { index: 1, .. })
+        Err(FormatError::SnapshotExtraData { index: 1, .. })
     ));
     // A name running past the buffer.
     let mut b = bytes.clone();

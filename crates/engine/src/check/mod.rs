@@ -66,6 +66,7 @@ mod imrt;
 mod overlap;
 mod refcounts;
 mod repair;
+mod snapshots;
 mod walk;
 
 /// What [`Image::repair`] may change (`qemu-img check -r leaks` / `-r all`).
@@ -235,11 +236,15 @@ pub(crate) async fn check<B: Backend>(img: Subject<'_, B>) -> Result<CheckReport
 }
 
 /// Checks and repairs `img` as `qemu-img check -r` does (`mode`), then checks it again if
-/// anything was fixed. The caller keeps every other user of the image out meanwhile.
-pub(crate) async fn repair<B: Backend>(
+/// anything was fixed: the first pass, up to the point where QEMU rewrites the snapshot table
+/// (`qcow2_check_fix_snapshot_table`). That needs an allocator, which the caller brings
+/// ([`FirstPass::snapshot_rewrite`], [`FirstPass::snapshot_table_rewritten`]);
+/// [`FirstPass::finish`] then completes the pass and checks the image again. The caller keeps
+/// every other user of the image out meanwhile.
+pub(crate) async fn repair_first<B: Backend>(
     img: Subject<'_, B>,
     mode: RepairMode,
-) -> Result<CheckReport> {
+) -> Result<FirstPass<'_, B>> {
     let fix = match mode {
         RepairMode::Leaks => Fix {
             leaks: true,
@@ -253,27 +258,91 @@ pub(crate) async fn repair<B: Backend>(
     let mut first = Checker::new(img).await?;
     first.writable = true;
     first.run(fix).await;
-    let signaled = first.corruption_signaled;
-    let first = first.into_report();
-    if first.failure.is_some() || !first.repaired() {
-        return Ok(first);
+    Ok(FirstPass {
+        checker: first,
+        fix,
+    })
+}
+
+/// A repair's first pass that may wait for its snapshot table to be rewritten.
+pub(crate) struct FirstPass<'a, B> {
+    checker: Checker<'a, B>,
+    fix: Fix,
+}
+
+/// What a snapshot table rewrite needs: the header as the repair left it on disk, the
+/// snapshots to keep, and the extent of the old table (offset, bytes) to free.
+pub(crate) struct SnapshotRewrite {
+    pub(crate) header: Header,
+    pub(crate) snapshots: Vec<Snapshot>,
+    pub(crate) old: (u64, u64),
+}
+
+impl<B: Backend> FirstPass<'_, B> {
+    /// The snapshot table rewrite the pass waits for, if any.
+    pub(crate) fn snapshot_rewrite(&self) -> Option<SnapshotRewrite> {
+        let c = &self.checker;
+        if c.snapshot_rewrite == 0 || c.failure.is_some() {
+            return None;
+        }
+        Some(SnapshotRewrite {
+            header: c.header.clone(),
+            snapshots: c.snapshots.clone().unwrap_or_default(),
+            old: (c.header.snapshots_offset, c.snapshots_size),
+        })
     }
-    let mut second = Checker::new(img).await?;
-    second.writable = true;
-    second.corruption_signaled = signaled;
-    second.run(Fix::NONE).await;
-    let mut report = second.into_report();
-    report.leaks_fixed = first.leaks_fixed;
-    report.corruptions_fixed = first.corruptions_fixed;
-    let mut messages = first.messages;
-    messages.append(&mut report.messages);
-    report.messages_suppressed += first.messages_suppressed;
-    if messages.len() > MAX_MESSAGES {
-        report.messages_suppressed += (messages.len() - MAX_MESSAGES) as u64;
-        messages.truncate(MAX_MESSAGES);
+
+    /// Records how the rewrite went (QEMU: "ERROR failed to update snapshot table"); the
+    /// header it wrote is re-read by the next pass.
+    pub(crate) fn snapshot_table_rewritten(&mut self, outcome: Result<()>) {
+        let c = &mut self.checker;
+        let n = std::mem::take(&mut c.snapshot_rewrite);
+        match outcome {
+            Ok(()) => {
+                c.res.corruptions -= n;
+                c.res.corruptions_fixed += n;
+            }
+            Err(e) => {
+                c.res.check_errors += 1;
+                msg!(c, "ERROR failed to update snapshot table: {e}");
+                c.failure = Some(e.to_string());
+            }
+        }
     }
-    report.messages = messages;
-    Ok(report)
+
+    /// Completes the pass and, when it fixed anything, checks the image again.
+    pub(crate) async fn finish(self) -> Result<CheckReport> {
+        let FirstPass { mut checker, fix } = self;
+        let img = checker.img;
+        if checker.snapshot_rewrite > 0 {
+            // Nobody rewrote the table: its problems stay counted, and unrepairable here.
+            checker.res.unrepairable += std::mem::take(&mut checker.snapshot_rewrite);
+        }
+        if checker.failure.is_none() {
+            checker.finish(fix).await;
+        }
+        let signaled = checker.corruption_signaled;
+        let first = checker.into_report();
+        if first.failure.is_some() || !first.repaired() {
+            return Ok(first);
+        }
+        let mut second = Checker::new(img).await?;
+        second.writable = true;
+        second.corruption_signaled = signaled;
+        second.run(Fix::NONE).await;
+        let mut report = second.into_report();
+        report.leaks_fixed = first.leaks_fixed;
+        report.corruptions_fixed = first.corruptions_fixed;
+        let mut messages = first.messages;
+        messages.append(&mut report.messages);
+        report.messages_suppressed += first.messages_suppressed;
+        if messages.len() > MAX_MESSAGES {
+            report.messages_suppressed += (messages.len() - MAX_MESSAGES) as u64;
+            messages.truncate(MAX_MESSAGES);
+        }
+        report.messages = messages;
+        Ok(report)
+    }
 }
 
 /// Which categories a pass may fix (QEMU's `BdrvCheckMode`).
@@ -396,7 +465,13 @@ struct Checker<'a, B> {
     dirty: BTreeSet<u64>,
     /// The active L1 table (QEMU's in-memory copy, used for the COPIED check).
     l1: Vec<L1Entry>,
+    /// The snapshot table as read by the pass (empty until then).
     snapshots: std::result::Result<Vec<Snapshot>, String>,
+    /// The table's bytes on disk, up to the end of the last snapshot kept.
+    snapshots_size: u64,
+    /// Corruptions of the snapshot table that a rewrite of it fixes, when a repair pass
+    /// left that rewrite to its caller ([`FirstPass`]).
+    snapshot_rewrite: u64,
     res: Counts,
     messages: Vec<String>,
     messages_suppressed: u64,
@@ -429,7 +504,9 @@ impl<'a, B: Backend> Checker<'a, B> {
             source,
         };
         let header = Header::parse(&raw).map_err(format_err)?;
-        header.validate_layout(file_len).map_err(format_err)?;
+        header
+            .validate_layout_but_snapshots(file_len)
+            .map_err(format_err)?;
         let rt_bytes = u64::from(header.refcount_table_clusters) * cs;
         let raw = read_bytes(
             img.files.image(),
@@ -451,19 +528,6 @@ impl<'a, B: Backend> Checker<'a, B> {
         let l1 = (0..l1_raw.len() / 8)
             .map(|i| L1Entry::read(&l1_raw, i))
             .collect();
-        let snapshots =
-            crate::meta::load::read_snapshot_table(img.files.image(), img.header, file_len)
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| {
-                    r.map_err(|source| {
-                        Error::Format {
-                            path: img.files.path().to_path_buf(),
-                            source,
-                        }
-                        .to_string()
-                    })
-                });
         Ok(Self {
             img,
             geo,
@@ -476,7 +540,9 @@ impl<'a, B: Backend> Checker<'a, B> {
             blocks: HashMap::new(),
             dirty: BTreeSet::new(),
             l1,
-            snapshots,
+            snapshots: Ok(Vec::new()),
+            snapshots_size: 0,
+            snapshot_rewrite: 0,
             res: Counts::default(),
             messages: Vec::new(),
             messages_suppressed: 0,
@@ -566,15 +632,4 @@ impl<'a, B: Backend> Checker<'a, B> {
 
     // ---------------------------------------------------------------------------------------
     // Header, writes, overlaps
-}
-
-/// Bytes of the snapshot table as QEMU counts them: every entry padded to 8 bytes except the
-/// last one.
-fn snapshot_table_size(snapshots: &[Snapshot]) -> u64 {
-    let mut size = 0u64;
-    for s in snapshots {
-        size = size.div_ceil(8) * 8;
-        size += (Snapshot::FIXED_LEN + s.extra_data.len() + s.id.len() + s.name.len()) as u64;
-    }
-    size
 }

@@ -75,7 +75,7 @@ impl<B: Backend> Checker<'_, B> {
             return Some("refcount table");
         }
         let snapshots = self.snapshots.as_deref().unwrap_or_default();
-        if hit(h.snapshots_offset, snapshot_table_size(snapshots)) {
+        if hit(h.snapshots_offset, self.snapshots_size) {
             return Some("snapshot table");
         }
         if snapshots

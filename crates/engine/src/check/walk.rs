@@ -5,37 +5,34 @@ use super::*;
 
 impl<B: Backend> Checker<'_, B> {
     pub(super) async fn run(&mut self, fix: Fix) {
-        // Snapshot table problems (qcow2_check_read_snapshot_table).
-        let mut snapshot_corruptions = 0;
-        match &self.snapshots {
-            Err(e) => {
-                let e = e.clone();
-                self.res.check_errors += 1;
-                msg!(self, "ERROR failed to read the snapshot table: {e}");
-                self.failure = Some(EINVAL.into());
+        // The snapshot table (qcow2_check_read_snapshot_table).
+        let rewrite = match self.read_snapshot_table(fix).await {
+            Ok(n) => n,
+            Err(Abort(why)) => {
+                self.failure = Some(why);
                 return;
             }
-            Ok(list) if self.header.version >= 3 => {
-                let incomplete: Vec<usize> = list
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, s)| s.extra_data.len() < 16)
-                    .map(|(i, _)| i)
-                    .collect();
-                for i in incomplete {
-                    // Rewriting the snapshot table needs the allocator: not repaired here.
-                    msg!(self, "ERROR snapshot table entry {i} is incomplete");
-                    snapshot_corruptions += 1;
-                }
-            }
-            Ok(_) => {}
-        }
+        };
         if let Err(Abort(why)) = self.check_refcounts(fix).await {
             self.failure = Some(why);
             return;
         }
-        self.res.corruptions += snapshot_corruptions;
-        self.res.unrepairable += snapshot_corruptions;
+        self.res.corruptions += rewrite;
+        if !fix.errors {
+            // Only a repair rewrites the table; a dirty image's open does not.
+            self.res.unrepairable += rewrite;
+        } else if rewrite > 0 {
+            // qcow2_check_fix_snapshot_table: the table is rewritten with an allocator
+            // (`Image::repair`), then `finish` completes the pass.
+            self.snapshot_rewrite = rewrite;
+            return;
+        }
+        self.finish(fix).await;
+    }
+
+    /// The end of a pass: the dirty and corrupt bits cleared after a repair that left no
+    /// corruption.
+    pub(super) async fn finish(&mut self, fix: Fix) {
         if fix.any() && self.res.check_errors == 0 && self.res.corruptions == 0 {
             if let Err(Abort(why)) = self.mark_clean_and_consistent().await {
                 self.failure = Some(why);
@@ -248,7 +245,7 @@ impl<B: Backend> Checker<'_, B> {
             self.check_l1(imrt, sn.l1_table_offset, sn.l1_size, false, fix, false)
                 .await?;
         }
-        let table_size = snapshot_table_size(&snapshots);
+        let table_size = self.snapshots_size;
         self.inc_meta(
             imrt,
             Role::SnapshotTable,

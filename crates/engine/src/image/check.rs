@@ -55,9 +55,53 @@ impl<O: Opener> Image<O> {
             return Err(Error::ReadOnly);
         }
         // Keep the engine's own request paths out while the metadata changes underneath.
-        let meta = self.meta.lock().await;
+        let mut meta = self.meta.lock().await;
         let header = meta.header.clone();
-        crate::check::repair(self.check_subject(&header), mode).await
+        let mut first = crate::check::repair_first(self.check_subject(&header), mode).await?;
+        if let Some(rewrite) = first.snapshot_rewrite() {
+            let outcome = self.rewrite_snapshot_table(&mut meta, rewrite).await;
+            first.snapshot_table_rewritten(outcome);
+        }
+        first.finish().await
+    }
+
+    /// Rewrites the snapshot table for a repair (`qcow2_check_fix_snapshot_table`) with the
+    /// snapshot module's writer, over refcounts loaded from the repaired file: the new table
+    /// in new clusters, durable, then the header, then the old table freed. The image stays
+    /// read-only for everything else (the allocator is dropped again).
+    async fn rewrite_snapshot_table(
+        &self,
+        meta: &mut crate::meta::Meta,
+        rewrite: crate::check::SnapshotRewrite,
+    ) -> Result<()> {
+        let file_len = self
+            .files
+            .image()
+            .len()
+            .await
+            .map_err(|e| Error::io(format!("{}: size", self.path().display()), e))?;
+        let alloc = crate::meta::load::load_allocator(
+            self.files.image(),
+            &rewrite.header,
+            self.path(),
+            file_len,
+        )
+        .await?;
+        let saved = std::mem::replace(&mut meta.header, rewrite.header);
+        meta.alloc = Some(alloc);
+        let store = self.store();
+        let outcome = match store
+            .replace_snapshot_table(meta, &rewrite.snapshots, rewrite.old)
+            .await
+        {
+            Ok(()) => store.write_back_mode(meta, true).await,
+            Err(e) => Err(e),
+        };
+        meta.alloc = None;
+        meta.header = saved;
+        // The old table's clusters are discarded, as QEMU discards them.
+        self.punch(outcome?).await;
+        Ok(())
     }
 
     /// Opens an image for [`Image::repair`]: validated and opened like a read-only image

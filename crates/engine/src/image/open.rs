@@ -54,12 +54,17 @@ impl<O: Opener> Image<O> {
         }
         let (file, file_len) = open_file(opener, path, options, role, FileRole::Qcow2).await?;
         let header = load::read_header(&file, path, file_len).await?;
-        header
-            .validate_layout(file_len)
-            .map_err(|source| Error::Format {
-                path: path.into(),
-                source,
-            })?;
+        // A read-only open leaves the snapshot table to what reads it (as QEMU's open for
+        // `qemu-img check`, which repairs an oversized table); a writer needs it sound.
+        let layout = if options.read_only {
+            header.validate_layout_but_snapshots(file_len)
+        } else {
+            header.validate_layout(file_len)
+        };
+        layout.map_err(|source| Error::Format {
+            path: path.into(),
+            source,
+        })?;
         let read_only = options.read_only;
         if !read_only && header.is_corrupt() {
             return Err(Error::MarkedCorrupt(path.into()));
@@ -77,7 +82,7 @@ impl<O: Opener> Image<O> {
         let (metadata, alloc, compressed_tails) = if read_only {
             (MetadataClusters::default(), None, Default::default())
         } else {
-            let metadata = load::metadata_clusters(&file, &header, &l1).await?;
+            let metadata = load::metadata_clusters(&file, path, &header, &l1).await?;
             let alloc = load::load_allocator(&file, &header, path, file_len).await?;
             let tails = crate::meta::verify::references(
                 &file,

@@ -104,6 +104,7 @@ pub(crate) async fn load_allocator<B: Backend>(
 /// The metadata map of a read-write image (see [`MetadataClusters`]).
 pub(crate) async fn metadata_clusters<B: Backend>(
     file: &B,
+    path: &Path,
     header: &Header,
     l1: &[L1Entry],
 ) -> Result<MetadataClusters> {
@@ -116,15 +117,32 @@ pub(crate) async fn metadata_clusters<B: Backend>(
             m.l2.insert(off.0 >> geo.cluster_bits());
         }
     }
-    // The snapshot table's extent and the snapshots' L1 tables (a broken table is reported
-    // by the reads that need it; the guard works without it).
+    // The snapshot table's extent and the snapshots' L1 tables. A table over QEMU's limits
+    // (too many snapshots, too large, too much extra data) is refused, as QEMU's open
+    // refuses it and `qemu-img check -r all` repairs it: nothing is written to such an image.
+    // Other breakage (QEMU reads on) is reported by the reads that need the table; the
+    // guard works without it.
     let file_len = file.len().await.unwrap_or(0);
-    if let Ok(snaps) = read_snapshot_table(file, header, file_len).await? {
-        let len: u64 = snaps.iter().map(|s| s.serialized_len() as u64).sum();
-        m.add_range(&geo, header.snapshots_offset, len);
-        for s in snaps {
-            m.add_range(&geo, s.l1_table_offset, u64::from(s.l1_size) * 8);
+    match read_snapshot_table(file, header, file_len).await? {
+        Ok(snaps) => {
+            let len: u64 = snaps.iter().map(|s| s.serialized_len() as u64).sum();
+            m.add_range(&geo, header.snapshots_offset, len);
+            for s in snaps {
+                let len = u64::from(s.l1_size) * 8;
+                if geo.is_aligned(s.l1_table_offset) && len <= qcow2_format::limits::MAX_L1_BYTES {
+                    m.add_range(&geo, s.l1_table_offset, len);
+                } else {
+                    m.add_claimed_range(&geo, s.l1_table_offset, len);
+                }
+            }
         }
+        Err(source @ (FormatError::TooLarge { .. } | FormatError::SnapshotExtraData { .. })) => {
+            return Err(Error::Format {
+                path: path.into(),
+                source,
+            })
+        }
+        Err(_) => {}
     }
     // The bitmap directory is added by `tracking::Ctx::load_bitmaps`, once checked against
     // the rest.

@@ -101,6 +101,10 @@ pub(crate) struct MetadataClusters {
     ranges: Vec<(u64, u64)>,
     /// L2 tables of the active L1.
     pub(crate) l2: std::collections::HashSet<u64>,
+    /// Ranges an invalid entry claims (a snapshot's L1 table that is unaligned or larger than
+    /// QEMU allows): guarded as QEMU guards them, but not verified at open, since QEMU opens
+    /// such an image (`qemu-img check` reports the entry).
+    claimed: Vec<(u64, u64)>,
 }
 
 impl MetadataClusters {
@@ -123,9 +127,23 @@ impl MetadataClusters {
         }
     }
 
+    /// Adds a range an invalid entry claims (see `claimed`): [`MetadataClusters::contains`]
+    /// reports it, [`MetadataClusters::clusters`] does not.
+    pub(crate) fn add_claimed_range(&mut self, geo: &ClusterGeometry, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = offset >> geo.cluster_bits();
+        let end = (offset.saturating_add(len)).div_ceil(geo.cluster_size());
+        self.claimed.push((first, end));
+    }
+
     /// Whether cluster `c` holds metadata.
     pub(crate) fn contains(&self, c: u64) -> bool {
-        self.l2.contains(&c) || self.ranges.iter().any(|&(s, e)| (s..e).contains(&c))
+        self.l2.contains(&c)
+            || (self.ranges.iter())
+                .chain(&self.claimed)
+                .any(|&(s, e)| (s..e).contains(&c))
     }
 
     /// Every cluster holding metadata (a range's clusters once each time it is listed).

@@ -71,6 +71,20 @@ impl<B: Backend> Store<'_, B> {
         meta: &mut Meta,
         snapshots: &[Snapshot],
     ) -> Result<()> {
+        let old_list = self.snapshot_table(meta).await?;
+        let old_len: u64 = old_list.iter().map(|s| s.serialized_len() as u64).sum();
+        let old = (meta.header.snapshots_offset, old_len);
+        self.replace_snapshot_table(meta, snapshots, old).await
+    }
+
+    /// [`Store::write_snapshot_table`] with the old table's extent (offset, bytes) given:
+    /// for a repair, whose old table may not parse.
+    pub(crate) async fn replace_snapshot_table(
+        &self,
+        meta: &mut Meta,
+        snapshots: &[Snapshot],
+        old: (u64, u64),
+    ) -> Result<()> {
         let geo = self.geo;
         let bytes = Snapshot::try_serialize_table(snapshots)
             .map_err(|e| self.corrupt_err(format!("the snapshot table: {e}")))?;
@@ -88,10 +102,6 @@ impl<B: Backend> Store<'_, B> {
         self.write_refcounts(meta).await?;
         meta.barrier_owed = true;
         self.barrier(meta).await?;
-        let old = (
-            meta.header.snapshots_offset,
-            self.snapshot_table(meta).await?,
-        );
         let mut header = meta.header.clone();
         header.nb_snapshots = u32::try_from(snapshots.len()).expect("checked by serialize");
         header.snapshots_offset = offset;
@@ -99,7 +109,7 @@ impl<B: Backend> Store<'_, B> {
         meta.barrier_owed = true;
         self.barrier(meta).await?;
         meta.header = header;
-        let old_len: u64 = old.1.iter().map(|s| s.serialized_len() as u64).sum();
+        let old_len = old.1;
         if old_len > 0 {
             meta.metadata.remove_range(&geo, old.0, old_len);
             let alloc = meta.alloc.as_mut().ok_or(Error::ReadOnly)?;
