@@ -254,3 +254,60 @@ fn qemu_io_cache_modes() {
     let (theirs, ours) = p.both("qemu-io", &["-t", "bogus", "-c", "flush", "t.qcow2"]);
     assert_eq!(ours.code, theirs.code);
 }
+
+#[test]
+fn qemu_io_map_and_alloc() {
+    let p = Pair::new();
+    // A backing file with data, and a top layer with data, zeros and nothing.
+    for d in [&p.theirs, &p.ours] {
+        let dir = d.path();
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            path_str(&dir.join("base.qcow2")),
+            "4M",
+        ]);
+        qcow2_tests::qemu_io(
+            "qcow2",
+            &dir.join("base.qcow2"),
+            &["write 0 128k", "write 3M 1k"],
+        );
+        let top = dir.join("top.qcow2");
+        let base = dir.join("base.qcow2");
+        let args = ["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"];
+        qemu_img(&[&args[..], &[path_str(&base), path_str(&top)]].concat());
+        qcow2_tests::qemu_io("qcow2", &top, &["write 64k 64k", "write -z 1M 64k"]);
+    }
+    for image in ["top.qcow2", "base.qcow2"] {
+        let r = p.same(
+            "qemu-io",
+            &[
+                "-c",
+                "map",
+                "-c",
+                "alloc 0",
+                "-c",
+                "alloc 0 256k",
+                "-c",
+                "a 1M 128k",
+                "-c",
+                "alloc 1000",
+                "-c",
+                "alloc 3M 2M",
+                "-c",
+                "alloc 4M",
+                "-c",
+                "alloc",
+                image,
+            ],
+        );
+        assert!(
+            r.stdout
+                .iter()
+                .any(|l| l.contains("    allocated at offset")),
+            "{r:?}"
+        );
+    }
+}

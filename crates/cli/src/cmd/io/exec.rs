@@ -211,6 +211,8 @@ impl<O: Opener> Session<O> {
                 out(&format!("{}\n", report::cvtstr(self.disk.size() as f64)));
                 true
             }
+            Cmd::Map => self.map().await,
+            Cmd::Alloc { offset, count } => self.alloc(offset, count).await,
             Cmd::Inject(line) => {
                 out(&format!("{line}\n"));
                 true
@@ -279,6 +281,65 @@ impl<O: Opener> Session<O> {
                 false
             }
         }
+    }
+
+    /// qemu-io's `map`: the runs the top layer allocates (as data or zeros), and the others.
+    async fn map(&self) -> bool {
+        let size = self.disk.size();
+        let entries = match self.disk.map(0, size).await {
+            Ok(e) => e,
+            Err(e) => {
+                out(&format!(
+                    "Failed to get allocation status: {}\n",
+                    strerror(&e)
+                ));
+                return false;
+            }
+        };
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        for e in entries {
+            let allocated = e.present && e.depth == 0;
+            match runs.last_mut() {
+                Some(last) if last.2 == allocated => last.1 += e.length,
+                _ => runs.push((e.start, e.length, allocated)),
+            }
+        }
+        for (start, len, allocated) in runs {
+            out(&format!(
+                "{} ({len:#x}) bytes {} at offset {} ({start:#x})\n",
+                report::cvtstr(len as f64),
+                if allocated {
+                    "    allocated"
+                } else {
+                    "not allocated"
+                },
+                report::cvtstr(start as f64),
+            ));
+        }
+        true
+    }
+
+    /// qemu-io's `alloc`: how many of `count` bytes at `offset` the top layer allocates (as
+    /// data or zeros); the count stops at the end of the disk.
+    async fn alloc(&self, offset: u64, count: u64) -> bool {
+        let count = count.min(self.disk.size().saturating_sub(offset));
+        let entries = match self.disk.map(offset, count).await {
+            Ok(e) => e,
+            Err(e) => {
+                out(&format!("alloc failed: {}\n", strerror(&e)));
+                return false;
+            }
+        };
+        let allocated: u64 = entries
+            .iter()
+            .filter(|e| e.present && e.depth == 0)
+            .map(|e| e.length)
+            .sum();
+        out(&format!(
+            "{allocated}/{count} bytes allocated at offset {}\n",
+            report::cvtstr(offset as f64)
+        ));
+        true
     }
 
     /// Flushes the image (nothing to do when it is read-only, or with cache mode `unsafe`).

@@ -48,6 +48,15 @@ pub enum Cmd {
     AioFlush,
     /// `length` (alias `l`): prints the disk size.
     Length,
+    /// `map`: the allocated and unallocated runs of the whole chain.
+    Map,
+    /// `alloc` (alias `a`): how much of `count` bytes at `offset` the top layer allocates.
+    Alloc {
+        /// Guest offset.
+        offset: u64,
+        /// Bytes to look at (512 when not given).
+        count: u64,
+    },
     /// `aio_read -i` / `aio_write -i`: prints this line and does nothing (qemu-io only counts
     /// an invalid request in its statistics).
     Inject(&'static str),
@@ -279,8 +288,26 @@ const LENGTH: Spec = Spec {
     write: false,
 };
 
-const COMMANDS: [&Spec; 10] = [
+const MAP: Spec = Spec {
+    name: "map",
+    alias: None,
+    argmin: 0,
+    argmax: Some(0),
+    usage: "map -- prints the allocated areas of a file",
+    write: false,
+};
+const ALLOC: Spec = Spec {
+    name: "alloc",
+    alias: Some("a"),
+    argmin: 1,
+    argmax: Some(2),
+    usage: "alloc offset [count] -- checks if offset is allocated in the file",
+    write: false,
+};
+
+const COMMANDS: [&Spec; 12] = [
     &READ, &READV, &WRITE, &WRITEV, &DISCARD, &FLUSH, &AIO_READ, &AIO_WRITE, &AIO_FLUSH, &LENGTH,
+    &MAP, &ALLOC,
 ];
 
 /// qemu-io's `breakline()`: split at single spaces, drop empty pieces.
@@ -326,6 +353,15 @@ pub fn parse(line: &str) -> Result<Option<Cmd>, ParseError> {
         "aio_write" => parse_aio_write(name, args)?,
         "aio_flush" => Cmd::AioFlush,
         "length" => Cmd::Length,
+        "map" => Cmd::Map,
+        "alloc" => Cmd::Alloc {
+            offset: numbers::cvt(args[0])?,
+            count: args
+                .get(1)
+                .map(|a| numbers::cvt(a))
+                .transpose()?
+                .unwrap_or(512),
+        },
         other => unreachable!("command table entry {other} without a parser"),
     };
     Ok(Some(cmd))
