@@ -311,3 +311,26 @@ fn qemu_io_map_and_alloc() {
         );
     }
 }
+
+#[test]
+fn qemu_img_compare_quiet_and_strict() {
+    let p = Pair::new();
+    for d in [&p.theirs, &p.ours] {
+        let other = d.path().join("u.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", path_str(&other), "2M"]);
+        qcow2_tests::qemu_io("qcow2", &other, &["write 1536k 4k"]);
+    }
+    for args in [
+        &["compare", "t.qcow2", "u.qcow2"][..],
+        &["compare", "-q", "t.qcow2", "u.qcow2"],
+        &["compare", "-s", "t.qcow2", "u.qcow2"],
+        &["compare", "-q", "-s", "t.qcow2", "u.qcow2"],
+        &["compare", "-q", "t.qcow2", "t.qcow2"],
+        &[
+            "compare", "-q", "-f", "qcow2", "-F", "qcow2", "t.qcow2", "t.qcow2",
+        ],
+        &["compare", "-q", "t.qcow2", "missing.qcow2"],
+    ] {
+        p.same("qemu-img", args);
+    }
+}

@@ -24,6 +24,9 @@ pub struct CompareArgs {
     /// Strict mode: images of different sizes differ.
     #[arg(short = 's')]
     strict: bool,
+    /// Quiet: nothing on standard output (the exit status says it; errors still print).
+    #[arg(short = 'q')]
+    quiet: bool,
     /// Open in shared mode (qemu-img's -U): coexist with writers of the images.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
@@ -43,16 +46,21 @@ pub async fn run(args: CompareArgs) -> ExitCode {
 
 /// Compares the images; the exit code (0 identical, 1 different).
 async fn compare(args: &CompareArgs) -> Result<u8> {
+    let say = |line: String| {
+        if !args.quiet {
+            println!("{line}");
+        }
+    };
     let (a, b) = (args.a.as_path(), args.b.as_path());
     let da = open_disk(a, args.format_a.as_deref(), args.force_share).await?;
     let db = open_disk(b, args.format_b.as_deref(), args.force_share).await?;
     let (sa, sb) = (da.size(), db.size());
     if sa != sb {
         if args.strict {
-            println!("Strict mode: Image size mismatch!");
+            say("Strict mode: Image size mismatch!".into());
             return Ok(1);
         }
-        println!("Warning: Image size mismatch!");
+        say("Warning: Image size mismatch!".into());
     }
     let common = sa.min(sb);
     let mut off = 0;
@@ -61,10 +69,10 @@ async fn compare(args: &CompareArgs) -> Result<u8> {
         let x = read(&da, a, off, n).await?;
         let y = read(&db, b, off, n).await?;
         if let Some(i) = x.iter().zip(y.iter()).position(|(p, q)| p != q) {
-            println!(
+            say(format!(
                 "Content mismatch at offset {}!",
                 off + i as u64 / SECTOR * SECTOR
-            );
+            ));
             return Ok(1);
         }
         off += n as u64;
@@ -74,15 +82,15 @@ async fn compare(args: &CompareArgs) -> Result<u8> {
         let n = CHUNK.min((longer.size() - off) as usize);
         let x = read(longer, path, off, n).await?;
         if let Some(i) = x.iter().position(|&p| p != 0) {
-            println!(
+            say(format!(
                 "Content mismatch at offset {}!",
                 off + i as u64 / SECTOR * SECTOR
-            );
+            ));
             return Ok(1);
         }
         off += n as u64;
     }
-    println!("Images are identical.");
+    say("Images are identical.".into());
     Ok(0)
 }
 
