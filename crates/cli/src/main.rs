@@ -15,7 +15,8 @@ mod util;
 
 use clap::{Parser, Subcommand};
 use cmd::{
-    amend, bench, bitmap, check, compare, convert, create, info, io, map, measure, resize, snapshot,
+    amend, bench, bitmap, check, compare, convert, create, info, io, map, measure, rebase, resize,
+    snapshot,
 };
 use std::process::ExitCode;
 
@@ -47,6 +48,8 @@ enum Command {
     Check(check::CheckArgs),
     /// Compare the contents of two images.
     Compare(compare::CompareArgs),
+    /// Change an image's backing file, keeping what it reads (qemu-img rebase).
+    Rebase(rebase::RebaseArgs),
     /// Grow or shrink an image's virtual disk (qemu-img resize).
     Resize(resize::ResizeArgs),
     /// Run qemu-io commands on an image (qemu-io's syntax, output and exit status).
@@ -129,6 +132,7 @@ fn main() -> ExitCode {
             Command::Convert(args) => convert::run(args).await,
             Command::Check(args) => check::run(args).await,
             Command::Compare(args) => compare::run(args).await,
+            Command::Rebase(args) => rebase::run(args).await,
             Command::Resize(args) => resize::run(args).await,
             Command::Io(_) | Command::Bench(_) => {
                 unreachable!("qimg io and bench are dispatched before the runtime starts")

@@ -3,7 +3,7 @@
 
 use anyhow::{anyhow, Result};
 use blockio::FileOpener;
-use qcow2_engine::{Disk, ImageFormat, ImageOptions};
+use qcow2_engine::{BackingChoice, Disk, ImageFormat, ImageOptions};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -23,6 +23,25 @@ pub async fn open_disk(
     format: Option<&str>,
     force_share: bool,
 ) -> Result<Disk<FileOpener>> {
+    open_read_only(path, format, force_share, BackingChoice::FromHeader).await
+}
+
+/// [`open_disk`] without its backing chain (what `qemu-img info` shows of one image needs
+/// none, and reads the header even when the backing file is gone).
+pub async fn open_disk_alone(
+    path: &Path,
+    format: Option<&str>,
+    force_share: bool,
+) -> Result<Disk<FileOpener>> {
+    open_read_only(path, format, force_share, BackingChoice::None).await
+}
+
+async fn open_read_only(
+    path: &Path,
+    format: Option<&str>,
+    force_share: bool,
+    backing: BackingChoice,
+) -> Result<Disk<FileOpener>> {
     let format = match format {
         None => None,
         Some(f) => {
@@ -33,7 +52,10 @@ pub async fn open_disk(
         FileOpener,
         path,
         format,
-        ImageOptions::new().read_only(true).force_share(force_share),
+        ImageOptions::new()
+            .read_only(true)
+            .force_share(force_share)
+            .backing(backing),
     )
     .await
     .map_err(|e| anyhow!("Could not open '{}': {e}", path.display()))?;

@@ -89,6 +89,18 @@ impl Pair {
         ours
     }
 
+    /// [`Pair::same`] but for the lines that say how much of the file system the images take
+    /// (`disk size`, `file length`): where qemu-img leaves unwritten blocks that qimg
+    /// writes, or the other way round, the contents are the same but not the blocks.
+    fn same_but_sizes(&self, program: &str, args: &[&str]) {
+        let (mut theirs, mut ours) = self.both(program, args);
+        for r in [&mut theirs, &mut ours] {
+            r.stdout
+                .retain(|l| !l.contains("disk size:") && !l.contains("file length:"));
+        }
+        assert_eq!(ours, theirs, "{program} {args:?}: ours, then QEMU's");
+    }
+
     /// The guest contents of `name` are the same in both directories.
     fn same_image(&self, name: &str) {
         let a = self.theirs.path().join(name);
@@ -333,4 +345,80 @@ fn qemu_img_compare_quiet_and_strict() {
     ] {
         p.same("qemu-img", args);
     }
+}
+
+/// Each directory: `b1.qcow2` and `b2.qcow2` with overlapping data, `top.qcow2` over `b1`
+/// with data of its own (`opts` for all three).
+fn rebase_setup(p: &Pair, opts: &str) {
+    for d in [&p.theirs, &p.ours] {
+        let dir = d.path();
+        let mk = |name: &str, backing: Option<&str>| {
+            let path = dir.join(name);
+            let mut args = vec!["create", "-q", "-f", "qcow2", "-o", opts];
+            if let Some(b) = backing {
+                args.extend(["-b", b, "-F", "qcow2"]);
+            }
+            args.extend([path_str(&path), "1M"]);
+            qemu_img(&args);
+            path
+        };
+        let b1 = mk("b1.qcow2", None);
+        let b2 = mk("b2.qcow2", None);
+        let top = mk("top.qcow2", Some("b1.qcow2"));
+        qcow2_tests::qemu_io("qcow2", &b1, &["write -P 1 0 128k", "write -P 4 900k 3k"]);
+        qcow2_tests::qemu_io("qcow2", &b2, &["write -P 2 64k 128k", "write -P 4 900k 3k"]);
+        qcow2_tests::qemu_io("qcow2", &top, &["write -P 3 512k 64k", "write -P 5 70k 1k"]);
+    }
+}
+
+#[test]
+fn qemu_img_rebase_keeps_what_the_image_reads() {
+    for opts in [
+        "cluster_size=65536",
+        "cluster_size=512",
+        "extended_l2=on,cluster_size=64k",
+    ] {
+        let p = Pair::new();
+        rebase_setup(&p, opts);
+        for args in [
+            &["rebase", "-b", "b2.qcow2", "-F", "qcow2", "top.qcow2"][..],
+            &["info", "top.qcow2"],
+            &["rebase", "-b", "", "top.qcow2"],
+            &["info", "top.qcow2"],
+        ] {
+            p.same_but_sizes("qemu-img", args);
+            p.same_image("top.qcow2");
+        }
+    }
+}
+
+#[test]
+fn qemu_img_rebase_unsafe_and_refusals() {
+    let p = Pair::new();
+    rebase_setup(&p, "cluster_size=65536");
+    for args in [
+        &["rebase", "top.qcow2"][..],
+        &["rebase", "-b", "b2.qcow2", "top.qcow2"],
+        &["rebase", "-b", "gone.qcow2", "-F", "qcow2", "top.qcow2"],
+        &[
+            "rebase",
+            "-u",
+            "-b",
+            "gone.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+        &["info", "top.qcow2"],
+        &["rebase", "-b", "b2.qcow2", "-F", "qcow2", "top.qcow2"],
+        &["rebase", "-u", "-b", "b2.qcow2", "-F", "qcow2", "top.qcow2"],
+        &["info", "top.qcow2"],
+        &["rebase", "-u", "top.qcow2"],
+        &["info", "top.qcow2"],
+    ] {
+        // qemu-img copies before it finds -F missing (the contents stay the same).
+        p.same_but_sizes("qemu-img", args);
+    }
+    // Unsafe mode changed the name only: both read what b2 and top say.
+    p.same_image("top.qcow2");
 }

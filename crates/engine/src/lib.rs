@@ -56,6 +56,7 @@ mod inflight;
 mod map;
 mod meta;
 mod options;
+mod rebase;
 mod request;
 mod snapshot;
 mod tracking;
@@ -71,7 +72,8 @@ pub use error::{
     strerror, AmendError, CompressedRefusal, Error, ReadResult, ResizeError, Result, WriteResult,
 };
 pub use image::MapEntry;
-pub use image::{Disk, Image, RawImage};
+pub use image::{resolve_backing, Disk, Image, RawImage};
 pub use map::status::{Extent, ExtentKind};
 pub use options::{BackingChoice, ImageFormat, ImageOptions, ResizeOptions, SnapshotOptions};
+pub use rebase::NewBacking;
 pub use snapshot::{SnapshotLookup, SnapshotView};

@@ -30,7 +30,7 @@ const LAYERS: &[&[&str]] = &[
     &["image"],
     &["request"],
     &["create", "amend", "snapshot"],
-    &["bitmap_edit"],
+    &["bitmap_edit", "rebase"],
 ];
 
 fn layer(module: &str) -> usize {

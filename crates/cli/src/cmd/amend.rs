@@ -36,7 +36,10 @@ pub async fn run(args: AmendArgs) -> ExitCode {
 
 async fn amend(args: &AmendArgs) -> Result<()> {
     if args.options.is_empty() {
-        bail!("Must specify options (-o)\nTry 'qimg amend --help' for more info");
+        bail!(
+            "Must specify options (-o)\nTry '{} amend --help' for more info",
+            crate::util::invoked_as()
+        );
     }
     let [image] = args.images.as_slice() else {
         bail!("Expecting one image file name");

@@ -1,6 +1,6 @@
 //! `qimg info`: what an image is, in qemu-img's words and JSON field names.
 
-use crate::util::{self, open_disk, size_to_str, OutputFormat};
+use crate::util::{self, open_disk, open_disk_alone, size_to_str, OutputFormat};
 use anyhow::Result;
 use blockio::FileOpener;
 use qcow2_engine::{Disk, Image};
@@ -36,7 +36,11 @@ pub async fn run(args: InfoArgs) -> ExitCode {
 
 async fn info(args: &InfoArgs) -> Result<()> {
     let (output, backing_chain) = (args.output, args.backing_chain);
-    let disk = open_disk(&args.image, args.format.as_deref(), args.force_share).await?;
+    // One image needs no backing chain (its backing file may be gone, as qemu-img allows).
+    let disk = match backing_chain {
+        true => open_disk(&args.image, args.format.as_deref(), args.force_share).await?,
+        false => open_disk_alone(&args.image, args.format.as_deref(), args.force_share).await?,
+    };
     let mut infos = Vec::new();
     let mut layer = Some(&disk);
     while let Some(d) = layer {
@@ -182,10 +186,9 @@ async fn describe_qcow2(img: &Image<FileOpener>, m: &mut Map<String, Value>) -> 
         json!({"type": "qcow2", "data": Value::Object(data)}),
     );
     if let Some(name) = &h.backing_file {
-        let full = img
-            .backing()
-            .map(|b| b.path().display().to_string())
-            .unwrap_or_else(|| name.clone());
+        let full = qcow2_engine::resolve_backing(img.path(), name)
+            .display()
+            .to_string();
         m.insert("full-backing-filename".into(), json!(full));
         m.insert("backing-filename".into(), json!(name));
     }

@@ -53,7 +53,8 @@ async fn measure(args: &MeasureArgs) -> Result<()> {
         "json" => OutputFormat::Json,
         other => bail!(
             "--output expects 'human' or 'json' not '{other}'\n\
-             Try 'qimg measure --help' for more info"
+             Try '{} measure --help' for more info",
+            crate::util::invoked_as()
         ),
     };
     let size = match &args.size {

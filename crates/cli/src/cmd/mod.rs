@@ -13,5 +13,6 @@ pub mod info;
 pub mod io;
 pub mod map;
 pub mod measure;
+pub mod rebase;
 pub mod resize;
 pub mod snapshot;

@@ -48,7 +48,10 @@ async fn snapshot(args: &SnapshotArgs) -> Result<()> {
         + usize::from(args.apply.is_some())
         + usize::from(args.delete.is_some());
     if actions > 1 {
-        bail!("Cannot mix '-l', '-a', '-c', '-d'\nTry 'qimg snapshot --help' for more info");
+        bail!(
+            "Cannot mix '-l', '-a', '-c', '-d'\nTry '{} snapshot --help' for more info",
+            crate::util::invoked_as()
+        );
     }
     if args.format.as_deref().is_some_and(|f| f != "qcow2") {
         bail!("qimg has internal snapshots in qcow2 images only");

@@ -14,7 +14,8 @@ mod open;
 
 pub use chain::MapEntry;
 pub use disk::{Disk, RawImage};
-pub(crate) use open::{open_error, resolve_backing};
+pub(crate) use open::open_error;
+pub use open::resolve_backing;
 
 use crate::aligned::Aligned;
 use crate::files::Files;

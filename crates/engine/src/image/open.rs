@@ -320,7 +320,7 @@ async fn probe_format<O: Opener>(
 
 /// Resolves a backing file name as QEMU does: relative names are relative to the directory
 /// of the image that names them.
-pub(crate) fn resolve_backing(image: &Path, name: &str) -> PathBuf {
+pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
     let p = Path::new(name);
     if p.is_absolute() {
         p.into()
