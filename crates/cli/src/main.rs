@@ -15,8 +15,8 @@ mod util;
 
 use clap::{Parser, Subcommand};
 use cmd::{
-    amend, bench, bitmap, check, compare, convert, create, info, io, map, measure, rebase, resize,
-    snapshot,
+    amend, bench, bitmap, check, commit, compare, convert, create, info, io, map, measure, rebase,
+    resize, snapshot,
 };
 use std::process::ExitCode;
 
@@ -46,6 +46,8 @@ enum Command {
     Convert(convert::ConvertArgs),
     /// Check an image's metadata for consistency, optionally repairing it (qemu-img check).
     Check(check::CheckArgs),
+    /// Write an image's data into its backing file, then empty it (qemu-img commit).
+    Commit(commit::CommitArgs),
     /// Compare the contents of two images.
     Compare(compare::CompareArgs),
     /// Change an image's backing file, keeping what it reads (qemu-img rebase).
@@ -131,6 +133,7 @@ fn main() -> ExitCode {
             Command::Snapshot(args) => snapshot::run(args).await,
             Command::Convert(args) => convert::run(args).await,
             Command::Check(args) => check::run(args).await,
+            Command::Commit(args) => commit::run(args).await,
             Command::Compare(args) => compare::run(args).await,
             Command::Rebase(args) => rebase::run(args).await,
             Command::Resize(args) => resize::run(args).await,

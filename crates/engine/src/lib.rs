@@ -47,6 +47,7 @@ mod aligned;
 mod amend;
 mod bitmap_edit;
 mod check;
+mod commit;
 mod compress;
 mod create;
 mod error;

@@ -30,7 +30,7 @@ const LAYERS: &[&[&str]] = &[
     &["image"],
     &["request"],
     &["create", "amend", "snapshot"],
-    &["bitmap_edit", "rebase"],
+    &["bitmap_edit", "rebase", "commit"],
 ];
 
 fn layer(module: &str) -> usize {

@@ -176,6 +176,21 @@ impl<O: Opener> Image<O> {
             .map(|_| ())
     }
 
+    /// Deallocates every cluster of the disk (QEMU's `bdrv_make_empty`, as `qemu-img commit`
+    /// leaves the image it committed): reads fall through to the backing file.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ReadOnly`]; I/O errors.
+    pub(crate) async fn make_empty(&self) -> Result<()> {
+        self.check_writable(0, 0)?;
+        self.before_first_write().await?;
+        let _writer = self.writers.token().await;
+        self.change_range(0..self.size(), ZeroMode::Truncate, false)
+            .await
+            .map(|_| ())
+    }
+
     /// Changes the L2 entries of the clusters in `range` as `mode` says (QEMU's
     /// `qcow2_subcluster_zeroize` and `qcow2_cluster_discard`): `range` is subcluster-aligned
     /// or ends at the end of the disk; whole clusters change their entries, the subclusters of
