@@ -490,3 +490,33 @@ fn qemu_img_commit_writes_the_image_into_its_backing_file() {
         }
     }
 }
+
+#[test]
+fn qemu_io_snapshot_mode_leaves_the_image_alone() {
+    let p = Pair::new();
+    for d in [&p.theirs, &p.ours] {
+        qcow2_tests::qemu_io("qcow2", &d.path().join("t.qcow2"), &["write -P 7 0 128k"]);
+    }
+    let before = std::fs::read(p.ours.path().join("t.qcow2")).unwrap();
+    let r = p.same(
+        "qemu-io",
+        &[
+            "-s",
+            "-c",
+            "write -P 9 64k 128k",
+            "-c",
+            "read -P 7 0 64k",
+            "-c",
+            "read -P 9 64k 128k",
+            "-c",
+            "map",
+            "t.qcow2",
+        ],
+    );
+    assert_eq!(r.code, Some(0));
+    assert!(
+        std::fs::read(p.ours.path().join("t.qcow2")).unwrap() == before,
+        "-s wrote to the image"
+    );
+    p.same_image("t.qcow2");
+}

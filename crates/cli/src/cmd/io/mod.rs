@@ -29,7 +29,7 @@ mod report;
 use crate::util::program;
 use blockio::{FileOpener, Opener};
 use exec::Session;
-use qcow2_engine::{Disk, ImageFormat, ImageOptions};
+use qcow2_engine::{CreateOptions, Disk, ImageFormat, ImageOptions};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -95,6 +95,10 @@ pub struct IoArgs {
     /// I/O backend: threads or io_uring.
     #[arg(short = 'i', long = "aio", value_enum, default_value = "threads")]
     pub aio: AioMode,
+    /// Writes go to a temporary overlay, deleted at the end (QEMU's `snapshot=on`): the
+    /// image itself is only read.
+    #[arg(short = 's', long = "snapshot")]
+    pub snapshot: bool,
     /// The image.
     pub image: PathBuf,
 }
@@ -180,7 +184,54 @@ async fn open<O: Opener>(opener: O, args: &IoArgs) -> Result<Disk<O>, String> {
         .read_only(args.read_only)
         .force_share(args.force_share)
         .direct(direct);
+    if args.snapshot {
+        return open_overlay(opener, Path::new(&args.image), format, options)
+            .await
+            .map_err(|e| e.to_string());
+    }
     Disk::open(opener, Path::new(&args.image), format, options)
         .await
         .map_err(|e| e.to_string())
+}
+
+/// Opens a temporary qcow2 overlay over `image` (qemu-io's `-s`): created in the temporary
+/// directory with the image (opened read-only) as its backing file, and unlinked once open,
+/// so that it goes with the process.
+async fn open_overlay<O: Opener>(
+    opener: O,
+    image: &Path,
+    format: Option<ImageFormat>,
+    options: ImageOptions,
+) -> qcow2_engine::Result<Disk<O>> {
+    let (fmt, size) = {
+        let base = Disk::open(
+            opener.clone(),
+            image,
+            format,
+            options.clone().read_only(true),
+        )
+        .await?;
+        (base.format(), base.size())
+    };
+    let backing = std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let overlay = std::env::temp_dir().join(format!(
+        "qimg-snapshot-{}-{nanos}.qcow2",
+        std::process::id()
+    ));
+    let create = CreateOptions::new()
+        .size(size)
+        .backing_file(backing.to_string_lossy(), fmt);
+    qcow2_engine::create(&opener, &overlay, &create).await?;
+    let disk = Disk::open(
+        opener,
+        &overlay,
+        Some(ImageFormat::Qcow2),
+        options.read_only(false),
+    )
+    .await;
+    let _ = std::fs::remove_file(&overlay);
+    disk
 }
