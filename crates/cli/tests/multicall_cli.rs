@@ -520,3 +520,24 @@ fn qemu_io_snapshot_mode_leaves_the_image_alone() {
     );
     p.same_image("t.qcow2");
 }
+
+#[test]
+fn qemu_io_close_drains_then_closes() {
+    let p = Pair::new();
+    let r = p.same(
+        "qemu-io",
+        &[
+            "-c",
+            "aio_write -P 3 0 1M",
+            "-c",
+            "close",
+            "-c",
+            "read 0 512",
+            "-c",
+            "close",
+            "t.qcow2",
+        ],
+    );
+    assert_eq!(r.stderr.len(), 2, "{r:?}");
+    p.same_image("t.qcow2");
+}

@@ -30,7 +30,8 @@ pub fn err(text: &str) {
 
 /// An open image and the aio requests in flight on it.
 pub struct Session<O: Opener> {
-    disk: Rc<Disk<O>>,
+    /// The image (none once `close` ran).
+    disk: Option<Rc<Disk<O>>>,
     read_only: bool,
     cache: CacheMode,
     inflight: Vec<JoinHandle<()>>,
@@ -144,7 +145,7 @@ impl<O: Opener> Session<O> {
     /// (`writethrough`, `directsync`) and flushes ignored (`unsafe`).
     pub fn new(disk: Disk<O>, read_only: bool, cache: CacheMode) -> Self {
         Self {
-            disk: Rc::new(disk),
+            disk: Some(Rc::new(disk)),
             read_only,
             cache,
             inflight: Vec::new(),
@@ -174,8 +175,19 @@ impl<O: Opener> Session<O> {
         }
     }
 
+    /// The open image; the commands run only while there is one (see [`Session::run`]).
+    fn d(&self) -> &Rc<Disk<O>> {
+        self.disk
+            .as_ref()
+            .expect("the commands run while an image is open")
+    }
+
     /// Runs one command; `false` if it failed.
     pub async fn run(&mut self, cmd: Cmd) -> bool {
+        if self.disk.is_none() {
+            err("no file open, try 'help open'\n");
+            return false;
+        }
         if self.read_only && matches!(cmd, Cmd::Write(_) | Cmd::Discard(_) | Cmd::AioWrite(_)) {
             err(&format!("{}: Block node is read-only\n", program()));
             return false;
@@ -208,10 +220,11 @@ impl<O: Opener> Session<O> {
                 }
             }
             Cmd::Length => {
-                out(&format!("{}\n", report::cvtstr(self.disk.size() as f64)));
+                out(&format!("{}\n", report::cvtstr(self.d().size() as f64)));
                 true
             }
             Cmd::Map => self.map().await,
+            Cmd::Close => self.close().await,
             Cmd::Alloc { offset, count } => self.alloc(offset, count).await,
             Cmd::Inject(line) => {
                 out(&format!("{line}\n"));
@@ -221,7 +234,7 @@ impl<O: Opener> Session<O> {
     }
 
     async fn read(&mut self, r: &Read) -> bool {
-        match do_read(&self.disk, r).await {
+        match do_read(self.d(), r).await {
             Ok((t, buf)) => {
                 let (text, matched) = finish_read(r, t, &buf);
                 out(&text);
@@ -243,7 +256,7 @@ impl<O: Opener> Session<O> {
     }
 
     async fn write(&mut self, w: &Write) -> bool {
-        match do_write(&self.disk, &self.cached(w)).await {
+        match do_write(self.d(), &self.cached(w)).await {
             Ok(t) => {
                 if !w.quiet {
                     out(&report::report("wrote", t, w.offset, w.len, w.csv));
@@ -258,7 +271,7 @@ impl<O: Opener> Session<O> {
     }
 
     async fn discard(&mut self, d: &Discard) -> bool {
-        if !in_range(self.disk.size(), d.offset, d.len) {
+        if !in_range(self.d().size(), d.offset, d.len) {
             out(&format!("discard failed: {EIO}\n"));
             return false;
         }
@@ -266,7 +279,7 @@ impl<O: Opener> Session<O> {
         let res = if d.len == 0 {
             Ok(())
         } else {
-            self.disk.discard(d.offset, d.len).await
+            self.d().discard(d.offset, d.len).await
         };
         let t = start.elapsed();
         match res {
@@ -285,8 +298,8 @@ impl<O: Opener> Session<O> {
 
     /// qemu-io's `map`: the runs the top layer allocates (as data or zeros), and the others.
     async fn map(&self) -> bool {
-        let size = self.disk.size();
-        let entries = match self.disk.map(0, size).await {
+        let size = self.d().size();
+        let entries = match self.d().map(0, size).await {
             Ok(e) => e,
             Err(e) => {
                 out(&format!(
@@ -322,8 +335,8 @@ impl<O: Opener> Session<O> {
     /// qemu-io's `alloc`: how many of `count` bytes at `offset` the top layer allocates (as
     /// data or zeros); the count stops at the end of the disk.
     async fn alloc(&self, offset: u64, count: u64) -> bool {
-        let count = count.min(self.disk.size().saturating_sub(offset));
-        let entries = match self.disk.map(offset, count).await {
+        let count = count.min(self.d().size().saturating_sub(offset));
+        let entries = match self.d().map(offset, count).await {
             Ok(e) => e,
             Err(e) => {
                 out(&format!("alloc failed: {}\n", strerror(&e)));
@@ -347,11 +360,11 @@ impl<O: Opener> Session<O> {
         if self.read_only || self.cache == CacheMode::Unsafe {
             return Ok(());
         }
-        self.disk.flush().await.map_err(|e| strerror(&e))
+        self.d().flush().await.map_err(|e| strerror(&e))
     }
 
     fn aio_read(&mut self, r: Read) {
-        let disk = Rc::clone(&self.disk);
+        let disk = Rc::clone(self.d());
         self.inflight.push(tokio::task::spawn_local(async move {
             match do_read(&disk, &r).await {
                 // A mismatch is reported but, as in qemu-io, does not fail the script.
@@ -363,7 +376,7 @@ impl<O: Opener> Session<O> {
 
     fn aio_write(&mut self, w: Write) {
         let w = self.cached(&w);
-        let disk = Rc::clone(&self.disk);
+        let disk = Rc::clone(self.d());
         self.inflight.push(tokio::task::spawn_local(async move {
             match do_write(&disk, &w).await {
                 Ok(t) if !w.quiet => out(&report::report("wrote", t, w.offset, w.len, w.csv)),
@@ -385,15 +398,27 @@ impl<O: Opener> Session<O> {
         ok
     }
 
-    /// Ends the script: waits for the aio requests in flight, then closes the image (a
-    /// read-only image has nothing to write back and is just dropped). `false` if anything
-    /// failed; the reason is printed.
+    /// Ends the script: waits for the aio requests in flight, then closes the image (see
+    /// [`Session::close`]). `false` if anything failed; the reason is printed.
     pub async fn finish(mut self) -> bool {
+        if self.disk.is_none() {
+            return true;
+        }
+        self.close().await
+    }
+
+    /// qemu-io's `close`: waits for the aio requests in flight, then closes the image (a
+    /// read-only image has nothing to write back and is just dropped); later commands find
+    /// no image. `false` if anything failed; the reason is printed.
+    async fn close(&mut self) -> bool {
         let drained = self.drain().await;
+        let Some(disk) = self.disk.take() else {
+            return drained;
+        };
         if self.read_only {
             return drained;
         }
-        let disk = match Rc::try_unwrap(self.disk) {
+        let disk = match Rc::try_unwrap(disk) {
             Ok(d) => d,
             Err(_) => {
                 err(&format!(

@@ -48,8 +48,10 @@ pub enum Cmd {
     AioFlush,
     /// `length` (alias `l`): prints the disk size.
     Length,
-    /// `map`: the allocated and unallocated runs of the whole chain.
+    /// `map`: the allocated and unallocated runs of the top layer.
     Map,
+    /// `close` (alias `c`): closes the image; later commands find none.
+    Close,
     /// `alloc` (alias `a`): how much of `count` bytes at `offset` the top layer allocates.
     Alloc {
         /// Guest offset.
@@ -305,9 +307,18 @@ const ALLOC: Spec = Spec {
     write: false,
 };
 
-const COMMANDS: [&Spec; 12] = [
+const CLOSE: Spec = Spec {
+    name: "close",
+    alias: Some("c"),
+    argmin: 0,
+    argmax: Some(0),
+    usage: "close -- close the current open file",
+    write: false,
+};
+
+const COMMANDS: [&Spec; 13] = [
     &READ, &READV, &WRITE, &WRITEV, &DISCARD, &FLUSH, &AIO_READ, &AIO_WRITE, &AIO_FLUSH, &LENGTH,
-    &MAP, &ALLOC,
+    &MAP, &ALLOC, &CLOSE,
 ];
 
 /// qemu-io's `breakline()`: split at single spaces, drop empty pieces.
@@ -354,6 +365,7 @@ pub fn parse(line: &str) -> Result<Option<Cmd>, ParseError> {
         "aio_flush" => Cmd::AioFlush,
         "length" => Cmd::Length,
         "map" => Cmd::Map,
+        "close" => Cmd::Close,
         "alloc" => Cmd::Alloc {
             offset: numbers::cvt(args[0])?,
             count: args
