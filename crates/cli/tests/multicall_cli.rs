@@ -541,3 +541,21 @@ fn qemu_io_close_drains_then_closes() {
     assert_eq!(r.stderr.len(), 2, "{r:?}");
     p.same_image("t.qcow2");
 }
+
+#[test]
+fn qemu_img_check_repair_clears_unknown_autoclear_bits() {
+    let p = Pair::new();
+    for d in [&p.theirs, &p.ours] {
+        let path = d.path().join("t.qcow2");
+        let mut bytes = std::fs::read(&path).unwrap();
+        // autoclear_features, header bytes 88..96: bit 63, which no one knows.
+        bytes[88] |= 0x80;
+        std::fs::write(&path, bytes).unwrap();
+    }
+    p.same("qemu-img", &["check", "t.qcow2"]);
+    p.same("qemu-img", &["check", "-r", "all", "t.qcow2"]);
+    let ours = std::fs::read(p.ours.path().join("t.qcow2")).unwrap();
+    let theirs = std::fs::read(p.theirs.path().join("t.qcow2")).unwrap();
+    assert_eq!(ours[88..96], theirs[88..96]);
+    assert_eq!(ours[88..96], [0; 8]);
+}

@@ -56,6 +56,16 @@ impl<O: Opener> Image<O> {
         }
         // Keep the engine's own request paths out while the metadata changes underneath.
         let mut meta = self.meta.lock().await;
+        // A writable open clears the autoclear bits QEMU does not know (qcow2_do_open), and
+        // `qemu-img check -r` opens the image writable.
+        let unknown = meta.header.autoclear_features & !qcow2_format::features::AUTOCLEAR_KNOWN;
+        if unknown != 0 {
+            let mut header = meta.header.clone();
+            header.autoclear_features &= !unknown;
+            self.store().write_header(&header).await?;
+            self.files.sync().await?;
+            meta.header = header;
+        }
         let header = meta.header.clone();
         let mut first = crate::check::repair_first(self.check_subject(&header), mode).await?;
         if let Some(rewrite) = first.snapshot_rewrite() {

@@ -42,7 +42,8 @@ pub struct Session<O: Opener> {
 fn strerror(e: &Error) -> String {
     match e {
         Error::Io { source, .. } => qcow2_engine::strerror(source),
-        Error::OutOfRange { .. } => "Input/output error".into(),
+        // QEMU's driver returns EIO for what it finds corrupt.
+        Error::OutOfRange { .. } | Error::Corrupt { .. } => "Input/output error".into(),
         Error::Unsupported { .. } => "Operation not supported".into(),
         Error::CompressedWrite { reason, .. } => match reason {
             CompressedRefusal::NotWholeClusters => "Invalid argument",
