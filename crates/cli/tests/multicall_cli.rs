@@ -559,3 +559,25 @@ fn qemu_img_check_repair_clears_unknown_autoclear_bits() {
     assert_eq!(ours[88..96], theirs[88..96]);
     assert_eq!(ours[88..96], [0; 8]);
 }
+
+#[test]
+fn qemu_img_bitmap_long_options() {
+    let p = Pair::new();
+    for args in [
+        &["bitmap", "--add", "--granularity", "128k", "t.qcow2", "b0"][..],
+        &["bitmap", "--add", "--granularity=256k", "t.qcow2", "b1"],
+        &[
+            "bitmap",
+            "--merge",
+            "b0",
+            "--source-file",
+            "t.qcow2",
+            "--source-format=qcow2",
+            "t.qcow2",
+            "b1",
+        ],
+        &["info", "t.qcow2"],
+    ] {
+        p.same_but_sizes("qemu-img", args);
+    }
+}

@@ -70,16 +70,25 @@ fn parse(args: &[String]) -> std::result::Result<Parsed, Usage> {
             "--merge" => p.actions.push(BitmapAction::Merge(value(&mut it, "merge")?)),
             "--image-opts" => p.image_opts = true,
             "--object" => p.objects.push(value(&mut it, "object")?),
-            "-g" => p.granularity = Some(granularity(&value(&mut it, "g")?)?),
-            "-b" => p.source_file = Some(value(&mut it, "b")?),
-            "-F" => p.source_fmt = Some(value(&mut it, "F")?),
+            "-g" | "--granularity" => p.granularity = Some(granularity(&value(&mut it, "g")?)?),
+            "-b" | "--source-file" => p.source_file = Some(value(&mut it, "b")?),
+            "-F" | "--source-format" => p.source_fmt = Some(value(&mut it, "F")?),
+            s if s.starts_with("--granularity=") => {
+                p.granularity = Some(granularity(&s["--granularity=".len()..])?);
+            }
+            s if s.starts_with("--source-file=") => {
+                p.source_file = Some(s["--source-file=".len()..].into());
+            }
+            s if s.starts_with("--source-format=") => {
+                p.source_fmt = Some(s["--source-format=".len()..].into());
+            }
             "-f" => p.format = Some(value(&mut it, "f")?),
             s if s.starts_with("--merge=") => {
                 p.actions.push(BitmapAction::Merge(s["--merge=".len()..].into()));
             }
             s if s.starts_with("-g") && s.len() > 2 => p.granularity = Some(granularity(&s[2..])?),
             s if s.starts_with("-f") && s.len() > 2 => p.format = Some(s[2..].into()),
-            "-h" | "--help" => return Err(Usage("usage: qimg bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-b SOURCE_FILE [-F SOURCE_FMT]] [-g GRANULARITY] [-f FMT] FILENAME BITMAP".into())),
+            "-h" | "--help" => return Err(Usage("usage: qemu-img bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-b SOURCE_FILE [-F SOURCE_FMT]] [-g GRANULARITY] [-f FMT] FILENAME BITMAP".into())),
             s if s.starts_with("--") => return Err(Usage(format!("unrecognized option '{s}'"))),
             s if s.starts_with('-') && s.len() > 1 => {
                 return Err(Usage(format!("invalid option -- '{}'", &s[1..2])))
