@@ -581,3 +581,36 @@ fn qemu_img_bitmap_long_options() {
         p.same_but_sizes("qemu-img", args);
     }
 }
+
+#[test]
+fn qemu_img_convert_onto_a_backing_file() {
+    let p = Pair::new();
+    rebase_setup(&p, "cluster_size=65536");
+    for args in [
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "b1.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "new.qcow2",
+        ][..],
+        &["info", "new.qcow2"],
+        &[
+            "convert",
+            "-O",
+            "raw",
+            "-B",
+            "b1.qcow2",
+            "top.qcow2",
+            "new.raw",
+        ],
+    ] {
+        p.same_but_sizes("qemu-img", args);
+    }
+    p.same_image("new.qcow2");
+    p.same_own_ranges("new.qcow2");
+}

@@ -23,6 +23,13 @@ pub struct ConvertArgs {
     /// Open in shared mode (qemu-img's -U): read the source while another process writes it.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// `-B`: the new image's backing file (as `-o backing_file=`): only what the source's
+    /// top layer holds is written.
+    #[arg(short = 'B')]
+    backing: Option<String>,
+    /// `-F`: the backing file's format (as `-o backing_fmt=`).
+    #[arg(short = 'F')]
+    backing_format: Option<String>,
     /// `-c`: the new image's clusters compressed (qcow2 only, as qemu-img).
     #[arg(short = 'c')]
     compress: bool,
@@ -47,8 +54,23 @@ pub async fn run(args: ConvertArgs) -> ExitCode {
 }
 
 async fn convert(args: &ConvertArgs) -> Result<()> {
-    let (source, dest, options) = (&args.source, &args.dest, &args.options);
+    let (source, dest) = (&args.source, &args.dest);
+    // -B and -F are -o's backing_file and backing_fmt (commas doubled, as in -o values).
+    let mut options = Vec::new();
+    for (key, value) in [
+        ("backing_file", &args.backing),
+        ("backing_fmt", &args.backing_format),
+    ] {
+        if let Some(v) = value {
+            options.push(format!("{key}={}", v.replace(',', ",,")));
+        }
+    }
+    options.extend(args.options.iter().cloned());
+    let options = &options;
     let disk = open_disk(source, args.format.as_deref(), args.force_share).await?;
+    if args.backing.is_some() && args.output_format == "raw" {
+        bail!("Backing file not supported for file format 'raw'");
+    }
     if args.compress && args.output_format != "qcow2" {
         bail!("Compression not supported for this file format");
     }
