@@ -614,3 +614,37 @@ fn qemu_img_convert_onto_a_backing_file() {
     p.same_image("new.qcow2");
     p.same_own_ranges("new.qcow2");
 }
+
+#[test]
+fn qemu_img_convert_into_an_existing_image() {
+    let p = Pair::new();
+    rebase_setup(&p, "cluster_size=65536");
+    for d in [&p.theirs, &p.ours] {
+        let dir = d.path();
+        // Targets full of another pattern: -n must overwrite what the source reads as zeros.
+        for (name, fmt) in [("old.qcow2", "qcow2"), ("old.raw", "raw")] {
+            let path = dir.join(name);
+            qemu_img(&["create", "-q", "-f", fmt, path_str(&path), "1M"]);
+            qcow2_tests::qemu_io(fmt, &path, &["write -P 0x77 0 1M"]);
+        }
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            path_str(&dir.join("small.qcow2")),
+            "512k",
+        ]);
+    }
+    for args in [
+        &["convert", "-n", "-O", "qcow2", "top.qcow2", "old.qcow2"][..],
+        &["convert", "-n", "-O", "raw", "top.qcow2", "old.raw"],
+        &["convert", "-n", "-O", "qcow2", "top.qcow2", "small.qcow2"],
+        &["convert", "-n", "-O", "qcow2", "top.qcow2", "missing.qcow2"],
+        &["compare", "top.qcow2", "old.qcow2"],
+        &["compare", "-F", "raw", "top.qcow2", "old.raw"],
+    ] {
+        p.same("qemu-img", args);
+    }
+    p.same_image("old.qcow2");
+}

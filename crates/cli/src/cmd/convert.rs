@@ -30,6 +30,10 @@ pub struct ConvertArgs {
     /// `-F`: the backing file's format (as `-o backing_fmt=`).
     #[arg(short = 'F')]
     backing_format: Option<String>,
+    /// `-n`: the target exists: write into it instead of creating it (what the source reads
+    /// as zeros is written as zeros).
+    #[arg(short = 'n')]
+    no_create: bool,
     /// `-c`: the new image's clusters compressed (qcow2 only, as qemu-img).
     #[arg(short = 'c')]
     compress: bool,
@@ -81,7 +85,7 @@ async fn convert(args: &ConvertArgs) -> Result<()> {
     let size = reader.size();
     match args.output_format.as_str() {
         "raw" => {
-            if !options.is_empty() {
+            if !options.is_empty() && !args.no_create {
                 super::create::create_for_convert("raw", options, dest, size).await?;
             }
             let out = FileOpener
@@ -89,8 +93,8 @@ async fn convert(args: &ConvertArgs) -> Result<()> {
                     dest,
                     OpenOptions {
                         write: true,
-                        create: true,
-                        truncate: true,
+                        create: !args.no_create,
+                        truncate: !args.no_create,
                         direct: false,
                         // A raw image open for writing, as QEMU locks it.
                         lock: Some(LockRequest::new(
@@ -100,20 +104,42 @@ async fn convert(args: &ConvertArgs) -> Result<()> {
                     },
                 )
                 .await
-                .with_context(|| format!("Could not create '{}'", dest.display()))?;
-            copy(&reader, &[(0, size)], source, dest, &RawSink(&out), SPARSE).await?;
-            out.set_len(size)
-                .await
-                .with_context(|| format!("error while writing '{}'", dest.display()))?;
+                .map_err(|e| match args.no_create {
+                    true => anyhow::anyhow!(
+                        "Could not open '{0}': Could not open '{0}': {1}",
+                        dest.display(),
+                        qcow2_engine::strerror(&e)
+                    ),
+                    false => anyhow::anyhow!("Could not create '{}': {e}", dest.display()),
+                })?;
+            if args.no_create && out.len().await? < size {
+                bail!("output file is smaller than input file");
+            }
+            let sink = RawSink {
+                file: &out,
+                reads_zeros: !args.no_create,
+            };
+            copy(&reader, &[(0, size)], source, dest, &sink, SPARSE).await?;
+            if !args.no_create {
+                out.set_len(size)
+                    .await
+                    .with_context(|| format!("error while writing '{}'", dest.display()))?;
+            }
             out.flush()
                 .await
                 .with_context(|| format!("error while writing '{}'", dest.display()))?;
         }
         "qcow2" => {
-            super::create::create_for_convert("qcow2", options, dest, size).await?;
+            if !args.no_create {
+                super::create::create_for_convert("qcow2", options, dest, size).await?;
+            }
             let out = Image::open(FileOpener, dest, ImageOptions::new())
                 .await
-                .with_context(|| format!("Could not open '{}'", dest.display()))?;
+                .map_err(|e| anyhow::anyhow!("Could not open '{}': {e}", dest.display()))?;
+            if out.size() < size {
+                out.close().await?;
+                bail!("output file is smaller than input file");
+            }
             let mut ranges = match (out.backing(), &reader) {
                 // As qemu-img: with a backing file the new image takes what the source's top
                 // layer says, and the backing file provides the rest.
@@ -122,7 +148,7 @@ async fn convert(args: &ConvertArgs) -> Result<()> {
             };
             let sink = Qcow2Sink {
                 img: &out,
-                backing: out.backing().is_some(),
+                reads_zeros: out.backing().is_none() && !args.no_create,
                 compress: args.compress,
             };
             let granule = if args.compress {
@@ -234,22 +260,32 @@ trait Sink {
     async fn zeroes(&self, offset: u64, len: u64) -> std::io::Result<()>;
 }
 
-/// A new raw file: holes read as zeros.
-struct RawSink<'a, B>(&'a B);
+/// A raw file: holes of a new one read as zeros (`reads_zeros`); an existing one (`-n`)
+/// gets zeros written.
+struct RawSink<'a, B> {
+    file: &'a B,
+    reads_zeros: bool,
+}
 
 impl<B: Backend> Sink for RawSink<'_, B> {
     async fn write(&self, buf: IoBuf, offset: u64) -> (std::io::Result<()>, IoBuf) {
-        self.0.write_at(buf, offset).await
+        self.file.write_at(buf, offset).await
     }
-    async fn zeroes(&self, _offset: u64, _len: u64) -> std::io::Result<()> {
-        Ok(())
+    async fn zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        if self.reads_zeros {
+            return Ok(());
+        }
+        self.file
+            .write_zeroes(offset, len, blockio::Keep::none())
+            .await
     }
 }
 
-/// A new qcow2 image: unallocated clusters read as zeros, unless it has a backing file.
+/// A qcow2 image: unallocated clusters of a new one without a backing file read as zeros
+/// (`reads_zeros`); otherwise zeros are written.
 struct Qcow2Sink<'a> {
     img: &'a Image<FileOpener>,
-    backing: bool,
+    reads_zeros: bool,
     /// `-c`: data goes in as compressed writes.
     compress: bool,
 }
@@ -264,7 +300,7 @@ impl Sink for Qcow2Sink<'_> {
         (res.map_err(std::io::Error::other), buf)
     }
     async fn zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        if !self.backing {
+        if self.reads_zeros {
             return Ok(());
         }
         self.img
