@@ -15,8 +15,8 @@ mod util;
 
 use clap::{Parser, Subcommand};
 use cmd::{
-    amend, bench, bitmap, check, commit, compare, convert, create, info, io, map, measure, rebase,
-    resize, snapshot,
+    amend, bench, bitmap, check, commit, compare, convert, create, dd, info, io, map, measure,
+    rebase, resize, snapshot,
 };
 use std::process::ExitCode;
 
@@ -38,6 +38,8 @@ struct Cli {
 enum Command {
     /// Create a qcow2 or raw image (qemu-img create).
     Create(create::CreateArgs),
+    /// Copy part of an image into a new one, dd-style (qemu-img dd).
+    Dd(dd::DdArgs),
     /// Show what an image is: format, sizes, features, backing file, snapshots, bitmaps.
     Info(info::InfoArgs),
     /// Show where each guest range's data lives (qemu-img map).
@@ -125,6 +127,7 @@ fn main() -> ExitCode {
     rt.block_on(async move {
         match cli.command {
             Command::Create(args) => create::run(args).await,
+            Command::Dd(args) => dd::run(args).await,
             Command::Info(args) => info::run(args).await,
             Command::Map(args) => map::run(args).await,
             Command::Measure(args) => measure::run(args).await,

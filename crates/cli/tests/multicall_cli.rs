@@ -648,3 +648,43 @@ fn qemu_img_convert_into_an_existing_image() {
     }
     p.same_image("old.qcow2");
 }
+
+#[test]
+fn qemu_img_dd() {
+    let p = Pair::new();
+    rebase_setup(&p, "cluster_size=65536");
+    for args in [
+        &[
+            "dd",
+            "if=top.qcow2",
+            "of=a.raw",
+            "bs=64k",
+            "count=4",
+            "skip=1",
+        ][..],
+        &["dd", "-O", "qcow2", "if=top.qcow2", "of=b.qcow2", "bs=1M"],
+        &["info", "b.qcow2"],
+        &["map", "--output=json", "b.qcow2"],
+        &[
+            "dd",
+            "if=top.qcow2",
+            "of=c.raw",
+            "bs=3",
+            "count=1000",
+            "skip=7",
+        ],
+        &["dd", "if=top.qcow2", "of=d.raw", "count=1", "skip=100000"],
+        &["dd", "if=top.qcow2"],
+        &["dd", "if=top.qcow2", "of=x", "bs=0"],
+        &["dd", "if=top.qcow2", "of=x", "bs=abc"],
+        &["dd", "if=top.qcow2", "of=x", "foo=1"],
+    ] {
+        p.same_but_sizes("qemu-img", args);
+    }
+    for name in ["a.raw", "c.raw", "d.raw"] {
+        let a = std::fs::read(p.theirs.path().join(name)).unwrap();
+        let b = std::fs::read(p.ours.path().join(name)).unwrap();
+        assert!(a == b, "{name} differs");
+    }
+    p.same_image("b.qcow2");
+}
