@@ -43,7 +43,9 @@ fn strerror(e: &Error) -> String {
     match e {
         Error::Io { source, .. } => qcow2_engine::strerror(source),
         // QEMU's driver returns EIO for what it finds corrupt.
-        Error::OutOfRange { .. } | Error::Corrupt { .. } => "Input/output error".into(),
+        Error::OutOfRange { .. } | Error::Corrupt { .. } | Error::Decompress { .. } => {
+            "Input/output error".into()
+        }
         Error::Unsupported { .. } => "Operation not supported".into(),
         Error::CompressedWrite { reason, .. } => match reason {
             CompressedRefusal::NotWholeClusters => "Invalid argument",
