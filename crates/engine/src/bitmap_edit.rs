@@ -66,9 +66,19 @@ impl BitmapAction {
 }
 
 /// A bitmap as edited: its entry, and its bits once they changed (then it needs new clusters).
-struct Edited {
+pub(crate) struct Edited {
     entry: BitmapDirectoryEntry,
     data: Option<Vec<u8>>,
+}
+
+impl Edited {
+    /// A bitmap to be stored anew with `bits` (its table and data in new clusters).
+    pub(crate) fn changed(entry: BitmapDirectoryEntry, bits: Vec<u8>) -> Self {
+        Edited {
+            entry,
+            data: Some(bits),
+        }
+    }
 }
 
 const MAX_NAME: usize = 1023;
@@ -380,7 +390,11 @@ struct Layout {
 
 impl<O: Opener> Image<O> {
     /// Stores `edited` in place of `old` (module documentation, steps 1-3).
-    async fn store_bitmaps(&self, old: &[BitmapDirectoryEntry], edited: Vec<Edited>) -> Result<()> {
+    pub(crate) async fn store_bitmaps(
+        &self,
+        old: &[BitmapDirectoryEntry],
+        edited: Vec<Edited>,
+    ) -> Result<()> {
         let unchanged = edited.len() == old.len()
             && edited
                 .iter()

@@ -99,8 +99,13 @@ fn refusals_are_typed_and_change_nothing() {
 
         let p = create(d, "cluster_size=65536", "1M");
         qemu_img(&["bitmap", "--add", path_str(&p), "b0"]);
-        let msg = "Cannot resize an image with persistent dirty bitmaps";
-        refused(&p, 2 << 20, grow, ResizeError::Bitmaps, msg).await;
+        // Left in use by a crash: QEMU's words (crates/cli/tests/resize_cli.rs).
+        qcow2_tests::qemu_io_abort("qcow2", &p, &["write 0 4k"]);
+        let msg = "Bitmap 'b0' is inconsistent and cannot be used\n\
+                   Try block-dirty-bitmap-remove to delete this bitmap from disk";
+        let e = ResizeError::InconsistentBitmap("b0".into());
+        refused(&p, 2 << 20, grow, e.clone(), msg).await;
+        refused(&p, 512 << 10, shrink, e, msg).await;
 
         let base = d.join("base.qcow2");
         qemu_img(&["create", "-q", "-f", "qcow2", path_str(&base), "2M"]);
