@@ -54,6 +54,9 @@ pub(crate) struct Meta {
     /// Snapshots deleted since open: a reader of a snapshot ([`SnapshotL1`]) checks that its
     /// snapshot still exists when this changed since it last looked.
     pub(crate) snapshot_deletions: u64,
+    /// A bitmaps store dropped while its header write was in flight: resolved (by reading
+    /// the header back) before the next store, resize or clean-up.
+    pub(crate) bitmap_switch: Option<crate::bitmap_edit::BitmapSwitch>,
 }
 
 /// A grown L1 table that is not in place yet: its clusters are allocated (and counted), and
