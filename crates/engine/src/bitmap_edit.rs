@@ -384,23 +384,12 @@ impl<O: Opener> Image<O> {
 /// The metadata lock of a store, with the clusters it allocated: given back (deferred
 /// decrements, applied by the next write-back) when the store fails or is dropped before the
 /// header may name them, so that a store cut short leaks nothing. Dropped while the header
-/// write is in flight, it leaves a [`BitmapSwitch`] to resolve.
+/// write is in flight, it leaves a `BitmapSwitch` to resolve.
 struct Taken<'a> {
     meta: async_lock::MutexGuard<'a, crate::meta::Meta>,
     clusters: Vec<qcow2_format::HostCluster>,
     /// Set while the header write is in flight.
-    switch: Option<BitmapSwitch>,
-}
-
-/// A header write naming a new bitmap directory whose outcome is unknown (its store was
-/// dropped): the new header, the old structures to free if it landed; the new clusters are
-/// given back if it did not.
-pub(crate) struct BitmapSwitch {
-    header: qcow2_format::Header,
-    /// The new directory's offset (0: no bitmaps left).
-    directory_offset: u64,
-    old: Vec<u64>,
-    new: Vec<qcow2_format::HostCluster>,
+    switch: Option<crate::meta::BitmapSwitch>,
 }
 
 impl Taken<'_> {
@@ -522,7 +511,7 @@ impl<O: Opener> Image<O> {
         })?;
         bytes.resize(cs as usize, 0);
         // From here the header may name the new clusters: a drop leaves the outcome to read.
-        taken.switch = Some(BitmapSwitch {
+        taken.switch = Some(crate::meta::BitmapSwitch {
             header: h,
             directory_offset: dir_offset,
             old: freed,
@@ -532,7 +521,7 @@ impl<O: Opener> Image<O> {
         let switch = taken.switch.take().expect("set above");
         if let Err(e) = written {
             // It may have landed all the same: read it back before anything else.
-            taken.meta.bitmap_switch = Some(BitmapSwitch {
+            taken.meta.bitmap_switch = Some(crate::meta::BitmapSwitch {
                 new: std::mem::take(&mut taken.clusters),
                 ..switch
             });
@@ -553,7 +542,7 @@ impl<O: Opener> Image<O> {
         self.make_clean().await
     }
 
-    /// Resolves a [`BitmapSwitch`] a dropped store left: once no metadata write is in flight,
+    /// Resolves a `BitmapSwitch` a dropped store left: once no metadata write is in flight,
     /// the header on disk names the new directory (the old structures are freed, the header
     /// in memory becomes the new one) or not (the new clusters are given back).
     pub(crate) async fn finish_bitmap_switch(&self) -> Result<()> {

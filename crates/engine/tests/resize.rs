@@ -342,3 +342,41 @@ fn a_resize_dropped_at_any_request_leaves_a_clean_image() {
         assert!(k > 5, "{} -> {}: only {k} requests", cut.size, cut.target);
     }
 }
+
+/// The enabled bitmaps go on recording writes after a resize of the open image, also past
+/// the old end, and a shrink drops what lay past the new end; the disabled one keeps its
+/// bits. Read back after close, as QEMU would store them.
+#[test]
+fn bitmaps_record_writes_across_resizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = create(dir.path(), "cluster_size=512", "1M");
+    qemu_img(&["bitmap", "--add", "-g", "512", path_str(&p), "on"]);
+    qemu_img(&["bitmap", "--add", "-g", "512", path_str(&p), "off"]);
+    qemu_io("qcow2", &p, &["write 900k 4k"]);
+    qemu_img(&["bitmap", "--disable", path_str(&p), "off"]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let img = open(&p).await;
+        img.write(0, &[1; 4096]).await.unwrap();
+        img.resize(3 << 20, ResizeOptions::new()).await.unwrap();
+        img.write(2 << 20, &[2; 4096]).await.unwrap();
+        let on = img.bitmap_dirty_extents("on").await.unwrap();
+        assert_eq!(on, [(0, 4096), (900 << 10, 4096), (2 << 20, 4096)]);
+        let shrink = ResizeOptions::new().shrink(true);
+        img.resize(1536 << 10, shrink).await.unwrap();
+        img.write(1 << 20, &[3; 512]).await.unwrap();
+        img.close().await.unwrap();
+        assert!(qemu_check(&p).status.success());
+        let ro = Image::open(FileOpener, &p, ImageOptions::new().read_only(true))
+            .await
+            .unwrap();
+        let on = ro.bitmap_dirty_extents("on").await.unwrap();
+        assert_eq!(on, [(0, 4096), (900 << 10, 4096), (1 << 20, 512)]);
+        let off = ro.bitmap_dirty_extents("off").await.unwrap();
+        assert_eq!(off, [(900 << 10, 4096)]);
+        ro.close().await.unwrap();
+    });
+}
