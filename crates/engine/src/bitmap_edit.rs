@@ -15,6 +15,9 @@
 //!    freed (deferred decrements, applied by a full write-back).
 //!
 //! A crash before 2 leaves the old bitmaps and some leaked clusters; after it, the new ones.
+//! A store that fails or is dropped before 2 gives its new clusters back (deferred
+//! decrements); dropped during 2, it leaves a `BitmapSwitch` in `Meta` that the next store,
+//! resize or clean-up resolves by reading the header back, so a store cut short leaks nothing.
 //! As `qemu-img bitmap` does, the actions done before a refused one are stored.
 
 use crate::image::Image;
@@ -102,7 +105,8 @@ impl<O: Opener> Image<O> {
     /// # Cancel safety
     ///
     /// The image is consumed. Dropping the future leaves the file consistent: before the
-    /// header write, with the old bitmaps (new clusters may leak); after it, with the new.
+    /// header write, with the old bitmaps (the new clusters may leak, as the image is not
+    /// closed); after it, with the new.
     pub async fn bitmap_edit(self, name: &str, actions: &[BitmapAction]) -> Result<()> {
         let r = self.bitmap_edit_inner(name, actions).await;
         let closed = self.close().await;
