@@ -20,6 +20,12 @@
 //! preallocation mode, backing files reaching past the old end (v3 hides them, v2 is
 //! refused), extended L2, v2, other refcount widths, internal snapshots, external data
 //! files, raw images, and qemu-img's error paths.
+//!
+//! `resize_with_bitmaps_agrees_with_qemu_img` resizes images with persistent dirty bitmaps
+//! (enabled and disabled, several granularities, 512-byte clusters so that the bitmap tables
+//! change length): the same messages, the same bitmaps in `qemu-img info`, a clean check, and
+//! every bitmap's dirty extents the same in both files; a bitmap left in use by a crash is
+//! refused by both.
 
 use qcow2_tests::tool;
 use serde_json::Value;
@@ -622,4 +628,133 @@ fn resize_agrees_with_qemu_img() {
         let root: PathBuf = dir.path().join(format!("case{i}"));
         run_case(case, &root);
     }
+}
+
+/// `qemu-img info`'s bitmaps, as JSON.
+fn info_bitmaps(dir: &Path) -> Value {
+    info(dir, "qcow2")["format-specific"]["data"]["bitmaps"].clone()
+}
+
+/// The dirty extents of bitmap `name` of `dir/IMG`, read by the engine after close.
+fn dirty_extents(dir: &Path, name: &str) -> Vec<(u64, u64)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let opts = qcow2_engine::ImageOptions::new().read_only(true);
+        let img = qcow2_engine::Image::open(blockio::FileOpener, &dir.join(IMG), opts)
+            .await
+            .unwrap();
+        let e = img.bitmap_dirty_extents(name).await.unwrap();
+        img.close().await.unwrap();
+        e
+    })
+}
+
+/// Both copies (`qemu`, `ours` under `root`) of a 1 MiB image with 512-byte clusters and
+/// three bitmaps: `b0` (enabled, 4 KiB granules), `b1` (disabled, 128 KiB), `b2` (enabled,
+/// 512 bytes: a table of several entries once the disk passes 2 MiB), with bits set.
+fn bitmap_pair(root: &Path) -> (PathBuf, PathBuf) {
+    let theirs = root.join("qemu");
+    let ours = root.join("ours");
+    std::fs::create_dir_all(&theirs).unwrap();
+    let create = [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        IMG,
+        "1M",
+    ];
+    qemu_ok("qemu-img", &theirs, &create);
+    io(&theirs, "qcow2", &["write 0 64k"]);
+    qemu_ok("qemu-img", &theirs, &["bitmap", "--add", IMG, "b0"]);
+    qemu_ok(
+        "qemu-img",
+        &theirs,
+        &["bitmap", "--add", "-g", "128k", IMG, "b1"],
+    );
+    let g512 = ["bitmap", "--add", "-g", "512", IMG, "b2"];
+    qemu_ok("qemu-img", &theirs, &g512);
+    io(&theirs, "qcow2", &["write 100k 8k", "write 900k 124k"]);
+    qemu_ok("qemu-img", &theirs, &["bitmap", "--disable", IMG, "b1"]);
+    io(&theirs, "qcow2", &["write 300k 4k"]);
+    copy_dir(&theirs, &ours);
+    (theirs, ours)
+}
+
+fn same_resize(theirs: &Path, ours: &Path, args: &[&str]) {
+    let a = resize_args(args);
+    let q = run(qemu("qemu-img", theirs, &a), "qemu-img");
+    let o = run(qimg(ours, &a), "qimg");
+    assert_eq!(o, q, "{a:?}");
+}
+
+fn same_bitmaps(theirs: &Path, ours: &Path, what: &str) {
+    let list = info_bitmaps(theirs);
+    assert_eq!(info_bitmaps(ours), list, "{what}: qemu-img info's bitmaps");
+    let out = qemu("qemu-img", ours, &["check", IMG]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{what}: qemu-img check: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for b in list.as_array().expect("bitmaps") {
+        let name = b["name"].as_str().unwrap();
+        let want = dirty_extents(theirs, name);
+        assert!(!want.is_empty(), "{what}: bitmap {name} has bits set");
+        assert_eq!(
+            dirty_extents(ours, name),
+            want,
+            "{what}: dirty extents of {name}"
+        );
+    }
+    assert_eq!(
+        info(ours, "qcow2")["virtual-size"],
+        info(theirs, "qcow2")["virtual-size"],
+        "{what}: virtual size"
+    );
+}
+
+#[test]
+fn resize_with_bitmaps_agrees_with_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let (theirs, ours) = bitmap_pair(dir.path());
+    // b2's table: 1 entry at 1 MiB, 2 at 3 MiB (its data needs a second cluster).
+    same_resize(&theirs, &ours, &["3M"]);
+    same_bitmaps(&theirs, &ours, "grown to 3M");
+    for d in [&theirs, &ours] {
+        io(d, "qcow2", &["write 2600k 8k"]);
+    }
+    same_bitmaps(&theirs, &ours, "written past the old end");
+    // Cuts bits of every bitmap (b1's partial granule at the end stays).
+    same_resize(&theirs, &ours, &["--shrink", "700K"]);
+    same_bitmaps(&theirs, &ours, "shrunk to 700K");
+    // What was cut comes back clear.
+    same_resize(&theirs, &ours, &["+1M"]);
+    same_bitmaps(&theirs, &ours, "grown back");
+    let cmp = qemu(
+        "qemu-img",
+        dir.path(),
+        &["compare", "qemu/img.qcow2", "ours/img.qcow2"],
+    );
+    assert!(cmp.status.success(), "qemu-img compare");
+}
+
+/// A bitmap left in use by a crash: QEMU refuses to resize, with its words.
+#[test]
+fn resize_with_an_inconsistent_bitmap_as_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let (theirs, ours) = bitmap_pair(dir.path());
+    qcow2_tests::qemu_io_abort("qcow2", &theirs.join(IMG), &["write 0 4k"]);
+    std::fs::copy(theirs.join(IMG), ours.join(IMG)).unwrap();
+    same_resize(&theirs, &ours, &["2M"]);
+    same_resize(&theirs, &ours, &["--shrink", "512K"]);
+    assert_eq!(info(&ours, "qcow2")["virtual-size"], 1 << 20);
+    assert_eq!(info_bitmaps(&ours), info_bitmaps(&theirs));
 }

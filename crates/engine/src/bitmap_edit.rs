@@ -15,6 +15,9 @@
 //!    freed (deferred decrements, applied by a full write-back).
 //!
 //! A crash before 2 leaves the old bitmaps and some leaked clusters; after it, the new ones.
+//! A store that fails or is dropped before 2 gives its new clusters back (deferred
+//! decrements); dropped during 2, it leaves a `BitmapSwitch` in `Meta` that the next store,
+//! resize or clean-up resolves by reading the header back, so a store cut short leaks nothing.
 //! As `qemu-img bitmap` does, the actions done before a refused one are stored.
 
 use crate::image::Image;
@@ -66,9 +69,19 @@ impl BitmapAction {
 }
 
 /// A bitmap as edited: its entry, and its bits once they changed (then it needs new clusters).
-struct Edited {
+pub(crate) struct Edited {
     entry: BitmapDirectoryEntry,
     data: Option<Vec<u8>>,
+}
+
+impl Edited {
+    /// A bitmap to be stored anew with `bits` (its table and data in new clusters).
+    pub(crate) fn changed(entry: BitmapDirectoryEntry, bits: Vec<u8>) -> Self {
+        Edited {
+            entry,
+            data: Some(bits),
+        }
+    }
 }
 
 const MAX_NAME: usize = 1023;
@@ -92,7 +105,8 @@ impl<O: Opener> Image<O> {
     /// # Cancel safety
     ///
     /// The image is consumed. Dropping the future leaves the file consistent: before the
-    /// header write, with the old bitmaps (new clusters may leak); after it, with the new.
+    /// header write, with the old bitmaps (the new clusters may leak, as the image is not
+    /// closed); after it, with the new.
     pub async fn bitmap_edit(self, name: &str, actions: &[BitmapAction]) -> Result<()> {
         let r = self.bitmap_edit_inner(name, actions).await;
         let closed = self.close().await;
@@ -371,6 +385,46 @@ impl<O: Opener> Image<O> {
     }
 }
 
+/// The metadata lock of a store, with the clusters it allocated: given back (deferred
+/// decrements, applied by the next write-back) when the store fails or is dropped before the
+/// header may name them, so that a store cut short leaks nothing. Dropped while the header
+/// write is in flight, it leaves a `BitmapSwitch` to resolve.
+struct Taken<'a> {
+    meta: async_lock::MutexGuard<'a, crate::meta::Meta>,
+    clusters: Vec<qcow2_format::HostCluster>,
+    /// Set while the header write is in flight.
+    switch: Option<crate::meta::BitmapSwitch>,
+}
+
+impl Taken<'_> {
+    /// Allocates `count` clusters; returns the first.
+    fn allocate<B: blockio::Backend>(
+        &mut self,
+        store: crate::meta::Store<'_, B>,
+        count: u64,
+    ) -> Result<qcow2_format::HostCluster> {
+        let a = store.allocate(&mut self.meta, count)?;
+        self.clusters
+            .extend((0..a.count).map(|i| qcow2_format::HostCluster(a.first.0 + i)));
+        Ok(a.first)
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.switch.take() {
+            s.new = std::mem::take(&mut self.clusters);
+            self.meta.bitmap_switch = Some(s);
+            return;
+        }
+        if let Some(alloc) = self.meta.alloc.as_mut() {
+            for c in self.clusters.drain(..) {
+                alloc.defer_decrement(c);
+            }
+        }
+    }
+}
+
 /// Where the stored bitmaps go: new clusters by purpose.
 struct Layout {
     /// (offset, bytes) of each data cluster and table to write.
@@ -380,7 +434,11 @@ struct Layout {
 
 impl<O: Opener> Image<O> {
     /// Stores `edited` in place of `old` (module documentation, steps 1-3).
-    async fn store_bitmaps(&self, old: &[BitmapDirectoryEntry], edited: Vec<Edited>) -> Result<()> {
+    pub(crate) async fn store_bitmaps(
+        &self,
+        old: &[BitmapDirectoryEntry],
+        edited: Vec<Edited>,
+    ) -> Result<()> {
         let unchanged = edited.len() == old.len()
             && edited
                 .iter()
@@ -401,24 +459,29 @@ impl<O: Opener> Image<O> {
         }
         let cs = self.cluster_size();
         let geo = self.geo;
-        let mut meta = self.meta.lock().await;
-        if let Some(ext) = meta.header.bitmaps() {
+        self.finish_bitmap_switch().await?;
+        let mut taken = Taken {
+            meta: self.meta.lock().await,
+            clusters: Vec::new(),
+            switch: None,
+        };
+        if let Some(ext) = taken.meta.header.bitmaps() {
             let n = ext.directory_size.div_ceil(cs);
             freed.extend((0..n).map(|i| ext.directory_offset + i * cs));
         }
-        let layout = self.allocate_bitmaps(&mut meta, edited)?;
+        let layout = self.allocate_bitmaps(&mut taken, edited)?;
         let dir_bytes = BitmapDirectoryEntry::try_serialize_directory(&layout.directory)
             .map_err(|e| self.store().corrupt_err(format!("bitmap directory: {e}")))?;
         let dir_offset = if dir_bytes.is_empty() {
             0
         } else {
-            let a = self
-                .store()
-                .allocate(&mut meta, (dir_bytes.len() as u64).div_ceil(cs))?;
-            geo.cluster_offset(a.first).0
+            let clusters = (dir_bytes.len() as u64).div_ceil(cs);
+            geo.cluster_offset(taken.allocate(self.store(), clusters)?)
+                .0
         };
+        let meta = &mut taken.meta;
         // 1. Counted and durable before anything is written into them.
-        self.store().write_refcounts(&mut meta).await?;
+        self.store().write_refcounts(meta).await?;
         self.files.sync().await?;
         for (off, bytes) in &layout.writes {
             self.store().write_meta(*off, bytes).await?;
@@ -451,26 +514,81 @@ impl<O: Opener> Image<O> {
             what: format!("the header with the new bitmaps: {e}"),
         })?;
         bytes.resize(cs as usize, 0);
-        self.store().write_meta(0, &bytes).await?;
-        self.files.sync().await?;
-        meta.header = h;
-        // 3. Nothing on disk refers to the old structures any more.
+        // From here the header may name the new clusters: a drop leaves the outcome to read.
+        taken.switch = Some(crate::meta::BitmapSwitch {
+            header: h,
+            directory_offset: dir_offset,
+            old: freed,
+            new: Vec::new(),
+        });
+        let written = self.store().write_meta(0, &bytes).await;
+        let switch = taken.switch.take().expect("set above");
+        if let Err(e) = written {
+            // It may have landed all the same: read it back before anything else.
+            taken.meta.bitmap_switch = Some(crate::meta::BitmapSwitch {
+                new: std::mem::take(&mut taken.clusters),
+                ..switch
+            });
+            return Err(e);
+        }
+        taken.clusters.clear();
+        let meta = &mut taken.meta;
+        meta.header = switch.header;
+        // 3. Nothing on disk refers to the old structures any more (the write-back that
+        // frees them makes the header durable first).
         if let Some(alloc) = meta.alloc.as_mut() {
-            for c in freed {
+            for c in switch.old {
                 alloc.defer_decrement(geo.host_cluster(qcow2_format::HostOffset(c)));
             }
         }
-        drop(meta);
+        self.files.sync().await?;
+        drop(taken);
         self.make_clean().await
+    }
+
+    /// Resolves a `BitmapSwitch` a dropped store left: once no metadata write is in flight,
+    /// the header on disk names the new directory (the old structures are freed, the header
+    /// in memory becomes the new one) or not (the new clusters are given back).
+    pub(crate) async fn finish_bitmap_switch(&self) -> Result<()> {
+        let mut meta = self.meta.lock().await;
+        let Some(s) = meta.bitmap_switch.take() else {
+            return Ok(());
+        };
+        self.meta_io.idle().await;
+        let on_disk =
+            crate::meta::load::read_header(self.files.image(), self.path(), self.file_len()).await;
+        let on_disk = match on_disk {
+            Ok(h) => h,
+            Err(e) => {
+                meta.bitmap_switch = Some(s);
+                return Err(e);
+            }
+        };
+        let named = on_disk.bitmaps().map_or(0, |e| e.directory_offset);
+        let geo = self.geo;
+        let (header, free) = if named == s.directory_offset {
+            let old = s
+                .old
+                .iter()
+                .map(|&c| geo.host_cluster(qcow2_format::HostOffset(c)));
+            (Some(s.header), old.collect::<Vec<_>>())
+        } else {
+            (None, s.new)
+        };
+        if let Some(h) = header {
+            meta.header = h;
+        }
+        if let Some(alloc) = meta.alloc.as_mut() {
+            for c in free {
+                alloc.defer_decrement(c);
+            }
+        }
+        Ok(())
     }
 
     /// Allocates the data clusters and tables of the bitmaps whose bits changed (all-zero
     /// chunks need no cluster, as QEMU stores them) and lays out the new directory.
-    fn allocate_bitmaps(
-        &self,
-        meta: &mut crate::meta::Meta,
-        edited: Vec<Edited>,
-    ) -> Result<Layout> {
+    fn allocate_bitmaps(&self, taken: &mut Taken<'_>, edited: Vec<Edited>) -> Result<Layout> {
         let cs = self.cluster_size();
         let geo = self.geo;
         let mut writes = Vec::new();
@@ -487,16 +605,16 @@ impl<O: Opener> Image<O> {
                     table.extend_from_slice(&0u64.to_be_bytes());
                     continue;
                 }
-                let a = self.store().allocate(meta, 1)?;
-                let off = geo.cluster_offset(a.first).0;
+                let off = geo.cluster_offset(taken.allocate(self.store(), 1)?).0;
                 let mut full = chunk.to_vec();
                 full.resize(cs as usize, 0);
                 writes.push((off, full));
                 table.extend_from_slice(&off.to_be_bytes());
             }
             let clusters = (table.len() as u64).div_ceil(cs);
-            let a = self.store().allocate(meta, clusters)?;
-            entry.table_offset = geo.cluster_offset(a.first).0;
+            entry.table_offset = geo
+                .cluster_offset(taken.allocate(self.store(), clusters)?)
+                .0;
             entry.table_size = (table.len() / 8) as u32;
             table.resize((clusters * cs) as usize, 0);
             writes.push((entry.table_offset, table));

@@ -245,7 +245,8 @@ impl Error {
 }
 
 /// Why [`Image::resize`](crate::Image::resize) refused a size. Nothing was changed. The
-/// messages are QEMU's (qemu-img's, or its qcow2 driver's), but for [`ResizeError::Bitmaps`].
+/// messages are QEMU's (qemu-img's, or its qcow2 driver's), but for
+/// [`ResizeError::UnsupportedBitmap`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ResizeError {
@@ -264,11 +265,21 @@ pub enum ResizeError {
     /// sizes.
     #[error("Can't resize a v2 image which has snapshots")]
     V2Snapshots,
-    /// The image has persistent dirty bitmaps. QEMU resizes them with the image; this engine
-    /// does not (it keeps bitmaps in place), so it refuses rather than leave them sized for
-    /// the old disk.
-    #[error("Cannot resize an image with persistent dirty bitmaps")]
-    Bitmaps,
+    /// A persistent bitmap (named) is marked in use on disk by a program that did not close
+    /// the image: its bits cannot be trusted, so it cannot be resized (QEMU's words). It can
+    /// be removed.
+    #[error(
+        "Bitmap '{0}' is inconsistent and cannot be used\n\
+         Try block-dirty-bitmap-remove to delete this bitmap from disk"
+    )]
+    InconsistentBitmap(String),
+    /// The image has persistent bitmaps this open did not load (a previous resize of it was
+    /// dropped midway): they cannot be resized.
+    #[error("Cannot resize qcow2 with persistent bitmaps that were not loaded")]
+    BitmapsNotLoaded,
+    /// A persistent bitmap (named) of a type, or with extra data, this engine cannot store.
+    #[error("Bitmap '{0}' has a type or extra data this engine cannot resize")]
+    UnsupportedBitmap(String),
     /// Preallocation asked for a shrink.
     #[error("Preallocation can't be used for shrinking an image")]
     PreallocationShrink,

@@ -46,6 +46,7 @@
 mod aligned;
 mod amend;
 mod bitmap_edit;
+mod bitmap_resize;
 mod check;
 mod commit;
 mod compress;

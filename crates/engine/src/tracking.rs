@@ -41,6 +41,9 @@ pub(crate) struct Bitmaps {
     tracked: Vec<Tracked>,
     /// Whether `in_use` has been written for the tracked bitmaps.
     marked_in_use: bool,
+    /// Whether a resize marked every bitmap `in_use` and has not stored them anew: their
+    /// tables may not fit the disk size any more, so they must stay marked (inconsistent).
+    resizing: bool,
 }
 
 impl Bitmaps {
@@ -57,6 +60,12 @@ impl Bitmaps {
         for t in &mut self.tracked {
             let first = offset >> t.granularity_bits;
             let last = (offset + len - 1) >> t.granularity_bits;
+            // A write past the end the bitmap was loaded for: the disk grew (a resize
+            // stores the bitmaps at the new size).
+            let needed = (last / 8 + 1) as usize;
+            if t.data.len() < needed {
+                t.data.resize(needed, 0);
+            }
             for g in first..=last {
                 if let Some(b) = t.data.get_mut((g / 8) as usize) {
                     *b |= 1 << (g % 8);
@@ -72,6 +81,19 @@ impl Bitmaps {
             .iter()
             .find(|t| self.directory[t.index].name == name)?;
         Some(dirty_extents(&t.data, t.granularity_bits, size))
+    }
+
+    /// The directory as the engine knows it (flags included).
+    pub(crate) fn directory(&self) -> &[BitmapDirectoryEntry] {
+        &self.directory
+    }
+
+    /// The bits of the bitmap at directory `index`, if it is maintained.
+    pub(crate) fn tracked_bits(&self, index: usize) -> Option<&[u8]> {
+        self.tracked
+            .iter()
+            .find(|t| t.index == index)
+            .map(|t| t.data.as_slice())
     }
 
     fn directory_bytes(&self) -> Result<Vec<u8>> {
@@ -105,7 +127,7 @@ impl<B: Backend> Ctx<'_, B> {
             // The bitmaps were already marked untrustworthy: nothing to maintain.
             None
         } else {
-            Some(self.read_bitmaps(ext).await?)
+            Some(self.read_bitmaps(ext, false).await?)
         };
         let mut meta = self.meta.lock().await;
         meta.metadata
@@ -113,7 +135,28 @@ impl<B: Backend> Ctx<'_, B> {
         Ok(loaded)
     }
 
-    async fn read_bitmaps(&self, ext: &qcow2_format::BitmapsExtension) -> Result<Bitmaps> {
+    /// Loads the bitmaps anew after a resize stored them (with `self.header`, the header that
+    /// names them): as at open, except that the enabled bitmaps marked `in_use` are the ones
+    /// the resize stored so, and are maintained (already marked). The new directory joins
+    /// the overlap guard's map.
+    pub(crate) async fn reload_bitmaps(&self) -> Result<Option<Bitmaps>> {
+        let Some(ext) = self.header.bitmaps() else {
+            return Ok(None);
+        };
+        let loaded = self.read_bitmaps(ext, true).await?;
+        let mut meta = self.meta.lock().await;
+        meta.metadata
+            .add_range(&self.store.geo, ext.directory_offset, ext.directory_size);
+        Ok(Some(loaded))
+    }
+
+    /// Reads the directory and the bitmaps to maintain; with `in_use_ours`, the enabled
+    /// bitmaps marked `in_use` were marked by this engine and are maintained too.
+    async fn read_bitmaps(
+        &self,
+        ext: &qcow2_format::BitmapsExtension,
+        in_use_ours: bool,
+    ) -> Result<Bitmaps> {
         let header = self.header;
         let format_err = |source| Error::Format {
             path: self.store.files.path().to_path_buf(),
@@ -144,7 +187,7 @@ impl<B: Backend> Ctx<'_, B> {
             let in_use = e.flags & BitmapDirectoryEntry::IN_USE != 0;
             let extra_ok = e.extra_data.is_empty()
                 || e.flags & BitmapDirectoryEntry::EXTRA_DATA_COMPATIBLE != 0;
-            if !enabled || in_use || !extra_ok || e.bitmap_type != 1 {
+            if !enabled || (in_use && !in_use_ours) || !extra_ok || e.bitmap_type != 1 {
                 continue;
             }
             let granularity_bits = u32::from(e.granularity_bits);
@@ -228,8 +271,9 @@ impl<B: Backend> Ctx<'_, B> {
         Ok(Bitmaps {
             directory,
             directory_offset: ext.directory_offset,
+            marked_in_use: in_use_ours && !tracked.is_empty(),
+            resizing: false,
             tracked,
-            marked_in_use: false,
         })
     }
 
@@ -307,6 +351,24 @@ impl<B: Backend> Ctx<'_, B> {
         Ok(())
     }
 
+    /// Marks every bitmap of `b` (maintained or not) `in_use` on disk, in place, and makes it
+    /// durable: before a resize changes the disk size their tables are sized for. A crash
+    /// before they are stored anew leaves them inconsistent, which QEMU accepts whatever their
+    /// size (and refuses to use). They stay marked in memory, so a close after a failed resize
+    /// leaves them so.
+    pub(crate) async fn mark_all_in_use(&self, b: &mut Bitmaps) -> Result<()> {
+        for e in &mut b.directory {
+            e.flags |= BitmapDirectoryEntry::IN_USE;
+        }
+        // Set before the write: even a write that failed may have landed.
+        b.resizing = true;
+        let bytes = b.directory_bytes()?;
+        self.store.write_meta(b.directory_offset, &bytes).await?;
+        self.store.files.sync().await?;
+        b.marked_in_use = true;
+        Ok(())
+    }
+
     /// Records a guest write (or zeroing, or discard) in the maintained bitmaps.
     pub(crate) async fn bitmaps_mark(&self, offset: u64, len: u64) {
         if let Some(b) = self.bitmaps.lock().await.as_mut() {
@@ -322,7 +384,8 @@ impl<B: Backend> Ctx<'_, B> {
         let Some(b) = guard.as_mut() else {
             return Ok(());
         };
-        if !b.marked_in_use {
+        // After a resize that did not store them, the bitmaps stay inconsistent.
+        if !b.marked_in_use || b.resizing {
             return Ok(());
         }
         let cs = self.store.geo.cluster_size();

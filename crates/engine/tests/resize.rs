@@ -99,8 +99,13 @@ fn refusals_are_typed_and_change_nothing() {
 
         let p = create(d, "cluster_size=65536", "1M");
         qemu_img(&["bitmap", "--add", path_str(&p), "b0"]);
-        let msg = "Cannot resize an image with persistent dirty bitmaps";
-        refused(&p, 2 << 20, grow, ResizeError::Bitmaps, msg).await;
+        // Left in use by a crash: QEMU's words (crates/cli/tests/resize_cli.rs).
+        qcow2_tests::qemu_io_abort("qcow2", &p, &["write 0 4k"]);
+        let msg = "Bitmap 'b0' is inconsistent and cannot be used\n\
+                   Try block-dirty-bitmap-remove to delete this bitmap from disk";
+        let e = ResizeError::InconsistentBitmap("b0".into());
+        refused(&p, 2 << 20, grow, e.clone(), msg).await;
+        refused(&p, 512 << 10, shrink, e, msg).await;
 
         let base = d.join("base.qcow2");
         qemu_img(&["create", "-q", "-f", "qcow2", path_str(&base), "2M"]);
@@ -168,6 +173,24 @@ struct Cut {
     fill: &'static str,
     target: u64,
     options: ResizeOptions,
+    /// With persistent bitmaps (512-byte granules, one enabled, one disabled): a drop may
+    /// leave them inconsistent, never sized for the wrong disk while clean.
+    bitmaps: bool,
+}
+
+/// Resizes as `cut` asks; a bitmap a dropped resize left inconsistent is refused, as QEMU
+/// refuses it: it is removed (`qemu-img bitmap --remove`) and the resize tried again.
+async fn resize_again(path: &Path, cut: &Cut) {
+    loop {
+        let img = open(path).await;
+        match img.resize(cut.target, cut.options).await {
+            Ok(()) => return img.close().await.unwrap(),
+            Err(Error::Resize(ResizeError::InconsistentBitmap(name))) if cut.bitmaps => {
+                img.bitmap_remove(&name).await.unwrap();
+            }
+            Err(e) => panic!("resize again: {e}"),
+        }
+    }
 }
 
 /// Runs `cut`'s resize over memory, holding every backend request and dropping the resize's
@@ -176,6 +199,11 @@ struct Cut {
 fn cut_at(cut: &Cut, k: Option<usize>) -> bool {
     let dir = tempfile::tempdir().unwrap();
     let path = create(dir.path(), cut.opts, cut.size);
+    if cut.bitmaps {
+        let p = path_str(&path);
+        qemu_img(&["bitmap", "--add", "-g", "512", p, "on"]);
+        qemu_img(&["bitmap", "--add", "-g", "512", "--disable", p, "off"]);
+    }
     qemu_io("qcow2", &path, &[cut.fill]);
     let want = raw_reference(&path, "qcow2");
     let mem = MemoryOpener::new();
@@ -231,16 +259,11 @@ fn cut_at(cut: &Cut, k: Option<usize>) -> bool {
         cut.target,
         String::from_utf8_lossy(&check.stdout)
     );
-    let img = Image::open(FileOpener, &check_path, ImageOptions::new());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(async {
-        let img = img.await.unwrap();
-        img.resize(cut.target, cut.options).await.unwrap();
-        img.close().await.unwrap();
-    });
+    rt.block_on(resize_again(&check_path, cut));
     assert!(qemu_check(&check_path).status.success());
     let got = raw_reference(&check_path, "qcow2");
     assert_eq!(got.len() as u64, cut.target);
@@ -265,6 +288,7 @@ fn a_resize_dropped_at_any_request_leaves_a_clean_image() {
             fill: "write -P 0xab 0 64K",
             target: 3 << 20,
             options: ResizeOptions::new(),
+            bitmaps: false,
         },
         Cut {
             opts: "cluster_size=512",
@@ -272,6 +296,7 @@ fn a_resize_dropped_at_any_request_leaves_a_clean_image() {
             fill: "write -P 0xcd 0 1M",
             target: 100 << 10,
             options: ResizeOptions::new().shrink(true),
+            bitmaps: false,
         },
         Cut {
             opts: "cluster_size=4096",
@@ -279,6 +304,7 @@ fn a_resize_dropped_at_any_request_leaves_a_clean_image() {
             fill: "write -P 0xef 0 1000K",
             target: 2 << 20,
             options: ResizeOptions::new().preallocation(Preallocation::Metadata),
+            bitmaps: false,
         },
         Cut {
             opts: "cluster_size=4096",
@@ -286,6 +312,25 @@ fn a_resize_dropped_at_any_request_leaves_a_clean_image() {
             fill: "write -P 0x12 0 1M",
             target: 2 << 20,
             options: ResizeOptions::new().preallocation(Preallocation::Falloc),
+            bitmaps: false,
+        },
+        // The bitmaps' tables grow from one entry to two.
+        Cut {
+            opts: "cluster_size=512",
+            size: "64K",
+            fill: "write -P 0xab 0 64K",
+            target: 3 << 20,
+            options: ResizeOptions::new(),
+            bitmaps: true,
+        },
+        // And shrink from two to one.
+        Cut {
+            opts: "cluster_size=512",
+            size: "3M",
+            fill: "write -P 0xcd 2M 16K",
+            target: 100 << 10,
+            options: ResizeOptions::new().shrink(true),
+            bitmaps: true,
         },
     ];
     for cut in &cuts {
@@ -296,4 +341,42 @@ fn a_resize_dropped_at_any_request_leaves_a_clean_image() {
         }
         assert!(k > 5, "{} -> {}: only {k} requests", cut.size, cut.target);
     }
+}
+
+/// The enabled bitmaps go on recording writes after a resize of the open image, also past
+/// the old end, and a shrink drops what lay past the new end; the disabled one keeps its
+/// bits. Read back after close, as QEMU would store them.
+#[test]
+fn bitmaps_record_writes_across_resizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = create(dir.path(), "cluster_size=512", "1M");
+    qemu_img(&["bitmap", "--add", "-g", "512", path_str(&p), "on"]);
+    qemu_img(&["bitmap", "--add", "-g", "512", path_str(&p), "off"]);
+    qemu_io("qcow2", &p, &["write 900k 4k"]);
+    qemu_img(&["bitmap", "--disable", path_str(&p), "off"]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let img = open(&p).await;
+        img.write(0, &[1; 4096]).await.unwrap();
+        img.resize(3 << 20, ResizeOptions::new()).await.unwrap();
+        img.write(2 << 20, &[2; 4096]).await.unwrap();
+        let on = img.bitmap_dirty_extents("on").await.unwrap();
+        assert_eq!(on, [(0, 4096), (900 << 10, 4096), (2 << 20, 4096)]);
+        let shrink = ResizeOptions::new().shrink(true);
+        img.resize(1536 << 10, shrink).await.unwrap();
+        img.write(1 << 20, &[3; 512]).await.unwrap();
+        img.close().await.unwrap();
+        assert!(qemu_check(&p).status.success());
+        let ro = Image::open(FileOpener, &p, ImageOptions::new().read_only(true))
+            .await
+            .unwrap();
+        let on = ro.bitmap_dirty_extents("on").await.unwrap();
+        assert_eq!(on, [(0, 4096), (900 << 10, 4096), (1 << 20, 512)]);
+        let off = ro.bitmap_dirty_extents("off").await.unwrap();
+        assert_eq!(off, [(900 << 10, 4096)]);
+        ro.close().await.unwrap();
+    });
 }

@@ -14,13 +14,9 @@ impl<O: Opener> Image<O> {
     ///
     /// Reads only: dropping the future changes nothing.
     pub async fn bitmaps(&self) -> Result<Vec<qcow2_format::BitmapDirectoryEntry>> {
-        load::read_bitmap_directory(
-            self.files.image(),
-            &self.header,
-            self.file_len(),
-            self.path(),
-        )
-        .await
+        // The header as it is now: a resize stores the bitmaps anew.
+        let header = self.meta.lock().await.header.clone();
+        load::read_bitmap_directory(self.files.image(), &header, self.file_len(), self.path()).await
     }
 
     /// The dirty extents of the persistent bitmap `name`: the guest byte ranges

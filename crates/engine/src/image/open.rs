@@ -120,6 +120,7 @@ impl<O: Opener> Image<O> {
                 metadata,
                 compressed_tails,
                 snapshot_deletions: 0,
+                bitmap_switch: None,
             }),
             leases: LeaseTable::new(),
             metadata_prealloc: async_lock::OnceCell::new(),

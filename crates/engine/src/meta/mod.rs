@@ -54,6 +54,9 @@ pub(crate) struct Meta {
     /// Snapshots deleted since open: a reader of a snapshot ([`SnapshotL1`]) checks that its
     /// snapshot still exists when this changed since it last looked.
     pub(crate) snapshot_deletions: u64,
+    /// A bitmaps store dropped while its header write was in flight: resolved (by reading
+    /// the header back) before the next store, resize or clean-up.
+    pub(crate) bitmap_switch: Option<BitmapSwitch>,
 }
 
 /// A grown L1 table that is not in place yet: its clusters are allocated (and counted), and
@@ -88,6 +91,17 @@ pub(crate) struct SnapshotL1 {
     pub(crate) l1: Vec<L1Entry>,
     /// `Meta::snapshot_deletions` when the snapshot was last known to exist.
     pub(crate) seen: std::sync::atomic::AtomicU64,
+}
+
+/// A header write naming a new bitmap directory whose outcome is unknown (its store, in
+/// `bitmap_edit`, was dropped): the new header, the old structures to free if it landed;
+/// the new clusters are given back if it did not.
+pub(crate) struct BitmapSwitch {
+    pub(crate) header: qcow2_format::Header,
+    /// The new directory's offset (0: no bitmaps left).
+    pub(crate) directory_offset: u64,
+    pub(crate) old: Vec<u64>,
+    pub(crate) new: Vec<qcow2_format::HostCluster>,
 }
 
 /// Where the image's metadata lives, apart from refcount structures (which the allocator

@@ -125,6 +125,8 @@ impl<O: Opener> Image<O> {
     /// (QEMU's `qcow2_mark_clean` after a full cache flush). The clusters freed on the way are
     /// punched afterwards.
     pub(crate) async fn make_clean(&self) -> Result<()> {
+        // A bitmaps store dropped midway: its clusters, old or new, are freed below.
+        self.finish_bitmap_switch().await?;
         let freed = {
             let mut meta = self.meta.lock().await;
             let mut freed = self.store().write_back_mode(&mut meta, true).await?;

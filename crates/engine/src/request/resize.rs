@@ -42,6 +42,12 @@ impl<O: Opener> Image<O> {
     /// the last cluster past a new end that is not cluster-aligned keeps its bytes, and a
     /// later grow shows them again.
     ///
+    /// **Persistent dirty bitmaps**, enabled or not, are kept and resized with the disk, as
+    /// QEMU does: a grow adds clear bits, a shrink drops those past the new end. They are
+    /// marked in use on disk before anything changes and stored anew, with tables for the
+    /// new size, once the new size is on disk (see docs/DESIGN.md, "Resizing"); the enabled
+    /// ones go on recording writes.
+    ///
     /// The new size is written to the header last and made durable before this returns;
     /// with it, every metadata change made so far. Requests may run meanwhile: those past a
     /// new, smaller end fail with [`Error::OutOfRange`] once the shrink has begun, and a read
@@ -54,7 +60,8 @@ impl<O: Opener> Image<O> {
     /// - [`Error::Resize`] when the size is refused before anything changes (the variants
     ///   of [`ResizeError`], with QEMU's messages): a shrink without
     ///   [`ResizeOptions::shrink`], a size that is not a multiple of 512, a version 2 image
-    ///   with snapshots, an image with persistent bitmaps, preallocation with a shrink, an
+    ///   with snapshots, a persistent bitmap left in use by a crash (inconsistent) or of a
+    ///   kind this engine cannot store, preallocation with a shrink, an
     ///   L1 table beyond QEMU's limit, a version 2 image whose backing file reaches past the
     ///   old end;
     /// - [`Error::ReadOnly`], [`Error::MarkedCorrupt`] for an image that cannot be written;
@@ -71,7 +78,10 @@ impl<O: Opener> Image<O> {
     /// size on disk is still the old one. A dropped grow leaves the size as it was (part of
     /// the new area may already be prepared); a dropped shrink leaves the image at the new
     /// size in memory, with part of what lay past it deallocated: resizing again finishes
-    /// either.
+    /// either. Persistent bitmaps are then left marked in use on disk, and kept so at close
+    /// (inconsistent, as after a crash: a further resize refuses them), or, if the drop came
+    /// while they were being stored, stored for the new size but no longer maintained by this
+    /// open (a further resize is refused with [`ResizeError::BitmapsNotLoaded`]).
     pub async fn resize(&self, new_size: u64, options: ResizeOptions) -> Result<()> {
         let _one_at_a_time = self.resizing.lock().await;
         // No snapshot operation runs meanwhile (see `Image::writers`).
@@ -90,23 +100,35 @@ impl<O: Opener> Image<O> {
             return Err(Error::MarkedCorrupt(self.path().to_path_buf()));
         }
         let old = self.size();
-        self.refuse(old, new_size, options)?;
+        let bitmaps = self.bitmaps_refusal().await;
+        self.refuse(old, new_size, options, bitmaps)?;
         // The size on disk: a shrink dropped midway leaves it above the size in memory.
         let on_disk = self.meta.lock().await.header.size;
         if new_size == old && new_size == on_disk {
             return Ok(());
         }
         self.before_first_write().await?;
+        let bitmaps = self.bitmaps_before_resize().await?;
         if new_size < on_disk {
-            self.shrink(on_disk, new_size).await
+            self.shrink(on_disk, new_size).await?;
         } else {
-            self.grow(on_disk, new_size, options.preallocation).await
+            self.grow(on_disk, new_size, options.preallocation).await?;
+        }
+        match bitmaps {
+            Some(b) => self.bitmaps_after_resize(b).await,
+            None => Ok(()),
         }
     }
 
     /// What QEMU refuses (qemu-img's shrink guard first, then its qcow2 driver's checks in
-    /// their order), and persistent bitmaps, which this engine does not resize.
-    fn refuse(&self, old: u64, new: u64, options: ResizeOptions) -> Result<(), ResizeError> {
+    /// their order; `bitmaps`: what `bitmaps_refusal` found).
+    fn refuse(
+        &self,
+        old: u64,
+        new: u64,
+        options: ResizeOptions,
+        bitmaps: Result<(), ResizeError>,
+    ) -> Result<(), ResizeError> {
         if new < old && !options.shrink {
             return Err(ResizeError::ShrinkNotAllowed {
                 size: old,
@@ -119,9 +141,7 @@ impl<O: Opener> Image<O> {
         if self.header.version < 3 && self.header.nb_snapshots > 0 {
             return Err(ResizeError::V2Snapshots);
         }
-        if self.header.bitmaps().is_some() {
-            return Err(ResizeError::Bitmaps);
-        }
+        bitmaps?;
         if new < old {
             if options.preallocation != Preallocation::Off {
                 return Err(ResizeError::PreallocationShrink);
