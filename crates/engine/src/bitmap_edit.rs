@@ -546,46 +546,6 @@ impl<O: Opener> Image<O> {
         self.make_clean().await
     }
 
-    /// Resolves a `BitmapSwitch` a dropped store left: once no metadata write is in flight,
-    /// the header on disk names the new directory (the old structures are freed, the header
-    /// in memory becomes the new one) or not (the new clusters are given back).
-    pub(crate) async fn finish_bitmap_switch(&self) -> Result<()> {
-        let mut meta = self.meta.lock().await;
-        let Some(s) = meta.bitmap_switch.take() else {
-            return Ok(());
-        };
-        self.meta_io.idle().await;
-        let on_disk =
-            crate::meta::load::read_header(self.files.image(), self.path(), self.file_len()).await;
-        let on_disk = match on_disk {
-            Ok(h) => h,
-            Err(e) => {
-                meta.bitmap_switch = Some(s);
-                return Err(e);
-            }
-        };
-        let named = on_disk.bitmaps().map_or(0, |e| e.directory_offset);
-        let geo = self.geo;
-        let (header, free) = if named == s.directory_offset {
-            let old = s
-                .old
-                .iter()
-                .map(|&c| geo.host_cluster(qcow2_format::HostOffset(c)));
-            (Some(s.header), old.collect::<Vec<_>>())
-        } else {
-            (None, s.new)
-        };
-        if let Some(h) = header {
-            meta.header = h;
-        }
-        if let Some(alloc) = meta.alloc.as_mut() {
-            for c in free {
-                alloc.defer_decrement(c);
-            }
-        }
-        Ok(())
-    }
-
     /// Allocates the data clusters and tables of the bitmaps whose bits changed (all-zero
     /// chunks need no cluster, as QEMU stores them) and lays out the new directory.
     fn allocate_bitmaps(&self, taken: &mut Taken<'_>, edited: Vec<Edited>) -> Result<Layout> {

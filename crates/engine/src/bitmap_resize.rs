@@ -13,10 +13,12 @@
 
 use crate::bitmap_edit::Edited;
 use crate::image::Image;
+use crate::options::ResizeOptions;
 use crate::tracking::Ctx;
-use crate::{ResizeError, Result};
+use crate::{Error, ResizeError, Result};
 use blockio::Opener;
 use qcow2_format::{features, BitmapDirectoryEntry as D};
+use std::sync::atomic::Ordering;
 
 /// The bitmaps of a resize under way.
 pub(crate) struct ResizingBitmaps {
@@ -28,6 +30,99 @@ pub(crate) struct ResizingBitmaps {
 }
 
 impl<O: Opener> Image<O> {
+    /// Resizes the virtual disk to `new_size` bytes, as `qemu-img resize` does.
+    ///
+    /// **Growing** adds zeros at the end: the L1 table grows if the new size needs more L2
+    /// tables (a new table is written and counted before the header names it, and the old
+    /// one is freed afterwards), the new area gets what [`ResizeOptions::preallocation`]
+    /// asks for (`metadata`: L2 tables and data clusters allocated, the file extended
+    /// sparsely; `falloc`: the data area reserved too; `full`: zeros written over it), and
+    /// where a backing file reaches past the old end the new area is made to read as zeros.
+    ///
+    /// **Shrinking** (only with [`ResizeOptions::shrink`]) deletes everything past the new
+    /// end: the clusters there are deallocated (QEMU's full discard), the L2 tables past it
+    /// freed, and the file cut after the last cluster still in use. As with QEMU, the part of
+    /// the last cluster past a new end that is not cluster-aligned keeps its bytes, and a
+    /// later grow shows them again.
+    ///
+    /// **Persistent dirty bitmaps**, enabled or not, are kept and resized with the disk, as
+    /// QEMU does: a grow adds clear bits, a shrink drops those past the new end. They are
+    /// marked in use on disk before anything changes and stored anew, with tables for the
+    /// new size, once the new size is on disk (see docs/DESIGN.md, "Resizing"); the enabled
+    /// ones go on recording writes.
+    ///
+    /// The new size is written to the header last and made durable before this returns;
+    /// with it, every metadata change made so far. Requests may run meanwhile: those past a
+    /// new, smaller end fail with [`Error::OutOfRange`] once the shrink has begun, and a read
+    /// already in flight on a cluster the shrink frees keeps that cluster (it is freed, and
+    /// the file cut, only once no I/O is in flight on it). The area a grow adds is usable
+    /// once this returns.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::Resize`] when the size is refused before anything changes (the variants
+    ///   of [`ResizeError`], with QEMU's messages): a shrink without
+    ///   [`ResizeOptions::shrink`], a size that is not a multiple of 512, a version 2 image
+    ///   with snapshots, a persistent bitmap left in use by a crash (inconsistent) or of a
+    ///   kind this engine cannot store, preallocation with a shrink, an
+    ///   L1 table beyond QEMU's limit, a version 2 image whose backing file reaches past the
+    ///   old end;
+    /// - [`Error::ReadOnly`], [`Error::MarkedCorrupt`] for an image that cannot be written;
+    /// - [`Error::Io`] when a write or flush fails midway, and [`Error::Corrupt`] when the
+    ///   metadata it walks is (the image is then marked corrupt, as for any request). What
+    ///   was done stays done, in the crash-safe order: at worst clusters leak.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future stops the resize between two of its steps, each consistent: the
+    /// metadata written so far was written in the crash-safe order (a new L1 table is in use
+    /// only once the header names it; clusters are freed only by write-backs), and a write
+    /// the backend accepted still lands before any later metadata write of this image. The
+    /// size on disk is still the old one. A dropped grow leaves the size as it was (part of
+    /// the new area may already be prepared); a dropped shrink leaves the image at the new
+    /// size in memory, with part of what lay past it deallocated: resizing again finishes
+    /// either. Persistent bitmaps are then left marked in use on disk, and kept so at close
+    /// (inconsistent, as after a crash: a further resize refuses them), or, if the drop came
+    /// while they were being stored, stored for the new size but no longer maintained by this
+    /// open (a further resize is refused with [`ResizeError::BitmapsNotLoaded`]).
+    pub async fn resize(&self, new_size: u64, options: ResizeOptions) -> Result<()> {
+        let _one_at_a_time = self.resizing.lock().await;
+        // No snapshot operation runs meanwhile (see `Image::writers`).
+        let _writer = self.writers.token().await;
+        match self.resize_inner(new_size, options).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.on_error(e).await),
+        }
+    }
+
+    async fn resize_inner(&self, new_size: u64, options: ResizeOptions) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        if self.marked_corrupt.load(Ordering::Acquire) {
+            return Err(Error::MarkedCorrupt(self.path().to_path_buf()));
+        }
+        let old = self.size();
+        let bitmaps = self.bitmaps_refusal().await;
+        self.refuse(old, new_size, options, bitmaps)?;
+        // The size on disk: a shrink dropped midway leaves it above the size in memory.
+        let on_disk = self.meta.lock().await.header.size;
+        if new_size == old && new_size == on_disk {
+            return Ok(());
+        }
+        self.before_first_write().await?;
+        let bitmaps = self.bitmaps_before_resize().await?;
+        if new_size < on_disk {
+            self.shrink(on_disk, new_size).await?;
+        } else {
+            self.grow(on_disk, new_size, options.preallocation).await?;
+        }
+        match bitmaps {
+            Some(b) => self.bitmaps_after_resize(b).await,
+            None => Ok(()),
+        }
+    }
+
     /// What QEMU's `qcow2_truncate_bitmaps_check` refuses: a bitmap left `in_use` by a crash
     /// (inconsistent), bitmaps that are not loaded; and bitmaps of a kind this engine
     /// cannot store. Bitmaps whose autoclear bit is clear are ignored, as QEMU ignores them.
