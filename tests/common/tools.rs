@@ -332,12 +332,22 @@ impl Drop for QemuIoHolder {
 
 /// What a run of qemu-img or of qimg said, in a form the two can be compared in: stdout,
 /// stderr with the program's name taken off each message (`program` is `"qemu-img: "` or
-/// `"qimg: "`, and "Try 'qemu-img ..." reads "Try 'qimg ..."), and the exit status.
+/// `"qimg: "`, and "Try '<qemu-img or qimg, as invoked> ..." reads "Try 'qimg ..."), and the exit status.
 pub fn said(o: &Output, program: &str) -> (String, String, Option<i32>) {
     let err = String::from_utf8_lossy(&o.stderr)
         .lines()
         .map(|l| l.strip_prefix(program).unwrap_or(l))
-        .map(|l| l.replace("Try 'qemu-img ", "Try 'qimg "))
+        .map(|l| match l.strip_prefix("Try '") {
+            // The tools name themselves as invoked (argv[0], a path for a test's qimg).
+            Some(rest) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                match name.rsplit('/').next() {
+                    Some("qimg" | "qemu-img") => format!("Try 'qimg {tail}"),
+                    _ => l.to_owned(),
+                }
+            }
+            None => l.to_owned(),
+        })
         .collect::<Vec<_>>()
         .join("\n");
     (
