@@ -332,7 +332,8 @@ impl Drop for QemuIoHolder {
 
 /// What a run of qemu-img or of qimg said, in a form the two can be compared in: stdout,
 /// stderr with the program's name taken off each message (`program` is `"qemu-img: "` or
-/// `"qimg: "`, and "Try '<qemu-img or qimg, as invoked> ..." reads "Try 'qimg ..."), and the exit status.
+/// `"qimg: "`, and a "Try '...' hint naming either tool, as invoked, reads "Try 'qimg ..."),
+/// and the exit status.
 pub fn said(o: &Output, program: &str) -> (String, String, Option<i32>) {
     let err = String::from_utf8_lossy(&o.stderr)
         .lines()

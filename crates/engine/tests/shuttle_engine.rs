@@ -184,9 +184,14 @@ fn explore(name: &str, scenario: fn()) {
     let n = env("QCOW2_SHUTTLE_ITERATIONS", 2000) as usize;
     let seed = env("QCOW2_SHUTTLE_SEED", 1);
     let start = std::time::Instant::now();
-    shuttle::check_random_with_seed(scenario, seed, n);
+    // The engine's futures nest deep (a close writes everything back, settling a bitmap
+    // store first): more stack than shuttle's default 60 KiB per task.
+    let mut config = shuttle::Config::new();
+    config.stack_size = 1 << 20;
+    let random = shuttle::scheduler::RandomScheduler::new_from_seed(seed, n);
+    shuttle::Runner::new(random, config.clone()).run(scenario);
     let pct = shuttle::scheduler::PctScheduler::new_from_seed(seed, 3, n);
-    shuttle::Runner::new(pct, Default::default()).run(scenario);
+    shuttle::Runner::new(pct, config).run(scenario);
     println!(
         "shuttle engine {name}: {n} random and {n} PCT schedules in {:.1} s",
         start.elapsed().as_secs_f64()
