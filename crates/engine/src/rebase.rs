@@ -96,15 +96,8 @@ impl<O: Opener> Image<O> {
         }
         let data_file = header.data_file_name().map(str::to_owned);
         qemu_extensions(&mut header, data_file);
-        let mut bytes = header.serialize().map_err(|e| Error::Unsupported {
-            path: self.path().to_path_buf(),
-            what: format!("a header naming the new backing file: {e}"),
-        })?;
-        bytes.resize(self.cluster_size() as usize, 0);
-        self.store().write_meta(0, &bytes).await?;
-        self.files.sync().await?;
-        meta.header = header;
-        Ok(())
+        self.replace_header(&mut meta, header, "a header naming the new backing file")
+            .await
     }
 
     /// Copies into the image every range it does not allocate whose contents differ between

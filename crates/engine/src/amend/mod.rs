@@ -38,6 +38,7 @@
 
 use crate::error::AmendError;
 use crate::image::Image;
+use crate::meta::Meta;
 use crate::options::Compat;
 use crate::{Error, ExtentKind, Result};
 use blockio::{IoBuf, Opener};
@@ -368,15 +369,28 @@ impl<O: Opener> Image<O> {
         // table, the new width); the checks passed already and depend on nothing they
         // change.
         let plan = plan(&meta.header, &snapshots, opts).map_err(|e| self.amend_error(e))?;
-        let mut bytes = plan.header.serialize().map_err(|e| Error::Unsupported {
+        // One write of cluster 0 switches everything, the refcount structure included.
+        self.replace_header(&mut meta, plan.header, "the amended header")
+            .await
+    }
+
+    /// Writes `header` as the whole of cluster 0 (what lay after it, old extensions and
+    /// backing name, zeroed), syncs, and makes it the header in memory: one write switches
+    /// everything it names. `what` names it in the error when it does not fit.
+    pub(crate) async fn replace_header(
+        &self,
+        meta: &mut Meta,
+        header: Header,
+        what: &str,
+    ) -> Result<()> {
+        let mut bytes = header.serialize().map_err(|e| Error::Unsupported {
             path: self.path().to_path_buf(),
-            what: format!("the amended header: {e}"),
+            what: format!("{what}: {e}"),
         })?;
         bytes.resize(self.cluster_size() as usize, 0);
-        // One write of cluster 0 switches everything, the refcount structure included.
         self.store().write_meta(0, &bytes).await?;
         self.files.sync().await?;
-        meta.header = plan.header;
+        meta.header = header;
         Ok(())
     }
 
