@@ -9,6 +9,8 @@
 //! with that name, as the tool's own do.
 
 mod cmd;
+mod names;
+mod qopts;
 mod size;
 mod usage;
 mod util;
@@ -70,6 +72,26 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+impl Command {
+    /// The `--image-opts` and `--object` options of the commands that take them as clap
+    /// arguments (`bitmap` reads its own, in order).
+    fn names(&self) -> Option<&names::NameArgs> {
+        match self {
+            Command::Amend(a) => Some(&a.names),
+            Command::Check(a) => Some(&a.names),
+            Command::Compare(a) => Some(&a.names),
+            Command::Convert(a) => Some(&a.names),
+            Command::Dd(a) => Some(&a.names),
+            Command::Info(a) => Some(&a.names),
+            Command::Map(a) => Some(&a.names),
+            Command::Measure(a) => Some(&a.names),
+            Command::Resize(a) => Some(&a.names),
+            Command::Snapshot(a) => Some(&a.names),
+            _ => None,
+        }
+    }
+}
+
 /// Which tool the binary was invoked as (the file name of `argv[0]`).
 fn tool_args() -> Vec<std::ffi::OsString> {
     let mut args: Vec<_> = std::env::args_os().collect();
@@ -102,6 +124,13 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage::report(e, &args),
     };
+    // `--object` definitions are checked first, as QEMU's tools create the objects while
+    // reading their options; `--object help` ends the command there.
+    match cli.command.names().map(names::NameArgs::check_objects) {
+        Some(Ok(true)) => return ExitCode::SUCCESS,
+        Some(Err(e)) => return util::exit::<()>(1, Err(e)),
+        _ => {}
+    }
     // Invoked as qimg (a no-op otherwise: the tool's name is set).
     util::set_program(match cli.command {
         Command::Io(_) => "qimg io",

@@ -1,10 +1,10 @@
 //! What the commands share: opening images, the `--output` format, sizes printed in
 //! qemu-img's style, exit codes.
 
-use anyhow::{anyhow, Result};
+use crate::names::ImageName;
+use anyhow::Result;
 use blockio::FileOpener;
-use qcow2_engine::{BackingChoice, Disk, ImageFormat, ImageOptions};
-use std::path::Path;
+use qcow2_engine::{BackingChoice, Disk, Image, ImageOptions};
 use std::process::ExitCode;
 
 /// Output format of `info`, `map` and `check` (`--output`).
@@ -16,50 +16,45 @@ pub enum OutputFormat {
     Json,
 }
 
-/// Opens `path` read-only as `format` (probed when `None`); with `force_share` (`-U`), in
-/// shared mode, so that it coexists with a writer.
-pub async fn open_disk(
-    path: &Path,
-    format: Option<&str>,
-    force_share: bool,
-) -> Result<Disk<FileOpener>> {
-    open_read_only(path, format, force_share, BackingChoice::FromHeader).await
+/// Opens the image `name` names read-only, with its backing chain; with `force_share`
+/// (`-U`), in shared mode, so that it coexists with a writer.
+pub async fn open_disk(name: &ImageName, force_share: bool) -> Result<Disk<FileOpener>> {
+    open_read_only(name, force_share, BackingChoice::FromHeader).await
 }
 
 /// [`open_disk`] without its backing chain (what `qemu-img info` shows of one image needs
 /// none, and reads the header even when the backing file is gone).
-pub async fn open_disk_alone(
-    path: &Path,
-    format: Option<&str>,
-    force_share: bool,
-) -> Result<Disk<FileOpener>> {
-    open_read_only(path, format, force_share, BackingChoice::None).await
+pub async fn open_disk_alone(name: &ImageName, force_share: bool) -> Result<Disk<FileOpener>> {
+    open_read_only(name, force_share, BackingChoice::None).await
 }
 
 async fn open_read_only(
-    path: &Path,
-    format: Option<&str>,
+    name: &ImageName,
     force_share: bool,
     backing: BackingChoice,
 ) -> Result<Disk<FileOpener>> {
-    let format = match format {
-        None => None,
-        Some(f) => {
-            Some(ImageFormat::from_name(f).ok_or_else(|| anyhow!("Unknown file format '{f}'"))?)
-        }
-    };
-    let disk = Disk::open(
-        FileOpener,
-        path,
-        format,
-        ImageOptions::new()
-            .read_only(true)
-            .force_share(force_share)
-            .backing(backing),
-    )
-    .await
-    .map_err(|e| anyhow!("Could not open '{}': {e}", path.display()))?;
-    Ok(disk)
+    let options = ImageOptions::new()
+        .read_only(true)
+        .force_share(force_share)
+        .backing(backing);
+    open_disk_with(name, options).await
+}
+
+/// Opens the image `name` names, of either format, with `options` and what the name's own
+/// options add to them.
+pub async fn open_disk_with(name: &ImageName, options: ImageOptions) -> Result<Disk<FileOpener>> {
+    let options = name.options(options)?;
+    Disk::open(FileOpener, name.path(), name.format(), options)
+        .await
+        .map_err(|e| name.could_not_open(e))
+}
+
+/// Opens the qcow2 image `name` names with `options` and what the name's own options add.
+pub async fn open_image(name: &ImageName, options: ImageOptions) -> Result<Image<FileOpener>> {
+    let options = name.options(options)?;
+    Image::open(FileOpener, name.path(), options)
+        .await
+        .map_err(|e| name.could_not_open(e))
 }
 
 /// The name messages start with: the tool qimg was invoked as (`qemu-img`, `qemu-io`, `qimg`),

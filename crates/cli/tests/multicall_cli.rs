@@ -688,3 +688,183 @@ fn qemu_img_dd() {
     }
     p.same_image("b.qcow2");
 }
+
+/// `json:` filenames, `--image-opts` lists and the `file:` prefix name the same images as a
+/// file name does, with the options taking effect (`backing: null` hides the backing file),
+/// in every command that opens images.
+#[test]
+fn qemu_filename_syntax() {
+    let p = Pair::new();
+    rebase_setup(&p, "cluster_size=65536");
+    let json = r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"top.qcow2"}}"#;
+    let alone = r#"json:{"driver":"qcow2","file.filename":"top.qcow2","backing":null}"#;
+    let opts = "driver=qcow2,file.driver=file,file.filename=top.qcow2,cache.direct=off";
+    for args in [
+        &["info", json][..],
+        &["info", "--backing-chain", "file:top.qcow2"],
+        &["info", "--image-opts", opts],
+        &[
+            "info",
+            "-f",
+            "qcow2",
+            r#"json:{"file":{"filename":"top.qcow2"}}"#,
+        ],
+        &["map", "--output=json", json],
+        &["map", "--output=json", alone],
+        &["map", "--output=json", "--image-opts", opts],
+        &["check", json],
+        &["check", "--image-opts", opts],
+        &["compare", json, "file:top.qcow2"],
+        &["compare", alone, "top.qcow2"],
+        &[
+            "compare",
+            "--image-opts",
+            opts,
+            "driver=qcow2,file.filename=b1.qcow2",
+        ],
+        &["measure", "-O", "qcow2", json],
+        &["snapshot", "-l", json],
+        &["convert", "-O", "raw", alone, "alone.raw"],
+        &["convert", "--image-opts", "-O", "raw", opts, "top.raw"],
+        &[
+            "dd",
+            "--image-opts",
+            "if=driver=qcow2,file.filename=top.qcow2",
+            "of=dd.raw",
+        ],
+        &[
+            "resize",
+            "--image-opts",
+            "driver=qcow2,file.filename=b2.qcow2",
+            "2M",
+        ],
+        &["snapshot", "-c", "s1", "file:b2.qcow2"],
+        &["info", "b2.qcow2"],
+    ] {
+        p.same_but_sizes("qemu-img", args);
+    }
+    for name in ["alone.raw", "top.raw", "dd.raw"] {
+        let a = std::fs::read(p.theirs.path().join(name)).unwrap();
+        let b = std::fs::read(p.ours.path().join(name)).unwrap();
+        assert!(a == b, "{name} differs");
+    }
+}
+
+/// Wrong names and options are refused with QEMU's words, before anything is written.
+#[test]
+fn qemu_filename_syntax_refusals() {
+    let p = Pair::new();
+    let file = r#""file":{"driver":"file","filename":"t.qcow2"}"#;
+    for name in [
+        r#"json:{"driver":"qcow2""#.to_owned(),
+        "json:[1]".into(),
+        "json:{}".into(),
+        r#"json:{"driver":"nosuch","file":"t.qcow2"}"#.into(),
+        r#"json:{"driver":"qcow2","file":"t.qcow2"}"#.into(),
+        r#"json:{"driver":"qcow2","file":{"driver":"file"}}"#.into(),
+        r#"json:{"driver":"qcow2","file":{"filename":"t.qcow2","bar":1}}"#.into(),
+        r#"json:{"driver":"qcow2","file":{"filename":"nonexist"}}"#.into(),
+        format!(r#"json:{{"driver":"qcow2",{file},"foo":1}}"#),
+        format!(r#"json:{{"driver":"qcow2",{file},"read-only":"maybe"}}"#),
+        format!(r#"json:{{"driver":"qcow2",{file},"l2-cache-size":"abc"}}"#),
+        format!(r#"json:{{"driver":"qcow2",{file},"discard":"x"}}"#),
+        format!(r#"json:{{"driver":"qcow2",{file},"overlap-check":"x"}}"#),
+        format!(r#"json:{{"driver":"qcow2",{file},"backing":"x"}}"#),
+        r#"json:{"driver":"qcow2","file":{"filename":"t.qcow2","locking":"maybe"}}"#.into(),
+    ] {
+        p.same("qemu-img", &["info", &name]);
+        p.same("qemu-img", &["check", &name]);
+    }
+    for opts in [
+        "t.qcow2",
+        "driver=qcow2",
+        "driver=qcow2,file.filename=t.qcow2,foo=1",
+    ] {
+        p.same("qemu-img", &["info", "--image-opts", opts]);
+    }
+    p.same(
+        "qemu-img",
+        &["info", "--image-opts", "-f", "qcow2", "t.qcow2"],
+    );
+    p.same(
+        "qemu-img",
+        &[
+            "compare",
+            "--image-opts",
+            "-f",
+            "qcow2",
+            "t.qcow2",
+            "t.qcow2",
+        ],
+    );
+    let before = std::fs::read(p.ours.path().join("t.qcow2")).unwrap();
+    p.same(
+        "qemu-img",
+        &[
+            "resize",
+            r#"json:{"driver":"qcow2","file":{"filename":"t.qcow2"},"x":1}"#,
+            "2M",
+        ],
+    );
+    assert!(before == std::fs::read(p.ours.path().join("t.qcow2")).unwrap());
+}
+
+/// `--object`: definitions checked as QEMU checks them; `help` lists what there is.
+#[test]
+fn qemu_object_definitions() {
+    let p = Pair::new();
+    for object in [
+        "help",
+        "secret,help",
+        "secret,id=s0,data=abc",
+        "secret,id=s0,data=YWJj,format=base64",
+        "secret,id=s0,file=t.qcow2",
+        "secret,data=abc",
+        "secret,id=s0",
+        "secret,id=s0,data=a,file=t.qcow2",
+        "secret,id=s0,file=/nonexistent",
+        "secret,id=s0,data=a,format=foo",
+        "secret,id=s0,data=a,bogus=1",
+        "qom-type=secret,id=s0,data=x",
+        "id=s0,data=x",
+        "foo,id=x",
+        "iothread,id=io0",
+    ] {
+        p.same("qemu-img", &["info", "--object", object, "t.qcow2"]);
+        p.same("qemu-img", &["map", "--object", object, "t.qcow2"]);
+    }
+    p.same(
+        "qemu-img",
+        &[
+            "info",
+            "--object",
+            "secret,id=s0,data=a",
+            "--object",
+            "secret,id=s0,data=b",
+            "t.qcow2",
+        ],
+    );
+    p.same(
+        "qemu-img",
+        &[
+            "bitmap",
+            "--object",
+            "secret,id=s0",
+            "--add",
+            "t.qcow2",
+            "b0",
+        ],
+    );
+    p.same(
+        "qemu-img",
+        &[
+            "bitmap",
+            "--object",
+            "secret,id=s0,data=x",
+            "--add",
+            "t.qcow2",
+            "b0",
+        ],
+    );
+    p.same_but_sizes("qemu-img", &["info", "t.qcow2"]);
+}

@@ -217,6 +217,11 @@ impl ImageOptions {
     pub fn is_direct(&self) -> bool {
         self.direct
     }
+
+    /// Which backing file these options open.
+    pub fn backing_choice(&self) -> &BackingChoice {
+        &self.backing
+    }
 }
 
 // The options of `create` (qemu-img create's `-o`), here because the errors name them.

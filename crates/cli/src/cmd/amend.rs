@@ -3,9 +3,9 @@
 //! `backing_file`/`backing_fmt` only as they are. qemu-img's syntax, messages and exit status.
 
 use crate::cmd::create::amend_options;
-use anyhow::{anyhow, bail, Result};
-use blockio::FileOpener;
-use qcow2_engine::{AmendError, Error, Image, ImageFormat, ImageOptions};
+use crate::names::NameArgs;
+use anyhow::{bail, Result};
+use qcow2_engine::{AmendError, Error, ImageFormat, ImageOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -25,6 +25,8 @@ pub struct AmendArgs {
     /// Accepted for qemu-img's sake: it matters only for encryption, which qimg does not do.
     #[arg(long = "force")]
     force: bool,
+    #[command(flatten)]
+    pub names: NameArgs,
     /// The image.
     images: Vec<PathBuf>,
 }
@@ -44,18 +46,11 @@ async fn amend(args: &AmendArgs) -> Result<()> {
     let [image] = args.images.as_slice() else {
         bail!("Expecting one image file name");
     };
-    let format = match args.format.as_deref() {
-        None => None,
-        Some(f) => {
-            Some(ImageFormat::from_name(f).ok_or_else(|| anyhow!("Unknown file format '{f}'"))?)
-        }
-    };
-    if format == Some(ImageFormat::Raw) {
+    let name = args.names.name(image, args.format.as_deref())?;
+    if name.format() == Some(ImageFormat::Raw) {
         bail!("Format driver 'raw' does not support option amendment");
     }
-    let img = Image::open(FileOpener, image, ImageOptions::new())
-        .await
-        .map_err(|e| anyhow!("Could not open '{}': {e}", image.display()))?;
+    let img = crate::util::open_image(&name, ImageOptions::new()).await?;
     let (opts, size) = match amend_options(&args.options) {
         Ok(parsed) => parsed,
         Err(e) => {

@@ -1,12 +1,12 @@
 //! `qimg bitmap`: change an image's persistent dirty bitmaps (qemu-img bitmap): `--add`,
 //! `--remove`, `--clear`, `--enable`, `--disable`, `--merge SOURCE [-b SOURCE_FILE [-F FMT]]`,
-//! several in one command, applied in order. qemu-img's syntax, messages and exit status. Not
-//! done: `--object`, `--image-opts`.
+//! several in one command, applied in order. qemu-img's syntax, messages and exit status.
 
+use crate::names::{check_objects, ImageName, NameArgs};
 use crate::size::parse_size;
 use anyhow::{anyhow, bail, Result};
-use blockio::FileOpener;
 use qcow2_engine::{BitmapAction, Image, ImageFormat, ImageOptions};
+use std::path::Path;
 use std::process::ExitCode;
 
 /// The arguments of `qimg bitmap`, parsed in order (the order of the actions matters).
@@ -106,6 +106,9 @@ fn granularity(s: &str) -> std::result::Result<u64, Usage> {
 }
 
 async fn bitmap(p: Parsed) -> Result<()> {
+    if check_objects(&p.objects)? {
+        return Ok(());
+    }
     if p.actions.is_empty() {
         bail!("Need at least one of --add, --remove, --clear, --enable, --disable, or --merge");
     }
@@ -129,17 +132,13 @@ async fn bitmap(p: Parsed) -> Result<()> {
     let [image, name] = p.positional.as_slice() else {
         bail!("Expecting filename and bitmap name");
     };
-    if p.image_opts || !p.objects.is_empty() {
-        bail!("qimg bitmap does not support --image-opts or --object yet");
-    }
-    if let Some(f) = p.format.as_deref() {
-        match ImageFormat::from_name(f) {
-            None => bail!("Unknown file format '{f}'"),
-            Some(ImageFormat::Raw) => {
-                bail!("Operation {} on bitmap {name} failed: Can't store persistent bitmaps to {image}: Operation not supported", p.actions[0].name())
-            }
-            Some(_) => {}
-        }
+    let names = NameArgs {
+        image_opts: p.image_opts,
+        objects: p.objects.clone(),
+    };
+    let target = names.name(Path::new(image), p.format.as_deref())?;
+    if target.format() == Some(ImageFormat::Raw) {
+        bail!("Operation {} on bitmap {name} failed: Can't store persistent bitmaps to {image}: Operation not supported", p.actions[0].name())
     }
     let granularity = p.granularity.filter(|&g| g != 0);
     let actions: Vec<BitmapAction> = p
@@ -150,9 +149,7 @@ async fn bitmap(p: Parsed) -> Result<()> {
             other => other,
         })
         .collect();
-    let img = Image::open(FileOpener, image, ImageOptions::new())
-        .await
-        .map_err(|e| open_error(image, &e))?;
+    let img = crate::util::open_image(&target, ImageOptions::new()).await?;
     let (actions, stop) = match &p.source_file {
         None => (actions, None),
         Some(file) => from_source(file, p.source_fmt.as_deref(), name, actions).await,
@@ -182,9 +179,13 @@ async fn from_source(
             let opened = if raw {
                 None
             } else {
-                match Image::open(FileOpener, file, ImageOptions::new().read_only(true)).await {
+                let opened = match ImageName::parse(Path::new(file), false, None) {
+                    Ok(n) => crate::util::open_image(&n, ImageOptions::new().read_only(true)).await,
+                    Err(e) => Err(e),
+                };
+                match opened {
                     Ok(img) => Some(img),
-                    Err(e) => return (out, Some(open_error(file, &e))),
+                    Err(e) => return (out, Some(e)),
                 }
             };
             src = Some(opened);
@@ -209,10 +210,4 @@ async fn from_source(
         }
     }
     (out, None)
-}
-
-/// An image that cannot be opened, as qemu-img says it (its words, then the engine's, which
-/// are QEMU's file driver's).
-fn open_error(path: &str, e: &qcow2_engine::Error) -> anyhow::Error {
-    anyhow!("Could not open '{path}': {e}")
 }

@@ -2,11 +2,12 @@
 //! diagnostic lines on stderr and its exit codes (0 clean, 1 check failed, 2 corruptions,
 //! 3 leaks only, 63 format without checks).
 
+use crate::names::{ImageName, NameArgs};
 use crate::util::{open_disk, program, OutputFormat};
 use blockio::FileOpener;
 use qcow2_engine::{CheckReport, Disk, Image, ImageOptions, RepairMode};
 use serde_json::{Map, Value};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Exit status when the format has no consistency check (raw).
@@ -39,6 +40,8 @@ pub struct CheckArgs {
     /// Open in shared mode (qemu-img's -U): check an image another process writes (read-only checks only).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    #[command(flatten)]
+    pub names: NameArgs,
     /// The image.
     image: PathBuf,
 }
@@ -49,29 +52,19 @@ pub async fn run(args: CheckArgs) -> ExitCode {
         RepairArg::Leaks => RepairMode::Leaks,
         RepairArg::All => RepairMode::All,
     });
-    ExitCode::from(
-        check_and_report(
-            &args.image,
-            args.format.as_deref(),
-            repair,
-            args.output,
-            args.quiet,
-            args.force_share,
-        )
-        .await,
-    )
+    ExitCode::from(check_and_report(&args, repair).await)
 }
 
 /// Checks (or repairs) the image, prints the report and returns the exit status.
-async fn check_and_report(
-    path: &Path,
-    format: Option<&str>,
-    repair: Option<RepairMode>,
-    output: OutputFormat,
-    quiet: bool,
-    force_share: bool,
-) -> u8 {
-    let report = match check(path, format, repair, force_share).await {
+async fn check_and_report(args: &CheckArgs, repair: Option<RepairMode>) -> u8 {
+    let name = match args.names.name(&args.image, args.format.as_deref()) {
+        Ok(name) => name,
+        Err(e) => {
+            eprintln!("{}: {e:#}", program());
+            return CheckReport::EXIT_CHECK_FAILED;
+        }
+    };
+    let report = match check(&name, repair, args.force_share).await {
         Ok(Some(r)) => r,
         Ok(None) => {
             eprintln!("{}: This image format does not support checks", program());
@@ -96,9 +89,9 @@ async fn check_and_report(
         eprintln!("{}: Check failed: {why}", program());
         return CheckReport::EXIT_CHECK_FAILED;
     }
-    if !quiet {
-        let filename = path.display().to_string();
-        match output {
+    if !args.quiet {
+        let filename = name.path().display().to_string();
+        match args.output {
             OutputFormat::Human => print!("{}", human(&report)),
             OutputFormat::Json => println!("{}", json(&report, &filename, "qcow2")),
         }
@@ -111,21 +104,20 @@ async fn check_and_report(
 
 /// Opens the image (read-write for a repair) and checks it; `None` when it is not qcow2.
 async fn check(
-    path: &Path,
-    format: Option<&str>,
+    name: &ImageName,
     repair: Option<RepairMode>,
     force_share: bool,
 ) -> anyhow::Result<Option<CheckReport>> {
-    let disk = open_disk(path, format, force_share).await?;
+    let disk = open_disk(name, force_share).await?;
     let report = match (&disk, repair) {
         (Disk::Raw(_), _) => return Ok(None),
         (Disk::Qcow2(img), None) => img.check().await?,
         (Disk::Qcow2(_), Some(mode)) => {
             drop(disk);
-            let options = ImageOptions::new().force_share(force_share);
-            let img = Image::open_for_repair(FileOpener, path, options)
+            let options = name.options(ImageOptions::new().force_share(force_share))?;
+            let img = Image::open_for_repair(FileOpener, name.path(), options)
                 .await
-                .map_err(|e| anyhow::anyhow!("Could not open '{}': {e}", path.display()))?;
+                .map_err(|e| name.could_not_open(e))?;
             img.repair(mode).await?
         }
     };

@@ -1,6 +1,7 @@
 //! `qimg compare`: whether two images show the same guest contents, as qemu-img compare
 //! decides it (the extra part of the larger image must read as zeros unless `-s`).
 
+use crate::names::NameArgs;
 use crate::util::{self, open_disk};
 use anyhow::{Context, Result};
 use blockio::FileOpener;
@@ -30,6 +31,8 @@ pub struct CompareArgs {
     /// Open in shared mode (qemu-img's -U): coexist with writers of the images.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    #[command(flatten)]
+    pub names: NameArgs,
     /// First image.
     a: PathBuf,
     /// Second image.
@@ -51,9 +54,10 @@ async fn compare(args: &CompareArgs) -> Result<u8> {
             println!("{line}");
         }
     };
-    let (a, b) = (args.a.as_path(), args.b.as_path());
-    let da = open_disk(a, args.format_a.as_deref(), args.force_share).await?;
-    let db = open_disk(b, args.format_b.as_deref(), args.force_share).await?;
+    let a = args.names.name(&args.a, args.format_a.as_deref())?;
+    let b = args.names.name(&args.b, args.format_b.as_deref())?;
+    let da = open_disk(&a, args.force_share).await?;
+    let db = open_disk(&b, args.force_share).await?;
     let (sa, sb) = (da.size(), db.size());
     if sa != sb {
         if args.strict {
@@ -66,8 +70,8 @@ async fn compare(args: &CompareArgs) -> Result<u8> {
     let mut off = 0;
     while off < common {
         let n = CHUNK.min((common - off) as usize);
-        let x = read(&da, a, off, n).await?;
-        let y = read(&db, b, off, n).await?;
+        let x = read(&da, a.path(), off, n).await?;
+        let y = read(&db, b.path(), off, n).await?;
         if let Some(i) = x.iter().zip(y.iter()).position(|(p, q)| p != q) {
             say(format!(
                 "Content mismatch at offset {}!",
@@ -77,7 +81,11 @@ async fn compare(args: &CompareArgs) -> Result<u8> {
         }
         off += n as u64;
     }
-    let (longer, path) = if sa > sb { (&da, a) } else { (&db, b) };
+    let (longer, path) = if sa > sb {
+        (&da, a.path())
+    } else {
+        (&db, b.path())
+    };
     while off < longer.size() {
         let n = CHUNK.min((longer.size() - off) as usize);
         let x = read(longer, path, off, n).await?;

@@ -1,6 +1,7 @@
 //! `qimg convert`: write the guest view of an image to a raw file or a new qcow2 image,
 //! leaving holes (unallocated clusters) where the source reads zeros.
 
+use crate::names::NameArgs;
 use crate::util::{self, open_disk};
 use anyhow::{bail, Context, Result};
 use blockio::{Backend, FileOpener, IoBuf, LockRequest, OpenOptions, Opener, Perms};
@@ -41,6 +42,8 @@ pub struct ConvertArgs {
     /// `ID_OR_NAME`, `snapshot.id=ID` or `snapshot.name=NAME` (qemu-img's -l).
     #[arg(short = 'l', value_name = "SNAPSHOT")]
     snapshot: Option<String>,
+    #[command(flatten)]
+    pub names: NameArgs,
     /// Source image.
     source: PathBuf,
     /// Destination file.
@@ -71,7 +74,11 @@ async fn convert(args: &ConvertArgs) -> Result<()> {
     }
     options.extend(args.options.iter().cloned());
     let options = &options;
-    let disk = open_disk(source, args.format.as_deref(), args.force_share).await?;
+    let disk = open_disk(
+        &args.names.name(source, args.format.as_deref())?,
+        args.force_share,
+    )
+    .await?;
     if args.backing.is_some() && args.output_format == "raw" {
         bail!("Backing file not supported for file format 'raw'");
     }

@@ -6,7 +6,8 @@
 //! (nothing printed), then the size and the backing file (opened to check it and to take its
 //! size), then the "Formatting" line, then the format's own checks, then the image.
 
-use crate::size::{cvtnum_full, parse_size, SizeError};
+use crate::qopts;
+use crate::size::cvtnum_full;
 use blockio::FileOpener;
 use qcow2_engine::{
     create, create_raw, probe_backing, AmendOptions, Compat, CreateOptions, ImageFormat,
@@ -239,59 +240,14 @@ fn parse_options(qcow2: bool, lists: &[String]) -> Result<Opts, Failure> {
             };
             match kind {
                 Kind::Str => {}
-                Kind::Bool => {
-                    v.flag = match text.as_str() {
-                        "on" | "yes" | "true" | "y" => true,
-                        "off" | "no" | "false" | "n" => false,
-                        _ => return fail(format!("Parameter '{name}' expects 'on' or 'off'")),
-                    }
-                }
-                Kind::Size => {
-                    // QemuOpts' size options: qemu_strtosz over the whole of u64.
-                    v.num = match parse_size(&text) {
-                        Ok(n) => n,
-                        Err(SizeError::Negative | SizeError::OutOfRange) => {
-                            return fail(format!(
-                                "Value '{text}' is out of range for parameter '{name}'"
-                            ))
-                        }
-                        Err(SizeError::Invalid) => {
-                            return fail(format!(
-                                "Parameter '{name}' expects a non-negative number below 2^64\n\
-                                 Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, \
-                                 tera-, peta-\nand exabytes, respectively."
-                            ))
-                        }
-                    }
-                }
-                Kind::Number => {
-                    v.num = parse_number(&text)
-                        .ok_or(())
-                        .or_else(|_| fail(format!("Parameter '{name}' expects a number")))?;
-                }
+                Kind::Bool => v.flag = qopts::bool_value(name, &text).or_else(fail)?,
+                Kind::Size => v.num = qopts::size_value(name, &text).or_else(fail)?,
+                Kind::Number => v.num = qopts::number_value(name, &text).or_else(fail)?,
             }
             opts.put(name, v);
         }
     }
     Ok(opts)
-}
-
-/// QemuOpts' number parsing (`strtoull` with base 0): decimal, `0x` hex or `0` octal, a
-/// leading minus wrapping around.
-fn parse_number(s: &str) -> Option<u64> {
-    let t = s.trim_start();
-    let (neg, t) = match t.strip_prefix('-') {
-        Some(r) => (true, r),
-        None => (false, t.strip_prefix('+').unwrap_or(t)),
-    };
-    let v = if let Some(h) = t.strip_prefix("0x").or(t.strip_prefix("0X")) {
-        u64::from_str_radix(h, 16).ok()?
-    } else if t.len() > 1 && t.starts_with('0') {
-        u64::from_str_radix(&t[1..], 8).ok()?
-    } else {
-        t.parse::<u64>().ok()?
-    };
-    Some(if neg { v.wrapping_neg() } else { v })
 }
 
 /// The image format qemu-img names: `true` for qcow2, `false` for raw.
@@ -640,6 +596,7 @@ pub fn measure_options(format: &str, lists: &[String]) -> Result<Option<CreateOp
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::size::{parse_size, SizeError};
 
     #[test]
     fn sizes_parse_like_qemu() {
@@ -666,8 +623,5 @@ mod tests {
         assert!(valid_list("a=x,,"));
         assert!(!valid_list("a,"));
         assert!(!valid_list(""));
-        assert_eq!(parse_number("0x10"), Some(16));
-        assert_eq!(parse_number("-1"), Some(u64::MAX));
-        assert_eq!(parse_number("1.5"), None);
     }
 }

@@ -1,6 +1,7 @@
 //! `qimg dd`: copy part of an image into a new one, dd-style (qemu-img dd): `if=`, `of=`,
 //! `bs=`, `count=`, `skip=`, with qemu-img's sizes, messages and exit status.
 
+use crate::names::NameArgs;
 use crate::size::cvtnum_full;
 use crate::util::open_disk;
 use anyhow::{anyhow, bail, Result};
@@ -21,6 +22,8 @@ pub struct DdArgs {
     /// Open the input in shared mode.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    #[command(flatten)]
+    pub names: NameArgs,
     /// The operands: `if=INPUT`, `of=OUTPUT`, `bs=BYTES` (512), `count=BLOCKS`,
     /// `skip=BLOCKS`.
     operands: Vec<String>,
@@ -70,7 +73,8 @@ async fn dd(args: &DdArgs) -> Result<()> {
     let ops = operands(args)?;
     let out_format = ImageFormat::from_name(&args.output_format)
         .ok_or_else(|| anyhow!("Unknown file format '{}'", args.output_format))?;
-    let source = open_disk(&ops.input, args.format.as_deref(), args.force_share).await?;
+    let input = args.names.name(&ops.input, args.format.as_deref())?;
+    let source = open_disk(&input, args.force_share).await?;
     // qemu-img's arithmetic: count blocks from the start, then skip blocks of those.
     let mut size = source.size();
     if let Some(c) = ops.count.and_then(|c| c.checked_mul(ops.bs)) {

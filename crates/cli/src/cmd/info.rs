@@ -1,5 +1,6 @@
 //! `qimg info`: what an image is, in qemu-img's words and JSON field names.
 
+use crate::names::NameArgs;
 use crate::util::{self, open_disk, open_disk_alone, size_to_str, OutputFormat};
 use anyhow::Result;
 use blockio::FileOpener;
@@ -25,6 +26,8 @@ pub struct InfoArgs {
     /// Open in shared mode (qemu-img's -U): coexist with a writer of the image.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    #[command(flatten)]
+    pub names: NameArgs,
     /// The image.
     image: PathBuf,
 }
@@ -37,9 +40,10 @@ pub async fn run(args: InfoArgs) -> ExitCode {
 async fn info(args: &InfoArgs) -> Result<()> {
     let (output, backing_chain) = (args.output, args.backing_chain);
     // One image needs no backing chain (its backing file may be gone, as qemu-img allows).
+    let name = args.names.name(&args.image, args.format.as_deref())?;
     let disk = match backing_chain {
-        true => open_disk(&args.image, args.format.as_deref(), args.force_share).await?,
-        false => open_disk_alone(&args.image, args.format.as_deref(), args.force_share).await?,
+        true => open_disk(&name, args.force_share).await?,
+        false => open_disk_alone(&name, args.force_share).await?,
     };
     let mut infos = Vec::new();
     let mut layer = Some(&disk);

@@ -1,5 +1,6 @@
 //! `qimg map`: where each guest range's data lives, as qemu-img map prints it.
 
+use crate::names::NameArgs;
 use crate::util::{self, open_disk, OutputFormat};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
@@ -17,6 +18,8 @@ pub struct MapArgs {
     /// Open in shared mode (qemu-img's -U): coexist with a writer of the image.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    #[command(flatten)]
+    pub names: NameArgs,
     /// The image.
     image: PathBuf,
 }
@@ -27,7 +30,11 @@ pub async fn run(args: MapArgs) -> ExitCode {
 }
 
 async fn map(args: &MapArgs) -> Result<()> {
-    let disk = open_disk(&args.image, args.format.as_deref(), args.force_share).await?;
+    let disk = open_disk(
+        &args.names.name(&args.image, args.format.as_deref())?,
+        args.force_share,
+    )
+    .await?;
     let entries = disk.map(0, disk.size()).await?;
     match args.output {
         OutputFormat::Json => {

@@ -2,6 +2,7 @@
 //! for the contents of an existing image, with qemu-img's options, output and messages.
 
 use crate::cmd::create::measure_options;
+use crate::names::NameArgs;
 use crate::size::cvtnum_full;
 use crate::util::{self, open_disk, OutputFormat};
 use anyhow::{anyhow, bail, Result};
@@ -32,6 +33,8 @@ pub struct MeasureArgs {
     /// Measure a new, empty image of this virtual size instead of a source image.
     #[arg(long = "size", allow_hyphen_values = true)]
     size: Option<String>,
+    #[command(flatten)]
+    pub names: NameArgs,
     /// The source image.
     image: Option<PathBuf>,
 }
@@ -65,7 +68,11 @@ async fn measure(args: &MeasureArgs) -> Result<()> {
         (Some(_), Some(_)) => bail!("--size N cannot be used together with a filename."),
         (None, None) => bail!("Either --size N or one filename must be specified."),
         (Some(path), None) => Source::Image(Box::new(
-            open_disk(path, args.format.as_deref(), args.force_share).await?,
+            open_disk(
+                &args.names.name(path, args.format.as_deref())?,
+                args.force_share,
+            )
+            .await?,
         )),
         (None, Some(size)) => Source::Size(size),
     };

@@ -2,11 +2,10 @@
 //! `--shrink`, `--preallocation`), its checks in its order, its messages and its exit status
 //! (0, or 1 with the message on stderr), and "Image resized." on stdout.
 
-use crate::size::{parse_size, SizeError};
+use crate::names::NameArgs;
+use crate::qopts;
 use blockio::FileOpener;
-use qcow2_engine::{
-    Disk, Error, ImageFormat, ImageOptions, Preallocation, ResizeError, ResizeOptions,
-};
+use qcow2_engine::{Disk, Error, ImageOptions, Preallocation, ResizeError, ResizeOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -25,6 +24,8 @@ pub struct ResizeArgs {
     /// Quiet: do not print "Image resized.".
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
+    #[command(flatten)]
+    pub names: NameArgs,
     /// The image.
     image: PathBuf,
     /// The new size, or with `+` or `-` the amount to grow or shrink by: bytes, or with a
@@ -68,17 +69,9 @@ fn parse_new_size(arg: &str) -> Result<(i64, u64), Failure> {
         Some(b'-') => (-1, &arg[1..]),
         _ => (0, arg),
     };
-    match parse_size(text) {
-        Ok(n) => Ok((sign, n)),
-        Err(SizeError::Negative | SizeError::OutOfRange) => Err(Failure::one(format!(
-            "Value '{text}' is out of range for parameter 'size'"
-        ))),
-        Err(SizeError::Invalid) => Err(Failure::one(
-            "Parameter 'size' expects a non-negative number below 2^64\n\
-             Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
-             and exabytes, respectively.",
-        )),
-    }
+    qopts::size_value("size", text)
+        .map(|n| (sign, n))
+        .map_err(Failure::one)
 }
 
 async fn resize(args: &ResizeArgs) -> Result<(), Failure> {
@@ -88,16 +81,12 @@ async fn resize(args: &ResizeArgs) -> Result<(), Failure> {
             .ok_or_else(|| Failure::one(format!("Invalid preallocation mode '{name}'")))?,
     };
     let (sign, n) = parse_new_size(&args.size)?;
-    let format = match args.format.as_deref() {
-        None => None,
-        Some(f) => Some(
-            ImageFormat::from_name(f)
-                .ok_or_else(|| Failure::one(format!("Unknown file format '{f}'")))?,
-        ),
-    };
-    let disk = Disk::open(FileOpener, &args.image, format, ImageOptions::new())
+    let name = (args.names)
+        .name(&args.image, args.format.as_deref())
+        .map_err(|e| Failure::one(format!("{e:#}")))?;
+    let disk = crate::util::open_disk_with(&name, ImageOptions::new())
         .await
-        .map_err(|e| Failure::one(format!("Could not open '{}': {e}", args.image.display())))?;
+        .map_err(|e| Failure::one(format!("{e:#}")))?;
     let current = disk.size();
     // qemu-img's int64 arithmetic: anything at or past 2^63 is negative, hence not positive.
     let total = if sign == 0 {

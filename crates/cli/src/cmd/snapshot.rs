@@ -2,6 +2,7 @@
 //! with qemu-img's options, output, messages and exit status; and the snapshot table as
 //! qemu-img prints it (`snapshot -l`, `info`).
 
+use crate::names::NameArgs;
 use crate::util::size_to_str;
 use anyhow::{anyhow, bail, Result};
 use blockio::FileOpener;
@@ -33,6 +34,8 @@ pub struct SnapshotArgs {
     /// Quiet.
     #[arg(short = 'q')]
     quiet: bool,
+    #[command(flatten)]
+    pub names: NameArgs,
     /// The image.
     image: PathBuf,
 }
@@ -63,10 +66,8 @@ async fn snapshot(args: &SnapshotArgs) -> Result<()> {
     let opts = ImageOptions::new()
         .read_only(list)
         .force_share(args.force_share);
-    let path = &args.image;
-    let img = Image::open(FileOpener, path, opts)
-        .await
-        .map_err(|e| anyhow!("Could not open '{}': {e}", path.display()))?;
+    let name = args.names.name(&args.image, args.format.as_deref())?;
+    let img = crate::util::open_image(&name, opts).await?;
     let r = act(args, &img).await;
     let closed = img.close().await;
     r?;
