@@ -221,7 +221,21 @@ pub fn check_target_result(
 ) -> Result<(), String> {
     let g = scn.target;
     match res {
-        Err(e) => typed(e, f.errno).map_err(|m| format!("{g:?} failed untyped: {m}"))?,
+        Err(e) => {
+            typed(e, f.errno).map_err(|m| format!("{g:?} failed untyped: {m}"))?;
+            // A failed guest write says which guest range it was, whatever step failed.
+            let request = match g {
+                G::Write(o, l) => Some(format!("guest write {o:#x}+{l:#x}: ")),
+                G::Zero(o, l, _) => Some(format!("guest write-zeroes {o:#x}+{l:#x}: ")),
+                G::Discard(o, l) => Some(format!("guest discard {o:#x}+{l:#x}: ")),
+                _ => None,
+            };
+            if let Some(prefix) = request {
+                if !e.to_string().starts_with(&prefix) {
+                    return Err(format!("{g:?} failed without its range: {e}"));
+                }
+            }
+        }
         Ok(_) => {
             if class != Class::PunchHole {
                 // Not an error the engine may swallow; the checks below show whether the

@@ -165,6 +165,9 @@ pub fn typed(e: &Error, errno: i32) -> Result<(), String> {
     if !matches!(e, Error::Io { .. }) {
         return Err(format!("not Error::Io: {e:?}"));
     }
+    if e.errno() != errno {
+        return Err(format!("errno() is {}, not {errno}: {e:?}", e.errno()));
+    }
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = src {
         if let Some(io) = s.downcast_ref::<std::io::Error>() {

@@ -238,9 +238,60 @@ impl Error {
         }
     }
 
+    /// The error of a guest request (`what`: "write", "read", ...) on `offset..offset+len`:
+    /// an I/O error's context starts with the request, so that a failure met while writing
+    /// metadata for a guest write still says which guest data it was for. The variant and
+    /// the errno stay what they were.
+    pub(crate) fn in_request(self, what: &str, offset: u64, len: u64) -> Self {
+        match self {
+            Error::Io { context, source } => Error::Io {
+                context: format!("guest {what} {offset:#x}+{len:#x}: {context}"),
+                source,
+            },
+            other => other,
+        }
+    }
+
     /// Whether this error means the image is (or is marked) corrupt.
     pub fn is_corruption(&self) -> bool {
         matches!(self, Error::Corrupt { .. } | Error::MarkedCorrupt(_))
+    }
+
+    /// The `errno` a block device would complete the request with, as QEMU's block layer
+    /// chooses it: the system's own for I/O errors (`ENOSPC`, `EIO`, ...), `EIO` for
+    /// corruption found and for requests past the end of the disk, `EPERM` for a write to a
+    /// read-only image, `ENOTSUP` for what the engine does not do, `EINVAL` for refused
+    /// arguments. A VMM completes a guest request with it (virtio-blk's `VIRTIO_BLK_S_IOERR`
+    /// or `VIRTIO_BLK_S_UNSUPP`, an NVMe status) and [`std::io::Error::from_raw_os_error`]
+    /// words it.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Io { source, .. } | Error::OpenFile { source, .. } => {
+                source.raw_os_error().unwrap_or(libc::EIO)
+            }
+            Error::Format { .. }
+            | Error::Corrupt { .. }
+            | Error::MarkedCorrupt(_)
+            | Error::Decompress { .. }
+            | Error::OutOfRange { .. } => libc::EIO,
+            Error::ReadOnly => libc::EPERM,
+            Error::Locked { .. } => libc::EAGAIN,
+            Error::BackingLoop { .. } | Error::BackingChainTooDeep { .. } => libc::ELOOP,
+            Error::Unsupported { .. } => libc::ENOTSUP,
+            Error::SnapshotNotFound { .. } => libc::ENOENT,
+            Error::RefcountOverflow { .. } => libc::ERANGE,
+            Error::CompressedWrite { reason, .. } => match reason {
+                CompressedRefusal::NotWholeClusters => libc::EINVAL,
+                CompressedRefusal::Allocated => libc::EIO,
+                CompressedRefusal::DataFile | CompressedRefusal::Raw => libc::ENOTSUP,
+            },
+            Error::InvalidOptions(_)
+            | Error::Bitmap(_)
+            | Error::BitmapAction { .. }
+            | Error::Create(_)
+            | Error::Amend(_)
+            | Error::Resize(_) => libc::EINVAL,
+        }
     }
 }
 

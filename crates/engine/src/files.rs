@@ -61,8 +61,16 @@ impl<B: Backend> Files<B> {
 
     /// Replaces the image file (opened again for writing, for a repair).
     pub(crate) fn replace_image(&mut self, image: B) {
-        self.flushes = FlushState::new(&image);
+        self.flushes = FlushState::new(&image).skipping(self.flushes.skip);
         self.image = image;
+    }
+
+    /// Flushes of the files do not reach the disk ([`crate::CacheMode::Unsafe`]).
+    pub(crate) fn skip_flushes(&mut self, yes: bool) {
+        self.flushes.skip = yes;
+        if let Some(d) = &mut self.data {
+            d.flushes.skip = yes;
+        }
     }
 
     /// The external data file, if the image has one.
@@ -161,6 +169,8 @@ impl<B: Backend> Files<B> {
 /// the backend's count of failed flushes ([`Backend::flush_failures`]) with the count it has
 /// accounted for, and fails (as if it had failed itself) when another flush failed since.
 pub(crate) struct FlushState {
+    /// Flushes succeed without reaching the file ([`crate::CacheMode::Unsafe`]).
+    skip: bool,
     broken: std::sync::atomic::AtomicBool,
     /// Failed flushes of the file accounted for.
     seen: AtomicU64,
@@ -170,13 +180,23 @@ impl FlushState {
     /// The flushes of `backend`, accounting for the failures it had before.
     pub(crate) fn new<B: Backend>(backend: &B) -> Self {
         FlushState {
+            skip: false,
             broken: Default::default(),
             seen: AtomicU64::new(backend.flush_failures()),
         }
     }
 
+    /// The same, with flushes that do not reach the file when `yes`.
+    pub(crate) fn skipping(mut self, yes: bool) -> Self {
+        self.skip = yes;
+        self
+    }
+
     /// Flushes `backend` (the file at `path`).
     pub(crate) async fn flush<B: Backend>(&self, backend: &B, path: &Path) -> Result<()> {
+        if self.skip {
+            return Ok(());
+        }
         if self.broken.load(Ordering::Acquire) {
             return Err(Error::io(
                 format!(

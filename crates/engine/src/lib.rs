@@ -76,6 +76,9 @@ pub use error::{
 pub use image::MapEntry;
 pub use image::{resolve_backing, Disk, Image, RawImage};
 pub use map::status::{Extent, ExtentKind};
-pub use options::{BackingChoice, ImageFormat, ImageOptions, ResizeOptions, SnapshotOptions};
+pub use options::{
+    BackingChoice, CacheMode, ImageFormat, ImageOptions, ResizeOptions, SnapshotOptions,
+};
 pub use rebase::NewBacking;
+pub use request::{VectoredResult, WriteFlags};
 pub use snapshot::{SnapshotLookup, SnapshotView};

@@ -60,6 +60,10 @@ pub enum BackingChoice {
 pub struct ImageOptions {
     pub(crate) read_only: bool,
     pub(crate) direct: bool,
+    /// Whether every write is made durable before it completes, and whether flushes are
+    /// skipped (the rest of the cache mode: `direct` is its other half).
+    pub(crate) write_through: bool,
+    pub(crate) no_flush: bool,
     pub(crate) l2_cache_bytes: u64,
     pub(crate) backing: BackingChoice,
     pub(crate) data_file: Option<PathBuf>,
@@ -77,6 +81,8 @@ impl Default for ImageOptions {
         Self {
             read_only: false,
             direct: false,
+            write_through: false,
+            no_flush: false,
             l2_cache_bytes: 32 << 20,
             backing: BackingChoice::FromHeader,
             data_file: None,
@@ -86,6 +92,64 @@ impl Default for ImageOptions {
             force_share: false,
             lock_image: true,
         }
+    }
+}
+
+/// How an image uses the host's page cache and flushes, by QEMU's names (`-t`, `--cache`,
+/// `cache=`). Durability is the same in all but [`CacheMode::Unsafe`]: what
+/// [`Image::flush`](crate::Image::flush) (or a write-through write) returned from is on
+/// disk; they differ in what is durable before that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// Through the page cache; a write is durable after the next flush (the default).
+    #[default]
+    Writeback,
+    /// Through the page cache; each write (and write-zeroes, compressed write) is durable,
+    /// with the metadata that maps it, before it completes, as with FUA.
+    Writethrough,
+    /// `O_DIRECT`: the page cache bypassed; durability as `Writeback` (the device may
+    /// have a volatile cache of its own).
+    None,
+    /// `O_DIRECT` and each write durable before it completes.
+    Directsync,
+    /// Through the page cache, and flushes do not reach the disk: metadata is still written
+    /// back to the file, but a crash (of the host) may lose anything. For scratch images.
+    Unsafe,
+}
+
+impl CacheMode {
+    /// The mode QEMU calls `name` (`writeback`, `writethrough`, `none`, `off`,
+    /// `directsync`, `unsafe`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "writeback" => CacheMode::Writeback,
+            "writethrough" => CacheMode::Writethrough,
+            "none" | "off" => CacheMode::None,
+            "directsync" => CacheMode::Directsync,
+            "unsafe" => CacheMode::Unsafe,
+            _ => return None,
+        })
+    }
+
+    /// QEMU's name of the mode.
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheMode::Writeback => "writeback",
+            CacheMode::Writethrough => "writethrough",
+            CacheMode::None => "none",
+            CacheMode::Directsync => "directsync",
+            CacheMode::Unsafe => "unsafe",
+        }
+    }
+
+    /// Whether the files are opened with `O_DIRECT`.
+    pub fn direct(self) -> bool {
+        matches!(self, CacheMode::None | CacheMode::Directsync)
+    }
+
+    /// Whether each write is durable before it completes.
+    pub fn writes_through(self) -> bool {
+        matches!(self, CacheMode::Writethrough | CacheMode::Directsync)
     }
 }
 
@@ -114,10 +178,32 @@ impl ImageOptions {
         self
     }
 
-    /// Bypasses the page cache (O_DIRECT, QEMU's `cache=none`).
+    /// Bypasses the page cache (O_DIRECT, QEMU's `cache=none`), leaving the rest of the
+    /// cache mode as it was.
     pub fn direct(mut self, yes: bool) -> Self {
         self.direct = yes;
         self
+    }
+
+    /// The cache mode, as QEMU names them (see [`CacheMode`]): whether the files are read
+    /// and written through the page cache, whether each write is durable when it completes,
+    /// whether flushes reach the disk.
+    pub fn cache(mut self, mode: CacheMode) -> Self {
+        self.direct = mode.direct();
+        self.write_through = mode.writes_through();
+        self.no_flush = mode == CacheMode::Unsafe;
+        self
+    }
+
+    /// The cache mode these options open with.
+    pub fn cache_mode(&self) -> CacheMode {
+        match (self.direct, self.write_through, self.no_flush) {
+            (_, _, true) => CacheMode::Unsafe,
+            (true, true, false) => CacheMode::Directsync,
+            (true, false, false) => CacheMode::None,
+            (false, true, false) => CacheMode::Writethrough,
+            (false, false, false) => CacheMode::Writeback,
+        }
     }
 
     /// Upper bound of memory for cached L2 tables, in bytes (at least one table is kept).

@@ -30,6 +30,20 @@ pub struct RawImage<B> {
     /// The size (see [`RawImage::size`]); a resize changes it.
     pub(crate) size: std::sync::atomic::AtomicU64,
     pub(crate) flushes: FlushState,
+    /// Each write is flushed before it completes ([`crate::CacheMode::writes_through`]).
+    pub(crate) write_through: bool,
+}
+
+impl<B: blockio::Backend> RawImage<B> {
+    /// `res`, a write's outcome, once a successful write is flushed if the disk writes
+    /// through.
+    async fn durable_after(&self, res: Result<()>) -> Result<()> {
+        res?;
+        if self.write_through {
+            self.flushes.flush(&self.backend, &self.path).await?;
+        }
+        Ok(())
+    }
 }
 
 impl<B> RawImage<B> {
@@ -220,10 +234,8 @@ impl<O: Opener> Disk<O> {
                 let res = write_unaligned(&raw.backend, &buf, offset, Keep::none()).await;
                 let mut buf = buf;
                 buf.set_window(window);
-                (
-                    res.map_err(|e| Error::io(format!("{}: write", raw.path.display()), e)),
-                    buf,
-                )
+                let res = res.map_err(|e| Error::io(format!("{}: write", raw.path.display()), e));
+                (raw.durable_after(res).await, buf)
             }
         }
     }
@@ -285,11 +297,14 @@ impl<O: Opener> Disk<O> {
     pub async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         match self {
             Disk::Qcow2(img) => img.write_zeroes(offset, len, may_unmap).await,
-            Disk::Raw(raw) => raw
-                .backend
-                .write_zeroes(offset, len, Keep::none())
-                .await
-                .map_err(|e| Error::io(format!("{}: write zeroes", raw.path.display()), e)),
+            Disk::Raw(raw) => {
+                let res = raw
+                    .backend
+                    .write_zeroes(offset, len, Keep::none())
+                    .await
+                    .map_err(|e| Error::io(format!("{}: write zeroes", raw.path.display()), e));
+                raw.durable_after(res).await
+            }
         }
     }
 

@@ -60,6 +60,8 @@ pub struct Image<O: Opener> {
     pub(crate) resizing: async_lock::Mutex<()>,
     pub(crate) geo: ClusterGeometry,
     pub(crate) read_only: bool,
+    /// Each write is durable before it completes ([`crate::CacheMode::writes_through`]).
+    pub(crate) write_through: bool,
     /// Lazy refcounts in use: refcount blocks are written only at close, under the dirty bit.
     pub(crate) lazy_refcounts: bool,
     pub(crate) backing: Option<Box<Disk<O>>>,

@@ -98,8 +98,11 @@ impl<O: Opener> Image<O> {
             (metadata, Some(alloc), tails)
         };
         let l2_tables = (options.l2_cache_bytes / geo.cluster_size()).max(1) as usize;
+        let mut files = Files::new(path, file, file_len, data_file);
+        files.skip_flushes(options.no_flush);
         let img = Image {
-            files: Files::new(path, file, file_len, data_file),
+            files,
+            write_through: options.write_through,
             aligned: Aligned::default(),
             geo,
             read_only,
@@ -260,7 +263,8 @@ impl<O: Opener> Image<O> {
                 // tail reads as zeros).
                 let size = len.div_ceil(512) * 512;
                 Ok(Disk::Raw(RawImage {
-                    flushes: FlushState::new(&backend),
+                    flushes: FlushState::new(&backend).skipping(options.no_flush),
+                    write_through: options.write_through,
                     backend,
                     path: path.into(),
                     size: AtomicU64::new(size),

@@ -104,6 +104,7 @@ impl<O: Opener> Image<O> {
         buf.set_window(window);
         if result.is_ok() {
             self.acked.fetch_add(1, Ordering::AcqRel);
+            result = self.durable_if(false).await;
         }
         (result, buf)
     }

@@ -15,6 +15,10 @@ mod flush;
 mod prealloc;
 mod read;
 mod resize;
+mod vectored;
 mod vmstate;
 mod write;
 mod zero;
+
+pub use vectored::VectoredResult;
+pub use write::WriteFlags;

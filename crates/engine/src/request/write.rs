@@ -15,6 +15,20 @@ use qcow2_format::{
 };
 use std::sync::atomic::Ordering;
 
+/// Flags of one write request ([`Image::write_at_with`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WriteFlags {
+    /// Force unit access: the write is durable, with the metadata that maps it, when it
+    /// completes (virtio-blk's and NVMe's FUA, QEMU's `BDRV_REQ_FUA`).
+    pub fua: bool,
+}
+
+impl WriteFlags {
+    /// A write that is durable when it completes.
+    pub const FUA: WriteFlags = WriteFlags { fua: true };
+}
+
 /// What one step of a write does.
 pub(super) enum Step {
     /// Write `len` bytes in place at `host`.
@@ -70,6 +84,38 @@ impl<O: Opener> Image<O> {
     /// installs its mapping goes back to the free space (nothing leaks); the metadata is
     /// changed only in steps that leave it consistent.
     pub async fn write_at(&self, buf: IoBuf, offset: u64) -> WriteResult {
+        self.write_at_with(buf, offset, WriteFlags::default()).await
+    }
+
+    /// [`Image::write_at`] with flags: with [`WriteFlags::FUA`] (or on an image opened
+    /// write-through, [`CacheMode::Writethrough`](crate::CacheMode)), the data and the
+    /// metadata that maps it are durable when the write completes: the image is flushed
+    /// after the write, as QEMU's block layer does for a driver without native FUA.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::write_at`]; dropped during its flush, the write is done (each cluster
+    /// reads the new data) but may not be durable, as a write without FUA, and the flush is
+    /// as cancel safe as [`Image::flush`].
+    pub async fn write_at_with(&self, buf: IoBuf, offset: u64, flags: WriteFlags) -> WriteResult {
+        let (res, buf) = self.write_acked(buf, offset).await;
+        match res {
+            Ok(()) => (self.durable_if(flags.fua).await, buf),
+            Err(e) => (Err(e), buf),
+        }
+    }
+
+    /// Makes what completed durable when `fua` asks for it or the image writes through.
+    pub(crate) async fn durable_if(&self, fua: bool) -> Result<()> {
+        if fua || self.write_through {
+            self.flush().await
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The write of [`Image::write_at`], acknowledged when done (not made durable).
+    pub(super) async fn write_acked(&self, buf: IoBuf, offset: u64) -> WriteResult {
         // No snapshot operation runs meanwhile (see `Image::writers`).
         let _writer = self.writers.token().await;
         let len = buf.window().len() as u64;
@@ -96,7 +142,10 @@ impl<O: Opener> Image<O> {
         let (res, mut buf) = self.write_steps(buf, window.start, offset, end).await;
         let result = match res {
             Ok(()) => Ok(()),
-            Err(e) => Err(self.on_error(e).await),
+            Err(e) => Err(self
+                .on_error(e)
+                .await
+                .in_request("write", offset, window.len() as u64)),
         };
         buf.set_window(window);
         (result, buf)

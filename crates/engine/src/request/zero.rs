@@ -33,9 +33,12 @@ impl<O: Opener> Image<O> {
         match self.write_zeroes_inner(offset, len, may_unmap).await {
             Ok(()) => {
                 self.acked.fetch_add(1, Ordering::AcqRel);
-                Ok(())
+                self.durable_if(false).await
             }
-            Err(e) => Err(self.on_error(e).await),
+            Err(e) => Err(self
+                .on_error(e)
+                .await
+                .in_request("write-zeroes", offset, len)),
         }
     }
 
@@ -138,7 +141,7 @@ impl<O: Opener> Image<O> {
                 self.acked.fetch_add(1, Ordering::AcqRel);
                 Ok(())
             }
-            Err(e) => Err(self.on_error(e).await),
+            Err(e) => Err(self.on_error(e).await.in_request("discard", offset, len)),
         }
     }
 

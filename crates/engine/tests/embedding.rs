@@ -1,0 +1,173 @@
+//! What an embedder (a VMM's disk layer) relies on beyond read and write: vectored requests
+//! on odd boundaries, per-request FUA and the cache modes (seen in the backend's request
+//! log), and errors that carry an errno.
+
+use blockio::{FaultController, FaultOpener, IoBuf, MemoryOpener, OpKind};
+use futures::executor::block_on;
+use qcow2_engine::{create, CacheMode, CreateOptions, Error, Image, ImageOptions, WriteFlags};
+
+const SIZE: u64 = 4 << 20;
+
+/// A new 4 MiB image (64 KiB clusters) in memory, behind a request log (which starts
+/// empty after the open).
+fn image(options: ImageOptions) -> (Image<FaultOpener<MemoryOpener>>, FaultController) {
+    let opener = FaultOpener::new(MemoryOpener::new());
+    let ctl = opener.controller();
+    block_on(async {
+        create(&opener, "disk.qcow2", &CreateOptions::new().size(SIZE))
+            .await
+            .unwrap();
+        let img = Image::open(opener, "disk.qcow2", options).await.unwrap();
+        ctl.clear_log();
+        (img, ctl)
+    })
+}
+
+fn flushes(ctl: &FaultController) -> usize {
+    ctl.log()
+        .iter()
+        .filter(|e| e.info.op == OpKind::Flush)
+        .count()
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
+}
+
+#[test]
+fn vectored_requests_are_their_parts_in_order() {
+    let (img, _) = image(ImageOptions::new());
+    block_on(async {
+        // Odd sizes across cluster boundaries, at an odd offset.
+        let sizes = [1000usize, 70_000, 3, 65_536, 12_345];
+        let parts: Vec<Vec<u8>> = sizes
+            .iter()
+            .zip(1u8..)
+            .map(|(&n, s)| pattern(n, s))
+            .collect();
+        let whole: Vec<u8> = parts.concat();
+        let offset = 65_536 - 517;
+        let bufs = parts.iter().map(|p| IoBuf::from_slice(p)).collect();
+        let (res, bufs) = img
+            .write_vectored_at(bufs, offset, WriteFlags::default())
+            .await;
+        res.unwrap();
+        assert_eq!(bufs.len(), sizes.len());
+        let back = img.read(offset, whole.len()).await.unwrap();
+        assert!(
+            back[..] == whole[..],
+            "a vectored write is its parts in order"
+        );
+        // Read back through a different split.
+        let split = [7usize, 65_536, whole.len() - 7 - 65_536];
+        let bufs = split.iter().map(|&n| IoBuf::new(n)).collect();
+        let (res, bufs) = img.read_vectored_at(bufs, offset).await;
+        res.unwrap();
+        let got: Vec<u8> = bufs.iter().flat_map(|b| b.to_vec()).collect();
+        assert!(got == whole, "a vectored read is its parts in order");
+        // Past the end: refused before anything is written.
+        let bufs = vec![IoBuf::from_slice(&[9; 512]), IoBuf::from_slice(&[9; 1024])];
+        let (res, _) = img
+            .write_vectored_at(bufs, SIZE - 1024, WriteFlags::FUA)
+            .await;
+        assert!(
+            matches!(res, Err(Error::OutOfRange { len: 1536, .. })),
+            "{res:?}"
+        );
+        let tail = img.read(SIZE - 1024, 1024).await.unwrap();
+        assert!(tail.iter().all(|&b| b == 0));
+        img.close().await.unwrap();
+    });
+}
+
+#[test]
+fn fua_and_write_through_flush_each_write() {
+    let (img, ctl) = image(ImageOptions::new());
+    block_on(async {
+        img.write(0, &[1; 4096]).await.unwrap();
+        assert_eq!(flushes(&ctl), 0, "a write without FUA is not flushed");
+        let before = ctl.log().len();
+        let (res, _) = img
+            .write_at_with(IoBuf::from_slice(&[2; 4096]), 1 << 20, WriteFlags::FUA)
+            .await;
+        res.unwrap();
+        // A successful flush makes durable every write that completed before it was issued.
+        let log = ctl.log();
+        let flush = log[before..]
+            .iter()
+            .rfind(|e| e.info.op == OpKind::Flush && e.is_ok())
+            .expect("FUA: a flush");
+        let writes: Vec<_> = log[before..]
+            .iter()
+            .filter(|e| e.info.op == OpKind::Write)
+            .collect();
+        assert!(writes.len() >= 2, "the data and the L2 entry mapping it");
+        assert!(
+            writes.iter().all(|w| w.seq < flush.issued_after),
+            "FUA: every write of the request is durable when it completes"
+        );
+        img.close().await.unwrap();
+    });
+    let (img, ctl) = image(ImageOptions::new().cache(CacheMode::Writethrough));
+    block_on(async {
+        img.write(0, &[1; 4096]).await.unwrap();
+        assert!(flushes(&ctl) > 0, "writethrough flushes each write");
+        let n = flushes(&ctl);
+        img.write_zeroes(0, 65_536, false).await.unwrap();
+        assert!(flushes(&ctl) > n, "and each write-zeroes");
+        img.close().await.unwrap();
+    });
+}
+
+#[test]
+fn unsafe_cache_never_flushes_the_file() {
+    let (img, ctl) = image(ImageOptions::new().cache(CacheMode::Unsafe));
+    block_on(async {
+        img.write(0, &[1; 70_000]).await.unwrap();
+        img.flush().await.unwrap();
+        img.close().await.unwrap();
+    });
+    assert_eq!(flushes(&ctl), 0, "unsafe: no flush reaches the file");
+    let writes = ctl
+        .log()
+        .iter()
+        .filter(|e| e.info.op == OpKind::Write)
+        .count();
+    assert!(writes > 1, "but the data and metadata are written");
+}
+
+#[test]
+fn cache_modes_by_qemus_names() {
+    for name in ["writeback", "writethrough", "none", "directsync", "unsafe"] {
+        let mode = CacheMode::from_name(name).unwrap();
+        assert_eq!(mode.name(), name);
+        assert_eq!(ImageOptions::new().cache(mode).cache_mode(), mode);
+        assert_eq!(ImageOptions::new().cache(mode).is_direct(), mode.direct());
+    }
+    assert_eq!(CacheMode::from_name("off"), Some(CacheMode::None));
+    assert_eq!(CacheMode::from_name("bogus"), None);
+}
+
+#[test]
+fn errors_carry_the_errno_a_device_completes_with() {
+    let (img, _) = image(ImageOptions::new());
+    block_on(async {
+        let e = img.read(SIZE, 512).await.unwrap_err();
+        assert_eq!(e.errno(), libc::EIO, "past the end: {e}");
+        img.close().await.unwrap();
+    });
+    let opener = FaultOpener::new(MemoryOpener::new());
+    block_on(async {
+        create(&opener, "ro.qcow2", &CreateOptions::new().size(SIZE))
+            .await
+            .unwrap();
+        let ro = Image::open(opener, "ro.qcow2", ImageOptions::new().read_only(true))
+            .await
+            .unwrap();
+        let e = ro.write(0, &[1; 512]).await.unwrap_err();
+        assert!(matches!(e, Error::ReadOnly));
+        assert_eq!(e.errno(), libc::EPERM);
+    });
+}
