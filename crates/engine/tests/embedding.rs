@@ -171,3 +171,57 @@ fn errors_carry_the_errno_a_device_completes_with() {
         assert_eq!(e.errno(), libc::EPERM);
     });
 }
+
+/// `Image::map` walks the chain below a shared image as `qemu-img map` does.
+#[test]
+fn the_chain_map_through_a_shared_image() {
+    use qcow2_tests::{path_str, qemu_img, qemu_img_json, qemu_io};
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&base), "4M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        path_str(&top),
+    ]);
+    qemu_io("qcow2", &base, &["write -P 1 0 1M", "write -z 2M 64k"]);
+    qemu_io("qcow2", &top, &["write -P 2 512k 128k", "write -z 3M 64k"]);
+    let want: Vec<(u64, u64, u64, bool, bool, bool)> =
+        qemu_img_json(&["map", "--output=json", path_str(&top)])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let n = |k: &str| e[k].as_u64().unwrap();
+                let b = |k: &str| e[k].as_bool().unwrap();
+                (
+                    n("start"),
+                    n("length"),
+                    n("depth"),
+                    b("present"),
+                    b("zero"),
+                    b("data"),
+                )
+            })
+            .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let got: Vec<_> = rt.block_on(async {
+        let opts = ImageOptions::new().read_only(true);
+        let img = std::sync::Arc::new(Image::open(blockio::FileOpener, &top, opts).await.unwrap());
+        let map = img.map(0, 4 << 20).await.unwrap();
+        map.iter()
+            .map(|e| (e.start, e.length, e.depth as u64, e.present, e.zero, e.data))
+            .collect()
+    });
+    assert_eq!(got, want, "ours, then qemu-img map's");
+}

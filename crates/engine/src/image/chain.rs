@@ -77,48 +77,7 @@ impl<O: Opener> Disk<O> {
     ///
     /// Reads metadata only: dropping the future changes nothing.
     pub async fn map(&self, offset: u64, len: u64) -> Result<Vec<MapEntry>> {
-        let end = offset.saturating_add(len).min(self.size());
-        let mut out: Vec<MapEntry> = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            let e = self.status_above(pos, end - pos).await?;
-            pos += e.length;
-            match out.last_mut() {
-                Some(last) if last.mergeable(&e) => last.length += e.length,
-                _ => out.push(e),
-            }
-        }
-        Ok(out)
-    }
-
-    /// Walks down the chain until a layer allocates the range's start.
-    async fn status_above(&self, pos: u64, bytes: u64) -> Result<MapEntry> {
-        let mut layer = self;
-        let mut depth = 0;
-        let mut bytes = bytes;
-        loop {
-            let st = Box::pin(layer.layer_status(pos, bytes)).await?;
-            bytes = st.len;
-            if st.data || st.zero {
-                return Ok(entry(pos, depth, st));
-            }
-            match layer.backing() {
-                Some(b) => {
-                    layer = b;
-                    depth += 1;
-                }
-                None => {
-                    return Ok(entry(
-                        pos,
-                        depth,
-                        LayerStatus {
-                            len: bytes,
-                            ..LayerStatus::default()
-                        },
-                    ))
-                }
-            }
-        }
+        chain_map(Layer::Disk(self), offset, len).await
     }
 
     /// The status of one layer at `pos`, for at most `bytes`.
@@ -148,6 +107,90 @@ impl<O: Opener> Disk<O> {
     }
 }
 
+/// A layer of a chain as the map walks it: the image an embedder holds, or a disk below it.
+enum Layer<'a, O: Opener> {
+    Image(&'a Image<O>),
+    Disk(&'a Disk<O>),
+}
+
+// Copy without `O: Copy` (a derive would ask for it): the variants are references.
+impl<O: Opener> Clone for Layer<'_, O> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<O: Opener> Copy for Layer<'_, O> {}
+
+impl<'a, O: Opener> Layer<'a, O> {
+    fn size(self) -> u64 {
+        match self {
+            Layer::Image(img) => img.size(),
+            Layer::Disk(d) => d.size(),
+        }
+    }
+
+    fn backing(self) -> Option<Layer<'a, O>> {
+        match self {
+            Layer::Image(img) => img.backing().map(Layer::Disk),
+            Layer::Disk(d) => d.backing().map(Layer::Disk),
+        }
+    }
+
+    async fn status(self, pos: u64, bytes: u64) -> Result<LayerStatus> {
+        match self {
+            Layer::Image(img) => img.layer_status(pos, bytes).await,
+            Layer::Disk(d) => d.layer_status(pos, bytes).await,
+        }
+    }
+}
+
+/// The map of `[offset, offset+len)` from `top` down, merged as `qemu-img map` merges it.
+async fn chain_map<O: Opener>(top: Layer<'_, O>, offset: u64, len: u64) -> Result<Vec<MapEntry>> {
+    let end = offset.saturating_add(len).min(top.size());
+    let mut out: Vec<MapEntry> = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        let e = status_above(top, pos, end - pos).await?;
+        pos += e.length;
+        match out.last_mut() {
+            Some(last) if last.mergeable(&e) => last.length += e.length,
+            _ => out.push(e),
+        }
+    }
+    Ok(out)
+}
+
+/// Walks down the chain from `top` until a layer allocates the range's start.
+async fn status_above<O: Opener>(top: Layer<'_, O>, pos: u64, bytes: u64) -> Result<MapEntry> {
+    let mut layer = top;
+    let mut depth = 0;
+    let mut bytes = bytes;
+    loop {
+        let st = Box::pin(layer.status(pos, bytes)).await?;
+        bytes = st.len;
+        if st.data || st.zero {
+            return Ok(entry(pos, depth, st));
+        }
+        match layer.backing() {
+            Some(b) => {
+                layer = b;
+                depth += 1;
+            }
+            None => {
+                return Ok(entry(
+                    pos,
+                    depth,
+                    LayerStatus {
+                        len: bytes,
+                        ..LayerStatus::default()
+                    },
+                ))
+            }
+        }
+    }
+}
+
 fn entry(start: u64, depth: usize, st: LayerStatus) -> MapEntry {
     MapEntry {
         start,
@@ -163,6 +206,17 @@ fn entry(start: u64, depth: usize, st: LayerStatus) -> MapEntry {
 }
 
 impl<O: Opener> Image<O> {
+    /// The map of `[offset, offset+len)` through the whole chain (this image, then its
+    /// backing files), merged as `qemu-img map` merges it: what
+    /// [`Disk::map`] says of a disk, for the image an embedder shares.
+    ///
+    /// # Cancel safety
+    ///
+    /// Reads metadata only: dropping the future changes nothing.
+    pub async fn map(&self, offset: u64, len: u64) -> Result<Vec<MapEntry>> {
+        chain_map(Layer::Image(self), offset, len).await
+    }
+
     async fn layer_status(&self, pos: u64, bytes: u64) -> Result<LayerStatus> {
         let extents = self.block_status(pos, bytes).await?;
         let Some(first) = extents.first() else {
@@ -253,7 +307,7 @@ impl<O: Opener> Image<O> {
             let st = self.layer_status(pos, end - pos).await?;
             let (zero, n) = match self.backing() {
                 Some(b) if !st.data && !st.zero => {
-                    let e = b.status_above(pos, st.len).await?;
+                    let e = status_above(Layer::Disk(b), pos, st.len).await?;
                     (e.zero, e.length)
                 }
                 _ => (st.zero, st.len),
