@@ -702,6 +702,10 @@ fn qemu_filename_syntax() {
     for args in [
         &["info", json][..],
         &["info", "--backing-chain", "file:top.qcow2"],
+        &[
+            "info",
+            "json:{'driver':'qcow2','file':{'filename':'top.qcow2'}}",
+        ],
         &["info", "--image-opts", opts],
         &[
             "info",

@@ -215,7 +215,8 @@ pub fn parse_keyval(text: &str) -> Map {
 
 /// The object after `json:`, flattened to dotted keys.
 pub fn parse_json(text: &str) -> Result<Map, String> {
-    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+    let text = double_quoted(text);
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
         let why = if e.is_eof() {
             "premature EOI".to_owned()
         } else {
@@ -229,6 +230,37 @@ pub fn parse_json(text: &str) -> Result<Map, String> {
     let mut map = Map::new();
     flatten("", &obj, &mut map)?;
     Ok(map)
+}
+
+/// QEMU's JSON takes strings in single quotes too (`{'driver': 'qcow2'}`): those become
+/// double-quoted strings (a `"` inside escaped, a `\'` unescaped); the rest is unchanged.
+fn double_quoted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    let mut quote = None;
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (None, '"' | '\'') => {
+                quote = Some(c);
+                out.push('"');
+            }
+            (Some(q), '\\') => match chars.next() {
+                Some('\'') => out.push('\''),
+                Some(n) => {
+                    out.push('\\');
+                    out.push(n);
+                }
+                None => out.push('\\'),
+            },
+            (Some(q), c) if c == q => {
+                quote = None;
+                out.push('"');
+            }
+            (Some('\''), '"') => out.push_str("\\\""),
+            _ => out.push(c),
+        }
+    }
+    out
 }
 
 fn flatten(

@@ -34,6 +34,16 @@ fn json_nested_and_dotted_keys_are_the_same() {
 }
 
 #[test]
+fn json_strings_in_single_quotes() {
+    let a = parse_json(r#"{'driver':'qcow2','file':{'filename':'a"b\'c'}}"#).unwrap();
+    assert_eq!(a.get("file.filename"), Some(&Val::Str("a\"b'c".into())));
+    assert_eq!(a.get("driver"), Some(&Val::Str("qcow2".into())));
+    let b = parse_json(r#"{"x":"it's","y":"a\"b"}"#).unwrap();
+    assert_eq!(b.get("x"), Some(&Val::Str("it's".into())));
+    assert_eq!(b.get("y"), Some(&Val::Str("a\"b".into())));
+}
+
+#[test]
 fn keyval_escapes_commas_and_implies_file() {
     let m = parse_keyval("driver=qcow2,file.filename=a,,b,read-only");
     assert_eq!(m.get("file.filename"), Some(&Val::Str("a,b".into())));
