@@ -225,3 +225,24 @@ fn the_chain_map_through_a_shared_image() {
     });
     assert_eq!(got, want, "ours, then qemu-img map's");
 }
+
+/// The image over a `Send` backend can be shared across threads, and its request futures
+/// can be spawned on a multi-thread runtime (this fails to compile otherwise).
+#[test]
+fn images_over_send_backends_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<F: std::future::Future + Send>(_: &F) {}
+    send_sync::<Image<blockio::FileOpener>>();
+    send_sync::<Image<MemoryOpener>>();
+    let (img, _) = image(ImageOptions::new());
+    let bufs = vec![IoBuf::new(512)];
+    send(&img.read(0, 512));
+    send(&img.write(0, &[1; 512]));
+    send(&img.write_at_with(IoBuf::new(512), 0, WriteFlags::FUA));
+    send(&img.read_vectored_at(bufs, 0));
+    send(&img.write_zeroes(0, 512, true));
+    send(&img.discard(0, 65_536));
+    send(&img.flush());
+    send(&img.map(0, SIZE));
+    send(&img.block_status(0, SIZE));
+}
