@@ -246,3 +246,58 @@ fn images_over_send_backends_are_send_and_sync() {
     send(&img.map(0, SIZE));
     send(&img.block_status(0, SIZE));
 }
+
+/// A caller's memory (a guest's RAM) goes through the engine without a copy, and the owner
+/// that keeps it valid is dropped with the buffer, not before.
+#[test]
+fn caller_memory_without_a_copy() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    /// The memory and a flag set when it is released.
+    struct Guest {
+        _memory: Vec<u8>,
+        released: Arc<AtomicBool>,
+    }
+    impl Drop for Guest {
+        fn drop(&mut self) {
+            self.released.store(true, Ordering::SeqCst);
+        }
+    }
+    let (img, _) = image(ImageOptions::new());
+    block_on(async {
+        let released = Arc::new(AtomicBool::new(false));
+        let mut mem = pattern(3 * 4096, 7);
+        let ptr = std::ptr::NonNull::new(mem.as_mut_ptr()).unwrap();
+        let len = mem.len();
+        let want = mem.clone();
+        // SAFETY: the Vec's heap block does not move with the Vec, lives as long as the
+        // Guest owning it, and nothing else touches it meanwhile.
+        let buf = unsafe {
+            IoBuf::from_raw_parts(
+                ptr,
+                len,
+                Guest {
+                    _memory: mem,
+                    released: released.clone(),
+                },
+            )
+        };
+        assert!(buf.is_external());
+        let (res, buf) = img.write_at(buf, 8192).await;
+        res.unwrap();
+        assert!(
+            !released.load(Ordering::SeqCst),
+            "released while the caller has the buffer"
+        );
+        assert_eq!(
+            buf.as_ptr(),
+            ptr.as_ptr().cast_const(),
+            "the same memory, not a copy"
+        );
+        drop(buf);
+        assert!(released.load(Ordering::SeqCst), "released with the buffer");
+        let back = img.read(8192, len).await.unwrap();
+        assert!(back[..] == want[..]);
+        img.close().await.unwrap();
+    });
+}

@@ -26,9 +26,13 @@ pub struct IoBuf {
     start: usize,
     end: usize,
     keep: Keep,
+    /// For memory the buffer does not own ([`IoBuf::from_raw_parts`]): what keeps it valid,
+    /// dropped with the buffer instead of freeing the memory.
+    external: Option<Box<dyn Send + Sync>>,
 }
 
-// SAFETY: IoBuf owns its allocation exclusively, like a Vec<u8>.
+// SAFETY: IoBuf owns its allocation exclusively, like a Vec<u8>, or has exclusive use of
+// external memory by the contract of `from_raw_parts` (whose owner is Send + Sync).
 unsafe impl Send for IoBuf {}
 // SAFETY: shared access only hands out `&[u8]`.
 unsafe impl Sync for IoBuf {}
@@ -53,7 +57,42 @@ impl IoBuf {
             start: 0,
             end: len,
             keep: Keep::none(),
+            external: None,
         }
+    }
+
+    /// A buffer over `len` bytes at `ptr` that it does not own (a guest's memory, a
+    /// caller's mapping), for I/O without a copy. `owner` keeps the memory valid: the buffer
+    /// drops it when it is dropped, which may be after the future of the request that used
+    /// the buffer was dropped (the backend keeps the buffer until the kernel is done with
+    /// it). The alignment is the largest power of two dividing `ptr`, at most
+    /// [`DEFAULT_ALIGN`]; with O_DIRECT, a misaligned buffer costs the engine a bounce copy.
+    ///
+    /// # Safety
+    ///
+    /// `ptr` must be valid for reads and writes of `len` initialised bytes for as long as
+    /// `owner` is alive, and nothing else may write those bytes while the buffer exists (nor
+    /// read them while a read into the buffer may be in progress).
+    pub unsafe fn from_raw_parts(
+        ptr: NonNull<u8>,
+        len: usize,
+        owner: impl Send + Sync + 'static,
+    ) -> Self {
+        let align = 1usize << (ptr.as_ptr() as usize).trailing_zeros().min(12);
+        Self {
+            ptr,
+            cap: len,
+            align: align.min(DEFAULT_ALIGN),
+            start: 0,
+            end: len,
+            keep: Keep::none(),
+            external: Some(Box::new(owner)),
+        }
+    }
+
+    /// Whether the buffer is memory it does not own ([`IoBuf::from_raw_parts`]).
+    pub fn is_external(&self) -> bool {
+        self.external.is_some()
     }
 
     /// A page-aligned copy of `data`.
@@ -205,6 +244,10 @@ impl std::fmt::Debug for IoBuf {
 
 impl Drop for IoBuf {
     fn drop(&mut self) {
+        if self.external.is_some() {
+            // Not ours to free: `external` keeps the memory valid and drops after this.
+            return;
+        }
         let layout = Layout::from_size_align(self.cap.max(1), self.align).expect("valid layout");
         // SAFETY: allocated in with_alignment with this layout.
         unsafe { dealloc(self.ptr.as_ptr(), layout) }
