@@ -328,3 +328,29 @@ fn one_bit_refcounts_refuse_a_snapshot_as_qemu_img() {
     let c = qemu_check(&p.ours);
     assert!(c.status.success(), "qemu-img check of ours: {c:?}");
 }
+
+/// A snapshot refused because a data cluster's 64-bit refcount is at its maximum changes
+/// no refcount: qemu-img's message, and `qemu-img check` finds only the leak the test made
+/// (QEMU also leaks the new L1 table; the count past u64 must not wrap to a small one).
+#[test]
+fn snapshot_refused_on_a_maximal_64_bit_refcount_changes_nothing() {
+    let p = pair("refcount_bits=64", "64M", &["write 0 512"]);
+    for image in [&p.theirs, &p.ours] {
+        let poke = |at: u64, bytes: &[u8]| {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(image).unwrap();
+            f.write_all_at(bytes, at).unwrap();
+        };
+        // The data cluster's refcount at u64::MAX, and its L2 entry without COPIED.
+        poke(0x20028, &[0xff; 8]);
+        poke(0x40000, &[0, 0, 0, 0, 0, 5, 0, 0]);
+    }
+    p.snapshot(&["-c", "foo"]);
+    let check = qemu_check(&p.ours);
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(3), "leaks only: {out}");
+    assert!(
+        out.contains("1 leaked clusters were found"),
+        "only the cluster the test made leak: {out}"
+    );
+}

@@ -244,7 +244,7 @@ fn double_quoted(text: &str) -> String {
                 quote = Some(c);
                 out.push('"');
             }
-            (Some(q), '\\') => match chars.next() {
+            (Some(_), '\\') => match chars.next() {
                 Some('\'') => out.push('\''),
                 Some(n) => {
                     out.push('\\');

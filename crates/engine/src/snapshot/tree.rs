@@ -56,14 +56,13 @@ impl<O: Opener> Image<O> {
             *adds.entry(c).or_default() += 1;
         }
         for (&c, &n) in &adds {
-            let value = alloc
-                .get(c)
-                .map_err(|e| store.alloc_err(e))?
-                .saturating_add(n);
-            if value > alloc.width().max() {
+            // Past u64 (64-bit refcounts at their maximum) overflows as surely as past the
+            // width: the error reports the largest count a u64 holds.
+            let value = alloc.get(c).map_err(|e| store.alloc_err(e))?.checked_add(n);
+            if value.is_none_or(|v| v > alloc.width().max()) {
                 return Err(Error::RefcountOverflow {
                     path: self.path().to_path_buf(),
-                    value,
+                    value: value.unwrap_or(u64::MAX),
                     bits: alloc.width().bits(),
                 });
             }
