@@ -9,6 +9,7 @@
 //! with that name, as the tool's own do.
 
 mod cmd;
+mod progress;
 mod size;
 mod usage;
 mod util;

@@ -41,9 +41,6 @@ async fn amend(args: &AmendArgs) -> Result<()> {
             crate::util::invoked_as()
         );
     }
-    let [image] = args.images.as_slice() else {
-        bail!("Expecting one image file name");
-    };
     let format = match args.format.as_deref() {
         None => None,
         Some(f) => {
@@ -53,6 +50,20 @@ async fn amend(args: &AmendArgs) -> Result<()> {
     if format == Some(ImageFormat::Raw) {
         bail!("Format driver 'raw' does not support option amendment");
     }
+    if super::option_help::wants_help(&args.options) {
+        // Without -f, the image says which format's options to list.
+        if let (None, [image]) = (format, args.images.as_slice()) {
+            let img = Image::open(FileOpener, image, ImageOptions::new().read_only(true))
+                .await
+                .map_err(|e| anyhow!("Could not open '{}': {e}", image.display()))?;
+            img.close().await?;
+        }
+        super::option_help::print_amend_help();
+        return Ok(());
+    }
+    let [image] = args.images.as_slice() else {
+        bail!("Expecting one image file name");
+    };
     let img = Image::open(FileOpener, image, ImageOptions::new())
         .await
         .map_err(|e| anyhow!("Could not open '{}': {e}", image.display()))?;

@@ -1,0 +1,268 @@
+//! `qemu-img convert`'s options (and `-p` of commit and rebase, `-o help` of create, convert
+//! and amend) against the real qemu-img: the same arguments in two directories holding the
+//! same files print the same (progress reports included), exit with the same status and
+//! leave images that read the same.
+
+use qcow2_tests::{path_str, qemu_img, qemu_io, Pair};
+use std::path::Path;
+
+/// The qimg under test and QEMU's tools, each in a directory of its own.
+fn pair() -> Pair {
+    Pair::new(Path::new(env!("CARGO_BIN_EXE_qimg")))
+}
+
+/// Each directory: `a.qcow2` (4 MiB: data, a zero cluster, more data), `b.qcow2` (3 MiB,
+/// data in the middle), `r.raw` (1 MiB of a pattern) and `z.qcow2` (4 MiB, empty).
+fn sources(p: &Pair) {
+    for d in [&p.theirs, &p.ours] {
+        let dir = d.path();
+        let mk = |name: &str, fmt: &str, size: &str, cmds: &[&str]| {
+            let path = dir.join(name);
+            qemu_img(&["create", "-q", "-f", fmt, path_str(&path), size]);
+            if !cmds.is_empty() {
+                qemu_io(fmt, &path, cmds);
+            }
+        };
+        mk(
+            "a.qcow2",
+            "qcow2",
+            "4M",
+            &["write -P 1 0 1M", "write -z 2M 64k", "write -P 2 3M 64k"],
+        );
+        mk("b.qcow2", "qcow2", "3M", &["write -P 5 512k 2560k"]);
+        mk("r.raw", "raw", "1M", &["write -P 7 0 1M"]);
+        mk("z.qcow2", "qcow2", "4M", &[]);
+    }
+}
+
+#[test]
+fn convert_progress_is_qemu_imgs() {
+    let p = pair();
+    sources(&p);
+    for (args, out) in [
+        (
+            &["convert", "-p", "-O", "qcow2", "a.qcow2", "o1.qcow2"][..],
+            "o1.qcow2",
+        ),
+        (
+            &["convert", "-p", "-O", "raw", "a.qcow2", "o2.raw"],
+            "o2.raw",
+        ),
+        (
+            &[
+                "convert", "-p", "-S", "0", "-O", "qcow2", "a.qcow2", "o3.qcow2",
+            ],
+            "o3.qcow2",
+        ),
+        (
+            &["convert", "-p", "-c", "-O", "qcow2", "a.qcow2", "o4.qcow2"],
+            "o4.qcow2",
+        ),
+        (
+            &[
+                "convert", "-p", "-O", "qcow2", "b.qcow2", "r.raw", "a.qcow2", "o5.qcow2",
+            ],
+            "o5.qcow2",
+        ),
+        (
+            &["convert", "-p", "-q", "-O", "qcow2", "a.qcow2", "o6.qcow2"],
+            "o6.qcow2",
+        ),
+        (
+            &["convert", "-p", "-O", "qcow2", "z.qcow2", "o7.qcow2"],
+            "o7.qcow2",
+        ),
+    ] {
+        let r = p.same("qemu-img", args);
+        assert_eq!(r.code, Some(0), "{args:?}");
+        p.same_image(out);
+    }
+    // A failure still ends the line of reports.
+    let r = p.same(
+        "qemu-img",
+        &["convert", "-p", "-O", "qcow2", "missing.qcow2", "o.qcow2"],
+    );
+    assert_eq!(r.stdout, ["    (0.00/100%)"]);
+}
+
+#[test]
+fn convert_sparse_size() {
+    let p = pair();
+    sources(&p);
+    for (args, out) in [
+        (
+            &["convert", "-S", "0", "-O", "qcow2", "a.qcow2", "s0.qcow2"][..],
+            "s0.qcow2",
+        ),
+        (
+            &["convert", "-S", "64k", "-O", "qcow2", "a.qcow2", "s1.qcow2"],
+            "s1.qcow2",
+        ),
+        (
+            &["convert", "-S", "0", "-O", "qcow2", "z.qcow2", "s2.qcow2"],
+            "s2.qcow2",
+        ),
+    ] {
+        p.same("qemu-img", args);
+        p.same_image(out);
+        p.same_own_ranges(out);
+    }
+    p.same(
+        "qemu-img",
+        &["convert", "-S", "0", "-O", "raw", "a.qcow2", "s3.raw"],
+    );
+    p.same_image("s3.raw");
+}
+
+#[test]
+fn convert_option_errors_are_qemu_imgs() {
+    let p = pair();
+    sources(&p);
+    for opts in [
+        &["-S", "1000"][..],
+        &["-S", "17M"],
+        &["-S", "abc"],
+        &["-S", "-1"],
+        &["-m", "0"],
+        &["-m", "17"],
+        &["-m", "x"],
+        &["-C", "-c"],
+        &["-C", "-S", "4k"],
+        &["-C", "--salvage"],
+        &["--target-is-zero"],
+        &["-n", "-o", "cluster_size=4k"],
+        &["-n"],
+        // qemu-img says it cannot, and exits with 0.
+        &["-n", "--target-is-zero", "-B", "a.qcow2"],
+    ] {
+        let mut args = vec!["convert"];
+        args.extend(opts);
+        args.extend(["-O", "qcow2", "a.qcow2", "missing.qcow2"]);
+        let r = p.same("qemu-img", &args);
+        assert!(!r.stderr.is_empty(), "{args:?}");
+    }
+    for args in [
+        &["convert", "-O", "qcow2"][..],
+        &["convert", "-O", "qcow2", "a.qcow2"],
+        &[
+            "convert", "-O", "qcow2", "-B", "a.qcow2", "a.qcow2", "b.qcow2", "x.qcow2",
+        ],
+        &[
+            "convert", "-O", "qcow2", "-l", "x", "a.qcow2", "b.qcow2", "x.qcow2",
+        ],
+    ] {
+        let r = p.same("qemu-img", args);
+        assert_eq!(r.code, Some(1), "{args:?}");
+    }
+}
+
+#[test]
+fn convert_accepts_tuning_options() {
+    let p = pair();
+    sources(&p);
+    for (args, out) in [
+        (
+            &[
+                "convert", "-W", "-m", "16", "-O", "qcow2", "a.qcow2", "t1.qcow2",
+            ][..],
+            "t1.qcow2",
+        ),
+        (
+            &["convert", "-C", "-O", "qcow2", "a.qcow2", "t2.qcow2"],
+            "t2.qcow2",
+        ),
+        (
+            &[
+                "convert", "-r", "1M", "-m", "1", "-O", "raw", "a.qcow2", "t3.raw",
+            ],
+            "t3.raw",
+        ),
+        (
+            &["convert", "--salvage", "-O", "qcow2", "a.qcow2", "t4.qcow2"],
+            "t4.qcow2",
+        ),
+        (
+            &[
+                "convert",
+                "-t",
+                "none",
+                "-T",
+                "writeback",
+                "-O",
+                "qcow2",
+                "a.qcow2",
+                "t5.qcow2",
+            ],
+            "t5.qcow2",
+        ),
+    ] {
+        let r = p.same("qemu-img", args);
+        assert_eq!(r.code, Some(0), "{args:?}");
+        p.same_image(out);
+    }
+}
+
+#[test]
+fn convert_into_a_zeroed_target() {
+    let p = pair();
+    sources(&p);
+    for d in [&p.theirs, &p.ours] {
+        let path = d.path().join("n.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", path_str(&path), "4M"]);
+    }
+    let args = [
+        "convert",
+        "-n",
+        "--target-is-zero",
+        "-O",
+        "qcow2",
+        "a.qcow2",
+        "n.qcow2",
+    ];
+    let r = p.same("qemu-img", &args);
+    assert_eq!(r.code, Some(0));
+    p.same_image("n.qcow2");
+    p.same_own_ranges("n.qcow2");
+}
+
+#[test]
+fn convert_concatenates_sources() {
+    let p = pair();
+    sources(&p);
+    for args in [
+        &[
+            "convert", "-O", "qcow2", "b.qcow2", "r.raw", "a.qcow2", "c.qcow2",
+        ][..],
+        &["info", "c.qcow2"],
+        &["convert", "-O", "raw", "r.raw", "b.qcow2", "c.raw"],
+        &[
+            "convert", "-O", "qcow2", "-c", "a.qcow2", "b.qcow2", "cc.qcow2",
+        ],
+    ] {
+        p.same_but_sizes("qemu-img", args);
+    }
+    for name in ["c.qcow2", "c.raw", "cc.qcow2"] {
+        p.same_image(name);
+    }
+    p.same_own_ranges("c.qcow2");
+}
+
+#[test]
+fn option_help_is_qemu_imgs() {
+    let p = pair();
+    for args in [
+        &["create", "-f", "qcow2", "-o", "help"][..],
+        &["create", "-f", "qcow2", "-o", "?", "x.qcow2", "1M"],
+        &["create", "-f", "raw", "-o", "help"],
+        &["create", "-f", "raw", "-o", "help", "x.raw"],
+        &["create", "-o", "cluster_size=4k,help", "-f", "qcow2"],
+        &["create", "-f", "nosuch", "-o", "help"],
+        &["convert", "-O", "qcow2", "-o", "help"],
+        &["convert", "-O", "qcow2", "-o", "help", "t.qcow2", "x.qcow2"],
+        &["convert", "-o", "?"],
+        &["amend", "-f", "qcow2", "-o", "help", "t.qcow2"],
+        &["amend", "-o", "help", "t.qcow2"],
+    ] {
+        p.same("qemu-img", args);
+    }
+}
