@@ -266,3 +266,116 @@ fn option_help_is_qemu_imgs() {
         p.same("qemu-img", args);
     }
 }
+
+/// A chain in each directory: `base.qcow2` (4 MiB of a pattern), `top.qcow2` over it with
+/// data of its own, `nb.qcow2` (4 MiB, empty) and `b8.qcow2` / `t8.qcow2` (8 MiB, empty).
+fn chain(p: &Pair) {
+    for d in [&p.theirs, &p.ours] {
+        let dir = d.path();
+        let mk = |name: &str, size: &str, backing: Option<&str>, cmds: &[&str]| {
+            let path = dir.join(name);
+            let mut args = vec!["create", "-q", "-f", "qcow2"];
+            if let Some(b) = backing {
+                args.extend(["-b", b, "-F", "qcow2"]);
+            }
+            args.extend([path_str(&path), size]);
+            qemu_img(&args);
+            if !cmds.is_empty() {
+                qemu_io("qcow2", &path, cmds);
+            }
+        };
+        mk("base.qcow2", "4M", None, &["write -P 1 0 4M"]);
+        mk(
+            "top.qcow2",
+            "4M",
+            Some("base.qcow2"),
+            &["write -P 2 1M 64k", "write -P 3 3M 1M"],
+        );
+        mk("nb.qcow2", "4M", None, &[]);
+        mk("b8.qcow2", "8M", None, &["write -P 4 1M 1M"]);
+        mk("t8.qcow2", "8M", Some("b8.qcow2"), &[]);
+    }
+}
+
+#[test]
+fn rebase_progress_is_qemu_imgs() {
+    let p = pair();
+    chain(&p);
+    for args in [
+        &["rebase", "-p", "-b", "nb.qcow2", "-F", "qcow2", "top.qcow2"][..],
+        &[
+            "rebase",
+            "-p",
+            "-u",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+        &["rebase", "-p", "-b", "", "t8.qcow2"],
+        &[
+            "rebase",
+            "-p",
+            "-q",
+            "-b",
+            "nb.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+        &["rebase", "-p", "-b", "missing", "-F", "qcow2", "top.qcow2"],
+        &[
+            "rebase",
+            "-p",
+            "-u",
+            "-b",
+            "nb.qcow2",
+            "-F",
+            "qcow2",
+            "missing.qcow2",
+        ],
+    ] {
+        p.same("qemu-img", args);
+    }
+    p.same_image("top.qcow2");
+    p.same_image("t8.qcow2");
+}
+
+/// A commit's progress report, the intermediate figures aside: qemu-img's block job
+/// reports as often as its event loop turns, which varies from run to run.
+fn commit_report(r: &qcow2_tests::Run) -> Vec<String> {
+    let mut out = Vec::new();
+    for line in &r.stdout {
+        let reports: Vec<&str> = line.split('\r').filter(|s| !s.is_empty()).collect();
+        match reports.as_slice() {
+            [first, .., last] if first.starts_with("    (") => {
+                out.extend([first.to_string(), last.to_string()]);
+            }
+            _ => out.push(line.clone()),
+        }
+    }
+    out
+}
+
+#[test]
+fn commit_progress_is_qemu_imgs() {
+    let p = pair();
+    chain(&p);
+    for args in [
+        &["commit", "-p", "-d", "top.qcow2"][..],
+        &["commit", "-p", "t8.qcow2"],
+        &["commit", "-p", "-q", "top.qcow2"],
+        &["commit", "-p", "nb.qcow2"],
+        &["commit", "-p", "-b", "x", "top.qcow2"],
+        &["commit", "-p", "missing.qcow2"],
+    ] {
+        let (theirs, ours) = p.both("qemu-img", args);
+        assert_eq!(ours.code, theirs.code, "{args:?}");
+        assert_eq!(ours.stderr, theirs.stderr, "{args:?}");
+        assert_eq!(commit_report(&ours), commit_report(&theirs), "{args:?}");
+    }
+    p.same_image("top.qcow2");
+    p.same_image("base.qcow2");
+    p.same_own_ranges("top.qcow2");
+}
