@@ -379,3 +379,44 @@ fn commit_progress_is_qemu_imgs() {
     p.same_image("base.qcow2");
     p.same_own_ranges("top.qcow2");
 }
+
+#[test]
+fn convert_salvages_what_it_cannot_read() {
+    let p = pair();
+    for d in [&p.theirs, &p.ours] {
+        let (s, c) = (d.path().join("s.qcow2"), d.path().join("c.qcow2"));
+        qemu_img(&["create", "-q", "-f", "qcow2", path_str(&s), "1M"]);
+        qemu_io("qcow2", &s, &["write -P 1 0 128k", "write -P 2 512k 64k"]);
+        qemu_img(&["convert", "-c", "-O", "qcow2", path_str(&s), path_str(&c)]);
+        // The first compressed cluster no longer inflates: reading it fails.
+        let map = qcow2_tests::qemu_img_json(&["map", "--output=json", path_str(&c)]);
+        assert_eq!(map[0]["compressed"], true, "{map}");
+        let mut bytes = std::fs::read(&c).unwrap();
+        // The compressed clusters are packed into the last (partial) host cluster.
+        let data = (bytes.len() - 1) / 0x10000 * 0x10000;
+        assert!(
+            bytes[data..].iter().any(|&b| b != 0),
+            "compressed data at the end"
+        );
+        bytes[data..data + 64].fill(0xaa);
+        std::fs::write(&c, bytes).unwrap();
+    }
+    for args in [
+        &["convert", "-O", "qcow2", "c.qcow2", "o1.qcow2"][..],
+        &["convert", "--salvage", "-O", "qcow2", "c.qcow2", "o2.qcow2"],
+        &[
+            "convert",
+            "--salvage",
+            "-q",
+            "-O",
+            "raw",
+            "c.qcow2",
+            "o3.raw",
+        ],
+    ] {
+        let r = p.same("qemu-img", args);
+        assert!(r.stderr.iter().any(|l| l.contains("error while reading")) != args.contains(&"-q"));
+    }
+    p.same_image("o2.qcow2");
+    p.same_image("o3.raw");
+}

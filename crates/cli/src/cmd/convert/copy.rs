@@ -4,7 +4,8 @@
 
 use super::source::{Run, Sources, Status};
 use crate::progress::{percent, Progress};
-use anyhow::{Context, Result};
+use crate::util::strerror;
+use anyhow::{bail, Context, Result};
 use blockio::{Backend, FileOpener, IoBuf};
 use qcow2_engine::Image;
 use std::path::Path;
@@ -72,8 +73,6 @@ impl Sink for Qcow2Sink<'_> {
 
 /// How `copy` goes about it.
 pub struct CopyOpts<'a> {
-    /// The source's name (for messages).
-    pub source: &'a Path,
     /// The target's name (for messages).
     pub dest: &'a Path,
     /// The unit of zero detection: runs of zero granules are left to read as zeros; `None`
@@ -156,7 +155,7 @@ async fn read(how: &CopyOpts<'_>, src: &Sources<'_>, buf: IoBuf, offset: u64) ->
     let (res, mut buf) = src.read_at(buf, offset).await;
     let Err(e) = res else { return Ok(buf) };
     if !how.salvage {
-        return Err(e).with_context(|| format!("error while reading '{}'", how.source.display()));
+        bail!("error while reading at byte {offset}: {}", strerror(&e));
     }
     const SECTOR: usize = 512;
     let mut at = window.start;
@@ -169,8 +168,9 @@ async fn read(how: &CopyOpts<'_>, src: &Sources<'_>, buf: IoBuf, offset: u64) ->
         if let Err(e) = res {
             if !how.quiet {
                 eprintln!(
-                    "{}: warning: error while reading offset {pos}: {e}",
-                    crate::util::program()
+                    "{}: warning: error while reading offset {pos}: {}",
+                    crate::util::program(),
+                    strerror(&e)
                 );
             }
             buf.as_full_mut_slice()[at..next].fill(0);

@@ -219,7 +219,6 @@ async fn convert(args: &ConvertArgs, settings: &Settings, progress: &mut Progres
         bail!("Compression not supported for this file format");
     }
     let how = CopyOpts {
-        source: &sources[0],
         dest,
         granule: settings.sparse.map(|s| s.min(CHUNK as u64) as usize),
         salvage: args.salvage,
