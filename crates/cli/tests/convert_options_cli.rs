@@ -77,6 +77,36 @@ fn convert_progress_is_qemu_imgs() {
         assert_eq!(r.code, Some(0), "{args:?}");
         p.same_image(out);
     }
+    // Onto a backing file, into an existing image, from a snapshot.
+    for d in [&p.theirs, &p.ours] {
+        let a = d.path().join("a.qcow2");
+        qemu_img(&["snapshot", "-c", "s1", path_str(&a)]);
+        qemu_io("qcow2", &a, &["write -P 9 1M 1M"]);
+    }
+    for args in [
+        &[
+            "convert", "-p", "-O", "qcow2", "-B", "z.qcow2", "-F", "qcow2", "a.qcow2", "o8.qcow2",
+        ][..],
+        &["convert", "-p", "-n", "-O", "qcow2", "b.qcow2", "o1.qcow2"],
+        // Without -p: qimg has no block status of a snapshot, which qemu-img counts by.
+        &["convert", "-l", "s1", "-O", "qcow2", "a.qcow2", "o9.qcow2"],
+        &[
+            "convert",
+            "-l",
+            "snapshot.name=s1",
+            "-O",
+            "raw",
+            "a.qcow2",
+            "r.raw",
+            "o10.raw",
+        ],
+    ] {
+        let r = p.same("qemu-img", args);
+        assert_eq!(r.code, Some(0), "{args:?}");
+    }
+    for name in ["o8.qcow2", "o1.qcow2", "o9.qcow2", "o10.raw"] {
+        p.same_image(name);
+    }
     // A failure still ends the line of reports.
     let r = p.same(
         "qemu-img",
@@ -134,6 +164,8 @@ fn convert_option_errors_are_qemu_imgs() {
         &["-n"],
         // qemu-img says it cannot, and exits with 0.
         &["-n", "--target-is-zero", "-B", "a.qcow2"],
+        // Gone from qemu-img: -l takes snapshots.
+        &["-s", "snap"],
     ] {
         let mut args = vec!["convert"];
         args.extend(opts);
