@@ -218,17 +218,30 @@ async fn convert(args: &ConvertArgs, settings: &Settings, progress: &mut Progres
     if args.compress && args.output_format != "qcow2" {
         bail!("Compression not supported for this file format");
     }
-    let how = CopyOpts {
-        dest,
-        granule: settings.sparse.map(|s| s.min(CHUNK as u64) as usize),
-        salvage: args.salvage,
-        quiet: args.quiet,
+    let job = Job {
+        args,
+        settings,
+        src: &src,
+        how: CopyOpts {
+            dest,
+            granule: settings.sparse.map(|s| s.min(CHUNK as u64) as usize),
+            salvage: args.salvage,
+            quiet: args.quiet,
+        },
     };
     match args.output_format.as_str() {
-        "raw" => to_raw(args, settings, &src, &how, progress).await,
-        "qcow2" => to_qcow2(args, settings, &src, &how, progress).await,
+        "raw" => to_raw(&job, progress).await,
+        "qcow2" => to_qcow2(&job, progress).await,
         other => bail!("output format '{other}' is not supported (use -O raw or -O qcow2)"),
     }
+}
+
+/// A conversion, its options checked and its sources open.
+struct Job<'a> {
+    args: &'a ConvertArgs,
+    settings: &'a Settings,
+    src: &'a Sources<'a>,
+    how: CopyOpts<'a>,
 }
 
 /// The ranges of `src` a copy goes through: each part whole, or (`runs` for a new image
@@ -245,13 +258,13 @@ fn ranges(src: &Sources<'_>, runs: Option<&[source::Run]>) -> Vec<(u64, u64)> {
     }
 }
 
-async fn to_raw(
-    args: &ConvertArgs,
-    settings: &Settings,
-    src: &Sources<'_>,
-    how: &CopyOpts<'_>,
-    progress: &mut Progress,
-) -> Result<()> {
+async fn to_raw(job: &Job<'_>, progress: &mut Progress) -> Result<()> {
+    let Job {
+        args,
+        settings,
+        src,
+        how,
+    } = job;
     let (size, dest) = (src.size(), how.dest);
     if !settings.options.is_empty() && !args.no_create {
         super::create::create_for_convert("raw", &settings.options, dest, size).await?;
@@ -297,13 +310,13 @@ async fn to_raw(
     out.flush().await.with_context(written)
 }
 
-async fn to_qcow2(
-    args: &ConvertArgs,
-    settings: &Settings,
-    src: &Sources<'_>,
-    how: &CopyOpts<'_>,
-    progress: &mut Progress,
-) -> Result<()> {
+async fn to_qcow2(job: &Job<'_>, progress: &mut Progress) -> Result<()> {
+    let Job {
+        args,
+        settings,
+        src,
+        how,
+    } = job;
     let (size, dest) = (src.size(), how.dest);
     if !args.no_create {
         super::create::create_for_convert("qcow2", &settings.options, dest, size).await?;
