@@ -119,29 +119,36 @@ fn convert_progress_is_qemu_imgs() {
 fn convert_sparse_size() {
     let p = pair();
     sources(&p);
-    for (args, out) in [
-        (
-            &["convert", "-S", "0", "-O", "qcow2", "a.qcow2", "s0.qcow2"][..],
-            "s0.qcow2",
-        ),
-        (
-            &["convert", "-S", "64k", "-O", "qcow2", "a.qcow2", "s1.qcow2"],
-            "s1.qcow2",
-        ),
-        (
-            &["convert", "-S", "0", "-O", "qcow2", "z.qcow2", "s2.qcow2"],
-            "s2.qcow2",
-        ),
-    ] {
-        p.same("qemu-img", args);
-        p.same_image(out);
-        p.same_own_ranges(out);
+    // Data holding runs of zeros of several lengths, some off 4k boundaries.
+    for d in [&p.theirs, &p.ours] {
+        let sp = d.path().join("sp.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", path_str(&sp), "4M"]);
+        qemu_io(
+            "qcow2",
+            &sp,
+            &[
+                "write -P 1 0 1M",
+                "write -z 2M 64k",
+                "write -P 2 3M 64k",
+                "write -P 0 100k 8k",
+                "write -P 0 400k 3k",
+                "write -P 3 1200k 4k",
+                "write -P 0 1204k 60k",
+            ],
+        );
     }
-    p.same(
-        "qemu-img",
-        &["convert", "-S", "0", "-O", "raw", "a.qcow2", "s3.raw"],
-    );
-    p.same_image("s3.raw");
+    for sparse in ["0", "512", "3k", "4k", "64k", "1M", "16M"] {
+        for (src, fmt) in [
+            ("sp.qcow2", "qcow2"),
+            ("sp.qcow2", "raw"),
+            ("z.qcow2", "qcow2"),
+        ] {
+            let out = format!("s{sparse}-{src}.{fmt}");
+            p.same("qemu-img", &["convert", "-S", sparse, "-O", fmt, src, &out]);
+            p.same_image(&out);
+            p.same_own_ranges(&out);
+        }
+    }
 }
 
 #[test]

@@ -9,9 +9,9 @@ use crate::size::cvtnum_full;
 use crate::util::{self, open_disk};
 use anyhow::{anyhow, bail, Context, Result};
 use blockio::{Backend, FileOpener, LockRequest, OpenOptions, Opener, Perms};
-use copy::{copy, progress_steps, CopyOpts, Qcow2Sink, RawSink, CHUNK};
+use copy::{copy, requests, CopyOpts, Qcow2Sink, RawSink};
 use qcow2_engine::{Image, ImageOptions};
-use source::{open_snapshot, Reader, Sources, Status};
+use source::{open_snapshot, Reader, Sources};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -224,7 +224,8 @@ async fn convert(args: &ConvertArgs, settings: &Settings, progress: &mut Progres
         src: &src,
         how: CopyOpts {
             dest,
-            granule: settings.sparse.map(|s| s.min(CHUNK as u64) as usize),
+            sparse: settings.sparse,
+            compress: args.compress,
             salvage: args.salvage,
             quiet: args.quiet,
         },
@@ -242,20 +243,6 @@ struct Job<'a> {
     settings: &'a Settings,
     src: &'a Sources<'a>,
     how: CopyOpts<'a>,
-}
-
-/// The ranges of `src` a copy goes through: each part whole, or (`runs` for a new image
-/// with a backing file) the runs the backing file does not provide, each by itself as
-/// qemu-img writes them.
-fn ranges(src: &Sources<'_>, runs: Option<&[source::Run]>) -> Vec<(u64, u64)> {
-    match runs {
-        Some(runs) => runs
-            .iter()
-            .filter(|r| r.status != Status::Backing)
-            .map(|r| (r.start, r.end))
-            .collect(),
-        None => src.boundaries().windows(2).map(|w| (w[0], w[1])).collect(),
-    }
 }
 
 async fn to_raw(job: &Job<'_>, progress: &mut Progress) -> Result<()> {
@@ -301,8 +288,8 @@ async fn to_raw(job: &Job<'_>, progress: &mut Progress) -> Result<()> {
         reads_zeros: !args.no_create || args.target_is_zero,
     };
     let runs = src.status(false, 0).await?;
-    let steps = progress_steps(&runs, size, settings.sparse.is_some(), None);
-    copy(how, src, &ranges(src, None), &sink, &steps, progress).await?;
+    let requests = requests(&runs, size, settings.sparse.is_some(), None);
+    copy(how, src, &requests, &sink, progress).await?;
     let written = || format!("error while writing '{}'", dest.display());
     if !args.no_create {
         out.set_len(size).await.with_context(written)?;
@@ -333,35 +320,16 @@ async fn to_qcow2(job: &Job<'_>, progress: &mut Progress) -> Result<()> {
     let top_only = out.backing().is_some() && src.single_disk().is_some();
     let backing_size = out.backing().map_or(0, |b| b.size());
     let runs = src.status(top_only, backing_size).await?;
-    let mut ranges = ranges(src, top_only.then_some(runs.as_slice()));
     let sink = Qcow2Sink {
         img: &out,
         reads_zeros: (out.backing().is_none() && !args.no_create) || args.target_is_zero,
         compress: args.compress,
     };
-    let mut how = CopyOpts { ..*how };
+    // Compressed, qemu-img copies whole clusters.
     let cluster = args.compress.then(|| out.cluster_size());
-    if let Some(cs) = cluster {
-        // Compressed writes are whole clusters: so are the ranges and the zero test.
-        ranges = whole_clusters(&ranges, cs, size);
-        how.granule = Some(cs as usize);
-    }
-    let steps = progress_steps(&runs, size, settings.sparse.is_some(), cluster);
-    let r = copy(&how, src, &ranges, &sink, &steps, progress).await;
+    let requests = requests(&runs, size, settings.sparse.is_some(), cluster);
+    let r = copy(how, src, &requests, &sink, progress).await;
     let closed = out.close().await;
     r?;
     closed.with_context(|| format!("error while writing '{}'", dest.display()))
-}
-
-/// `ranges` (sorted) widened to cluster boundaries (and the end of the disk), merged.
-fn whole_clusters(ranges: &[(u64, u64)], cs: u64, size: u64) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for &(s, e) in ranges {
-        let (s, e) = (s / cs * cs, e.next_multiple_of(cs).min(size));
-        match out.last_mut() {
-            Some(last) if last.1 >= s => last.1 = last.1.max(e),
-            _ => out.push((s, e)),
-        }
-    }
-    out
 }

@@ -54,21 +54,29 @@ impl<'a> Sources<'a> {
         }
     }
 
-    /// Where the parts start (and the concatenation ends): reads do not cross them.
-    pub fn boundaries(&self) -> Vec<u64> {
-        let mut b: Vec<u64> = self.parts.iter().map(|p| p.0).collect();
-        b.push(self.size);
-        b
-    }
-
-    /// Reads `buf`'s window at guest `offset` (within one part).
-    pub async fn read_at(&self, buf: IoBuf, offset: u64) -> ReadResult {
-        let i = self.parts.partition_point(|p| p.0 <= offset).max(1) - 1;
-        let (start, part) = &self.parts[i];
-        match part {
-            Reader::Disk(d) => d.read_at(buf, offset - start).await,
-            Reader::Snapshot(v) => v.read_at(buf, offset - start).await,
+    /// Reads `buf`'s window at guest `offset`, from as many parts as it spans.
+    pub async fn read_at(&self, mut buf: IoBuf, offset: u64) -> ReadResult {
+        let window = buf.window();
+        let mut at = window.start;
+        while at < window.end {
+            let pos = offset + (at - window.start) as u64;
+            let i = self.parts.partition_point(|p| p.0 <= pos).max(1) - 1;
+            let (start, part) = &self.parts[i];
+            let n = (window.end - at).min((start + part.size() - pos) as usize);
+            buf.set_window(at..at + n);
+            let (res, b) = match part {
+                Reader::Disk(d) => d.read_at(buf, pos - start).await,
+                Reader::Snapshot(v) => v.read_at(buf, pos - start).await,
+            };
+            buf = b;
+            if res.is_err() {
+                buf.set_window(window);
+                return (res, buf);
+            }
+            at += n;
         }
+        buf.set_window(window);
+        (Ok(()), buf)
     }
 
     /// qemu-img's block status of the concatenation, in runs: with `top_only` (the new
@@ -80,7 +88,6 @@ impl<'a> Sources<'a> {
         for (start, part) in &self.parts {
             let Reader::Disk(disk) = part else {
                 runs.push(Run {
-                    start: *start,
                     end: start + part.size(),
                     status: Status::Data,
                 });
@@ -97,12 +104,10 @@ impl<'a> Sources<'a> {
                 let (s, end) = (start + e.start, start + e.start + e.length);
                 if top_only && status == Status::Zero && s < backing_size && end > backing_size {
                     runs.push(Run {
-                        start: s,
                         end: backing_size,
                         status,
                     });
                     runs.push(Run {
-                        start: backing_size,
                         end,
                         status: Status::Backing,
                     });
@@ -112,11 +117,7 @@ impl<'a> Sources<'a> {
                     Status::Zero if top_only && s >= backing_size => Status::Backing,
                     s => s,
                 };
-                runs.push(Run {
-                    start: s,
-                    end,
-                    status,
-                });
+                runs.push(Run { end, status });
             }
         }
         Ok(runs)
@@ -134,10 +135,9 @@ pub enum Status {
     Backing,
 }
 
-/// A run of one [`Status`]: guest bytes `start..end`.
+/// A run of one [`Status`], up to guest offset `end` (from the previous run's end).
 #[derive(Clone, Copy, Debug)]
 pub struct Run {
-    pub start: u64,
     pub end: u64,
     pub status: Status,
 }
