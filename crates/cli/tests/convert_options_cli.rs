@@ -88,10 +88,12 @@ fn convert_progress_is_qemu_imgs() {
             "convert", "-p", "-O", "qcow2", "-B", "z.qcow2", "-F", "qcow2", "a.qcow2", "o8.qcow2",
         ][..],
         &["convert", "-p", "-n", "-O", "qcow2", "b.qcow2", "o1.qcow2"],
-        // Without -p: qimg has no block status of a snapshot, which qemu-img counts by.
-        &["convert", "-l", "s1", "-O", "qcow2", "a.qcow2", "o9.qcow2"],
+        &[
+            "convert", "-p", "-l", "s1", "-O", "qcow2", "a.qcow2", "o9.qcow2",
+        ],
         &[
             "convert",
+            "-p",
             "-l",
             "snapshot.name=s1",
             "-O",

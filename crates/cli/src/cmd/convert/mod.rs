@@ -195,7 +195,7 @@ async fn convert(args: &ConvertArgs, settings: &Settings, progress: &mut Progres
         if disks.len() > 1 && !sel.starts_with("snapshot.") {
             bail!("No support for concatenating multiple snapshot");
         }
-        readers[0] = Reader::Snapshot(Box::new(open_snapshot(&disks[0], sel).await?));
+        readers[0] = open_snapshot(&disks[0], sel).await?;
     }
     let src = Sources::new(readers);
     if args.target_is_zero && settings.backing {

@@ -4,19 +4,23 @@
 
 use anyhow::{bail, Result};
 use blockio::{FileOpener, IoBuf};
-use qcow2_engine::{Disk, Error, ReadResult, SnapshotLookup, SnapshotView};
+use qcow2_engine::{Disk, Error, ExtentKind, ReadResult, SnapshotLookup, SnapshotView};
 
-/// One source: a disk's active layer, or a snapshot of it.
+/// One source: a disk's active layer, or a snapshot of it (`backed`: the image has a
+/// backing file, which the snapshot's unallocated clusters read from).
 pub enum Reader<'a> {
     Disk(&'a Disk<FileOpener>),
-    Snapshot(Box<SnapshotView<'a, FileOpener>>),
+    Snapshot {
+        view: Box<SnapshotView<'a, FileOpener>>,
+        backed: bool,
+    },
 }
 
 impl Reader<'_> {
     fn size(&self) -> u64 {
         match self {
             Reader::Disk(d) => d.size(),
-            Reader::Snapshot(v) => v.size(),
+            Reader::Snapshot { view, .. } => view.size(),
         }
     }
 }
@@ -66,7 +70,7 @@ impl<'a> Sources<'a> {
             buf.set_window(at..at + n);
             let (res, b) = match part {
                 Reader::Disk(d) => d.read_at(buf, pos - start).await,
-                Reader::Snapshot(v) => v.read_at(buf, pos - start).await,
+                Reader::Snapshot { view, .. } => view.read_at(buf, pos - start).await,
             };
             buf = b;
             if res.is_err() {
@@ -86,12 +90,22 @@ impl<'a> Sources<'a> {
     pub async fn status(&self, top_only: bool, backing_size: u64) -> Result<Vec<Run>> {
         let mut runs = Vec::new();
         for (start, part) in &self.parts {
-            let Reader::Disk(disk) = part else {
-                runs.push(Run {
-                    end: start + part.size(),
-                    status: Status::Data,
-                });
-                continue;
+            let disk = match part {
+                Reader::Disk(disk) => disk,
+                Reader::Snapshot { view, backed } => {
+                    for e in view.block_status(0, view.size()).await? {
+                        let status = match e.kind {
+                            ExtentKind::Unallocated { .. } if !backed => Status::Zero,
+                            ExtentKind::Zero { .. } => Status::Zero,
+                            _ => Status::Data,
+                        };
+                        runs.push(Run {
+                            end: start + e.offset + e.len,
+                            status,
+                        });
+                    }
+                    continue;
+                }
             };
             for e in disk.map(0, disk.size()).await? {
                 let status = match (e.zero, e.data) {
@@ -144,10 +158,7 @@ pub struct Run {
 
 /// The snapshot `sel` of `disk` (`-l`: `ID_OR_NAME`, `snapshot.id=ID` or
 /// `snapshot.name=NAME`), with qemu-img's message when there is none.
-pub async fn open_snapshot<'a>(
-    disk: &'a Disk<FileOpener>,
-    sel: &'a str,
-) -> Result<SnapshotView<'a, FileOpener>> {
+pub async fn open_snapshot<'a>(disk: &'a Disk<FileOpener>, sel: &'a str) -> Result<Reader<'a>> {
     let lookup = if let Some(id) = sel.strip_prefix("snapshot.id=") {
         SnapshotLookup::Id(id)
     } else if let Some(name) = sel.strip_prefix("snapshot.name=") {
@@ -162,7 +173,10 @@ pub async fn open_snapshot<'a>(
         bail!("Failed to load snapshot: Block format 'raw' used by device '' does not support internal snapshots");
     };
     match img.snapshot_view(lookup).await {
-        Ok(v) => Ok(v),
+        Ok(view) => Ok(Reader::Snapshot {
+            view: Box::new(view),
+            backed: img.backing().is_some(),
+        }),
         Err(Error::SnapshotNotFound { .. }) => {
             bail!("Failed to load snapshot: Can't find snapshot")
         }
