@@ -461,3 +461,73 @@ fn convert_salvages_what_it_cannot_read() {
     p.same_image("o2.qcow2");
     p.same_image("o3.raw");
 }
+
+#[test]
+fn convert_odd_sizes_and_backing_files() {
+    let p = pair();
+    for d in [&p.theirs, &p.ours] {
+        let dir = d.path();
+        let f = |n: &str| dir.join(n);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "raw",
+            path_str(&f("odd.raw")),
+            "1000k",
+        ]);
+        qemu_io("raw", &f("odd.raw"), &["write -P 3 0 1000k"]);
+        qemu_img(&["create", "-q", "-f", "qcow2", path_str(&f("a.qcow2")), "1M"]);
+        qemu_io(
+            "qcow2",
+            &f("a.qcow2"),
+            &["write -P 1 0 100k", "write -z 512k 64k"],
+        );
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            path_str(&f("bk.qcow2")),
+            "2M",
+        ]);
+        qemu_io("qcow2", &f("bk.qcow2"), &["write -P 9 0 2M"]);
+        let top = path_str(&f("top.qcow2")).to_owned();
+        qemu_img(&[
+            "create", "-q", "-f", "qcow2", "-b", "bk.qcow2", "-F", "qcow2", &top, "3M",
+        ]);
+        qemu_io(
+            "qcow2",
+            &f("top.qcow2"),
+            &[
+                "write -P 8 1M 64k",
+                "write -z 100k 8k",
+                "write -z 2560k 64k",
+            ],
+        );
+    }
+    let backing = ["-B", "bk.qcow2", "-F", "qcow2"];
+    let cases: [(Vec<&str>, &str); 5] = [
+        (vec!["-c", "odd.raw", "a.qcow2", "odd.raw"], "c1.qcow2"),
+        (
+            [&backing[..], &["-S", "0", "top.qcow2"]].concat(),
+            "c2.qcow2",
+        ),
+        ([&backing[..], &["-c", "top.qcow2"]].concat(), "c3.qcow2"),
+        (vec!["-o", "preallocation=metadata", "a.qcow2"], "c4.qcow2"),
+        (vec!["top.qcow2"], "c5.qcow2"),
+    ];
+    for (opts, out) in cases {
+        let mut args = vec!["convert", "-p", "-O", "qcow2"];
+        args.extend(opts);
+        args.push(out);
+        p.same("qemu-img", &args);
+        p.same_image(out);
+        p.same_own_ranges(out);
+    }
+    p.same(
+        "qemu-img",
+        &["convert", "-p", "-S", "0", "odd.raw", "a.qcow2", "c6.raw"],
+    );
+    p.same_image("c6.raw");
+}
