@@ -173,6 +173,8 @@ fn convert_option_errors_are_qemu_imgs() {
         &["-n"],
         // qemu-img says it cannot, and exits with 0.
         &["-n", "--target-is-zero", "-B", "a.qcow2"],
+        &["-T", "bogus"],
+        &["-p", "-t", "bogus"],
         // Gone from qemu-img: -l takes snapshots.
         &["-s", "snap"],
     ] {

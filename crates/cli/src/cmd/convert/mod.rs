@@ -161,6 +161,9 @@ fn settings(args: &ConvertArgs) -> Result<Option<Settings>> {
     if args.files.len() < 2 {
         bail!("Must specify image file name");
     }
+    if let Some(c) = args.source_cache.as_deref().filter(|c| !valid_cache(c)) {
+        bail!("Invalid source cache option: {c}");
+    }
     // -B and -F are -o's backing_file and backing_fmt (commas doubled, as in -o values).
     let mut options = Vec::new();
     for (key, value) in [
@@ -237,6 +240,19 @@ async fn convert(args: &ConvertArgs, settings: &Settings, progress: &mut Progres
     }
 }
 
+/// Whether `mode` is a cache mode QEMU knows (`-t`, `-T`).
+fn valid_cache(mode: &str) -> bool {
+    <super::io::CacheMode as clap::ValueEnum>::from_str(mode, false).is_ok()
+}
+
+/// qemu-img checks the target's cache mode (`-t`) once the target is created.
+fn check_cache(args: &ConvertArgs) -> Result<()> {
+    match args.cache.as_deref().filter(|c| !valid_cache(c)) {
+        Some(c) => bail!("Invalid cache option: {c}"),
+        None => Ok(()),
+    }
+}
+
 /// A conversion, its options checked and its sources open.
 struct Job<'a> {
     args: &'a ConvertArgs,
@@ -256,6 +272,7 @@ async fn to_raw(job: &Job<'_>, progress: &mut Progress) -> Result<()> {
     if !settings.options.is_empty() && !args.no_create {
         super::create::create_for_convert("raw", &settings.options, dest, size).await?;
     }
+    check_cache(args)?;
     let out = FileOpener
         .open(
             dest,
@@ -308,6 +325,7 @@ async fn to_qcow2(job: &Job<'_>, progress: &mut Progress) -> Result<()> {
     if !args.no_create {
         super::create::create_for_convert("qcow2", &settings.options, dest, size).await?;
     }
+    check_cache(args)?;
     let out = Image::open(FileOpener, dest, ImageOptions::new())
         .await
         .map_err(|e| anyhow!("Could not open '{}': {e}", dest.display()))?;
