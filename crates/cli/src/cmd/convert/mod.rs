@@ -261,13 +261,21 @@ struct Job<'a> {
     how: CopyOpts<'a>,
 }
 
+impl<'a> Job<'a> {
+    fn parts(
+        &self,
+    ) -> (
+        &'a ConvertArgs,
+        &'a Settings,
+        &'a Sources<'a>,
+        &CopyOpts<'a>,
+    ) {
+        (self.args, self.settings, self.src, &self.how)
+    }
+}
+
 async fn to_raw(job: &Job<'_>, progress: &mut Progress) -> Result<()> {
-    let Job {
-        args,
-        settings,
-        src,
-        how,
-    } = job;
+    let (args, settings, src, how) = job.parts();
     let (size, dest) = (src.size(), how.dest);
     if !settings.options.is_empty() && !args.no_create {
         super::create::create_for_convert("raw", &settings.options, dest, size).await?;
@@ -315,12 +323,7 @@ async fn to_raw(job: &Job<'_>, progress: &mut Progress) -> Result<()> {
 }
 
 async fn to_qcow2(job: &Job<'_>, progress: &mut Progress) -> Result<()> {
-    let Job {
-        args,
-        settings,
-        src,
-        how,
-    } = job;
+    let (args, settings, src, how) = job.parts();
     let (size, dest) = (src.size(), how.dest);
     if !args.no_create {
         super::create::create_for_convert("qcow2", &settings.options, dest, size).await?;
