@@ -3,7 +3,7 @@
 //! opens, over a backing file too), and a view's snapshot deleted under it.
 
 use blockio::FileOpener;
-use qcow2_engine::{Error, Image, ImageOptions, SnapshotLookup};
+use qcow2_engine::{Error, ExtentKind, Image, ImageOptions, SnapshotLookup};
 use qcow2_tests::{path_str, qemu_img, qemu_io, raw_reference_snapshot};
 use std::path::Path;
 
@@ -105,4 +105,61 @@ async fn a_view_of_a_deleted_snapshot_fails_and_the_others_read_on() {
     img.close().await.unwrap();
     let check = qcow2_tests::qemu_check(&image);
     assert!(check.status.success(), "{check:?}");
+}
+
+/// Runs of one kind (`'d'` data, `'z'` zeros, `'u'` unallocated), adjacent ones merged.
+fn merged(runs: impl IntoIterator<Item = (u64, u64, char)>) -> Vec<(u64, u64, char)> {
+    let mut out: Vec<(u64, u64, char)> = Vec::new();
+    for (start, len, kind) in runs {
+        match out.last_mut() {
+            Some(last) if last.2 == kind && last.0 + last.1 == start => last.1 += len,
+            _ => out.push((start, len, kind)),
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_views_block_status_is_the_applied_snapshots_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = qemu_made(dir.path(), None);
+    let img = Image::open(FileOpener, &image, ImageOptions::new().read_only(true))
+        .await
+        .unwrap();
+    for name in ["a", "b", "c"] {
+        // QEMU's view: the snapshot applied to a copy, mapped.
+        let copy = dir.path().join(format!("{name}.qcow2"));
+        std::fs::copy(&image, &copy).unwrap();
+        qemu_img(&["snapshot", "-a", name, path_str(&copy)]);
+        let map = qcow2_tests::qemu_map_json(&copy);
+        let theirs = merged(map.as_array().unwrap().iter().map(|e| {
+            let kind = match (e["present"] == true, e["zero"] == true) {
+                (false, _) => 'u',
+                (true, true) => 'z',
+                (true, false) => 'd',
+            };
+            (
+                e["start"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                kind,
+            )
+        }));
+        let view = img.snapshot_view(SnapshotLookup::Name(name)).await.unwrap();
+        let ours = merged(
+            view.block_status(0, 1 << 20)
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    let kind = match e.kind {
+                        ExtentKind::Unallocated { .. } => 'u',
+                        ExtentKind::Zero { .. } => 'z',
+                        ExtentKind::Data { .. } | ExtentKind::Compressed => 'd',
+                    };
+                    (e.offset, e.len, kind)
+                }),
+        );
+        assert_eq!(ours, theirs, "snapshot {name}");
+    }
+    img.close().await.unwrap();
 }

@@ -9,6 +9,8 @@
 //! - the fixture matrix: [`matrix`] lists [`FixtureSpec`]s, each of which
 //!   [builds](FixtureSpec::build) a [`Fixture`] (a qcow2 image, possibly
 //!   with backing files or a data file, in its own temporary directory);
+//! - differential runs: [`Pair`] runs qimg (as `qemu-img`, `qemu-io`) and QEMU's tools
+//!   with the same arguments on the same files;
 //! - deterministic workloads: [`OpMix`] (qemu-io scripts), [`random_ranges`]
 //!   (read ranges) and the [`Prng`] behind them.
 //!
@@ -21,6 +23,7 @@ mod copied;
 mod fixtures;
 mod legacy;
 mod ops;
+mod pair;
 mod prng;
 mod tools;
 
@@ -28,6 +31,7 @@ pub use copied::only_safe_copied_errors;
 pub use fixtures::{fixture, matrix, Expect, Fixture, FixtureSpec};
 pub use legacy::strip_snapshot_extra_data;
 pub use ops::{random_ranges, OpMix};
+pub use pair::{run, Pair, Run};
 pub use prng::Prng;
 pub use tools::{
     path_str, qemu_check, qemu_img, qemu_img_in, qemu_img_json, qemu_img_status,

@@ -10,6 +10,7 @@
 
 mod cmd;
 mod names;
+mod progress;
 mod qopts;
 mod size;
 mod usage;
@@ -46,7 +47,8 @@ enum Command {
     Info(info::InfoArgs),
     /// Show where each guest range's data lives (qemu-img map).
     Map(map::MapArgs),
-    /// Convert an image to raw (sparse: holes where the image reads zeros).
+    /// Convert images (several: concatenated) to a raw or qcow2 image, leaving runs of zeros
+    /// unallocated (qemu-img convert).
     Convert(convert::ConvertArgs),
     /// Check an image's metadata for consistency, optionally repairing it (qemu-img check).
     Check(check::CheckArgs),

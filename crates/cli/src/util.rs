@@ -57,6 +57,22 @@ pub async fn open_image(name: &ImageName, options: ImageOptions) -> Result<Image
         .map_err(|e| name.could_not_open(e))
 }
 
+/// C's `strerror` text for an engine error, as QEMU's block layer would report the same
+/// failure: the OS error's text for I/O errors (without Rust's "(os error N)"), EIO's for
+/// what the image holds corrupt, ENOTSUP's for what is not supported, the engine's message
+/// otherwise.
+pub fn strerror(e: &qcow2_engine::Error) -> String {
+    use qcow2_engine::Error;
+    match e {
+        Error::Io { source, .. } => qcow2_engine::strerror(source),
+        Error::OutOfRange { .. } | Error::Corrupt { .. } | Error::Decompress { .. } => {
+            "Input/output error".into()
+        }
+        Error::Unsupported { .. } => "Operation not supported".into(),
+        other => other.to_string(),
+    }
+}
+
 /// The name messages start with: the tool qimg was invoked as (`qemu-img`, `qemu-io`, `qimg`),
 /// with the subcommand for `qimg io` (`qimg io`), as QEMU's tools print their own name.
 static PROGRAM: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();

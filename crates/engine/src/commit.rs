@@ -18,7 +18,8 @@ impl<O: Opener> Image<O> {
     /// Writes what this image allocates into `base` (its backing file, opened for writing by
     /// the caller: the image itself should be opened without its backing chain) and flushes
     /// `base`; then, with `empty`, deallocates every cluster of the image, as `qemu-img
-    /// commit` does (`-d` keeps them).
+    /// commit` does (`-d` keeps them). After each step of the copy, `progress` is called
+    /// with the bytes looked at so far and the bytes to look at in all (for `-p`).
     ///
     /// # Errors
     ///
@@ -29,7 +30,12 @@ impl<O: Opener> Image<O> {
     ///
     /// Dropping the future stops the copy between writes; the image is emptied only after
     /// everything was copied and `base` flushed, so the chain reads the same either way.
-    pub async fn commit_into(&self, base: &Disk<O>, empty: bool) -> Result<()> {
+    pub async fn commit_into(
+        &self,
+        base: &Disk<O>,
+        empty: bool,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<()> {
         let size = self.size().min(base.size());
         let mut off = 0;
         while off < size {
@@ -45,6 +51,7 @@ impl<O: Opener> Image<O> {
                 }
             }
             off += n;
+            progress(off, size);
         }
         base.flush().await?;
         if empty {

@@ -38,7 +38,9 @@ impl<O: Opener> Image<O> {
     /// opened (`None` when `new` is `None`, or to read zeros) gives what the new chain
     /// would read, and every range that would read differently is copied into the image
     /// from the old chain first, so the guest sees the same disk; without it (`-u`) only
-    /// the header changes.
+    /// the header changes. In safe mode `compared` is called with each range (offset,
+    /// length) the image does not allocate, in order, once it was compared (and copied
+    /// where it differs): what `-p` reports.
     ///
     /// # Errors
     ///
@@ -55,8 +57,9 @@ impl<O: Opener> Image<O> {
         self,
         new: Option<&NewBacking>,
         contents: Option<Option<&Disk<O>>>,
+        compared: &mut dyn FnMut(u64, u64),
     ) -> Result<()> {
-        let r = self.rebase_inner(new, contents).await;
+        let r = self.rebase_inner(new, contents, compared).await;
         let closed = self.close().await;
         r.and(closed)
     }
@@ -65,10 +68,11 @@ impl<O: Opener> Image<O> {
         &self,
         new: Option<&NewBacking>,
         contents: Option<Option<&Disk<O>>>,
+        compared: &mut dyn FnMut(u64, u64),
     ) -> Result<()> {
         self.check_writable(0, 0)?;
         if let Some(backing) = contents {
-            self.copy_differences(backing).await?;
+            self.copy_differences(backing, compared).await?;
         }
         self.make_clean().await?;
         let format = match new {
@@ -102,8 +106,12 @@ impl<O: Opener> Image<O> {
 
     /// Copies into the image every range it does not allocate whose contents differ between
     /// the old chain and `new` (zeros past its end, or everywhere without one), cluster by
-    /// cluster.
-    async fn copy_differences(&self, new: Option<&Disk<O>>) -> Result<()> {
+    /// cluster; `compared` is told of each range once done.
+    async fn copy_differences(
+        &self,
+        new: Option<&Disk<O>>,
+        compared: &mut dyn FnMut(u64, u64),
+    ) -> Result<()> {
         let size = self.size();
         let cs = self.cluster_size();
         let mut off = 0;
@@ -143,6 +151,7 @@ impl<O: Opener> Image<O> {
                     self.write(at, &old[r(at, end)]).await?;
                     at = end;
                 }
+                compared(e.offset, e.len);
             }
             off += n;
         }

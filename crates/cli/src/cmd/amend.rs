@@ -4,7 +4,7 @@
 
 use crate::cmd::create::amend_options;
 use crate::names::NameArgs;
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use qcow2_engine::{AmendError, Error, ImageFormat, ImageOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,13 +43,29 @@ async fn amend(args: &AmendArgs) -> Result<()> {
             crate::util::invoked_as()
         );
     }
+    let format = match args.format.as_deref() {
+        None => None,
+        Some(f) => {
+            Some(ImageFormat::from_name(f).ok_or_else(|| anyhow!("Unknown file format '{f}'"))?)
+        }
+    };
+    if format == Some(ImageFormat::Raw) {
+        bail!("Format driver 'raw' does not support option amendment");
+    }
+    if super::option_help::wants_help(&args.options) {
+        // Without -f, the image says which format's options to list.
+        if let (None, [image]) = (format, args.images.as_slice()) {
+            let name = args.names.name(image, None)?;
+            let img = crate::util::open_image(&name, ImageOptions::new().read_only(true)).await?;
+            img.close().await?;
+        }
+        super::option_help::print_amend_help();
+        return Ok(());
+    }
     let [image] = args.images.as_slice() else {
         bail!("Expecting one image file name");
     };
     let name = args.names.name(image, args.format.as_deref())?;
-    if name.format() == Some(ImageFormat::Raw) {
-        bail!("Format driver 'raw' does not support option amendment");
-    }
     let img = crate::util::open_image(&name, ImageOptions::new()).await?;
     let (opts, size) = match amend_options(&args.options) {
         Ok(parsed) => parsed,

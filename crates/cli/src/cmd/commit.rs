@@ -1,6 +1,7 @@
 //! `qimg commit`: write an image's data into its backing file (qemu-img commit), then empty
 //! the image (`-d` keeps it). qemu-img's syntax, messages and exit status.
 
+use crate::progress::Progress;
 use anyhow::{anyhow, bail, Result};
 use blockio::FileOpener;
 use qcow2_engine::{resolve_backing, BackingChoice, Disk, Image, ImageFormat, ImageOptions};
@@ -22,7 +23,7 @@ pub struct CommitArgs {
     /// Quiet: no "Image committed." line.
     #[arg(short = 'q')]
     quiet: bool,
-    /// Progress (accepted; the copy is not reported).
+    /// Report progress as qemu-img does.
     #[arg(short = 'p')]
     progress: bool,
     /// Cache mode (accepted; the files are flushed at the end).
@@ -37,10 +38,20 @@ pub struct CommitArgs {
 
 /// Runs `qimg commit`: exit status 0, or 1 with qemu-img's message on stderr.
 pub async fn run(args: CommitArgs) -> ExitCode {
-    crate::util::exit(1, commit(&args).await)
+    let mut progress = None;
+    let r = commit(&args, &mut progress).await;
+    let code = crate::util::exit(1, r.as_ref().map(|_| ()).map_err(|e| anyhow!("{e:#}")));
+    if let Some(p) = progress {
+        p.finish(r.is_ok());
+    }
+    if r.is_ok() && !args.quiet {
+        println!("Image committed.");
+    }
+    code
 }
 
-async fn commit(args: &CommitArgs) -> Result<()> {
+/// Commits the image; `progress` starts once the image is open (as qemu-img's does).
+async fn commit(args: &CommitArgs, progress: &mut Option<Progress>) -> Result<()> {
     let image = args.image.as_path();
     if let Some(f) = args.format.as_deref() {
         if ImageFormat::from_name(f).is_none() {
@@ -58,6 +69,7 @@ async fn commit(args: &CommitArgs) -> Result<()> {
     )
     .await
     .map_err(|e| anyhow!("Could not open '{}': {e}", image.display()))?;
+    let p = progress.insert(Progress::start(args.progress && !args.quiet, 1.0));
     let header = img.header().clone();
     let Some(name) = header.backing_file.as_deref() else {
         img.close().await?;
@@ -91,13 +103,15 @@ async fn commit(args: &CommitArgs) -> Result<()> {
             bail!("Could not open backing file: {e}");
         }
     };
-    let r = img.commit_into(&base, !args.keep).await;
+    let mut report = |done: u64, total: u64| {
+        if total > 0 {
+            p.set(done as f32 / total as f32 * 100.0);
+        }
+    };
+    let r = img.commit_into(&base, !args.keep, &mut report).await;
     let closed = (base.close().await, img.close().await);
     r?;
     closed.0?;
     closed.1?;
-    if !args.quiet {
-        println!("Image committed.");
-    }
     Ok(())
 }

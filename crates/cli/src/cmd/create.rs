@@ -40,8 +40,8 @@ pub struct CreateArgs {
     /// Quiet: do not print the "Formatting" line.
     #[arg(short = 'q')]
     quiet: bool,
-    /// The image to create.
-    image: String,
+    /// The image to create (none with `-o help`).
+    image: Option<String>,
     /// Virtual size: bytes, or with a suffix k, M, G, T, P, E (powers of 1024).
     size: Option<String>,
 }
@@ -74,25 +74,45 @@ pub async fn create_for_convert(
         backing_format: None,
         unsafe_backing: false,
         quiet: true,
-        image: image.display().to_string(),
+        image: Some(image.display().to_string()),
         size: Some(size.to_string()),
     };
     create_image(&args).await.map_err(|f| {
         if f.with_name {
-            anyhow::anyhow!("{}: {}", args.image, f.msg)
+            anyhow::anyhow!("{}: {}", args.image(), f.msg)
         } else {
             anyhow::anyhow!("{}", f.msg)
         }
     })
 }
 
+impl CreateArgs {
+    /// The image to create (checked given by [`run`]).
+    fn image(&self) -> &str {
+        self.image.as_deref().unwrap_or_default()
+    }
+}
+
 /// Runs `qimg create`; exit status 0 on success, 1 on any error.
 pub async fn run(args: CreateArgs) -> ExitCode {
+    if super::option_help::wants_help(&args.options) {
+        let fmt = args.format.as_deref().unwrap_or("raw");
+        let r = super::option_help::print_create_help(fmt, args.image.as_deref());
+        return crate::util::exit(1, r);
+    }
+    if args.image.is_none() {
+        eprintln!(
+            "{}: Expecting image file name\nTry '{} create --help' for more info",
+            crate::util::program(),
+            crate::util::invoked_as()
+        );
+        return ExitCode::from(1);
+    }
     match create_image(&args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             if f.with_name {
-                eprintln!("{}: {}: {}", crate::util::program(), args.image, f.msg);
+                eprintln!("{}: {}: {}", crate::util::program(), args.image(), f.msg);
             } else {
                 eprintln!("{}: {}", crate::util::program(), f.msg);
             }
@@ -346,7 +366,7 @@ async fn check_backing(args: &CreateArgs, opts: &mut Opts) -> Result<(), Failure
         return Ok(());
     };
     let backing_fmt = opts.get("backing_fmt").map(|v| v.text.clone());
-    if name == args.image {
+    if name == args.image() {
         return fail("Error: Trying to create an image with the same filename as the backing file");
     }
     if name.is_empty() {
@@ -370,7 +390,7 @@ async fn check_backing(args: &CreateArgs, opts: &mut Opts) -> Result<(), Failure
         },
     };
     let (size, detected) =
-        match probe_backing(&FileOpener, Path::new(&args.image), &name, format).await {
+        match probe_backing(&FileOpener, Path::new(&args.image()), &name, format).await {
             Ok(r) => r,
             Err(e) => return fail(format!("{e}\nCould not open backing image.")),
         };
@@ -410,7 +430,7 @@ async fn create_image(args: &CreateArgs) -> Result<(), Failure> {
     if !args.quiet {
         println!(
             "Formatting '{}', fmt={} {}",
-            args.image,
+            args.image(),
             fmt,
             opts.describe()
         );
@@ -426,12 +446,12 @@ async fn create_image(args: &CreateArgs) -> Result<(), Failure> {
         })?,
     };
     if !qcow2 {
-        return create_raw(&FileOpener, &args.image, size, prealloc)
+        return create_raw(&FileOpener, &args.image(), size, prealloc)
             .await
             .map_err(engine_err);
     }
     let co = qcow2_options(&opts, size, prealloc)?;
-    create(&FileOpener, &args.image, &co)
+    create(&FileOpener, &args.image(), &co)
         .await
         .map_err(engine_err)
 }

@@ -15,6 +15,7 @@ pub mod info;
 pub mod io;
 pub mod map;
 pub mod measure;
+pub mod option_help;
 pub mod rebase;
 pub mod resize;
 pub mod snapshot;

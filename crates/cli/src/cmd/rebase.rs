@@ -2,6 +2,7 @@
 //! into the image what would read differently through the new backing file; `-u` only
 //! rewrites the header. qemu-img's syntax, messages and exit status.
 
+use crate::progress::Progress;
 use crate::util::invoked_as;
 use anyhow::{anyhow, bail, Result};
 use blockio::FileOpener;
@@ -27,7 +28,7 @@ pub struct RebaseArgs {
     /// Quiet (nothing is printed on success anyway).
     #[arg(short = 'q')]
     quiet: bool,
-    /// Progress (accepted; the copy is not reported).
+    /// Report progress as qemu-img does.
     #[arg(short = 'p')]
     progress: bool,
     /// Cache mode of the image (accepted; the image's writes are flushed at the end).
@@ -45,7 +46,65 @@ pub struct RebaseArgs {
 
 /// Runs `qimg rebase`: exit status 0, or 1 with qemu-img's message on stderr.
 pub async fn run(args: RebaseArgs) -> ExitCode {
-    crate::util::exit(1, rebase(&args).await)
+    let mut progress = None;
+    let r = rebase(&args, &mut progress).await;
+    let code = crate::util::exit(1, r.as_ref().map(|_| ()).map_err(|e| anyhow!("{e:#}")));
+    if let Some(p) = progress {
+        p.finish(r.is_ok());
+    }
+    code
+}
+
+/// Bytes qemu-img rebase compares per request.
+const BUF: u64 = 2 << 20;
+
+/// How a safe rebase moves the progress report, as qemu-img's does: one step (the same
+/// share of 100%, by 2 MiB of the image) per request qemu-img would make of the ranges
+/// the image does not allocate: 2 MiB at most, cut where the image allocates and at the
+/// end of each backing file.
+struct Steps<'a> {
+    progress: &'a mut Progress,
+    /// The share of each step.
+    share: f32,
+    /// Where requests are cut besides (the ends of the old and the new backing file).
+    cuts: [Option<u64>; 2],
+    /// The end of the last range compared, and of the last request.
+    last_end: u64,
+    request_end: u64,
+}
+
+impl Steps<'_> {
+    fn new(progress: &mut Progress, size: u64, cuts: [Option<u64>; 2]) -> Steps<'_> {
+        let share = match size {
+            0 => 0.0,
+            _ => 100.0 / (size / size.min(BUF)) as f32,
+        };
+        Steps {
+            progress,
+            share,
+            cuts,
+            last_end: 0,
+            request_end: 0,
+        }
+    }
+
+    /// The range `offset..offset+len` was compared.
+    fn compared(&mut self, offset: u64, len: u64) {
+        let end = offset + len;
+        if offset != self.last_end {
+            self.request_end = offset;
+        }
+        let mut at = offset;
+        while at < end {
+            if at >= self.request_end {
+                let cut = self.cuts.iter().flatten().filter(|&&c| c > at).min();
+                self.request_end = (at + BUF).min(cut.copied().unwrap_or(u64::MAX));
+                self.progress.advance(self.share, 100.0);
+            }
+            at = self.request_end.min(end);
+        }
+        self.last_end = end;
+    }
 }
 
 fn format(name: Option<&str>) -> Result<Option<ImageFormat>> {
@@ -53,7 +112,9 @@ fn format(name: Option<&str>) -> Result<Option<ImageFormat>> {
         .transpose()
 }
 
-async fn rebase(args: &RebaseArgs) -> Result<()> {
+/// Rebases the image; `progress` starts once the options are checked (as qemu-img's
+/// does).
+async fn rebase(args: &RebaseArgs, progress: &mut Option<Progress>) -> Result<()> {
     if !args.unsafe_mode && args.backing.is_none() {
         bail!(
             "Must specify backing file (-b) or use unsafe mode (-u)\n\
@@ -61,6 +122,7 @@ async fn rebase(args: &RebaseArgs) -> Result<()> {
             invoked_as()
         );
     }
+    let p = progress.insert(Progress::start(args.progress && !args.quiet, 2.0));
     let image = args.image.as_path();
     let new = match args.backing.as_deref().filter(|b| !b.is_empty()) {
         None => None,
@@ -82,7 +144,7 @@ async fn rebase(args: &RebaseArgs) -> Result<()> {
         .await
         .map_err(|e| anyhow!("Could not open '{}': {e}", image.display()))?;
     if args.unsafe_mode {
-        return Ok(img.rebase(new.as_ref(), None).await?);
+        return Ok(img.rebase(new.as_ref(), None, &mut |_, _| {}).await?);
     }
     let backing = match &new {
         None => None,
@@ -103,5 +165,11 @@ async fn rebase(args: &RebaseArgs) -> Result<()> {
             }
         }
     };
-    Ok(img.rebase(new.as_ref(), Some(backing.as_ref())).await?)
+    let old_size = img.backing().map(|b| b.size());
+    let new_size = backing.as_ref().map(|b| b.size());
+    let mut steps = Steps::new(p, img.size(), [old_size, new_size]);
+    let mut compared = |offset, len| steps.compared(offset, len);
+    Ok(img
+        .rebase(new.as_ref(), Some(backing.as_ref()), &mut compared)
+        .await?)
 }

@@ -2,6 +2,7 @@
 
 use super::SnapshotLookup;
 use crate::image::Image;
+use crate::map::Mapper;
 use crate::meta::SnapshotL1;
 use crate::{ReadResult, Result};
 use blockio::{IoBuf, Opener};
@@ -77,6 +78,39 @@ impl<O: Opener> SnapshotView<'_, O> {
         self.image
             .read_through(buf, range, offset, Some(&self.l1))
             .await
+    }
+
+    /// The status of `[offset, offset+len)` in the snapshot (cut at its end), in this image
+    /// alone, as [`Image::block_status`] gives the active layer's: maximal runs of one
+    /// kind with contiguous host offsets.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SnapshotNotFound`](crate::Error::SnapshotNotFound) when the snapshot was
+    /// deleted meanwhile; a corrupt L1 or L2 entry; I/O errors.
+    ///
+    /// # Cancel safety
+    ///
+    /// Reads only: dropping the future changes nothing.
+    pub async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<crate::Extent>> {
+        let len = len.min(self.size().saturating_sub(offset));
+        let mut meta = self.image.meta.lock().await;
+        if !self
+            .image
+            .store()
+            .snapshot_live(&mut meta, &self.l1)
+            .await?
+        {
+            return Err(crate::Error::SnapshotNotFound {
+                path: self.image.path().to_path_buf(),
+                name: self.l1.name.clone(),
+            });
+        }
+        let mapper = Mapper {
+            l1: Some(self.l1.l1.as_slice()),
+            ..self.image.mapper()
+        };
+        mapper.block_status(&mut meta, offset, len).await
     }
 
     /// Reads `len` bytes at `offset` into a new buffer.
