@@ -87,6 +87,7 @@ impl Command {
             Command::Info(a) => Some(&a.names),
             Command::Map(a) => Some(&a.names),
             Command::Measure(a) => Some(&a.names),
+            Command::Rebase(a) => Some(&a.names),
             Command::Resize(a) => Some(&a.names),
             Command::Snapshot(a) => Some(&a.names),
             _ => None,

@@ -599,6 +599,16 @@ fn qemu_filename_syntax() {
         ],
         &["snapshot", "-c", "s1", "file:b2.qcow2"],
         &["info", "b2.qcow2"],
+        &[
+            "rebase",
+            "-u",
+            "-b",
+            "b2.qcow2",
+            "-F",
+            "qcow2",
+            "file:top.qcow2",
+        ],
+        &["info", "top.qcow2"],
     ] {
         p.same_but_sizes("qemu-img", args);
     }

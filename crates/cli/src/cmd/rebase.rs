@@ -2,11 +2,12 @@
 //! into the image what would read differently through the new backing file; `-u` only
 //! rewrites the header. qemu-img's syntax, messages and exit status.
 
+use crate::names::NameArgs;
 use crate::progress::Progress;
 use crate::util::invoked_as;
 use anyhow::{anyhow, bail, Result};
 use blockio::FileOpener;
-use qcow2_engine::{Disk, Image, ImageFormat, ImageOptions, NewBacking};
+use qcow2_engine::{Disk, ImageFormat, ImageOptions, NewBacking};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -40,6 +41,8 @@ pub struct RebaseArgs {
     /// Open the backing files in shared mode.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    #[command(flatten)]
+    pub names: NameArgs,
     /// The image.
     image: PathBuf,
 }
@@ -123,7 +126,8 @@ async fn rebase(args: &RebaseArgs, progress: &mut Option<Progress>) -> Result<()
         );
     }
     let p = progress.insert(Progress::start(args.progress && !args.quiet, 2.0));
-    let image = args.image.as_path();
+    let name = args.names.name(&args.image, args.format.as_deref())?;
+    let image = name.path();
     let new = match args.backing.as_deref().filter(|b| !b.is_empty()) {
         None => None,
         Some(name) => Some(NewBacking {
@@ -131,7 +135,7 @@ async fn rebase(args: &RebaseArgs, progress: &mut Option<Progress>) -> Result<()
             format: format(args.backing_format.as_deref())?,
         }),
     };
-    if format(args.format.as_deref())? == Some(ImageFormat::Raw) {
+    if name.format() == Some(ImageFormat::Raw) {
         bail!("Could not change the backing file: Operation not supported");
     }
     // Unsafe mode does not open the backing chain (it may be gone).
@@ -140,9 +144,7 @@ async fn rebase(args: &RebaseArgs, progress: &mut Option<Progress>) -> Result<()
     } else {
         qcow2_engine::BackingChoice::FromHeader
     });
-    let img = Image::open(FileOpener, image, options)
-        .await
-        .map_err(|e| anyhow!("Could not open '{}': {e}", image.display()))?;
+    let img = crate::util::open_image(&name, options).await?;
     if args.unsafe_mode {
         return Ok(img.rebase(new.as_ref(), None, &mut |_, _| {}).await?);
     }
