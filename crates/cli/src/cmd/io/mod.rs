@@ -23,14 +23,16 @@
 //! failure too.
 
 mod exec;
+mod open;
 mod parse;
 mod report;
+mod session;
 
 use crate::util::program;
 use blockio::{FileOpener, Opener};
 use exec::Session;
-use qcow2_engine::{CreateOptions, Disk, ImageFormat, ImageOptions};
-use std::path::{Path, PathBuf};
+use open::OpenSpec;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Cache modes (`-t`, `--cache`), as QEMU names them.
@@ -99,8 +101,26 @@ pub struct IoArgs {
     /// image itself is only read.
     #[arg(short = 's', long = "snapshot")]
     pub snapshot: bool,
-    /// The image.
-    pub image: PathBuf,
+    /// Copy-on-read: what reads find in backing files is written into the image.
+    #[arg(short = 'C', long = "copy-on-read")]
+    pub copy_on_read: bool,
+    /// Native AIO (QEMU allows it only with -n or -t none; the backend is -i's).
+    #[arg(short = 'k', long = "native-aio")]
+    pub native_aio: bool,
+    /// Discard mode: unmap (on, the default) or ignore (off: discards do nothing).
+    #[arg(short = 'd', long = "discard", value_parser = parse_discard_mode)]
+    pub discard_ignored: Option<bool>,
+    /// The image; without one, commands run until an `open`.
+    pub image: Option<PathBuf>,
+}
+
+/// `-d`'s modes: `true` for those that ignore discards.
+fn parse_discard_mode(mode: &str) -> Result<bool, String> {
+    match mode {
+        "ignore" | "off" => Ok(true),
+        "unmap" | "on" => Ok(false),
+        _ => Err(format!("Invalid discard option: {mode}")),
+    }
 }
 
 /// Runs `qimg io` on a runtime of its own (a tokio-uring one for `--aio io_uring`) and
@@ -146,92 +166,35 @@ fn fail(msg: &str) -> ExitCode {
     ExitCode::from(1)
 }
 
-/// Opens the image and runs the script on it (inside a `LocalSet`); `true` if everything
-/// succeeded.
+/// Opens the image (if the command line names one) and runs the script (inside a
+/// `LocalSet`); `true` if everything succeeded.
 async fn run_script<O: Opener>(opener: O, args: &IoArgs, cmds: &[String]) -> bool {
-    let disk = match open(opener, args).await {
-        Ok(d) => d,
-        Err(e) => {
-            exec::err(&format!(
-                "{}: can't open device {}: {e}\n",
-                program(),
-                args.image.display()
-            ));
+    let mut session = Session::new(opener, args.aio);
+    if let Some(image) = &args.image {
+        let spec = OpenSpec {
+            format: args.format.clone(),
+            read_only: args.read_only,
+            snapshot: args.snapshot,
+            copy_on_read: args.copy_on_read,
+            force_share: args.force_share,
+            native_aio: args.native_aio,
+            cache: match (args.nocache, args.cache) {
+                (true, _) => CacheMode::None,
+                (false, mode) => mode.unwrap_or(CacheMode::Writeback),
+            },
+            discard_ignored: args.discard_ignored.unwrap_or(false),
+            ..OpenSpec::new(image.clone())
+        };
+        if !session.open(spec).await {
             return false;
         }
-    };
-    let cache = match (args.nocache, args.cache) {
-        (true, _) => CacheMode::None,
-        (false, mode) => mode.unwrap_or(CacheMode::Writeback),
-    };
-    let mut session = Session::new(disk, args.read_only, cache);
+    }
     let mut ok = true;
     for line in cmds {
         ok &= session.run_line(line).await;
+        if session.quitting() {
+            break;
+        }
     }
     session.finish().await && ok
-}
-
-async fn open<O: Opener>(opener: O, args: &IoArgs) -> Result<Disk<O>, String> {
-    let format = match args.format.as_deref() {
-        None => None,
-        Some(name) => {
-            Some(ImageFormat::from_name(name).ok_or_else(|| format!("Unknown driver '{name}'"))?)
-        }
-    };
-    let direct = args.nocache || args.cache.is_some_and(CacheMode::direct);
-    let options = ImageOptions::new()
-        .read_only(args.read_only)
-        .force_share(args.force_share)
-        .direct(direct);
-    if args.snapshot {
-        return open_overlay(opener, Path::new(&args.image), format, options)
-            .await
-            .map_err(|e| e.to_string());
-    }
-    Disk::open(opener, Path::new(&args.image), format, options)
-        .await
-        .map_err(|e| e.to_string())
-}
-
-/// Opens a temporary qcow2 overlay over `image` (qemu-io's `-s`): created in the temporary
-/// directory with the image (opened read-only) as its backing file, and unlinked once open,
-/// so that it goes with the process.
-async fn open_overlay<O: Opener>(
-    opener: O,
-    image: &Path,
-    format: Option<ImageFormat>,
-    options: ImageOptions,
-) -> qcow2_engine::Result<Disk<O>> {
-    let (fmt, size) = {
-        let base = Disk::open(
-            opener.clone(),
-            image,
-            format,
-            options.clone().read_only(true),
-        )
-        .await?;
-        (base.format(), base.size())
-    };
-    let backing = std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf());
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let overlay = std::env::temp_dir().join(format!(
-        "qimg-snapshot-{}-{nanos}.qcow2",
-        std::process::id()
-    ));
-    let create = CreateOptions::new()
-        .size(size)
-        .backing_file(backing.to_string_lossy(), fmt);
-    qcow2_engine::create(&opener, &overlay, &create).await?;
-    let disk = Disk::open(
-        opener,
-        &overlay,
-        Some(ImageFormat::Qcow2),
-        options.read_only(false),
-    )
-    .await;
-    let _ = std::fs::remove_file(&overlay);
-    disk
 }

@@ -14,6 +14,7 @@
 mod commands;
 mod getopt;
 mod numbers;
+mod session;
 #[cfg(test)]
 mod tests;
 
@@ -21,6 +22,9 @@ use commands::{
     parse_aio_read, parse_aio_write, parse_discard, parse_read, parse_readv, parse_write,
     parse_writev,
 };
+use super::CacheMode;
+use qcow2_engine::Preallocation;
+use session::{help, parse_open, parse_reopen, parse_sleep, parse_truncate};
 use std::fmt;
 
 /// qemu's `BDRV_REQUEST_MAX_BYTES`: the largest request length qemu-io accepts.
@@ -59,6 +63,26 @@ pub enum Cmd {
         /// Bytes to look at (512 when not given).
         count: u64,
     },
+    /// `open`: opens an image (when none is open).
+    Open(Open),
+    /// `reopen`: the open image with other options.
+    Reopen(Reopen),
+    /// `info` (alias `i`): the format, cluster size, VM state offset and format-specific
+    /// information.
+    Info,
+    /// `truncate` (alias `t`): resizes the disk.
+    Truncate {
+        /// The new size in bytes.
+        size: u64,
+        /// `-m`: what a grow allocates.
+        prealloc: Preallocation,
+    },
+    /// `sleep`: waits this many milliseconds.
+    Sleep(u64),
+    /// `quit` (alias `q`): ends the script.
+    Quit,
+    /// `help` (alias `?`): prints this text.
+    Help(String),
     /// `aio_read -i` / `aio_write -i`: prints this line and does nothing (qemu-io only counts
     /// an invalid request in its statistics).
     Inject(&'static str),
@@ -127,6 +151,40 @@ pub enum WriteData {
     },
 }
 
+/// An `open` command's options.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Open {
+    /// The image (qemu-io then fails: `open` needs a file name or driver options naming one).
+    pub path: Option<String>,
+    /// `-o driver=FMT`: the format (probed when absent).
+    pub format: Option<String>,
+    /// `-r`.
+    pub read_only: bool,
+    /// `-s`: writes go to a temporary overlay.
+    pub snapshot: bool,
+    /// `-C`: reads copy what they read from backing files into the image.
+    pub copy_on_read: bool,
+    /// `-U`: share every permission (read-only opens only).
+    pub force_share: bool,
+    /// `-k`: native AIO (which needs O_DIRECT).
+    pub native_aio: bool,
+    /// `-n`, `-t`: the cache mode.
+    pub cache: Option<CacheMode>,
+    /// `-d ignore` (or `off`): discards do nothing.
+    pub discard_ignored: bool,
+    /// `-i`: the AIO mode named.
+    pub aio: Option<String>,
+}
+
+/// A `reopen` command's options.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reopen {
+    /// `-r` (`Some(true)`) or `-w` (`Some(false)`).
+    pub read_only: Option<bool>,
+    /// `-c`: the new cache mode.
+    pub cache: Option<CacheMode>,
+}
+
 /// A `discard`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Discard {
@@ -162,6 +220,8 @@ pub enum ParseError {
     Invalid(String),
     /// Something qemu-io has and `qimg io` does not implement (stderr).
     Unsupported(String),
+    /// A message qemu-io reports on stderr after its name (`error_report`).
+    Report(String),
 }
 
 impl ParseError {
@@ -181,7 +241,9 @@ impl ParseError {
         match self {
             ParseError::NotFound(name) => Some(format!("command \"{name}\" not found")),
             ParseError::ArgCount(m) | ParseError::BadOption { message: m, .. } => Some(m.clone()),
-            ParseError::Unsupported(m) => Some(format!("{}: {m}", crate::util::program())),
+            ParseError::Unsupported(m) | ParseError::Report(m) => {
+                Some(format!("{}: {m}", crate::util::program()))
+            }
             _ => None,
         }
     }
@@ -206,6 +268,10 @@ struct Spec {
     usage: &'static str,
     /// Needs write permission (qemu-io's `BLK_PERM_WRITE`).
     write: bool,
+    /// Runs without an open image (qemu-io's `CMD_NOFILE_OK`, `CMD_FLAG_GLOBAL`).
+    nofile: bool,
+    /// What `help NAME` prints after the usage line.
+    help: Option<&'static str>,
 }
 
 const READ: Spec = Spec {
@@ -215,6 +281,8 @@ const READ: Spec = Spec {
     argmax: None,
     usage: "read [-abCqrv] [-P pattern [-s off] [-l len]] off len -- reads a number of bytes at a specified offset",
     write: false,
+    nofile: false,
+    help: None,
 };
 const WRITE: Spec = Spec {
     name: "write",
@@ -223,6 +291,8 @@ const WRITE: Spec = Spec {
     argmax: None,
     usage: "write [-bcCfnqruz] [-P pattern | -s source_file] off len -- writes a number of bytes at a specified offset",
     write: true,
+    nofile: false,
+    help: None,
 };
 const READV: Spec = Spec {
     name: "readv",
@@ -231,6 +301,8 @@ const READV: Spec = Spec {
     argmax: None,
     usage: "readv [-Cqrv] [-P pattern] off len [len..] -- reads a number of bytes at a specified offset",
     write: false,
+    nofile: false,
+    help: None,
 };
 const WRITEV: Spec = Spec {
     name: "writev",
@@ -239,6 +311,8 @@ const WRITEV: Spec = Spec {
     argmax: None,
     usage: "writev [-Cfqr] [-P pattern] off len [len..] -- writes a number of bytes at a specified offset",
     write: true,
+    nofile: false,
+    help: None,
 };
 const DISCARD: Spec = Spec {
     name: "discard",
@@ -247,6 +321,8 @@ const DISCARD: Spec = Spec {
     argmax: None,
     usage: "discard [-Cq] off len -- discards a number of bytes at a specified offset",
     write: true,
+    nofile: false,
+    help: None,
 };
 const FLUSH: Spec = Spec {
     name: "flush",
@@ -255,6 +331,8 @@ const FLUSH: Spec = Spec {
     argmax: Some(0),
     usage: "flush -- flush all in-core file state to disk",
     write: false,
+    nofile: false,
+    help: None,
 };
 const AIO_READ: Spec = Spec {
     name: "aio_read",
@@ -264,6 +342,8 @@ const AIO_READ: Spec = Spec {
     usage:
         "aio_read [-Ciqrv] [-P pattern] off len [len..] -- asynchronously reads a number of bytes",
     write: false,
+    nofile: false,
+    help: None,
 };
 const AIO_WRITE: Spec = Spec {
     name: "aio_write",
@@ -272,6 +352,8 @@ const AIO_WRITE: Spec = Spec {
     argmax: None,
     usage: "aio_write [-Cfiqruz] [-P pattern] off len [len..] -- asynchronously writes a number of bytes",
     write: true,
+    nofile: false,
+    help: None,
 };
 const AIO_FLUSH: Spec = Spec {
     name: "aio_flush",
@@ -280,6 +362,8 @@ const AIO_FLUSH: Spec = Spec {
     argmax: Some(0),
     usage: "aio_flush -- completes all outstanding aio requests",
     write: false,
+    nofile: false,
+    help: None,
 };
 const LENGTH: Spec = Spec {
     name: "length",
@@ -288,6 +372,8 @@ const LENGTH: Spec = Spec {
     argmax: Some(0),
     usage: "length -- gets the length of the current file",
     write: false,
+    nofile: false,
+    help: None,
 };
 
 const MAP: Spec = Spec {
@@ -297,6 +383,8 @@ const MAP: Spec = Spec {
     argmax: Some(0),
     usage: "map -- prints the allocated areas of a file",
     write: false,
+    nofile: false,
+    help: None,
 };
 const ALLOC: Spec = Spec {
     name: "alloc",
@@ -305,6 +393,8 @@ const ALLOC: Spec = Spec {
     argmax: Some(2),
     usage: "alloc offset [count] -- checks if offset is allocated in the file",
     write: false,
+    nofile: false,
+    help: None,
 };
 
 const CLOSE: Spec = Spec {
@@ -314,11 +404,88 @@ const CLOSE: Spec = Spec {
     argmax: Some(0),
     usage: "close -- close the current open file",
     write: false,
+    nofile: false,
+    help: None,
 };
 
-const COMMANDS: [&Spec; 13] = [
+const OPEN: Spec = Spec {
+    name: "open",
+    alias: Some("o"),
+    argmin: 1,
+    argmax: None,
+    usage: "open [-rsCnkU] [-t cache] [-d discard] [-o options] [path] -- open the file specified by path",
+    write: false,
+    nofile: true,
+    help: Some(
+        "\n opens a new file in the requested mode\n\n Example:\n 'open -n -o driver=raw /tmp/data' - opens raw data file read-write, uncached\n\n Opens a file for subsequent use by all of the other qemu-io commands.\n -r, -- open file read-only\n -s, -- use snapshot file\n -C, -- use copy-on-read\n -n, -- disable host cache, short for -t none\n -U, -- force shared permissions\n -k, -- use kernel AIO implementation (Linux only, prefer use of -i)\n -i, -- use AIO mode (threads, native or io_uring)\n -t, -- use the given cache mode for the image\n -d, -- use the given discard mode for the image\n -o, -- options to be given to the block driver\n",
+    ),
+};
+const REOPEN: Spec = Spec {
+    name: "reopen",
+    alias: None,
+    argmin: 0,
+    argmax: None,
+    usage: "reopen [(-r|-w)] [-c cache] [-o options] -- reopens an image with new options",
+    write: false,
+    nofile: false,
+    help: Some(
+        "\n Changes the open options of an already opened image\n\n Example:\n 'reopen -o lazy-refcounts=on' - activates lazy refcount writeback on a qcow2 image\n\n -r, -- Reopen the image read-only\n -w, -- Reopen the image read-write\n -c, -- Change the cache mode to the given value\n -o, -- Changes block driver options (cf. 'open' command)\n\n",
+    ),
+};
+const INFO: Spec = Spec {
+    name: "info",
+    alias: Some("i"),
+    argmin: 0,
+    argmax: Some(0),
+    usage: "info -- prints information about the current file",
+    write: false,
+    nofile: false,
+    help: None,
+};
+const TRUNCATE: Spec = Spec {
+    name: "truncate",
+    alias: Some("t"),
+    argmin: 1,
+    argmax: Some(3),
+    usage: "truncate [-m prealloc_mode] off -- truncates the current file at the given offset",
+    write: true,
+    nofile: false,
+    help: None,
+};
+const SLEEP: Spec = Spec {
+    name: "sleep",
+    alias: None,
+    argmin: 1,
+    argmax: Some(1),
+    usage: "sleep -- waits for the given value in milliseconds",
+    write: false,
+    nofile: false,
+    help: None,
+};
+const QUIT: Spec = Spec {
+    name: "quit",
+    alias: Some("q"),
+    argmin: 0,
+    argmax: None,
+    usage: "quit -- exit the program",
+    write: false,
+    nofile: true,
+    help: None,
+};
+const HELP: Spec = Spec {
+    name: "help",
+    alias: Some("?"),
+    argmin: 0,
+    argmax: Some(1),
+    usage: "help [command] -- help for one or all commands",
+    write: false,
+    nofile: true,
+    help: None,
+};
+
+const COMMANDS: [&Spec; 20] = [
     &READ, &READV, &WRITE, &WRITEV, &DISCARD, &FLUSH, &AIO_READ, &AIO_WRITE, &AIO_FLUSH, &LENGTH,
-    &MAP, &ALLOC, &CLOSE,
+    &MAP, &ALLOC, &CLOSE, &OPEN, &REOPEN, &INFO, &TRUNCATE, &SLEEP, &QUIT, &HELP,
 ];
 
 /// qemu-io's `breakline()`: split at single spaces, drop empty pieces.
@@ -331,6 +498,15 @@ fn lookup(name: &str) -> Option<&'static Spec> {
         .iter()
         .copied()
         .find(|s| s.name == name || s.alias == Some(name))
+}
+
+/// Whether `line` is a known command that needs an open image (all but `open`, `quit` and
+/// `help`). qemu-io checks this before the argument count and the options.
+pub fn needs_image(line: &str) -> bool {
+    words(line)
+        .first()
+        .and_then(|name| lookup(name))
+        .is_some_and(|s| !s.nofile)
 }
 
 /// Whether `line` is a command needing write permission (`write`, `discard`, `aio_write`)
@@ -366,6 +542,13 @@ pub fn parse(line: &str) -> Result<Option<Cmd>, ParseError> {
         "length" => Cmd::Length,
         "map" => Cmd::Map,
         "close" => Cmd::Close,
+        "open" => parse_open(name, args)?,
+        "reopen" => parse_reopen(name, args)?,
+        "info" => Cmd::Info,
+        "truncate" => parse_truncate(name, args)?,
+        "sleep" => parse_sleep(args[0])?,
+        "quit" => Cmd::Quit,
+        "help" => help(args)?,
         "alloc" => Cmd::Alloc {
             offset: numbers::cvt(args[0])?,
             count: args

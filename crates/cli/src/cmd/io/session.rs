@@ -1,0 +1,227 @@
+//! The `qimg io` commands that manage the image rather than do I/O on it: `open`, `reopen`,
+//! `info`, `truncate`, and copy-on-read (`-C`), which follows reads.
+
+use super::exec::{err, out, strerror, Session};
+use super::open::{open_disk, OpenSpec};
+use super::parse::{Open, Reopen};
+use super::report::cvtstr;
+use super::{AioMode, CacheMode};
+use crate::util::program;
+use blockio::Opener;
+use qcow2_engine::{Disk, Error, Preallocation, ResizeOptions};
+use qcow2_format::CompressionType;
+use std::rc::Rc;
+
+/// The most copy-on-read reads at once (QEMU's `MAX_BOUNCE_BUFFER`): a run of clusters the
+/// image does not allocate is copied in pieces of this size, each written as zeros if it
+/// reads as zeros.
+const MAX_BOUNCE_BUFFER: u64 = 32768 << 9;
+
+fn report(msg: &str) {
+    err(&format!("{}: {msg}\n", program()));
+}
+
+impl<O: Opener> Session<O> {
+    /// Opens the image `spec` names (when none is open); `false`, with qemu-io's message, if
+    /// it cannot.
+    pub async fn open(&mut self, spec: OpenSpec) -> bool {
+        if self.disk.is_some() {
+            report("file open already, try 'help close'");
+            return false;
+        }
+        match open_disk(self.opener.clone(), &spec).await {
+            Ok(disk) => {
+                self.disk = Some(Rc::new(disk));
+                self.spec = Some(spec);
+                true
+            }
+            Err(e) => {
+                report(&format!(
+                    "can't open device {}: {e}",
+                    spec.path.display()
+                ));
+                false
+            }
+        }
+    }
+
+    /// The `open` command.
+    pub(super) async fn open_cmd(&mut self, o: Open) -> bool {
+        if self.disk.is_some() {
+            report("file open already, try 'help close'");
+            return false;
+        }
+        let Some(path) = o.path else {
+            report(if o.format.is_some() {
+                "can't open: A block device must be specified for \"file\""
+            } else {
+                "can't open: Must specify either driver or file"
+            });
+            return false;
+        };
+        if o.aio.as_deref() == Some("io_uring") && self.aio != AioMode::IoUring
+            || o.aio.as_deref() == Some("threads") && self.aio != AioMode::Threads
+        {
+            report("open: -i must name the backend the session runs on (the command line's -i)");
+            return false;
+        }
+        let spec = OpenSpec {
+            format: o.format,
+            read_only: o.read_only,
+            snapshot: o.snapshot,
+            copy_on_read: o.copy_on_read,
+            force_share: o.force_share,
+            native_aio: o.native_aio || o.aio.as_deref() == Some("native"),
+            cache: o.cache.unwrap_or(CacheMode::Writeback),
+            discard_ignored: o.discard_ignored,
+            ..OpenSpec::new(path.into())
+        };
+        self.open(spec).await
+    }
+
+    /// `reopen`: the image opened again with `-r`/`-w` and `-c` changed (a temporary
+    /// overlay of `-s` only changes what it accepts). If the new open fails, the image stays
+    /// open as it was.
+    pub(super) async fn reopen(&mut self, r: Reopen) -> bool {
+        let Some(old) = self.spec.clone() else {
+            return false;
+        };
+        let new = OpenSpec {
+            read_only: r.read_only.unwrap_or(old.read_only),
+            cache: r.cache.unwrap_or(old.cache),
+            ..old.clone()
+        };
+        if new.read_only && new.copy_on_read {
+            report("Can't set node to r/o with copy-on-read enabled");
+            return false;
+        }
+        if old.snapshot {
+            self.spec = Some(new);
+            return true;
+        }
+        if !self.close().await {
+            return false;
+        }
+        match open_disk(self.opener.clone(), &new).await {
+            Ok(disk) => {
+                self.disk = Some(Rc::new(disk));
+                self.spec = Some(new);
+                true
+            }
+            Err(e) => {
+                report(&e);
+                self.open(old).await;
+                false
+            }
+        }
+    }
+
+    /// `info`: the format, cluster size, VM state offset and, for qcow2, the format-specific
+    /// information, as qemu-io prints them.
+    pub(super) fn info(&self) -> bool {
+        let disk = self.d();
+        let Some(img) = disk.as_qcow2() else {
+            out(&format!(
+                "format name: {}\ncluster size: 0 bytes\nvm state offset: 0 bytes\n",
+                disk.format().name()
+            ));
+            return true;
+        };
+        let h = img.header();
+        let v3 = h.version >= 3;
+        let mut text = format!(
+            "format name: qcow2\ncluster size: {}\nvm state offset: {}\n\
+             Format specific information:\n    compat: {}\n    compression type: {}\n",
+            cvtstr(img.cluster_size() as f64),
+            cvtstr(img.vm_state_offset() as f64),
+            if v3 { "1.1" } else { "0.10" },
+            match h.compression_type {
+                CompressionType::Zlib => "zlib",
+                CompressionType::Zstd => "zstd",
+            },
+        );
+        if v3 {
+            text.push_str(&format!("    lazy refcounts: {}\n", h.lazy_refcounts()));
+        }
+        text.push_str(&format!(
+            "    refcount bits: {}\n",
+            h.refcount_width().bits()
+        ));
+        if h.has_data_file() {
+            if let Some(name) = h.data_file_name() {
+                text.push_str(&format!("    data file: {name}\n"));
+            }
+            text.push_str(&format!("    data file raw: {}\n", h.data_file_raw()));
+        }
+        if v3 {
+            text.push_str(&format!(
+                "    corrupt: {}\n    extended l2: {}\n",
+                h.is_corrupt(),
+                h.extended_l2()
+            ));
+        }
+        out(&text);
+        true
+    }
+
+    /// `truncate`: resizes the disk (shrinking allowed, as qemu-io's `blk_truncate`).
+    pub(super) async fn truncate(&mut self, size: u64, prealloc: Preallocation) -> bool {
+        let options = ResizeOptions::new().shrink(true).preallocation(prealloc);
+        match self.d().resize(size, options).await {
+            Ok(()) => true,
+            Err(e) => {
+                report(&e.to_string());
+                false
+            }
+        }
+    }
+}
+
+/// Copy-on-read after a read of `[offset, offset+len)`: the clusters it touches that the
+/// image does not allocate get what the backing chain has for them, written as zeros where
+/// a run reads as zeros (QEMU's `bdrv_co_do_copy_on_readv`). Raw images have nothing to copy.
+pub(super) async fn copy_on_read<O: Opener>(
+    disk: &Disk<O>,
+    offset: u64,
+    len: u64,
+) -> Result<(), String> {
+    let Some(img) = disk.as_qcow2() else {
+        return Ok(());
+    };
+    let cs = img.cluster_size();
+    let start = offset / cs * cs;
+    let end = (offset + len).div_ceil(cs).saturating_mul(cs).min(disk.size());
+    if len == 0 || start >= end {
+        return Ok(());
+    }
+    let entries = disk
+        .map(start, end - start)
+        .await
+        .map_err(|e| strerror(&e))?;
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for e in entries.iter().filter(|e| !(e.present && e.depth == 0)) {
+        match runs.last_mut() {
+            Some((s, l)) if *s + *l == e.start => *l += e.length,
+            _ => runs.push((e.start, e.length)),
+        }
+    }
+    for (mut at, len) in runs {
+        let end = at + len;
+        while at < end {
+            let n = (end - at).min(MAX_BOUNCE_BUFFER);
+            copy_piece(disk, at, n).await.map_err(|e| strerror(&e))?;
+            at += n;
+        }
+    }
+    Ok(())
+}
+
+async fn copy_piece<O: Opener>(disk: &Disk<O>, at: u64, n: u64) -> Result<(), Error> {
+    // At most MAX_BOUNCE_BUFFER.
+    let buf = disk.read(at, n as usize).await?;
+    if buf.iter().all(|&b| b == 0) {
+        return disk.write_zeroes(at, n, false).await;
+    }
+    let (res, _) = disk.write_at(buf, at).await;
+    res
+}
