@@ -19,6 +19,7 @@
 
 mod copied;
 mod fixtures;
+mod io_run;
 mod legacy;
 mod ops;
 mod prng;
@@ -26,6 +27,7 @@ mod tools;
 
 pub use copied::only_safe_copied_errors;
 pub use fixtures::{fixture, matrix, Expect, Fixture, FixtureSpec};
+pub use io_run::IoRun;
 pub use legacy::strip_snapshot_extra_data;
 pub use ops::{random_ranges, OpMix};
 pub use prng::Prng;

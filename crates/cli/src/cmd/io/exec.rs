@@ -7,8 +7,8 @@
 //! for them. As in qemu-io, a failing synchronous command makes the exit status 1 and the
 //! script goes on; an aio request counts as successful once issued, whatever its outcome.
 
-use super::parse::{self, Cmd, Discard, Read, Write, WriteData, MAX_REQUEST_BYTES};
 use super::open::OpenSpec;
+use super::parse::{self, Cmd, Discard, Read, Write, WriteData, MAX_REQUEST_BYTES};
 use super::report;
 use super::session;
 use super::{AioMode, CacheMode};
@@ -234,6 +234,10 @@ impl<O: Opener> Session<O> {
                 out(&text);
                 return true;
             }
+            Cmd::Sleep(ms) => {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                return true;
+            }
             _ => {}
         }
         if self.disk.is_none() {
@@ -249,14 +253,12 @@ impl<O: Opener> Session<O> {
             return false;
         }
         match cmd {
-            Cmd::Open(_) | Cmd::Quit | Cmd::Help(_) => unreachable!("run without an image"),
+            Cmd::Open(_) | Cmd::Quit | Cmd::Help(_) | Cmd::Sleep(_) => {
+                unreachable!("run without an image")
+            }
             Cmd::Reopen(r) => self.reopen(r).await,
             Cmd::Info => self.info(),
             Cmd::Truncate { size, prealloc } => self.truncate(size, prealloc).await,
-            Cmd::Sleep(ms) => {
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-                true
-            }
             Cmd::Read(r) => self.read(&r).await,
             Cmd::Write(w) => self.write(&w).await,
             Cmd::Discard(d) => self.discard(&d).await,

@@ -58,9 +58,11 @@ pub async fn open_disk<O: Opener>(opener: O, spec: &OpenSpec) -> Result<Disk<O>,
         }
     };
     if spec.native_aio && !spec.cache.direct() {
-        return Err("aio=native was specified, but it requires cache.direct=on, which was not \
+        return Err(
+            "aio=native was specified, but it requires cache.direct=on, which was not \
                     specified."
-            .into());
+                .into(),
+        );
     }
     if spec.copy_on_read && spec.read_only {
         return Err("Can't use copy-on-read on read-only device".into());

@@ -36,10 +36,7 @@ impl<O: Opener> Session<O> {
                 true
             }
             Err(e) => {
-                report(&format!(
-                    "can't open device {}: {e}",
-                    spec.path.display()
-                ));
+                report(&format!("can't open device {}: {e}", spec.path.display()));
                 false
             }
         }
@@ -190,7 +187,10 @@ pub(super) async fn copy_on_read<O: Opener>(
     };
     let cs = img.cluster_size();
     let start = offset / cs * cs;
-    let end = (offset + len).div_ceil(cs).saturating_mul(cs).min(disk.size());
+    let end = (offset + len)
+        .div_ceil(cs)
+        .saturating_mul(cs)
+        .min(disk.size());
     if len == 0 || start >= end {
         return Ok(());
     }

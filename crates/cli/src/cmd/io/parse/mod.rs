@@ -18,11 +18,11 @@ mod session;
 #[cfg(test)]
 mod tests;
 
+use super::CacheMode;
 use commands::{
     parse_aio_read, parse_aio_write, parse_discard, parse_read, parse_readv, parse_write,
     parse_writev,
 };
-use super::CacheMode;
 use qcow2_engine::Preallocation;
 use session::{help, parse_open, parse_reopen, parse_sleep, parse_truncate};
 use std::fmt;
@@ -381,7 +381,7 @@ const MAP: Spec = Spec {
     alias: None,
     argmin: 0,
     argmax: Some(0),
-    usage: "map -- prints the allocated areas of a file",
+    usage: "map  -- prints the allocated areas of a file",
     write: false,
     nofile: false,
     help: None,
@@ -459,7 +459,7 @@ const SLEEP: Spec = Spec {
     argmax: Some(1),
     usage: "sleep -- waits for the given value in milliseconds",
     write: false,
-    nofile: false,
+    nofile: true,
     help: None,
 };
 const QUIT: Spec = Spec {
@@ -500,8 +500,8 @@ fn lookup(name: &str) -> Option<&'static Spec> {
         .find(|s| s.name == name || s.alias == Some(name))
 }
 
-/// Whether `line` is a known command that needs an open image (all but `open`, `quit` and
-/// `help`). qemu-io checks this before the argument count and the options.
+/// Whether `line` is a known command that needs an open image (all but `open`, `sleep`,
+/// `quit` and `help`). qemu-io checks this before the argument count and the options.
 pub fn needs_image(line: &str) -> bool {
     words(line)
         .first()

@@ -102,7 +102,9 @@ pub(super) fn parse_reopen(typed: &str, args: &[&str]) -> Result<Cmd, ParseError
         return Err(ParseError::Usage(REOPEN.usage));
     }
     if driver.is_some() {
-        return Err(ParseError::Report("Cannot change the option 'driver'".into()));
+        return Err(ParseError::Report(
+            "Cannot change the option 'driver'".into(),
+        ));
     }
     Ok(Cmd::Reopen(r))
 }

@@ -1,0 +1,358 @@
+//! `qimg io`'s session commands against `qemu-io`: starting without an image, `open` (and its
+//! options), `close`, `reopen`, `info`, `length`, `truncate`, `sleep`, `quit`, `help`,
+//! copy-on-read (`-C`), compressed writes, and their error cases. Each script runs through
+//! both tools on two copies of the same images (a qcow2 image over a qcow2 backing file
+//! that qemu-io wrote); the output, the exit status and the images afterwards (content and
+//! allocation, as `qemu-img map` sees them) must be the same.
+
+use qcow2_tests::{path_str, qemu_img, qemu_map_json, IoRun};
+use std::path::{Path, PathBuf};
+
+/// Two copies of a top image over its backing file, `x/` for qemu-io and `y/` for qimg io.
+struct Pair {
+    _dir: tempfile::TempDir,
+    theirs: PathBuf,
+    ours: PathBuf,
+}
+
+fn make(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let base = dir.join("base.qcow2");
+    let top = dir.join("img.qcow2");
+    assert!(
+        qemu_img(&["create", "-q", "-f", "qcow2", path_str(&base), "1M"])
+            .status
+            .success()
+    );
+    let script = ["write -P 7 0 64k".to_string(), "write -P 0 128k 64k".into()];
+    let w = IoRun::qemu_io(&[], &script, Some(&base));
+    assert_eq!(w.code, Some(0), "{w:?}");
+    let created = qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        path_str(&top),
+    ]);
+    assert!(created.status.success(), "{created:?}");
+    top
+}
+
+impl Pair {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let theirs = make(&dir.path().join("x"));
+        let ours = make(&dir.path().join("y"));
+        Pair {
+            _dir: dir,
+            theirs,
+            ours,
+        }
+    }
+}
+
+/// `map` of an image without host offsets (they may differ and mean the same).
+fn layout(image: &Path) -> serde_json::Value {
+    let mut map = qemu_map_json(image);
+    for e in map.as_array_mut().unwrap() {
+        e.as_object_mut().unwrap().remove("offset");
+    }
+    map
+}
+
+/// Runs `args` and `script` through both tools, `IMG` in either standing for the image and
+/// `with_image` saying whether the command line names it; asserts the same output, exit
+/// status and images afterwards. Returns qemu-io's run.
+fn same(args: &[&str], script: &[&str], with_image: bool) -> IoRun {
+    let p = Pair::new();
+    let run = |image: &Path, qemu: bool| {
+        let img = path_str(image);
+        let script: Vec<String> = script.iter().map(|c| c.replace("IMG", img)).collect();
+        let args: Vec<String> = args.iter().map(|a| a.replace("IMG", img)).collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let image = with_image.then_some(image);
+        let mut run = if qemu {
+            IoRun::qemu_io(&args, &script, image)
+        } else {
+            IoRun::qimg_io(env!("CARGO_BIN_EXE_qimg"), &args, &script, image)
+        };
+        for l in run.stdout.iter_mut().chain(run.stderr.iter_mut()) {
+            *l = l.replace(img, "IMG");
+        }
+        run
+    };
+    let theirs = run(&p.theirs, true);
+    let ours = run(&p.ours, false);
+    ours.assert_same(&theirs, &format!("{args:?} {script:?}"));
+    let cmp = qemu_img(&["compare", path_str(&p.theirs), path_str(&p.ours)]);
+    assert!(cmp.status.success(), "{script:?}: images differ: {cmp:?}");
+    assert_eq!(layout(&p.ours), layout(&p.theirs), "{script:?}: allocation");
+    theirs
+}
+
+#[test]
+fn commands_without_an_image_say_no_file_open() {
+    let r = same(
+        &[],
+        &[
+            "length",
+            "read 0 1",
+            "write",
+            "info",
+            "truncate 1M",
+            "close",
+        ],
+        false,
+    );
+    assert_eq!(r.stderr.len(), 6, "{r:?}");
+    assert_eq!(r.stderr[0], "no file open, try 'help open'");
+    same(&[], &["reopen -r", "sleep 1", "map", "bogus"], false);
+}
+
+#[test]
+fn open_then_commands() {
+    same(
+        &[],
+        &["open IMG", "info", "length", "write 0 4k", "map"],
+        false,
+    );
+    same(
+        &[],
+        &["o -r IMG", "read -P 7 0 512", "c", "c", "length"],
+        false,
+    );
+    same(
+        &[],
+        &[
+            "open -n IMG",
+            "write -P 3 4k 4k",
+            "close",
+            "open -r IMG",
+            "read -P 3 4k 4k",
+        ],
+        false,
+    );
+}
+
+#[test]
+fn open_errors_match_qemu_io() {
+    let r = same(&[], &["open nonexist.qcow2", "length"], false);
+    assert_eq!(r.code, Some(1));
+    same(&[], &["open IMG", "open IMG", "length"], false);
+    same(&[], &["open", "open -r", "open -o driver=qcow2"], false);
+    same(
+        &[],
+        &["open -x IMG", "open IMG IMG", "open -f qcow2 IMG"],
+        false,
+    );
+    same(
+        &[],
+        &[
+            "open -d bogus IMG",
+            "open -t bogus IMG",
+            "open -t Writeback IMG",
+            "open -i bogus IMG",
+        ],
+        false,
+    );
+    same(
+        &[],
+        &[
+            "open -U IMG",
+            "open -k IMG",
+            "open -C -r IMG",
+            "open -o driver=bogus IMG",
+        ],
+        false,
+    );
+    same(&[], &["open IMG"], true);
+}
+
+#[test]
+fn open_options_match_qemu_io() {
+    same(&[], &["open -r -U IMG", "read -P 7 0 512"], false);
+    same(&[], &["open -n -k IMG", "info"], false);
+    same(&[], &["open -t writethrough IMG", "write 0 4k"], false);
+    same(&[], &["open -t off IMG", "write 0 4k"], false);
+    same(&[], &["open -o driver=raw IMG", "info", "length"], false);
+    same(
+        &[],
+        &["open -d ignore IMG", "write 0 64k", "discard 0 64k", "map"],
+        false,
+    );
+    same(
+        &[],
+        &[
+            "open -s IMG",
+            "write 0 512",
+            "read -P 0xcd 0 512",
+            "close",
+            "open -r IMG",
+            "read -P 7 0 512",
+        ],
+        false,
+    );
+}
+
+#[test]
+fn reopen_changes_the_mode() {
+    same(
+        &[
+            "-c",
+            "reopen -r",
+            "-c",
+            "write 0 512",
+            "-c",
+            "reopen -w",
+            "-c",
+            "write 0 512",
+        ],
+        &[],
+        true,
+    );
+    same(
+        &[],
+        &[
+            "reopen -r -w",
+            "reopen x",
+            "reopen -c bogus",
+            "reopen -c none",
+            "write 0 4k",
+            "reopen",
+        ],
+        true,
+    );
+    same(
+        &["-r"],
+        &["reopen -w", "write -P 5 0 4k", "truncate 2M", "info"],
+        true,
+    );
+    same(&[], &["open -r IMG", "reopen -w", "write 0 512"], false);
+}
+
+#[test]
+fn info_and_length_match_qemu_io() {
+    same(&[], &["info", "i", "length", "l", "info x"], true);
+    same(&["-f", "raw"], &["info", "length"], true);
+    same(&["-r"], &["info"], true);
+}
+
+#[test]
+fn truncate_matches_qemu_io() {
+    same(
+        &[],
+        &[
+            "truncate 2M",
+            "length",
+            "truncate 512k",
+            "length",
+            "t 1000",
+            "info",
+        ],
+        true,
+    );
+    same(
+        &[],
+        &[
+            "truncate -m falloc 3M",
+            "truncate -m full 4M",
+            "truncate -m metadata 5M",
+            "length",
+        ],
+        true,
+    );
+    same(
+        &[],
+        &[
+            "truncate -m bogus 2M",
+            "truncate -x 1",
+            "truncate",
+            "truncate abc",
+            "truncate 1M 2M",
+            "length",
+        ],
+        true,
+    );
+    same(&["-r"], &["truncate 2M", "length"], true);
+}
+
+#[test]
+fn sleep_quit_and_help_match_qemu_io() {
+    same(
+        &[],
+        &[
+            "sleep 5",
+            "sleep abc",
+            "sleep -1",
+            "sleep 0x3",
+            "sleep",
+            "sleep 1 2",
+        ],
+        true,
+    );
+    let r = same(&[], &["quit", "length"], true);
+    assert_eq!((r.code, r.stdout.len()), (Some(0), 0));
+    same(&[], &["q 1 2", "length"], true);
+    same(&[], &["read 0 1", "quit", "write 0 1"], true);
+    same(
+        &[],
+        &[
+            "help open",
+            "help o",
+            "help reopen",
+            "help info",
+            "help t",
+            "help sleep",
+            "help quit",
+            "help bogus",
+            "help a b",
+        ],
+        false,
+    );
+    // `help read` and the other I/O commands' extended help are not there yet.
+    same(&[], &["help length", "? map", "help close"], false);
+}
+
+#[test]
+fn copy_on_read_copies_backing_data_into_the_image() {
+    same(
+        &["-C"],
+        &["read 1000 512", "read 130k 1k", "read 300k 1k", "map"],
+        true,
+    );
+    same(
+        &[],
+        &[
+            "open -C IMG",
+            "read 0 200k",
+            "aio_read 500k 1k",
+            "aio_flush",
+            "map",
+        ],
+        false,
+    );
+    same(&["-C", "-r"], &["read 0 1"], true);
+    same(
+        &["-C"],
+        &["write 64k 4k", "read 60k 72k", "read 1M 1", "map"],
+        true,
+    );
+}
+
+#[test]
+fn compressed_writes_match_qemu_io() {
+    same(
+        &[],
+        &[
+            "write -c -P 9 0 64k",
+            "write -c 64k 4k",
+            "write -c 256k 64k",
+            "map",
+        ],
+        true,
+    );
+}
