@@ -235,6 +235,21 @@ fn reopen_changes_the_mode() {
 }
 
 #[test]
+fn command_line_values_are_checked_like_qemu_io() {
+    same(&["-t", "bogus"], &["length"], true);
+    same(&["-t", "off"], &["length"], true);
+    same(&["-d", "bogus"], &["length"], true);
+    same(
+        &["-d", "ignore"],
+        &["write 0 64k", "discard 0 64k", "map"],
+        true,
+    );
+    same(&["-U"], &["length"], true);
+    same(&["-k"], &["length"], true);
+    same(&["-n", "-k"], &["length"], true);
+}
+
+#[test]
 fn info_and_length_match_qemu_io() {
     same(&[], &["info", "i", "length", "l", "info x"], true);
     same(&["-f", "raw"], &["info", "length"], true);
@@ -313,8 +328,24 @@ fn sleep_quit_and_help_match_qemu_io() {
         ],
         false,
     );
-    // `help read` and the other I/O commands' extended help are not there yet.
-    same(&[], &["help length", "? map", "help close"], false);
+    same(
+        &[],
+        &["help length", "? map", "help close", "help read", "help r"],
+        false,
+    );
+    let cmds = [
+        "readv",
+        "write",
+        "writev",
+        "discard",
+        "aio_read",
+        "aio_write",
+        "flush",
+        "alloc",
+    ];
+    let help: Vec<String> = cmds.iter().map(|c| format!("help {c}")).collect();
+    let help: Vec<&str> = help.iter().map(String::as_str).collect();
+    same(&[], &help, false);
 }
 
 #[test]

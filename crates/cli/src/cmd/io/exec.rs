@@ -16,6 +16,7 @@ use crate::util::program;
 use blockio::{IoBuf, Opener};
 use qcow2_engine::{CompressedRefusal, Disk, Error};
 use std::io::Write as _;
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
@@ -38,8 +39,8 @@ pub struct Session<O: Opener> {
     pub(super) aio: AioMode,
     /// The image (none before an `open` or after a `close`).
     pub(super) disk: Option<Rc<Disk<O>>>,
-    /// How the image was opened, as `reopen` left it.
-    pub(super) spec: Option<OpenSpec>,
+    /// The image's path and how it was opened, as `reopen` left it.
+    pub(super) opened: Option<(PathBuf, OpenSpec)>,
     inflight: Vec<JoinHandle<()>>,
     /// `quit` ran: the script ends.
     pub(super) quit: bool,
@@ -165,7 +166,7 @@ impl<O: Opener> Session<O> {
             opener,
             aio,
             disk: None,
-            spec: None,
+            opened: None,
             inflight: Vec::new(),
             quit: false,
         }
@@ -176,16 +177,21 @@ impl<O: Opener> Session<O> {
         self.quit
     }
 
+    /// How the open image was opened.
+    fn spec(&self) -> Option<&OpenSpec> {
+        self.opened.as_ref().map(|(_, s)| s)
+    }
+
     /// Whether the image is read-only (qemu-io's `-r`): writes and discards are refused and
     /// flushes do nothing.
     pub(super) fn read_only(&self) -> bool {
-        self.spec.as_ref().is_some_and(|s| s.read_only)
+        self.spec().is_some_and(|s| s.read_only)
     }
 
     /// The cache mode: whether writes are flushed each (`writethrough`, `directsync`) and
     /// flushes ignored (`unsafe`).
     fn cache(&self) -> CacheMode {
-        self.spec.as_ref().map_or(CacheMode::Writeback, |s| s.cache)
+        self.spec().map_or(CacheMode::Writeback, |s| s.cache)
     }
 
     /// Parses and runs one qemu-io command line; `false` if it failed (qemu-io then exits
@@ -257,7 +263,7 @@ impl<O: Opener> Session<O> {
                 unreachable!("run without an image")
             }
             Cmd::Reopen(r) => self.reopen(r).await,
-            Cmd::Info => self.info(),
+            Cmd::Info => self.info().await,
             Cmd::Truncate { size, prealloc } => self.truncate(size, prealloc).await,
             Cmd::Read(r) => self.read(&r).await,
             Cmd::Write(w) => self.write(&w).await,
@@ -301,7 +307,7 @@ impl<O: Opener> Session<O> {
 
     /// Whether reads copy from backing files into the image (`-C`).
     fn copy_on_read(&self) -> bool {
-        self.spec.as_ref().is_some_and(|s| s.copy_on_read)
+        self.spec().is_some_and(|s| s.copy_on_read)
     }
 
     async fn read(&mut self, r: &Read) -> bool {
@@ -348,7 +354,7 @@ impl<O: Opener> Session<O> {
             return false;
         }
         let start = Instant::now();
-        let ignored = self.spec.as_ref().is_some_and(|s| s.discard_ignored);
+        let ignored = self.spec().is_some_and(|s| s.discard_ignored);
         let res = if d.len == 0 || ignored {
             Ok(())
         } else {
@@ -489,7 +495,7 @@ impl<O: Opener> Session<O> {
         let Some(disk) = self.disk.take() else {
             return drained;
         };
-        if self.spec.take().is_some_and(|s| s.read_only) {
+        if self.opened.take().is_some_and(|(_, s)| s.read_only) {
             return drained;
         }
         let disk = match Rc::try_unwrap(disk) {

@@ -36,11 +36,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Cache modes (`-t`, `--cache`), as QEMU names them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum CacheMode {
     /// O_DIRECT: bypass the host page cache.
     None,
     /// Through the host page cache (the default).
+    #[default]
     Writeback,
     /// Through the page cache, each write durable before it completes.
     Writethrough,
@@ -88,9 +89,9 @@ pub struct IoArgs {
     /// Open in shared mode (with -r): coexist with a writer of the image.
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
-    /// Cache mode: none (O_DIRECT) or writeback.
-    #[arg(short = 't', long = "cache", value_enum)]
-    pub cache: Option<CacheMode>,
+    /// Cache mode: none (or off: O_DIRECT), writeback, writethrough, directsync, unsafe.
+    #[arg(short = 't', long = "cache")]
+    pub cache: Option<String>,
     /// Disable the host cache (short for -t none).
     #[arg(short = 'n', long = "nocache")]
     pub nocache: bool,
@@ -108,24 +109,23 @@ pub struct IoArgs {
     #[arg(short = 'k', long = "native-aio")]
     pub native_aio: bool,
     /// Discard mode: unmap (on, the default) or ignore (off: discards do nothing).
-    #[arg(short = 'd', long = "discard", value_parser = parse_discard_mode)]
-    pub discard_ignored: Option<bool>,
+    #[arg(short = 'd', long = "discard")]
+    pub discard: Option<String>,
     /// The image; without one, commands run until an `open`.
     pub image: Option<PathBuf>,
-}
-
-/// `-d`'s modes: `true` for those that ignore discards.
-fn parse_discard_mode(mode: &str) -> Result<bool, String> {
-    match mode {
-        "ignore" | "off" => Ok(true),
-        "unmap" | "on" => Ok(false),
-        _ => Err(format!("Invalid discard option: {mode}")),
-    }
 }
 
 /// Runs `qimg io` on a runtime of its own (a tokio-uring one for `--aio io_uring`) and
 /// returns the exit status.
 pub fn run(args: IoArgs) -> ExitCode {
+    // qemu-io checks these values as it reads its options, before anything else.
+    let spec = match open_spec(&args) {
+        Ok(spec) => spec,
+        Err(e) => {
+            exec::err(&format!("{e}\n"));
+            return ExitCode::from(1);
+        }
+    };
     let cmds = if args.cmds.is_empty() {
         std::io::stdin()
             .lines()
@@ -143,11 +143,11 @@ pub fn run(args: IoArgs) -> ExitCode {
                 Ok(rt) => rt,
                 Err(e) => return fail(&format!("cannot start the runtime: {e}")),
             };
-            tokio::task::LocalSet::new().block_on(&rt, run_script(FileOpener, &args, &cmds))
+            tokio::task::LocalSet::new().block_on(&rt, run_script(FileOpener, &args, spec, &cmds))
         }
         #[cfg(target_os = "linux")]
         AioMode::IoUring => match tokio_uring::Runtime::new(&blockio::uring_builder()) {
-            Ok(rt) => rt.block_on(run_script(blockio::UringOpener, &args, &cmds)),
+            Ok(rt) => rt.block_on(run_script(blockio::UringOpener, &args, spec, &cmds)),
             Err(e) => return fail(&format!("cannot start io_uring: {e}")),
         },
         #[cfg(not(target_os = "linux"))]
@@ -168,24 +168,34 @@ fn fail(msg: &str) -> ExitCode {
 
 /// Opens the image (if the command line names one) and runs the script (inside a
 /// `LocalSet`); `true` if everything succeeded.
-async fn run_script<O: Opener>(opener: O, args: &IoArgs, cmds: &[String]) -> bool {
+/// How the command line says to open the image.
+fn open_spec(args: &IoArgs) -> Result<OpenSpec, parse::ParseError> {
+    let cache = match (args.nocache, args.cache.as_deref()) {
+        (true, _) => CacheMode::None,
+        (false, None) => CacheMode::Writeback,
+        (false, Some(mode)) => parse::cache_mode(mode)?,
+    };
+    Ok(OpenSpec {
+        format: args.format.clone(),
+        read_only: args.read_only,
+        snapshot: args.snapshot,
+        copy_on_read: args.copy_on_read,
+        force_share: args.force_share,
+        native_aio: args.native_aio,
+        cache,
+        discard_ignored: args
+            .discard
+            .as_deref()
+            .map(parse::discard_ignored)
+            .transpose()?
+            .unwrap_or(false),
+    })
+}
+
+async fn run_script<O: Opener>(opener: O, args: &IoArgs, spec: OpenSpec, cmds: &[String]) -> bool {
     let mut session = Session::new(opener, args.aio);
     if let Some(image) = &args.image {
-        let spec = OpenSpec {
-            format: args.format.clone(),
-            read_only: args.read_only,
-            snapshot: args.snapshot,
-            copy_on_read: args.copy_on_read,
-            force_share: args.force_share,
-            native_aio: args.native_aio,
-            cache: match (args.nocache, args.cache) {
-                (true, _) => CacheMode::None,
-                (false, mode) => mode.unwrap_or(CacheMode::Writeback),
-            },
-            discard_ignored: args.discard_ignored.unwrap_or(false),
-            ..OpenSpec::new(image.clone())
-        };
-        if !session.open(spec).await {
+        if !session.open(image.clone(), spec).await {
             return false;
         }
     }

@@ -5,13 +5,12 @@
 use super::CacheMode;
 use blockio::Opener;
 use qcow2_engine::{CreateOptions, Disk, ImageFormat, ImageOptions};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-/// How an image is opened (qemu-io's flags and options of `blk_new_open`).
-#[derive(Clone, Debug)]
+/// How an image is opened (qemu-io's flags and options of `blk_new_open`); the defaults
+/// are qemu-io's: read-write, writeback cache, the format probed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OpenSpec {
-    /// The image.
-    pub path: PathBuf,
     /// The format's name (probed when `None`).
     pub format: Option<String>,
     /// `-r`: writes, discards and resizes are refused.
@@ -31,26 +30,13 @@ pub struct OpenSpec {
     pub discard_ignored: bool,
 }
 
-impl OpenSpec {
-    /// The image at `path` with qemu-io's defaults: read-write, writeback cache.
-    pub fn new(path: PathBuf) -> Self {
-        Self {
-            path,
-            format: None,
-            read_only: false,
-            snapshot: false,
-            copy_on_read: false,
-            force_share: false,
-            native_aio: false,
-            cache: CacheMode::Writeback,
-            discard_ignored: false,
-        }
-    }
-}
-
-/// Opens the image as `spec` says; the error text is what qemu-io prints after "can't open
-/// device PATH: ".
-pub async fn open_disk<O: Opener>(opener: O, spec: &OpenSpec) -> Result<Disk<O>, String> {
+/// Opens the image at `path` as `spec` says; the error text is what qemu-io prints after
+/// "can't open device PATH: ".
+pub async fn open_disk<O: Opener>(
+    opener: O,
+    path: &Path,
+    spec: &OpenSpec,
+) -> Result<Disk<O>, String> {
     let format = match spec.format.as_deref() {
         None => None,
         Some(name) => {
@@ -72,11 +58,11 @@ pub async fn open_disk<O: Opener>(opener: O, spec: &OpenSpec) -> Result<Disk<O>,
         .force_share(spec.force_share)
         .direct(spec.cache.direct());
     if spec.snapshot {
-        return open_overlay(opener, &spec.path, format, options)
+        return open_overlay(opener, path, format, options)
             .await
             .map_err(|e| e.to_string());
     }
-    Disk::open(opener, &spec.path, format, options)
+    Disk::open(opener, path, format, options)
         .await
         .map_err(|e| e.to_string())
 }

@@ -5,11 +5,12 @@ use super::exec::{err, out, strerror, Session};
 use super::open::{open_disk, OpenSpec};
 use super::parse::{Open, Reopen};
 use super::report::cvtstr;
-use super::{AioMode, CacheMode};
+use super::AioMode;
 use crate::util::program;
 use blockio::Opener;
 use qcow2_engine::{Disk, Error, Preallocation, ResizeOptions};
-use qcow2_format::CompressionType;
+use qcow2_format::{BitmapDirectoryEntry, CompressionType};
+use std::path::PathBuf;
 use std::rc::Rc;
 
 /// The most copy-on-read reads at once (QEMU's `MAX_BOUNCE_BUFFER`): a run of clusters the
@@ -21,22 +22,28 @@ fn report(msg: &str) {
     err(&format!("{}: {msg}\n", program()));
 }
 
+/// `open -i` naming another backend than the session's: `qimg io` runs on one backend.
+fn wrong_backend() -> bool {
+    report("open: -i must name the backend of the command line's -i");
+    false
+}
+
 impl<O: Opener> Session<O> {
-    /// Opens the image `spec` names (when none is open); `false`, with qemu-io's message, if
-    /// it cannot.
-    pub async fn open(&mut self, spec: OpenSpec) -> bool {
+    /// Opens the image at `path` as `spec` says (when none is open); `false`, with
+    /// qemu-io's message, if it cannot.
+    pub async fn open(&mut self, path: PathBuf, spec: OpenSpec) -> bool {
         if self.disk.is_some() {
             report("file open already, try 'help close'");
             return false;
         }
-        match open_disk(self.opener.clone(), &spec).await {
+        match open_disk(self.opener.clone(), &path, &spec).await {
             Ok(disk) => {
                 self.disk = Some(Rc::new(disk));
-                self.spec = Some(spec);
+                self.opened = Some((path, spec));
                 true
             }
             Err(e) => {
-                report(&format!("can't open device {}: {e}", spec.path.display()));
+                report(&format!("can't open device {}: {e}", path.display()));
                 false
             }
         }
@@ -49,38 +56,28 @@ impl<O: Opener> Session<O> {
             return false;
         }
         let Some(path) = o.path else {
-            report(if o.format.is_some() {
+            report(if o.spec.format.is_some() {
                 "can't open: A block device must be specified for \"file\""
             } else {
                 "can't open: Must specify either driver or file"
             });
             return false;
         };
-        if o.aio.as_deref() == Some("io_uring") && self.aio != AioMode::IoUring
-            || o.aio.as_deref() == Some("threads") && self.aio != AioMode::Threads
-        {
-            report("open: -i must name the backend the session runs on (the command line's -i)");
-            return false;
+        let mut spec = o.spec;
+        match o.aio.as_deref() {
+            Some("native") => spec.native_aio = true,
+            Some("io_uring") if self.aio != AioMode::IoUring => return wrong_backend(),
+            Some("threads") if self.aio != AioMode::Threads => return wrong_backend(),
+            _ => {}
         }
-        let spec = OpenSpec {
-            format: o.format,
-            read_only: o.read_only,
-            snapshot: o.snapshot,
-            copy_on_read: o.copy_on_read,
-            force_share: o.force_share,
-            native_aio: o.native_aio || o.aio.as_deref() == Some("native"),
-            cache: o.cache.unwrap_or(CacheMode::Writeback),
-            discard_ignored: o.discard_ignored,
-            ..OpenSpec::new(path.into())
-        };
-        self.open(spec).await
+        self.open(path.into(), spec).await
     }
 
     /// `reopen`: the image opened again with `-r`/`-w` and `-c` changed (a temporary
     /// overlay of `-s` only changes what it accepts). If the new open fails, the image stays
     /// open as it was.
     pub(super) async fn reopen(&mut self, r: Reopen) -> bool {
-        let Some(old) = self.spec.clone() else {
+        let Some((path, old)) = self.opened.clone() else {
             return false;
         };
         let new = OpenSpec {
@@ -93,21 +90,21 @@ impl<O: Opener> Session<O> {
             return false;
         }
         if old.snapshot {
-            self.spec = Some(new);
+            self.opened = Some((path, new));
             return true;
         }
         if !self.close().await {
             return false;
         }
-        match open_disk(self.opener.clone(), &new).await {
+        match open_disk(self.opener.clone(), &path, &new).await {
             Ok(disk) => {
                 self.disk = Some(Rc::new(disk));
-                self.spec = Some(new);
+                self.opened = Some((path, new));
                 true
             }
             Err(e) => {
                 report(&e);
-                self.open(old).await;
+                self.open(path, old).await;
                 false
             }
         }
@@ -115,7 +112,7 @@ impl<O: Opener> Session<O> {
 
     /// `info`: the format, cluster size, VM state offset and, for qcow2, the format-specific
     /// information, as qemu-io prints them.
-    pub(super) fn info(&self) -> bool {
+    pub(super) async fn info(&self) -> bool {
         let disk = self.d();
         let Some(img) = disk.as_qcow2() else {
             out(&format!(
@@ -139,6 +136,13 @@ impl<O: Opener> Session<O> {
         );
         if v3 {
             text.push_str(&format!("    lazy refcounts: {}\n", h.lazy_refcounts()));
+            match img.bitmaps().await {
+                Ok(bitmaps) => text.push_str(&bitmaps_info(&bitmaps)),
+                Err(e) => {
+                    report(&e.to_string());
+                    return false;
+                }
+            }
         }
         text.push_str(&format!(
             "    refcount bits: {}\n",
@@ -172,6 +176,31 @@ impl<O: Opener> Session<O> {
             }
         }
     }
+}
+
+/// The persistent bitmaps as `info` lists them (nothing when there are none).
+fn bitmaps_info(bitmaps: &[BitmapDirectoryEntry]) -> String {
+    if bitmaps.is_empty() {
+        return String::new();
+    }
+    let mut text = String::from("    bitmaps:\n");
+    for (i, b) in bitmaps.iter().enumerate() {
+        text.push_str(&format!("        [{i}]:\n            flags:\n"));
+        let flags = [
+            (BitmapDirectoryEntry::IN_USE, "in-use"),
+            (BitmapDirectoryEntry::AUTO, "auto"),
+        ];
+        let set = flags.iter().filter(|(bit, _)| b.flags & bit != 0);
+        for (j, (_, name)) in set.enumerate() {
+            text.push_str(&format!("                [{j}]: {name}\n"));
+        }
+        text.push_str(&format!(
+            "            name: {}\n            granularity: {}\n",
+            b.name,
+            1u64 << b.granularity_bits.min(63)
+        ));
+    }
+    text
 }
 
 /// Copy-on-read after a read of `[offset, offset+len)`: the clusters it touches that the

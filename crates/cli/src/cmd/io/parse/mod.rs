@@ -13,17 +13,20 @@
 
 mod commands;
 mod getopt;
+mod help;
 mod numbers;
 mod session;
 #[cfg(test)]
 mod tests;
 
+use super::open::OpenSpec;
 use super::CacheMode;
 use commands::{
     parse_aio_read, parse_aio_write, parse_discard, parse_read, parse_readv, parse_write,
     parse_writev,
 };
 use qcow2_engine::Preallocation;
+pub use session::{cache_mode, discard_ignored};
 use session::{help, parse_open, parse_reopen, parse_sleep, parse_truncate};
 use std::fmt;
 
@@ -154,26 +157,12 @@ pub enum WriteData {
 /// An `open` command's options.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Open {
-    /// The image (qemu-io then fails: `open` needs a file name or driver options naming one).
+    /// The image (qemu-io fails without one: the file driver needs a file name).
     pub path: Option<String>,
-    /// `-o driver=FMT`: the format (probed when absent).
-    pub format: Option<String>,
-    /// `-r`.
-    pub read_only: bool,
-    /// `-s`: writes go to a temporary overlay.
-    pub snapshot: bool,
-    /// `-C`: reads copy what they read from backing files into the image.
-    pub copy_on_read: bool,
-    /// `-U`: share every permission (read-only opens only).
-    pub force_share: bool,
-    /// `-k`: native AIO (which needs O_DIRECT).
-    pub native_aio: bool,
-    /// `-n`, `-t`: the cache mode.
-    pub cache: Option<CacheMode>,
-    /// `-d ignore` (or `off`): discards do nothing.
-    pub discard_ignored: bool,
     /// `-i`: the AIO mode named.
     pub aio: Option<String>,
+    /// `-o driver=FMT`, `-r`, `-s`, `-C`, `-U`, `-k`, `-n`, `-t`, `-d`.
+    pub spec: OpenSpec,
 }
 
 /// A `reopen` command's options.
@@ -282,7 +271,7 @@ const READ: Spec = Spec {
     usage: "read [-abCqrv] [-P pattern [-s off] [-l len]] off len -- reads a number of bytes at a specified offset",
     write: false,
     nofile: false,
-    help: None,
+    help: Some(help::READ),
 };
 const WRITE: Spec = Spec {
     name: "write",
@@ -292,7 +281,7 @@ const WRITE: Spec = Spec {
     usage: "write [-bcCfnqruz] [-P pattern | -s source_file] off len -- writes a number of bytes at a specified offset",
     write: true,
     nofile: false,
-    help: None,
+    help: Some(help::WRITE),
 };
 const READV: Spec = Spec {
     name: "readv",
@@ -302,7 +291,7 @@ const READV: Spec = Spec {
     usage: "readv [-Cqrv] [-P pattern] off len [len..] -- reads a number of bytes at a specified offset",
     write: false,
     nofile: false,
-    help: None,
+    help: Some(help::READV),
 };
 const WRITEV: Spec = Spec {
     name: "writev",
@@ -312,7 +301,7 @@ const WRITEV: Spec = Spec {
     usage: "writev [-Cfqr] [-P pattern] off len [len..] -- writes a number of bytes at a specified offset",
     write: true,
     nofile: false,
-    help: None,
+    help: Some(help::WRITEV),
 };
 const DISCARD: Spec = Spec {
     name: "discard",
@@ -322,7 +311,7 @@ const DISCARD: Spec = Spec {
     usage: "discard [-Cq] off len -- discards a number of bytes at a specified offset",
     write: true,
     nofile: false,
-    help: None,
+    help: Some(help::DISCARD),
 };
 const FLUSH: Spec = Spec {
     name: "flush",
@@ -343,7 +332,7 @@ const AIO_READ: Spec = Spec {
         "aio_read [-Ciqrv] [-P pattern] off len [len..] -- asynchronously reads a number of bytes",
     write: false,
     nofile: false,
-    help: None,
+    help: Some(help::AIO_READ),
 };
 const AIO_WRITE: Spec = Spec {
     name: "aio_write",
@@ -353,7 +342,7 @@ const AIO_WRITE: Spec = Spec {
     usage: "aio_write [-Cfiqruz] [-P pattern] off len [len..] -- asynchronously writes a number of bytes",
     write: true,
     nofile: false,
-    help: None,
+    help: Some(help::AIO_WRITE),
 };
 const AIO_FLUSH: Spec = Spec {
     name: "aio_flush",
@@ -416,9 +405,7 @@ const OPEN: Spec = Spec {
     usage: "open [-rsCnkU] [-t cache] [-d discard] [-o options] [path] -- open the file specified by path",
     write: false,
     nofile: true,
-    help: Some(
-        "\n opens a new file in the requested mode\n\n Example:\n 'open -n -o driver=raw /tmp/data' - opens raw data file read-write, uncached\n\n Opens a file for subsequent use by all of the other qemu-io commands.\n -r, -- open file read-only\n -s, -- use snapshot file\n -C, -- use copy-on-read\n -n, -- disable host cache, short for -t none\n -U, -- force shared permissions\n -k, -- use kernel AIO implementation (Linux only, prefer use of -i)\n -i, -- use AIO mode (threads, native or io_uring)\n -t, -- use the given cache mode for the image\n -d, -- use the given discard mode for the image\n -o, -- options to be given to the block driver\n",
-    ),
+    help: Some(help::OPEN),
 };
 const REOPEN: Spec = Spec {
     name: "reopen",
@@ -428,9 +415,7 @@ const REOPEN: Spec = Spec {
     usage: "reopen [(-r|-w)] [-c cache] [-o options] -- reopens an image with new options",
     write: false,
     nofile: false,
-    help: Some(
-        "\n Changes the open options of an already opened image\n\n Example:\n 'reopen -o lazy-refcounts=on' - activates lazy refcount writeback on a qcow2 image\n\n -r, -- Reopen the image read-only\n -w, -- Reopen the image read-write\n -c, -- Change the cache mode to the given value\n -o, -- Changes block driver options (cf. 'open' command)\n\n",
-    ),
+    help: Some(help::REOPEN),
 };
 const INFO: Spec = Spec {
     name: "info",

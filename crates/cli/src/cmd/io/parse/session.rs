@@ -13,7 +13,7 @@ fn bad_option(message: String, usage: &'static str) -> ParseError {
 }
 
 /// A cache mode as QEMU names it (`bdrv_parse_cache_mode`: case-sensitive, `off` for `none`).
-pub(super) fn cache_mode(name: &str) -> Result<CacheMode, ParseError> {
+pub fn cache_mode(name: &str) -> Result<CacheMode, ParseError> {
     Ok(match name {
         "none" | "off" => CacheMode::None,
         "writeback" => CacheMode::Writeback,
@@ -22,6 +22,18 @@ pub(super) fn cache_mode(name: &str) -> Result<CacheMode, ParseError> {
         "unsafe" => CacheMode::Unsafe,
         _ => return Err(ParseError::Report(format!("Invalid cache option: {name}"))),
     })
+}
+
+/// Whether a discard mode as QEMU names it (`bdrv_parse_discard_flags`) ignores discards:
+/// `ignore` and `off` do, `unmap` and `on` pass them on.
+pub fn discard_ignored(mode: &str) -> Result<bool, ParseError> {
+    match mode {
+        "ignore" | "off" => Ok(true),
+        "unmap" | "on" => Ok(false),
+        _ => Err(ParseError::Report(format!(
+            "Invalid discard option: {mode}"
+        ))),
+    }
 }
 
 /// `-o key=value[,key=value]...`: the block driver's options; later values win. Only
@@ -47,25 +59,19 @@ pub(super) fn parse_open(typed: &str, args: &[&str]) -> Result<Cmd, ParseError> 
     for opt in opts {
         match opt {
             Opt::Error(m) => return Err(bad_option(m, OPEN.usage)),
-            Opt::Flag('s', _) => o.snapshot = true,
-            Opt::Flag('n', _) => o.cache = Some(CacheMode::None),
-            Opt::Flag('C', _) => o.copy_on_read = true,
-            Opt::Flag('r', _) => o.read_only = true,
-            Opt::Flag('k', _) => o.native_aio = true,
-            Opt::Flag('U', _) => o.force_share = true,
-            Opt::Flag('t', Some(a)) => o.cache = Some(cache_mode(a)?),
-            Opt::Flag('d', Some(a)) => {
-                o.discard_ignored = match a {
-                    "ignore" | "off" => true,
-                    "unmap" | "on" => false,
-                    _ => return Err(ParseError::Report(format!("Invalid discard option: {a}"))),
-                }
-            }
+            Opt::Flag('s', _) => o.spec.snapshot = true,
+            Opt::Flag('n', _) => o.spec.cache = CacheMode::None,
+            Opt::Flag('C', _) => o.spec.copy_on_read = true,
+            Opt::Flag('r', _) => o.spec.read_only = true,
+            Opt::Flag('k', _) => o.spec.native_aio = true,
+            Opt::Flag('U', _) => o.spec.force_share = true,
+            Opt::Flag('t', Some(a)) => o.spec.cache = cache_mode(a)?,
+            Opt::Flag('d', Some(a)) => o.spec.discard_ignored = discard_ignored(a)?,
             Opt::Flag('i', Some(a)) => match a {
                 "threads" | "native" | "io_uring" => o.aio = Some(a.to_string()),
                 _ => return Err(ParseError::Report(format!("Invalid aio option: {a}"))),
             },
-            Opt::Flag('o', Some(a)) => driver_options(a, "open", &mut o.format)?,
+            Opt::Flag('o', Some(a)) => driver_options(a, "open", &mut o.spec.format)?,
             Opt::Flag(_, _) => {}
         }
     }
