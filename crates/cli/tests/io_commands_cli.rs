@@ -199,6 +199,56 @@ fn open_options_match_qemu_io() {
 }
 
 #[test]
+fn driver_options_match_qemu_io() {
+    same(
+        &[],
+        &[
+            "open -o lazy-refcounts=bogus IMG",
+            "open -o l2-cache-size=bogus IMG",
+        ],
+        false,
+    );
+    same(
+        &[],
+        &[
+            "open -o l2-cache-size=1k,lazy-refcounts=on IMG",
+            "write 0 4k",
+            "info",
+        ],
+        false,
+    );
+    same(
+        &[],
+        &[
+            "open -o lazy-refcounts IMG",
+            "close",
+            "open -o foo=bar IMG",
+            "open -o foo IMG",
+        ],
+        false,
+    );
+    same(
+        &[],
+        &[
+            "reopen -o l2-cache-size=2M",
+            "reopen -o lazy-refcounts",
+            "write 0 4k",
+        ],
+        true,
+    );
+    same(
+        &[],
+        &[
+            "reopen -o driver=raw",
+            "reopen -o driver=qcow2",
+            "reopen -o foo=1",
+            "info",
+        ],
+        true,
+    );
+}
+
+#[test]
 fn reopen_changes_the_mode() {
     same(
         &[

@@ -189,6 +189,7 @@ fn open_spec(args: &IoArgs) -> Result<OpenSpec, parse::ParseError> {
             .map(parse::discard_ignored)
             .transpose()?
             .unwrap_or(false),
+        driver_options: Vec::new(),
     })
 }
 

@@ -2,7 +2,7 @@
 //! `info`, `truncate`, and copy-on-read (`-C`), which follows reads.
 
 use super::exec::{err, out, strerror, Session};
-use super::open::{open_disk, OpenSpec};
+use super::open::{open_disk, takes_option, OpenSpec};
 use super::parse::{Open, Reopen};
 use super::report::cvtstr;
 use super::AioMode;
@@ -56,11 +56,13 @@ impl<O: Opener> Session<O> {
             return false;
         }
         let Some(path) = o.path else {
-            report(if o.spec.format.is_some() {
-                "can't open: A block device must be specified for \"file\""
-            } else {
-                "can't open: Must specify either driver or file"
-            });
+            report(
+                if o.spec.driver_options.iter().any(|(k, _)| k == "driver") {
+                    "can't open: A block device must be specified for \"file\""
+                } else {
+                    "can't open: Must specify either driver or file"
+                },
+            );
             return false;
         };
         let mut spec = o.spec;
@@ -80,9 +82,20 @@ impl<O: Opener> Session<O> {
         let Some((path, old)) = self.opened.clone() else {
             return false;
         };
+        let format = self.d().format();
+        for (key, value) in &r.driver_options {
+            let same_driver = key == "driver" && value.as_deref() == Some(format.name());
+            if !same_driver && (key == "driver" || !takes_option(format, key)) {
+                report(&format!("Cannot change the option '{key}'"));
+                return false;
+            }
+        }
+        let mut driver_options = old.driver_options.clone();
+        driver_options.extend(r.driver_options);
         let new = OpenSpec {
             read_only: r.read_only.unwrap_or(old.read_only),
             cache: r.cache.unwrap_or(old.cache),
+            driver_options,
             ..old.clone()
         };
         if new.read_only && new.copy_on_read {

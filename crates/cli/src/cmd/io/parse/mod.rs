@@ -161,7 +161,7 @@ pub struct Open {
     pub path: Option<String>,
     /// `-i`: the AIO mode named.
     pub aio: Option<String>,
-    /// `-o driver=FMT`, `-r`, `-s`, `-C`, `-U`, `-k`, `-n`, `-t`, `-d`.
+    /// `-r`, `-s`, `-C`, `-U`, `-k`, `-n`, `-t`, `-d`.
     pub spec: OpenSpec,
 }
 
@@ -172,6 +172,8 @@ pub struct Reopen {
     pub read_only: Option<bool>,
     /// `-c`: the new cache mode.
     pub cache: Option<CacheMode>,
+    /// `-o`: block driver options, in order (`None`: a key alone).
+    pub driver_options: Vec<(String, Option<String>)>,
 }
 
 /// A `discard`.

@@ -36,20 +36,15 @@ pub fn discard_ignored(mode: &str) -> Result<bool, ParseError> {
     }
 }
 
-/// `-o key=value[,key=value]...`: the block driver's options; later values win. Only
-/// `driver` (the format) is understood; a key alone is QEMU's short form of `key=on`.
-fn driver_options(arg: &str, cmd: &str, into: &mut Option<String>) -> Result<(), ParseError> {
+/// `-o key[=value][,key[=value]]...`: the block driver's options, in order (a key alone is
+/// QEMU's deprecated short form of `key=on`). Checked when the image is opened.
+fn driver_options(arg: &str, into: &mut Vec<(String, Option<String>)>) {
     for part in arg.split(',').filter(|p| !p.is_empty()) {
-        match part.split_once('=').unwrap_or((part, "on")) {
-            ("driver", fmt) => *into = Some(fmt.to_string()),
-            (key, _) => {
-                return Err(ParseError::Unsupported(format!(
-                    "{cmd}: the block driver option '{key}' is not supported"
-                )))
-            }
-        }
+        into.push(match part.split_once('=') {
+            Some((key, value)) => (key.to_string(), Some(value.to_string())),
+            None => (part.to_string(), None),
+        });
     }
-    Ok(())
 }
 
 /// `open [-rsCnkU] [-t cache] [-d discard] [-i aio] [-o options] [path]`.
@@ -71,7 +66,7 @@ pub(super) fn parse_open(typed: &str, args: &[&str]) -> Result<Cmd, ParseError> 
                 "threads" | "native" | "io_uring" => o.aio = Some(a.to_string()),
                 _ => return Err(ParseError::Report(format!("Invalid aio option: {a}"))),
             },
-            Opt::Flag('o', Some(a)) => driver_options(a, "open", &mut o.spec.format)?,
+            Opt::Flag('o', Some(a)) => driver_options(a, &mut o.spec.driver_options),
             Opt::Flag(_, _) => {}
         }
     }
@@ -87,7 +82,6 @@ pub(super) fn parse_open(typed: &str, args: &[&str]) -> Result<Cmd, ParseError> 
 pub(super) fn parse_reopen(typed: &str, args: &[&str]) -> Result<Cmd, ParseError> {
     let (opts, pos) = getopt(typed, args, "c:o:rw");
     let mut r = Reopen::default();
-    let mut driver = None;
     for opt in opts {
         match opt {
             Opt::Error(m) => return Err(bad_option(m, REOPEN.usage)),
@@ -100,17 +94,12 @@ pub(super) fn parse_reopen(typed: &str, args: &[&str]) -> Result<Cmd, ParseError
                 }
                 r.read_only = Some(c == 'r');
             }
-            Opt::Flag('o', Some(a)) => driver_options(a, "reopen", &mut driver)?,
+            Opt::Flag('o', Some(a)) => driver_options(a, &mut r.driver_options),
             Opt::Flag(_, _) => {}
         }
     }
     if !pos.is_empty() {
         return Err(ParseError::Usage(REOPEN.usage));
-    }
-    if driver.is_some() {
-        return Err(ParseError::Report(
-            "Cannot change the option 'driver'".into(),
-        ));
     }
     Ok(Cmd::Reopen(r))
 }
