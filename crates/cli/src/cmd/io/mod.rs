@@ -2,20 +2,28 @@
 //! and the results can be compared (differential testing against QEMU).
 //!
 //! ```text
-//! qimg io [-f FMT] [-r] [-U] [-t none|writeback] [-n] [-i threads|io_uring] [-c CMD]... IMG
+//! qimg io [-f FMT] [-r] [-s] [-C] [-U] [-k] [-n] [-t CACHE] [-d DISCARD] [-i threads|io_uring]
+//!         [-c CMD]... [IMG]
 //! ```
 //!
-//! The image is opened read-write (read-only with `-r`) through [`Disk::open`], the format
-//! probed unless `-f` names it. Each `-c` command runs in order (without `-c`, one command
-//! per line of standard input, without qemu-io's prompt); at the end the aio requests still
-//! in flight are waited for and the image is closed. Commands, their options, output and
-//! messages are qemu-io 10.0's, see [`parse`]:
+//! The image, if given, is opened as the options say (see [`open::OpenSpec`]: read-write or
+//! read-only, a temporary overlay with `-s`, copy-on-read with `-C`, the format probed unless
+//! `-f` names it); if it cannot be, nothing runs. Without one, the commands run until an
+//! `open`. Each `-c` command runs in order (without `-c`, one command per line of standard
+//! input, without qemu-io's prompt); `quit` ends the script; at the end the aio requests
+//! still in flight are waited for and the image is closed. Commands, their options, output
+//! and messages are qemu-io 10.0's, see [`parse`]:
 //!
-//! - `read [-Cqv] [-P PAT [-s OFF] [-l LEN]] OFF LEN` (alias `r`);
-//! - `write [-Cfq] [-P PAT | -z [-u]] OFF LEN` (alias `w`; default pattern 0xcd);
-//! - `discard [-Cq] OFF LEN` (alias `d`), `flush` (alias `f`), `length` (alias `l`);
+//! - `read [-bCqv] [-P PAT [-s OFF] [-l LEN]] OFF LEN` (alias `r`), `readv`;
+//! - `write [-bcCfq] [-P PAT | -z [-u]] OFF LEN` (alias `w`; default pattern 0xcd), `writev`;
+//! - `discard [-Cq] OFF LEN` (alias `d`), `flush` (alias `f`), `length` (alias `l`), `map`,
+//!   `alloc` (alias `a`);
 //! - `aio_read [-Cqv] [-P PAT] OFF LEN [LEN..]`, `aio_write [-Cfq] [-P PAT | -z [-u]] OFF
-//!   LEN [LEN..]`, `aio_flush`.
+//!   LEN [LEN..]`, `aio_flush`;
+//! - `open [-rsCnkU] [-t CACHE] [-d DISCARD] [-i AIO] [-o OPTIONS] PATH` (alias `o`), `close`
+//!   (alias `c`), `reopen [-r|-w] [-c CACHE] [-o OPTIONS]`, `info` (alias `i`), `truncate [-m
+//!   PREALLOC] OFF` (alias `t`), `sleep MS`, `quit` (alias `q`), `help [CMD]` (alias `?`;
+//!   without a command it lists the commands `qimg io` has, a subset of qemu-io's).
 //!
 //! The exit status is qemu-io's: 1 if the image could not be opened or any command failed
 //! (bad syntax, an I/O error, a `read -P` mismatch), 0 otherwise; aio requests never fail the

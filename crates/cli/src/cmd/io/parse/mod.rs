@@ -2,14 +2,17 @@
 //!
 //! Everything here mirrors qemu-io 10.0 (`qemu-io-cmds.c`), checked by running it: a command
 //! line is split at single spaces (empty pieces dropped, no quoting), the command name may be
-//! an alias (`r`, `w`, `d`, `f`, `l`), the argument count is checked before the options, the
+//! an alias (`r`, `w`, `d`, `f`, `l`, `o`, `c`, `i`, `t`, `q`, `?`...), whether the command
+//! needs an open image is checked first, then the argument count is checked before the options, the
 //! options are parsed by GNU `getopt` (which permutes: `read 0 512 -q` is quiet), numbers by
 //! `cvtnum` (qemu's `qemu_strtosz`: suffixes, hex, fractions) and pattern bytes by `strtol`.
 //! Validation failures print the same message, on the same stream, as qemu-io.
 //!
 //! This module owns the parsed commands ([`Cmd`] and its parts), [`ParseError`] with what
 //! qemu-io prints for each, the command table and [`parse`] itself; `getopt` parses options,
-//! `numbers` the numeric arguments and `commands` each command's arguments.
+//! `numbers` the numeric arguments, `commands` the I/O commands' arguments, `session` those
+//! of the commands that manage the image (`open`, `reopen`, `truncate`, `sleep`, `help`) and
+//! `help` the commands' extended help.
 
 mod commands;
 mod getopt;
