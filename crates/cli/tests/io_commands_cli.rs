@@ -42,8 +42,56 @@ fn make(dir: &Path) -> PathBuf {
     top
 }
 
+/// A chain of three images with `-o opts` (extended L2 entries, another cluster size...):
+/// the base with data, zeros, compressed data and data of zeros, a middle image writing
+/// over part of it, and a top image with a few small writes (partly allocated clusters).
+fn make_chain(dir: &Path, opts: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let layers: [(&str, Option<&str>, &[&str]); 3] = [
+        (
+            "b.qcow2",
+            None,
+            &[
+                "write -P 1 0 100k",
+                "write -z 200k 64k",
+                "write -c -P 3 256k 128k",
+                "write -P 0 400k 64k",
+                "write -P 9 990k 10k",
+            ],
+        ),
+        (
+            "m.qcow2",
+            Some("b.qcow2"),
+            &["write -P 5 50k 20k", "write -z 600k 64k"],
+        ),
+        (
+            "t.qcow2",
+            Some("m.qcow2"),
+            &[
+                "write -P 6 700k 4k",
+                "write -P 6 130k 4k",
+                "write -z 140k 4k",
+            ],
+        ),
+    ];
+    for (name, backing, script) in layers {
+        let path = dir.join(name);
+        let mut args = vec!["create", "-q", "-f", "qcow2", "-o", opts];
+        if let Some(b) = backing {
+            args.extend(["-b", b, "-F", "qcow2"]);
+        }
+        args.extend([path_str(&path), "1000k"]);
+        let created = qemu_img(&args);
+        assert!(created.status.success(), "{created:?}");
+        let script: Vec<String> = script.iter().map(|c| c.to_string()).collect();
+        let w = IoRun::qemu_io(&[], &script, Some(&path));
+        assert_eq!(w.code, Some(0), "{w:?}");
+    }
+    dir.join("t.qcow2")
+}
+
 impl Pair {
-    fn new() -> Self {
+    fn new(make: &dyn Fn(&Path) -> PathBuf) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let theirs = make(&dir.path().join("x"));
         let ours = make(&dir.path().join("y"));
@@ -68,7 +116,17 @@ fn layout(image: &Path) -> serde_json::Value {
 /// `with_image` saying whether the command line names it; asserts the same output, exit
 /// status and images afterwards. Returns qemu-io's run.
 fn same(args: &[&str], script: &[&str], with_image: bool) -> IoRun {
-    let p = Pair::new();
+    same_on(&make, args, script, with_image)
+}
+
+/// [`same`] on the images `make` makes.
+fn same_on(
+    make: &dyn Fn(&Path) -> PathBuf,
+    args: &[&str],
+    script: &[&str],
+    with_image: bool,
+) -> IoRun {
+    let p = Pair::new(make);
     let run = |image: &Path, qemu: bool| {
         let img = path_str(image);
         let script: Vec<String> = script.iter().map(|c| c.replace("IMG", img)).collect();
@@ -422,6 +480,28 @@ fn copy_on_read_copies_backing_data_into_the_image() {
         &["write 64k 4k", "read 60k 72k", "read 1M 1", "map"],
         true,
     );
+}
+
+#[test]
+fn copy_on_read_over_chains_copies_what_qemu_io_copies() {
+    let reads = ["read 0 1000k"];
+    let pieces = [
+        "read 33k 1k",
+        "read 131k 30k",
+        "read 250k 300k",
+        "read 997k 3k",
+    ];
+    for opts in [
+        "compat=1.1",
+        "compat=0.10",
+        "cluster_size=4k",
+        "extended_l2=on",
+        "extended_l2=on,cluster_size=128k",
+    ] {
+        let chain = |dir: &Path| make_chain(dir, opts);
+        same_on(&chain, &["-C"], &reads, true);
+        same_on(&chain, &["-C"], &pieces, true);
+    }
 }
 
 #[test]

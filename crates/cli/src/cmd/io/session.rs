@@ -216,9 +216,10 @@ fn bitmaps_info(bitmaps: &[BitmapDirectoryEntry]) -> String {
     text
 }
 
-/// Copy-on-read after a read of `[offset, offset+len)`: the clusters it touches that the
-/// image does not allocate get what the backing chain has for them, written as zeros where
-/// a run reads as zeros (QEMU's `bdrv_co_do_copy_on_readv`). Raw images have nothing to copy.
+/// Copy-on-read after a read of `[offset, offset+len)`: the (sub)clusters it touches that
+/// the image does not allocate get what the backing chain has for them, run by run, each
+/// piece of a run written as zeros if it reads as zeros (QEMU's
+/// `bdrv_co_do_copy_on_readv`). Raw images have nothing to copy.
 pub(super) async fn copy_on_read<O: Opener>(
     disk: &Disk<O>,
     offset: u64,
@@ -227,28 +228,54 @@ pub(super) async fn copy_on_read<O: Opener>(
     let Some(img) = disk.as_qcow2() else {
         return Ok(());
     };
+    let size = disk.size();
     let cs = img.cluster_size();
-    let start = offset / cs * cs;
-    let end = (offset + len)
-        .div_ceil(cs)
-        .saturating_mul(cs)
-        .min(disk.size());
+    // QEMU aligns the copy to subclusters (clusters without extended L2 entries).
+    let granule = if img.header().extended_l2() {
+        cs / 32
+    } else {
+        cs
+    };
+    let start = offset / granule * granule;
+    let end = (offset + len).next_multiple_of(granule).min(size);
     if len == 0 || start >= end {
         return Ok(());
     }
+    // Whole clusters, to tell partly allocated ones.
+    let (cstart, cend) = (start / cs * cs, end.next_multiple_of(cs).min(size));
     let entries = disk
-        .map(start, end - start)
+        .map(cstart, cend - cstart)
         .await
         .map_err(|e| strerror(&e))?;
-    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let allocated: Vec<(u64, u64)> = entries
+        .iter()
+        .filter(|e| e.present && e.depth == 0)
+        .map(|e| (e.start, e.start + e.length))
+        .collect();
+    // A cluster with allocated subclusters: its unallocated ones are a run of their own kind.
+    let partial = |c: u64| {
+        let (a, b) = (c, (c + cs).min(size));
+        let n: u64 = allocated
+            .iter()
+            .map(|&(s, e)| e.min(b).saturating_sub(s.max(a)))
+            .sum();
+        n > 0 && n < b - a
+    };
+    let mut runs: Vec<(u64, u64, bool)> = Vec::new();
     for e in entries.iter().filter(|e| !(e.present && e.depth == 0)) {
-        match runs.last_mut() {
-            Some((s, l)) if *s + *l == e.start => *l += e.length,
-            _ => runs.push((e.start, e.length)),
+        let (mut at, e_end) = (e.start.max(start), (e.start + e.length).min(end));
+        while at < e_end {
+            let c = at / cs * cs;
+            let seg_end = (c + cs).min(e_end);
+            let kind = partial(c);
+            match runs.last_mut() {
+                Some((_, last_end, k)) if *last_end == at && *k == kind => *last_end = seg_end,
+                _ => runs.push((at, seg_end, kind)),
+            }
+            at = seg_end;
         }
     }
-    for (mut at, len) in runs {
-        let end = at + len;
+    for (mut at, end, _) in runs {
         while at < end {
             let n = (end - at).min(MAX_BOUNCE_BUFFER);
             copy_piece(disk, at, n).await.map_err(|e| strerror(&e))?;
