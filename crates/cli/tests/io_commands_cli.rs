@@ -15,79 +15,86 @@ struct Pair {
     ours: PathBuf,
 }
 
+/// The image of the differential tests: a 1 MiB qcow2 image over a qcow2 backing file with
+/// 0x07 in its first 64 KiB and zeros written at 128 KiB.
 fn make(dir: &Path) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    let base = dir.join("base.qcow2");
-    let top = dir.join("img.qcow2");
-    assert!(
-        qemu_img(&["create", "-q", "-f", "qcow2", path_str(&base), "1M"])
-            .status
-            .success()
-    );
-    let script = ["write -P 7 0 64k".to_string(), "write -P 0 128k 64k".into()];
-    let w = IoRun::qemu_io(&[], &script, Some(&base));
-    assert_eq!(w.code, Some(0), "{w:?}");
-    let created = qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        path_str(&top),
-    ]);
-    assert!(created.status.success(), "{created:?}");
-    top
+    make_layers(
+        dir,
+        "compat=1.1",
+        "1M",
+        &[
+            (
+                "base.qcow2",
+                None,
+                &["write -P 7 0 64k", "write -P 0 128k 64k"],
+            ),
+            ("img.qcow2", Some("base.qcow2"), &[]),
+        ],
+    )
 }
 
 /// A chain of three images with `-o opts` (extended L2 entries, another cluster size...):
 /// the base with data, zeros, compressed data and data of zeros, a middle image writing
 /// over part of it, and a top image with a few small writes (partly allocated clusters).
 fn make_chain(dir: &Path, opts: &str) -> PathBuf {
+    make_layers(
+        dir,
+        opts,
+        "1000k",
+        &[
+            (
+                "b.qcow2",
+                None,
+                &[
+                    "write -P 1 0 100k",
+                    "write -z 200k 64k",
+                    "write -c -P 3 256k 128k",
+                    "write -P 0 400k 64k",
+                    "write -P 9 990k 10k",
+                ],
+            ),
+            (
+                "m.qcow2",
+                Some("b.qcow2"),
+                &["write -P 5 50k 20k", "write -z 600k 64k"],
+            ),
+            (
+                "t.qcow2",
+                Some("m.qcow2"),
+                &[
+                    "write -P 6 700k 4k",
+                    "write -P 6 130k 4k",
+                    "write -z 140k 4k",
+                ],
+            ),
+        ],
+    )
+}
+
+/// Qcow2 images of `size` with `-o opts` in `dir`, each (name, backing file, what qemu-io
+/// writes into it) over the one before; returns the last one's path.
+fn make_layers(
+    dir: &Path,
+    opts: &str,
+    size: &str,
+    layers: &[(&str, Option<&str>, &[&str])],
+) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
-    let layers: [(&str, Option<&str>, &[&str]); 3] = [
-        (
-            "b.qcow2",
-            None,
-            &[
-                "write -P 1 0 100k",
-                "write -z 200k 64k",
-                "write -c -P 3 256k 128k",
-                "write -P 0 400k 64k",
-                "write -P 9 990k 10k",
-            ],
-        ),
-        (
-            "m.qcow2",
-            Some("b.qcow2"),
-            &["write -P 5 50k 20k", "write -z 600k 64k"],
-        ),
-        (
-            "t.qcow2",
-            Some("m.qcow2"),
-            &[
-                "write -P 6 700k 4k",
-                "write -P 6 130k 4k",
-                "write -z 140k 4k",
-            ],
-        ),
-    ];
-    for (name, backing, script) in layers {
-        let path = dir.join(name);
+    let mut top = PathBuf::new();
+    for &(name, backing, script) in layers {
+        top = dir.join(name);
         let mut args = vec!["create", "-q", "-f", "qcow2", "-o", opts];
         if let Some(b) = backing {
             args.extend(["-b", b, "-F", "qcow2"]);
         }
-        args.extend([path_str(&path), "1000k"]);
+        args.extend([path_str(&top), size]);
         let created = qemu_img(&args);
         assert!(created.status.success(), "{created:?}");
         let script: Vec<String> = script.iter().map(|c| c.to_string()).collect();
-        let w = IoRun::qemu_io(&[], &script, Some(&path));
+        let w = IoRun::qemu_io(&[], &script, Some(&top));
         assert_eq!(w.code, Some(0), "{w:?}");
     }
-    dir.join("t.qcow2")
+    top
 }
 
 impl Pair {
@@ -362,6 +369,25 @@ fn info_and_length_match_qemu_io() {
     same(&[], &["info", "i", "length", "l", "info x"], true);
     same(&["-f", "raw"], &["info", "length"], true);
     same(&["-r"], &["info"], true);
+}
+
+#[test]
+fn info_shows_format_specific_information_like_qemu_io() {
+    for opts in [
+        "compat=0.10",
+        "compression_type=zstd,extended_l2=on,refcount_bits=1",
+    ] {
+        let one = |dir: &Path| {
+            let img = make_layers(dir, opts, "3M", &[("i.qcow2", None, &["write 0 4k"])]);
+            if !opts.contains("0.10") {
+                // Version 2 images have no bitmaps.
+                qemu_img(&["bitmap", "--add", path_str(&img), "b0"]);
+            }
+            img
+        };
+        same_on(&one, &["-r"], &["info"], true);
+        same_on(&one, &[], &["open -r -o driver=qcow2 IMG", "info"], false);
+    }
 }
 
 #[test]
