@@ -362,6 +362,21 @@ fn command_line_values_are_checked_like_qemu_io() {
     same(&["-U"], &["length"], true);
     same(&["-k"], &["length"], true);
     same(&["-n", "-k"], &["length"], true);
+    same(&["-i", "bogus"], &["length"], true);
+    same(&["-i", "native"], &["length"], true);
+    same(&["-i", "native", "-n"], &["write 0 4k"], true);
+    same(
+        &["-i", "io_uring"],
+        &["write 0 4k", "open -i io_uring IMG"],
+        true,
+    );
+    same(&["-m"], &["read 0 4k"], true);
+    same(
+        &["-i", "threads"],
+        &["open -i native -t none IMG", "length"],
+        false,
+    );
+    same(&[], &["open -i native IMG"], false);
 }
 
 #[test]

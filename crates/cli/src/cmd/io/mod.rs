@@ -71,13 +71,12 @@ impl CacheMode {
     }
 }
 
-/// I/O backends (`-i`, `--aio`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+/// I/O backends (`-i`, `--aio`; QEMU's `native` runs on threads, see [`parse::aio_mode`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AioMode {
     /// Positional I/O on tokio's blocking thread pool (any tokio runtime).
     Threads,
     /// io_uring through tokio-uring (Linux).
-    #[value(name = "io_uring")]
     IoUring,
 }
 
@@ -103,9 +102,13 @@ pub struct IoArgs {
     /// Disable the host cache (short for -t none).
     #[arg(short = 'n', long = "nocache")]
     pub nocache: bool,
-    /// I/O backend: threads or io_uring.
-    #[arg(short = 'i', long = "aio", value_enum, default_value = "threads")]
-    pub aio: AioMode,
+    /// I/O backend: threads, io_uring, or native (threads here; with -n or -t none only, as
+    /// QEMU's).
+    #[arg(short = 'i', long = "aio")]
+    pub aio: Option<String>,
+    /// Misalign buffers (qemu-io's test of O_DIRECT bounce buffers; nothing to do here).
+    #[arg(short = 'm', long = "misalign")]
+    pub misalign: bool,
     /// Writes go to a temporary overlay, deleted at the end (QEMU's `snapshot=on`): the
     /// image itself is only read.
     #[arg(short = 's', long = "snapshot")]
@@ -127,8 +130,21 @@ pub struct IoArgs {
 /// returns the exit status.
 pub fn run(args: IoArgs) -> ExitCode {
     // qemu-io checks these values as it reads its options, before anything else.
-    let spec = match open_spec(&args) {
-        Ok(spec) => spec,
+    let checked = open_spec(&args).and_then(|spec| {
+        let (aio, native) = match args.aio.as_deref() {
+            None => (AioMode::Threads, false),
+            Some(name) => parse::aio_mode(name)?,
+        };
+        Ok((
+            OpenSpec {
+                native_aio: spec.native_aio || native,
+                ..spec
+            },
+            aio,
+        ))
+    });
+    let (spec, aio) = match checked {
+        Ok(checked) => checked,
         Err(e) => {
             exec::err(&format!("{e}\n"));
             return ExitCode::from(1);
@@ -142,7 +158,7 @@ pub fn run(args: IoArgs) -> ExitCode {
     } else {
         args.cmds.clone()
     };
-    let ok = match args.aio {
+    let ok = match aio {
         AioMode::Threads => {
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -151,11 +167,12 @@ pub fn run(args: IoArgs) -> ExitCode {
                 Ok(rt) => rt,
                 Err(e) => return fail(&format!("cannot start the runtime: {e}")),
             };
-            tokio::task::LocalSet::new().block_on(&rt, run_script(FileOpener, &args, spec, &cmds))
+            tokio::task::LocalSet::new()
+                .block_on(&rt, run_script(FileOpener, aio, &args, spec, &cmds))
         }
         #[cfg(target_os = "linux")]
         AioMode::IoUring => match tokio_uring::Runtime::new(&blockio::uring_builder()) {
-            Ok(rt) => rt.block_on(run_script(blockio::UringOpener, &args, spec, &cmds)),
+            Ok(rt) => rt.block_on(run_script(blockio::UringOpener, aio, &args, spec, &cmds)),
             Err(e) => return fail(&format!("cannot start io_uring: {e}")),
         },
         #[cfg(not(target_os = "linux"))]
@@ -174,8 +191,6 @@ fn fail(msg: &str) -> ExitCode {
     ExitCode::from(1)
 }
 
-/// Opens the image (if the command line names one) and runs the script (inside a
-/// `LocalSet`); `true` if everything succeeded.
 /// How the command line says to open the image.
 fn open_spec(args: &IoArgs) -> Result<OpenSpec, parse::ParseError> {
     let cache = match (args.nocache, args.cache.as_deref()) {
@@ -201,8 +216,16 @@ fn open_spec(args: &IoArgs) -> Result<OpenSpec, parse::ParseError> {
     })
 }
 
-async fn run_script<O: Opener>(opener: O, args: &IoArgs, spec: OpenSpec, cmds: &[String]) -> bool {
-    let mut session = Session::new(opener, args.aio);
+/// Opens the image (if the command line names one) and runs the script on the backend
+/// `aio` (inside a `LocalSet`); `true` if everything succeeded.
+async fn run_script<O: Opener>(
+    opener: O,
+    aio: AioMode,
+    args: &IoArgs,
+    spec: OpenSpec,
+    cmds: &[String],
+) -> bool {
+    let mut session = Session::new(opener, aio);
     if let Some(image) = &args.image {
         if !session.open(image.clone(), spec).await {
             return false;

@@ -5,7 +5,6 @@ use super::exec::{err, out, strerror, Session};
 use super::open::{open_disk, takes_option, OpenSpec};
 use super::parse::{Open, Reopen};
 use super::report::cvtstr;
-use super::AioMode;
 use crate::util::program;
 use blockio::Opener;
 use qcow2_engine::{Disk, Error, Preallocation, ResizeOptions};
@@ -20,12 +19,6 @@ const MAX_BOUNCE_BUFFER: u64 = 32768 << 9;
 
 fn report(msg: &str) {
     err(&format!("{}: {msg}\n", program()));
-}
-
-/// `open -i` naming another backend than the session's: `qimg io` runs on one backend.
-fn wrong_backend() -> bool {
-    report("open: -i must name the backend of the command line's -i");
-    false
 }
 
 impl<O: Opener> Session<O> {
@@ -65,14 +58,11 @@ impl<O: Opener> Session<O> {
             );
             return false;
         };
-        let mut spec = o.spec;
-        match o.aio.as_deref() {
-            Some("native") => spec.native_aio = true,
-            Some("io_uring") if self.aio != AioMode::IoUring => return wrong_backend(),
-            Some("threads") if self.aio != AioMode::Threads => return wrong_backend(),
-            _ => {}
+        if o.aio.is_some_and(|aio| aio != self.aio) {
+            report("open: -i must name the backend of the command line's -i");
+            return false;
         }
-        self.open(path.into(), spec).await
+        self.open(path.into(), o.spec).await
     }
 
     /// `reopen`: the image opened again with `-r`/`-w` and `-c` changed (a temporary

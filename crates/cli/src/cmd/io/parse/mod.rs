@@ -23,13 +23,13 @@ mod session;
 mod tests;
 
 use super::open::OpenSpec;
-use super::CacheMode;
+use super::{AioMode, CacheMode};
 use commands::{
     parse_aio_read, parse_aio_write, parse_discard, parse_read, parse_readv, parse_write,
     parse_writev,
 };
 use qcow2_engine::Preallocation;
-pub use session::{cache_mode, discard_ignored};
+pub use session::{aio_mode, cache_mode, discard_ignored};
 use session::{help, parse_open, parse_reopen, parse_sleep, parse_truncate};
 use std::fmt;
 
@@ -162,8 +162,8 @@ pub enum WriteData {
 pub struct Open {
     /// The image (qemu-io fails without one: the file driver needs a file name).
     pub path: Option<String>,
-    /// `-i`: the AIO mode named.
-    pub aio: Option<String>,
+    /// `-i`: the backend named (`native`: threads, and `spec.native_aio`).
+    pub aio: Option<AioMode>,
     /// `-r`, `-s`, `-C`, `-U`, `-k`, `-n`, `-t`, `-d`.
     pub spec: OpenSpec,
 }

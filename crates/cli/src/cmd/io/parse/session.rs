@@ -5,7 +5,7 @@
 use super::getopt::{getopt, Opt};
 use super::numbers::{cvt, strtol};
 use super::{Cmd, Open, ParseError, Reopen, Spec, COMMANDS, OPEN, REOPEN, TRUNCATE};
-use crate::cmd::io::CacheMode;
+use crate::cmd::io::{AioMode, CacheMode};
 use qcow2_engine::Preallocation;
 
 fn bad_option(message: String, usage: &'static str) -> ParseError {
@@ -22,6 +22,17 @@ pub fn cache_mode(name: &str) -> Result<CacheMode, ParseError> {
         "unsafe" => CacheMode::Unsafe,
         _ => return Err(ParseError::Report(format!("Invalid cache option: {name}"))),
     })
+}
+
+/// An AIO mode as QEMU names it: the backend it runs on, and whether it is `native` (which
+/// runs on threads here, and which QEMU allows only with O_DIRECT).
+pub fn aio_mode(name: &str) -> Result<(AioMode, bool), ParseError> {
+    match name {
+        "threads" => Ok((AioMode::Threads, false)),
+        "native" => Ok((AioMode::Threads, true)),
+        "io_uring" => Ok((AioMode::IoUring, false)),
+        _ => Err(ParseError::Report(format!("Invalid aio option: {name}"))),
+    }
 }
 
 /// Whether a discard mode as QEMU names it (`bdrv_parse_discard_flags`) ignores discards:
@@ -62,10 +73,11 @@ pub(super) fn parse_open(typed: &str, args: &[&str]) -> Result<Cmd, ParseError> 
             Opt::Flag('U', _) => o.spec.force_share = true,
             Opt::Flag('t', Some(a)) => o.spec.cache = cache_mode(a)?,
             Opt::Flag('d', Some(a)) => o.spec.discard_ignored = discard_ignored(a)?,
-            Opt::Flag('i', Some(a)) => match a {
-                "threads" | "native" | "io_uring" => o.aio = Some(a.to_string()),
-                _ => return Err(ParseError::Report(format!("Invalid aio option: {a}"))),
-            },
+            Opt::Flag('i', Some(a)) => {
+                let (aio, native) = aio_mode(a)?;
+                o.aio = Some(aio);
+                o.spec.native_aio |= native;
+            }
             Opt::Flag('o', Some(a)) => driver_options(a, &mut o.spec.driver_options),
             Opt::Flag(_, _) => {}
         }
