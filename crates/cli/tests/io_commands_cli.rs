@@ -498,6 +498,32 @@ fn sleep_quit_and_help_match_qemu_io() {
 }
 
 #[test]
+fn sigraise_and_abort_match_qemu_io() {
+    let r = same(&[], &["sigraise 9", "length"], false);
+    assert_eq!((r.code, r.stderr.len()), (None, 0), "{r:?}");
+    same(
+        &[],
+        &[
+            "sigraise 99",
+            "sigraise abc",
+            "sigraise 65",
+            "sigraise 0",
+            "length",
+        ],
+        false,
+    );
+    same(&[], &["abort 1", "help sigraise", "help abort"], false);
+    // A crash after a flush: what was flushed is there (`abort` itself is left out: it may
+    // leave a core file behind).
+    let r = same(
+        &[],
+        &["write -P 5 0 64k", "flush", "sigraise 9", "write 0 1"],
+        true,
+    );
+    assert_eq!(r.code, None);
+}
+
+#[test]
 fn copy_on_read_copies_backing_data_into_the_image() {
     same(
         &["-C"],

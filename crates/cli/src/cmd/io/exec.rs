@@ -244,6 +244,18 @@ impl<O: Opener> Session<O> {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 return true;
             }
+            Cmd::Sigraise(sig) => {
+                let _ = std::io::stdout().flush();
+                let _ = std::io::stderr().flush();
+                // SAFETY: raise(3) has no memory-safety preconditions; an invalid signal
+                // number makes it fail, which qemu-io ignores too.
+                unsafe { libc::raise(sig) };
+                return true;
+            }
+            Cmd::Abort => {
+                let _ = std::io::stdout().flush();
+                std::process::abort();
+            }
             _ => {}
         }
         if self.disk.is_none() {
@@ -259,7 +271,12 @@ impl<O: Opener> Session<O> {
             return false;
         }
         match cmd {
-            Cmd::Open(_) | Cmd::Quit | Cmd::Help(_) | Cmd::Sleep(_) => {
+            Cmd::Open(_)
+            | Cmd::Quit
+            | Cmd::Help(_)
+            | Cmd::Sleep(_)
+            | Cmd::Sigraise(_)
+            | Cmd::Abort => {
                 unreachable!("run without an image")
             }
             Cmd::Reopen(r) => self.reopen(r).await,

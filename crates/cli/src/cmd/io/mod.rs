@@ -23,7 +23,10 @@
 //! - `open [-rsCnkU] [-t CACHE] [-d DISCARD] [-i AIO] [-o OPTIONS] PATH` (alias `o`), `close`
 //!   (alias `c`), `reopen [-r|-w] [-c CACHE] [-o OPTIONS]`, `info` (alias `i`), `truncate [-m
 //!   PREALLOC] OFF` (alias `t`), `sleep MS`, `quit` (alias `q`), `help [CMD]` (alias `?`;
-//!   without a command it lists the commands `qimg io` has, a subset of qemu-io's).
+//!   without a command it lists the commands `qimg io` has, a subset of qemu-io's);
+//! - `sigraise SIGNAL`, `abort`: a crash. What the image then holds is what the engine had
+//!   written: everything up to the last flush, possibly not what QEMU, which writes its
+//!   metadata sooner, would have left.
 //!
 //! The exit status is qemu-io's: 1 if the image could not be opened or any command failed
 //! (bad syntax, an I/O error, a `read -P` mismatch), 0 otherwise; aio requests never fail the

@@ -185,3 +185,16 @@ pub(super) const REOPEN: &str = concat!(
     " -o, -- Changes block driver options (cf. 'open' command)\n",
     "\n",
 );
+
+/// `help sigraise`.
+pub(super) const SIGRAISE: &str = concat!(
+    "\n",
+    " raises the given signal\n",
+    "\n",
+    " Example:\n",
+    " 'sigraise 15' - raises SIGTERM\n",
+    "\n",
+    " Invokes raise(signal), where \"signal\" is the mandatory integer argument\n",
+    " given to sigraise.\n",
+    "\n",
+);

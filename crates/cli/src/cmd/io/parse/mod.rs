@@ -30,7 +30,7 @@ use commands::{
 };
 use qcow2_engine::Preallocation;
 pub use session::{aio_mode, cache_mode, discard_ignored};
-use session::{help, parse_open, parse_reopen, parse_sleep, parse_truncate};
+use session::{help, parse_open, parse_reopen, parse_sigraise, parse_sleep, parse_truncate};
 use std::fmt;
 
 /// qemu's `BDRV_REQUEST_MAX_BYTES`: the largest request length qemu-io accepts.
@@ -89,6 +89,10 @@ pub enum Cmd {
     Quit,
     /// `help` (alias `?`): prints this text.
     Help(String),
+    /// `sigraise`: raises this signal (a crash, for `SIGKILL`: nothing is written back).
+    Sigraise(i32),
+    /// `abort`: ends the process with `abort(3)`, as a crash.
+    Abort,
     /// `aio_read -i` / `aio_write -i`: prints this line and does nothing (qemu-io only counts
     /// an invalid request in its statistics).
     Inject(&'static str),
@@ -473,9 +477,31 @@ const HELP: Spec = Spec {
     help: None,
 };
 
-const COMMANDS: [&Spec; 20] = [
+const SIGRAISE: Spec = Spec {
+    name: "sigraise",
+    alias: None,
+    argmin: 1,
+    argmax: Some(1),
+    usage: "sigraise signal -- raises a signal",
+    write: false,
+    nofile: true,
+    help: Some(help::SIGRAISE),
+};
+const ABORT: Spec = Spec {
+    name: "abort",
+    alias: None,
+    argmin: 0,
+    argmax: Some(0),
+    usage: "abort -- simulate a program crash using abort(3)",
+    write: false,
+    nofile: true,
+    help: None,
+};
+
+const COMMANDS: [&Spec; 22] = [
     &READ, &READV, &WRITE, &WRITEV, &DISCARD, &FLUSH, &AIO_READ, &AIO_WRITE, &AIO_FLUSH, &LENGTH,
-    &MAP, &ALLOC, &CLOSE, &OPEN, &REOPEN, &INFO, &TRUNCATE, &SLEEP, &QUIT, &HELP,
+    &MAP, &ALLOC, &CLOSE, &OPEN, &REOPEN, &INFO, &TRUNCATE, &SLEEP, &QUIT, &HELP, &SIGRAISE,
+    &ABORT,
 ];
 
 /// qemu-io's `breakline()`: split at single spaces, drop empty pieces.
@@ -491,7 +517,7 @@ fn lookup(name: &str) -> Option<&'static Spec> {
 }
 
 /// Whether `line` is a known command that needs an open image (all but `open`, `sleep`,
-/// `quit` and `help`). qemu-io checks this before the argument count and the options.
+/// `quit`, `help`, `sigraise` and `abort`). qemu-io checks this before the argument count and the options.
 pub fn needs_image(line: &str) -> bool {
     words(line)
         .first()
@@ -539,6 +565,8 @@ pub fn parse(line: &str) -> Result<Option<Cmd>, ParseError> {
         "sleep" => parse_sleep(args[0])?,
         "quit" => Cmd::Quit,
         "help" => help(args)?,
+        "sigraise" => parse_sigraise(args[0])?,
+        "abort" => Cmd::Abort,
         "alloc" => Cmd::Alloc {
             offset: numbers::cvt(args[0])?,
             count: args

@@ -150,6 +150,18 @@ pub(super) fn parse_sleep(arg: &str) -> Result<Cmd, ParseError> {
         .ok_or_else(|| ParseError::Invalid(format!("{arg} is not a valid number")))
 }
 
+/// `sigraise signal`: a number as `cvtnum` reads it, at most `NSIG`.
+pub(super) fn parse_sigraise(arg: &str) -> Result<Cmd, ParseError> {
+    let sig = cvt(arg)?;
+    let nsig = libc::SIGRTMAX() + 1;
+    match i32::try_from(sig) {
+        Ok(sig) if sig <= nsig => Ok(Cmd::Sigraise(sig)),
+        _ => Err(ParseError::Invalid(format!(
+            "signal argument '{arg}' is too large to be a valid signal"
+        ))),
+    }
+}
+
 /// `help [command]`: every command's line, or one command's line and extended help.
 pub(super) fn help(args: &[&str]) -> Result<Cmd, ParseError> {
     let Some(&typed) = args.first() else {
