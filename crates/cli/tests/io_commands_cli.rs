@@ -442,6 +442,26 @@ fn truncate_matches_qemu_io() {
         true,
     );
     same(&["-r"], &["truncate 2M", "length"], true);
+    let raw = |dir: &Path| {
+        std::fs::create_dir_all(dir).unwrap();
+        let img = dir.join("r.raw");
+        qemu_img(&["create", "-q", "-f", "raw", path_str(&img), "1M"]);
+        img
+    };
+    let script = [
+        "write -P 3 0 1M",
+        "truncate 1000",
+        "length",
+        "truncate -m full 2M",
+        "length",
+    ];
+    same_on(&raw, &["-f", "raw"], &script, true);
+    same_on(
+        &raw,
+        &["-f", "raw"],
+        &["truncate -m metadata 3M", "truncate -m falloc 3M", "info"],
+        true,
+    );
 }
 
 #[test]
