@@ -29,17 +29,20 @@ impl<O: Opener> Session<O> {
             report("file open already, try 'help close'");
             return false;
         }
-        match open_disk(self.opener.clone(), &path, &spec).await {
-            Ok(disk) => {
-                self.disk = Some(Rc::new(disk));
-                self.opened = Some((path, spec));
-                true
-            }
-            Err(e) => {
-                report(&format!("can't open device {}: {e}", path.display()));
-                false
-            }
-        }
+        let shown = path.display().to_string();
+        self.attach(path, spec)
+            .await
+            .map_err(|e| report(&format!("can't open device {shown}: {e}")))
+            .is_ok()
+    }
+
+    /// Opens the image at `path` as `spec` says and makes it the session's; the reason it
+    /// cannot be opened otherwise.
+    async fn attach(&mut self, path: PathBuf, spec: OpenSpec) -> Result<(), String> {
+        let disk = open_disk(self.opener.clone(), &path, &spec).await?;
+        self.disk = Some(Rc::new(disk));
+        self.opened = Some((path, spec));
+        Ok(())
     }
 
     /// The `open` command.
@@ -99,12 +102,8 @@ impl<O: Opener> Session<O> {
         if !self.close().await {
             return false;
         }
-        match open_disk(self.opener.clone(), &path, &new).await {
-            Ok(disk) => {
-                self.disk = Some(Rc::new(disk));
-                self.opened = Some((path, new));
-                true
-            }
+        match self.attach(path.clone(), new).await {
+            Ok(()) => true,
             Err(e) => {
                 report(&e);
                 self.open(path, old).await;
