@@ -42,6 +42,8 @@ pub struct Session<O: Opener> {
     /// The image's path and how it was opened, as `reopen` left it.
     pub(super) opened: Option<(PathBuf, OpenSpec)>,
     inflight: Vec<JoinHandle<()>>,
+    /// See [`Serial`].
+    serial: Rc<tokio::sync::Mutex<()>>,
     /// `quit` ran: the script ends.
     pub(super) quit: bool,
 }
@@ -74,14 +76,29 @@ fn in_range(size: u64, offset: u64, len: u64) -> bool {
 
 const EIO: &str = "Input/output error";
 
-/// Runs a read; the elapsed time and the data, or the error text.
-/// With `copy_on_read`, what the read found in backing files is then written into the image
-/// (see [`copy_on_read`]).
+/// With copy-on-read, the lock that serialises the requests that change the image with
+/// those that copy into it (QEMU's serialising requests): a write overlapping a read in
+/// flight must not be undone by that read's copy.
+type Serial = Option<Rc<tokio::sync::Mutex<()>>>;
+
+/// Holds `serial`'s lock, if there is one, while the guard lives.
+pub(super) async fn hold(serial: &Serial) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+    match serial {
+        Some(lock) => Some(lock.lock().await),
+        None => None,
+    }
+}
+
+/// Runs a read; the elapsed time and the data, or the error text. With `copy_on_read` (the
+/// lock of [`Serial`]), what the read found in backing files is then written into the image
+/// (see [`session::copy_on_read`]), the lock held from the read to the copy's end.
 async fn do_read<O: Opener>(
     disk: &Disk<O>,
     r: &Read,
-    copy_on_read: bool,
+    copy_on_read: Serial,
 ) -> Result<(Duration, IoBuf), String> {
+    let copy_on_read = copy_on_read.filter(|_| !r.vmstate);
+    let _serial = hold(&copy_on_read).await;
     if !r.vmstate && !in_range(disk.size(), r.offset, r.len) {
         return Err(EIO.into());
     }
@@ -96,7 +113,7 @@ async fn do_read<O: Opener>(
         false => disk.read_at(buf, r.offset).await,
     };
     res.map_err(|e| strerror(&e))?;
-    if copy_on_read {
+    if copy_on_read.is_some() {
         session::copy_on_read(disk, r.offset, r.len).await?;
     }
     Ok((start.elapsed(), buf))
@@ -128,7 +145,13 @@ fn finish_read(r: &Read, t: Duration, data: &[u8]) -> (String, bool) {
 }
 
 /// Runs a write (data, zeroes, then a flush for FUA); the elapsed time or the error text.
-async fn do_write<O: Opener>(disk: &Disk<O>, w: &Write) -> Result<Duration, String> {
+/// `serial`: see [`Serial`], held for the whole write.
+async fn do_write<O: Opener>(
+    disk: &Disk<O>,
+    w: &Write,
+    serial: Serial,
+) -> Result<Duration, String> {
+    let _serial = hold(&serial).await;
     if !w.vmstate && !in_range(disk.size(), w.offset, w.len) {
         return Err(EIO.into());
     }
@@ -168,6 +191,7 @@ impl<O: Opener> Session<O> {
             disk: None,
             opened: None,
             inflight: Vec::new(),
+            serial: Rc::default(),
             quit: false,
         }
     }
@@ -322,14 +346,14 @@ impl<O: Opener> Session<O> {
         }
     }
 
-    /// Whether reads copy from backing files into the image (`-C`).
-    fn copy_on_read(&self) -> bool {
-        self.spec().is_some_and(|s| s.copy_on_read)
+    /// With copy-on-read (`-C`), the lock of [`Serial`].
+    pub(super) fn serial(&self) -> Serial {
+        let cor = self.spec().is_some_and(|s| s.copy_on_read);
+        cor.then(|| Rc::clone(&self.serial))
     }
 
     async fn read(&mut self, r: &Read) -> bool {
-        let cor = self.copy_on_read() && !r.vmstate;
-        match do_read(self.d(), r, cor).await {
+        match do_read(self.d(), r, self.serial()).await {
             Ok((t, buf)) => {
                 let (text, matched) = finish_read(r, t, &buf);
                 out(&text);
@@ -351,7 +375,7 @@ impl<O: Opener> Session<O> {
     }
 
     async fn write(&mut self, w: &Write) -> bool {
-        match do_write(self.d(), &self.cached(w)).await {
+        match do_write(self.d(), &self.cached(w), self.serial()).await {
             Ok(t) => {
                 if !w.quiet {
                     out(&report::report("wrote", t, w.offset, w.len, w.csv));
@@ -370,6 +394,8 @@ impl<O: Opener> Session<O> {
             out(&format!("discard failed: {EIO}\n"));
             return false;
         }
+        let serial = self.serial();
+        let _serial = hold(&serial).await;
         let start = Instant::now();
         let ignored = self.spec().is_some_and(|s| s.discard_ignored);
         let res = if d.len == 0 || ignored {
@@ -461,9 +487,9 @@ impl<O: Opener> Session<O> {
 
     fn aio_read(&mut self, r: Read) {
         let disk = Rc::clone(self.d());
-        let cor = self.copy_on_read();
+        let serial = self.serial();
         self.inflight.push(tokio::task::spawn_local(async move {
-            match do_read(&disk, &r, cor).await {
+            match do_read(&disk, &r, serial).await {
                 // A mismatch is reported but, as in qemu-io, does not fail the script.
                 Ok((t, buf)) => out(&finish_read(&r, t, &buf).0),
                 Err(e) => out(&format!("readv failed: {e}\n")),
@@ -474,8 +500,9 @@ impl<O: Opener> Session<O> {
     fn aio_write(&mut self, w: Write) {
         let w = self.cached(&w);
         let disk = Rc::clone(self.d());
+        let serial = self.serial();
         self.inflight.push(tokio::task::spawn_local(async move {
-            match do_write(&disk, &w).await {
+            match do_write(&disk, &w, serial).await {
                 Ok(t) if !w.quiet => out(&report::report("wrote", t, w.offset, w.len, w.csv)),
                 Ok(_) => {}
                 Err(e) => out(&format!("aio_write failed: {e}\n")),

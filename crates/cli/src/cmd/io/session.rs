@@ -1,7 +1,7 @@
 //! The `qimg io` commands that manage the image rather than do I/O on it: `open`, `reopen`,
 //! `info`, `truncate`, and copy-on-read (`-C`), which follows reads.
 
-use super::exec::{err, out, strerror, Session};
+use super::exec::{err, hold, out, strerror, Session};
 use super::open::{open_disk, takes_option, OpenSpec};
 use super::parse::{Open, Reopen};
 use super::report::cvtstr;
@@ -170,6 +170,8 @@ impl<O: Opener> Session<O> {
     /// `truncate`: resizes the disk (shrinking allowed, as qemu-io's `blk_truncate`).
     pub(super) async fn truncate(&mut self, size: u64, prealloc: Preallocation) -> bool {
         let options = ResizeOptions::new().shrink(true).preallocation(prealloc);
+        let serial = self.serial();
+        let _serial = hold(&serial).await;
         match self.d().resize(size, options).await {
             Ok(()) => true,
             Err(e) => {
