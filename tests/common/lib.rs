@@ -21,6 +21,7 @@
 
 mod copied;
 mod fixtures;
+mod io_run;
 mod legacy;
 mod ops;
 mod pair;
@@ -29,6 +30,7 @@ mod tools;
 
 pub use copied::only_safe_copied_errors;
 pub use fixtures::{fixture, matrix, Expect, Fixture, FixtureSpec};
+pub use io_run::IoRun;
 pub use legacy::strip_snapshot_extra_data;
 pub use ops::{random_ranges, OpMix};
 pub use pair::{run, Pair, Run};

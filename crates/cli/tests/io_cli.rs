@@ -12,102 +12,21 @@
 //! engine still differs from QEMU, the case is in an `#[ignore]`d test naming the bug.
 
 use qcow2_tests::{
-    fixture, matrix, path_str, qemu_check, qemu_img, qemu_img_status, tool, without_timings, OpMix,
-    Prng,
+    fixture, matrix, path_str, qemu_check, qemu_img, qemu_img_status, IoRun as Run, OpMix, Prng,
 };
 use std::path::Path;
-use std::process::{Command, Output};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 
-/// What a run of either tool printed, with the timing lines taken out (they differ from run
-/// to run) and qemu-io's program-name prefix made ours.
-#[derive(Debug, PartialEq, Eq)]
-struct Run {
-    code: Option<i32>,
-    stdout: Vec<String>,
-    stderr: Vec<String>,
-}
-
-impl Run {
-    fn new(out: Output) -> Self {
-        Run {
-            code: out.status.code(),
-            stdout: lines(&out.stdout),
-            stderr: lines(&out.stderr),
-        }
-    }
-
-    /// The first difference between `self` (qimg io's run) and `theirs` (qemu-io's), if any.
-    fn diff(&self, theirs: &Run) -> Option<String> {
-        if self == theirs {
-            return None;
-        }
-        let first_diff = |a: &[String], b: &[String]| {
-            (0..a.len().max(b.len()))
-                .find(|&i| a.get(i) != b.get(i))
-                .map(|i| format!("line {i}: qimg io {:?}, qemu-io {:?}", a.get(i), b.get(i)))
-        };
-        Some(format!(
-            "\n  exit status: qimg io {:?}, qemu-io {:?}\n  stdout: {}\n  stderr: {}\n\
-             --- qimg io ---\n{self:#?}\n--- qemu-io ---\n{theirs:#?}",
-            self.code,
-            theirs.code,
-            first_diff(&self.stdout, &theirs.stdout).unwrap_or_else(|| "same".into()),
-            first_diff(&self.stderr, &theirs.stderr).unwrap_or_else(|| "same".into()),
-        ))
-    }
-
-    /// Panics, showing the first difference, unless `self` (qimg io's run) equals `theirs`
-    /// (qemu-io's).
-    fn assert_same(&self, theirs: &Run, what: &str) {
-        if let Some(d) = self.diff(theirs) {
-            panic!("{what}: qimg io differs from qemu-io: {d}");
-        }
-    }
-
-    /// The same, with the lines sorted: aio requests complete in any order.
-    fn sorted(mut self) -> Self {
-        self.stdout.sort();
-        self.stderr.sort();
-        self
-    }
-}
-
-fn lines(bytes: &[u8]) -> Vec<String> {
-    without_timings(&String::from_utf8_lossy(bytes))
-        .into_iter()
-        .map(|l| match l.strip_prefix("qemu-io: ") {
-            Some(rest) => format!("qimg io: {rest}"),
-            None => l,
-        })
-        .collect()
-}
-
-fn with_script(cmd: &mut Command, args: &[&str], script: &[String], image: &Path) -> Output {
-    cmd.env("LC_ALL", "C").args(args);
-    for c in script {
-        cmd.arg("-c").arg(c);
-    }
-    cmd.arg(image).output().expect("run the tool")
-}
-
 /// `qemu-io ARGS -c CMD... IMAGE`, whatever its exit status.
 fn qemu_io(args: &[&str], script: &[String], image: &Path) -> Run {
-    Run::new(with_script(
-        &mut Command::new(tool("qemu-io")),
-        args,
-        script,
-        image,
-    ))
+    Run::qemu_io(args, script, Some(image))
 }
 
 /// `qimg io ARGS -c CMD... IMAGE`, whatever its exit status.
 fn qimg_io(args: &[&str], script: &[String], image: &Path) -> Run {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qimg"));
-    cmd.arg("io");
-    Run::new(with_script(&mut cmd, args, script, image))
+    Run::qimg_io(env!("CARGO_BIN_EXE_qimg"), args, script, Some(image))
 }
 
 /// Runs `script` read-only through both tools and asserts they printed the same and exited

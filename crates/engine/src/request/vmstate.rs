@@ -20,6 +20,13 @@ impl<O: Opener> Image<O> {
         self.l1_entries(disk_end) * self.geo.l2_coverage()
     }
 
+    /// The guest offset the VM state area starts at for the disk's current size: past the
+    /// last L1 entry that maps any of the disk (QEMU's `vm_state_offset`, which qemu-io's
+    /// `info` prints).
+    pub fn vm_state_offset(&self) -> u64 {
+        self.vm_state_start(self.size())
+    }
+
     /// Where `len` bytes at `pos` of the VM state area are in guest offsets, if the L1 table
     /// can reach them.
     fn vm_state_range(&self, pos: u64, len: u64) -> Result<u64> {

@@ -7,13 +7,16 @@
 //! for them. As in qemu-io, a failing synchronous command makes the exit status 1 and the
 //! script goes on; an aio request counts as successful once issued, whatever its outcome.
 
+use super::open::OpenSpec;
 use super::parse::{self, Cmd, Discard, Read, Write, WriteData, MAX_REQUEST_BYTES};
 use super::report;
-use super::CacheMode;
+use super::session;
+use super::{AioMode, CacheMode};
 use crate::util::program;
 use blockio::{IoBuf, Opener};
 use qcow2_engine::{CompressedRefusal, Disk, Error};
 use std::io::Write as _;
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
@@ -28,18 +31,26 @@ pub fn err(text: &str) {
     let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }
 
-/// An open image and the aio requests in flight on it.
+/// The open image (if any), how it was opened and the aio requests in flight on it.
 pub struct Session<O: Opener> {
-    /// The image (none once `close` ran).
-    disk: Option<Rc<Disk<O>>>,
-    read_only: bool,
-    cache: CacheMode,
+    /// What opens images.
+    pub(super) opener: O,
+    /// The backend the session runs on (`-i`).
+    pub(super) aio: AioMode,
+    /// The image (none before an `open` or after a `close`).
+    pub(super) disk: Option<Rc<Disk<O>>>,
+    /// The image's path and how it was opened, as `reopen` left it.
+    pub(super) opened: Option<(PathBuf, OpenSpec)>,
     inflight: Vec<JoinHandle<()>>,
+    /// See [`Serial`].
+    serial: Rc<tokio::sync::Mutex<()>>,
+    /// `quit` ran: the script ends.
+    pub(super) quit: bool,
 }
 
 /// qemu's `strerror` text for an engine error: the OS error's text for I/O errors (without
 /// Rust's "(os error N)"), EIO's for out-of-range requests, the engine's message otherwise.
-fn strerror(e: &Error) -> String {
+pub(super) fn strerror(e: &Error) -> String {
     match e {
         Error::Io { source, .. } => qcow2_engine::strerror(source),
         // QEMU's driver returns EIO for what it finds corrupt.
@@ -65,8 +76,29 @@ fn in_range(size: u64, offset: u64, len: u64) -> bool {
 
 const EIO: &str = "Input/output error";
 
-/// Runs a read; the elapsed time and the data, or the error text.
-async fn do_read<O: Opener>(disk: &Disk<O>, r: &Read) -> Result<(Duration, IoBuf), String> {
+/// With copy-on-read, the lock that serialises the requests that change the image with
+/// those that copy into it (QEMU's serialising requests): a write overlapping a read in
+/// flight must not be undone by that read's copy.
+type Serial = Option<Rc<tokio::sync::Mutex<()>>>;
+
+/// Holds `serial`'s lock, if there is one, while the guard lives.
+pub(super) async fn hold(serial: &Serial) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+    match serial {
+        Some(lock) => Some(lock.lock().await),
+        None => None,
+    }
+}
+
+/// Runs a read; the elapsed time and the data, or the error text. With `copy_on_read` (the
+/// lock of [`Serial`]), what the read found in backing files is then written into the image
+/// (see [`session::copy_on_read`]), the lock held from the read to the copy's end.
+async fn do_read<O: Opener>(
+    disk: &Disk<O>,
+    r: &Read,
+    copy_on_read: Serial,
+) -> Result<(Duration, IoBuf), String> {
+    let copy_on_read = copy_on_read.filter(|_| !r.vmstate);
+    let _serial = hold(&copy_on_read).await;
     if !r.vmstate && !in_range(disk.size(), r.offset, r.len) {
         return Err(EIO.into());
     }
@@ -80,9 +112,11 @@ async fn do_read<O: Opener>(disk: &Disk<O>, r: &Read) -> Result<(Duration, IoBuf
         true => disk.vm_state_read_at(buf, r.offset).await,
         false => disk.read_at(buf, r.offset).await,
     };
-    let t = start.elapsed();
     res.map_err(|e| strerror(&e))?;
-    Ok((t, buf))
+    if copy_on_read.is_some() {
+        session::copy_on_read(disk, r.offset, r.len).await?;
+    }
+    Ok((start.elapsed(), buf))
 }
 
 /// Checks `read -P` and formats the report (and `-v` dump). Returns the text and whether the
@@ -111,7 +145,13 @@ fn finish_read(r: &Read, t: Duration, data: &[u8]) -> (String, bool) {
 }
 
 /// Runs a write (data, zeroes, then a flush for FUA); the elapsed time or the error text.
-async fn do_write<O: Opener>(disk: &Disk<O>, w: &Write) -> Result<Duration, String> {
+/// `serial`: see [`Serial`], held for the whole write.
+async fn do_write<O: Opener>(
+    disk: &Disk<O>,
+    w: &Write,
+    serial: Serial,
+) -> Result<Duration, String> {
+    let _serial = hold(&serial).await;
     if !w.vmstate && !in_range(disk.size(), w.offset, w.len) {
         return Err(EIO.into());
     }
@@ -143,22 +183,49 @@ async fn do_write<O: Opener>(disk: &Disk<O>, w: &Write) -> Result<Duration, Stri
 }
 
 impl<O: Opener> Session<O> {
-    /// A session on `disk`. With `read_only` (qemu-io's `-r`), writes and discards are
-    /// refused and flushes do nothing; `cache` says whether writes are flushed each
-    /// (`writethrough`, `directsync`) and flushes ignored (`unsafe`).
-    pub fn new(disk: Disk<O>, read_only: bool, cache: CacheMode) -> Self {
+    /// A session without an image, on the backend `aio`, opening images with `opener`.
+    pub fn new(opener: O, aio: AioMode) -> Self {
         Self {
-            disk: Some(Rc::new(disk)),
-            read_only,
-            cache,
+            opener,
+            aio,
+            disk: None,
+            opened: None,
             inflight: Vec::new(),
+            serial: Rc::default(),
+            quit: false,
         }
+    }
+
+    /// Whether `quit` ran.
+    pub fn quitting(&self) -> bool {
+        self.quit
+    }
+
+    /// How the open image was opened.
+    fn spec(&self) -> Option<&OpenSpec> {
+        self.opened.as_ref().map(|(_, s)| s)
+    }
+
+    /// Whether the image is read-only (qemu-io's `-r`): writes and discards are refused and
+    /// flushes do nothing.
+    pub(super) fn read_only(&self) -> bool {
+        self.spec().is_some_and(|s| s.read_only)
+    }
+
+    /// The cache mode: whether writes are flushed each (`writethrough`, `directsync`) and
+    /// flushes ignored (`unsafe`).
+    fn cache(&self) -> CacheMode {
+        self.spec().map_or(CacheMode::Writeback, |s| s.cache)
     }
 
     /// Parses and runs one qemu-io command line; `false` if it failed (qemu-io then exits
     /// with status 1, after running the rest of the script).
     pub async fn run_line(&mut self, line: &str) -> bool {
-        if self.read_only && parse::needs_write(line) {
+        if self.disk.is_none() && parse::needs_image(line) {
+            err("no file open, try 'help open'\n");
+            return false;
+        }
+        if self.read_only() && parse::needs_write(line) {
             // qemu-io -r: the write permission is refused before the command parses.
             err(&format!("{}: Block node is read-only\n", program()));
             return false;
@@ -179,7 +246,7 @@ impl<O: Opener> Session<O> {
     }
 
     /// The open image; the commands run only while there is one (see [`Session::run`]).
-    fn d(&self) -> &Rc<Disk<O>> {
+    pub(super) fn d(&self) -> &Rc<Disk<O>> {
         self.disk
             .as_ref()
             .expect("the commands run while an image is open")
@@ -187,15 +254,58 @@ impl<O: Opener> Session<O> {
 
     /// Runs one command; `false` if it failed.
     pub async fn run(&mut self, cmd: Cmd) -> bool {
+        match cmd {
+            Cmd::Open(o) => return self.open_cmd(o).await,
+            Cmd::Quit => {
+                self.quit = true;
+                return true;
+            }
+            Cmd::Help(text) => {
+                out(&text);
+                return true;
+            }
+            Cmd::Sleep(ms) => {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                return true;
+            }
+            Cmd::Sigraise(sig) => {
+                let _ = std::io::stdout().flush();
+                let _ = std::io::stderr().flush();
+                // SAFETY: raise(3) has no memory-safety preconditions; an invalid signal
+                // number makes it fail, which qemu-io ignores too.
+                unsafe { libc::raise(sig) };
+                return true;
+            }
+            Cmd::Abort => {
+                let _ = std::io::stdout().flush();
+                std::process::abort();
+            }
+            _ => {}
+        }
         if self.disk.is_none() {
             err("no file open, try 'help open'\n");
             return false;
         }
-        if self.read_only && matches!(cmd, Cmd::Write(_) | Cmd::Discard(_) | Cmd::AioWrite(_)) {
+        let writes = matches!(
+            cmd,
+            Cmd::Write(_) | Cmd::Discard(_) | Cmd::AioWrite(_) | Cmd::Truncate { .. }
+        );
+        if self.read_only() && writes {
             err(&format!("{}: Block node is read-only\n", program()));
             return false;
         }
         match cmd {
+            Cmd::Open(_)
+            | Cmd::Quit
+            | Cmd::Help(_)
+            | Cmd::Sleep(_)
+            | Cmd::Sigraise(_)
+            | Cmd::Abort => {
+                unreachable!("run without an image")
+            }
+            Cmd::Reopen(r) => self.reopen(r).await,
+            Cmd::Info => self.info().await,
+            Cmd::Truncate { size, prealloc } => self.truncate(size, prealloc).await,
             Cmd::Read(r) => self.read(&r).await,
             Cmd::Write(w) => self.write(&w).await,
             Cmd::Discard(d) => self.discard(&d).await,
@@ -236,8 +346,14 @@ impl<O: Opener> Session<O> {
         }
     }
 
+    /// With copy-on-read (`-C`), the lock of [`Serial`].
+    pub(super) fn serial(&self) -> Serial {
+        let cor = self.spec().is_some_and(|s| s.copy_on_read);
+        cor.then(|| Rc::clone(&self.serial))
+    }
+
     async fn read(&mut self, r: &Read) -> bool {
-        match do_read(self.d(), r).await {
+        match do_read(self.d(), r, self.serial()).await {
             Ok((t, buf)) => {
                 let (text, matched) = finish_read(r, t, &buf);
                 out(&text);
@@ -253,13 +369,13 @@ impl<O: Opener> Session<O> {
     /// `w` as the cache mode makes it: durable on completion when it writes through.
     fn cached(&self, w: &Write) -> Write {
         Write {
-            fua: w.fua || self.cache.writes_through(),
+            fua: w.fua || self.cache().writes_through(),
             ..w.clone()
         }
     }
 
     async fn write(&mut self, w: &Write) -> bool {
-        match do_write(self.d(), &self.cached(w)).await {
+        match do_write(self.d(), &self.cached(w), self.serial()).await {
             Ok(t) => {
                 if !w.quiet {
                     out(&report::report("wrote", t, w.offset, w.len, w.csv));
@@ -278,8 +394,11 @@ impl<O: Opener> Session<O> {
             out(&format!("discard failed: {EIO}\n"));
             return false;
         }
+        let serial = self.serial();
+        let _serial = hold(&serial).await;
         let start = Instant::now();
-        let res = if d.len == 0 {
+        let ignored = self.spec().is_some_and(|s| s.discard_ignored);
+        let res = if d.len == 0 || ignored {
             Ok(())
         } else {
             self.d().discard(d.offset, d.len).await
@@ -360,7 +479,7 @@ impl<O: Opener> Session<O> {
 
     /// Flushes the image (nothing to do when it is read-only, or with cache mode `unsafe`).
     async fn flush(&self) -> Result<(), String> {
-        if self.read_only || self.cache == CacheMode::Unsafe {
+        if self.read_only() || self.cache() == CacheMode::Unsafe {
             return Ok(());
         }
         self.d().flush().await.map_err(|e| strerror(&e))
@@ -368,8 +487,9 @@ impl<O: Opener> Session<O> {
 
     fn aio_read(&mut self, r: Read) {
         let disk = Rc::clone(self.d());
+        let serial = self.serial();
         self.inflight.push(tokio::task::spawn_local(async move {
-            match do_read(&disk, &r).await {
+            match do_read(&disk, &r, serial).await {
                 // A mismatch is reported but, as in qemu-io, does not fail the script.
                 Ok((t, buf)) => out(&finish_read(&r, t, &buf).0),
                 Err(e) => out(&format!("readv failed: {e}\n")),
@@ -380,8 +500,9 @@ impl<O: Opener> Session<O> {
     fn aio_write(&mut self, w: Write) {
         let w = self.cached(&w);
         let disk = Rc::clone(self.d());
+        let serial = self.serial();
         self.inflight.push(tokio::task::spawn_local(async move {
-            match do_write(&disk, &w).await {
+            match do_write(&disk, &w, serial).await {
                 Ok(t) if !w.quiet => out(&report::report("wrote", t, w.offset, w.len, w.csv)),
                 Ok(_) => {}
                 Err(e) => out(&format!("aio_write failed: {e}\n")),
@@ -413,12 +534,12 @@ impl<O: Opener> Session<O> {
     /// qemu-io's `close`: waits for the aio requests in flight, then closes the image (a
     /// read-only image has nothing to write back and is just dropped); later commands find
     /// no image. `false` if anything failed; the reason is printed.
-    async fn close(&mut self) -> bool {
+    pub(super) async fn close(&mut self) -> bool {
         let drained = self.drain().await;
         let Some(disk) = self.disk.take() else {
             return drained;
         };
-        if self.read_only {
+        if self.opened.take().is_some_and(|(_, s)| s.read_only) {
             return drained;
         }
         let disk = match Rc::try_unwrap(disk) {

@@ -2,20 +2,31 @@
 //! and the results can be compared (differential testing against QEMU).
 //!
 //! ```text
-//! qimg io [-f FMT] [-r] [-U] [-t none|writeback] [-n] [-i threads|io_uring] [-c CMD]... IMG
+//! qimg io [-f FMT] [-r] [-s] [-C] [-U] [-k] [-n] [-t CACHE] [-d DISCARD] [-i threads|io_uring]
+//!         [-c CMD]... [IMG]
 //! ```
 //!
-//! The image is opened read-write (read-only with `-r`) through [`Disk::open`], the format
-//! probed unless `-f` names it. Each `-c` command runs in order (without `-c`, one command
-//! per line of standard input, without qemu-io's prompt); at the end the aio requests still
-//! in flight are waited for and the image is closed. Commands, their options, output and
-//! messages are qemu-io 10.0's, see [`parse`]:
+//! The image, if given, is opened as the options say (see [`open::OpenSpec`]: read-write or
+//! read-only, a temporary overlay with `-s`, copy-on-read with `-C`, the format probed unless
+//! `-f` names it); if it cannot be, nothing runs. Without one, the commands run until an
+//! `open`. Each `-c` command runs in order (without `-c`, one command per line of standard
+//! input, without qemu-io's prompt); `quit` ends the script; at the end the aio requests
+//! still in flight are waited for and the image is closed. Commands, their options, output
+//! and messages are qemu-io 10.0's, see [`parse`]:
 //!
-//! - `read [-Cqv] [-P PAT [-s OFF] [-l LEN]] OFF LEN` (alias `r`);
-//! - `write [-Cfq] [-P PAT | -z [-u]] OFF LEN` (alias `w`; default pattern 0xcd);
-//! - `discard [-Cq] OFF LEN` (alias `d`), `flush` (alias `f`), `length` (alias `l`);
+//! - `read [-bCqv] [-P PAT [-s OFF] [-l LEN]] OFF LEN` (alias `r`), `readv`;
+//! - `write [-bcCfq] [-P PAT | -z [-u]] OFF LEN` (alias `w`; default pattern 0xcd), `writev`;
+//! - `discard [-Cq] OFF LEN` (alias `d`), `flush` (alias `f`), `length` (alias `l`), `map`,
+//!   `alloc` (alias `a`);
 //! - `aio_read [-Cqv] [-P PAT] OFF LEN [LEN..]`, `aio_write [-Cfq] [-P PAT | -z [-u]] OFF
-//!   LEN [LEN..]`, `aio_flush`.
+//!   LEN [LEN..]`, `aio_flush`;
+//! - `open [-rsCnkU] [-t CACHE] [-d DISCARD] [-i AIO] [-o OPTIONS] PATH` (alias `o`), `close`
+//!   (alias `c`), `reopen [-r|-w] [-c CACHE] [-o OPTIONS]`, `info` (alias `i`), `truncate [-m
+//!   PREALLOC] OFF` (alias `t`), `sleep MS`, `quit` (alias `q`), `help [CMD]` (alias `?`;
+//!   without a command it lists the commands `qimg io` has, a subset of qemu-io's);
+//! - `sigraise SIGNAL`, `abort`: a crash. What the image then holds is what the engine had
+//!   written: everything up to the last flush, possibly not what QEMU, which writes its
+//!   metadata sooner, would have left.
 //!
 //! The exit status is qemu-io's: 1 if the image could not be opened or any command failed
 //! (bad syntax, an I/O error, a `read -P` mismatch), 0 otherwise; aio requests never fail the
@@ -23,22 +34,25 @@
 //! failure too.
 
 mod exec;
+mod open;
 mod parse;
 mod report;
+mod session;
 
 use crate::util::program;
 use blockio::{FileOpener, Opener};
 use exec::Session;
-use qcow2_engine::{CreateOptions, Disk, ImageFormat, ImageOptions};
-use std::path::{Path, PathBuf};
+use open::OpenSpec;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Cache modes (`-t`, `--cache`), as QEMU names them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum CacheMode {
     /// O_DIRECT: bypass the host page cache.
     None,
     /// Through the host page cache (the default).
+    #[default]
     Writeback,
     /// Through the page cache, each write durable before it completes.
     Writethrough,
@@ -60,13 +74,12 @@ impl CacheMode {
     }
 }
 
-/// I/O backends (`-i`, `--aio`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+/// I/O backends (`-i`, `--aio`; QEMU's `native` runs on threads, see [`parse::aio_mode`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AioMode {
     /// Positional I/O on tokio's blocking thread pool (any tokio runtime).
     Threads,
     /// io_uring through tokio-uring (Linux).
-    #[value(name = "io_uring")]
     IoUring,
 }
 
@@ -86,26 +99,60 @@ pub struct IoArgs {
     /// Open in shared mode (with -r): coexist with a writer of the image.
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
-    /// Cache mode: none (O_DIRECT) or writeback.
-    #[arg(short = 't', long = "cache", value_enum)]
-    pub cache: Option<CacheMode>,
+    /// Cache mode: none (or off: O_DIRECT), writeback, writethrough, directsync, unsafe.
+    #[arg(short = 't', long = "cache")]
+    pub cache: Option<String>,
     /// Disable the host cache (short for -t none).
     #[arg(short = 'n', long = "nocache")]
     pub nocache: bool,
-    /// I/O backend: threads or io_uring.
-    #[arg(short = 'i', long = "aio", value_enum, default_value = "threads")]
-    pub aio: AioMode,
+    /// I/O backend: threads, io_uring, or native (threads here; with -n or -t none only, as
+    /// QEMU's).
+    #[arg(short = 'i', long = "aio")]
+    pub aio: Option<String>,
+    /// Misalign buffers (qemu-io's test of O_DIRECT bounce buffers; nothing to do here).
+    #[arg(short = 'm', long = "misalign")]
+    pub misalign: bool,
     /// Writes go to a temporary overlay, deleted at the end (QEMU's `snapshot=on`): the
     /// image itself is only read.
     #[arg(short = 's', long = "snapshot")]
     pub snapshot: bool,
-    /// The image.
-    pub image: PathBuf,
+    /// Copy-on-read: what reads find in backing files is written into the image.
+    #[arg(short = 'C', long = "copy-on-read")]
+    pub copy_on_read: bool,
+    /// Native AIO (QEMU allows it only with -n or -t none; the backend is -i's).
+    #[arg(short = 'k', long = "native-aio")]
+    pub native_aio: bool,
+    /// Discard mode: unmap (on, the default) or ignore (off: discards do nothing).
+    #[arg(short = 'd', long = "discard")]
+    pub discard: Option<String>,
+    /// The image; without one, commands run until an `open`.
+    pub image: Option<PathBuf>,
 }
 
 /// Runs `qimg io` on a runtime of its own (a tokio-uring one for `--aio io_uring`) and
 /// returns the exit status.
 pub fn run(args: IoArgs) -> ExitCode {
+    // qemu-io checks these values as it reads its options, before anything else.
+    let checked = open_spec(&args).and_then(|spec| {
+        let (aio, native) = match args.aio.as_deref() {
+            None => (AioMode::Threads, false),
+            Some(name) => parse::aio_mode(name)?,
+        };
+        Ok((
+            OpenSpec {
+                native_aio: spec.native_aio || native,
+                ..spec
+            },
+            aio,
+        ))
+    });
+    let (spec, aio) = match checked {
+        Ok(checked) => checked,
+        Err(e) => {
+            exec::err(&format!("{e}\n"));
+            return ExitCode::from(1);
+        }
+    };
     let cmds = if args.cmds.is_empty() {
         std::io::stdin()
             .lines()
@@ -114,7 +161,7 @@ pub fn run(args: IoArgs) -> ExitCode {
     } else {
         args.cmds.clone()
     };
-    let ok = match args.aio {
+    let ok = match aio {
         AioMode::Threads => {
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -123,11 +170,12 @@ pub fn run(args: IoArgs) -> ExitCode {
                 Ok(rt) => rt,
                 Err(e) => return fail(&format!("cannot start the runtime: {e}")),
             };
-            tokio::task::LocalSet::new().block_on(&rt, run_script(FileOpener, &args, &cmds))
+            tokio::task::LocalSet::new()
+                .block_on(&rt, run_script(FileOpener, aio, &args, spec, &cmds))
         }
         #[cfg(target_os = "linux")]
         AioMode::IoUring => match tokio_uring::Runtime::new(&blockio::uring_builder()) {
-            Ok(rt) => rt.block_on(run_script(blockio::UringOpener, &args, &cmds)),
+            Ok(rt) => rt.block_on(run_script(blockio::UringOpener, aio, &args, spec, &cmds)),
             Err(e) => return fail(&format!("cannot start io_uring: {e}")),
         },
         #[cfg(not(target_os = "linux"))]
@@ -146,92 +194,52 @@ fn fail(msg: &str) -> ExitCode {
     ExitCode::from(1)
 }
 
-/// Opens the image and runs the script on it (inside a `LocalSet`); `true` if everything
-/// succeeded.
-async fn run_script<O: Opener>(opener: O, args: &IoArgs, cmds: &[String]) -> bool {
-    let disk = match open(opener, args).await {
-        Ok(d) => d,
-        Err(e) => {
-            exec::err(&format!(
-                "{}: can't open device {}: {e}\n",
-                program(),
-                args.image.display()
-            ));
+/// How the command line says to open the image.
+fn open_spec(args: &IoArgs) -> Result<OpenSpec, parse::ParseError> {
+    let cache = match (args.nocache, args.cache.as_deref()) {
+        (true, _) => CacheMode::None,
+        (false, None) => CacheMode::Writeback,
+        (false, Some(mode)) => parse::cache_mode(mode)?,
+    };
+    Ok(OpenSpec {
+        format: args.format.clone(),
+        read_only: args.read_only,
+        snapshot: args.snapshot,
+        copy_on_read: args.copy_on_read,
+        force_share: args.force_share,
+        native_aio: args.native_aio,
+        cache,
+        discard_ignored: args
+            .discard
+            .as_deref()
+            .map(parse::discard_ignored)
+            .transpose()?
+            .unwrap_or(false),
+        driver_options: Vec::new(),
+    })
+}
+
+/// Opens the image (if the command line names one) and runs the script on the backend
+/// `aio` (inside a `LocalSet`); `true` if everything succeeded.
+async fn run_script<O: Opener>(
+    opener: O,
+    aio: AioMode,
+    args: &IoArgs,
+    spec: OpenSpec,
+    cmds: &[String],
+) -> bool {
+    let mut session = Session::new(opener, aio);
+    if let Some(image) = &args.image {
+        if !session.open(image.clone(), spec).await {
             return false;
         }
-    };
-    let cache = match (args.nocache, args.cache) {
-        (true, _) => CacheMode::None,
-        (false, mode) => mode.unwrap_or(CacheMode::Writeback),
-    };
-    let mut session = Session::new(disk, args.read_only, cache);
+    }
     let mut ok = true;
     for line in cmds {
         ok &= session.run_line(line).await;
+        if session.quitting() {
+            break;
+        }
     }
     session.finish().await && ok
-}
-
-async fn open<O: Opener>(opener: O, args: &IoArgs) -> Result<Disk<O>, String> {
-    let format = match args.format.as_deref() {
-        None => None,
-        Some(name) => {
-            Some(ImageFormat::from_name(name).ok_or_else(|| format!("Unknown driver '{name}'"))?)
-        }
-    };
-    let direct = args.nocache || args.cache.is_some_and(CacheMode::direct);
-    let options = ImageOptions::new()
-        .read_only(args.read_only)
-        .force_share(args.force_share)
-        .direct(direct);
-    if args.snapshot {
-        return open_overlay(opener, Path::new(&args.image), format, options)
-            .await
-            .map_err(|e| e.to_string());
-    }
-    Disk::open(opener, Path::new(&args.image), format, options)
-        .await
-        .map_err(|e| e.to_string())
-}
-
-/// Opens a temporary qcow2 overlay over `image` (qemu-io's `-s`): created in the temporary
-/// directory with the image (opened read-only) as its backing file, and unlinked once open,
-/// so that it goes with the process.
-async fn open_overlay<O: Opener>(
-    opener: O,
-    image: &Path,
-    format: Option<ImageFormat>,
-    options: ImageOptions,
-) -> qcow2_engine::Result<Disk<O>> {
-    let (fmt, size) = {
-        let base = Disk::open(
-            opener.clone(),
-            image,
-            format,
-            options.clone().read_only(true),
-        )
-        .await?;
-        (base.format(), base.size())
-    };
-    let backing = std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf());
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let overlay = std::env::temp_dir().join(format!(
-        "qimg-snapshot-{}-{nanos}.qcow2",
-        std::process::id()
-    ));
-    let create = CreateOptions::new()
-        .size(size)
-        .backing_file(backing.to_string_lossy(), fmt);
-    qcow2_engine::create(&opener, &overlay, &create).await?;
-    let disk = Disk::open(
-        opener,
-        &overlay,
-        Some(ImageFormat::Qcow2),
-        options.read_only(false),
-    )
-    .await;
-    let _ = std::fs::remove_file(&overlay);
-    disk
 }

@@ -2,25 +2,35 @@
 //!
 //! Everything here mirrors qemu-io 10.0 (`qemu-io-cmds.c`), checked by running it: a command
 //! line is split at single spaces (empty pieces dropped, no quoting), the command name may be
-//! an alias (`r`, `w`, `d`, `f`, `l`), the argument count is checked before the options, the
+//! an alias (`r`, `w`, `d`, `f`, `l`, `o`, `c`, `i`, `t`, `q`, `?`...), whether the command
+//! needs an open image is checked first, then the argument count is checked before the options, the
 //! options are parsed by GNU `getopt` (which permutes: `read 0 512 -q` is quiet), numbers by
 //! `cvtnum` (qemu's `qemu_strtosz`: suffixes, hex, fractions) and pattern bytes by `strtol`.
 //! Validation failures print the same message, on the same stream, as qemu-io.
 //!
 //! This module owns the parsed commands ([`Cmd`] and its parts), [`ParseError`] with what
 //! qemu-io prints for each, the command table and [`parse`] itself; `getopt` parses options,
-//! `numbers` the numeric arguments and `commands` each command's arguments.
+//! `numbers` the numeric arguments, `commands` the I/O commands' arguments, `session` those
+//! of the commands that manage the image (`open`, `reopen`, `truncate`, `sleep`, `help`) and
+//! `help` the commands' extended help.
 
 mod commands;
 mod getopt;
+mod help;
 mod numbers;
+mod session;
 #[cfg(test)]
 mod tests;
 
+use super::open::OpenSpec;
+use super::{AioMode, CacheMode};
 use commands::{
     parse_aio_read, parse_aio_write, parse_discard, parse_read, parse_readv, parse_write,
     parse_writev,
 };
+use qcow2_engine::Preallocation;
+pub use session::{aio_mode, cache_mode, discard_ignored};
+use session::{help, parse_open, parse_reopen, parse_sigraise, parse_sleep, parse_truncate};
 use std::fmt;
 
 /// qemu's `BDRV_REQUEST_MAX_BYTES`: the largest request length qemu-io accepts.
@@ -59,6 +69,30 @@ pub enum Cmd {
         /// Bytes to look at (512 when not given).
         count: u64,
     },
+    /// `open`: opens an image (when none is open).
+    Open(Open),
+    /// `reopen`: the open image with other options.
+    Reopen(Reopen),
+    /// `info` (alias `i`): the format, cluster size, VM state offset and format-specific
+    /// information.
+    Info,
+    /// `truncate` (alias `t`): resizes the disk.
+    Truncate {
+        /// The new size in bytes.
+        size: u64,
+        /// `-m`: what a grow allocates.
+        prealloc: Preallocation,
+    },
+    /// `sleep`: waits this many milliseconds.
+    Sleep(u64),
+    /// `quit` (alias `q`): ends the script.
+    Quit,
+    /// `help` (alias `?`): prints this text.
+    Help(String),
+    /// `sigraise`: raises this signal (a crash, for `SIGKILL`: nothing is written back).
+    Sigraise(i32),
+    /// `abort`: ends the process with `abort(3)`, as a crash.
+    Abort,
     /// `aio_read -i` / `aio_write -i`: prints this line and does nothing (qemu-io only counts
     /// an invalid request in its statistics).
     Inject(&'static str),
@@ -127,6 +161,28 @@ pub enum WriteData {
     },
 }
 
+/// An `open` command's options.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Open {
+    /// The image (qemu-io fails without one: the file driver needs a file name).
+    pub path: Option<String>,
+    /// `-i`: the backend named (`native`: threads, and `spec.native_aio`).
+    pub aio: Option<AioMode>,
+    /// `-r`, `-s`, `-C`, `-U`, `-k`, `-n`, `-t`, `-d`.
+    pub spec: OpenSpec,
+}
+
+/// A `reopen` command's options.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reopen {
+    /// `-r` (`Some(true)`) or `-w` (`Some(false)`).
+    pub read_only: Option<bool>,
+    /// `-c`: the new cache mode.
+    pub cache: Option<CacheMode>,
+    /// `-o`: block driver options, in order (`None`: a key alone).
+    pub driver_options: Vec<(String, Option<String>)>,
+}
+
 /// A `discard`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Discard {
@@ -162,6 +218,8 @@ pub enum ParseError {
     Invalid(String),
     /// Something qemu-io has and `qimg io` does not implement (stderr).
     Unsupported(String),
+    /// A message qemu-io reports on stderr after its name (`error_report`).
+    Report(String),
 }
 
 impl ParseError {
@@ -181,7 +239,9 @@ impl ParseError {
         match self {
             ParseError::NotFound(name) => Some(format!("command \"{name}\" not found")),
             ParseError::ArgCount(m) | ParseError::BadOption { message: m, .. } => Some(m.clone()),
-            ParseError::Unsupported(m) => Some(format!("{}: {m}", crate::util::program())),
+            ParseError::Unsupported(m) | ParseError::Report(m) => {
+                Some(format!("{}: {m}", crate::util::program()))
+            }
             _ => None,
         }
     }
@@ -206,6 +266,10 @@ struct Spec {
     usage: &'static str,
     /// Needs write permission (qemu-io's `BLK_PERM_WRITE`).
     write: bool,
+    /// Runs without an open image (qemu-io's `CMD_NOFILE_OK`, `CMD_FLAG_GLOBAL`).
+    nofile: bool,
+    /// What `help NAME` prints after the usage line.
+    help: Option<&'static str>,
 }
 
 const READ: Spec = Spec {
@@ -215,6 +279,8 @@ const READ: Spec = Spec {
     argmax: None,
     usage: "read [-abCqrv] [-P pattern [-s off] [-l len]] off len -- reads a number of bytes at a specified offset",
     write: false,
+    nofile: false,
+    help: Some(help::READ),
 };
 const WRITE: Spec = Spec {
     name: "write",
@@ -223,6 +289,8 @@ const WRITE: Spec = Spec {
     argmax: None,
     usage: "write [-bcCfnqruz] [-P pattern | -s source_file] off len -- writes a number of bytes at a specified offset",
     write: true,
+    nofile: false,
+    help: Some(help::WRITE),
 };
 const READV: Spec = Spec {
     name: "readv",
@@ -231,6 +299,8 @@ const READV: Spec = Spec {
     argmax: None,
     usage: "readv [-Cqrv] [-P pattern] off len [len..] -- reads a number of bytes at a specified offset",
     write: false,
+    nofile: false,
+    help: Some(help::READV),
 };
 const WRITEV: Spec = Spec {
     name: "writev",
@@ -239,6 +309,8 @@ const WRITEV: Spec = Spec {
     argmax: None,
     usage: "writev [-Cfqr] [-P pattern] off len [len..] -- writes a number of bytes at a specified offset",
     write: true,
+    nofile: false,
+    help: Some(help::WRITEV),
 };
 const DISCARD: Spec = Spec {
     name: "discard",
@@ -247,6 +319,8 @@ const DISCARD: Spec = Spec {
     argmax: None,
     usage: "discard [-Cq] off len -- discards a number of bytes at a specified offset",
     write: true,
+    nofile: false,
+    help: Some(help::DISCARD),
 };
 const FLUSH: Spec = Spec {
     name: "flush",
@@ -255,6 +329,8 @@ const FLUSH: Spec = Spec {
     argmax: Some(0),
     usage: "flush -- flush all in-core file state to disk",
     write: false,
+    nofile: false,
+    help: None,
 };
 const AIO_READ: Spec = Spec {
     name: "aio_read",
@@ -264,6 +340,8 @@ const AIO_READ: Spec = Spec {
     usage:
         "aio_read [-Ciqrv] [-P pattern] off len [len..] -- asynchronously reads a number of bytes",
     write: false,
+    nofile: false,
+    help: Some(help::AIO_READ),
 };
 const AIO_WRITE: Spec = Spec {
     name: "aio_write",
@@ -272,6 +350,8 @@ const AIO_WRITE: Spec = Spec {
     argmax: None,
     usage: "aio_write [-Cfiqruz] [-P pattern] off len [len..] -- asynchronously writes a number of bytes",
     write: true,
+    nofile: false,
+    help: Some(help::AIO_WRITE),
 };
 const AIO_FLUSH: Spec = Spec {
     name: "aio_flush",
@@ -280,6 +360,8 @@ const AIO_FLUSH: Spec = Spec {
     argmax: Some(0),
     usage: "aio_flush -- completes all outstanding aio requests",
     write: false,
+    nofile: false,
+    help: None,
 };
 const LENGTH: Spec = Spec {
     name: "length",
@@ -288,6 +370,8 @@ const LENGTH: Spec = Spec {
     argmax: Some(0),
     usage: "length -- gets the length of the current file",
     write: false,
+    nofile: false,
+    help: None,
 };
 
 const MAP: Spec = Spec {
@@ -295,8 +379,10 @@ const MAP: Spec = Spec {
     alias: None,
     argmin: 0,
     argmax: Some(0),
-    usage: "map -- prints the allocated areas of a file",
+    usage: "map  -- prints the allocated areas of a file",
     write: false,
+    nofile: false,
+    help: None,
 };
 const ALLOC: Spec = Spec {
     name: "alloc",
@@ -305,6 +391,8 @@ const ALLOC: Spec = Spec {
     argmax: Some(2),
     usage: "alloc offset [count] -- checks if offset is allocated in the file",
     write: false,
+    nofile: false,
+    help: None,
 };
 
 const CLOSE: Spec = Spec {
@@ -314,11 +402,106 @@ const CLOSE: Spec = Spec {
     argmax: Some(0),
     usage: "close -- close the current open file",
     write: false,
+    nofile: false,
+    help: None,
 };
 
-const COMMANDS: [&Spec; 13] = [
+const OPEN: Spec = Spec {
+    name: "open",
+    alias: Some("o"),
+    argmin: 1,
+    argmax: None,
+    usage: "open [-rsCnkU] [-t cache] [-d discard] [-o options] [path] -- open the file specified by path",
+    write: false,
+    nofile: true,
+    help: Some(help::OPEN),
+};
+const REOPEN: Spec = Spec {
+    name: "reopen",
+    alias: None,
+    argmin: 0,
+    argmax: None,
+    usage: "reopen [(-r|-w)] [-c cache] [-o options] -- reopens an image with new options",
+    write: false,
+    nofile: false,
+    help: Some(help::REOPEN),
+};
+const INFO: Spec = Spec {
+    name: "info",
+    alias: Some("i"),
+    argmin: 0,
+    argmax: Some(0),
+    usage: "info -- prints information about the current file",
+    write: false,
+    nofile: false,
+    help: None,
+};
+const TRUNCATE: Spec = Spec {
+    name: "truncate",
+    alias: Some("t"),
+    argmin: 1,
+    argmax: Some(3),
+    usage: "truncate [-m prealloc_mode] off -- truncates the current file at the given offset",
+    write: true,
+    nofile: false,
+    help: None,
+};
+const SLEEP: Spec = Spec {
+    name: "sleep",
+    alias: None,
+    argmin: 1,
+    argmax: Some(1),
+    usage: "sleep -- waits for the given value in milliseconds",
+    write: false,
+    nofile: true,
+    help: None,
+};
+const QUIT: Spec = Spec {
+    name: "quit",
+    alias: Some("q"),
+    argmin: 0,
+    argmax: None,
+    usage: "quit -- exit the program",
+    write: false,
+    nofile: true,
+    help: None,
+};
+const HELP: Spec = Spec {
+    name: "help",
+    alias: Some("?"),
+    argmin: 0,
+    argmax: Some(1),
+    usage: "help [command] -- help for one or all commands",
+    write: false,
+    nofile: true,
+    help: None,
+};
+
+const SIGRAISE: Spec = Spec {
+    name: "sigraise",
+    alias: None,
+    argmin: 1,
+    argmax: Some(1),
+    usage: "sigraise signal -- raises a signal",
+    write: false,
+    nofile: true,
+    help: Some(help::SIGRAISE),
+};
+const ABORT: Spec = Spec {
+    name: "abort",
+    alias: None,
+    argmin: 0,
+    argmax: Some(0),
+    usage: "abort -- simulate a program crash using abort(3)",
+    write: false,
+    nofile: true,
+    help: None,
+};
+
+const COMMANDS: [&Spec; 22] = [
     &READ, &READV, &WRITE, &WRITEV, &DISCARD, &FLUSH, &AIO_READ, &AIO_WRITE, &AIO_FLUSH, &LENGTH,
-    &MAP, &ALLOC, &CLOSE,
+    &MAP, &ALLOC, &CLOSE, &OPEN, &REOPEN, &INFO, &TRUNCATE, &SLEEP, &QUIT, &HELP, &SIGRAISE,
+    &ABORT,
 ];
 
 /// qemu-io's `breakline()`: split at single spaces, drop empty pieces.
@@ -331,6 +514,15 @@ fn lookup(name: &str) -> Option<&'static Spec> {
         .iter()
         .copied()
         .find(|s| s.name == name || s.alias == Some(name))
+}
+
+/// Whether `line` is a known command that needs an open image (all but `open`, `sleep`,
+/// `quit`, `help`, `sigraise` and `abort`). qemu-io checks this before the argument count and the options.
+pub fn needs_image(line: &str) -> bool {
+    words(line)
+        .first()
+        .and_then(|name| lookup(name))
+        .is_some_and(|s| !s.nofile)
 }
 
 /// Whether `line` is a command needing write permission (`write`, `discard`, `aio_write`)
@@ -366,6 +558,15 @@ pub fn parse(line: &str) -> Result<Option<Cmd>, ParseError> {
         "length" => Cmd::Length,
         "map" => Cmd::Map,
         "close" => Cmd::Close,
+        "open" => parse_open(name, args)?,
+        "reopen" => parse_reopen(name, args)?,
+        "info" => Cmd::Info,
+        "truncate" => parse_truncate(name, args)?,
+        "sleep" => parse_sleep(args[0])?,
+        "quit" => Cmd::Quit,
+        "help" => help(args)?,
+        "sigraise" => parse_sigraise(args[0])?,
+        "abort" => Cmd::Abort,
         "alloc" => Cmd::Alloc {
             offset: numbers::cvt(args[0])?,
             count: args

@@ -45,9 +45,16 @@ pub fn cvtnum(s: &str) -> Result<u64, CvtError> {
     })
 }
 
-/// A pattern byte as qemu-io reads it (`strtol` with base 0: decimal, `0x` hex or `0`
-/// octal, optional sign); `None` unless the whole argument is a number in 0..=255.
+/// A pattern byte as qemu-io reads it ([`strtol`]); `None` unless the whole argument is a
+/// number in 0..=255.
 pub fn parse_pattern(s: &str) -> Option<u8> {
+    strtol(s).and_then(|v| u8::try_from(v).ok())
+}
+
+/// A number as C's `strtol` with base 0 reads it (decimal, `0x` hex or `0` octal, optional
+/// sign, leading blanks); `None` unless it takes the whole argument (an empty one is 0).
+/// Values are saturated far beyond `i64`'s range, which callers reject.
+pub fn strtol(s: &str) -> Option<i128> {
     let t = s.trim_start_matches(|c: char| c.is_ascii_whitespace());
     let (negative, t) = match t.as_bytes().first() {
         Some(b'-') => (true, &t[1..]),
@@ -78,8 +85,7 @@ pub fn parse_pattern(s: &str) -> Option<u8> {
     for b in digits.bytes() {
         v = (v * i128::from(radix) + i128::from((b as char).to_digit(radix)?)).min(1 << 70);
     }
-    let v = if negative { -v } else { v };
-    u8::try_from(v).ok()
+    Some(if negative { -v } else { v })
 }
 
 pub(super) fn pattern_arg(arg: &str) -> Result<u8, ParseError> {

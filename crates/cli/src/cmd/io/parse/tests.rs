@@ -393,3 +393,76 @@ fn write_c_is_a_compressed_write() {
         ParseError::Invalid("1000 is not a sector-aligned value for 'count'".into())
     );
 }
+
+#[test]
+fn session_commands_parse_like_qemu_io() {
+    // Behaviour checked against qemu-io 10.0.2.
+    let Cmd::Open(o) = ok("o -rnC -t writethrough -o driver=raw,l2-cache-size=1M img") else {
+        panic!("not an open");
+    };
+    assert_eq!(o.path.as_deref(), Some("img"));
+    assert!(o.spec.read_only && o.spec.copy_on_read);
+    assert_eq!(o.spec.cache, CacheMode::Writethrough);
+    assert_eq!(o.spec.driver_options.len(), 2);
+    assert_eq!(
+        ok("t -m falloc 1M"),
+        Cmd::Truncate {
+            size: 1 << 20,
+            prealloc: Preallocation::Falloc,
+        }
+    );
+    assert_eq!(
+        ok("t 1M 7"),
+        Cmd::Truncate {
+            size: 1 << 20,
+            prealloc: Preallocation::Off,
+        }
+    );
+    assert_eq!(ok("sleep 0x10"), Cmd::Sleep(16));
+    assert_eq!(ok("q 1 2"), Cmd::Quit);
+    let Cmd::Reopen(r) = ok("reopen -w -c none") else {
+        panic!("not a reopen");
+    };
+    assert_eq!((r.read_only, r.cache), (Some(false), Some(CacheMode::None)));
+    let Cmd::Help(text) = ok("? o") else {
+        panic!("not help");
+    };
+    assert!(text.starts_with("o [-rsCnkU] [-t cache]"), "{text}");
+}
+
+#[test]
+fn session_command_rejections_print_what_qemu_io_prints() {
+    assert_eq!(
+        err("open -t Writeback img").stderr().unwrap(),
+        format!(
+            "{}: Invalid cache option: Writeback",
+            crate::util::program()
+        )
+    );
+    assert_eq!(err("open a b"), ParseError::Usage(OPEN.usage));
+    assert_eq!(
+        err("reopen -r -w").stderr().unwrap(),
+        format!(
+            "{}: Only one -r/-w option may be given",
+            crate::util::program()
+        )
+    );
+    assert_eq!(
+        err("sleep -5"),
+        ParseError::Invalid("-5 is not a valid number".into())
+    );
+    assert_eq!(
+        err("truncate -m bogus 1M").stderr().unwrap(),
+        format!(
+            "{}: Invalid preallocation mode 'bogus'",
+            crate::util::program()
+        )
+    );
+    assert_eq!(
+        err("help bogus"),
+        ParseError::Invalid("command bogus not found".into())
+    );
+    assert!(needs_image("truncate") && needs_image("info"));
+    assert!(!needs_image("open") && !needs_image("sleep 1") && !needs_image("help"));
+    assert!(needs_write("truncate 1M") && !needs_write("truncate"));
+}
