@@ -88,6 +88,7 @@ impl Command {
             Command::Map(a) => Some(&a.names),
             Command::Measure(a) => Some(&a.names),
             Command::Rebase(a) => Some(&a.names),
+            Command::Io(a) => Some(&a.names),
             Command::Resize(a) => Some(&a.names),
             Command::Snapshot(a) => Some(&a.names),
             _ => None,
@@ -127,6 +128,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage::report(e, &args),
     };
+    // Invoked as qimg (a no-op otherwise: the tool's name is set).
+    util::set_program(match cli.command {
+        Command::Io(_) => "qimg io",
+        _ => "qimg",
+    });
     // `--object` definitions are checked first, as QEMU's tools create the objects while
     // reading their options; `--object help` ends the command there.
     match cli.command.names().map(names::NameArgs::check_objects) {
@@ -134,11 +140,6 @@ fn main() -> ExitCode {
         Some(Err(e)) => return util::exit::<()>(1, Err(e)),
         _ => {}
     }
-    // Invoked as qimg (a no-op otherwise: the tool's name is set).
-    util::set_program(match cli.command {
-        Command::Io(_) => "qimg io",
-        _ => "qimg",
-    });
     // `qimg io` and `qimg bench` run on a runtime of their own choosing (tokio-uring for
     // io_uring); the other commands share a current-thread tokio runtime.
     let cli = match cli.command {

@@ -64,11 +64,14 @@ pub async fn open_image(name: &ImageName, options: ImageOptions) -> Result<Image
 pub fn strerror(e: &qcow2_engine::Error) -> String {
     use qcow2_engine::Error;
     match e {
-        Error::Io { source, .. } => qcow2_engine::strerror(source),
-        Error::OutOfRange { .. } | Error::Corrupt { .. } | Error::Decompress { .. } => {
-            "Input/output error".into()
+        Error::Io { .. }
+        | Error::OutOfRange { .. }
+        | Error::Corrupt { .. }
+        | Error::Decompress { .. }
+        | Error::Unsupported { .. }
+        | Error::CompressedWrite { .. } => {
+            qcow2_engine::strerror(&std::io::Error::from_raw_os_error(e.errno()))
         }
-        Error::Unsupported { .. } => "Operation not supported".into(),
         other => other.to_string(),
     }
 }

@@ -352,6 +352,14 @@ fn qemu_io_snapshot_mode_leaves_the_image_alone() {
     for d in [&p.theirs, &p.ours] {
         qcow2_tests::qemu_io("qcow2", &d.path().join("t.qcow2"), &["write -P 7 0 128k"]);
     }
+    p.same(
+        "qemu-io",
+        &["--image-opts", "-f", "qcow2", "-c", "quit", "t.qcow2"],
+    );
+    p.same(
+        "qemu-io",
+        &["-c", "quit", r#"json:{"driver":"qcow2","file":"t.qcow2"}"#],
+    );
     let before = std::fs::read(p.ours.path().join("t.qcow2")).unwrap();
     let r = p.same(
         "qemu-io",
@@ -617,6 +625,16 @@ fn qemu_filename_syntax() {
         let b = std::fs::read(p.ours.path().join(name)).unwrap();
         assert!(a == b, "{name} differs");
     }
+    p.same("qemu-io", &["-c", "read -P 3 512k 64k", json]);
+    p.same("qemu-io", &["-c", "read -P 0 0 64k", alone]);
+    p.same(
+        "qemu-io",
+        &["--image-opts", "-c", "read -P 3 512k 64k", opts],
+    );
+    p.same(
+        "qemu-io",
+        &["-c", "open -r file:top.qcow2", "-c", "read -P 3 512k 64k"],
+    );
 }
 
 /// Wrong names and options are refused with QEMU's words, before anything is written.
@@ -666,6 +684,14 @@ fn qemu_filename_syntax_refusals() {
             "t.qcow2",
         ],
     );
+    p.same(
+        "qemu-io",
+        &["--image-opts", "-f", "qcow2", "-c", "quit", "t.qcow2"],
+    );
+    p.same(
+        "qemu-io",
+        &["-c", "quit", r#"json:{"driver":"qcow2","file":"t.qcow2"}"#],
+    );
     let before = std::fs::read(p.ours.path().join("t.qcow2")).unwrap();
     p.same(
         "qemu-img",
@@ -701,6 +727,7 @@ fn qemu_object_definitions() {
     ] {
         p.same("qemu-img", &["info", "--object", object, "t.qcow2"]);
         p.same("qemu-img", &["map", "--object", object, "t.qcow2"]);
+        p.same("qemu-io", &["--object", object, "-c", "quit", "t.qcow2"]);
     }
     p.same(
         "qemu-img",

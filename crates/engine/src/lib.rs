@@ -77,8 +77,8 @@ pub use image::MapEntry;
 pub use image::{resolve_backing, Disk, Image, RawImage};
 pub use map::status::{Extent, ExtentKind};
 pub use options::{
-    BackingChoice, CacheMode, ImageFormat, ImageOptions, ResizeOptions, SnapshotOptions,
+    BackingChoice, CacheMode, ImageFormat, ImageOptions, ResizeOptions, SnapshotOptions, WriteFlags,
 };
 pub use rebase::NewBacking;
-pub use request::{VectoredResult, WriteFlags};
+pub use request::VectoredResult;
 pub use snapshot::{SnapshotLookup, SnapshotView};

@@ -153,6 +153,20 @@ impl CacheMode {
     }
 }
 
+/// Flags of one write request ([`Image::write_at_with`](crate::Image::write_at_with)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WriteFlags {
+    /// Force unit access: the write is durable, with the metadata that maps it, when it
+    /// completes (virtio-blk's and NVMe's FUA, QEMU's `BDRV_REQ_FUA`).
+    pub fua: bool,
+}
+
+impl WriteFlags {
+    /// A write that is durable when it completes.
+    pub const FUA: WriteFlags = WriteFlags { fua: true };
+}
+
 /// What an open file is to the image, for its locks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum FileRole {

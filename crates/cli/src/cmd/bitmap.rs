@@ -181,7 +181,7 @@ async fn from_source(
             } else {
                 let opened = match ImageName::parse(Path::new(file), false, None) {
                     Ok(n) => crate::util::open_image(&n, ImageOptions::new().read_only(true)).await,
-                    Err(e) => Err(e),
+                    Err(e) => Err(e.into()),
                 };
                 match opened {
                     Ok(img) => Some(img),

@@ -55,7 +55,7 @@ impl NameArgs {
             };
             bail!("--image-opts and {opt} are mutually exclusive");
         }
-        ImageName::parse(given, self.image_opts, format)
+        Ok(ImageName::parse(given, self.image_opts, format)?)
     }
 }
 
@@ -74,18 +74,23 @@ pub struct ImageName {
 impl ImageName {
     /// Reads `given`: a `json:` object or, with `image_opts`, an option list; otherwise a
     /// file name, less a `file:` prefix. `format` is `-f`'s value.
-    pub fn parse(given: &Path, image_opts: bool, format: Option<&str>) -> Result<ImageName> {
+    pub fn parse(
+        given: &Path,
+        image_opts: bool,
+        format: Option<&str>,
+    ) -> Result<ImageName, NameError> {
         let text = given.to_string_lossy().into_owned();
         let cli_format = match format {
             None => None,
-            Some(f) => Some(
-                ImageFormat::from_name(f).ok_or_else(|| anyhow!("Unknown file format '{f}'"))?,
-            ),
+            Some(f) => Some(ImageFormat::from_name(f).ok_or_else(|| NameError {
+                given: None,
+                why: format!("Unknown file format '{f}'"),
+            })?),
         };
         let dict = if image_opts {
             Some(options::parse_keyval(&text))
         } else if let Some(json) = text.strip_prefix("json:") {
-            Some(options::parse_json(json).map_err(|e| anyhow!(could_not_open(&text, e)))?)
+            Some(options::parse_json(json).map_err(|why| NameError::of(&text, why))?)
         } else {
             None
         };
@@ -102,7 +107,7 @@ impl ImageName {
             });
         };
         let (file, format, settings) =
-            Dict::resolve(dict, cli_format).map_err(|e| anyhow!(could_not_open(&text, e)))?;
+            Dict::resolve(dict, cli_format).map_err(|why| NameError::of(&text, why))?;
         Ok(ImageName {
             given: text,
             file,
@@ -123,24 +128,18 @@ impl ImageName {
 
     /// `base` with what the name's options say; refused, as QEMU refuses it, when the name
     /// sets the backing file of an image `base` opens without one.
-    pub fn options(&self, base: ImageOptions) -> Result<ImageOptions> {
+    pub fn options(&self, base: ImageOptions) -> Result<ImageOptions, NameError> {
         let s = &self.settings;
         if base.backing_choice() == &BackingChoice::None {
             if let Some(key) = &s.backing_key {
-                bail!(could_not_open(
-                    &self.given,
-                    format!(
-                        "Block format '{}' does not support the option '{key}'",
-                        self.format.unwrap_or(ImageFormat::Qcow2).name()
-                    )
-                ));
+                let driver = self.format.unwrap_or(ImageFormat::Qcow2).name();
+                let why = format!("Block format '{driver}' does not support the option '{key}'");
+                return Err(NameError::of(&self.given, why));
             }
         }
         if let Some(why) = &s.backing_ref {
-            bail!(could_not_open(
-                &self.given,
-                format!("Could not open backing file: {why}")
-            ));
+            let why = format!("Could not open backing file: {why}");
+            return Err(NameError::of(&self.given, why));
         }
         Ok(s.apply(base))
     }
@@ -154,3 +153,33 @@ impl ImageName {
 fn could_not_open(given: &str, why: impl std::fmt::Display) -> String {
     format!("Could not open '{given}': {why}")
 }
+
+/// Why a name cannot be opened: `why` is QEMU's reason, which qemu-img prints after
+/// "Could not open 'NAME': " (the Display) and qemu-io after "can't open device NAME: ".
+#[derive(Debug)]
+pub struct NameError {
+    /// The name, when the reason is about it (not about `-f`).
+    given: Option<String>,
+    /// The reason.
+    pub why: String,
+}
+
+impl NameError {
+    fn of(given: &str, why: String) -> Self {
+        NameError {
+            given: Some(given.to_owned()),
+            why,
+        }
+    }
+}
+
+impl std::fmt::Display for NameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.given {
+            Some(given) => f.write_str(&could_not_open(given, &self.why)),
+            None => f.write_str(&self.why),
+        }
+    }
+}
+
+impl std::error::Error for NameError {}

@@ -5,7 +5,7 @@
 use super::Image;
 use crate::aligned::{read_data, write_unaligned};
 use crate::files::FlushState;
-use crate::options::{ImageFormat, ImageOptions, Preallocation, ResizeOptions};
+use crate::options::{ImageFormat, ImageOptions, Preallocation, ResizeOptions, WriteFlags};
 use crate::WriteResult;
 use crate::{Error, ResizeError, Result};
 use blockio::{Backend, IoBuf, Keep, Opener};
@@ -35,11 +35,11 @@ pub struct RawImage<B> {
 }
 
 impl<B: blockio::Backend> RawImage<B> {
-    /// `res`, a write's outcome, once a successful write is flushed if the disk writes
-    /// through.
-    async fn durable_after(&self, res: Result<()>) -> Result<()> {
+    /// `res`, a write's outcome, once a successful write is flushed if `fua` asks for it
+    /// or the disk writes through.
+    async fn durable_after(&self, res: Result<()>, fua: bool) -> Result<()> {
         res?;
-        if self.write_through {
+        if fua || self.write_through {
             self.flushes.flush(&self.backend, &self.path).await?;
         }
         Ok(())
@@ -216,8 +216,18 @@ impl<O: Opener> Disk<O> {
     ///
     /// As [`Image::write_at`]; on a raw image, the range reads old or new data.
     pub async fn write_at(&self, buf: IoBuf, offset: u64) -> WriteResult {
+        self.write_at_with(buf, offset, WriteFlags::default()).await
+    }
+
+    /// [`Disk::write_at`] with flags (see [`Image::write_at_with`]); on a raw image, FUA
+    /// flushes the file after the write.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::write_at_with`].
+    pub async fn write_at_with(&self, buf: IoBuf, offset: u64, flags: WriteFlags) -> WriteResult {
         match self {
-            Disk::Qcow2(img) => img.write_at(buf, offset).await,
+            Disk::Qcow2(img) => img.write_at_with(buf, offset, flags).await,
             Disk::Raw(raw) => {
                 let len = buf.len() as u64;
                 if offset.checked_add(len).is_none_or(|e| e > raw.size()) {
@@ -235,7 +245,7 @@ impl<O: Opener> Disk<O> {
                 let mut buf = buf;
                 buf.set_window(window);
                 let res = res.map_err(|e| Error::io(format!("{}: write", raw.path.display()), e));
-                (raw.durable_after(res).await, buf)
+                (raw.durable_after(res, flags.fua).await, buf)
             }
         }
     }
@@ -303,7 +313,7 @@ impl<O: Opener> Disk<O> {
                     .write_zeroes(offset, len, Keep::none())
                     .await
                     .map_err(|e| Error::io(format!("{}: write zeroes", raw.path.display()), e));
-                raw.durable_after(res).await
+                raw.durable_after(res, false).await
             }
         }
     }

@@ -21,4 +21,3 @@ mod write;
 mod zero;
 
 pub use vectored::VectoredResult;
-pub use write::WriteFlags;

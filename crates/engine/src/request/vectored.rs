@@ -3,8 +3,8 @@
 //! without a gather copy: each is a request of its own on its part of the range, all in
 //! flight at once.
 
-use super::write::WriteFlags;
 use crate::image::Image;
+use crate::options::WriteFlags;
 use crate::{Error, Result};
 use blockio::{IoBuf, Opener};
 

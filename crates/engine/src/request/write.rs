@@ -7,6 +7,7 @@ use super::allocate::AllocStep;
 use crate::image::Image;
 use crate::inflight::{keep, Guards};
 use crate::meta::Meta;
+use crate::options::WriteFlags;
 use crate::{Error, Result, WriteResult};
 use blockio::{IoBuf, Keep, Opener};
 use qcow2_alloc::{Gate, SharedLease};
@@ -14,20 +15,6 @@ use qcow2_format::{
     GuestOffset, HostCluster, L2Entry, L2Mapping, SubclusterBitmap, SubclusterState,
 };
 use std::sync::atomic::Ordering;
-
-/// Flags of one write request ([`Image::write_at_with`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct WriteFlags {
-    /// Force unit access: the write is durable, with the metadata that maps it, when it
-    /// completes (virtio-blk's and NVMe's FUA, QEMU's `BDRV_REQ_FUA`).
-    pub fua: bool,
-}
-
-impl WriteFlags {
-    /// A write that is durable when it completes.
-    pub const FUA: WriteFlags = WriteFlags { fua: true };
-}
 
 /// What one step of a write does.
 pub(super) enum Step {

@@ -246,7 +246,7 @@ async fn convert(args: &ConvertArgs, settings: &Settings, progress: &mut Progres
 
 /// Whether `mode` is a cache mode QEMU knows (`-t`, `-T`).
 fn valid_cache(mode: &str) -> bool {
-    <super::io::CacheMode as clap::ValueEnum>::from_str(mode, false).is_ok()
+    qcow2_engine::CacheMode::from_name(mode).is_some()
 }
 
 /// qemu-img checks the target's cache mode (`-t`) once the target is created.

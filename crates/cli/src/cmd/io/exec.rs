@@ -11,10 +11,10 @@ use super::open::OpenSpec;
 use super::parse::{self, Cmd, Discard, Read, Write, WriteData, MAX_REQUEST_BYTES};
 use super::report;
 use super::session;
-use super::{AioMode, CacheMode};
-use crate::util::program;
+use super::AioMode;
+use crate::util::{program, strerror};
 use blockio::{IoBuf, Opener};
-use qcow2_engine::{CompressedRefusal, Disk, Error};
+use qcow2_engine::{Disk, WriteFlags};
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -46,26 +46,6 @@ pub struct Session<O: Opener> {
     serial: Rc<tokio::sync::Mutex<()>>,
     /// `quit` ran: the script ends.
     pub(super) quit: bool,
-}
-
-/// qemu's `strerror` text for an engine error: the OS error's text for I/O errors (without
-/// Rust's "(os error N)"), EIO's for out-of-range requests, the engine's message otherwise.
-pub(super) fn strerror(e: &Error) -> String {
-    match e {
-        Error::Io { source, .. } => qcow2_engine::strerror(source),
-        // QEMU's driver returns EIO for what it finds corrupt.
-        Error::OutOfRange { .. } | Error::Corrupt { .. } | Error::Decompress { .. } => {
-            "Input/output error".into()
-        }
-        Error::Unsupported { .. } => "Operation not supported".into(),
-        Error::CompressedWrite { reason, .. } => match reason {
-            CompressedRefusal::NotWholeClusters => "Invalid argument",
-            CompressedRefusal::Allocated => "Input/output error",
-            _ => "Operation not supported",
-        }
-        .into(),
-        other => other.to_string(),
-    }
 }
 
 /// Whether `[offset, offset+len)` is a request qemu's block layer lets through
@@ -170,12 +150,20 @@ async fn do_write<O: Opener>(
                 } else if w.compressed {
                     disk.write_compressed(buf, w.offset).await
                 } else {
-                    disk.write_at(buf, w.offset).await
+                    let flags = match w.fua {
+                        true => WriteFlags::FUA,
+                        false => WriteFlags::default(),
+                    };
+                    // FUA done by the engine, with the write.
+                    let (res, _) = disk.write_at_with(buf, w.offset, flags).await;
+                    res.map_err(|e| strerror(&e))?;
+                    return Ok(start.elapsed());
                 };
                 res.map_err(|e| strerror(&e))?;
             }
         }
     }
+    // The other writes have no flags: FUA is a flush after them.
     if w.fua {
         disk.flush().await.map_err(|e| strerror(&e))?;
     }
@@ -210,12 +198,6 @@ impl<O: Opener> Session<O> {
     /// flushes do nothing.
     pub(super) fn read_only(&self) -> bool {
         self.spec().is_some_and(|s| s.read_only)
-    }
-
-    /// The cache mode: whether writes are flushed each (`writethrough`, `directsync`) and
-    /// flushes ignored (`unsafe`).
-    fn cache(&self) -> CacheMode {
-        self.spec().map_or(CacheMode::Writeback, |s| s.cache)
     }
 
     /// Parses and runs one qemu-io command line; `false` if it failed (qemu-io then exits
@@ -366,16 +348,8 @@ impl<O: Opener> Session<O> {
         }
     }
 
-    /// `w` as the cache mode makes it: durable on completion when it writes through.
-    fn cached(&self, w: &Write) -> Write {
-        Write {
-            fua: w.fua || self.cache().writes_through(),
-            ..w.clone()
-        }
-    }
-
     async fn write(&mut self, w: &Write) -> bool {
-        match do_write(self.d(), &self.cached(w), self.serial()).await {
+        match do_write(self.d(), w, self.serial()).await {
             Ok(t) => {
                 if !w.quiet {
                     out(&report::report("wrote", t, w.offset, w.len, w.csv));
@@ -477,11 +451,9 @@ impl<O: Opener> Session<O> {
         true
     }
 
-    /// Flushes the image (nothing to do when it is read-only, or with cache mode `unsafe`).
+    /// Flushes the image (the engine does nothing for a read-only one, and with cache mode
+    /// `unsafe` writes the metadata back without flushing the file, as QEMU does).
     async fn flush(&self) -> Result<(), String> {
-        if self.read_only() || self.cache() == CacheMode::Unsafe {
-            return Ok(());
-        }
         self.d().flush().await.map_err(|e| strerror(&e))
     }
 
@@ -498,7 +470,6 @@ impl<O: Opener> Session<O> {
     }
 
     fn aio_write(&mut self, w: Write) {
-        let w = self.cached(&w);
         let disk = Rc::clone(self.d());
         let serial = self.serial();
         self.inflight.push(tokio::task::spawn_local(async move {

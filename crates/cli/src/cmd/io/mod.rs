@@ -39,40 +39,14 @@ mod parse;
 mod report;
 mod session;
 
+use crate::names::NameArgs;
 use crate::util::program;
 use blockio::{FileOpener, Opener};
 use exec::Session;
 use open::OpenSpec;
+pub use qcow2_engine::CacheMode;
 use std::path::PathBuf;
 use std::process::ExitCode;
-
-/// Cache modes (`-t`, `--cache`), as QEMU names them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum CacheMode {
-    /// O_DIRECT: bypass the host page cache.
-    None,
-    /// Through the host page cache (the default).
-    #[default]
-    Writeback,
-    /// Through the page cache, each write durable before it completes.
-    Writethrough,
-    /// O_DIRECT, each write durable before it completes.
-    Directsync,
-    /// Through the page cache, flushes ignored.
-    Unsafe,
-}
-
-impl CacheMode {
-    /// Whether the file is opened with O_DIRECT.
-    pub fn direct(self) -> bool {
-        matches!(self, CacheMode::None | CacheMode::Directsync)
-    }
-
-    /// Whether every write is followed by a flush (as with FUA).
-    pub fn writes_through(self) -> bool {
-        matches!(self, CacheMode::Writethrough | CacheMode::Directsync)
-    }
-}
 
 /// I/O backends (`-i`, `--aio`; QEMU's `native` runs on threads, see [`parse::aio_mode`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,6 +99,8 @@ pub struct IoArgs {
     /// Discard mode: unmap (on, the default) or ignore (off: discards do nothing).
     #[arg(short = 'd', long = "discard")]
     pub discard: Option<String>,
+    #[command(flatten)]
+    pub names: NameArgs,
     /// The image; without one, commands run until an `open`.
     pub image: Option<PathBuf>,
 }
@@ -196,6 +172,11 @@ fn fail(msg: &str) -> ExitCode {
 
 /// How the command line says to open the image.
 fn open_spec(args: &IoArgs) -> Result<OpenSpec, parse::ParseError> {
+    if args.names.image_opts && args.format.is_some() {
+        return Err(parse::ParseError::Report(
+            "--image-opts and -f are mutually exclusive".into(),
+        ));
+    }
     let cache = match (args.nocache, args.cache.as_deref()) {
         (true, _) => CacheMode::None,
         (false, None) => CacheMode::Writeback,
@@ -216,6 +197,7 @@ fn open_spec(args: &IoArgs) -> Result<OpenSpec, parse::ParseError> {
             .transpose()?
             .unwrap_or(false),
         driver_options: Vec::new(),
+        image_opts: args.names.image_opts,
     })
 }
 

@@ -4,6 +4,7 @@
 
 use super::exec::err;
 use super::CacheMode;
+use crate::names::ImageName;
 use crate::size::parse_size_in;
 use crate::util::program;
 use blockio::Opener;
@@ -35,6 +36,8 @@ pub struct OpenSpec {
     /// `key=on`). `driver` names the format; qcow2 takes `lazy-refcounts` and
     /// `l2-cache-size`.
     pub driver_options: Vec<(String, Option<String>)>,
+    /// `--image-opts`: image names are option lists (`driver=qcow2,file.filename=F`).
+    pub image_opts: bool,
 }
 
 impl OpenSpec {
@@ -119,12 +122,14 @@ pub async fn open_disk<O: Opener>(
     spec: &OpenSpec,
 ) -> Result<Disk<O>, String> {
     warn_short_booleans(&spec.driver_options);
+    let name = ImageName::parse(path, spec.image_opts, None).map_err(|e| e.why)?;
     let format = match spec.format() {
-        None => None,
+        None => name.format(),
         Some(name) => {
             Some(ImageFormat::from_name(name).ok_or_else(|| format!("Unknown driver '{name}'"))?)
         }
     };
+    let path = name.path();
     if spec.native_aio && !spec.cache.direct() {
         return Err(
             "aio=native was specified, but it requires cache.direct=on, which was not \
@@ -139,8 +144,9 @@ pub async fn open_disk<O: Opener>(
         ImageOptions::new()
             .read_only(spec.read_only)
             .force_share(spec.force_share)
-            .direct(spec.cache.direct()),
+            .cache(spec.cache),
     )?;
+    let options = name.options(options).map_err(|e| e.why)?;
     let disk = if spec.snapshot {
         open_overlay(opener, path, format, options).await
     } else {

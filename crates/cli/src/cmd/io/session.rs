@@ -1,11 +1,12 @@
 //! The `qimg io` commands that manage the image rather than do I/O on it: `open`, `reopen`,
 //! `info`, `truncate`, and copy-on-read (`-C`), which follows reads.
 
-use super::exec::{err, hold, out, strerror, Session};
+use super::exec::{err, hold, out, Session};
 use super::open::{open_disk, takes_option, OpenSpec};
 use super::parse::{Open, Reopen};
 use super::report::cvtstr;
 use crate::util::program;
+use crate::util::strerror;
 use blockio::Opener;
 use qcow2_engine::{Disk, Error, Preallocation, ResizeOptions};
 use qcow2_format::{BitmapDirectoryEntry, CompressionType};

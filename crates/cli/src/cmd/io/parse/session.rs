@@ -14,14 +14,8 @@ fn bad_option(message: String, usage: &'static str) -> ParseError {
 
 /// A cache mode as QEMU names it (`bdrv_parse_cache_mode`: case-sensitive, `off` for `none`).
 pub fn cache_mode(name: &str) -> Result<CacheMode, ParseError> {
-    Ok(match name {
-        "none" | "off" => CacheMode::None,
-        "writeback" => CacheMode::Writeback,
-        "writethrough" => CacheMode::Writethrough,
-        "directsync" => CacheMode::Directsync,
-        "unsafe" => CacheMode::Unsafe,
-        _ => return Err(ParseError::Report(format!("Invalid cache option: {name}"))),
-    })
+    CacheMode::from_name(name)
+        .ok_or_else(|| ParseError::Report(format!("Invalid cache option: {name}")))
 }
 
 /// An AIO mode as QEMU names it: the backend it runs on, and whether it is `native` (which
