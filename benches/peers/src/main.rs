@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::exit;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Barrier;
 use std::time::Instant;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -171,21 +172,34 @@ mod peer_imago {
         }
         let align = disk.mem_align().max(4096);
         args.banner();
-        let start = Instant::now();
-        for (first, end) in args.batches() {
-            let next = AtomicU64::new(first);
-            std::thread::scope(|s| {
-                let workers: Vec<_> = (0..args.depth.min(end - first))
-                    .map(|_| s.spawn(|| worker(&disk, &args, &next, end, size, align)))
-                    .collect();
-                workers
-                    .into_iter()
-                    .try_for_each(|w| w.join().expect("worker panicked"))
-            })?;
-            if args.flush_interval.is_some() {
-                rt.block_on(flush(&disk))?;
+        let batches = args.batches();
+        let next = AtomicU64::new(0);
+        // The workers and this thread meet at the barrier before the run and twice after each
+        // batch: once when the batch is done (then the flush), once to start the next one.
+        let barrier = Barrier::new(args.depth as usize + 1);
+        let start = std::thread::scope(|s| -> Result<Instant> {
+            for _ in 0..args.depth {
+                s.spawn(|| {
+                    let res = worker(&disk, &args, &batches, &next, &barrier, size, align);
+                    if let Err(e) = res {
+                        // The others would wait at the barrier for ever.
+                        eprintln!("peer-bench: {e}");
+                        exit(1);
+                    }
+                });
             }
-        }
+            barrier.wait();
+            let start = Instant::now();
+            for &(_, end) in &batches {
+                barrier.wait();
+                if args.flush_interval.is_some() {
+                    rt.block_on(flush(&disk))?;
+                }
+                next.store(end, Ordering::Relaxed);
+                barrier.wait();
+            }
+            Ok(start)
+        })?;
         report(start.elapsed().as_secs_f64(), &args);
         // Async imago does not flush on drop: write its caches back (untimed, as qemu-img
         // bench's close).
@@ -217,32 +231,41 @@ mod peer_imago {
         Ok(())
     }
 
-    /// One request in flight: takes the next request number until `end`.
+    /// One request in flight: in each batch, takes the next request number until the
+    /// batch's end, then waits for the others (and the flush).
     fn worker(
         disk: &FormatAccess<File>,
         args: &Args,
+        batches: &[(u64, u64)],
         next: &AtomicU64,
-        end: u64,
+        barrier: &Barrier,
         size: u64,
         align: usize,
     ) -> Result<()> {
         let mut buf = IoBuffer::new(args.size as usize, align)?;
         buf.as_mut().into_slice().fill(args.pattern);
-        runtime()?.block_on(async {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= end {
-                    return Ok(());
+        let rt = runtime()?;
+        barrier.wait();
+        for &(_, end) in batches {
+            rt.block_on(async {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= end {
+                        return Ok::<(), Error>(());
+                    }
+                    let off = args.offset_of(i, size);
+                    let res = if args.write {
+                        disk.write(&buf, off).await
+                    } else {
+                        disk.read(&mut buf, off).await
+                    };
+                    res.map_err(|e| format!("Failed request at offset {off}: {e}"))?;
                 }
-                let off = args.offset_of(i, size);
-                let res = if args.write {
-                    disk.write(&buf, off).await
-                } else {
-                    disk.read(&mut buf, off).await
-                };
-                res.map_err(|e| format!("Failed request at offset {off}: {e}"))?;
-            }
-        })
+            })?;
+            barrier.wait();
+            barrier.wait();
+        }
+        Ok(())
     }
 }
 
