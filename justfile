@@ -19,9 +19,10 @@ lint:
     cargo clippy --workspace --all-targets -- -D warnings
 
 # Benchmarks: qcow2-engine against QEMU's qcow2 driver and the raw file, every cell of issue 6,
-# and against itself built without leases on the 4k cells; then the microbenchmarks. Writes
-# docs/BENCHMARKS.md. Env: BENCH_RUNS (3), BENCH_SCALE (1), BENCH_CELLS, BENCH_NOLEASE_CELLS,
-# BENCH_MICRO, BENCH_NOTE (benches/bench.sh lists them).
+# and against itself built without leases on the 4k cells, and the Rust peers imago and
+# qcow2-rs (benches/peers); then the microbenchmarks. Writes docs/BENCHMARKS.md. Env:
+# BENCH_RUNS (3), BENCH_SCALE (1), BENCH_CELLS, BENCH_NOLEASE_CELLS, BENCH_MICRO, BENCH_NOTE,
+# BENCH_PEERS (1; 0 neither builds nor runs the peers) (benches/bench.sh lists them).
 bench *ARGS:
     benches/bench.sh {{ARGS}}
 

@@ -11,13 +11,19 @@ the machine (other builds, page cache, the disk's own state) spreads over all si
   threads  qimg bench -i threads            (qcow2-engine, tokio file backend)
   raw      the file underneath: fio (ioengine=io_uring) when installed, otherwise
            qemu-img bench -f raw on a preallocated raw file of the image's size (a stand-in)
+  imago    with --peers: the other Rust qcow2 implementations, through benches/peers'
+  qcow2-rs peer-bench (the same options, the same images; PEER_SKIPS lists the cells a peer
+           cannot run and why)
 
 qimg bench and qemu-img bench get the same options, so they send the same requests in the
 same order; the time is theirs ("Run completed in X seconds.", the request loop only) and
 IOPS = requests / time. After every run of our engine (either build) that wrote, `qemu-img
 check` must find no error and no leak, else the harness stops at once and keeps the image. On
 the first round of every cell that allocates, the images written by our engine and by QEMU
-must also compare equal (`qemu-img compare`).
+must also compare equal (`qemu-img compare`). The peers get the same checks, but a peer's
+failure only marks that peer's column in the cell (the other sides go on): `qemu-img check`
+after every write run, and on the first round of an allocating cell `qemu-img compare` with
+QEMU's image and a `qemu-io` read-back of the last block written.
 
 Before the cells, the divan microbenchmarks of the hot paths run (benches/microbench.sh, a few
 seconds) and their medians go into the same document.
@@ -53,7 +59,15 @@ SPAN_ALLOC = 64 * GiB
 PATTERN = 0xAA  # written by the cells; not zero, so no zero detection can shortcut a write
 PREP_PATTERN = 0x55
 MARKER = "<!-- bench.sh: everything above this line is rewritten by `just bench`; hand-written sections below it are kept -->"
-SIDES = ("ours", "nolease", "qemu", "threads", "raw")
+SIDES = ("ours", "nolease", "qemu", "threads", "raw", "imago", "qcow2-rs")
+# The other Rust qcow2 implementations (--peers), run by benches/peers' peer-bench.
+PEERS = ("imago", "qcow2-rs")
+# (peer, regex of cell ids) -> why the peer does not run those cells.
+# Empty: imago 0.2.6 and qcow2-rs 0.1.6 run every cell (allocating writes, O_DIRECT, flushes,
+# the 1 TiB image).
+PEER_SKIPS: dict[tuple[str, str], str] = {}
+# What benches/peers/Cargo.toml pins.
+PEER_VERSIONS = "imago 0.2.6, qcow2-rs 0.1.6"
 # The sides that run our engine (checked after writing, never run again after a crash).
 OURS = ("ours", "nolease", "threads")
 # The cells that also run the no-lease build (--nolease-cells): the 4k cells, where a lease per
@@ -165,6 +179,18 @@ def make_cells(scale: float) -> list[Cell]:
 # ---------------------------------------------------------------------------------------------
 
 
+class PeerError(Exception):
+    """A peer's run that failed or left an image QEMU finds wrong: that peer fails the cell."""
+
+
+def peer_skip(peer: str, cell: Cell) -> str:
+    """Why `peer` does not run `cell` ('' when it does)."""
+    for (p, pat), why in PEER_SKIPS.items():
+        if p == peer and re.search(pat, cell.id):
+            return why
+    return ""
+
+
 def die(msg: str, code: int = 1):
     print(f"\nbench: FAILED: {msg}", file=sys.stderr, flush=True)
     sys.exit(code)
@@ -191,6 +217,11 @@ class Bench:
         self.oddities: list[str] = []
         self.checks = 0
         self.compares = 0
+        # cell id -> peer -> why that peer failed the cell (the cell itself goes on).
+        self.peer_errors: dict[str, dict[str, str]] = {}
+        self.peer_checks = 0
+        self.peer_compares = 0
+        self.readbacks = 0
         self.rm_secs = 0.0
 
     # --- images ------------------------------------------------------------------------------
@@ -271,6 +302,24 @@ class Bench:
                 f"engine; image kept for inspection:\n{p.stdout}{p.stderr}", code=2)
         return True
 
+    def check_peer(self, cell: Cell, side: str, img: str):
+        """A peer's write run: `qemu-img check` clean, else the peer fails this cell."""
+        p = sh(["qemu-img", "check", "-f", "qcow2", img], check=False)
+        self.peer_checks += 1
+        if p.returncode != 0 or "No errors were found" not in p.stdout:
+            raise PeerError(f"qemu-img check found errors ({p.returncode}) on {img} after "
+                            f"{side} wrote it:\n{p.stdout}{p.stderr}")
+
+    def read_back(self, cell: Cell, side: str, img: str):
+        """The last block a peer's allocating run wrote holds the pattern (read by qemu-io)."""
+        off = min((cell.count - 1) * cell.step % IMG_SIZE, IMG_SIZE - cell.size)
+        p = sh(["qemu-io", "-f", "qcow2", "-r", "-c", f"read -P {PATTERN} {off} {cell.size}",
+                img], check=False)
+        self.readbacks += 1
+        if p.returncode != 0 or "verification failed" in p.stdout + p.stderr:
+            raise PeerError(f"{side}: the block written at offset {off} does not read back "
+                            f"as pattern {PATTERN} (qemu-io):\n{p.stdout}{p.stderr}")
+
     # --- one run -----------------------------------------------------------------------------
     def command(self, cell: Cell, side: str, img: str) -> list[str]:
         if side in OURS:
@@ -279,6 +328,8 @@ class Bench:
             return [qimg, "bench", "-f", "qcow2", "-i", aio] + cell.bench_args() + [img]
         if side == "qemu":
             return ["qemu-img", "bench", "-f", "qcow2", "-i", "io_uring"] + cell.bench_args() + [img]
+        if side in PEERS:
+            return [self.args.peer_bench, side] + cell.bench_args() + [img]
         if self.fio:
             region = SPAN_ALLOC if cell.kind == "span" else IMG_SIZE
             mode = "write" if cell.write else "read"
@@ -312,7 +363,7 @@ class Bench:
                 print(f"  {side:8} {time.time() - t:6.2f} s  {' '.join(cmd)}", flush=True)
             # QEMU's crashes are QEMU's: note them and run again (on the same image; a fresh
             # one for allocating cells). Our engine's are not retried.
-            if p.returncode >= 0 or side in OURS or attempt == 2:
+            if p.returncode >= 0 or side in OURS + PEERS or attempt == 2:
                 break
             self.oddities.append(f"`{' '.join(cmd)}` was killed by signal {-p.returncode} "
                                  f"(run again){': ' + p.stderr.strip() if p.stderr.strip() else ''}")
@@ -337,6 +388,8 @@ class Bench:
             first = p.stdout.splitlines()[0] if p.stdout else ""
         if side in OURS and cell.write:
             self.check(img)
+        if side in PEERS and cell.write:
+            self.check_peer(cell, side, img)
         if cell.kind == "alloc" and side != "raw" and not keep:
             self.rm(img)
         return iops, first, img
@@ -344,7 +397,8 @@ class Bench:
     # --- one cell ----------------------------------------------------------------------------
     def sides(self, cell: Cell) -> list[str]:
         nolease = bool(self.args.nolease_cells) and re.search(self.args.nolease_cells, cell.id)
-        return [s for s in SIDES if s != "nolease" or nolease]
+        return [s for s in SIDES if (s != "nolease" or nolease)
+                and (s not in PEERS or (self.args.peers and not peer_skip(s, cell)))]
 
     def cell(self, cell: Cell):
         sides = self.sides(cell)
@@ -360,7 +414,21 @@ class Bench:
                 firsts, imgs = {}, {}
                 first_round = r == 0 and cell.kind == "alloc"
                 for side in sides:
-                    iops, firsts[side], imgs[side] = self.run(cell, side, keep=first_round)
+                    if side in self.peer_errors.get(cell.id, {}):
+                        continue
+                    if side in PEERS:
+                        try:
+                            iops, firsts[side], imgs[side] = self.run(cell, side,
+                                                                      keep=first_round)
+                            if first_round:
+                                self.read_back(cell, side, imgs[side])
+                        except (RuntimeError, PeerError, subprocess.TimeoutExpired) as e:
+                            self.peer_errors.setdefault(cell.id, {})[side] = str(e)
+                            print(f"  {cell.id}: {side} FAILED: {str(e)[:300]}", flush=True)
+                            imgs.pop(side, None)
+                            continue
+                    else:
+                        iops, firsts[side], imgs[side] = self.run(cell, side, keep=first_round)
                     res[side].append(iops)
                 if r == 0 and firsts["ours"] != firsts["qemu"]:
                     self.oddities.append(f"{cell.id}: qimg printed `{firsts['ours']}`, "
@@ -375,19 +443,31 @@ class Bench:
                                 f"from QEMU's after the same requests (qemu-img compare "
                                 f"{p.returncode}); images kept in {self.dir}\n{p.stdout}"
                                 f"{p.stderr}", code=2)
+                    for side in [s for s in sides if s in PEERS and s in imgs]:
+                        p = sh(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qcow2",
+                                imgs[side], imgs["qemu"]], check=False)
+                        self.peer_compares += 1
+                        if p.returncode != 0:
+                            self.peer_errors.setdefault(cell.id, {})[side] = (
+                                f"the image {side} wrote differs from QEMU's after the same "
+                                f"requests (qemu-img compare {p.returncode}):\n{p.stdout}"
+                                f"{p.stderr}")
                     for side in sides:
-                        if side != "raw":
+                        if side != "raw" and side in imgs:
                             self.rm(imgs[side])
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             self.errors[cell.id] = str(e)
             print(f"\n{cell.id}: FAILED: {e}", file=sys.stderr, flush=True)
             return
-        med = {s: statistics.median(v) for s, v in res.items()}
+        med = {s: statistics.median(v) for s, v in res.items() if v}
         nolease = (f"  no-lease {med['nolease']:9.0f}  ours/no-lease "
                    f"{med['ours'] / med['nolease']:5.2f}" if "nolease" in med else "")
+        failed = self.peer_errors.get(cell.id, {})
+        peers = "".join(f"  {s} {'failed':>9}" if s in failed else f"  {s} {med[s]:9.0f}"
+                        for s in PEERS if s in sides)
         print(f"{cell.id:24} ours {med['ours']:9.0f}  qemu {med['qemu']:9.0f}  "
               f"threads {med['threads']:9.0f}  raw {med['raw']:9.0f}  "
-              f"ours/qemu {med['ours'] / med['qemu']:5.2f}{nolease}  "
+              f"ours/qemu {med['ours'] / med['qemu']:5.2f}{nolease}{peers}  "
               f"({time.time() - t0:.0f} s)", flush=True)
 
 
@@ -523,7 +603,9 @@ def machine(bench: Bench) -> list[tuple[str, str]]:
            "direct=0 (writeback)" if bench.fio else
            "**fio not installed**: `qemu-img bench -f raw -i io_uring` on a preallocated raw "
            "file of the same size stands in")
-    return [
+    peers = ([("Rust peers", f"{PEER_VERSIONS} (`benches/peers`, release build)")]
+             if bench.args.peers else [])
+    return peers + [
         ("CPUs (nproc)", first_line(["nproc"])),
         ("CPU", cpu),
         ("memory", f"{mem_kb / (1 << 20):.1f} GiB"),
@@ -564,6 +646,45 @@ def micro_section(micro: tuple[list[dict], float, str] | None) -> list[str]:
     return L + [""]
 
 
+def peer_cell(bench: Bench, c: Cell, peer: str) -> str:
+    if peer in bench.peer_errors.get(c.id, {}):
+        return "**failed** (below)"
+    if peer_skip(peer, c):
+        return "skipped (below)"
+    return fmt_iops(bench.results[c.id].get(peer, []))
+
+
+def peers_section(bench: Bench, cells: list[Cell]) -> list[str]:
+    L = ["### The Rust peers", "",
+         "*imago* and *qcow2-rs* are the other Rust qcow2 implementations on crates.io, run "
+         f"by `benches/peers` (`peer-bench`, its own Cargo workspace: {PEER_VERSIONS}) with "
+         "qemu-img bench's options on the same images, alternating with the other sides. "
+         "Each through its own async API at its best: imago's native async `FormatAccess` "
+         "over `Qcow2<File>` (its only file backend does blocking `preadv`/`pwritev` inside "
+         "its futures, which are not `Send`, so QD requests run in parallel from QD threads, "
+         "each with a current-thread tokio runtime, on the one image, as QEMU's thread pool "
+         "would); qcow2-rs on its tokio-uring backend (`qcow2_setup_dev_uring`, one thread, "
+         "one ring, QD local tasks). Both open with O_DIRECT for cache `none`. The time is "
+         "the request loop's, like qemu-img bench's: their final flush (imago's `flush` and "
+         "`sync`, qcow2-rs's `flush_meta` and `fsync_range`: both keep metadata updates in "
+         "memory until then) is not in it, nor is QEMU's.", "",
+         f"Verification: {bench.peer_checks} `qemu-img check` runs after the peers' write "
+         f"runs, {bench.readbacks} `qemu-io` read-backs (`read -P {PATTERN}`) of the last "
+         f"block a peer's allocating run wrote, {bench.peer_compares} `qemu-img compare` runs "
+         "of a peer's freshly allocated image against QEMU's after the same requests (first "
+         "round of every allocating cell). A failure marks only that peer's column (listed "
+         "below).", ""]
+    skips = {(p, why) for c in cells for p in PEERS if (why := peer_skip(p, c))}
+    if skips:
+        L += ["Skipped:", ""] + [f"- {p}: {why}" for p, why in sorted(skips)] + [""]
+    failed = [(c, p, e) for c, m in bench.peer_errors.items() for p, e in m.items()]
+    if failed:
+        L += ["Failed:", ""]
+        for c, p, e in failed:
+            L += [f"- `{c}`, {p}:", "", "```", e.strip()[:1500], "```", ""]
+    return L
+
+
 def report(bench: Bench, cells: list[Cell], started: str, elapsed: float, load0: str,
            load1: str, micro: tuple[list[dict], float, str] | None) -> str:
     a = bench.args
@@ -572,7 +693,8 @@ def report(bench: Bench, cells: list[Cell], started: str, elapsed: float, load0:
          "Generated by `just bench` (benches/bench.sh → benches/bench.py). qcow2-engine's "
          "`qimg bench` against QEMU's qcow2 driver (`qemu-img bench`) and the raw file "
          "underneath, the same cells on the same images in the same run, sides alternating "
-         "(ours, ours without leases, QEMU, ours on the tokio file backend, raw; repeated); "
+         "(ours, ours without leases, QEMU, ours on the tokio file backend, raw, the Rust "
+         "peers imago and qcow2-rs; repeated); "
          "and, run first, the microbenchmarks of the hot paths.", "",
          f"- date: {started}",
          f"- runs per side and cell: {a.runs}; request counts × {a.scale:g}"
@@ -596,9 +718,10 @@ def report(bench: Bench, cells: list[Cell], started: str, elapsed: float, load0:
           "[min–max] ranges overlap, taking a lease on every host cluster a request touches "
           "costs nothing measurable against the run-to-run noise (issue 6, item 5).", "",
           f"| cell | cache | QD | requests | ours | QEMU | {raw_hdr} | ours/QEMU | ours/raw "
-          "| threads | threads/ours | no lease | ours/no-lease |",
+          "| threads | threads/ours | no lease | ours/no-lease |"
+          + ("".join(f" {s} | ours/{s} |" for s in PEERS) if a.peers else ""),
           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-          "| ---: |"]
+          "| ---: |" + (" ---: |" * 2 * len(PEERS) if a.peers else "")]
     for c in cells:
         r = bench.results.get(c.id)
         if r is None:
@@ -606,14 +729,18 @@ def report(bench: Bench, cells: list[Cell], started: str, elapsed: float, load0:
         name = c.title
         if c.id in bench.errors:
             L.append(f"| {name} | {c.cache} | {c.depth} | {c.count} | **failed** (below) "
-                     "| | | | | | | | |")
+                     "| | | | | | | | |" + (" |" * 2 * len(PEERS) if a.peers else ""))
             continue
         L.append(f"| {name} | {c.cache} | {c.depth} | {c.count:,} | {fmt_iops(r['ours'])} | "
                  f"{fmt_iops(r['qemu'])} | {fmt_iops(r['raw'])} | "
                  f"**{ratio(r['ours'], r['qemu'])}** | {ratio(r['ours'], r['raw'])} | "
                  f"{fmt_iops(r['threads'])} | {ratio(r['threads'], r['ours'])} | "
-                 f"{fmt_iops(r.get('nolease', []))} | {ratio(r['ours'], r.get('nolease', []))} |")
+                 f"{fmt_iops(r.get('nolease', []))} | {ratio(r['ours'], r.get('nolease', []))} |"
+                 + ("".join(f" {peer_cell(bench, c, s)} | {ratio(r['ours'], r.get(s, []))} |"
+                            for s in PEERS) if a.peers else ""))
     L.append("")
+    if a.peers:
+        L += peers_section(bench, cells)
     if not bench.fio:
         L += ["† fio not installed: the raw column is `qemu-img bench -f raw -i io_uring` with "
               "the cell's options on a raw file of the same size, preallocated in full (for the "
@@ -669,6 +796,7 @@ def report(bench: Bench, cells: list[Cell], started: str, elapsed: float, load0:
           "BENCH_CELLS='read4k|span' benches/bench.sh --out /tmp/b.md   # some cells only",
           "BENCH_NOLEASE_CELLS=. just bench   # the no-lease build on every cell (about a "
           "fifth longer)",
+          "BENCH_PEERS=0 just bench        # without the Rust peers (imago, qcow2-rs)",
           "just microbench                 # the microbenchmarks alone (a few seconds once built)",
           "just microbench lease           # those whose name matches",
           "```", "",
@@ -680,14 +808,14 @@ def report(bench: Bench, cells: list[Cell], started: str, elapsed: float, load0:
           "so a busy machine moves the numbers: compare the ratios of one run, look at the "
           "spreads, and do not compare absolute IOPS across runs.", ""]
     details = ["<details><summary>Every run (IOPS, in run order)</summary>", "",
-               "| cell | ours | QEMU | raw | threads | no lease |",
-               "| --- | --- | --- | --- | --- | --- |"]
+               "| cell | ours | QEMU | raw | threads | no lease | imago | qcow2-rs |",
+               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in cells:
         r = bench.results.get(c.id)
         if r and c.id not in bench.errors:
             details.append(f"| `{c.id}` | " + " | ".join(
                 ", ".join(f"{x:.0f}" for x in r.get(s, [])) or "–"
-                for s in ("ours", "qemu", "raw", "threads", "nolease"))
+                for s in ("ours", "qemu", "raw", "threads", "nolease") + PEERS)
                 + " |")
     L += details + ["", "</details>", ""]
     return "\n".join(L)
@@ -731,6 +859,11 @@ def main():
                     help="regex: the cells that also run the no-lease build ('' for none)")
     ap.add_argument("--no-micro", action="store_true", default=env("BENCH_MICRO", "1") == "0",
                     help="skip the microbenchmarks (benches/microbench.sh)")
+    ap.add_argument("--peers", action="store_true", default=env("BENCH_PEERS", "0") == "1",
+                    help="also run imago and qcow2-rs (benches/peers' peer-bench, which "
+                         "bench.sh builds when BENCH_PEERS=1, its default)")
+    ap.add_argument("--peer-bench", default=env(
+        "BENCH_PEER_BENCH", str(TARGET / "peers" / "release" / "peer-bench")))
     ap.add_argument("-v", "--verbose", action="store_true", help="print every command")
     ap.add_argument("--list", action="store_true", help="list the cells and exit")
     args = ap.parse_args()
@@ -753,6 +886,10 @@ def main():
             die(f"{tool} not found (scripts/setup.sh installs it)")
     if not os.access(args.qimg, os.X_OK):
         die(f"{args.qimg} not built (cargo build --release -p qimg)")
+    if args.peers and not os.access(args.peer_bench, os.X_OK):
+        die(f"{args.peer_bench} not built (benches/bench.sh builds it with BENCH_PEERS=1)")
+    if args.peers and not shutil.which("qemu-io"):
+        die("qemu-io not found (scripts/setup.sh installs qemu-utils)")
     if args.nolease_cells and not os.access(args.qimg_nolease, os.X_OK):
         die(f"{args.qimg_nolease} not built (benches/bench.sh builds it)")
 
@@ -764,7 +901,8 @@ def main():
     started = subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip()
     load0 = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     t0 = time.time()
-    print(f"bench: {len(cells)} cells × 4 sides (5 on the no-lease cells) × {args.runs} runs "
+    print(f"bench: {len(cells)} cells × 4 sides (5 on the no-lease cells"
+          f"{', and the peers imago and qcow2-rs' if args.peers else ''}) × {args.runs} runs "
           f"in {bench.dir} ({fstype}); raw side: {'fio' if bench.fio else 'fio not installed, qemu-img bench -f raw stand-in'}",
           flush=True)
     micro = None
@@ -782,6 +920,7 @@ def main():
     (bench.dir / "results.json").write_text(json.dumps(
         {"date": started, "elapsed_s": elapsed, "rm_s": bench.rm_secs, "load": [load0, load1],
          "results": bench.results, "errors": bench.errors, "oddities": bench.oddities,
+         "peer_errors": bench.peer_errors,
          "micro": micro and {"rows": micro[0], "secs": micro[1], "error": micro[2]},
          "cells": [dataclasses.asdict(c) for c in cells]}, indent=1))
     if not args.keep:

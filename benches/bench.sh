@@ -17,6 +17,9 @@
 #                       (default: the 4k cells; '' for none, '.' for all)
 #   BENCH_MICRO=0       skip the microbenchmarks (then the document has none)
 #   BENCH_NO_FIO=1      do not install fio (the raw column then uses the qemu-img stand-in)
+#   BENCH_PEERS=1       also run the other Rust qcow2 implementations, imago and qcow2-rs
+#                       (benches/peers, its own workspace: built here in release mode, into
+#                       target/peers, only when 1; 0 leaves them out and unbuilt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
@@ -36,6 +39,12 @@ cargo build --release -q -p qimg
 if [ "${BENCH_NOLEASE_CELLS-x}" != "" ]; then
   RUSTFLAGS="--cfg qcow2_no_lease" CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/bench-nolease" \
     cargo build --release -q -p qimg
+fi
+# The Rust peers (crates.io dependencies the main workspace never builds).
+export BENCH_PEERS="${BENCH_PEERS:-1}"
+if [ "$BENCH_PEERS" = 1 ]; then
+  CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/peers" \
+    cargo build --release -q --manifest-path benches/peers/Cargo.toml
 fi
 [ "${BENCH_MICRO:-1}" = 0 ] || benches/microbench.sh --no-run
 exec python3 benches/bench.py "$@"
