@@ -10,7 +10,8 @@
 //!   [builds](FixtureSpec::build) a [`Fixture`] (a qcow2 image, possibly
 //!   with backing files or a data file, in its own temporary directory);
 //! - deterministic workloads: [`OpMix`] (qemu-io scripts), [`random_ranges`]
-//!   (read ranges) and the [`Prng`] behind them.
+//!   (read ranges) and the [`Prng`] behind them;
+//! - the qimg command-line harness: [`Pair`] runs qimg and QEMU's tools side by side.
 //!
 //! The library deliberately does not use the engine crates (but for blockio's
 //! `splitmix64`, the project's one pseudo-random mixer): it is QEMU's view of the
@@ -21,6 +22,7 @@ mod copied;
 mod fixtures;
 mod legacy;
 mod ops;
+mod pair;
 mod prng;
 mod tools;
 
@@ -28,6 +30,7 @@ pub use copied::only_safe_copied_errors;
 pub use fixtures::{fixture, matrix, Expect, Fixture, FixtureSpec};
 pub use legacy::strip_snapshot_extra_data;
 pub use ops::{random_ranges, OpMix};
+pub use pair::{Pair, Run};
 pub use prng::Prng;
 pub use tools::{
     path_str, qemu_check, qemu_img, qemu_img_in, qemu_img_json, qemu_img_status,

@@ -4,162 +4,13 @@
 //! start with the tool's name; usage errors are worded and numbered as QEMU's getopt loops do
 //! them; a repeated option is the last one given.
 
-use qcow2_tests::{path_str, qemu_img, qemu_img_status, tool, without_timings};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use qcow2_tests::{path_str, qemu_img, Pair};
 
-/// Links named `qemu-img` and `qemu-io` to the qimg under test, in a directory of their own.
-struct Links {
-    _dir: tempfile::TempDir,
-    bin: PathBuf,
-}
-
-impl Links {
-    fn new() -> Links {
-        let dir = tempfile::tempdir().unwrap();
-        for name in ["qemu-img", "qemu-io"] {
-            std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_qimg"), dir.path().join(name)).unwrap();
-        }
-        Links {
-            bin: dir.path().to_path_buf(),
-            _dir: dir,
-        }
-    }
-}
-
-/// What a run printed and its exit status.
-#[derive(Debug, PartialEq, Eq)]
-struct Run {
-    code: Option<i32>,
-    stdout: Vec<String>,
-    stderr: Vec<String>,
-}
-
-/// Runs `program args` in `dir`; the program's path, where the output names it (as QEMU's
-/// tools name themselves in usage errors), reads `PROG`.
-fn run(program: &Path, dir: &Path, args: &[&str]) -> Run {
-    let out = Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .env("LC_ALL", "C")
-        .output()
-        .unwrap_or_else(|e| panic!("run {}: {e}", program.display()));
-    let text =
-        |b: &[u8]| without_timings(&String::from_utf8_lossy(b).replace(path_str(program), "PROG"));
-    Run {
-        code: out.status.code(),
-        stdout: text(&out.stdout),
-        stderr: text(&out.stderr),
-    }
-}
-
-/// Two directories with the same files: one for QEMU's tools, one for ours.
-struct Pair {
-    links: Links,
-    theirs: tempfile::TempDir,
-    ours: tempfile::TempDir,
-}
-
-impl Pair {
-    /// Each directory gets `t.qcow2`, a 1 MiB image made by qemu-img.
-    fn new() -> Pair {
-        let pair = Pair {
-            links: Links::new(),
-            theirs: tempfile::tempdir().unwrap(),
-            ours: tempfile::tempdir().unwrap(),
-        };
-        for d in [&pair.theirs, &pair.ours] {
-            let t = d.path().join("t.qcow2");
-            qemu_img(&["create", "-q", "-f", "qcow2", path_str(&t), "1M"]);
-        }
-        pair
-    }
-
-    /// Runs the tool with `args` in both directories; returns what QEMU's and ours did.
-    fn both(&self, program: &str, args: &[&str]) -> (Run, Run) {
-        let theirs = run(&tool(program), self.theirs.path(), args);
-        let ours = run(&self.links.bin.join(program), self.ours.path(), args);
-        (theirs, ours)
-    }
-
-    /// The same as [`Pair::both`], and the two runs must agree.
-    fn same(&self, program: &str, args: &[&str]) -> Run {
-        let (theirs, ours) = self.both(program, args);
-        assert_eq!(ours, theirs, "{program} {args:?}: ours, then QEMU's");
-        ours
-    }
-
-    /// [`Pair::same`] but for the lines that say how much of the file system the images take
-    /// (`disk size`, `file length`): where qemu-img leaves unwritten blocks that qimg
-    /// writes, or the other way round, the contents are the same but not the blocks.
-    fn same_but_sizes(&self, program: &str, args: &[&str]) {
-        let (mut theirs, mut ours) = self.both(program, args);
-        for r in [&mut theirs, &mut ours] {
-            r.stdout
-                .retain(|l| !l.contains("disk size:") && !l.contains("file length:"));
-        }
-        assert_eq!(ours, theirs, "{program} {args:?}: ours, then QEMU's");
-    }
-
-    /// The ranges `name` allocates itself (`qemu-img map --output=json`, depth 0) are the same
-    /// in both directories, as data or zeros, host offsets aside (where each allocator put
-    /// the clusters).
-    fn same_own_ranges(&self, name: &str) {
-        let shape = |d: &tempfile::TempDir| {
-            let v = qcow2_tests::qemu_img_json(&[
-                "map",
-                "--output=json",
-                path_str(&d.path().join(name)),
-            ]);
-            // Without offsets, runs that only the host layout split are one.
-            let mut out: Vec<serde_json::Value> = Vec::new();
-            for e in v.as_array().unwrap().iter().filter(|e| e["depth"] == 0) {
-                let mut e = e.clone();
-                e.as_object_mut().unwrap().remove("offset");
-                let len = e["length"].as_u64().unwrap();
-                if let Some(last) = out.last_mut() {
-                    let mut a = last.clone();
-                    let mut b = e.clone();
-                    for x in [&mut a, &mut b] {
-                        let o = x.as_object_mut().unwrap();
-                        o.remove("start");
-                        o.remove("length");
-                    }
-                    let adjacent = last["start"].as_u64().unwrap()
-                        + last["length"].as_u64().unwrap()
-                        == e["start"].as_u64().unwrap();
-                    if a == b && adjacent {
-                        let l = last["length"].as_u64().unwrap();
-                        last["length"] = (l + len).into();
-                        continue;
-                    }
-                }
-                out.push(e);
-            }
-            out
-        };
-        assert_eq!(shape(&self.ours), shape(&self.theirs), "map of {name}");
-    }
-
-    /// The guest contents of `name` are the same in both directories.
-    fn same_image(&self, name: &str) {
-        let a = self.theirs.path().join(name);
-        let b = self.ours.path().join(name);
-        let out = qemu_img_status(&["compare", path_str(&a), path_str(&b)]);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{name}: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        let check = qemu_img_status(&["check", path_str(&b)]);
-        assert_eq!(check.status.code(), Some(0), "qemu-img check of ours");
-    }
-}
+const QIMG: &str = env!("CARGO_BIN_EXE_qimg");
 
 #[test]
 fn usage_errors_are_qemu_imgs() {
-    let p = Pair::new();
+    let p = Pair::new(QIMG);
     for args in [
         &[][..],
         &["frobnicate"],
@@ -180,7 +31,7 @@ fn usage_errors_are_qemu_imgs() {
 
 #[test]
 fn qemu_img_commands_print_as_qemu_img() {
-    let p = Pair::new();
+    let p = Pair::new(QIMG);
     p.same("qemu-img", &["create", "-f", "qcow2", "n.qcow2", "2M"]);
     let a = std::fs::read(p.theirs.path().join("n.qcow2")).unwrap();
     let b = std::fs::read(p.ours.path().join("n.qcow2")).unwrap();
@@ -204,7 +55,7 @@ fn qemu_img_commands_print_as_qemu_img() {
 
 #[test]
 fn qemu_io_runs_as_qemu_io() {
-    let p = Pair::new();
+    let p = Pair::new(QIMG);
     let r = p.same(
         "qemu-io",
         &[
@@ -275,7 +126,7 @@ fn qemu_io_runs_as_qemu_io() {
 
 #[test]
 fn qemu_io_cache_modes() {
-    let p = Pair::new();
+    let p = Pair::new(QIMG);
     for mode in ["writeback", "writethrough", "directsync", "unsafe", "none"] {
         // The last --cache wins.
         let r = p.same(
@@ -309,7 +160,7 @@ fn qemu_io_cache_modes() {
 
 #[test]
 fn qemu_io_map_and_alloc() {
-    let p = Pair::new();
+    let p = Pair::new(QIMG);
     // A backing file with data, and a top layer with data, zeros and nothing.
     for d in [&p.theirs, &p.ours] {
         let dir = d.path();
@@ -366,7 +217,7 @@ fn qemu_io_map_and_alloc() {
 
 #[test]
 fn qemu_img_compare_quiet_and_strict() {
-    let p = Pair::new();
+    let p = Pair::new(QIMG);
     for d in [&p.theirs, &p.ours] {
         let other = d.path().join("u.qcow2");
         qemu_img(&["create", "-q", "-f", "qcow2", path_str(&other), "2M"]);
@@ -418,7 +269,7 @@ fn qemu_img_rebase_keeps_what_the_image_reads() {
         "cluster_size=512",
         "extended_l2=on,cluster_size=64k",
     ] {
-        let p = Pair::new();
+        let p = Pair::new(QIMG);
         rebase_setup(&p, opts);
         for args in [
             &["rebase", "-b", "b2.qcow2", "-F", "qcow2", "top.qcow2"][..],
@@ -434,7 +285,7 @@ fn qemu_img_rebase_keeps_what_the_image_reads() {
 
 #[test]
 fn qemu_img_rebase_unsafe_and_refusals() {
-    let p = Pair::new();
+    let p = Pair::new(QIMG);
     rebase_setup(&p, "cluster_size=65536");
     for args in [
         &["rebase", "top.qcow2"][..],
@@ -470,7 +321,7 @@ fn qemu_img_commit_writes_the_image_into_its_backing_file() {
         "cluster_size=512",
         "extended_l2=on,cluster_size=64k",
     ] {
-        let p = Pair::new();
+        let p = Pair::new(QIMG);
         rebase_setup(&p, opts);
         for d in [&p.theirs, &p.ours] {
             let top = d.path().join("top.qcow2");
@@ -493,7 +344,7 @@ fn qemu_img_commit_writes_the_image_into_its_backing_file() {
 
 #[test]
 fn qemu_io_snapshot_mode_leaves_the_image_alone() {
-    let p = Pair::new();
+    let p = Pair::new(QIMG);
     for d in [&p.theirs, &p.ours] {
         qcow2_tests::qemu_io("qcow2", &d.path().join("t.qcow2"), &["write -P 7 0 128k"]);
     }
@@ -523,7 +374,7 @@ fn qemu_io_snapshot_mode_leaves_the_image_alone() {
 
 #[test]
 fn qemu_io_close_drains_then_closes() {
-    let p = Pair::new();
+    let p = Pair::new(QIMG);
     let r = p.same(
         "qemu-io",
         &[
@@ -544,7 +395,7 @@ fn qemu_io_close_drains_then_closes() {
 
 #[test]
 fn qemu_img_check_repair_clears_unknown_autoclear_bits() {
-    let p = Pair::new();
+    let p = Pair::new(QIMG);
     for d in [&p.theirs, &p.ours] {
         let path = d.path().join("t.qcow2");
         let mut bytes = std::fs::read(&path).unwrap();
@@ -562,7 +413,7 @@ fn qemu_img_check_repair_clears_unknown_autoclear_bits() {
 
 #[test]
 fn qemu_img_bitmap_long_options() {
-    let p = Pair::new();
+    let p = Pair::new(QIMG);
     for args in [
         &["bitmap", "--add", "--granularity", "128k", "t.qcow2", "b0"][..],
         &["bitmap", "--add", "--granularity=256k", "t.qcow2", "b1"],
@@ -584,7 +435,7 @@ fn qemu_img_bitmap_long_options() {
 
 #[test]
 fn qemu_img_convert_onto_a_backing_file() {
-    let p = Pair::new();
+    let p = Pair::new(QIMG);
     rebase_setup(&p, "cluster_size=65536");
     for args in [
         &[
@@ -617,7 +468,7 @@ fn qemu_img_convert_onto_a_backing_file() {
 
 #[test]
 fn qemu_img_convert_into_an_existing_image() {
-    let p = Pair::new();
+    let p = Pair::new(QIMG);
     rebase_setup(&p, "cluster_size=65536");
     for d in [&p.theirs, &p.ours] {
         let dir = d.path();
@@ -651,7 +502,7 @@ fn qemu_img_convert_into_an_existing_image() {
 
 #[test]
 fn qemu_img_dd() {
-    let p = Pair::new();
+    let p = Pair::new(QIMG);
     rebase_setup(&p, "cluster_size=65536");
     for args in [
         &[
