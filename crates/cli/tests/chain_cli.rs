@@ -100,3 +100,97 @@ fn map_refuses_qemu_imgs_bad_ranges() {
     // The range is checked before the image is opened.
     p.same("qemu-img", &["map", "--max-length=-1", "missing.qcow2"]);
 }
+
+/// `base.qcow2` <- `mid.qcow2` <- `top.qcow2` (2 MiB), each with data of its own, both
+/// directories.
+fn three_layers(p: &Pair) {
+    make(p, &["create", "-q", "-f", "qcow2", "{}/base.qcow2", "2M"]);
+    write(p, "base.qcow2", &["write -P 1 0 1M"]);
+    for (name, backing) in [("mid", "base.qcow2"), ("top", "mid.qcow2")] {
+        let path = format!("{{}}/{name}.qcow2");
+        make(
+            p,
+            &[
+                "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", &path,
+            ],
+        );
+    }
+    write(p, "mid.qcow2", &["write -P 2 256k 256k"]);
+    write(
+        p,
+        "top.qcow2",
+        &["write -P 3 384k 256k", "write -z 1536k 64k"],
+    );
+}
+
+/// Removes (or replaces with `contents`) `name` in both directories.
+fn replace(p: &Pair, name: &str, contents: Option<&[u8]>) {
+    for d in [&p.theirs, &p.ours] {
+        let path = d.path().join(name);
+        match contents {
+            Some(c) => std::fs::write(&path, c).unwrap(),
+            None => std::fs::remove_file(&path).unwrap(),
+        }
+    }
+}
+
+#[test]
+fn info_of_a_backing_chain() {
+    let p = Pair::new(QIMG);
+    three_layers(&p);
+    for args in [
+        &["info", "--backing-chain", "top.qcow2"][..],
+        &["info", "-b", "--output=json", "top.qcow2"],
+        &[
+            "info",
+            "--backing-chain",
+            "--output",
+            "json",
+            "-U",
+            "mid.qcow2",
+        ],
+        &["info", "-U", "./top.qcow2"],
+        &["info", "--output=json", "top.qcow2"],
+        &["info", "-b", "-f", "qcow2", "./top.qcow2"],
+        &["info", "-b", "--output=json", "base.qcow2"],
+    ] {
+        let r = p.same("qemu-img", args);
+        assert_eq!(r.code, Some(0), "{args:?}: {r:?}");
+    }
+}
+
+#[test]
+fn info_of_a_broken_backing_chain() {
+    let p = Pair::new(QIMG);
+    three_layers(&p);
+    replace(&p, "base.qcow2", Some(b"not an image"));
+    for output in ["--output=human", "--output=json"] {
+        // The backing file's format is qcow2 (the header says so).
+        let r = p.same("qemu-img", &["info", "-b", output, "./top.qcow2"]);
+        assert_eq!(r.code, Some(1), "{r:?}");
+        assert!(r.stdout.is_empty(), "{r:?}");
+    }
+    replace(&p, "base.qcow2", None);
+    for output in ["--output=human", "--output=json"] {
+        let r = p.same("qemu-img", &["info", "-b", output, "top.qcow2"]);
+        assert_eq!(r.code, Some(1), "{r:?}");
+        // One image alone needs no backing file.
+        let r = p.same("qemu-img", &["info", output, "top.qcow2"]);
+        assert_eq!(r.code, Some(0), "{r:?}");
+    }
+    // A chain that comes back to itself.
+    make(
+        &p,
+        &[
+            "rebase",
+            "-u",
+            "-b",
+            "top.qcow2",
+            "-F",
+            "qcow2",
+            "{}/mid.qcow2",
+        ],
+    );
+    let r = p.same("qemu-img", &["info", "--backing-chain", "top.qcow2"]);
+    assert_eq!(r.code, Some(1), "{r:?}");
+}
