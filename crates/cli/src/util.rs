@@ -45,7 +45,8 @@ async fn open_read_only(
     let format = match format {
         None => None,
         Some(f) => {
-            Some(ImageFormat::from_name(f).ok_or_else(|| anyhow!("Unknown file format '{f}'"))?)
+            let unknown = || anyhow!("Could not open '{}': Unknown driver '{f}'", path.display());
+            Some(ImageFormat::from_name(f).ok_or_else(unknown)?)
         }
     };
     let disk = Disk::open(

@@ -194,3 +194,102 @@ fn info_of_a_broken_backing_chain() {
     let r = p.same("qemu-img", &["info", "--backing-chain", "top.qcow2"]);
     assert_eq!(r.code, Some(1), "{r:?}");
 }
+
+/// `a.qcow2` (2 MiB) and `b.qcow2` (3 MiB) with the same first 64 KiB, `r.raw` (2 MiB) the
+/// same, both directories.
+fn compare_images(p: &Pair) {
+    make(p, &["create", "-q", "-f", "qcow2", "{}/a.qcow2", "2M"]);
+    make(p, &["create", "-q", "-f", "qcow2", "{}/b.qcow2", "3M"]);
+    make(p, &["create", "-q", "-f", "raw", "{}/r.raw", "2M"]);
+    write(p, "a.qcow2", &["write -P 1 0 64k"]);
+    write(p, "b.qcow2", &["write -P 1 0 64k"]);
+    for d in [&p.theirs, &p.ours] {
+        let out = qemu_io("raw", &d.path().join("r.raw"), &["write -P 1 0 64k"]);
+        assert!(out.status.success(), "{out:?}");
+    }
+}
+
+/// `qemu-img compare ARGS` in both directories must print the same and exit with `code`.
+fn compare(p: &Pair, args: &[&str], code: i32) {
+    let r = p.same("qemu-img", &[&["compare"][..], args].concat());
+    assert_eq!(r.code, Some(code), "{args:?}: {r:?}");
+}
+
+#[test]
+fn compare_sizes_formats_and_strict_mode() {
+    let p = Pair::new(QIMG);
+    compare_images(&p);
+    compare(&p, &["a.qcow2", "b.qcow2"], 0);
+    compare(&p, &["b.qcow2", "a.qcow2"], 0);
+    compare(&p, &["-s", "a.qcow2", "b.qcow2"], 1);
+    compare(&p, &["--strict", "-q", "a.qcow2", "b.qcow2"], 1);
+    compare(&p, &["a.qcow2", "r.raw"], 0);
+    compare(&p, &["-f", "qcow2", "-F", "raw", "a.qcow2", "r.raw"], 0);
+    // The raw file holds zeros where a.qcow2 has nothing: the same contents, not the same
+    // block status.
+    compare(&p, &["-s", "a.qcow2", "r.raw"], 1);
+    compare(&p, &["-s", "-T", "none", "-U", "a.qcow2", "a.qcow2"], 0);
+    // The qcow2 file read as raw: a content mismatch before the sizes are looked at.
+    compare(&p, &["-f", "raw", "a.qcow2", "r.raw"], 1);
+    // The extra part of the larger image must read as zeros.
+    write(&p, "b.qcow2", &["write -P 7 2M 512"]);
+    compare(&p, &["a.qcow2", "b.qcow2"], 1);
+    compare(&p, &["-q", "b.qcow2", "a.qcow2"], 1);
+    write(&p, "b.qcow2", &["write -z 2M 64k", "write -P 3 1000 1"]);
+    compare(&p, &["a.qcow2", "b.qcow2"], 1);
+    // Errors: exit status 2.
+    compare(&p, &["a.qcow2", "missing.qcow2"], 2);
+    compare(&p, &["-f", "foo", "a.qcow2", "r.raw"], 2);
+    compare(&p, &["-F", "foo", "a.qcow2", "r.raw"], 2);
+    compare(&p, &["a.qcow2"], 1);
+}
+
+#[test]
+fn compare_a_chain_with_its_copy() {
+    let p = Pair::new(QIMG);
+    three_layers(&p);
+    make(
+        &p,
+        &["convert", "-O", "qcow2", "{}/top.qcow2", "{}/flat.qcow2"],
+    );
+    make(
+        &p,
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-S",
+            "0",
+            "{}/top.qcow2",
+            "{}/full.qcow2",
+        ],
+    );
+    for other in ["flat.qcow2", "full.qcow2", "mid.qcow2"] {
+        for strict in [&[][..], &["-s"]] {
+            let args = [strict, &["top.qcow2", other]].concat();
+            let r = p.same("qemu-img", &[&["compare"][..], &args].concat());
+            assert!(matches!(r.code, Some(0 | 1)), "{args:?}: {r:?}");
+        }
+    }
+}
+
+#[test]
+fn compare_progress_is_accepted() {
+    let p = Pair::new(QIMG);
+    compare_images(&p);
+    for args in [
+        &["-p", "a.qcow2", "r.raw"][..],
+        &["-p", "a.qcow2", "b.qcow2"],
+        &["-p", "-q", "a.qcow2", "b.qcow2"],
+        &["-p", "a.qcow2", "missing.qcow2"],
+    ] {
+        let (mut theirs, mut ours) = p.both("qemu-img", &[&["compare"][..], args].concat());
+        // qemu-img draws its progress with carriage returns; qimg does not draw it.
+        for r in [&mut theirs, &mut ours] {
+            for l in &mut r.stdout {
+                *l = l.rsplit('\r').next().unwrap_or_default().to_owned();
+            }
+        }
+        assert_eq!(ours, theirs, "{args:?}: ours, then QEMU's");
+    }
+}
