@@ -293,3 +293,55 @@ fn compare_progress_is_accepted() {
         assert_eq!(ours, theirs, "{args:?}: ours, then QEMU's");
     }
 }
+
+/// `qemu-img commit ARGS` on a fresh three-image chain in both directories: the same output
+/// and exit status (`code`), then the same contents and allocation in each image.
+fn commit(args: &[&str], code: i32) {
+    let p = Pair::new(QIMG);
+    three_layers(&p);
+    let r = p.same("qemu-img", &[&["commit"][..], args].concat());
+    assert_eq!(r.code, Some(code), "{args:?}: {r:?}");
+    for name in ["top.qcow2", "mid.qcow2", "base.qcow2"] {
+        p.same_image(name);
+        p.same_own_ranges(name);
+    }
+}
+
+#[test]
+fn commit_into_a_deeper_base() {
+    // The data of top and mid goes into base; top and mid stay as they were (-b implies
+    // -d).
+    commit(&["-b", "base.qcow2", "top.qcow2"], 0);
+    commit(&["-b", "./base.qcow2", "-q", "top.qcow2"], 0);
+    // -b naming the backing file keeps the image too.
+    commit(&["-b", "mid.qcow2", "top.qcow2"], 0);
+    commit(&["-b", "base.qcow2", "mid.qcow2"], 0);
+    commit(&["top.qcow2"], 0);
+    commit(&["-d", "top.qcow2"], 0);
+}
+
+#[test]
+fn commit_refuses_what_qemu_img_refuses() {
+    commit(&["-b", "nope.qcow2", "top.qcow2"], 1);
+    commit(&["-b", "top.qcow2", "top.qcow2"], 1);
+    commit(&["-b", "x", "base.qcow2"], 1);
+    commit(&["base.qcow2"], 1);
+    let p = Pair::new(QIMG);
+    three_layers(&p);
+    replace(&p, "base.qcow2", None);
+    // (The image whose backing file is missing: QEMU prefixes the message once per level,
+    // the engine once.)
+    for args in [
+        &["commit", "mid.qcow2"][..],
+        &["commit", "-b", "base.qcow2", "mid.qcow2"],
+        &["commit", "-b", "nope", "mid.qcow2"],
+    ] {
+        let r = p.same("qemu-img", args);
+        assert_eq!(r.code, Some(1), "{args:?}: {r:?}");
+    }
+    // Both left as they were (both made alike by qemu-img).
+    for name in ["top.qcow2", "mid.qcow2"] {
+        let read = |d: &tempfile::TempDir| std::fs::read(d.path().join(name)).unwrap();
+        assert!(read(&p.theirs) == read(&p.ours), "{name} changed");
+    }
+}

@@ -1,11 +1,12 @@
-//! Writing an image's own data into its backing file (`qemu-img commit`).
+//! Writing an image's own data into its backing file, or the data of the images above a
+//! deeper one into that one (`qemu-img commit [-b BASE]`).
 //!
-//! Every range the image allocates is written into the backing file (data as data, zero
-//! clusters as write-zeroes), and the backing file is flushed; then, unless asked to keep it,
-//! the image is emptied (QEMU's `bdrv_make_empty`: every cluster deallocated, so that reads
-//! fall through to the backing file, which now holds the same data). A crash before the
-//! emptying is durable leaves the data in both (the same contents); the image reads its
-//! own clusters until their deallocation lands.
+//! Every range the image (or the chain above the base) allocates is written into the
+//! backing file (data as data, zero clusters as write-zeroes), and the backing file is
+//! flushed; then, unless asked to keep it, the image is emptied (QEMU's `bdrv_make_empty`:
+//! every cluster deallocated, so that reads fall through to the backing file, which now
+//! holds the same data). A crash before the emptying is durable leaves the data in both (the
+//! same contents); the image reads its own clusters until their deallocation lands.
 
 use crate::image::{Disk, Image};
 use crate::{ExtentKind, Result};
@@ -30,20 +31,40 @@ impl<O: Opener> Image<O> {
     /// Dropping the future stops the copy between writes; the image is emptied only after
     /// everything was copied and `base` flushed, so the chain reads the same either way.
     pub async fn commit_into(&self, base: &Disk<O>, empty: bool) -> Result<()> {
+        self.commit_chain_into(&[], base, empty).await
+    }
+
+    /// [`Image::commit_into`] through intermediate images (`qemu-img commit -b` naming an
+    /// image deeper in the chain): writes what the chain from this image down to the last
+    /// of `between` allocates into `base`, each range as the topmost layer that allocates it
+    /// has it, and flushes `base`; then, with `empty`, empties this image (not `between`).
+    ///
+    /// `between` are the images below this one and above `base`, in chain order, each
+    /// opened alone (without its backing chain; read-only is enough), as is this image; a
+    /// range past the end of a layer shorter than this image reads as zeros, as in QEMU.
+    ///
+    /// # Errors
+    ///
+    /// As [`Image::commit_into`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Image::commit_into`]: dropping the future stops the copy between writes, and
+    /// this image is emptied only after everything was copied and `base` flushed.
+    pub async fn commit_chain_into(
+        &self,
+        between: &[&Image<O>],
+        base: &Disk<O>,
+        empty: bool,
+    ) -> Result<()> {
+        let layers: Vec<&Image<O>> = std::iter::once(self)
+            .chain(between.iter().copied())
+            .collect();
         let size = self.size().min(base.size());
         let mut off = 0;
         while off < size {
             let n = STEP.min(size - off);
-            for e in self.block_status(off, n).await? {
-                match e.kind {
-                    ExtentKind::Unallocated { .. } => {}
-                    ExtentKind::Zero { .. } => base.write_zeroes(e.offset, e.len, true).await?,
-                    ExtentKind::Data { .. } | ExtentKind::Compressed => {
-                        let data = self.read(e.offset, e.len as usize).await?;
-                        base.write_at(data, e.offset).await.0?;
-                    }
-                }
-            }
+            commit_step(&layers, base, off, n).await?;
             off += n;
         }
         base.flush().await?;
@@ -52,4 +73,40 @@ impl<O: Opener> Image<O> {
         }
         Ok(())
     }
+}
+
+/// Copies `[off, off+len)` as the topmost of `layers` allocating each part of it has it into
+/// `base`; parts no layer allocates stay as `base` has them.
+async fn commit_step<O: Opener>(
+    layers: &[&Image<O>],
+    base: &Disk<O>,
+    off: u64,
+    len: u64,
+) -> Result<()> {
+    // Ranges still to look at, each with the depth of the layer to ask (disjoint: the order
+    // of the copies does not matter).
+    let mut todo = vec![(0, off, len)];
+    while let Some((depth, off, len)) = todo.pop() {
+        let Some(layer) = layers.get(depth) else {
+            continue;
+        };
+        // Past the end of a shorter layer: zeros (QEMU reads them so, and commits them).
+        let inside = len.min(layer.size().saturating_sub(off));
+        if inside < len {
+            base.write_zeroes(off + inside, len - inside, true).await?;
+        }
+        let mut below = Vec::new();
+        for e in layer.block_status(off, inside).await? {
+            match e.kind {
+                ExtentKind::Unallocated { .. } => below.push((depth + 1, e.offset, e.len)),
+                ExtentKind::Zero { .. } => base.write_zeroes(e.offset, e.len, true).await?,
+                ExtentKind::Data { .. } | ExtentKind::Compressed => {
+                    let data = layer.read(e.offset, e.len as usize).await?;
+                    base.write_at(data, e.offset).await.0?;
+                }
+            }
+        }
+        todo.extend(below);
+    }
+    Ok(())
 }

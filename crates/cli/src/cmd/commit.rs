@@ -1,5 +1,6 @@
 //! `qimg commit`: write an image's data into its backing file (qemu-img commit), then empty
-//! the image (`-d` keeps it). qemu-img's syntax, messages and exit status.
+//! the image (`-d` keeps it); with `-b`, the data of the chain above a deeper image into that
+//! one. qemu-img's syntax, messages and exit status.
 
 use anyhow::{anyhow, bail, Result};
 use blockio::FileOpener;
@@ -13,7 +14,8 @@ pub struct CommitArgs {
     /// Image format (probed when absent).
     #[arg(short = 'f')]
     format: Option<String>,
-    /// The image to commit into: the backing file (the only one qimg commits into yet).
+    /// The image of the backing chain to commit into (default: the backing file); the data
+    /// of every image above it is written into it, and the image is kept (as with `-d`).
     #[arg(short = 'b')]
     base: Option<String>,
     /// Keep the image's data (do not empty it).
@@ -50,7 +52,18 @@ async fn commit(args: &CommitArgs) -> Result<()> {
             bail!("Image does not have a backing file");
         }
     }
-    // The image alone: its backing file is opened for writing below.
+    // The whole chain first, read-only, as qemu-img opens it: a broken chain is reported as
+    // qemu-img reports it, and the base is looked for in it.
+    let format = args.format.as_deref().and_then(ImageFormat::from_name);
+    let read_only = ImageOptions::new().read_only(true);
+    let chain = Disk::open(FileOpener, image, format, read_only.clone())
+        .await
+        .map_err(|e| anyhow!("Could not open '{}': {e}", image.display()))?;
+    let found = find_base(&chain, image, args.base.as_deref());
+    chain.close().await?;
+    let (between, base_path, base_format) = found?;
+    // Then the image alone (emptied unless -d, or -b, which implies it), the images between
+    // it and the base alone, and the base for writing.
     let img = Image::open(
         FileOpener,
         image,
@@ -58,40 +71,39 @@ async fn commit(args: &CommitArgs) -> Result<()> {
     )
     .await
     .map_err(|e| anyhow!("Could not open '{}': {e}", image.display()))?;
-    let header = img.header().clone();
-    let Some(name) = header.backing_file.as_deref() else {
-        img.close().await?;
-        bail!("Image does not have a backing file");
-    };
-    let path = resolve_backing(image, name);
-    if let Some(b) = args.base.as_deref() {
-        // The name as the header has it, or a path to the same file (from here or from the
-        // image's directory).
-        let canonical = |p: &Path| std::fs::canonicalize(p).ok();
-        let found = b == name
-            || [Path::new(b).to_path_buf(), resolve_backing(image, b)]
-                .iter()
-                .any(|p| canonical(p).is_some() && canonical(p) == canonical(&path));
-        if !found {
-            img.close().await?;
-            bail!(
-                "Did not find '{b}' in the backing chain of '{}'",
-                image.display()
-            );
+    let mut layers = Vec::new();
+    for path in &between {
+        let opened = Image::open(
+            FileOpener,
+            path,
+            read_only.clone().backing(BackingChoice::None),
+        )
+        .await;
+        match opened {
+            Ok(layer) => layers.push(layer),
+            Err(e) => {
+                img.close().await?;
+                bail!("Could not open '{}': {e}", path.display());
+            }
         }
     }
-    let format = header
-        .backing_format()
-        .map(|f| ImageFormat::from_name(f).ok_or_else(|| anyhow!("Unknown file format '{f}'")))
-        .transpose()?;
-    let base = match Disk::open(FileOpener, &path, format, ImageOptions::new()).await {
+    let base = match Disk::open(
+        FileOpener,
+        &base_path,
+        Some(base_format),
+        ImageOptions::new(),
+    )
+    .await
+    {
         Ok(b) => b,
         Err(e) => {
             img.close().await?;
             bail!("Could not open backing file: {e}");
         }
     };
-    let r = img.commit_into(&base, !args.keep).await;
+    let empty = !args.keep && args.base.is_none();
+    let refs: Vec<&Image<FileOpener>> = layers.iter().collect();
+    let r = img.commit_chain_into(&refs, &base, empty).await;
     let closed = (base.close().await, img.close().await);
     r?;
     closed.0?;
@@ -100,4 +112,41 @@ async fn commit(args: &CommitArgs) -> Result<()> {
         println!("Image committed.");
     }
     Ok(())
+}
+
+/// The images below `image` and above the base (`base`: `-b`, or the backing file), and the
+/// base's path and format, found in the opened `chain`. `-b` names a backing file as its
+/// parent's header does, or is a path (from here or from the parent's directory) to the same
+/// file, as qemu-img matches it.
+fn find_base(
+    chain: &Disk<FileOpener>,
+    image: &Path,
+    base: Option<&str>,
+) -> Result<(Vec<PathBuf>, PathBuf, ImageFormat)> {
+    let canonical = |p: &Path| std::fs::canonicalize(p).ok();
+    let mut between = Vec::new();
+    let mut layer = chain;
+    loop {
+        let (Disk::Qcow2(img), Some(below)) = (layer, layer.backing()) else {
+            match base {
+                Some(b) => bail!(
+                    "Did not find '{b}' in the backing chain of '{}'",
+                    image.display()
+                ),
+                None => bail!("Image does not have a backing file"),
+            }
+        };
+        let name = img.header().backing_file.as_deref().unwrap_or_default();
+        let found = base.is_none_or(|b| {
+            b == name
+                || [PathBuf::from(b), resolve_backing(layer.path(), b)]
+                    .iter()
+                    .any(|p| canonical(p).is_some() && canonical(p) == canonical(below.path()))
+        });
+        if found {
+            return Ok((between, below.path().to_path_buf(), below.format()));
+        }
+        between.push(below.path().to_path_buf());
+        layer = below;
+    }
 }
