@@ -139,23 +139,6 @@ fn fmt_g3(v: f64) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::size_to_str;
-
-    #[test]
-    fn sizes_read_like_qemu_img() {
-        // Figures printed by `qemu-img info` for files of these sizes.
-        assert_eq!(size_to_str(331_776), "324 KiB");
-        assert_eq!(size_to_str(8 << 20), "8 MiB");
-        assert_eq!(size_to_str(1 << 30), "1 GiB");
-        assert_eq!(size_to_str(1_572_864), "1.5 MiB");
-        assert_eq!(size_to_str(512), "512 B");
-        assert_eq!(size_to_str(1_023_488), "1e+03 KiB");
-        assert_eq!(size_to_str(100_352), "98 KiB");
-    }
-}
-
 /// JSON as qemu-img prints it (QEMU's pretty printer): four spaces a level, every `[`/`{`
 /// closed on a line of its own even when empty, characters outside printable ASCII as
 /// `\uXXXX`.
@@ -220,4 +203,21 @@ fn write_json_str(out: &mut String, s: &str) {
         }
     }
     out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size_to_str;
+
+    #[test]
+    fn sizes_read_like_qemu_img() {
+        // Figures printed by `qemu-img info` for files of these sizes.
+        assert_eq!(size_to_str(331_776), "324 KiB");
+        assert_eq!(size_to_str(8 << 20), "8 MiB");
+        assert_eq!(size_to_str(1 << 30), "1 GiB");
+        assert_eq!(size_to_str(1_572_864), "1.5 MiB");
+        assert_eq!(size_to_str(512), "512 B");
+        assert_eq!(size_to_str(1_023_488), "1e+03 KiB");
+        assert_eq!(size_to_str(100_352), "98 KiB");
+    }
 }

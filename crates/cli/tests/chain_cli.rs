@@ -138,6 +138,17 @@ fn replace(p: &Pair, name: &str, contents: Option<&[u8]>) {
 fn info_of_a_backing_chain() {
     let p = Pair::new(QIMG);
     three_layers(&p);
+    make(
+        &p,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "{}/\u{e9}\"\u{1f600}.qcow2",
+            "1M",
+        ],
+    );
     for args in [
         &["info", "--backing-chain", "top.qcow2"][..],
         &["info", "-b", "--output=json", "top.qcow2"],
@@ -153,6 +164,8 @@ fn info_of_a_backing_chain() {
         &["info", "--output=json", "top.qcow2"],
         &["info", "-b", "-f", "qcow2", "./top.qcow2"],
         &["info", "-b", "--output=json", "base.qcow2"],
+        // QEMU's JSON escapes what is not printable ASCII.
+        &["info", "--output=json", "\u{e9}\"\u{1f600}.qcow2"],
     ] {
         let r = p.same("qemu-img", args);
         assert_eq!(r.code, Some(0), "{args:?}: {r:?}");
