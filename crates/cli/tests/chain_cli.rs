@@ -342,13 +342,22 @@ fn commit_refuses_what_qemu_img_refuses() {
     let p = Pair::new(QIMG);
     three_layers(&p);
     replace(&p, "base.qcow2", None);
-    // (The image whose backing file is missing: QEMU prefixes the message once per level,
-    // the engine once.)
+    // "Could not open backing file: " once for each level down to the missing file.
     for args in [
-        &["commit", "mid.qcow2"][..],
+        &["commit", "top.qcow2"][..],
+        &["commit", "-b", "base.qcow2", "top.qcow2"],
+        &["commit", "-b", "nope", "top.qcow2"],
+        &["map", "top.qcow2"],
+        &["compare", "top.qcow2", "mid.qcow2"],
+        &["commit", "mid.qcow2"],
         &["commit", "-b", "base.qcow2", "mid.qcow2"],
         &["commit", "-b", "nope", "mid.qcow2"],
     ] {
+        let r = p.same("qemu-img", args);
+        assert!(matches!(r.code, Some(1 | 2)), "{args:?}: {r:?}");
+    }
+    replace(&p, "base.qcow2", Some(b"not an image"));
+    for args in [&["commit", "top.qcow2"][..], &["map", "mid.qcow2"]] {
         let r = p.same("qemu-img", args);
         assert_eq!(r.code, Some(1), "{args:?}: {r:?}");
     }
