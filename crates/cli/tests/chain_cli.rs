@@ -3,7 +3,7 @@
 //! directories holding the same files print the same lines, exit with the same status and
 //! leave the same images.
 
-use qcow2_tests::{path_str, qemu_img, qemu_io, Pair};
+use qcow2_tests::{path_str, qemu_img, qemu_io, Pair, QemuIoHolder};
 
 const QIMG: &str = env!("CARGO_BIN_EXE_qimg");
 
@@ -169,6 +169,36 @@ fn info_of_a_backing_chain() {
     ] {
         let r = p.same("qemu-img", args);
         assert_eq!(r.code, Some(0), "{args:?}: {r:?}");
+    }
+}
+
+#[test]
+fn info_of_a_chain_in_use() {
+    let p = Pair::new(QIMG);
+    three_layers(&p);
+    // A writer of the top image in each directory: -U coexists with it, a plain open does
+    // not.
+    let _writers: Vec<QemuIoHolder> = [&p.theirs, &p.ours]
+        .iter()
+        .map(|d| QemuIoHolder::new(&["-f", "qcow2"], &d.path().join("top.qcow2")))
+        .collect();
+    for (args, code) in [
+        (&["info", "-U", "-b", "top.qcow2"][..], 0),
+        (&["info", "--force-share", "--output=json", "top.qcow2"], 0),
+        (&["info", "top.qcow2"], 1),
+        (&["info", "-b", "top.qcow2"], 1),
+        (&["map", "-U", "--start-offset=256k", "top.qcow2"], 0),
+        (&["compare", "-U", "top.qcow2", "mid.qcow2"], 1),
+    ] {
+        let (theirs, ours) = p.both("qemu-img", args);
+        // 'disk size' changes while the writer runs; the rest must agree.
+        let keep = |r: &qcow2_tests::Run| {
+            let mut out = r.stdout.clone();
+            out.retain(|l| !l.contains("disk size") && !l.contains("actual-size"));
+            (out, r.stderr.clone(), r.code)
+        };
+        assert_eq!(keep(&ours), keep(&theirs), "{args:?}: ours, then QEMU's");
+        assert_eq!(ours.code, Some(code), "{args:?}: {ours:?}");
     }
 }
 
