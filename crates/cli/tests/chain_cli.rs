@@ -397,3 +397,28 @@ fn commit_refuses_what_qemu_img_refuses() {
         assert!(read(&p.theirs) == read(&p.ours), "{name} changed");
     }
 }
+
+#[test]
+fn commit_grows_a_smaller_base() {
+    for args in [&["-b", "base.qcow2", "top.qcow2"][..], &["mid.qcow2"]] {
+        let p = Pair::new(QIMG);
+        // base 1 MiB <- mid 1.5 MiB <- top 2 MiB: what top reads past mid's end is zeros.
+        make(&p, &["create", "-q", "-f", "qcow2", "{}/base.qcow2", "1M"]);
+        for (name, backing, size) in [("mid", "base.qcow2", "1536k"), ("top", "mid.qcow2", "2M")] {
+            let path = format!("{{}}/{name}.qcow2");
+            make(
+                &p,
+                &[
+                    "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", &path, size,
+                ],
+            );
+        }
+        write(&p, "mid.qcow2", &["write -P 4 1M 64k"]);
+        write(&p, "top.qcow2", &["write -P 3 1600k 64k"]);
+        let r = p.same("qemu-img", &[&["commit"][..], args].concat());
+        assert_eq!(r.code, Some(0), "{args:?}: {r:?}");
+        p.same_but_sizes("qemu-img", &["info", "base.qcow2"]);
+        p.same("qemu-img", &["map", "--output=json", "base.qcow2"]);
+        p.same_image("base.qcow2");
+    }
+}

@@ -9,7 +9,7 @@
 //! same contents); the image reads its own clusters until their deallocation lands.
 
 use crate::image::{Disk, Image};
-use crate::{ExtentKind, Result};
+use crate::{ExtentKind, ResizeOptions, Result};
 use blockio::Opener;
 
 /// The bytes looked at (and copied) per step of a commit.
@@ -18,8 +18,8 @@ const STEP: u64 = 1 << 20;
 impl<O: Opener> Image<O> {
     /// Writes what this image allocates into `base` (its backing file, opened for writing by
     /// the caller: the image itself should be opened without its backing chain) and flushes
-    /// `base`; then, with `empty`, deallocates every cluster of the image, as `qemu-img
-    /// commit` does (`-d` keeps them).
+    /// `base` (grown to this image's size first if smaller); then, with `empty`, deallocates
+    /// every cluster of the image, as `qemu-img commit` does (`-d` keeps them).
     ///
     /// # Errors
     ///
@@ -41,11 +41,12 @@ impl<O: Opener> Image<O> {
     ///
     /// `between` are the images below this one and above `base`, in chain order, each
     /// opened alone (without its backing chain; read-only is enough), as is this image; a
-    /// range past the end of a layer shorter than this image reads as zeros, as in QEMU.
+    /// range past the end of a layer shorter than this image reads as zeros, as in QEMU. A
+    /// `base` smaller than this image is first grown to its size (QEMU's commit does so).
     ///
     /// # Errors
     ///
-    /// As [`Image::commit_into`].
+    /// As [`Image::commit_into`], and those of [`Disk::resize`] growing `base`.
     ///
     /// # Cancel safety
     ///
@@ -60,7 +61,10 @@ impl<O: Opener> Image<O> {
         let layers: Vec<&Image<O>> = std::iter::once(self)
             .chain(between.iter().copied())
             .collect();
-        let size = self.size().min(base.size());
+        let size = self.size();
+        if base.size() < size {
+            base.resize(size, ResizeOptions::new()).await?;
+        }
         let mut off = 0;
         while off < size {
             let n = STEP.min(size - off);
@@ -76,37 +80,50 @@ impl<O: Opener> Image<O> {
 }
 
 /// Copies `[off, off+len)` as the topmost of `layers` allocating each part of it has it into
-/// `base`; parts no layer allocates stay as `base` has them.
+/// `base`, up the guest offsets (so that `base` allocates in that order, as QEMU's does);
+/// parts no layer allocates stay as `base` has them.
 async fn commit_step<O: Opener>(
     layers: &[&Image<O>],
     base: &Disk<O>,
     off: u64,
     len: u64,
 ) -> Result<()> {
-    // Ranges still to look at, each with the depth of the layer to ask (disjoint: the order
-    // of the copies does not matter).
-    let mut todo = vec![(0, off, len)];
-    while let Some((depth, off, len)) = todo.pop() {
-        let Some(layer) = layers.get(depth) else {
-            continue;
-        };
-        // Past the end of a shorter layer: zeros (QEMU reads them so, and commits them).
-        let inside = len.min(layer.size().saturating_sub(off));
-        if inside < len {
-            base.write_zeroes(off + inside, len - inside, true).await?;
-        }
-        let mut below = Vec::new();
-        for e in layer.block_status(off, inside).await? {
-            match e.kind {
-                ExtentKind::Unallocated { .. } => below.push((depth + 1, e.offset, e.len)),
-                ExtentKind::Zero { .. } => base.write_zeroes(e.offset, e.len, true).await?,
-                ExtentKind::Data { .. } | ExtentKind::Compressed => {
-                    let data = layer.read(e.offset, e.len as usize).await?;
-                    base.write_at(data, e.offset).await.0?;
+    /// What to do with a range: ask the layer at `depth`, copy from it, or write zeros.
+    enum Step {
+        Look(usize, u64, u64),
+        Copy(usize, u64, u64),
+        Zero(u64, u64),
+    }
+    let mut todo = vec![Step::Look(0, off, len)];
+    while let Some(step) = todo.pop() {
+        match step {
+            Step::Zero(off, len) => base.write_zeroes(off, len, true).await?,
+            Step::Copy(depth, off, len) => {
+                let data = layers[depth].read(off, len as usize).await?;
+                base.write_at(data, off).await.0?;
+            }
+            Step::Look(depth, off, len) => {
+                let Some(layer) = layers.get(depth) else {
+                    continue;
+                };
+                let inside = len.min(layer.size().saturating_sub(off));
+                let mut steps = Vec::new();
+                for e in layer.block_status(off, inside).await? {
+                    steps.push(match e.kind {
+                        ExtentKind::Unallocated { .. } => Step::Look(depth + 1, e.offset, e.len),
+                        ExtentKind::Zero { .. } => Step::Zero(e.offset, e.len),
+                        ExtentKind::Data { .. } | ExtentKind::Compressed => {
+                            Step::Copy(depth, e.offset, e.len)
+                        }
+                    });
                 }
+                // Past the end of a shorter layer: zeros (QEMU reads them so, and commits them).
+                if inside < len {
+                    steps.push(Step::Zero(off + inside, len - inside));
+                }
+                todo.extend(steps.into_iter().rev());
             }
         }
-        todo.extend(below);
     }
     Ok(())
 }
