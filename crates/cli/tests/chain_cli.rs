@@ -418,7 +418,8 @@ fn commit_grows_a_smaller_base() {
         let r = p.same("qemu-img", &[&["commit"][..], args].concat());
         assert_eq!(r.code, Some(0), "{args:?}: {r:?}");
         p.same_but_sizes("qemu-img", &["info", "base.qcow2"]);
-        p.same("qemu-img", &["map", "--output=json", "base.qcow2"]);
+        // (Where QEMU's commit puts the clusters varies from run to run: not the offsets.)
+        p.same_own_ranges("base.qcow2");
         p.same_image("base.qcow2");
     }
 }
