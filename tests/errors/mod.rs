@@ -162,6 +162,11 @@ pub fn pattern(id: usize, off: u64) -> u8 {
 
 /// The engine's error carries `errno` in its source chain, as `Error::Io`.
 pub fn typed(e: &Error, errno: i32) -> Result<(), String> {
+    // An error in a backing file comes inside Error::Backing, as QEMU words it.
+    let mut e = e;
+    while let Error::Backing(inner) = e {
+        e = inner;
+    }
     if !matches!(e, Error::Io { .. }) {
         return Err(format!("not Error::Io: {e:?}"));
     }

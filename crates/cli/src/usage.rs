@@ -49,7 +49,13 @@ pub fn report(e: clap::Error, args: &[OsString]) -> ExitCode {
             };
             (true, cmd, msg)
         }
-        ErrorKind::MissingRequiredArgument => (false, cmd, "Expecting one image file name".into()),
+        ErrorKind::MissingRequiredArgument => {
+            let msg = match cmd {
+                Some("compare") => "Expecting two image file names",
+                _ => "Expecting one image file name",
+            };
+            (false, cmd, msg.into())
+        }
         _ => {
             let _ = e.print();
             return ExitCode::from(1);

@@ -152,6 +152,72 @@ fn fmt_g3(v: f64) -> String {
     }
 }
 
+/// JSON as qemu-img prints it (QEMU's pretty printer): four spaces a level, every `[`/`{`
+/// closed on a line of its own even when empty, characters outside printable ASCII as
+/// `\uXXXX`.
+pub fn qemu_json(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    write_json(&mut out, v, 0);
+    out
+}
+
+fn write_json(out: &mut String, v: &serde_json::Value, depth: usize) {
+    use serde_json::Value;
+    let newline = |out: &mut String, depth: usize| {
+        out.push('\n');
+        out.push_str(&"    ".repeat(depth));
+    };
+    match v {
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                out.push_str(if i > 0 { "," } else { "" });
+                newline(out, depth + 1);
+                write_json(out, item, depth + 1);
+            }
+            newline(out, depth);
+            out.push(']');
+        }
+        Value::Object(fields) => {
+            out.push('{');
+            for (i, (key, item)) in fields.iter().enumerate() {
+                out.push_str(if i > 0 { "," } else { "" });
+                newline(out, depth + 1);
+                write_json_str(out, key);
+                out.push_str(": ");
+                write_json(out, item, depth + 1);
+            }
+            newline(out, depth);
+            out.push('}');
+        }
+        Value::String(s) => write_json_str(out, s),
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+fn write_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            ' '..='~' => out.push(c),
+            _ => {
+                let mut units = [0u16; 2];
+                for u in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{u:04X}"));
+                }
+            }
+        }
+    }
+    out.push('"');
+}
+
 #[cfg(test)]
 mod tests {
     use super::size_to_str;

@@ -126,12 +126,7 @@ pub enum Error {
     },
     /// A file could not be opened: QEMU's file driver's message (`Could not open 'PATH':
     /// REASON`, the reason as C's `strerror` words it).
-    #[error(
-        "{}Could not open '{}': {}",
-        if *role == "backing file" { "Could not open backing file: " } else { "" },
-        path.display(),
-        strerror(source)
-    )]
+    #[error("Could not open '{}': {}", path.display(), strerror(source))]
     OpenFile {
         /// "backing file", "data file", "image".
         role: &'static str,
@@ -141,6 +136,11 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A backing file could not be opened (the error inside), in QEMU's words: `Could not
+    /// open backing file: ` once for each level of the chain down to the image at fault.
+    /// Lock conflicts, loops and too deep chains are reported as they are.
+    #[error("Could not open backing file: {0}")]
+    Backing(Box<Error>),
     /// A feature or format this engine does not handle (encryption, an unknown backing format,
     /// an image without its data file name...).
     #[error("{path}: unsupported: {what}")]
@@ -254,7 +254,11 @@ impl Error {
 
     /// Whether this error means the image is (or is marked) corrupt.
     pub fn is_corruption(&self) -> bool {
-        matches!(self, Error::Corrupt { .. } | Error::MarkedCorrupt(_))
+        match self {
+            Error::Corrupt { .. } | Error::MarkedCorrupt(_) => true,
+            Error::Backing(inner) => inner.is_corruption(),
+            _ => false,
+        }
     }
 
     /// The `errno` a block device would complete the request with, as QEMU's block layer
@@ -274,6 +278,7 @@ impl Error {
             | Error::MarkedCorrupt(_)
             | Error::Decompress { .. }
             | Error::OutOfRange { .. } => libc::EIO,
+            Error::Backing(inner) => inner.errno(),
             Error::ReadOnly => libc::EPERM,
             Error::Locked { .. } => libc::EAGAIN,
             Error::BackingLoop { .. } | Error::BackingChainTooDeep { .. } => libc::ELOOP,

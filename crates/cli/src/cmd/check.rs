@@ -196,16 +196,5 @@ pub fn json(r: &CheckReport, filename: &str, format: &str) -> String {
     m.insert("filename".into(), filename.into());
     m.insert("format".into(), format.into());
     opt(&mut m, "fragmented-clusters", r.fragmented_clusters);
-    pretty(&Value::Object(m))
-}
-
-/// JSON with qemu-img's four-space indentation.
-fn pretty(v: &Value) -> String {
-    use serde::Serialize;
-    let mut out = Vec::new();
-    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
-    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
-    v.serialize(&mut ser)
-        .expect("serializing a JSON value to memory cannot fail");
-    String::from_utf8(out).expect("serde_json writes UTF-8")
+    crate::util::qemu_json(&Value::Object(m))
 }

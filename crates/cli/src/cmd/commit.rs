@@ -1,6 +1,8 @@
 //! `qimg commit`: write an image's data into its backing file (qemu-img commit), then empty
-//! the image (`-d` keeps it). qemu-img's syntax, messages and exit status.
+//! the image (`-d` keeps it); with `-b`, the data of the chain above a deeper image into that
+//! one. qemu-img's syntax, messages and exit status.
 
+use crate::names::NameArgs;
 use crate::progress::Progress;
 use anyhow::{anyhow, bail, Result};
 use blockio::FileOpener;
@@ -14,7 +16,8 @@ pub struct CommitArgs {
     /// Image format (probed when absent).
     #[arg(short = 'f')]
     format: Option<String>,
-    /// The image to commit into: the backing file (the only one qimg commits into yet).
+    /// The image of the backing chain to commit into (default: the backing file); the data
+    /// of every image above it is written into it, and the image is kept (as with `-d`).
     #[arg(short = 'b')]
     base: Option<String>,
     /// Keep the image's data (do not empty it).
@@ -32,6 +35,8 @@ pub struct CommitArgs {
     /// Rate limit in bytes per second (accepted, not applied).
     #[arg(short = 'r')]
     rate: Option<String>,
+    #[command(flatten)]
+    pub names: NameArgs,
     /// The image.
     image: PathBuf,
 }
@@ -50,68 +55,105 @@ pub async fn run(args: CommitArgs) -> ExitCode {
     code
 }
 
-/// Commits the image; `progress` starts once the image is open (as qemu-img's does).
+/// Commits the image; `progress` starts once the images are open (as qemu-img's does).
 async fn commit(args: &CommitArgs, progress: &mut Option<Progress>) -> Result<()> {
-    let image = args.image.as_path();
-    if let Some(f) = args.format.as_deref() {
-        if ImageFormat::from_name(f).is_none() {
-            bail!("Unknown file format '{f}'");
-        }
-        if f == "raw" {
-            bail!("Image does not have a backing file");
+    let name = args.names.name(&args.image, args.format.as_deref())?;
+    let image = name.path();
+    if name.format() == Some(ImageFormat::Raw) {
+        bail!("Image does not have a backing file");
+    }
+    // The whole chain first, read-only, as qemu-img opens it: a broken chain is reported as
+    // qemu-img reports it, and the base is looked for in it.
+    let read_only = ImageOptions::new().read_only(true);
+    let chain = crate::util::open_disk_with(&name, read_only.clone()).await?;
+    let found = find_base(&chain, image, args.base.as_deref());
+    chain.close().await?;
+    let (between, base_path, base_format) = found?;
+    // Then the image alone (emptied unless -d, or -b, which implies it), the images between
+    // it and the base alone, and the base for writing.
+    let img =
+        crate::util::open_image(&name, ImageOptions::new().backing(BackingChoice::None)).await?;
+    let mut layers = Vec::new();
+    for path in &between {
+        let opened = Image::open(
+            FileOpener,
+            path,
+            read_only.clone().backing(BackingChoice::None),
+        )
+        .await;
+        match opened {
+            Ok(layer) => layers.push(layer),
+            Err(e) => {
+                img.close().await?;
+                bail!("Could not open '{}': {e}", path.display());
+            }
         }
     }
-    // The image alone: its backing file is opened for writing below.
-    let img = Image::open(
+    let base = match Disk::open(
         FileOpener,
-        image,
-        ImageOptions::new().backing(BackingChoice::None),
+        &base_path,
+        Some(base_format),
+        ImageOptions::new(),
     )
     .await
-    .map_err(|e| anyhow!("Could not open '{}': {e}", image.display()))?;
-    let p = progress.insert(Progress::start(args.progress && !args.quiet, 1.0));
-    let header = img.header().clone();
-    let Some(name) = header.backing_file.as_deref() else {
-        img.close().await?;
-        bail!("Image does not have a backing file");
-    };
-    let path = resolve_backing(image, name);
-    if let Some(b) = args.base.as_deref() {
-        // The name as the header has it, or a path to the same file (from here or from the
-        // image's directory).
-        let canonical = |p: &Path| std::fs::canonicalize(p).ok();
-        let found = b == name
-            || [Path::new(b).to_path_buf(), resolve_backing(image, b)]
-                .iter()
-                .any(|p| canonical(p).is_some() && canonical(p) == canonical(&path));
-        if !found {
-            img.close().await?;
-            bail!(
-                "Did not find '{b}' in the backing chain of '{}'",
-                image.display()
-            );
-        }
-    }
-    let format = header
-        .backing_format()
-        .map(|f| ImageFormat::from_name(f).ok_or_else(|| anyhow!("Unknown file format '{f}'")))
-        .transpose()?;
-    let base = match Disk::open(FileOpener, &path, format, ImageOptions::new()).await {
+    {
         Ok(b) => b,
         Err(e) => {
             img.close().await?;
             bail!("Could not open backing file: {e}");
         }
     };
+    let p = progress.insert(Progress::start(args.progress && !args.quiet, 1.0));
     let mut report = |done: u64, total: u64| {
         if total > 0 {
             p.set(done as f32 / total as f32 * 100.0);
         }
     };
-    let r = img.commit_into(&base, !args.keep, &mut report).await;
+    let empty = !args.keep && args.base.is_none();
+    let refs: Vec<&Image<FileOpener>> = layers.iter().collect();
+    let r = img
+        .commit_chain_into(&refs, &base, empty, &mut report)
+        .await;
     let closed = (base.close().await, img.close().await);
     r?;
     closed.0?;
     closed.1?;
     Ok(())
+}
+
+/// The images below `image` and above the base (`base`: `-b`, or the backing file), and the
+/// base's path and format, found in the opened `chain`. `-b` names a backing file as its
+/// parent's header does, or is a path (from here or from the parent's directory) to the same
+/// file, as qemu-img matches it.
+fn find_base(
+    chain: &Disk<FileOpener>,
+    image: &Path,
+    base: Option<&str>,
+) -> Result<(Vec<PathBuf>, PathBuf, ImageFormat)> {
+    let canonical = |p: &Path| std::fs::canonicalize(p).ok();
+    let mut between = Vec::new();
+    let mut layer = chain;
+    loop {
+        let (Disk::Qcow2(img), Some(below)) = (layer, layer.backing()) else {
+            match base {
+                Some(b) => bail!(
+                    "Did not find '{b}' in the backing chain of '{}'",
+                    image.display()
+                ),
+                None => bail!("Image does not have a backing file"),
+            }
+        };
+        let name = img.header().backing_file.as_deref().unwrap_or_default();
+        let found = base.is_none_or(|b| {
+            b == name
+                || [PathBuf::from(b), resolve_backing(layer.path(), b)]
+                    .iter()
+                    .any(|p| canonical(p).is_some() && canonical(p) == canonical(below.path()))
+        });
+        if found {
+            return Ok((between, below.path().to_path_buf(), below.format()));
+        }
+        between.push(below.path().to_path_buf());
+        layer = below;
+    }
 }

@@ -1,12 +1,13 @@
 //! `qimg compare`: whether two images show the same guest contents, as qemu-img compare
-//! decides it (the extra part of the larger image must read as zeros unless `-s`).
+//! decides it (the extra part of the larger image must read as zeros unless `-s`; with `-s`,
+//! the images must also have the same size and the same block status throughout).
 
 use crate::names::NameArgs;
 use crate::util::{self, open_disk};
 use anyhow::{Context, Result};
 use blockio::FileOpener;
 use blockio::IoBuf;
-use qcow2_engine::Disk;
+use qcow2_engine::{Disk, MapEntry};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -17,17 +18,23 @@ const SECTOR: u64 = 512;
 #[derive(clap::Args)]
 pub struct CompareArgs {
     /// Format of the first image (probed when absent).
-    #[arg(short = 'f')]
+    #[arg(short = 'f', long = "a-format")]
     format_a: Option<String>,
     /// Format of the second image (probed when absent).
-    #[arg(short = 'F')]
+    #[arg(short = 'F', long = "b-format")]
     format_b: Option<String>,
-    /// Strict mode: images of different sizes differ.
-    #[arg(short = 's')]
+    /// Strict mode: images of different sizes or block status differ.
+    #[arg(short = 's', long = "strict")]
     strict: bool,
     /// Quiet: nothing on standard output (the exit status says it; errors still print).
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
+    /// Progress (accepted; not drawn, only the line it would end is).
+    #[arg(short = 'p', long = "progress")]
+    progress: bool,
+    /// Cache mode (accepted; the images are only read).
+    #[arg(short = 'T', long = "cache")]
+    cache: Option<String>,
     /// Open in shared mode (qemu-img's -U): coexist with writers of the images.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
@@ -41,10 +48,15 @@ pub struct CompareArgs {
 
 /// Runs `qimg compare`: exit status 0 identical, 1 different, 2 on an error (on stderr).
 pub async fn run(args: CompareArgs) -> ExitCode {
-    match compare(&args).await {
+    let code = match compare(&args).await {
         Ok(code) => ExitCode::from(code),
         Err(e) => util::exit::<()>(2, Err(e)),
+    };
+    if args.progress && !args.quiet {
+        // qemu-img ends its progress line whatever the outcome.
+        println!();
     }
+    code
 }
 
 /// Compares the images; the exit code (0 identical, 1 different).
@@ -59,47 +71,113 @@ async fn compare(args: &CompareArgs) -> Result<u8> {
     let da = open_disk(&a, args.force_share).await?;
     let db = open_disk(&b, args.force_share).await?;
     let (sa, sb) = (da.size(), db.size());
-    if sa != sb {
-        if args.strict {
-            say("Strict mode: Image size mismatch!".into());
-            return Ok(1);
-        }
-        say("Warning: Image size mismatch!".into());
+    if sa != sb && args.strict {
+        say("Strict mode: Image size mismatch!".into());
+        return Ok(1);
     }
     let common = sa.min(sb);
-    let mut off = 0;
-    while off < common {
-        let n = CHUNK.min((common - off) as usize);
-        let x = read(&da, a.path(), off, n).await?;
-        let y = read(&db, b.path(), off, n).await?;
-        if let Some(i) = x.iter().zip(y.iter()).position(|(p, q)| p != q) {
-            say(format!(
-                "Content mismatch at offset {}!",
-                off + i as u64 / SECTOR * SECTOR
-            ));
-            return Ok(1);
-        }
-        off += n as u64;
-    }
-    let (longer, path) = if sa > sb {
-        (&da, a.path())
-    } else {
-        (&db, b.path())
+    // qemu-img walks both images a block-status run at a time and stops at the first run
+    // whose status (strict) or contents differ: a content difference counts only before
+    // the first status difference.
+    let status_mismatch = match args.strict {
+        true => first_status_mismatch(&da, &db).await?,
+        false => None,
     };
-    while off < longer.size() {
-        let n = CHUNK.min((longer.size() - off) as usize);
-        let x = read(longer, path, off, n).await?;
-        if let Some(i) = x.iter().position(|&p| p != 0) {
-            say(format!(
-                "Content mismatch at offset {}!",
-                off + i as u64 / SECTOR * SECTOR
-            ));
+    let end = status_mismatch.unwrap_or(common);
+    if let Some(at) = first_difference(&da, a.path(), &db, b.path(), end).await? {
+        say(format!("Content mismatch at offset {at}!"));
+        return Ok(1);
+    }
+    if let Some(at) = status_mismatch {
+        say(format!("Strict mode: Offset {at} block status mismatch!"));
+        return Ok(1);
+    }
+    if sa != sb {
+        say("Warning: Image size mismatch!".into());
+        let (longer, path) = if sa > sb {
+            (&da, a.path())
+        } else {
+            (&db, b.path())
+        };
+        if let Some(at) = first_nonzero(longer, path, common).await? {
+            say(format!("Content mismatch at offset {at}!"));
             return Ok(1);
         }
-        off += n as u64;
     }
     say("Images are identical.".into());
     Ok(0)
+}
+
+/// The first sector in `[0, end)` where the images' contents differ.
+async fn first_difference(
+    da: &Disk<FileOpener>,
+    a: &Path,
+    db: &Disk<FileOpener>,
+    b: &Path,
+    end: u64,
+) -> Result<Option<u64>> {
+    let mut off = 0;
+    while off < end {
+        let n = CHUNK.min((end - off) as usize);
+        let x = read(da, a, off, n).await?;
+        let y = read(db, b, off, n).await?;
+        if let Some(i) = x.iter().zip(y.iter()).position(|(p, q)| p != q) {
+            return Ok(Some(off + i as u64 / SECTOR * SECTOR));
+        }
+        off += n as u64;
+    }
+    Ok(None)
+}
+
+/// The first sector from `from` to the end of `d` that does not read as zeros.
+async fn first_nonzero(d: &Disk<FileOpener>, path: &Path, from: u64) -> Result<Option<u64>> {
+    let mut off = from;
+    while off < d.size() {
+        let n = CHUNK.min((d.size() - off) as usize);
+        let x = read(d, path, off, n).await?;
+        if let Some(i) = x.iter().position(|&p| p != 0) {
+            return Ok(Some(off + i as u64 / SECTOR * SECTOR));
+        }
+        off += n as u64;
+    }
+    Ok(None)
+}
+
+/// QEMU's block-status flags of a run of the chain's map (allocated, zero, data, offset
+/// valid, compressed, and whether it reaches the end of the image).
+fn status(e: &MapEntry, size: u64) -> [bool; 6] {
+    [
+        e.present,
+        e.zero,
+        e.data,
+        e.offset.is_some(),
+        e.compressed,
+        e.start + e.length == size,
+    ]
+}
+
+/// The first offset where the block status of two images of the same size differs.
+async fn first_status_mismatch(
+    da: &Disk<FileOpener>,
+    db: &Disk<FileOpener>,
+) -> Result<Option<u64>> {
+    let size = da.size();
+    let (ma, mb) = (da.map(0, size).await?, db.map(0, size).await?);
+    let (mut ia, mut ib) = (ma.iter().peekable(), mb.iter().peekable());
+    while let (Some(x), Some(y)) = (ia.peek(), ib.peek()) {
+        let at = x.start.max(y.start);
+        if status(x, size) != status(y, size) {
+            return Ok(Some(at));
+        }
+        let (ex, ey) = (x.start + x.length, y.start + y.length);
+        if ex <= ey {
+            ia.next();
+        }
+        if ey <= ex {
+            ib.next();
+        }
+    }
+    Ok(None)
 }
 
 async fn read(d: &Disk<FileOpener>, path: &Path, off: u64, n: usize) -> Result<IoBuf> {

@@ -1,12 +1,13 @@
 //! `qimg info`: what an image is, in qemu-img's words and JSON field names.
 
-use crate::names::NameArgs;
-use crate::util::{self, open_disk, open_disk_alone, size_to_str, OutputFormat};
-use anyhow::Result;
+use crate::names::{ImageName, NameArgs};
+use crate::util::{self, open_disk_alone, qemu_json, size_to_str, OutputFormat};
+use anyhow::{bail, Result};
 use blockio::FileOpener;
 use qcow2_engine::{Disk, Image};
 use qcow2_format::{BitmapDirectoryEntry, CompressionType};
 use serde_json::{json, Map, Value};
+use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -21,7 +22,7 @@ pub struct InfoArgs {
     #[arg(long = "output", value_enum, default_value = "human")]
     output: OutputFormat,
     /// Show every image of the backing chain.
-    #[arg(long = "backing-chain")]
+    #[arg(short = 'b', long = "backing-chain")]
     backing_chain: bool,
     /// Open in shared mode (qemu-img's -U): coexist with a writer of the image.
     #[arg(short = 'U', long = "force-share")]
@@ -39,20 +40,35 @@ pub async fn run(args: InfoArgs) -> ExitCode {
 
 async fn info(args: &InfoArgs) -> Result<()> {
     let (output, backing_chain) = (args.output, args.backing_chain);
-    // One image needs no backing chain (its backing file may be gone, as qemu-img allows).
-    let name = args.names.name(&args.image, args.format.as_deref())?;
-    let disk = match backing_chain {
-        true => open_disk(&name, args.force_share).await?,
-        false => open_disk_alone(&name, args.force_share).await?,
-    };
     let mut infos = Vec::new();
-    let mut layer = Some(&disk);
-    while let Some(d) = layer {
-        infos.push(describe(d).await?);
-        if !backing_chain {
-            break;
+    // Each image alone (its backing file may be gone, as qemu-img allows for one image);
+    // with --backing-chain, the backing files one by one, as their parents name them,
+    // before anything is printed.
+    let mut seen = HashSet::new();
+    let mut next = Some(args.names.name(&args.image, args.format.as_deref())?);
+    while let Some(name) = next.take() {
+        let path = name.path().to_path_buf();
+        if !seen.insert(path.clone()) {
+            bail!(
+                "Backing file '{}' creates an infinite loop.",
+                path.display()
+            );
         }
-        layer = d.backing();
+        let disk = open_disk_alone(&name, args.force_share).await?;
+        let described = describe(&disk).await;
+        if let (true, Disk::Qcow2(img)) = (backing_chain, &disk) {
+            let h = img.header();
+            next = h
+                .backing_file
+                .as_deref()
+                .map(|b| {
+                    let backing = qcow2_engine::resolve_backing(&path, b);
+                    ImageName::parse(&backing, false, h.backing_format())
+                })
+                .transpose()?;
+        }
+        disk.close().await?;
+        infos.push(described?);
     }
     match output {
         OutputFormat::Json => {
@@ -61,7 +77,7 @@ async fn info(args: &InfoArgs) -> Result<()> {
             } else {
                 infos.pop().expect("one image")
             };
-            println!("{}", to_json_4(&v)?);
+            println!("{}", qemu_json(&v));
         }
         OutputFormat::Human => {
             for (i, v) in infos.iter().enumerate() {
@@ -323,14 +339,4 @@ fn print_human_field(key: &str, v: &Value) {
         }
         other => println!("            {key}: {}", bare(other)),
     }
-}
-
-/// JSON with qemu-img's four-space indentation.
-fn to_json_4(v: &Value) -> Result<String> {
-    use serde::Serialize;
-    let mut out = Vec::new();
-    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
-    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
-    v.serialize(&mut ser)?;
-    Ok(String::from_utf8(out)?)
 }

@@ -1,8 +1,10 @@
 //! `qimg map`: where each guest range's data lives, as qemu-img map prints it.
 
 use crate::names::NameArgs;
+use crate::size::cvtnum_full;
 use crate::util::{self, open_disk, OutputFormat};
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
+use qcow2_engine::MapEntry;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -20,6 +22,12 @@ pub struct MapArgs {
     force_share: bool,
     #[command(flatten)]
     pub names: NameArgs,
+    /// The first guest offset to map (any byte offset; past the end maps nothing).
+    #[arg(long = "start-offset")]
+    start_offset: Option<String>,
+    /// The most bytes to map from the start offset.
+    #[arg(long = "max-length")]
+    max_length: Option<String>,
     /// The image.
     image: PathBuf,
 }
@@ -30,28 +38,41 @@ pub async fn run(args: MapArgs) -> ExitCode {
 }
 
 async fn map(args: &MapArgs) -> Result<()> {
+    // qemu-img's cvtnum: any size within 0..=i64::MAX, checked before the image is opened.
+    let bound = |name: &str, v: &Option<String>| {
+        v.as_deref()
+            .map(|s| cvtnum_full(name, s, 0, i64::MAX as u64).map_err(|e| anyhow!(e)))
+            .transpose()
+    };
+    let start = bound("start offset", &args.start_offset)?.unwrap_or(0);
+    let max_length = bound("max length", &args.max_length)?;
     let disk = open_disk(
         &args.names.name(&args.image, args.format.as_deref())?,
         args.force_share,
     )
     .await?;
-    let entries = disk.map(0, disk.size()).await?;
+    let end = max_length.map_or(disk.size(), |l| start.saturating_add(l).min(disk.size()));
+    let mut entries = match start < end {
+        true => disk.map(start, end - start).await?,
+        false => Vec::new(),
+    };
     match args.output {
         OutputFormat::Json => {
-            let lines: Vec<String> = entries
-                .iter()
-                .map(|e| {
-                    let mut s = format!(
-                        "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
-                        e.start, e.length, e.depth, e.present, e.zero, e.data, e.compressed
-                    );
-                    if let Some(o) = e.offset {
-                        s.push_str(&format!(", \"offset\": {o}"));
-                    }
-                    s.push('}');
-                    s
-                })
-                .collect();
+            if entries.is_empty() {
+                // qemu-img still prints the (empty) run it started at the start offset.
+                entries.push(MapEntry {
+                    start,
+                    length: 0,
+                    depth: 0,
+                    present: false,
+                    zero: false,
+                    data: false,
+                    compressed: false,
+                    offset: None,
+                    filename: None,
+                });
+            }
+            let lines: Vec<String> = entries.iter().map(json_line).collect();
             println!("[{}]", lines.join(",\n"));
         }
         OutputFormat::Human => {
@@ -76,6 +97,19 @@ async fn map(args: &MapArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One run as `qemu-img map --output=json` prints it.
+fn json_line(e: &MapEntry) -> String {
+    let mut s = format!(
+        "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
+        e.start, e.length, e.depth, e.present, e.zero, e.data, e.compressed
+    );
+    if let Some(o) = e.offset {
+        s.push_str(&format!(", \"offset\": {o}"));
+    }
+    s.push('}');
+    s
 }
 
 /// C's `%#x`: `0` for zero, `0x...` otherwise.

@@ -82,10 +82,10 @@ impl ImageName {
         let text = given.to_string_lossy().into_owned();
         let cli_format = match format {
             None => None,
-            Some(f) => Some(ImageFormat::from_name(f).ok_or_else(|| NameError {
-                given: None,
-                why: format!("Unknown file format '{f}'"),
-            })?),
+            Some(f) => Some(
+                ImageFormat::from_name(f)
+                    .ok_or_else(|| NameError::of(&text, format!("Unknown driver '{f}'")))?,
+            ),
         };
         let dict = if image_opts {
             Some(options::parse_keyval(&text))

@@ -233,7 +233,14 @@ impl<O: Opener> Image<O> {
             lock_image: true,
             ..options.clone()
         };
-        let disk = Self::open_disk(opener, &bpath, fmt, &bopts, chain, "backing file").await?;
+        let disk = Self::open_disk(opener, &bpath, fmt, &bopts, chain, "backing file")
+            .await
+            .map_err(|e| match e {
+                Error::Locked { .. }
+                | Error::BackingLoop { .. }
+                | Error::BackingChainTooDeep { .. } => e,
+                e => Error::Backing(Box::new(e)),
+            })?;
         Ok(Some(Box::new(disk)))
     }
 
