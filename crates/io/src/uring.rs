@@ -267,8 +267,7 @@ impl Backend for UringFile {
             buf.attach(prior.clone().and(Keep::from_arc(l.clone())));
             prior
         });
-        let (res, mut buf) =
-            write_whole(buf, offset, |b, o| i.file.write_at(b, o).submit()).await;
+        let (res, mut buf) = write_whole(buf, offset, |b, o| i.file.write_at(b, o).submit()).await;
         if let Some(prior) = prior {
             buf.take_keep();
             buf.attach(prior);

@@ -99,7 +99,7 @@ impl Ring {
             }),
             reaped: AtomicBool::new(true),
         });
-        handle.spawn(reap(ring.clone(), watched));
+        handle.spawn(reap(ReaperAlive(ring.clone()), watched));
         Ok(ring)
     }
 
@@ -219,7 +219,8 @@ impl Drop for Ring {
     }
 }
 
-/// Marks the ring unreaped when the reaping task goes (with its runtime).
+/// Marks the ring unreaped when the reaping task goes (with its runtime), whether or not it
+/// ever ran.
 struct ReaperAlive(Arc<Ring>);
 
 impl Drop for ReaperAlive {
@@ -230,8 +231,7 @@ impl Drop for ReaperAlive {
 
 /// The ring's reaper: waits on the eventfd the kernel signals for each completion, then
 /// hands the completions on.
-async fn reap(ring: Arc<Ring>, event: AsyncFd<OwnedFd>) {
-    let alive = ReaperAlive(ring);
+async fn reap(alive: ReaperAlive, event: AsyncFd<OwnedFd>) {
     loop {
         let mut ready = match event.readable().await {
             Ok(r) => r,

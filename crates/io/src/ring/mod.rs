@@ -113,7 +113,13 @@ impl RingFile {
 
     /// Punches (`punch`) or zeroes a range with fallocate unless the file system is known to
     /// refuse it; `Ok(false)` means refused (and remembered, for the blocking-pool fallback).
-    async fn try_fallocate(&self, punch: bool, offset: u64, len: u64, keep: Keep) -> io::Result<bool> {
+    async fn try_fallocate(
+        &self,
+        punch: bool,
+        offset: u64,
+        len: u64,
+        keep: Keep,
+    ) -> io::Result<bool> {
         let (mode, known_bad) = self.file.fallocate_mode(punch);
         if known_bad.load(Ordering::Relaxed) {
             return Ok(false);
@@ -220,5 +226,87 @@ impl Opener for RingOpener {
 
     async fn open(&self, path: &Path, options: OpenOptions) -> io::Result<RingFile> {
         RingFile::open(path, options).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::BorrowedFd;
+    use std::sync::Arc;
+
+    /// The fallbacks taken when fallocate is refused, forced as in the tokio file backend's
+    /// test.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fallbacks_without_fallocate() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = OpenOptions {
+            write: true,
+            create: true,
+            ..Default::default()
+        };
+        let f = RingFile::open(dir.path().join("f"), o).await.unwrap();
+        for punch in [true, false] {
+            f.file
+                .fallocate_mode(punch)
+                .1
+                .store(true, Ordering::Relaxed);
+        }
+        crate::check_fallbacks(&f).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn locks_go_with_the_file() {
+        crate::check_locks_released(RingOpener, |f| {
+            // SAFETY: the descriptor is open while `f` lives.
+            unsafe { BorrowedFd::borrow_raw(f.file.fd()) }
+                .try_clone_to_owned()
+                .unwrap()
+        })
+        .await;
+    }
+
+    /// Each thread has its own ring, set up once for each runtime; the ring of a runtime
+    /// shut down is replaced.
+    #[test]
+    fn a_ring_per_thread_and_runtime() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let here = rt.block_on(async { driver::current().unwrap() });
+        let again = rt.block_on(async { driver::current().unwrap() });
+        assert!(Arc::ptr_eq(&here, &again), "a second ring on one thread");
+        let handle = rt.handle().clone();
+        let there = std::thread::spawn(move || {
+            let _enter = handle.enter();
+            driver::current().unwrap()
+        })
+        .join()
+        .unwrap();
+        assert!(!Arc::ptr_eq(&here, &there), "two threads share a ring");
+        let other = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let other_ring = other.block_on(async { driver::current().unwrap() });
+        assert!(
+            !Arc::ptr_eq(&here, &other_ring),
+            "two runtimes share a ring"
+        );
+        let other_weak = Arc::downgrade(&other_ring);
+        drop((there, other_ring));
+        // The runtime goes, and its reaper: the thread drops that ring at its next use.
+        drop(other);
+        let after = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let new_ring = after.block_on(async { driver::current().unwrap() });
+        assert!(!Arc::ptr_eq(&here, &new_ring));
+        assert!(other_weak.upgrade().is_none(), "the ring of a runtime gone");
+        let here_weak = Arc::downgrade(&here);
+        drop((here, again));
+        drop(rt);
+        let replaced = after.block_on(async { driver::current().unwrap() });
+        assert!(Arc::ptr_eq(&new_ring, &replaced));
+        assert!(here_weak.upgrade().is_none(), "the ring of a runtime gone");
     }
 }

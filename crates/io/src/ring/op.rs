@@ -121,7 +121,11 @@ impl Submit {
             hold,
         })));
         let user_data = Arc::into_raw(slot.clone()) as usize as u64;
-        let entry = self.entry.take().expect("started twice").user_data(user_data);
+        let entry = self
+            .entry
+            .take()
+            .expect("started twice")
+            .user_data(user_data);
         // SAFETY: the entry points only into the hold, which the slot owns until the
         // completion is reaped; the user data is the slot's reference for the kernel.
         if let Err(e) = unsafe { ring.submit(&entry) } {
