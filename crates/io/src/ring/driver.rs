@@ -63,16 +63,30 @@ pub(crate) struct Ring {
 
 struct State {
     uring: IoUring,
-    /// Requests submitted whose completion has not been reaped.
+    /// Requests queued whose completion has not been reaped.
     in_flight: usize,
+    /// Requests queued so far (the sequence number of the last).
+    queued: u64,
+    /// The last request handed to the kernel.
+    submitted: u64,
+}
+
+/// A ring of [`RING_SQ_ENTRIES`] and [`RING_CQ_ENTRIES`], which keeps submitting the rest of a
+/// batch when one request of it fails to start (IORING_SETUP_SUBMIT_ALL, Linux 5.18; without
+/// it where older kernels refuse the flag).
+fn build_uring() -> io::Result<IoUring> {
+    let mut b = IoUring::builder();
+    b.setup_cqsize(RING_CQ_ENTRIES);
+    let all = b.clone().setup_submit_all().build(RING_SQ_ENTRIES);
+    match all {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => b.build(RING_SQ_ENTRIES),
+        r => r,
+    }
 }
 
 impl Ring {
     fn new(handle: &Handle) -> io::Result<Arc<Ring>> {
-        let uring = IoUring::builder()
-            .setup_cqsize(RING_CQ_ENTRIES)
-            .build(RING_SQ_ENTRIES)
-            .map_err(|e| RingUnavailable::Setup(e).into_io())?;
+        let uring = build_uring().map_err(|e| RingUnavailable::Setup(e).into_io())?;
         // SAFETY: plain syscall; a non-negative result is a new descriptor we own.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if fd < 0 {
@@ -96,6 +110,8 @@ impl Ring {
             state: Mutex::new(State {
                 uring,
                 in_flight: 0,
+                queued: 0,
+                submitted: 0,
             }),
             reaped: AtomicBool::new(true),
         });
@@ -108,24 +124,40 @@ impl Ring {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues `entry` and submits what is queued; completions already there are handed on.
+    /// Queues `entry` without submitting it; returns its sequence number for
+    /// [`submit_upto`](Self::submit_upto). A full queue is submitted first.
     ///
     /// # Safety
-    /// The entry's user data must come from [`Slot::into_user_data`](super::op), and what
-    /// the entry points to must live until its completion is reaped.
-    pub(crate) unsafe fn submit(&self, entry: &squeue::Entry) -> io::Result<()> {
+    /// The entry's user data must come from the request's slot (see `op`), and what the
+    /// entry points to must live until its completion is reaped.
+    pub(crate) unsafe fn push(&self, entry: &squeue::Entry) -> io::Result<u64> {
         let mut done = Vec::new();
         let r = {
             let mut st = self.lock();
             // SAFETY: as the caller promises.
-            let r = unsafe { st.push(entry, &mut done) };
-            if r.is_ok() {
-                st.submit(&mut done);
-            }
-            r
+            unsafe { st.push(entry, &mut done) }
         };
         complete(done);
         r
+    }
+
+    /// Submits what is queued unless the request `seq` was already submitted (with the
+    /// batch of an earlier call); completions already there are handed on.
+    pub(crate) fn submit_upto(&self, seq: u64) {
+        let mut done = Vec::new();
+        {
+            let mut st = self.lock();
+            if st.submitted < seq {
+                st.submit(&mut done);
+            }
+        }
+        complete(done);
+    }
+
+    /// How many requests are queued and not yet submitted.
+    pub(crate) fn unsubmitted(&self) -> u64 {
+        let st = self.lock();
+        st.queued - st.submitted
     }
 
     /// Hands on the completions waiting in the queue (the submitter's own reaping).
@@ -141,20 +173,32 @@ impl Ring {
 impl State {
     /// # Safety
     /// As [`Ring::submit`].
-    unsafe fn push(&mut self, entry: &squeue::Entry, done: &mut Vec<Completion>) -> io::Result<()> {
+    unsafe fn push(
+        &mut self,
+        entry: &squeue::Entry,
+        done: &mut Vec<Completion>,
+    ) -> io::Result<u64> {
         loop {
             // SAFETY: as the caller promises.
             if unsafe { self.uring.submission().push(entry) }.is_ok() {
                 self.in_flight += 1;
-                return Ok(());
+                self.queued += 1;
+                return Ok(self.queued);
             }
             // Full: hand the queue to the kernel, which frees it.
             match self.uring.submit() {
-                Ok(_) => {}
+                Ok(_) => self.note_submitted(),
                 Err(e) if retry(&e) => {}
                 Err(e) => return Err(e),
             }
             self.drain(done);
+        }
+    }
+
+    /// Once the kernel took every queued entry, all are submitted.
+    fn note_submitted(&mut self) {
+        if self.uring.submission().is_empty() {
+            self.submitted = self.queued;
         }
     }
 
@@ -165,7 +209,16 @@ impl State {
             let r = self.uring.submit();
             self.drain(done);
             match r {
-                Ok(_) => return,
+                Ok(n) => {
+                    self.note_submitted();
+                    if self.submitted == self.queued {
+                        return;
+                    }
+                    if n == 0 {
+                        tracing::error!("io_uring took none of the queued requests");
+                        return;
+                    }
+                }
                 Err(e) if retry(&e) => {}
                 Err(e) => {
                     tracing::error!("io_uring submission failed, left queued: {e}");

@@ -25,10 +25,13 @@ const MAX_REQUEST: usize = 1 << 30;
 /// inside tokio-uring's.
 ///
 /// A request goes to the ring of the thread that first polls it (set up then, once per
-/// thread and runtime; [`RING_SQ_ENTRIES`], [`RING_CQ_ENTRIES`]) and is submitted right
-/// away, with whatever else the ring has queued. Completions are reaped by a task of the
-/// runtime woken through an eventfd the ring signals, or by the request's own poll when it
-/// finds its completion already there; the reaper wakes the request's task. The rarer
+/// thread and runtime; [`RING_SQ_ENTRIES`], [`RING_CQ_ENTRIES`]). It is queued there and its
+/// task yields once: the requests of the other tasks ready meanwhile queue theirs, and the
+/// first one polled again submits them all in one system call (at once when 16 are queued),
+/// so the device gets batches, as from tokio-uring, at the cost of one turn of the
+/// scheduler. Completions are reaped by a task of the runtime woken through an eventfd the
+/// ring signals, or by the request's own poll when it finds its completion already there;
+/// the reaper wakes the request's task. The rarer
 /// operations (length changes, preallocation, and the fallbacks of `punch_hole` and
 /// `write_zeroes` on file systems without fallocate) run on tokio's blocking pool as
 /// [`TokioFile`]'s do.

@@ -89,13 +89,28 @@ pub(crate) fn complete(done: Vec<Completion>) {
     }
 }
 
-/// The future of one request: submits it to this thread's ring when first polled, then
+/// Queued requests of a ring that make the request that finds them submit them at once,
+/// rather than on its second poll.
+const BATCH: u64 = 16;
+
+/// The future of one request. When first polled it queues the request on this thread's ring
+/// and yields (waking itself): the other requests that are ready meanwhile queue theirs, and
+/// the first to be polled again submits them all in one system call (the device sees a
+/// batch; a VM exits once for it). [`BATCH`] queued requests are submitted at once. Then it
 /// waits for its completion. Its output is the kernel's result (a count) and the hold back.
 /// `Send`: the request may be awaited on any thread.
 pub(crate) struct Submit {
     entry: Option<squeue::Entry>,
     hold: Option<Hold>,
-    slot: Option<(Arc<Slot>, Arc<Ring>)>,
+    slot: Option<Queued>,
+}
+
+/// A request queued on a ring.
+struct Queued {
+    slot: Arc<Slot>,
+    ring: Arc<Ring>,
+    /// Its sequence number on the ring, until it is known to be submitted.
+    seq: Option<u64>,
 }
 
 /// Submits `entry` (which points into `hold`'s buffer, if any) and waits for it.
@@ -110,7 +125,7 @@ pub(crate) fn submit(entry: squeue::Entry, hold: Hold) -> Submit {
 impl Submit {
     /// Queues the entry on this thread's ring. On an error nothing was queued and the hold
     /// comes back.
-    fn start(&mut self, cx: &Context<'_>) -> Result<(), (io::Error, Hold)> {
+    fn start(&mut self, cx: &Context<'_>) -> Result<Queued, (io::Error, Hold)> {
         let hold = self.hold.take().expect("polled after completion");
         let ring = match driver::current() {
             Ok(r) => r,
@@ -128,18 +143,23 @@ impl Submit {
             .user_data(user_data);
         // SAFETY: the entry points only into the hold, which the slot owns until the
         // completion is reaped; the user data is the slot's reference for the kernel.
-        if let Err(e) = unsafe { ring.submit(&entry) } {
-            // Not queued: take back the kernel's reference, and the hold.
-            // SAFETY: made by `into_raw` above and not given to the kernel.
-            drop(unsafe { Arc::from_raw(user_data as usize as *const Slot) });
-            let st = std::mem::replace(&mut *slot.lock(), State::Taken);
-            let State::InFlight { hold, .. } = st else {
-                unreachable!("a request completed without being queued");
-            };
-            return Err((e, hold));
+        match unsafe { ring.push(&entry) } {
+            Ok(seq) => Ok(Queued {
+                slot,
+                ring,
+                seq: Some(seq),
+            }),
+            Err(e) => {
+                // Not queued: take back the kernel's reference, and the hold.
+                // SAFETY: made by `into_raw` above and not given to the kernel.
+                drop(unsafe { Arc::from_raw(user_data as usize as *const Slot) });
+                let st = std::mem::replace(&mut *slot.lock(), State::Taken);
+                let State::InFlight { hold, .. } = st else {
+                    unreachable!("a request completed without being queued");
+                };
+                Err((e, hold))
+            }
         }
-        self.slot = Some((slot, ring));
-        Ok(())
     }
 }
 
@@ -148,17 +168,30 @@ impl Future for Submit {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        if this.slot.is_none() {
-            if let Err((e, hold)) = this.start(cx) {
-                if hold.flush {
-                    hold.file.count_flush_failure();
+        let Some(q) = &mut this.slot else {
+            let mut q = match this.start(cx) {
+                Ok(q) => q,
+                Err((e, hold)) => {
+                    if hold.flush {
+                        hold.file.count_flush_failure();
+                    }
+                    return Poll::Ready((Err(e), hold));
                 }
-                return Poll::Ready((Err(e), hold));
+            };
+            if q.ring.unsubmitted() >= BATCH {
+                q.ring.submit_upto(q.seq.take().expect("queued"));
+            } else {
+                // Back after the other ready tasks, which may queue theirs.
+                cx.waker().wake_by_ref();
             }
+            this.slot = Some(q);
+            return Poll::Pending;
+        };
+        if let Some(seq) = q.seq.take() {
+            q.ring.submit_upto(seq);
         }
-        let (slot, ring) = this.slot.as_ref().expect("started");
         for attempt in 0..2 {
-            let mut st = slot.lock();
+            let mut st = q.slot.lock();
             match std::mem::replace(&mut *st, State::Taken) {
                 State::Done { res, hold } => {
                     drop(st);
@@ -185,7 +218,7 @@ impl Future for Submit {
             if attempt == 0 {
                 // It may be in the completion queue already: reap it without the trip
                 // through the reaper.
-                ring.reap_now();
+                q.ring.reap_now();
             }
         }
         Poll::Pending
@@ -194,11 +227,15 @@ impl Future for Submit {
 
 impl Drop for Submit {
     /// A request in flight keeps its hold in the slot until the kernel completes it; only
-    /// the waker goes.
+    /// the waker goes. One still queued is submitted now, so that it completes (and its
+    /// keep goes) even if nothing else comes to this ring.
     fn drop(&mut self) {
-        if let Some((slot, _)) = &self.slot {
-            if let State::InFlight { waker, .. } = &mut *slot.lock() {
+        if let Some(q) = &mut self.slot {
+            if let State::InFlight { waker, .. } = &mut *q.slot.lock() {
                 *waker = None;
+            }
+            if let Some(seq) = q.seq.take() {
+                q.ring.submit_upto(seq);
             }
         }
     }
