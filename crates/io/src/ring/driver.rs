@@ -154,7 +154,17 @@ impl Ring {
         complete(done);
     }
 
+    /// Whether the request `seq`, just queued, should go to the kernel now rather than after
+    /// a turn of the scheduler: it is alone (nothing else of this ring is queued or in the
+    /// kernel, so no batch is coming that the wait would fill, and latency is all there
+    /// is), or `batch` requests are waiting.
+    pub(crate) fn submit_now(&self, seq: u64, batch: u64) -> bool {
+        let st = self.lock();
+        st.in_flight == 1 || seq - st.submitted >= batch
+    }
+
     /// How many requests are queued and not yet submitted.
+    #[cfg(test)]
     pub(crate) fn unsubmitted(&self) -> u64 {
         let st = self.lock();
         st.queued - st.submitted

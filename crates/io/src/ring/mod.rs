@@ -25,11 +25,11 @@ const MAX_REQUEST: usize = 1 << 30;
 /// inside tokio-uring's.
 ///
 /// A request goes to the ring of the thread that first polls it (set up then, once per
-/// thread and runtime; [`RING_SQ_ENTRIES`], [`RING_CQ_ENTRIES`]). It is queued there and its
-/// task yields once: the requests of the other tasks ready meanwhile queue theirs, and the
-/// first one polled again submits them all in one system call (at once when 16 are queued),
-/// so the device gets batches, as from tokio-uring, at the cost of one turn of the
-/// scheduler. Completions are reaped by a task of the runtime woken through an eventfd the
+/// thread and runtime; [`RING_SQ_ENTRIES`], [`RING_CQ_ENTRIES`]). On a ring with nothing
+/// else queued or in flight it is submitted at once. Otherwise it is queued and its task
+/// yields once: the requests of the other tasks ready meanwhile queue theirs, and the first
+/// one polled again submits them all in one system call (at once when 16 are queued), so a
+/// busy device gets batches, as from tokio-uring, at the cost of one turn of the scheduler. Completions are reaped by a task of the runtime woken through an eventfd the
 /// ring signals, or by the request's own poll when it finds its completion already there;
 /// the reaper wakes the request's task. The rarer
 /// operations (length changes, preallocation, and the fallbacks of `punch_hole` and
@@ -267,6 +267,47 @@ mod tests {
                 .unwrap()
         })
         .await;
+    }
+
+    /// A request dropped while queued (waiting for its batch) is submitted by its drop: it
+    /// completes and its keep goes, although nothing else comes to the ring.
+    #[tokio::test]
+    async fn a_request_dropped_while_queued_is_submitted() {
+        use io_uring::opcode;
+        let dir = tempfile::tempdir().unwrap();
+        let create = OpenOptions {
+            create: true,
+            ..Default::default()
+        };
+        let f = RingFile::open(dir.path().join("f"), create).await.unwrap();
+        // In flight until one other request completes: the ring is busy meanwhile.
+        let ts = types::Timespec::new().sec(600);
+        let busy = op::submit(
+            opcode::Timeout::new(&ts).count(1).build(),
+            Hold::new(&f.file, None, Keep::none()),
+        );
+        let mut busy = std::pin::pin!(busy);
+        assert!(futures::poll!(busy.as_mut()).is_pending());
+        let ring = driver::current().unwrap();
+        assert_eq!(ring.unsubmitted(), 0, "a lone request waits for a batch");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let nop = op::submit(
+            opcode::Nop::new().build(),
+            Hold::new(&f.file, None, Keep::new(tx)),
+        );
+        let mut nop = Box::pin(nop);
+        assert!(futures::poll!(nop.as_mut()).is_pending());
+        assert_eq!(
+            ring.unsubmitted(),
+            1,
+            "the second request waits for its batch"
+        );
+        drop(nop);
+        assert_eq!(ring.unsubmitted(), 0);
+        let dropped = tokio::time::timeout(std::time::Duration::from_secs(60), rx).await;
+        assert!(dropped.is_ok(), "the keep of a dropped request never went");
+        let (r, _) = busy.await;
+        assert_eq!(r.unwrap(), 0, "the timeout ends by its count, not its time");
     }
 
     /// Each thread has its own ring, set up once for each runtime; the ring of a runtime

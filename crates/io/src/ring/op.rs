@@ -94,10 +94,11 @@ pub(crate) fn complete(done: Vec<Completion>) {
 const BATCH: u64 = 16;
 
 /// The future of one request. When first polled it queues the request on this thread's ring
-/// and yields (waking itself): the other requests that are ready meanwhile queue theirs, and
-/// the first to be polled again submits them all in one system call (the device sees a
-/// batch; a VM exits once for it). [`BATCH`] queued requests are submitted at once. Then it
-/// waits for its completion. Its output is the kernel's result (a count) and the hold back.
+/// and, unless the ring was idle (then it submits at once: latency is all there is), yields
+/// (waking itself): the other requests that are ready meanwhile queue theirs, and the first
+/// to be polled again submits them all in one system call (the device sees a batch; a VM
+/// exits once for it). [`BATCH`] queued requests are submitted at once. Then it waits for
+/// its completion. Its output is the kernel's result (a count) and the hold back.
 /// `Send`: the request may be awaited on any thread.
 pub(crate) struct Submit {
     entry: Option<squeue::Entry>,
@@ -178,8 +179,10 @@ impl Future for Submit {
                     return Poll::Ready((Err(e), hold));
                 }
             };
-            if q.ring.unsubmitted() >= BATCH {
-                q.ring.submit_upto(q.seq.take().expect("queued"));
+            let seq = q.seq.expect("queued");
+            if q.ring.submit_now(seq, BATCH) {
+                q.seq = None;
+                q.ring.submit_upto(seq);
             } else {
                 // Back after the other ready tasks, which may queue theirs.
                 cx.waker().wake_by_ref();
