@@ -79,8 +79,9 @@ pub struct BenchArgs {
     /// Also print the time including the final flush and close.
     #[arg(long = "with-close")]
     pub with_close: bool,
-    /// Share the image among this many threads, each with its own runtime (and ring, with
-    /// `-i io_uring`), splitting the requests and the depth among them.
+    /// Share the image among this many threads, each with its own runtime, splitting the
+    /// requests and the depth among them. With it, `-i io_uring` runs on the `Send` io_uring
+    /// backend (a ring per thread) rather than tokio-uring's.
     #[arg(long = "queues", value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub queues: Option<u64>,
     /// The image.

@@ -28,7 +28,8 @@ pub enum RingUnavailable {
     #[error("io_uring backend used outside a tokio runtime")]
     NoRuntime,
     /// The tokio runtime was built without its I/O driver (`enable_io`), which watches the
-    /// ring's eventfd.
+    /// ring's eventfd. (tokio says so by panicking; the panic is caught, but the panic hook
+    /// has printed it.)
     #[error("io_uring backend needs a tokio runtime with I/O enabled (enable_io)")]
     NoIoDriver,
     /// The kernel refused to set up a ring: ENOSYS (no io_uring), EPERM (io_uring disabled
@@ -331,10 +332,14 @@ pub(crate) fn current() -> io::Result<Arc<Ring>> {
     let id = handle.id();
     let (found, gone) = RINGS.with(|rings| {
         let mut rings = rings.borrow_mut();
-        let (live, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut *rings)
-            .into_iter()
-            .partition(|(_, r)| r.reaped.load(Ordering::Acquire));
-        *rings = live;
+        let mut gone = Vec::new();
+        if rings.iter().any(|(_, r)| !r.reaped.load(Ordering::Acquire)) {
+            let live;
+            (live, gone) = std::mem::take(&mut *rings)
+                .into_iter()
+                .partition(|(_, r)| r.reaped.load(Ordering::Acquire));
+            *rings = live;
+        }
         let found = rings.iter().find(|(i, _)| *i == id).map(|(_, r)| r.clone());
         (found, gone)
     });
