@@ -103,8 +103,22 @@ impl TokioFile {
         self.inner.direct
     }
 
-    fn fd(&self) -> RawFd {
+    pub(crate) fn fd(&self) -> RawFd {
         self.inner.file.as_raw_fd()
+    }
+
+    /// Counts a failed flush (made by another backend on this file: the io_uring one).
+    pub(crate) fn count_flush_failure(&self) {
+        self.inner.flush_failures.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The fallocate mode that punches a hole (`punch`) or zeroes a range, and the flag set
+    /// once the file system refused it (then the fallbacks go straight to work).
+    pub(crate) fn fallocate_mode(&self, punch: bool) -> (i32, &AtomicBool) {
+        match punch {
+            true => (sys::PUNCH_HOLE, &self.inner.no_punch),
+            false => (sys::ZERO_RANGE, &self.inner.no_zero_range),
+        }
     }
 
     fn check_aligned(&self, what: &str, buf: &IoBuf, offset: u64) -> io::Result<()> {
@@ -156,10 +170,7 @@ impl TokioFile {
         len: u64,
         keep: Keep,
     ) -> io::Result<bool> {
-        let (mode, known_bad) = match punch {
-            true => (sys::PUNCH_HOLE, &self.inner.no_punch),
-            false => (sys::ZERO_RANGE, &self.inner.no_zero_range),
-        };
+        let (mode, known_bad) = self.fallocate_mode(punch);
         if known_bad.load(Ordering::Relaxed) {
             return Ok(false);
         }

@@ -5,8 +5,10 @@
 //! without a copy and without unsoundness if a future is dropped mid-flight.
 //!
 //! Backends: [`TokioFile`] (positional I/O on tokio's blocking pool, any tokio runtime, O_DIRECT
-//! capable), [`UringFile`] (io_uring through tokio-uring; its futures are not `Send` and run on
-//! a tokio-uring runtime), [`MemoryBackend`] (a growable byte vector, for tests), and, with
+//! capable), [`RingFile`] (io_uring with a ring per thread, on any tokio runtime; `Send`, so
+//! one file or image serves the tasks of a multi-thread runtime), [`UringFile`] (io_uring
+//! through tokio-uring; its futures are not `Send` and run on a tokio-uring runtime),
+//! [`MemoryBackend`] (a growable byte vector, for tests), and, with
 //! the `fault` feature (tests only), `FaultInjector` (wraps any backend; a test can hold,
 //! release, reorder and fail requests, and build crash images from its log).
 //!
@@ -19,9 +21,12 @@ mod fault;
 mod file;
 pub mod lock;
 mod memory;
+#[cfg(target_os = "linux")]
+mod ring;
 mod sys;
 #[cfg(target_os = "linux")]
 mod uring;
+mod whole;
 
 pub use buf::{IoBuf, Keep, DEFAULT_ALIGN};
 #[cfg(feature = "fault")]
@@ -32,6 +37,8 @@ pub use fault::{
 pub use file::{FileOpener, TokioFile};
 pub use lock::{LockConflict, LockRequest, Locking, Perms};
 pub use memory::{MemoryBackend, MemoryOpener};
+#[cfg(target_os = "linux")]
+pub use ring::{RingFile, RingOpener, RingUnavailable, RING_CQ_ENTRIES, RING_SQ_ENTRIES};
 #[cfg(target_os = "linux")]
 pub use uring::{uring_builder, UringFile, UringOpener, URING_CQ_ENTRIES, URING_SQ_ENTRIES};
 

@@ -13,7 +13,7 @@ pub(crate) fn is_unsupported(e: &io::Error) -> bool {
 }
 
 /// Converts a byte position for a syscall, refusing values past `off_t`'s range.
-fn to_off(v: u64) -> io::Result<libc::off_t> {
+pub(crate) fn to_off(v: u64) -> io::Result<libc::off_t> {
     libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))
 }
 

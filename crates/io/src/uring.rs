@@ -2,6 +2,7 @@
 
 use crate::file::{check_direct, writes};
 use crate::lock::HeldLocks;
+use crate::whole::{read_whole, write_whole};
 use crate::{
     punch_by_writing, sys, zero_by_punching, Backend, BufResult, IoBuf, Keep, OpenOptions, Opener,
 };
@@ -246,39 +247,13 @@ fn to_off(v: u64) -> io::Result<u64> {
 }
 
 impl Backend for UringFile {
-    async fn read_at(&self, mut buf: IoBuf, offset: u64) -> BufResult<usize> {
+    async fn read_at(&self, buf: IoBuf, offset: u64) -> BufResult<usize> {
         let i = &self.inner;
         if let Err(e) = check_direct(i.direct, i.align, "read", &buf, offset) {
             return (Err(e), buf);
         }
-        let win = buf.window();
-        let mut done = 0;
-        let res = loop {
-            if done == win.len() {
-                break Ok(done);
-            }
-            buf.set_window(win.start + done..win.end);
-            let (r, b) = i.file.read_at(buf, offset + done as u64).await;
-            buf = b;
-            match r {
-                Ok(0) => break Ok(done),
-                Ok(n) => {
-                    done += n;
-                    // With O_DIRECT an unaligned count is the end of the file.
-                    if i.direct && n % i.align != 0 {
-                        break Ok(done);
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => break Err(e),
-            }
-        };
-        buf.set_window(win);
-        if let (true, Ok(n)) = (i.direct, &res) {
-            // The device transferred whole blocks: the kernel may have written past the count.
-            buf[*n..].fill(0);
-        }
-        (res, buf)
+        let direct = i.direct.then_some(i.align);
+        read_whole(buf, offset, direct, |b, o| i.file.read_at(b, o)).await
     }
 
     async fn write_at(&self, mut buf: IoBuf, offset: u64) -> BufResult<()> {
@@ -292,23 +267,7 @@ impl Backend for UringFile {
             buf.attach(prior.clone().and(Keep::from_arc(l.clone())));
             prior
         });
-        let win = buf.window();
-        let mut done = 0;
-        let res = loop {
-            if done == win.len() {
-                break Ok(());
-            }
-            buf.set_window(win.start + done..win.end);
-            let (r, b) = i.file.write_at(buf, offset + done as u64).submit().await;
-            buf = b;
-            match r {
-                Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => break Err(e),
-            }
-        };
-        buf.set_window(win);
+        let (res, mut buf) = write_whole(buf, offset, |b, o| i.file.write_at(b, o).submit()).await;
         if let Some(prior) = prior {
             buf.take_keep();
             buf.attach(prior);

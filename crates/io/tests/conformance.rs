@@ -1,5 +1,7 @@
 //! One set of cases, run against every backend: memory, tokio file (cached and O_DIRECT),
-//! io_uring (cached and O_DIRECT) and the fault injector.
+//! io_uring through tokio-uring (cached and O_DIRECT), io_uring with a ring per thread
+//! (cached and O_DIRECT, on multi-thread, current-thread and tokio-uring runtimes) and the
+//! fault injector.
 //!
 //! Cached backends (alignment 1) get deliberately unaligned offsets and lengths; O_DIRECT
 //! backends get multiples of their alignment. O_DIRECT files live under the target directory
@@ -7,7 +9,7 @@
 
 use blockio::{
     read_zero_padded, Backend, FaultInjector, FileOpener, IoBuf, Keep, MemoryBackend, MemoryOpener,
-    OpenOptions, Opener, TokioFile, UringFile, UringOpener,
+    OpenOptions, Opener, RingFile, RingOpener, TokioFile, UringFile, UringOpener,
 };
 use futures::future::join_all;
 use std::future::Future;
@@ -476,6 +478,55 @@ fn uring_direct() {
         let f = UringFile::open(&p, new_file(true)).await.unwrap();
         dropped_operations_finish(f, file_contents(p)).await;
     });
+}
+
+/// The cases of the per-thread ring backend, cached: suite, opens, locks, cancellation.
+async fn ring_cases(dir: &Path) {
+    let mut path = paths(dir);
+    suite("ring", || {
+        let p = path();
+        async move { RingFile::open(p, new_file(false)).await.unwrap() }
+    })
+    .await;
+    opener_cases(RingOpener, dir).await;
+    locking_cases(RingOpener, dir).await;
+    let p = path();
+    let f = RingFile::open(&p, new_file(false)).await.unwrap();
+    dropped_operations_finish(f, file_contents(p)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    ring_cases(dir.path()).await;
+}
+
+#[tokio::test]
+async fn ring_cached_current_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    ring_cases(dir.path()).await;
+}
+
+#[test]
+fn ring_cached_in_tokio_uring() {
+    let dir = tempfile::tempdir().unwrap();
+    blockio::uring_builder().start(ring_cases(dir.path()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_direct() {
+    let dir = disk_dir();
+    let mut path = paths(dir.path());
+    let f = RingFile::open(path(), new_file(true)).await.unwrap();
+    direct_rules(&f).await;
+    suite("ring direct", || {
+        let p = path();
+        async move { RingFile::open(p, new_file(true)).await.unwrap() }
+    })
+    .await;
+    let p = path();
+    let f = RingFile::open(&p, new_file(true)).await.unwrap();
+    dropped_operations_finish(f, file_contents(p)).await;
 }
 
 /// O_DIRECT reports a sane alignment and refuses misaligned requests with a clear error.

@@ -7,15 +7,22 @@
 //! unless `--no-drain`. The time printed covers the request loop only (open and close
 //! outside it), like qemu-img's; `--with-close` adds a second figure that includes the final
 //! flush and close.
+//!
+//! With `--queues N` the image is shared by N threads, each running a tokio runtime of its
+//! own, as a VMM's I/O threads would (`-i io_uring`: the per-thread io_uring backend,
+//! `blockio::RingOpener`; `-i threads`: the tokio file backend). They take requests from one
+//! stream (request `i` goes where it would with one queue, to whichever thread is free first),
+//! and the `-d` requests in flight are spread over them.
 
 use crate::size::cvtnum_full;
 use crate::util;
 use anyhow::{bail, Context, Result};
 use blockio::{IoBuf, Opener};
 use qcow2_engine::{Disk, ImageFormat, ImageOptions};
-use std::cell::Cell;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Barrier;
 use std::time::Instant;
 
 /// The options of `qimg bench` (qemu-img bench's, plus `--random` and `--with-close`).
@@ -72,6 +79,11 @@ pub struct BenchArgs {
     /// Also print the time including the final flush and close.
     #[arg(long = "with-close")]
     pub with_close: bool,
+    /// Share the image among this many threads, each with its own runtime, splitting the
+    /// requests and the depth among them. With it, `-i io_uring` runs on the `Send` io_uring
+    /// backend (a ring per thread) rather than tokio-uring's.
+    #[arg(long = "queues", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub queues: Option<u64>,
     /// The image.
     pub image: PathBuf,
 }
@@ -106,13 +118,47 @@ fn start(args: BenchArgs) -> Result<()> {
     if args.size == 0 || args.depth == 0 {
         bail!("request size and depth must be positive");
     }
-    match args.aio.as_str() {
-        "io_uring" => blockio::uring_builder().start(bench(blockio::UringOpener, args, direct)),
-        "threads" | "native" => tokio::runtime::Builder::new_current_thread()
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .build()?
-            .block_on(bench(blockio::FileOpener, args, direct)),
-        other => bail!("Invalid aio option: {other}"),
+            .build()
+    };
+    match (args.aio.as_str(), args.queues) {
+        ("io_uring", None) => {
+            blockio::uring_builder().start(bench(blockio::UringOpener, args, direct, None))
+        }
+        ("io_uring", Some(_)) => {
+            runtime()?.block_on(bench(blockio::RingOpener, args, direct, Some(split)))
+        }
+        ("threads" | "native", _) => {
+            runtime()?.block_on(bench(blockio::FileOpener, args, direct, Some(split)))
+        }
+        (other, _) => bail!("Invalid aio option: {other}"),
+    }
+}
+
+/// The request stream the queues share.
+#[derive(Default)]
+struct Stream {
+    /// The next request to send.
+    next: AtomicU64,
+    /// Requests completed.
+    done: AtomicU64,
+    /// A queue failed: the others stop taking requests.
+    failed: AtomicBool,
+}
+
+impl Stream {
+    /// Takes the next request before `end`, if any is left.
+    fn take(&self, end: u64) -> Option<u64> {
+        if self.failed.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.next
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |i| {
+                (i < end).then_some(i + 1)
+            })
+            .ok()
     }
 }
 
@@ -134,7 +180,11 @@ fn offset_of(args: &BenchArgs, i: u64, size: u64, step: u64) -> u64 {
     }
 }
 
-async fn bench<O: Opener>(opener: O, args: BenchArgs, direct: bool) -> Result<()> {
+/// Runs the queues of `--queues` on threads of their own (see [`split`]); `None` for a
+/// backend that cannot be shared between threads.
+type Split<O> = Option<fn(&Run<'_, O>, u64) -> Result<()>>;
+
+async fn bench<O: Opener>(opener: O, args: BenchArgs, direct: bool, split: Split<O>) -> Result<()> {
     let format = match args.format.as_deref() {
         None => None,
         Some(f) => {
@@ -166,57 +216,19 @@ async fn bench<O: Opener>(opener: O, args: BenchArgs, direct: bool) -> Result<()
         println!("Sending flush every {n} requests");
     }
 
-    let next = Cell::new(0u64);
-    let done = Cell::new(0u64);
+    let stream = Stream::default();
     let start = Instant::now();
-    let interval = args.flush_interval.filter(|&n| n > 0);
-    // With a draining flush interval the run is a sequence of batches, each followed by a
-    // flush once the queue is empty; otherwise one batch.
-    let batch = match (interval, args.no_drain) {
-        (Some(n), false) => n,
-        _ => args.count,
+    let queues = args.queues.unwrap_or(1);
+    let run = Run {
+        disk: &disk,
+        args: &args,
+        stream: &stream,
+        size,
+        step,
     };
-    let mut issued = 0u64;
-    while issued < args.count {
-        let end = (issued + batch).min(args.count);
-        next.set(issued);
-        let workers = (0..args.depth.min(end - issued)).map(|_| {
-            let (disk, args, next, done) = (&disk, &args, &next, &done);
-            async move {
-                let mut buf = IoBuf::new(args.size as usize);
-                buf.fill(args.pattern);
-                loop {
-                    let i = next.get();
-                    if i >= end {
-                        return Ok::<(), anyhow::Error>(());
-                    }
-                    next.set(i + 1);
-                    let off = offset_of(args, i, size, step);
-                    let off = off.min(size - args.size);
-                    let (res, b) = if args.write {
-                        disk.write_at(buf, off).await
-                    } else {
-                        disk.read_at(buf, off).await
-                    };
-                    buf = b;
-                    res.with_context(|| format!("Failed request at offset {off}"))?;
-                    let n = done.get() + 1;
-                    done.set(n);
-                    if let (Some(iv), true) = (interval, args.no_drain) {
-                        if n % iv == 0 {
-                            disk.flush().await.context("flush failed")?;
-                        }
-                    }
-                }
-            }
-        });
-        for r in futures::future::join_all(workers).await {
-            r?;
-        }
-        issued = end;
-        if interval.is_some() && !args.no_drain {
-            disk.flush().await.context("flush failed")?;
-        }
+    match split {
+        Some(split) if queues > 1 => split(&run, queues)?,
+        _ => run.queue(args.depth, None).await?,
     }
     let secs = start.elapsed().as_secs_f64();
     println!("Run completed in {secs:.3} seconds.");
@@ -234,6 +246,125 @@ async fn bench<O: Opener>(opener: O, args: BenchArgs, direct: bool) -> Result<()
         );
     }
     Ok(())
+}
+
+/// One benchmark run: the disk, the options and the shared request stream.
+struct Run<'a, O: Opener> {
+    disk: &'a Disk<O>,
+    args: &'a BenchArgs,
+    stream: &'a Stream,
+    size: u64,
+    step: u64,
+}
+
+impl<O: Opener> Run<'_, O> {
+    /// The `--flush-interval`, if any.
+    fn interval(&self) -> Option<u64> {
+        self.args.flush_interval.filter(|&n| n > 0)
+    }
+
+    /// With a draining flush interval the run is a sequence of batches, each followed by a
+    /// flush once the queues are empty; otherwise one batch.
+    fn batch(&self) -> u64 {
+        match (self.interval(), self.args.no_drain) {
+            (Some(n), false) => n,
+            _ => self.args.count,
+        }
+    }
+
+    /// One queue: the batches, `depth` requests in flight. With several queues, `sync`
+    /// brings them together after each batch, and the first flushes.
+    async fn queue(&self, depth: u64, sync: Option<&Barrier>) -> Result<()> {
+        let (count, batch) = (self.args.count, self.batch());
+        let mut result = Ok(());
+        let mut issued = 0;
+        while issued < count {
+            let end = (issued + batch).min(count);
+            if result.is_ok() {
+                result = self.batch_of(end, depth).await;
+                if result.is_err() {
+                    self.stream.failed.store(true, Ordering::Relaxed);
+                }
+            }
+            issued = end;
+            let leader = sync.is_none_or(|b| b.wait().is_leader());
+            let failed = self.stream.failed.load(Ordering::Relaxed);
+            if leader && !failed && self.interval().is_some() && !self.args.no_drain {
+                if let Err(e) = self.disk.flush().await.context("flush failed") {
+                    self.stream.failed.store(true, Ordering::Relaxed);
+                    result = Err(e);
+                }
+            }
+            if let Some(b) = sync {
+                b.wait();
+            }
+        }
+        result
+    }
+
+    /// Sends the stream's requests up to `end`, `depth` at a time.
+    async fn batch_of(&self, end: u64, depth: u64) -> Result<()> {
+        let workers = (0..depth).map(|_| async move {
+            let args = self.args;
+            let mut buf = IoBuf::new(args.size as usize);
+            buf.fill(args.pattern);
+            while let Some(i) = self.stream.take(end) {
+                let off = offset_of(args, i, self.size, self.step);
+                let off = off.min(self.size - args.size);
+                let (res, b) = if args.write {
+                    self.disk.write_at(buf, off).await
+                } else {
+                    self.disk.read_at(buf, off).await
+                };
+                buf = b;
+                res.with_context(|| format!("Failed request at offset {off}"))?;
+                let n = self.stream.done.fetch_add(1, Ordering::Relaxed) + 1;
+                if let (Some(iv), true) = (self.interval(), args.no_drain) {
+                    if n % iv == 0 {
+                        self.disk.flush().await.context("flush failed")?;
+                    }
+                }
+            }
+            Ok::<(), anyhow::Error>(())
+        });
+        for r in futures::future::join_all(workers).await {
+            r?;
+        }
+        Ok(())
+    }
+}
+
+/// `queues` threads, each with a runtime of its own, share the run's stream and depth.
+fn split<O: Opener>(run: &Run<'_, O>, queues: u64) -> Result<()>
+where
+    Disk<O>: Sync,
+{
+    let sync = Barrier::new(queues as usize);
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..queues)
+            .map(|q| {
+                let depth = queue_depth(run.args.depth, queues, q);
+                let sync = &sync;
+                scope.spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    rt.block_on(run.queue(depth, Some(sync)))
+                })
+            })
+            .collect();
+        let mut result = Ok(());
+        for t in threads {
+            let r = t.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            result = result.and(r);
+        }
+        result
+    })
+}
+
+/// The requests in flight of queue `q` of `queues`: `depth` spread evenly (at least one).
+fn queue_depth(depth: u64, queues: u64, q: u64) -> u64 {
+    (depth / queues + u64::from(q < depth % queues)).max(1)
 }
 
 #[cfg(test)]

@@ -1,0 +1,354 @@
+//! The rings: one per thread and tokio runtime, created on first use, each reaped by a task
+//! of its runtime woken through an eventfd (and by its submitters, for what completes
+//! during their submission).
+
+use super::op::{complete, Completion};
+use io_uring::{squeue, IoUring};
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::io::unix::AsyncFd;
+use tokio::runtime::{Handle, Id};
+
+/// Entries of the submission queue of each ring. Requests are submitted as they are queued,
+/// so the queue rarely holds more than a few.
+pub const RING_SQ_ENTRIES: u32 = 64;
+/// Entries of each ring's completion queue: requests that may complete before they are
+/// reaped (more are buffered by the kernel, at a cost).
+pub const RING_CQ_ENTRIES: u32 = 4096;
+
+/// Why a [`RingFile`](crate::RingFile) cannot do I/O on this thread. It comes inside an
+/// [`io::Error`]; [`RingUnavailable::from_io`] finds it.
+#[derive(Debug, thiserror::Error)]
+pub enum RingUnavailable {
+    /// The operation ran outside a tokio runtime: the ring's completions are reaped by a task
+    /// of the runtime.
+    #[error("io_uring backend used outside a tokio runtime")]
+    NoRuntime,
+    /// The tokio runtime was built without its I/O driver (`enable_io`), which watches the
+    /// ring's eventfd. (tokio says so by panicking; the panic is caught, but the panic hook
+    /// has printed it.)
+    #[error("io_uring backend needs a tokio runtime with I/O enabled (enable_io)")]
+    NoIoDriver,
+    /// The kernel refused to set up a ring: ENOSYS (no io_uring), EPERM (io_uring disabled
+    /// by `kernel.io_uring_disabled` or a seccomp filter), ENOMEM (locked memory limit).
+    #[error("cannot set up an io_uring: {0}")]
+    Setup(#[source] io::Error),
+}
+
+impl RingUnavailable {
+    /// The reason inside `e`, if `e` says the ring is unavailable.
+    pub fn from_io(e: &io::Error) -> Option<&RingUnavailable> {
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<RingUnavailable>())
+    }
+
+    fn into_io(self) -> io::Error {
+        let kind = match &self {
+            RingUnavailable::Setup(e) => e.kind(),
+            _ => io::ErrorKind::Unsupported,
+        };
+        io::Error::new(kind, self)
+    }
+}
+
+/// One ring, shared by the thread that submits to it and the task that reaps it.
+pub(crate) struct Ring {
+    state: Mutex<State>,
+    /// Cleared when the reaping task is gone (its runtime shut down): the thread then sets
+    /// up a new ring for the next runtime.
+    reaped: AtomicBool,
+}
+
+struct State {
+    uring: IoUring,
+    /// Requests queued whose completion has not been reaped.
+    in_flight: usize,
+    /// Requests queued so far (the sequence number of the last).
+    queued: u64,
+    /// The last request handed to the kernel.
+    submitted: u64,
+}
+
+/// A ring of [`RING_SQ_ENTRIES`] and [`RING_CQ_ENTRIES`], which keeps submitting the rest of a
+/// batch when one request of it fails to start (IORING_SETUP_SUBMIT_ALL, Linux 5.18; without
+/// it where older kernels refuse the flag).
+fn build_uring() -> io::Result<IoUring> {
+    let mut b = IoUring::builder();
+    b.setup_cqsize(RING_CQ_ENTRIES);
+    let all = b.clone().setup_submit_all().build(RING_SQ_ENTRIES);
+    match all {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => b.build(RING_SQ_ENTRIES),
+        r => r,
+    }
+}
+
+impl Ring {
+    fn new(handle: &Handle) -> io::Result<Arc<Ring>> {
+        let uring = build_uring().map_err(|e| RingUnavailable::Setup(e).into_io())?;
+        // SAFETY: plain syscall; a non-negative result is a new descriptor we own.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by eventfd and nothing else owns it.
+        let event = unsafe { OwnedFd::from_raw_fd(fd) };
+        uring
+            .submitter()
+            .register_eventfd(event.as_raw_fd())
+            .map_err(|e| RingUnavailable::Setup(e).into_io())?;
+        // tokio panics when its I/O driver is disabled: turn that into an error.
+        let watched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _enter = handle.enter();
+            // SAFETY: an OwnedFd stays open, and is the same descriptor, while it is owned.
+            unsafe { AsyncFd::register_with_interest(event, tokio::io::Interest::READABLE) }
+        }))
+        .map_err(|_| RingUnavailable::NoIoDriver.into_io())?
+        .map_err(|e| e.into_parts().1)?;
+        let ring = Arc::new(Ring {
+            state: Mutex::new(State {
+                uring,
+                in_flight: 0,
+                queued: 0,
+                submitted: 0,
+            }),
+            reaped: AtomicBool::new(true),
+        });
+        handle.spawn(reap(ReaperAlive(ring.clone()), watched));
+        Ok(ring)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere cannot leave the queues inconsistent: go on.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `entry` without submitting it; returns its sequence number for
+    /// [`submit_upto`](Self::submit_upto). A full queue is submitted first.
+    ///
+    /// # Safety
+    /// The entry's user data must come from the request's slot (see `op`), and what the
+    /// entry points to must live until its completion is reaped.
+    pub(crate) unsafe fn push(&self, entry: &squeue::Entry) -> io::Result<u64> {
+        let mut done = Vec::new();
+        let r = {
+            let mut st = self.lock();
+            // SAFETY: as the caller promises.
+            unsafe { st.push(entry, &mut done) }
+        };
+        complete(done);
+        r
+    }
+
+    /// Submits what is queued unless the request `seq` was already submitted (with the
+    /// batch of an earlier call); completions already there are handed on.
+    pub(crate) fn submit_upto(&self, seq: u64) {
+        let mut done = Vec::new();
+        {
+            let mut st = self.lock();
+            if st.submitted < seq {
+                st.submit(&mut done);
+            }
+        }
+        complete(done);
+    }
+
+    /// Whether the request `seq`, just queued, should go to the kernel now rather than after
+    /// a turn of the scheduler: it is alone (nothing else of this ring is queued or in the
+    /// kernel, so no batch is coming that the wait would fill, and latency is all there
+    /// is), or `batch` requests are waiting.
+    pub(crate) fn submit_now(&self, seq: u64, batch: u64) -> bool {
+        let st = self.lock();
+        st.in_flight == 1 || seq - st.submitted >= batch
+    }
+
+    /// How many requests are queued and not yet submitted.
+    #[cfg(test)]
+    pub(crate) fn unsubmitted(&self) -> u64 {
+        let st = self.lock();
+        st.queued - st.submitted
+    }
+
+    /// Hands on the completions waiting in the queue (the submitter's own reaping).
+    pub(crate) fn reap_now(&self) {
+        let mut done = Vec::new();
+        if let Ok(mut st) = self.state.try_lock() {
+            st.drain(&mut done);
+        }
+        complete(done);
+    }
+}
+
+impl State {
+    /// # Safety
+    /// As [`Ring::submit`].
+    unsafe fn push(
+        &mut self,
+        entry: &squeue::Entry,
+        done: &mut Vec<Completion>,
+    ) -> io::Result<u64> {
+        loop {
+            // SAFETY: as the caller promises.
+            if unsafe { self.uring.submission().push(entry) }.is_ok() {
+                self.in_flight += 1;
+                self.queued += 1;
+                return Ok(self.queued);
+            }
+            // Full: hand the queue to the kernel, which frees it.
+            match self.uring.submit() {
+                Ok(_) => self.note_submitted(),
+                Err(e) if retry(&e) => {}
+                Err(e) => return Err(e),
+            }
+            self.drain(done);
+        }
+    }
+
+    /// Once the kernel took every queued entry, all are submitted.
+    fn note_submitted(&mut self) {
+        if self.uring.submission().is_empty() {
+            self.submitted = self.queued;
+        }
+    }
+
+    /// Submits what is queued, retrying what is transient. An entry the kernel refuses to
+    /// take stays queued (its buffer with it) and goes with the next submission.
+    fn submit(&mut self, done: &mut Vec<Completion>) {
+        loop {
+            let r = self.uring.submit();
+            self.drain(done);
+            match r {
+                Ok(n) => {
+                    self.note_submitted();
+                    if self.submitted == self.queued {
+                        return;
+                    }
+                    if n == 0 {
+                        tracing::error!("io_uring took none of the queued requests");
+                        return;
+                    }
+                }
+                Err(e) if retry(&e) => {}
+                Err(e) => {
+                    tracing::error!("io_uring submission failed, left queued: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn drain(&mut self, done: &mut Vec<Completion>) {
+        let before = done.len();
+        done.extend(
+            self.uring
+                .completion()
+                .map(|c| Completion::new(c.user_data(), c.result())),
+        );
+        self.in_flight -= done.len() - before;
+    }
+}
+
+/// A submission failure that goes away: interrupted, out of resources for now, or a
+/// completion queue to empty first (handled by the caller's drain).
+fn retry(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
+    )
+}
+
+impl Drop for Ring {
+    /// Waits for every request still in the kernel: their buffers and keeps go only then.
+    /// If waiting fails, they are leaked, never freed under the kernel.
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        while st.in_flight > 0 {
+            let mut done = Vec::new();
+            match st.uring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if retry(&e) => {}
+                Err(e) => {
+                    tracing::error!(
+                        "io_uring: cannot wait for {} requests, leaking their buffers: {e}",
+                        st.in_flight
+                    );
+                    return;
+                }
+            }
+            st.drain(&mut done);
+            complete(done);
+        }
+    }
+}
+
+/// Marks the ring unreaped when the reaping task goes (with its runtime), whether or not it
+/// ever ran.
+struct ReaperAlive(Arc<Ring>);
+
+impl Drop for ReaperAlive {
+    fn drop(&mut self) {
+        self.0.reaped.store(false, Ordering::Release);
+    }
+}
+
+/// The ring's reaper: waits on the eventfd the kernel signals for each completion, then
+/// hands the completions on.
+async fn reap(alive: ReaperAlive, event: AsyncFd<OwnedFd>) {
+    loop {
+        let mut ready = match event.readable().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("io_uring reaper: eventfd: {e}");
+                return;
+            }
+        };
+        let mut count = [0u8; 8];
+        // SAFETY: reads 8 bytes into `count`. EAGAIN (nothing signalled) is fine.
+        let _ = unsafe { libc::read(event.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+        ready.clear_ready();
+        // Completions signalled after this drain signal the eventfd again.
+        let mut done = Vec::new();
+        {
+            let mut st = alive.0.lock();
+            if !st.uring.submission().is_empty() {
+                st.submit(&mut done);
+            }
+            st.drain(&mut done);
+        }
+        complete(done);
+    }
+}
+
+thread_local! {
+    /// This thread's rings, one per tokio runtime it polled requests in.
+    static RINGS: RefCell<Vec<(Id, Arc<Ring>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The ring of this thread for the current tokio runtime, set up on first use.
+pub(crate) fn current() -> io::Result<Arc<Ring>> {
+    let handle = Handle::try_current().map_err(|_| RingUnavailable::NoRuntime.into_io())?;
+    let id = handle.id();
+    let (found, gone) = RINGS.with(|rings| {
+        let mut rings = rings.borrow_mut();
+        let mut gone = Vec::new();
+        if rings.iter().any(|(_, r)| !r.reaped.load(Ordering::Acquire)) {
+            let live;
+            (live, gone) = std::mem::take(&mut *rings)
+                .into_iter()
+                .partition(|(_, r)| r.reaped.load(Ordering::Acquire));
+            *rings = live;
+        }
+        let found = rings.iter().find(|(i, _)| *i == id).map(|(_, r)| r.clone());
+        (found, gone)
+    });
+    // The rings of runtimes gone wait here for their last requests, outside the borrow.
+    drop(gone);
+    if let Some(ring) = found {
+        return Ok(ring);
+    }
+    let ring = Ring::new(&handle)?;
+    RINGS.with(|rings| rings.borrow_mut().push((id, ring.clone())));
+    Ok(ring)
+}
