@@ -55,7 +55,7 @@ pub async fn run(args: CommitArgs) -> ExitCode {
     code
 }
 
-/// Commits the image; `progress` starts once the images are open (as qemu-img's does).
+/// Commits the image; `progress` starts once the image is open (as qemu-img's does).
 async fn commit(args: &CommitArgs, progress: &mut Option<Progress>) -> Result<()> {
     let name = args.names.name(&args.image, args.format.as_deref())?;
     let image = name.path();
@@ -66,6 +66,8 @@ async fn commit(args: &CommitArgs, progress: &mut Option<Progress>) -> Result<()
     // qemu-img reports it, and the base is looked for in it.
     let read_only = ImageOptions::new().read_only(true);
     let chain = crate::util::open_disk_with(&name, read_only.clone()).await?;
+    // qemu-img starts its report once the image is open, before it looks for the base.
+    let p = progress.insert(Progress::start(args.progress && !args.quiet, 1.0));
     let found = find_base(&chain, image, args.base.as_deref());
     chain.close().await?;
     let (between, base_path, base_format) = found?;
@@ -103,7 +105,6 @@ async fn commit(args: &CommitArgs, progress: &mut Option<Progress>) -> Result<()
             bail!("Could not open backing file: {e}");
         }
     };
-    let p = progress.insert(Progress::start(args.progress && !args.quiet, 1.0));
     let mut report = |done: u64, total: u64| {
         if total > 0 {
             p.set(done as f32 / total as f32 * 100.0);
