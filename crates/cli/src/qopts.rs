@@ -3,6 +3,27 @@
 
 use crate::size::{parse_size, SizeError};
 
+/// Splits an option list at commas (`,,` is a literal comma), as QemuOpts does.
+pub fn split_list(list: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = list.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                out.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    out.push(cur);
+    out
+}
+
 /// A boolean option: `on`/`off` and their synonyms, as QemuOpts' `parse_option_bool`.
 pub fn bool_value(name: &str, text: &str) -> Result<bool, String> {
     match text {

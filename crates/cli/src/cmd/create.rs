@@ -6,7 +6,7 @@
 //! (nothing printed), then the size and the backing file (opened to check it and to take its
 //! size), then the "Formatting" line, then the format's own checks, then the image.
 
-use crate::qopts;
+use crate::qopts::{self, split_list};
 use crate::size::cvtnum_full;
 use blockio::FileOpener;
 use qcow2_engine::{
@@ -203,27 +203,6 @@ impl Opts {
         }
         parts.join(" ")
     }
-}
-
-/// Splits an option list at commas (`,,` is a literal comma).
-fn split_list(list: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut chars = list.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                out.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    out.push(cur);
-    out
 }
 
 /// qemu-img's check of one `-o` argument: not empty, not ending in a lone comma.

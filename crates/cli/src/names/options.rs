@@ -3,7 +3,7 @@
 //! format driver and of its `file` protocol, and reduced to the file, the format and the
 //! engine's open options.
 
-use crate::qopts::{bool_value, number_value, size_value};
+use crate::qopts::{bool_value, number_value, size_value, split_list};
 use blockio::Locking;
 use qcow2_engine::{BackingChoice, ImageFormat, ImageOptions};
 use std::collections::BTreeMap;
@@ -183,22 +183,7 @@ impl Settings {
 /// `key=value,...` as `--image-opts` reads it: `,,` is a comma in a value, a first item
 /// without `=` is the `file`, a later one is a flag set `on`.
 pub fn parse_keyval(text: &str) -> Map {
-    let mut items = Vec::new();
-    let mut cur = String::new();
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                items.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    items.push(cur);
+    let items = split_list(text);
     let mut map = Map::new();
     for (i, item) in items.into_iter().enumerate() {
         if item.is_empty() {

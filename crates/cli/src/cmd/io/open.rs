@@ -5,7 +5,7 @@
 use super::exec::err;
 use super::CacheMode;
 use crate::names::ImageName;
-use crate::size::parse_size_in;
+use crate::qopts::{bool_value, size_value};
 use crate::util::program;
 use blockio::Opener;
 use qcow2_engine::{CreateOptions, Disk, ImageFormat, ImageOptions};
@@ -59,17 +59,8 @@ impl OpenSpec {
         for (key, value) in &self.driver_options {
             let v = value.as_deref().unwrap_or("on");
             match key.as_str() {
-                "lazy-refcounts" => options = options.lazy_refcounts(on_off(key, v)?),
-                "l2-cache-size" => {
-                    let bytes = parse_size_in(v, 0..=u64::MAX).map_err(|_| {
-                        format!(
-                            "Parameter '{key}' expects a non-negative number below 2^64\n\
-                             Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, \
-                             tera-, peta-\nand exabytes, respectively."
-                        )
-                    })?;
-                    options = options.l2_cache_size(bytes);
-                }
+                "lazy-refcounts" => options = options.lazy_refcounts(bool_value(key, v)?),
+                "l2-cache-size" => options = options.l2_cache_size(size_value(key, v)?),
                 _ => {}
             }
         }
@@ -91,15 +82,6 @@ pub fn takes_option(format: ImageFormat, key: &str) -> bool {
         "driver" => true,
         "lazy-refcounts" | "l2-cache-size" => format == ImageFormat::Qcow2,
         _ => false,
-    }
-}
-
-/// A boolean option's value as QEMU reads it.
-fn on_off(key: &str, value: &str) -> Result<bool, String> {
-    match value {
-        "on" => Ok(true),
-        "off" => Ok(false),
-        _ => Err(format!("Parameter '{key}' expects 'on' or 'off'")),
     }
 }
 
