@@ -110,7 +110,7 @@ impl<O: Opener> Image<O> {
             return (Err(e), buf);
         }
         if let Err(e) = self.before_first_write().await {
-            return (Err(e), buf);
+            return (Err(e.in_request("write", offset, len)), buf);
         }
         self.bitmap_ctx().bitmaps_mark(offset, len).await;
         let (result, buf) = self.write_window(buf, offset).await;
