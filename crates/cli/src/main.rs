@@ -75,24 +75,27 @@ enum Command {
 }
 
 impl Command {
-    /// The `--image-opts` and `--object` options of the commands that take them as clap
-    /// arguments (`bitmap` reads its own, in order).
-    fn names(&self) -> Option<&names::NameArgs> {
-        match self {
-            Command::Amend(a) => Some(&a.names),
-            Command::Check(a) => Some(&a.names),
-            Command::Compare(a) => Some(&a.names),
-            Command::Convert(a) => Some(&a.names),
-            Command::Dd(a) => Some(&a.names),
-            Command::Info(a) => Some(&a.names),
-            Command::Map(a) => Some(&a.names),
-            Command::Measure(a) => Some(&a.names),
-            Command::Rebase(a) => Some(&a.names),
-            Command::Io(a) => Some(&a.names),
-            Command::Resize(a) => Some(&a.names),
-            Command::Snapshot(a) => Some(&a.names),
-            _ => None,
-        }
+    /// The `--object` options of the commands that take them as clap arguments (`bitmap`
+    /// reads its own, in order).
+    fn objects(&self) -> Option<&names::ObjectArgs> {
+        let names = match self {
+            Command::Create(a) => return Some(&a.objects),
+            Command::Amend(a) => &a.names,
+            Command::Check(a) => &a.names,
+            Command::Compare(a) => &a.names,
+            Command::Convert(a) => &a.names,
+            Command::Dd(a) => &a.names,
+            Command::Info(a) => &a.names,
+            Command::Map(a) => &a.names,
+            Command::Measure(a) => &a.names,
+            Command::Resize(a) => &a.names,
+            Command::Snapshot(a) => &a.names,
+            Command::Rebase(a) => &a.names,
+            Command::Commit(a) => &a.names,
+            Command::Io(a) => &a.names,
+            Command::Bitmap(_) | Command::Bench(_) => return None,
+        };
+        Some(&names.objects)
     }
 }
 
@@ -135,7 +138,7 @@ fn main() -> ExitCode {
     });
     // `--object` definitions are checked first, as QEMU's tools create the objects while
     // reading their options; `--object help` ends the command there.
-    match cli.command.names().map(names::NameArgs::check_objects) {
+    match cli.command.objects().map(names::ObjectArgs::check) {
         Some(Ok(true)) => return ExitCode::SUCCESS,
         Some(Err(e)) => return util::exit::<()>(1, Err(e)),
         _ => {}

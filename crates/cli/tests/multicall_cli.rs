@@ -740,6 +740,32 @@ fn qemu_object_definitions() {
             "t.qcow2",
         ],
     );
+    for object in ["secret,id=s0,data=x", "secret,id=s0", "help"] {
+        p.same(
+            "qemu-img",
+            &["create", "-f", "qcow2", "--object", object, "o.qcow2", "1M"],
+        );
+    }
+    p.same(
+        "qemu-img",
+        &["create", "--image-opts", "-f", "qcow2", "o.qcow2", "1M"],
+    );
+    p.same(
+        "qemu-img",
+        &["bench", "--object", "secret,id=s0", "-c", "1", "t.qcow2"],
+    );
+    p.same(
+        "qemu-img",
+        &[
+            "bench",
+            "--image-opts",
+            "-c",
+            "1",
+            "-d",
+            "1",
+            "driver=qcow2,file.filename=t.qcow2",
+        ],
+    );
     p.same(
         "qemu-img",
         &[

@@ -14,11 +14,12 @@
 //! stream (request `i` goes where it would with one queue, to whichever thread is free first),
 //! and the `-d` requests in flight are spread over them.
 
+use crate::names::NameArgs;
 use crate::size::cvtnum_full;
 use crate::util;
 use anyhow::{bail, Context, Result};
 use blockio::{IoBuf, Opener};
-use qcow2_engine::{Disk, ImageFormat, ImageOptions};
+use qcow2_engine::{Disk, ImageOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -85,6 +86,9 @@ pub struct BenchArgs {
     #[arg(long = "queues", value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub queues: Option<u64>,
     /// The image.
+    /// Read the image name as a list of block options (`driver=qcow2,file.filename=F`).
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
     pub image: PathBuf,
 }
 
@@ -185,19 +189,18 @@ fn offset_of(args: &BenchArgs, i: u64, size: u64, step: u64) -> u64 {
 type Split<O> = Option<fn(&Run<'_, O>, u64) -> Result<()>>;
 
 async fn bench<O: Opener>(opener: O, args: BenchArgs, direct: bool, split: Split<O>) -> Result<()> {
-    let format = match args.format.as_deref() {
-        None => None,
-        Some(f) => {
-            Some(ImageFormat::from_name(f).with_context(|| format!("Unknown file format '{f}'"))?)
-        }
+    let names = NameArgs {
+        image_opts: args.image_opts,
+        objects: Default::default(),
     };
+    let name = names.name(&args.image, args.format.as_deref())?;
     let opts = ImageOptions::new()
         .read_only(!args.write)
         .force_share(args.force_share)
         .direct(direct);
-    let disk = Disk::open(opener, &args.image, format, opts)
+    let disk = Disk::open(opener, name.path(), name.format(), name.options(opts)?)
         .await
-        .with_context(|| format!("Could not open '{}'", args.image.display()))?;
+        .map_err(|e| name.could_not_open(e))?;
     let size = disk.size();
     if args.size > size {
         bail!("request size {} is larger than the image", args.size);
@@ -232,12 +235,15 @@ async fn bench<O: Opener>(opener: O, args: BenchArgs, direct: bool, split: Split
     }
     let secs = start.elapsed().as_secs_f64();
     println!("Run completed in {secs:.3} seconds.");
-    let iops = args.count as f64 / secs;
-    println!(
-        "{:.0} IOPS, {:.1} MiB/s",
-        iops,
-        iops * args.size as f64 / f64::from(1 << 20)
-    );
+    // qimg's own summary; as qemu-img, the tool prints what qemu-img prints.
+    if crate::util::program() == "qimg" {
+        let iops = args.count as f64 / secs;
+        println!(
+            "{:.0} IOPS, {:.1} MiB/s",
+            iops,
+            iops * args.size as f64 / f64::from(1 << 20)
+        );
+    }
     disk.close().await?;
     if args.with_close {
         println!(

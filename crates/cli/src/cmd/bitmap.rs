@@ -134,7 +134,7 @@ async fn bitmap(p: Parsed) -> Result<()> {
     };
     let names = NameArgs {
         image_opts: p.image_opts,
-        objects: p.objects.clone(),
+        objects: Default::default(),
     };
     let target = names.name(Path::new(image), p.format.as_deref())?;
     if target.format() == Some(ImageFormat::Raw) {

@@ -6,6 +6,7 @@
 //! (nothing printed), then the size and the backing file (opened to check it and to take its
 //! size), then the "Formatting" line, then the format's own checks, then the image.
 
+use crate::names::ObjectArgs;
 use crate::qopts::{self, split_list};
 use crate::size::cvtnum_full;
 use blockio::FileOpener;
@@ -40,6 +41,8 @@ pub struct CreateArgs {
     /// Quiet: do not print the "Formatting" line.
     #[arg(short = 'q')]
     quiet: bool,
+    #[command(flatten)]
+    pub objects: ObjectArgs,
     /// The image to create (none with `-o help`).
     image: Option<String>,
     /// Virtual size: bytes, or with a suffix k, M, G, T, P, E (powers of 1024).
@@ -74,6 +77,7 @@ pub async fn create_for_convert(
         backing_format: None,
         unsafe_backing: false,
         quiet: true,
+        objects: Default::default(),
         image: Some(image.display().to_string()),
         size: Some(size.to_string()),
     };

@@ -31,19 +31,28 @@ pub struct NameArgs {
     /// Read each image name as a list of block options (`driver=qcow2,file.filename=F`).
     #[arg(long = "image-opts")]
     pub image_opts: bool,
+    #[command(flatten)]
+    pub objects: ObjectArgs,
+}
+
+/// `--object`, alone: what `create` takes (it names no image to open).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct ObjectArgs {
     /// Define an object (`secret,id=ID,data=...`), checked as QEMU checks it; `help` lists
     /// the object types.
     #[arg(long = "object", value_name = "OBJECTDEF")]
     pub objects: Vec<String>,
 }
 
-impl NameArgs {
+impl ObjectArgs {
     /// Checks the `--object` definitions; `Ok(true)` when one asked for help, which has
     /// been printed (the command then ends with status 0, as QEMU's do).
-    pub fn check_objects(&self) -> Result<bool> {
+    pub fn check(&self) -> Result<bool> {
         check_objects(&self.objects)
     }
+}
 
+impl NameArgs {
     /// The image named `given`, with the format given by `-f` (refused with `--image-opts`,
     /// as qemu-img refuses it).
     pub fn name(&self, given: &Path, format: Option<&str>) -> Result<ImageName> {
