@@ -294,22 +294,13 @@ impl Dict {
             Some(name) => (Some(driver_format(name)?), false),
         };
         // The `file` child: its options, without their prefix.
-        let mut file = Map::new();
-        if protocol_only {
-            file = std::mem::take(&mut map);
+        let mut file = if protocol_only {
+            std::mem::take(&mut map)
         } else {
             if let Some(v) = map.remove("file") {
                 return Err(node_reference(&v));
             }
-            let keys: Vec<String> = map
-                .keys()
-                .filter(|k| k.starts_with("file."))
-                .cloned()
-                .collect();
-            for k in keys {
-                let v = map.remove(&k).expect("listed key");
-                file.insert(k["file.".len()..].to_owned(), v);
-            }
+            let mut file = take_prefixed(&mut map, "file.");
             if let Some(v) = map.remove("filename") {
                 file.insert("filename".into(), v);
             }
@@ -319,7 +310,8 @@ impl Dict {
                     Some(_) => "A block device must be specified for \"file\"".into(),
                 });
             }
-        }
+            file
+        };
         let path = protocol(&mut file, &mut s)?;
         if !protocol_only {
             take_backing(&mut map, &mut s)?;
@@ -393,39 +385,15 @@ fn take_backing(map: &mut Map, s: &mut Settings) -> Result<(), String> {
         }
         None => {}
     }
-    let keys: Vec<String> = map
-        .keys()
-        .filter(|k| k.starts_with("backing."))
-        .cloned()
-        .collect();
-    let Some(first) = keys.first() else {
+    let mut sub = take_prefixed(map, "backing.");
+    let Some(first) = sub.keys().next() else {
         return Ok(());
     };
-    s.backing_key = Some(first.clone());
-    let mut sub = Map::new();
-    for k in keys {
-        let v = map.remove(&k).expect("listed key");
-        sub.insert(k["backing.".len()..].to_owned(), v);
-    }
+    s.backing_key = Some(format!("backing.{first}"));
     let format = take_str(&mut sub, "driver")?
         .map(|d| driver_format(&d))
         .transpose()?;
-    if let Some(d) = take_str(&mut sub, "file.driver")? {
-        if d != "file" {
-            driver_format(&d)?;
-            return Err(format!(
-                "Driver '{d}' is not supported by qimg as a protocol"
-            ));
-        }
-    }
-    let Some(path) = take_str(&mut sub, "file.filename")? else {
-        return Err("The 'file' block driver requires a file name".into());
-    };
-    if let Some(k) = sub.keys().next() {
-        return Err(format!(
-            "qimg does not support the backing file option 'backing.{k}'"
-        ));
-    }
+    let path = plain_file(&mut sub, "file.", "backing file", "backing.")?;
     s.backing = Some(BackingChoice::File {
         path: PathBuf::from(path),
         format,
@@ -433,40 +401,53 @@ fn take_backing(map: &mut Map, s: &mut Settings) -> Result<(), String> {
     Ok(())
 }
 
+/// Removes the keys under `prefix` from `map`: the options of that child, without it.
+fn take_prefixed(map: &mut Map, prefix: &str) -> Map {
+    let keys: Vec<String> = map
+        .keys()
+        .filter(|k| k.starts_with(prefix))
+        .cloned()
+        .collect();
+    keys.into_iter()
+        .map(|k| {
+            let v = map.remove(&k).expect("listed key");
+            (k[prefix.len()..].to_owned(), v)
+        })
+        .collect()
+}
+
+/// The file name of a child that is a plain file (`{at}driver` absent or `file`,
+/// `{at}filename` given, nothing else; `what` and `shown` name it in messages).
+fn plain_file(sub: &mut Map, at: &str, what: &str, shown: &str) -> Result<String, String> {
+    if let Some(d) = take_str(sub, &format!("{at}driver"))? {
+        if d != "file" {
+            driver_format(&d)?;
+            return Err(format!(
+                "Driver '{d}' is not supported by qimg for a {what}"
+            ));
+        }
+    }
+    let Some(path) = take_str(sub, &format!("{at}filename"))? else {
+        return Err("The 'file' block driver requires a file name".into());
+    };
+    match sub.keys().next() {
+        Some(k) => Err(format!(
+            "qimg does not support the {what} option '{shown}{k}'"
+        )),
+        None => Ok(path),
+    }
+}
+
 /// `data-file`: the external data file's options (`data-file.filename`).
 fn take_data_file(map: &mut Map, s: &mut Settings) -> Result<(), String> {
     if let Some(v) = map.remove("data-file") {
         return Err(node_reference(&v));
     }
-    let keys: Vec<String> = map
-        .keys()
-        .filter(|k| k.starts_with("data-file."))
-        .cloned()
-        .collect();
-    if keys.is_empty() {
+    let mut sub = take_prefixed(map, "data-file.");
+    if sub.is_empty() {
         return Ok(());
     }
-    let mut sub = Map::new();
-    for k in keys {
-        let v = map.remove(&k).expect("listed key");
-        sub.insert(k["data-file.".len()..].to_owned(), v);
-    }
-    if let Some(d) = take_str(&mut sub, "driver")? {
-        if d != "file" {
-            driver_format(&d)?;
-            return Err(format!(
-                "Driver '{d}' is not supported by qimg as a data file"
-            ));
-        }
-    }
-    let Some(path) = take_str(&mut sub, "filename")? else {
-        return Err("The 'file' block driver requires a file name".into());
-    };
-    if let Some(k) = sub.keys().next() {
-        return Err(format!(
-            "qimg does not support the data file option 'data-file.{k}'"
-        ));
-    }
+    let path = plain_file(&mut sub, "", "data file", "data-file.")?;
     s.data_file = Some(PathBuf::from(path));
     Ok(())
 }
