@@ -24,6 +24,18 @@ pub fn split_list(list: &str) -> Vec<String> {
     out
 }
 
+/// qemu-img's check of each `-o` argument, as it reads its options: not empty, not starting
+/// with a comma, not ending in a lone comma ("Invalid option list: ...").
+pub fn check_lists(lists: &[String]) -> Result<(), String> {
+    for list in lists {
+        let trailing = list.len() - list.trim_end_matches(',').len();
+        if list.is_empty() || list.starts_with(',') || trailing % 2 != 0 {
+            return Err(format!("Invalid option list: {list}"));
+        }
+    }
+    Ok(())
+}
+
 /// A boolean option: `on`/`off` and their synonyms, as QemuOpts' `parse_option_bool`.
 pub fn bool_value(name: &str, text: &str) -> Result<bool, String> {
     match text {
@@ -72,6 +84,16 @@ fn parse_number(s: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn option_lists_are_checked_as_qemu_img_checks_them() {
+        let l = |v: &[&str]| check_lists(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert!(l(&["a=1"]).is_ok());
+        assert!(l(&["a=x,,"]).is_ok());
+        assert_eq!(l(&["a=1", "a,"]), Err("Invalid option list: a,".into()));
+        assert!(l(&[""]).is_err());
+        assert!(l(&[",help"]).is_err());
+    }
 
     #[test]
     fn values_read_as_qemu_opts_reads_them() {

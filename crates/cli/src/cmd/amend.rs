@@ -37,6 +37,7 @@ pub async fn run(args: AmendArgs) -> ExitCode {
 }
 
 async fn amend(args: &AmendArgs) -> Result<()> {
+    crate::qopts::check_lists(&args.options).map_err(|e| anyhow!(e))?;
     if args.options.is_empty() {
         bail!(
             "Must specify options (-o)\nTry '{} amend --help' for more info",

@@ -122,6 +122,7 @@ pub async fn run(args: ConvertArgs) -> ExitCode {
 /// The options checked as qemu-img checks them before it opens anything (`None`: `-o help`
 /// was answered).
 fn settings(args: &ConvertArgs) -> Result<Option<Settings>> {
+    crate::qopts::check_lists(&args.options).map_err(|e| anyhow!(e))?;
     let sparse = match args.sparse.as_deref() {
         None => Some(SPARSE),
         Some(s) => {
