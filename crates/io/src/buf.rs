@@ -78,7 +78,7 @@ impl IoBuf {
         len: usize,
         owner: impl Send + Sync + 'static,
     ) -> Self {
-        let align = 1usize << (ptr.as_ptr() as usize).trailing_zeros().min(12);
+        let align = 1usize << (ptr.as_ptr() as usize).trailing_zeros();
         Self {
             ptr,
             cap: len,

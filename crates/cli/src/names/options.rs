@@ -173,7 +173,7 @@ impl Settings {
         if let Some(p) = &self.data_file {
             o = o.data_file(p);
         }
-        if let (Some(b), Some(_)) = (&self.backing, &self.backing_key) {
+        if let Some(b) = &self.backing {
             o = o.backing(b.clone());
         }
         o

@@ -136,6 +136,7 @@ async fn do_write<O: Opener>(
         return Err(EIO.into());
     }
     let start = Instant::now();
+    let mut flush_after = w.fua;
     if w.len > 0 {
         match w.data {
             WriteData::Zeroes { may_unmap } => disk
@@ -154,17 +155,16 @@ async fn do_write<O: Opener>(
                         true => WriteFlags::FUA,
                         false => WriteFlags::default(),
                     };
-                    // FUA done by the engine, with the write.
-                    let (res, _) = disk.write_at_with(buf, w.offset, flags).await;
-                    res.map_err(|e| strerror(&e))?;
-                    return Ok(start.elapsed());
+                    // The engine makes this write durable itself.
+                    flush_after = false;
+                    disk.write_at_with(buf, w.offset, flags).await
                 };
                 res.map_err(|e| strerror(&e))?;
             }
         }
     }
     // The other writes have no flags: FUA is a flush after them.
-    if w.fua {
+    if flush_after {
         disk.flush().await.map_err(|e| strerror(&e))?;
     }
     Ok(start.elapsed())
