@@ -1,5 +1,6 @@
 //! The tokio file backend: positional I/O on tokio's blocking pool.
 
+use crate::cached::CacheReads;
 use crate::lock::HeldLocks;
 use crate::{
     punch_by_writing, sys, zero_by_punching, Backend, BufResult, IoBuf, Keep, OpenOptions, Opener,
@@ -39,6 +40,8 @@ struct Inner {
     no_zero_range: AtomicBool,
     /// Failed flushes, counted by the blocking task (its future may be gone).
     flush_failures: AtomicU64,
+    /// The page-cache fast path of reads (see [`TokioFile::read_cached`]).
+    cached: CacheReads,
 }
 
 impl TokioFile {
@@ -94,6 +97,7 @@ impl TokioFile {
                 no_punch: AtomicBool::new(false),
                 no_zero_range: AtomicBool::new(false),
                 flush_failures: AtomicU64::new(0),
+                cached: CacheReads::default(),
             }),
         }
     }
@@ -105,6 +109,18 @@ impl TokioFile {
 
     pub(crate) fn fd(&self) -> RawFd {
         self.inner.file.as_raw_fd()
+    }
+
+    /// Reads into `buf` what the page cache holds of the range at `offset`, without waiting
+    /// for the disk: `Some(n)` when it read `n` bytes (fewer than asked when the rest is not
+    /// cached; 0 at the end of the file), `None` when the caller must do the read itself (the
+    /// first page is not cached, the file is O_DIRECT, the attempts are off for now, or any
+    /// error, which the real read will report). See [`CacheReads`].
+    pub(crate) fn read_cached(&self, buf: &mut [u8], offset: u64) -> Option<usize> {
+        match self.inner.direct {
+            true => None,
+            false => self.inner.cached.read(self.fd(), buf, offset),
+        }
     }
 
     /// Counts a failed flush (made by another backend on this file: the io_uring one).
@@ -322,6 +338,12 @@ impl Backend for TokioFile {
         if let Err(e) = self.check_aligned("read", &buf, offset) {
             return (Err(e), buf);
         }
+        let mut buf = buf;
+        let want = buf.len();
+        // Only a whole read counts here; a part (or the end of the file) is read again below.
+        if self.read_cached(&mut buf, offset) == Some(want) {
+            return (Ok(want), buf);
+        }
         let direct = self.inner.direct.then_some(self.inner.align);
         self.buf_blocking(buf, move |f, b| read_full(f, b, offset, direct))
             .await
@@ -448,5 +470,51 @@ mod tests {
     #[tokio::test]
     async fn locks_go_with_the_file() {
         crate::check_locks_released(FileOpener, |f| f.inner.file.try_clone().unwrap().into()).await;
+    }
+
+    /// Reads of a cached file take the page-cache path while the data is there, go the
+    /// usual way when it is not, and stop probing after `COLD` misses in a row but for one
+    /// read in `PROBE`.
+    #[tokio::test]
+    async fn cached_reads_take_the_page_cache_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = OpenOptions {
+            write: true,
+            create: true,
+            ..Default::default()
+        };
+        let f = TokioFile::open(dir.path().join("f"), o).await.unwrap();
+        let data: Vec<u8> = (0..65536u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (r, _) = f.write_at(IoBuf::from_slice(&data), 0).await;
+        r.unwrap();
+        let mut buf = vec![0u8; 8192];
+        let hit = f.read_cached(&mut buf, 4096);
+        let c = &f.inner.cached;
+        if c.off.load(Ordering::Relaxed) {
+            // A file system without RWF_NOWAIT reads: the path turns itself off.
+            assert_eq!(hit, None);
+            return;
+        }
+        assert_eq!(hit, Some(8192), "data just written is in the page cache");
+        assert_eq!(buf, data[4096..12288]);
+        // Past the end: the end of the file, read from the cache too.
+        assert_eq!(f.read_cached(&mut buf, 65536), Some(0));
+        // Out of the page cache: a miss, and the usual read still returns the data.
+        f.flush().await.unwrap();
+        // SAFETY: plain syscall on an open descriptor.
+        let r = unsafe { libc::posix_fadvise(f.fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(r, 0);
+        assert_eq!(f.read_cached(&mut buf, 0), None);
+        assert_eq!(c.misses.load(Ordering::Relaxed), 1);
+        let (r, back) = f.read_at(IoBuf::new(65536), 0).await;
+        assert_eq!(r.unwrap(), 65536);
+        assert_eq!(&back[..], &data[..]);
+        // The usual read cached it again: a hit, and the misses start over.
+        assert_eq!(f.read_cached(&mut buf, 0), Some(8192));
+        assert_eq!(c.misses.load(Ordering::Relaxed), 0);
+        // Cold: after COLD misses only one attempt in PROBE.
+        c.misses.store(CacheReads::COLD, Ordering::Relaxed);
+        let attempts = (0..CacheReads::PROBE * 2).filter(|_| c.attempt()).count();
+        assert_eq!(attempts, 2);
     }
 }

@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 mod buf;
+mod cached;
 #[cfg(feature = "fault")]
 mod fault;
 mod file;

@@ -39,6 +39,29 @@ pub(crate) fn fallocate(_fd: RawFd, _mode: i32, _offset: u64, _len: u64) -> io::
     Err(io::Error::from_raw_os_error(UNSUPPORTED))
 }
 
+/// `preadv2(RWF_NOWAIT)`: reads what the page cache holds of the range without waiting for
+/// the disk (EAGAIN when the first page is not there; a short count when a later one is not).
+#[cfg(target_os = "linux")]
+pub(crate) fn pread_nowait(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let off = to_off(offset)?;
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: one iovec over `buf`, which outlives the call; plain syscall otherwise.
+    let n = unsafe { libc::preadv2(fd, &iov, 1, off, libc::RWF_NOWAIT) };
+    match n {
+        n if n >= 0 => Ok(n as usize),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// No `preadv2` here: "unsupported", so callers read the usual way.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn pread_nowait(_fd: RawFd, _buf: &mut [u8], _offset: u64) -> io::Result<usize> {
+    Err(io::Error::from_raw_os_error(UNSUPPORTED))
+}
+
 /// Mode bits for punching a hole without changing the file size.
 #[cfg(target_os = "linux")]
 pub(crate) const PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;

@@ -1,5 +1,6 @@
 //! The io_uring backend, on tokio-uring 0.5.
 
+use crate::cached::CacheReads;
 use crate::file::{check_direct, writes};
 use crate::lock::HeldLocks;
 use crate::whole::{read_whole, write_whole};
@@ -99,6 +100,8 @@ struct Inner {
     align: usize,
     no_punch: Cell<bool>,
     no_zero_range: Cell<bool>,
+    /// The page-cache fast path of reads (files without O_DIRECT).
+    cached: CacheReads,
     /// Failed flushes, counted by the flush's own task.
     flush_failures: Cell<u64>,
 }
@@ -141,6 +144,7 @@ impl UringFile {
                 align,
                 no_punch: Cell::new(false),
                 no_zero_range: Cell::new(false),
+                cached: Default::default(),
                 flush_failures: Cell::new(0),
             }),
         })
@@ -253,7 +257,15 @@ impl Backend for UringFile {
             return (Err(e), buf);
         }
         let direct = i.direct.then_some(i.align);
-        read_whole(buf, offset, direct, |b, o| i.file.read_at(b, o)).await
+        read_whole(buf, offset, direct, |mut b, o| async move {
+            if !i.direct {
+                if let Some(n) = i.cached.read(i.file.as_raw_fd(), &mut b, o) {
+                    return (Ok(n), b);
+                }
+            }
+            i.file.read_at(b, o).await
+        })
+        .await
     }
 
     async fn write_at(&self, mut buf: IoBuf, offset: u64) -> BufResult<()> {

@@ -90,6 +90,9 @@ impl RingFile {
         let entry = match write {
             true => opcode::Write::new(self.fd(), buf.as_ptr(), n),
             false => {
+                if let Some(n) = self.file.read_cached(&mut buf[..n as usize], offset) {
+                    return (Ok(n), buf);
+                }
                 let r = opcode::Read::new(self.fd(), buf.as_mut_ptr(), n);
                 return self.finish_rw(r.offset(offset).build(), buf).await;
             }
