@@ -14,6 +14,9 @@ the machine (other builds, page cache, the disk's own state) spreads over all si
   imago    with --peers: the other Rust qcow2 implementations, through benches/peers'
   qcow2-rs peer-bench (the same options, the same images; PEER_SKIPS lists the cells a peer
            cannot run and why)
+  q1 q2 q4 qimg bench -i io_uring --queues N: one image shared by N threads, each with its
+           own runtime and ring, the requests in flight spread over them (on the cells
+           matching --queue-cells only)
 
 qimg bench and qemu-img bench get the same options, so they send the same requests in the
 same order; the time is theirs ("Run completed in X seconds.", the request loop only) and
@@ -59,7 +62,12 @@ SPAN_ALLOC = 64 * GiB
 PATTERN = 0xAA  # written by the cells; not zero, so no zero detection can shortcut a write
 PREP_PATTERN = 0x55
 MARKER = "<!-- bench.sh: everything above this line is rewritten by `just bench`; hand-written sections below it are kept -->"
-SIDES = ("ours", "nolease", "qemu", "threads", "raw", "imago", "qcow2-rs")
+SIDES = ("ours", "nolease", "qemu", "threads", "raw", "q1", "q2", "q4", "imago", "qcow2-rs")
+# `qimg bench --queues N` (side -> N), on the cells matching --queue-cells.
+QUEUES = {"q1": 1, "q2": 2, "q4": 4}
+# The cells that also run with several queues: the QD32 4k cells of a prepared image, where
+# one thread's CPU time is what limits a run.
+QUEUE_CELLS = r"^(rewrite4k|read4k)-(none|writeback)-qd32$"
 # The other Rust qcow2 implementations (--peers), run by benches/peers' peer-bench.
 PEERS = ("imago", "qcow2-rs")
 # (peer, regex of cell ids) -> why the peer does not run those cells.
@@ -69,7 +77,7 @@ PEER_SKIPS: dict[tuple[str, str], str] = {}
 # What benches/peers/Cargo.toml pins.
 PEER_VERSIONS = "imago 0.2.6, qcow2-rs 0.1.6"
 # The sides that run our engine (checked after writing, never run again after a crash).
-OURS = ("ours", "nolease", "threads")
+OURS = ("ours", "nolease", "threads") + tuple(QUEUES)
 # The cells that also run the no-lease build (--nolease-cells): the 4k cells, where a lease per
 # request weighs most. All cells would add a fifth of the run and more than `just bench`'s
 # budget allows on a busy machine.
@@ -325,7 +333,8 @@ class Bench:
         if side in OURS:
             qimg = self.args.qimg_nolease if side == "nolease" else self.qimg
             aio = "threads" if side == "threads" else "io_uring"
-            return [qimg, "bench", "-f", "qcow2", "-i", aio] + cell.bench_args() + [img]
+            queues = ["--queues", str(QUEUES[side])] if side in QUEUES else []
+            return [qimg, "bench", "-f", "qcow2", "-i", aio] + queues + cell.bench_args() + [img]
         if side == "qemu":
             return ["qemu-img", "bench", "-f", "qcow2", "-i", "io_uring"] + cell.bench_args() + [img]
         if side in PEERS:
@@ -397,7 +406,8 @@ class Bench:
     # --- one cell ----------------------------------------------------------------------------
     def sides(self, cell: Cell) -> list[str]:
         nolease = bool(self.args.nolease_cells) and re.search(self.args.nolease_cells, cell.id)
-        return [s for s in SIDES if (s != "nolease" or nolease)
+        queues = bool(self.args.queue_cells) and re.search(self.args.queue_cells, cell.id)
+        return [s for s in SIDES if (s != "nolease" or nolease) and (s not in QUEUES or queues)
                 and (s not in PEERS or (self.args.peers and not peer_skip(s, cell)))]
 
     def cell(self, cell: Cell):
@@ -465,6 +475,7 @@ class Bench:
         failed = self.peer_errors.get(cell.id, {})
         peers = "".join(f"  {s} {'failed':>9}" if s in failed else f"  {s} {med[s]:9.0f}"
                         for s in PEERS if s in sides)
+        peers += "".join(f"  {s} {med[s]:9.0f}" for s in QUEUES if s in med)
         print(f"{cell.id:24} ours {med['ours']:9.0f}  qemu {med['qemu']:9.0f}  "
               f"threads {med['threads']:9.0f}  raw {med['raw']:9.0f}  "
               f"ours/qemu {med['ours'] / med['qemu']:5.2f}{nolease}{peers}  "
@@ -685,6 +696,34 @@ def peers_section(bench: Bench, cells: list[Cell]) -> list[str]:
     return L
 
 
+def queues_section(bench: Bench, cells: list[Cell]) -> list[str]:
+    """The cells run with `--queues N`: IOPS by number of queues."""
+    rows = [c for c in cells if c.id not in bench.errors
+            and any(bench.results.get(c.id, {}).get(s) for s in QUEUES)]
+    if not rows:
+        return []
+    ncpu = os.cpu_count() or 1
+    L = ["### One image, several queues", "",
+         "`qimg bench -i io_uring --queues N`: one image shared by N threads, each running a "
+         "current-thread tokio runtime with its own ring (`blockio::RingOpener`), taking "
+         "requests from one stream, the cell's requests in flight spread over them (as a VMM "
+         "serves several virtio queues from several I/O threads). *ours* is the same cell "
+         "without `--queues` (one thread, tokio-uring). "
+         f"This machine has {ncpu} CPUs: beyond {ncpu} queues the threads share them, so the "
+         "figures show what sharing one image costs more than how far it scales.", "",
+         "| cell | cache | QD | ours | " + " | ".join(
+             f"{n} queue{'s' if n > 1 else ''}" for n in QUEUES.values())
+         + f" | {max(QUEUES.values())} / 1 |",
+         "| --- | --- | ---: | ---: |" + " ---: |" * (len(QUEUES) + 1)]
+    for c in rows:
+        r = bench.results[c.id]
+        top = max(QUEUES, key=QUEUES.get)
+        L.append(f"| {c.title} | {c.cache} | {c.depth} | {fmt_iops(r['ours'])} | "
+                 + " | ".join(fmt_iops(r.get(s, [])) for s in QUEUES)
+                 + f" | {ratio(r.get(top, []), r.get('q1', []))} |")
+    return L + [""]
+
+
 def report(bench: Bench, cells: list[Cell], started: str, elapsed: float, load0: str,
            load1: str, micro: tuple[list[dict], float, str] | None) -> str:
     a = bench.args
@@ -739,6 +778,7 @@ def report(bench: Bench, cells: list[Cell], started: str, elapsed: float, load0:
                  + ("".join(f" {peer_cell(bench, c, s)} | {ratio(r['ours'], r.get(s, []))} |"
                             for s in PEERS) if a.peers else ""))
     L.append("")
+    L += queues_section(bench, cells)
     if a.peers:
         L += peers_section(bench, cells)
     if not bench.fio:
@@ -808,14 +848,15 @@ def report(bench: Bench, cells: list[Cell], started: str, elapsed: float, load0:
           "so a busy machine moves the numbers: compare the ratios of one run, look at the "
           "spreads, and do not compare absolute IOPS across runs.", ""]
     details = ["<details><summary>Every run (IOPS, in run order)</summary>", "",
-               "| cell | ours | QEMU | raw | threads | no lease | imago | qcow2-rs |",
-               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+               "| cell | ours | QEMU | raw | threads | no lease | imago | qcow2-rs | "
+               + " | ".join(f"--queues {n}" for n in QUEUES.values()) + " |",
+               "| --- |" + " --- |" * (7 + len(QUEUES))]
     for c in cells:
         r = bench.results.get(c.id)
         if r and c.id not in bench.errors:
             details.append(f"| `{c.id}` | " + " | ".join(
                 ", ".join(f"{x:.0f}" for x in r.get(s, [])) or "–"
-                for s in ("ours", "qemu", "raw", "threads", "nolease") + PEERS)
+                for s in ("ours", "qemu", "raw", "threads", "nolease") + PEERS + tuple(QUEUES))
                 + " |")
     L += details + ["", "</details>", ""]
     return "\n".join(L)
@@ -857,6 +898,8 @@ def main():
         help="qimg built with --cfg qcow2_no_lease (bench.sh builds it)")
     ap.add_argument("--nolease-cells", default=env("BENCH_NOLEASE_CELLS", NOLEASE_CELLS),
                     help="regex: the cells that also run the no-lease build ('' for none)")
+    ap.add_argument("--queue-cells", default=env("BENCH_QUEUE_CELLS", QUEUE_CELLS),
+                    help="regex: the cells that also run with --queues 1, 2, 4 ('' for none)")
     ap.add_argument("--no-micro", action="store_true", default=env("BENCH_MICRO", "1") == "0",
                     help="skip the microbenchmarks (benches/microbench.sh)")
     ap.add_argument("--peers", action="store_true", default=env("BENCH_PEERS", "0") == "1",
@@ -901,7 +944,7 @@ def main():
     started = subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip()
     load0 = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     t0 = time.time()
-    print(f"bench: {len(cells)} cells × 4 sides (5 on the no-lease cells"
+    print(f"bench: {len(cells)} cells × 4 sides (5 on the no-lease cells, 7 on the queue cells"
           f"{', and the peers imago and qcow2-rs' if args.peers else ''}) × {args.runs} runs "
           f"in {bench.dir} ({fstype}); raw side: {'fio' if bench.fio else 'fio not installed, qemu-img bench -f raw stand-in'}",
           flush=True)

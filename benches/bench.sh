@@ -15,6 +15,8 @@
 #   BENCH_KEEP=1        keep the images afterwards
 #   BENCH_NOLEASE_CELLS=REGEX  the cells that also run qimg built with --cfg qcow2_no_lease
 #                       (default: the 4k cells; '' for none, '.' for all)
+#   BENCH_QUEUE_CELLS=REGEX  the cells that also run `qimg bench --queues N`, N = 1, 2, 4
+#                       (default: the QD32 4k rewrite and read cells; '' for none)
 #   BENCH_MICRO=0       skip the microbenchmarks (then the document has none)
 #   BENCH_NO_FIO=1      do not install fio (the raw column then uses the qemu-img stand-in)
 #   BENCH_PEERS=1       also run the other Rust qcow2 implementations, imago and qcow2-rs

@@ -16,7 +16,7 @@
 //! load. The writes at close go through the overlap guard again.
 
 use crate::aligned::read_bytes;
-use crate::meta::{Meta, Store};
+use crate::meta::Store;
 use crate::{Error, Result};
 use blockio::Backend;
 use qcow2_format::Header;
@@ -109,7 +109,7 @@ impl Bitmaps {
 /// lock.
 pub(crate) struct Ctx<'a, B> {
     pub(crate) store: Store<'a, B>,
-    pub(crate) meta: &'a async_lock::Mutex<Meta>,
+    pub(crate) meta: &'a crate::meta::MetaLock,
     pub(crate) header: &'a Header,
     pub(crate) bitmaps: &'a async_lock::Mutex<Option<Bitmaps>>,
 }

@@ -20,7 +20,7 @@ pub use open::resolve_backing;
 use crate::aligned::Aligned;
 use crate::files::Files;
 use crate::map::Mapper;
-use crate::meta::{Meta, Store};
+use crate::meta::Store;
 use crate::Result;
 use blockio::Opener;
 use qcow2_alloc::LeaseTable;
@@ -65,7 +65,7 @@ pub struct Image<O: Opener> {
     /// Lazy refcounts in use: refcount blocks are written only at close, under the dirty bit.
     pub(crate) lazy_refcounts: bool,
     pub(crate) backing: Option<Box<Disk<O>>>,
-    pub(crate) meta: async_lock::Mutex<Meta>,
+    pub(crate) meta: crate::meta::MetaLock,
     pub(crate) leases: LeaseTable,
     /// Whether the image looks like it was created with preallocation=metadata (computed on
     /// first use, as QEMU does, for block status).

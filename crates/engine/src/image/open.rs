@@ -109,7 +109,7 @@ impl<O: Opener> Image<O> {
             backing,
             size: AtomicU64::new(header.size),
             resizing: async_lock::Mutex::new(()),
-            meta: async_lock::Mutex::new(Meta {
+            meta: crate::meta::MetaLock::new(Meta {
                 disk_end: header.size,
                 l1,
                 l1_dirty: Default::default(),
