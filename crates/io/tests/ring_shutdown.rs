@@ -15,6 +15,7 @@
 //! (scripts/must-fail.sh checks it).
 
 use blockio::{Backend, IoBuf, Keep, OpenOptions, RingFile};
+use common::witness;
 use std::ffi::CString;
 use std::future::Future;
 use std::io::Read as _;
@@ -26,20 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-/// A guard that records its drop.
-struct Probe(Arc<AtomicBool>);
-
-impl Drop for Probe {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-}
-
-/// A keep, and the flag it sets when it goes.
-fn probe() -> (Keep, Arc<AtomicBool>) {
-    let dropped = Arc::new(AtomicBool::new(false));
-    (Keep::new(Probe(dropped.clone())), dropped)
-}
+mod common;
 
 /// A FIFO in `dir`.
 fn fifo(dir: &Path) -> PathBuf {
@@ -113,6 +101,28 @@ fn without_hanging(f: impl FnOnce() + Send + 'static) {
     }
 }
 
+/// In a current-thread runtime, a read of a new FIFO in `dir` goes to the kernel; `leave`
+/// gets its future (to drop, or to hand to a task), and the runtime shuts down. The read's
+/// keep must still be there. Returns the FIFO and the keep's flag.
+fn shut_down_with_a_read_in_the_kernel(
+    dir: &Path,
+    leave: impl FnOnce(Read),
+) -> (PathBuf, Arc<AtomicBool>) {
+    let path = fifo(dir);
+    let (keep, dropped) = witness();
+    let rt = current_thread();
+    rt.block_on(async {
+        let f = RingFile::open(&path, rw(false)).await.unwrap();
+        leave(read_in_the_kernel(&f, keep).await);
+    });
+    drop(rt);
+    assert!(
+        !dropped.load(Ordering::SeqCst),
+        "the keep of a read in the kernel went with its runtime"
+    );
+    (path, dropped)
+}
+
 /// A current-thread runtime shuts down with a task whose read is in the kernel: the read's
 /// buffer and keep stay until the kernel completes it (here, when data comes), and go
 /// when the thread sets up a ring again, in a new runtime.
@@ -120,19 +130,9 @@ fn without_hanging(f: impl FnOnce() + Send + 'static) {
 fn a_read_in_the_kernel_outlives_its_runtime() {
     without_hanging(|| {
         let dir = tempfile::tempdir().unwrap();
-        let path = fifo(dir.path());
-        let (keep, dropped) = probe();
-        let rt = current_thread();
-        rt.block_on(async {
-            let f = RingFile::open(&path, rw(false)).await.unwrap();
-            let read = read_in_the_kernel(&f, keep).await;
+        let (path, dropped) = shut_down_with_a_read_in_the_kernel(dir.path(), |read| {
             tokio::spawn(read);
         });
-        drop(rt);
-        assert!(
-            !dropped.load(Ordering::SeqCst),
-            "the keep of a read in the kernel went with its runtime"
-        );
         // The data comes: the kernel completes the read into its buffer.
         std::fs::write(&path, DATA).unwrap();
         use_a_new_runtime(dir.path());
@@ -146,19 +146,8 @@ fn a_read_in_the_kernel_outlives_its_runtime() {
 fn a_new_runtime_does_not_wait_for_a_read_of_the_old_one() {
     without_hanging(|| {
         let dir = tempfile::tempdir().unwrap();
-        let path = fifo(dir.path());
-        let (keep, dropped) = probe();
-        let rt = current_thread();
-        rt.block_on(async {
-            let f = RingFile::open(&path, rw(false)).await.unwrap();
-            // Dropped rather than left to a task: it stays in the kernel all the same.
-            drop(read_in_the_kernel(&f, keep).await);
-        });
-        drop(rt);
-        assert!(
-            !dropped.load(Ordering::SeqCst),
-            "the keep of a read in the kernel went with its runtime"
-        );
+        // Its future dropped rather than left to a task: it stays in the kernel all the same.
+        let (path, dropped) = shut_down_with_a_read_in_the_kernel(dir.path(), drop);
         use_a_new_runtime(dir.path());
         assert!(
             dropped.load(Ordering::SeqCst),
@@ -185,7 +174,7 @@ fn a_multi_thread_runtime_shuts_down_with_a_read_in_the_kernel() {
     without_hanging(|| {
         let dir = tempfile::tempdir().unwrap();
         let path = fifo(dir.path());
-        let (keep, dropped) = probe();
+        let (keep, dropped) = witness();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
