@@ -6,7 +6,8 @@
 #                                                         crates/engine/tests/resize_race.rs
 #                                                         crates/engine/tests/snapshot_race.rs
 #   --cfg qcow2_no_keep   guards die with the future   -> crates/engine/tests/cancel_race.rs
-#                         (a blockio::Keep holds nothing)
+#                         (a blockio::Keep holds nothing)   (memory:: and ring:: cases),
+#                                                         crates/io/tests/ring_shutdown.rs
 #
 # Each build has its own target directory under target/ (the cfg is in RUSTFLAGS, part of
 # every crate's fingerprint), at the test profile's settings without debug info.
@@ -14,9 +15,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 must_fail() {
-  local cfg=$1 test=$2 start=$SECONDS out summary passed failed
+  local cfg=$1 test=$2 package=${3:-qcow2-engine} start=$SECONDS out summary passed failed
   out=$(RUSTFLAGS="--cfg $cfg" CARGO_TARGET_DIR="target/$cfg" CARGO_PROFILE_TEST_DEBUG=0 \
-    RUST_BACKTRACE=0 cargo test -q -p qcow2-engine --test "$test" 2>&1 || true)
+    RUST_BACKTRACE=0 cargo test -q -p "$package" --test "$test" 2>&1 || true)
   summary=$(printf '%s\n' "$out" | grep -E '^test result:' | tail -n 1)
   echo "$cfg build, $test: $summary"
   passed=$(printf '%s\n' "$summary" | sed -nE 's/.* ([0-9]+) passed.*/\1/p')
@@ -35,3 +36,4 @@ must_fail qcow2_no_lease seed_race
 must_fail qcow2_no_lease resize_race
 must_fail qcow2_no_lease snapshot_race
 must_fail qcow2_no_keep cancel_race
+must_fail qcow2_no_keep ring_shutdown blockio

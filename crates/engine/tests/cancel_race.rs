@@ -12,15 +12,21 @@
 //! 4. a flush dropped during a metadata write, a later flush writing a newer version of the
 //!    same refcount block.
 //!
-//! Everything runs on one thread (`LocalPool`) over memory, so `run_until_stalled` says
-//! exactly when every task waits for a held request: no sleeps. The images end checked by
-//! `qemu-img check` (no corruption, no leak) and read by QEMU.
+//! Each case runs twice: in `memory`, over an image in memory; in `ring`, over the image's
+//! file through the io_uring backend (`RingOpener`, a tokio runtime reaping its rings). The
+//! scene's tasks run on one thread (`LocalPool`): it is stalled when no task can go on
+//! (`run_until_stalled`) and no call into the backend under the injector is still running
+//! (`FaultController::running`), so every task waits for a held request: no sleeps. The
+//! images end checked by `qemu-img check` (no corruption, no leak) and read by QEMU.
 //!
 //! Built with `--cfg qcow2_no_keep` a `blockio::Keep` holds nothing, so guards die with the
-//! dropped future as they did before I9: every case here must then fail
+//! dropped future as they did before I9: every case here must then fail, on both backends
 //! (scripts/must-fail.sh checks it).
 
-use blockio::{FaultController, FaultOpener, MemoryBackend, MemoryOpener, OpKind, RequestFilter};
+use blockio::{
+    FaultController, FaultOpener, MemoryBackend, MemoryOpener, OpKind, Opener, RequestFilter,
+    RingOpener,
+};
 use futures::executor::LocalPool;
 use futures::future::RemoteHandle;
 use futures::task::LocalSpawnExt;
@@ -28,7 +34,7 @@ use qcow2_engine::{ExtentKind, Image, ImageOptions};
 use qcow2_format::HostCluster;
 use qcow2_tests::{path_str, qemu_check, qemu_img, raw_reference};
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 const CS: u64 = 65536;
@@ -39,59 +45,123 @@ const G1: u64 = 16 * CS;
 /// A guest cluster written first, so that the first-write work is done before any hold.
 const G2: u64 = 32 * CS;
 
-type Img = Image<FaultOpener<MemoryOpener>>;
-
-/// An image in memory over the fault injector, driven on one thread.
-struct Scene {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
-    mem: MemoryOpener,
-    ctl: FaultController,
-    pool: LocalPool,
-    img: Option<Rc<Img>>,
+/// Where the image lives, under the fault injector.
+trait Medium: Sized {
+    type Opener: Opener;
+    /// Takes the image `qemu-img` created at `path`.
+    fn new(path: &Path) -> (Self, Self::Opener);
+    /// What the scene's steps run in (a runtime's context for the ring).
+    fn enter(&self) -> Option<tokio::runtime::EnterGuard<'_>>;
+    /// Leaves the image's contents at `path`, closed, for QEMU.
+    fn save(&self, path: &Path);
 }
 
-impl Scene {
-    fn new() -> Scene {
+/// The image in memory.
+struct Memory(MemoryOpener);
+
+impl Medium for Memory {
+    type Opener = MemoryOpener;
+
+    fn new(path: &Path) -> (Memory, MemoryOpener) {
+        let mem = MemoryOpener::new();
+        mem.insert(path, MemoryBackend::from_vec(std::fs::read(path).unwrap()));
+        (Memory(mem.clone()), mem)
+    }
+
+    fn enter(&self) -> Option<tokio::runtime::EnterGuard<'_>> {
+        None
+    }
+
+    fn save(&self, path: &Path) {
+        let bytes = self.0.get(path).unwrap().snapshot();
+        std::fs::write(path, bytes).unwrap();
+    }
+}
+
+/// The image's file through io_uring: the scene's thread submits to its own ring, which a
+/// task of this runtime (on its worker thread) reaps.
+struct Ring(tokio::runtime::Runtime);
+
+impl Medium for Ring {
+    type Opener = RingOpener;
+
+    fn new(_: &Path) -> (Ring, RingOpener) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        (Ring(rt), RingOpener)
+    }
+
+    fn enter(&self) -> Option<tokio::runtime::EnterGuard<'_>> {
+        Some(self.0.enter())
+    }
+
+    fn save(&self, _: &Path) {}
+}
+
+type Img<M> = Image<FaultOpener<<M as Medium>::Opener>>;
+
+/// An image over the fault injector, its tasks driven on one thread.
+struct Scene<M: Medium> {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    ctl: FaultController,
+    pool: LocalPool,
+    img: Option<Rc<Img<M>>>,
+    /// Last: the ring's runtime outlives the tasks and the image.
+    medium: M,
+}
+
+impl<M: Medium> Scene<M> {
+    fn new() -> Scene<M> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cancel.qcow2");
         qemu_img(&["create", "-q", "-f", "qcow2", path_str(&path), "4M"]);
-        let mem = MemoryOpener::new();
-        mem.insert(
-            &path,
-            MemoryBackend::from_vec(std::fs::read(&path).unwrap()),
-        );
-        let opener = FaultOpener::new(mem.clone());
+        let (medium, inner) = M::new(&path);
+        let opener = FaultOpener::new(inner);
         let ctl = opener.controller();
         let mut pool = LocalPool::new();
         pool.spawner().spawn_local(opener.orphan_driver()).unwrap();
-        let img = pool
-            .run_until(Image::open(opener, &path, ImageOptions::new()))
-            .unwrap();
+        let img = {
+            let _cx = medium.enter();
+            pool.run_until(Image::open(opener, &path, ImageOptions::new()))
+                .unwrap()
+        };
         let mut s = Scene {
             _dir: dir,
             path,
-            mem,
             ctl,
             pool,
             img: Some(Rc::new(img)),
+            medium,
         };
         let img = s.img();
         s.run(async move { img.write(G2, &[0x22; 512]).await.unwrap() });
         s
     }
 
-    fn img(&self) -> Rc<Img> {
+    fn img(&self) -> Rc<Img<M>> {
         self.img.clone().expect("open")
     }
 
     fn run<T>(&mut self, f: impl Future<Output = T>) -> T {
+        let _cx = self.medium.enter();
         self.pool.run_until(f)
     }
 
-    /// Runs every task until each waits for something held.
+    /// Runs every task until each waits for something held: until no task can go on and
+    /// nothing they asked of the backend under the injector is still running.
     fn stall(&mut self) {
-        self.pool.run_until_stalled();
+        let _cx = self.medium.enter();
+        loop {
+            self.pool.run_until_stalled();
+            if self.ctl.running() == 0 {
+                return;
+            }
+            self.pool.run_until(self.ctl.idle());
+        }
     }
 
     /// Spawns a request; dropping the handle drops the request's future (at the next stall).
@@ -145,8 +215,9 @@ impl Scene {
             .expect("no other user");
         self.run(img.close()).unwrap();
         assert_eq!(self.ctl.held_count(), 0, "requests still held");
-        let bytes = self.mem.get(&self.path).unwrap().snapshot();
-        std::fs::write(&self.path, bytes).unwrap();
+        // The orphan driver keeps every file the opener opened (and its locks): it goes.
+        self.pool = LocalPool::new();
+        self.medium.save(&self.path);
         let check = qemu_check(&self.path);
         assert!(
             check.status.success(),
@@ -166,12 +237,36 @@ fn cluster(raw: &[u8], g: u64) -> &[u8] {
     &raw[g as usize..(g + CS) as usize]
 }
 
+/// Runs each case on each medium, as `memory::CASE` and `ring::CASE`.
+macro_rules! on_each_medium {
+    ($($case:ident),* $(,)?) => {
+        mod memory {
+            $(#[test]
+            fn $case() {
+                super::$case::<super::Memory>();
+            })*
+        }
+        mod ring {
+            $(#[test]
+            fn $case() {
+                super::$case::<super::Ring>();
+            })*
+        }
+    };
+}
+
+on_each_medium!(
+    in_place_write_dropped_in_flight,
+    allocating_write_dropped_in_flight,
+    flush_dropped_during_punch,
+    flush_dropped_during_metadata_write,
+);
+
 /// 1. A rewrite of G0 at H is accepted and held; its task is aborted; G0 is discarded and
 ///    flushed; G1 is allocated; the held write lands. It must land on H while H is still
 ///    unallocatable, not on G1's data.
-#[test]
-fn in_place_write_dropped_in_flight() {
-    let mut s = Scene::new();
+fn in_place_write_dropped_in_flight<M: Medium>() {
+    let mut s = Scene::<M>::new();
     s.write(G0, 0xaa);
     s.flush();
     let h = s.host(G0);
@@ -205,9 +300,8 @@ fn in_place_write_dropped_in_flight() {
 /// 2. A write to unallocated G0 is accepted (its data write to a new cluster H held); its
 ///    task is aborted. H must not go to G1's write while the data write may land, and must
 ///    come back afterwards: nothing leaks.
-#[test]
-fn allocating_write_dropped_in_flight() {
-    let mut s = Scene::new();
+fn allocating_write_dropped_in_flight<M: Medium>() {
+    let mut s = Scene::<M>::new();
     s.ctl.hold(RequestFilter::op(OpKind::Write));
     let img = s.img();
     let task = s.spawn(async move { img.write(G0, &vec![0xbb; CS as usize]).await });
@@ -237,9 +331,8 @@ fn allocating_write_dropped_in_flight() {
 
 /// 3. G0 is discarded; the flush that frees H is aborted while its punch-hole of H is held.
 ///    H must stay unallocatable until the punch lands, so the punch cannot zero G1's data.
-#[test]
-fn flush_dropped_during_punch() {
-    let mut s = Scene::new();
+fn flush_dropped_during_punch<M: Medium>() {
+    let mut s = Scene::<M>::new();
     s.write(G0, 0xaa);
     s.flush();
     let h = s.host(G0);
@@ -269,9 +362,8 @@ fn flush_dropped_during_punch() {
 /// 4. A flush is aborted while its write of a refcount block is held; G1 is allocated (the
 ///    block changes again) and flushed. The newer version of the block must not be written
 ///    before the stale one has landed, or the stale one would end on disk.
-#[test]
-fn flush_dropped_during_metadata_write() {
-    let mut s = Scene::new();
+fn flush_dropped_during_metadata_write<M: Medium>() {
+    let mut s = Scene::<M>::new();
     s.write(G0, 0xaa);
     s.ctl.hold(RequestFilter::op(OpKind::Write));
     let img = s.img();

@@ -3,9 +3,11 @@
 use blockio::{
     Backend, FaultInjector, FaultRule, IoBuf, Keep, MemoryBackend, OpKind, RequestFilter, TokioFile,
 };
+use common::witness;
 use futures::FutureExt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+mod common;
 
 async fn write<B: Backend>(b: &B, offset: u64, data: &[u8]) -> std::io::Result<()> {
     b.write_at(IoBuf::from_slice(data), offset).await.0
@@ -117,20 +119,6 @@ async fn held_requests_fail_release_all_and_cancel() {
     // Dropping a picked request undecided releases it.
     let (r, ()) = tokio::join!(f.flush(), async { drop(ctl.next_held().await) });
     r.unwrap();
-}
-
-/// Set when dropped.
-struct Witness(Arc<AtomicBool>);
-
-impl Drop for Witness {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-}
-
-fn witness() -> (Keep, Arc<AtomicBool>) {
-    let dropped = Arc::new(AtomicBool::new(false));
-    (Keep::new(Witness(dropped.clone())), dropped)
 }
 
 /// The kernel's semantics: a request dropped while held still reaches the file once

@@ -145,6 +145,35 @@ impl FaultController {
     pub fn completed(&self) -> u64 {
         self.shared.lock().completed
     }
+
+    /// How many calls into the inner backends (requests admitted, orphans run, and the
+    /// queries passed through: `len`, `allocation`, `allocated_size`) are running: their
+    /// futures are alive and have not finished. A call whose future is dropped stops counting
+    /// (the inner backend may still finish it on its own, as the kernel does).
+    ///
+    /// With held requests, this tells a test driving its tasks on a local executor when
+    /// every task waits for something held rather than for a backend that completes
+    /// asynchronously (a real file, io_uring): stalled and [`running`](Self::running) 0.
+    pub fn running(&self) -> usize {
+        self.shared.lock().running
+    }
+
+    /// Waits until no call into the inner backends is running (see
+    /// [`running`](Self::running)). The futures of the calls must be polled meanwhile.
+    ///
+    /// # Cancel safety
+    ///
+    /// Only waits: dropping the future changes nothing.
+    pub async fn idle(&self) {
+        loop {
+            let mut notified = std::pin::pin!(self.shared.idle.notified());
+            notified.as_mut().enable();
+            if self.running() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// A held request, picked by [`FaultController::next_held`]. Decide its fate with

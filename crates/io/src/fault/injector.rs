@@ -1,6 +1,8 @@
 //! The injector itself: the backend wrapper, its opener, and the orphan driver.
 
-use super::state::{Decision, Held, Orphan, Outcome, Shared, Ticket, Waiter, Waiting, Work};
+use super::state::{
+    Decision, Held, Orphan, Outcome, Running, Shared, Ticket, Waiter, Waiting, Work,
+};
 use super::{FaultController, OpKind, RequestInfo};
 use crate::{Backend, BufResult, IoBuf, Keep};
 use bytes::Bytes;
@@ -156,6 +158,7 @@ impl<B: Backend> FaultInjector<B> {
     /// Runs `work` on the inner backend.
     async fn execute(&self, info: RequestInfo, work: Work) -> Outcome {
         let (offset, len) = (info.offset, info.len);
+        let _running = Running::new(&self.shared);
         match work {
             Work::Read(buf) => {
                 let (r, b) = self.inner.read_at(buf, offset).await;
@@ -312,6 +315,7 @@ impl<B: Backend> Backend for FaultInjector<B> {
 
     async fn len(&self) -> io::Result<u64> {
         // Not a request on the file's contents: passed straight through.
+        let _running = Running::new(&self.shared);
         self.inner.len().await
     }
 
@@ -321,7 +325,7 @@ impl<B: Backend> Backend for FaultInjector<B> {
 
     async fn preallocate(&self, len: u64, keep: Keep) -> io::Result<()> {
         // Recorded (and faulted) as the length change it is, when it is one.
-        if self.inner.len().await? >= len {
+        if self.len().await? >= len {
             return Ok(());
         }
         done(
@@ -332,10 +336,12 @@ impl<B: Backend> Backend for FaultInjector<B> {
 
     async fn allocation(&self, offset: u64, len: u64) -> io::Result<crate::Allocation> {
         // A query about the file's layout, not its contents: passed straight through.
+        let _running = Running::new(&self.shared);
         self.inner.allocation(offset, len).await
     }
 
     async fn allocated_size(&self) -> io::Result<u64> {
+        let _running = Running::new(&self.shared);
         self.inner.allocated_size().await
     }
 

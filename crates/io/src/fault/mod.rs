@@ -9,6 +9,10 @@
 //! waiting uses tokio's `Notify` and `oneshot`, which work on any tokio runtime, tokio-uring's
 //! included, and without one.
 //!
+//! Over a backend that completes on its own (a real file, io_uring), a test stepping its tasks
+//! on a local executor knows every task waits for something held when none can go on and
+//! [`FaultController::running`] is 0 ([`FaultController::idle`] waits for that).
+//!
 //! ## Requests whose futures are dropped
 //!
 //! The injector behaves as the kernel does: a request it has accepted completes even if the

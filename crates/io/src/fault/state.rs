@@ -80,6 +80,8 @@ pub(super) struct State {
     pub(super) unlogged: u64,
     /// The files, by number: the path a [`FaultOpener`] opened (`None` for other injectors).
     pub(super) files: Vec<Option<PathBuf>>,
+    /// Calls into the inner backend whose futures are running (see [`Running`]).
+    pub(super) running: usize,
 }
 
 pub(super) struct Shared {
@@ -88,6 +90,8 @@ pub(super) struct Shared {
     pub(super) held_changed: Notify,
     /// Signalled when an orphan is released.
     pub(super) ready_changed: Notify,
+    /// Signalled when the last running call into the inner backend ends.
+    pub(super) idle: Notify,
 }
 
 impl Shared {
@@ -107,9 +111,11 @@ impl Shared {
                 log: Vec::new(),
                 unlogged: 0,
                 files: Vec::new(),
+                running: 0,
             }),
             held_changed: Notify::new(),
             ready_changed: Notify::new(),
+            idle: Notify::new(),
         }
     }
 
@@ -287,6 +293,29 @@ impl Drop for Ticket<'_> {
             let mut st = self.shared.lock();
             st.completed += 1;
             st.unlogged += 1;
+        }
+    }
+}
+
+/// A call into the inner backend, counted in [`State::running`] while its future lives.
+pub(super) struct Running<'a>(&'a Shared);
+
+impl<'a> Running<'a> {
+    pub(super) fn new(shared: &'a Shared) -> Self {
+        shared.lock().running += 1;
+        Running(shared)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        let idle = {
+            let mut st = self.0.lock();
+            st.running -= 1;
+            st.running == 0
+        };
+        if idle {
+            self.0.idle.notify_waiters();
         }
     }
 }

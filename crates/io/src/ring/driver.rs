@@ -1,9 +1,16 @@
 //! The rings: one per thread and tokio runtime, created on first use, each reaped by a task
 //! of its runtime woken through an eventfd (and by its submitters, for what completes
 //! during their submission).
+//!
+//! A ring closes when its runtime is gone and nothing uses it: with its thread, or when the
+//! thread next looks for a ring (in any runtime). Whatever is still in its kernel then has no
+//! future waiting for it; the ring asks the kernel to cancel all of it (a FIFO's read would
+//! otherwise keep the thread, or a shutting-down runtime joining its workers, waiting
+//! forever) and waits for every completion, cancelled or not: only then do the requests'
+//! buffers and keeps go (invariant I9).
 
 use super::op::{complete, Completion};
-use io_uring::{squeue, IoUring};
+use io_uring::{opcode, squeue, types, IoUring};
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -244,6 +251,7 @@ impl State {
         done.extend(
             self.uring
                 .completion()
+                .filter(|c| c.user_data() != CANCEL_ALL)
                 .map(|c| Completion::new(c.user_data(), c.result())),
         );
         self.in_flight -= done.len() - before;
@@ -260,10 +268,14 @@ fn retry(e: &io::Error) -> bool {
 }
 
 impl Drop for Ring {
-    /// Waits for every request still in the kernel: their buffers and keeps go only then.
-    /// If waiting fails, they are leaked, never freed under the kernel.
+    /// Cancels every request still in the kernel and waits for all of them: their buffers
+    /// and keeps go only then. If waiting fails, they are leaked, never freed under the
+    /// kernel.
     fn drop(&mut self) {
         let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        if st.in_flight > 0 {
+            st.cancel_all();
+        }
         while st.in_flight > 0 {
             let mut done = Vec::new();
             match st.uring.submit_and_wait(1) {
@@ -279,6 +291,35 @@ impl Drop for Ring {
             }
             st.drain(&mut done);
             complete(done);
+        }
+    }
+}
+
+/// The user data of the request cancelling the others when a ring closes (a slot's is never
+/// null): its completion is no request's.
+const CANCEL_ALL: u64 = 0;
+
+impl State {
+    /// Queues a request cancelling every other one of the ring (IORING_ASYNC_CANCEL_ANY,
+    /// Linux 5.19), submitted by the caller's next submission. A request cancelled completes
+    /// with ECANCELED (a flush cancelled never ran: it is not counted as failed); one the
+    /// kernel cannot stop (a disk I/O under way) completes as it would have. Older kernels
+    /// fail the cancellation (EINVAL): the requests are then waited for.
+    fn cancel_all(&mut self) {
+        let entry = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+            .build()
+            .user_data(CANCEL_ALL);
+        for _ in 0..2 {
+            // SAFETY: the entry points to nothing; its completion is told apart by its user
+            // data.
+            if unsafe { self.uring.submission().push(&entry) }.is_ok() {
+                return;
+            }
+            // Full: hand the queue to the kernel, which frees it.
+            if let Err(e) = self.uring.submit() {
+                tracing::error!("io_uring: cannot cancel the requests of a closing ring: {e}");
+                return;
+            }
         }
     }
 }

@@ -42,7 +42,11 @@ const MAX_REQUEST: usize = 1 << 30;
 /// descriptor stays open and QEMU's locks stay held) until the kernel completes it; dropping
 /// its future drops none of them early. A flush whose future is dropped still counts its
 /// failure in [`flush_failures`](Backend::flush_failures). When a runtime shuts down, the
-/// rings its threads used wait for their requests in the kernel before they close.
+/// rings its threads used close with the threads, or when a thread next sets up a ring (in a
+/// new runtime): a closing ring asks the kernel to cancel what is still in it (a request
+/// cancelled completes with ECANCELED, and a flush cancelled, which never ran, is no
+/// failure) and waits for every completion before its buffers and keeps go. Until then, the
+/// keeps of requests that completed after the shutdown stay held.
 ///
 /// # Errors
 ///
@@ -311,6 +315,43 @@ mod tests {
         assert!(dropped.is_ok(), "the keep of a dropped request never went");
         let (r, _) = busy.await;
         assert_eq!(r.unwrap(), 0, "the timeout ends by its count, not its time");
+    }
+
+    /// A flush cancelled by its ring closing never ran: it is no flush failure. (A FIFO read
+    /// marked as a flush stands for it: it stays in the kernel until the ring cancels it.)
+    #[test]
+    fn a_flush_cancelled_is_no_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fifo");
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let rw = OpenOptions {
+            write: true,
+            ..Default::default()
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let f = rt.block_on(async {
+            let f = RingFile::open(&path, rw).await.unwrap();
+            let mut buf = IoBuf::new(4);
+            let entry = opcode::Read::new(f.fd(), buf.as_mut_ptr(), 4).build();
+            let mut hold = Hold::new(&f.file, Some(buf), Keep::none());
+            hold.flush = true;
+            let mut read = Box::pin(op::submit(entry, hold));
+            assert!(futures::poll!(read.as_mut()).is_pending());
+            f
+        });
+        drop(rt);
+        // The thread's next ring closes the old one, which cancels the read.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async { driver::current().unwrap() });
+        assert_eq!(f.flush_failures(), 0);
     }
 
     /// Each thread has its own ring, set up once for each runtime; the ring of a runtime

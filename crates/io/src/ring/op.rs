@@ -78,7 +78,9 @@ pub(crate) fn complete(done: Vec<Completion>) {
         let State::InFlight { waker, hold } = std::mem::replace(&mut *st, State::Taken) else {
             unreachable!("a request completed twice");
         };
-        if hold.flush && c.res < 0 {
+        // A flush cancelled (by its ring closing) never ran: the next flush covers its
+        // writes, and no error of theirs was consumed.
+        if hold.flush && c.res < 0 && c.res != -libc::ECANCELED {
             hold.file.count_flush_failure();
         }
         *st = State::Done { res: c.res, hold };
