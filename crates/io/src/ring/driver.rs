@@ -79,17 +79,27 @@ struct State {
     submitted: u64,
 }
 
-/// A ring of [`RING_SQ_ENTRIES`] and [`RING_CQ_ENTRIES`], which keeps submitting the rest of a
-/// batch when one request of it fails to start (IORING_SETUP_SUBMIT_ALL, Linux 5.18; without
-/// it where older kernels refuse the flag).
+/// A ring of [`RING_SQ_ENTRIES`] and [`RING_CQ_ENTRIES`] that keeps submitting the rest of a
+/// batch when one request of it fails to start (IORING_SETUP_SUBMIT_ALL, Linux 5.18), and
+/// whose completions do not interrupt the submitting thread while it runs
+/// (IORING_SETUP_COOP_TASKRUN, 5.19: the kernel finishes them when the thread next enters it,
+/// as it does at the latest when its runtime polls or sleeps; a sleeping thread is woken as
+/// before). Each flag is dropped where the kernel refuses it.
 fn build_uring() -> io::Result<IoUring> {
     let mut b = IoUring::builder();
     b.setup_cqsize(RING_CQ_ENTRIES);
-    let all = b.clone().setup_submit_all().build(RING_SQ_ENTRIES);
-    match all {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => b.build(RING_SQ_ENTRIES),
-        r => r,
+    let mut with_all = b.clone();
+    with_all.setup_submit_all();
+    let mut with_coop = with_all.clone();
+    with_coop.setup_coop_taskrun();
+    let mut last = None;
+    for builder in [with_coop, with_all, b] {
+        match builder.build(RING_SQ_ENTRIES) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => last = Some(e),
+            r => return r,
+        }
     }
+    Err(last.expect("three attempts"))
 }
 
 impl Ring {
