@@ -66,6 +66,15 @@ pub const URING_CQ_ENTRIES: u32 = 4096;
 pub fn uring_builder() -> tokio_uring::Builder {
     let mut ring = tokio_uring::uring_builder();
     ring.setup_cqsize(URING_CQ_ENTRIES);
+    // Completions do not interrupt the thread while it runs (as RingFile's rings): where
+    // the kernel takes the flag (5.19), which a throw-away ring finds out.
+    if io_uring::IoUring::<io_uring::squeue::Entry, io_uring::cqueue::Entry>::builder()
+        .setup_coop_taskrun()
+        .build(1)
+        .is_ok()
+    {
+        ring.setup_coop_taskrun();
+    }
     let mut b = tokio_uring::builder();
     b.entries(URING_SQ_ENTRIES).uring_builder(&ring);
     b
