@@ -55,7 +55,7 @@ fn vectored_requests_are_their_parts_in_order() {
             .await;
         res.unwrap();
         assert_eq!(bufs.len(), sizes.len());
-        let back = img.read(offset, whole.len()).await.unwrap();
+        let back = img.read(offset, whole.len() as u64).await.unwrap();
         assert!(
             back[..] == whole[..],
             "a vectored write is its parts in order"
@@ -296,7 +296,7 @@ fn caller_memory_without_a_copy() {
         );
         drop(buf);
         assert!(released.load(Ordering::SeqCst), "released with the buffer");
-        let back = img.read(8192, len).await.unwrap();
+        let back = img.read(8192, len as u64).await.unwrap();
         assert!(back[..] == want[..]);
         img.close().await.unwrap();
     });
