@@ -253,9 +253,7 @@ async fn run_task<O: Opener>(
                     let (off, len) = discarded(base, off, len).expect("inside the stripe");
                     img.discard(off, len).await.map(|()| None)
                 }
-                Op::Read { off, len } => {
-                    img.read(off, len as usize).await.map(|b| Some(b.to_vec()))
-                }
+                Op::Read { off, len } => img.read(off, len).await.map(|b| Some(b.to_vec())),
                 Op::Flush => img.flush().await.map(|()| None),
             }
         };

@@ -104,7 +104,7 @@ async fn run_task<O: Opener>(img: &Image<O>, task: u64, ops: &[Op]) {
                 }
             }
             Op::Read { off, len } => {
-                let got = img.read(off, len as usize).await.unwrap();
+                let got = img.read(off, len).await.unwrap();
                 let o = (off - base) as usize;
                 assert!(
                     got[..] == mine[o..o + len as usize],

@@ -192,7 +192,7 @@ async fn engine_disk(path: &Path) -> Result<Vec<u8>, String> {
     .await
     .map_err(|e| format!("our engine cannot open it: {e}"))?;
     let buf = img
-        .read(0, img.size() as usize)
+        .read(0, img.size())
         .await
         .map_err(|e| format!("our engine cannot read it: {e}"))?;
     Ok(buf.to_vec())

@@ -208,7 +208,7 @@ async fn engine_disk(path: &Path) -> Result<Vec<u8>, String> {
     .map_err(|e| format!("our engine cannot open it: {e}"))?;
     let size = img.size();
     let buf = img
-        .read(0, size as usize)
+        .read(0, size)
         .await
         .map_err(|e| format!("our engine cannot read it: {e}"))?;
     Ok(buf.to_vec())

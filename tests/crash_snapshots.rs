@@ -16,7 +16,7 @@ const SIZE: u64 = 256 * 1024;
 const SEEDS: u64 = 3;
 
 async fn whole(img: &Image<FaultOpener<FileOpener>>) -> Vec<u8> {
-    img.read(0, SIZE as usize).await.unwrap().to_vec()
+    img.read(0, SIZE).await.unwrap().to_vec()
 }
 
 /// Runs the workload; returns the file before it, the controller (with its log) and what

@@ -88,7 +88,7 @@ async fn engine_disk(bytes: &[u8]) -> Result<Vec<u8>, String> {
         .await
         .map_err(|e| format!("our engine cannot open it: {e}"))?;
     let buf = img
-        .read(0, SIZE as usize)
+        .read(0, SIZE)
         .await
         .map_err(|e| format!("our engine cannot read it: {e}"))?;
     Ok(buf.to_vec())

@@ -1088,7 +1088,7 @@ fn allocation_over_the_header() {
         let data = vec![0xab; 0x2fc];
         let written = img.write(0xc5f059, &data).await;
         if written.is_ok() {
-            let back = img.read(0xc5f059, data.len()).await.unwrap();
+            let back = img.read(0xc5f059, data.len() as u64).await.unwrap();
             assert!(
                 back[..] == data[..],
                 "an acknowledged write reads back differently"
@@ -1101,7 +1101,7 @@ fn allocation_over_the_header() {
             .await
             .expect("the image opens after the session");
         if written.is_ok() {
-            let back = img.read(0xc5f059, data.len()).await.unwrap();
+            let back = img.read(0xc5f059, data.len() as u64).await.unwrap();
             assert!(back[..] == data[..], "the write was lost");
         }
     });
@@ -1337,7 +1337,7 @@ fn refused_read_write(path: &Path, bytes: Vec<u8>, case: &str) -> String {
     rt.block_on(async {
         let ro = ImageOptions::new().read_only(true);
         let img = Image::open(op.clone(), path, ro).await.unwrap();
-        img.read(0, img.size() as usize).await.unwrap();
+        img.read(0, img.size()).await.unwrap();
         drop(img);
         let why = match Image::open(op, path, ImageOptions::new()).await {
             Err(Error::Corrupt { what, .. }) => what,

@@ -22,13 +22,13 @@ async fn check_reads<O: Opener>(opener: O, f: &Fixture, reference: &[u8], direct
     let step = 3 * 65536 + 4096;
     let mut off = 0;
     while off < img.size() {
-        let n = step.min(img.size() - off) as usize;
+        let n = step.min(img.size() - off);
         let buf = img
             .read(off, n)
             .await
             .unwrap_or_else(|e| panic!("{}: read {off:#x}+{n:#x}: {e}", f.name));
         let o = off as usize;
-        if buf[..] != reference[o..o + n] {
+        if buf[..] != reference[o..o + buf.len()] {
             let i = buf
                 .iter()
                 .zip(&reference[o..])
@@ -40,7 +40,7 @@ async fn check_reads<O: Opener>(opener: O, f: &Fixture, reference: &[u8], direct
                 off + i as u64
             );
         }
-        off += n as u64;
+        off += n;
     }
 
     // Random ranges, unaligned, into a window in the middle of a larger buffer (the bytes
@@ -131,7 +131,7 @@ fn concurrent_readers_see_qemus_bytes() {
                 let (img, reference) = (img.clone(), reference.clone());
                 tasks.push(tokio::spawn(async move {
                     for (off, len) in random_ranges(t, img.size(), 60, 200_000) {
-                        let buf = img.read(off, len as usize).await.unwrap();
+                        let buf = img.read(off, len).await.unwrap();
                         let o = off as usize;
                         assert!(buf[..] == reference[o..o + len as usize]);
                     }
@@ -180,7 +180,7 @@ fn disk_probes_raw_and_qcow2() {
         .await
         .unwrap();
         assert_eq!(raw.format(), qcow2_engine::ImageFormat::Raw);
-        let top = d.read(0, reference.len()).await.unwrap();
+        let top = d.read(0, reference.len() as u64).await.unwrap();
         assert!(top[..] == reference[..]);
     });
 }

@@ -94,7 +94,7 @@ fn engine_read_all(path: &Path, read_only: bool) -> Vec<u8> {
             .await
             .unwrap_or_else(|e| panic!("{} (read_only={read_only}): {e}", path.display()));
         let data = img
-            .read(0, img.size() as usize)
+            .read(0, img.size())
             .await
             .unwrap_or_else(|e| panic!("{}: read: {e}", path.display()))
             .to_vec();

@@ -18,9 +18,9 @@ async fn read_snapshot(img: &Image<FileOpener>, name: &str) -> Vec<u8> {
     let step = 65536 + 1536;
     let mut off = 0;
     while off < view.size() {
-        let n = step.min(view.size() - off) as usize;
+        let n = step.min(view.size() - off);
         out.extend_from_slice(&view.read(off, n).await.unwrap());
-        off += n as u64;
+        off += n;
     }
     out
 }

@@ -205,7 +205,7 @@ async fn read_some(img: &Image<CappedOpener>) {
             continue;
         }
         budget -= len;
-        let _ = img.read(off, len as usize).await;
+        let _ = img.read(off, len).await;
     }
 }
 

@@ -63,7 +63,7 @@ pub async fn engine_read(bytes: Vec<u8>, size: u64) -> Result<Vec<u8>, String> {
     while pos < size {
         let n = (size - pos).min(1 << 20);
         let buf = img
-            .read(pos, n as usize)
+            .read(pos, n)
             .await
             .map_err(|e| format!("our engine cannot read {pos:#x}+{n:#x}: {e}"))?;
         out.extend_from_slice(&buf);

@@ -255,7 +255,7 @@ pub fn check_target_result(
 pub async fn read_while_faulty(st: &CaseState, g: G, acknowledged: bool) -> Result<(), String> {
     let model = &st.model;
     if let (Some(img), Some((r, _))) = (st.img.as_ref(), model.effect(g, TARGET)) {
-        if let Ok(b) = img.read(r.start, (r.end - r.start) as usize).await {
+        if let Ok(b) = img.read(r.start, r.end - r.start).await {
             if acknowledged {
                 let mut m2 = model.clone();
                 m2.apply(g, TARGET);

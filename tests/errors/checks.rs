@@ -27,7 +27,7 @@ pub async fn guest_view(p: &Prepared, bytes: Vec<u8>) -> Result<Vec<u8>, String>
     while pos < size {
         let n = (size - pos).min(MIB);
         let b = img
-            .read(pos, n as usize)
+            .read(pos, n)
             .await
             .map_err(|e| format!("our engine cannot read it: {e}"))?;
         out.extend_from_slice(&b);

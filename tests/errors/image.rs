@@ -263,7 +263,7 @@ pub async fn exec(img: &Img, g: G, id: usize) -> Result<Option<Vec<u8>>, Error> 
         G::Zero(off, len, unmap) => img.write_zeroes(off, len, unmap).await?,
         G::Discard(off, len) => img.discard(off, len).await?,
         G::Flush => img.flush().await?,
-        G::Read(off, len) => return Ok(Some(img.read(off, len as usize).await?.to_vec())),
+        G::Read(off, len) => return Ok(Some(img.read(off, len).await?.to_vec())),
         // Run again after a failure that took effect anyway: done already.
         G::SnapCreate(n) => {
             if !has(&img.snapshots().await?, n) {
@@ -310,7 +310,7 @@ pub async fn read_all(img: &Img, size: u64) -> Result<Vec<u8>, Error> {
     let mut pos = 0;
     while pos < size {
         let n = (size - pos).min(MIB);
-        out.extend_from_slice(&img.read(pos, n as usize).await?);
+        out.extend_from_slice(&img.read(pos, n).await?);
         pos += n;
     }
     Ok(out)

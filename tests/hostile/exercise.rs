@@ -195,7 +195,7 @@ async fn read_all<O: Opener>(
 ) {
     for (off, len) in read_ranges(img.size(), img.cluster_size(), words, budget) {
         trace!("read", "{off:#x}+{len:#x}");
-        match img.read(off, len as usize).await {
+        match img.read(off, len).await {
             Ok(_) => {
                 out.reads += 1;
                 out.read_bytes += len;
@@ -303,7 +303,7 @@ pub async fn read_write_session<O: Opener>(
                     Ok(()) => {
                         // An acknowledged write reads back.
                         trace!("read back", "{off:#x}+{len:#x}");
-                        match img.read(off, len as usize).await {
+                        match img.read(off, len).await {
                             Ok(b) if b[..] != data[..] => out.findings.push(format!(
                                 "write {off:#x}+{len:#x} acknowledged, but reads back differently"
                             )),

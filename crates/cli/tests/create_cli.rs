@@ -237,7 +237,7 @@ fn use_created_image(dir: &Path, what: &str) {
         let img = Image::open(FileOpener, &img, ImageOptions::new().read_only(true))
             .await
             .unwrap();
-        let first = img.read(0, head as usize).await.unwrap();
+        let first = img.read(0, head).await.unwrap();
         assert!(
             first.iter().all(|&b| b == 0xab),
             "create {what}: engine reads head"

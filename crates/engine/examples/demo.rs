@@ -90,7 +90,7 @@ async fn worker(
                 st.written += len;
             }
             9..=15 => {
-                let got = img.read(base + off, len as usize).await?;
+                let got = img.read(base + off, len).await?;
                 for (k, s) in m.clone().enumerate() {
                     let sector = &got[k * SECTOR as usize..(k + 1) * SECTOR as usize];
                     if sector.iter().any(|&b| b != model[s]) {
@@ -202,7 +202,7 @@ fn main() -> Res<()> {
             let mut off = 0;
             while off < span {
                 let n = chunk.min(span - off);
-                let got = img.read(base + off, n as usize).await?;
+                let got = img.read(base + off, n).await?;
                 for (k, sector) in got.chunks(SECTOR as usize).enumerate() {
                     let want = model[(off / SECTOR) as usize + k];
                     if sector.iter().any(|&b| b != want) {

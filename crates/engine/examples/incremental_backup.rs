@@ -30,7 +30,7 @@ async fn main() -> Res<()> {
     let extents = img.bitmap_dirty_extents("backup").await?;
     let mut copied = Vec::new();
     for &(offset, len) in &extents {
-        let data = img.read(offset, len as usize).await?;
+        let data = img.read(offset, len).await?;
         println!("dirty: {offset:#x} +{len:#x}");
         copied.push((offset, data));
     }

@@ -113,6 +113,30 @@ pub(crate) async fn read_bytes_kept<B: Backend>(
     Ok(buf)
 }
 
+/// The longest buffer [`IoBuf::new`] can allocate on this platform: the largest size whose
+/// page-aligned layout fits in `isize::MAX` bytes.
+pub(crate) const MAX_BUFFER_LEN: u64 = isize::MAX as u64 + 1 - blockio::DEFAULT_ALIGN as u64;
+
+/// A new buffer for a guest read of `len` bytes at `offset`: [`Error::RequestTooLarge`]
+/// for a length no buffer can have, then, when reads past the disk's end fail (`size` is
+/// the disk's), [`Error::OutOfRange`] for a range past it, both before allocating.
+pub(crate) fn read_buf(offset: u64, len: u64, size: Option<u64>) -> Result<IoBuf> {
+    let n = usize::try_from(len)
+        .ok()
+        .filter(|_| len <= MAX_BUFFER_LEN)
+        .ok_or(Error::RequestTooLarge {
+            offset,
+            len,
+            max: MAX_BUFFER_LEN,
+        })?;
+    if let Some(size) = size {
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(Error::OutOfRange { offset, len, size });
+        }
+    }
+    Ok(IoBuf::new(n))
+}
+
 /// Runs `op` on `buf` with `keep` attached (so that it lives until the backend is done with
 /// the operation, even if this future is dropped), and gives the buffer back carrying only
 /// what it carried before.

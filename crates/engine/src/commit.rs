@@ -109,7 +109,7 @@ async fn commit_step<O: Opener>(
         match step {
             Step::Zero(off, len) => base.write_zeroes(off, len, true).await?,
             Step::Copy(depth, off, len) => {
-                let data = layers[depth].read(off, len as usize).await?;
+                let data = layers[depth].read(off, len).await?;
                 base.write_at(data, off).await.0?;
             }
             Step::Look(depth, off, len) => {

@@ -78,6 +78,21 @@ pub enum Error {
         /// Virtual disk size.
         size: u64,
     },
+    /// A read asked for more bytes than one buffer can hold on this platform: the `read`
+    /// methods that allocate the buffer ([`Image::read`](crate::Image::read),
+    /// [`Disk::read`](crate::Disk::read), [`SnapshotView::read`](crate::SnapshotView::read))
+    /// take a `u64` length like every guest length, and refuse one over `max` (the largest
+    /// page-aligned allocation: `isize::MAX` rounded down to a multiple of
+    /// [`blockio::DEFAULT_ALIGN`]) before allocating anything. Nothing was read.
+    #[error("request {offset:#x}+{len:#x} is longer than the largest buffer ({max:#x} bytes)")]
+    RequestTooLarge {
+        /// Request offset.
+        offset: u64,
+        /// Request length.
+        len: u64,
+        /// The longest buffer on this platform.
+        max: u64,
+    },
     /// A write to an image opened read-only.
     #[error("image is read-only")]
     ReadOnly,
@@ -265,9 +280,9 @@ impl Error {
     /// chooses it: the system's own for I/O errors (`ENOSPC`, `EIO`, ...), `EIO` for
     /// corruption found and for requests past the end of the disk, `EPERM` for a write to a
     /// read-only image, `ENOTSUP` for what the engine does not do, `EINVAL` for refused
-    /// arguments. A VMM completes a guest request with it (virtio-blk's `VIRTIO_BLK_S_IOERR`
-    /// or `VIRTIO_BLK_S_UNSUPP`, an NVMe status) and [`std::io::Error::from_raw_os_error`]
-    /// words it.
+    /// arguments (a read longer than any buffer among them). A VMM completes a guest request
+    /// with it (virtio-blk's `VIRTIO_BLK_S_IOERR` or `VIRTIO_BLK_S_UNSUPP`, an NVMe status)
+    /// and [`std::io::Error::from_raw_os_error`] words it.
     pub fn errno(&self) -> i32 {
         match self {
             Error::Io { source, .. } | Error::OpenFile { source, .. } => {
@@ -291,6 +306,7 @@ impl Error {
                 CompressedRefusal::DataFile | CompressedRefusal::Raw => libc::ENOTSUP,
             },
             Error::InvalidOptions(_)
+            | Error::RequestTooLarge { .. }
             | Error::Bitmap(_)
             | Error::BitmapAction { .. }
             | Error::Create(_)

@@ -121,12 +121,12 @@ impl<O: Opener> Image<O> {
                 if !matches!(e.kind, crate::ExtentKind::Unallocated { .. }) {
                     continue;
                 }
-                let old = self.read(e.offset, e.len as usize).await?;
+                let old = self.read(e.offset, e.len).await?;
                 let mut theirs = vec![0u8; e.len as usize];
                 if let Some(b) = new {
                     let end = (e.offset + e.len).min(b.size());
                     if e.offset < end {
-                        let got = b.read(e.offset, (end - e.offset) as usize).await?;
+                        let got = b.read(e.offset, end - e.offset).await?;
                         theirs[..got.len()].copy_from_slice(&got);
                     }
                 }

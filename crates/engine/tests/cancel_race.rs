@@ -190,7 +190,7 @@ impl<M: Medium> Scene<M> {
 
     fn read(&mut self, at: u64) -> Vec<u8> {
         let img = self.img();
-        self.run(async move { img.read(at, CS as usize).await.unwrap().to_vec() })
+        self.run(async move { img.read(at, CS).await.unwrap().to_vec() })
     }
 
     /// The host offset guest cluster `g` maps to.

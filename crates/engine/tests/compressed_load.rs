@@ -71,7 +71,7 @@ fn shared_compressed_clusters_overwritten_and_discarded_under_load() {
                         0 => img.write(c * CS + 512, &[0xee; 512]).await.unwrap(),
                         1 => img.discard(c * CS, CS).await.unwrap(),
                         _ => {
-                            let d = img.read(c * CS, CS as usize).await.unwrap();
+                            let d = img.read(c * CS, CS).await.unwrap();
                             assert!(d.iter().all(|&b| b == c as u8 + 1), "cluster {c}");
                         }
                     }

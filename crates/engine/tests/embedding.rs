@@ -4,7 +4,10 @@
 
 use blockio::{FaultController, FaultOpener, IoBuf, MemoryOpener, OpKind};
 use futures::executor::block_on;
-use qcow2_engine::{create, CacheMode, CreateOptions, Error, Image, ImageOptions, WriteFlags};
+use qcow2_engine::{
+    create, create_raw, CacheMode, CreateOptions, Disk, Error, Image, ImageFormat, ImageOptions,
+    Preallocation, SnapshotLookup, WriteFlags,
+};
 
 const SIZE: u64 = 4 << 20;
 
@@ -55,7 +58,7 @@ fn vectored_requests_are_their_parts_in_order() {
             .await;
         res.unwrap();
         assert_eq!(bufs.len(), sizes.len());
-        let back = img.read(offset, whole.len()).await.unwrap();
+        let back = img.read(offset, whole.len() as u64).await.unwrap();
         assert!(
             back[..] == whole[..],
             "a vectored write is its parts in order"
@@ -169,6 +172,79 @@ fn errors_carry_the_errno_a_device_completes_with() {
         let e = ro.write(0, &[1; 512]).await.unwrap_err();
         assert!(matches!(e, Error::ReadOnly));
         assert_eq!(e.errno(), libc::EPERM);
+    });
+}
+
+/// Guest lengths are `u64` in every method; a read longer than any buffer this platform can
+/// allocate is `Error::RequestTooLarge` (EINVAL), from `Image`, `Disk` (qcow2 and raw, which
+/// otherwise reads zeros past its end) and `SnapshotView` alike, before any I/O. A length
+/// that could be a buffer but runs past the end of a qcow2 disk is `OutOfRange`, found before
+/// allocating (an 8 EiB allocation would abort the test).
+#[test]
+fn a_read_longer_than_any_buffer_is_a_typed_error() {
+    let max = isize::MAX as u64 + 1 - blockio::DEFAULT_ALIGN as u64;
+    let too_large = |e: Error, len: u64| {
+        let Error::RequestTooLarge {
+            offset,
+            len: l,
+            max: m,
+        } = e
+        else {
+            panic!("{len:#x}: {e:?}");
+        };
+        assert_eq!((offset, l, m), (512, len, max));
+        assert_eq!(e.errno(), libc::EINVAL, "{e}");
+    };
+    let (img, ctl) = image(ImageOptions::new());
+    block_on(async {
+        img.snapshot_create("s").await.unwrap();
+        let view = img
+            .snapshot_view(SnapshotLookup::IdOrName("s"))
+            .await
+            .unwrap();
+        ctl.clear_log();
+        for len in [u64::MAX, max + 1] {
+            too_large(img.read(512, len).await.unwrap_err(), len);
+            too_large(view.read(512, len).await.unwrap_err(), len);
+        }
+        let e = view.read(512, max).await.unwrap_err();
+        assert!(matches!(e, Error::OutOfRange { .. }), "{e:?}");
+        drop(view);
+        let e = img.read(512, max).await.unwrap_err();
+        assert!(
+            matches!(e, Error::OutOfRange { offset: 512, len, size: SIZE } if len == max),
+            "{e:?}"
+        );
+        assert!(ctl.log().is_empty(), "a refused read did I/O");
+        let disk = Disk::Qcow2(img);
+        too_large(disk.read(512, u64::MAX).await.unwrap_err(), u64::MAX);
+        assert!(matches!(
+            disk.read(512, max).await.unwrap_err(),
+            Error::OutOfRange { .. }
+        ));
+        disk.close().await.unwrap();
+    });
+    let opener = MemoryOpener::new();
+    block_on(async {
+        create_raw(&opener, "disk.raw", SIZE, Preallocation::Off)
+            .await
+            .unwrap();
+        let raw = Disk::open(
+            opener,
+            "disk.raw",
+            Some(ImageFormat::Raw),
+            ImageOptions::new(),
+        )
+        .await
+        .unwrap();
+        too_large(raw.read(512, u64::MAX).await.unwrap_err(), u64::MAX);
+        too_large(raw.read(512, max + 1).await.unwrap_err(), max + 1);
+        let past = raw.read(SIZE - 512, 1024).await.unwrap();
+        assert!(
+            past.iter().all(|&b| b == 0),
+            "a raw disk reads zeros past its end"
+        );
+        raw.close().await.unwrap();
     });
 }
 
@@ -296,7 +372,7 @@ fn caller_memory_without_a_copy() {
         );
         drop(buf);
         assert!(released.load(Ordering::SeqCst), "released with the buffer");
-        let back = img.read(8192, len).await.unwrap();
+        let back = img.read(8192, len as u64).await.unwrap();
         assert!(back[..] == want[..]);
         img.close().await.unwrap();
     });

@@ -174,7 +174,7 @@ async fn run_op(
             (Some((discard_range(off, len, cs), 0)), None)
         }
         Op::Read { off, len } => {
-            let data = img.read(off, len as usize).await.unwrap().to_vec();
+            let data = img.read(off, len).await.unwrap().to_vec();
             (None, Some(data))
         }
         Op::Flush => {

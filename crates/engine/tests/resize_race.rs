@@ -92,7 +92,7 @@ fn held_read_past_the_new_end_keeps_its_cluster() {
         ctl.hold(RequestFilter::op(OpKind::Read).in_range(h..h + CS));
         let reader = {
             let img = img.clone();
-            tokio::spawn(async move { img.read(FAR, CS as usize).await })
+            tokio::spawn(async move { img.read(FAR, CS).await })
         };
         let held = ctl.next_held().await;
         ctl.stop_holding();
@@ -125,11 +125,7 @@ fn held_write_past_the_new_end_lands_in_its_own_cluster() {
         // Accepted before the shrink, the write completes (into a cluster now unmapped).
         writer.await.unwrap().unwrap();
         assert!(
-            img.read(G0, CS as usize)
-                .await
-                .unwrap()
-                .iter()
-                .all(|&b| b == 0xcc),
+            img.read(G0, CS).await.unwrap().iter().all(|&b| b == 0xcc),
             "G0 reads another guest's data"
         );
         finish(img, &path).await;

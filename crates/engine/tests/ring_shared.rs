@@ -96,7 +96,7 @@ fn shared_image(direct: bool) {
                     tokio::spawn(async move {
                         let (_, rd) = halves(r);
                         let (off, len) = range(r << 32 | t << 8 | 99, rd, SIZE / 2, 9 * CS);
-                        let read = img.read(off, len as usize);
+                        let read = img.read(off, len);
                         let wr = writes(t, r).into_iter().map(|(off, len)| {
                             let img = img.clone();
                             async move { img.write(off, &data(off, len, r)).await.unwrap() }
@@ -122,7 +122,7 @@ fn shared_image(direct: bool) {
                 }
             }
         }
-        let whole = img.read(0, SIZE as usize).await.unwrap();
+        let whole = img.read(0, SIZE).await.unwrap();
         assert!(
             whole[..] == model[..],
             "the image reads other data than the model"

@@ -107,11 +107,7 @@ fn held_write_discard_reallocate() {
         held.release_and_wait().await;
         writer.await.unwrap().unwrap();
         assert!(
-            img.read(G1, CS as usize)
-                .await
-                .unwrap()
-                .iter()
-                .all(|&b| b == 0xcc),
+            img.read(G1, CS).await.unwrap().iter().all(|&b| b == 0xcc),
             "G1 reads another guest's data"
         );
         finish(img, &path, 0, 0xcc).await;
@@ -131,7 +127,7 @@ fn held_read_discard_reallocate() {
         ctl.hold(RequestFilter::op(OpKind::Read).in_range(h..h + CS));
         let reader = {
             let img = img.clone();
-            tokio::spawn(async move { img.read(G0, CS as usize).await })
+            tokio::spawn(async move { img.read(G0, CS).await })
         };
         let held = ctl.next_held().await;
         ctl.stop_holding();
@@ -198,11 +194,7 @@ fn held_punch_hole_reallocate() {
         held.release_and_wait().await;
         flusher.await.unwrap().unwrap();
         assert!(
-            img.read(G1, CS as usize)
-                .await
-                .unwrap()
-                .iter()
-                .all(|&b| b == 0xcc),
+            img.read(G1, CS).await.unwrap().iter().all(|&b| b == 0xcc),
             "a deferred punch hit a reused cluster"
         );
         finish(img, &path, 0, 0xcc).await;
@@ -236,7 +228,7 @@ fn held_read_of_compressed_cluster_overwritten() {
         ctl.hold(RequestFilter::op(OpKind::Read));
         let reader = {
             let img = img.clone();
-            tokio::spawn(async move { img.read(G0, CS as usize).await })
+            tokio::spawn(async move { img.read(G0, CS).await })
         };
         let held = ctl.next_held().await;
         ctl.stop_holding();

@@ -150,13 +150,13 @@ fn all_in(data: &[u8], allowed: &[u8]) -> bool {
 /// The end of every schedule: G1 holds what was written there (never another guest's
 /// data), G0 one of its allowed values, the engine's check finds nothing, the image closes.
 async fn finish(img: Arc<Img>, g0: &[u8], g1: &[u8]) {
-    let got = img.read(G1, CS as usize).await.unwrap();
+    let got = img.read(G1, CS).await.unwrap();
     assert!(
         all_in(&got, g1),
         "lease violated: guest cluster G1 reads another guest's data ({:#04x})",
         got.iter().find(|b| !g1.contains(b)).unwrap()
     );
-    let got = img.read(G0, CS as usize).await.unwrap();
+    let got = img.read(G0, CS).await.unwrap();
     assert!(all_in(&got, g0), "G0 reads {:#04x}", got[0]);
     img.flush().await.unwrap();
     let report = img.check().await.unwrap();
@@ -239,7 +239,7 @@ fn read_discard_reallocate() {
             let img = open().await;
             let r = {
                 let img = img.clone();
-                spawn(async move { img.read(G0, CS as usize).await.unwrap() })
+                spawn(async move { img.read(G0, CS).await.unwrap() })
             };
             let d = {
                 let img = img.clone();

@@ -47,7 +47,7 @@ fn held_snapshot_read_delete_reallocate() {
 
         // 1. A read of the snapshot's H, held in flight.
         ctl.hold(RequestFilter::op(OpKind::Read).in_range(h..h + CS));
-        let reader = view.read(G0, CS as usize);
+        let reader = view.read(G0, CS);
         let racer = async {
             let held = ctl.next_held().await;
             ctl.stop_holding();

@@ -53,10 +53,7 @@ fn vm_state_is_shared_with_qemu() {
         assert_eq!(vm_read(&img, 600 * M, 4096).await, vec![0x22; 4096]);
         assert_eq!(vm_read(&img, 300 * M, 512).await, vec![0; 512]);
         // The guest disk is untouched, and ends where it did.
-        assert_eq!(
-            img.read(0, 3 * M as usize).await.unwrap().to_vec(),
-            vec![0; 3 << 20]
-        );
+        assert_eq!(img.read(0, 3 * M).await.unwrap().to_vec(), vec![0; 3 << 20]);
         assert!(matches!(
             img.read(3 * M, 512).await,
             Err(Error::OutOfRange { .. })

@@ -11,7 +11,7 @@ use qcow2_engine::{Disk, MapEntry};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-const CHUNK: usize = 1 << 20;
+const CHUNK: u64 = 1 << 20;
 const SECTOR: u64 = 512;
 
 /// The arguments of `qimg compare`.
@@ -118,13 +118,13 @@ async fn first_difference(
 ) -> Result<Option<u64>> {
     let mut off = 0;
     while off < end {
-        let n = CHUNK.min((end - off) as usize);
+        let n = CHUNK.min(end - off);
         let x = read(da, a, off, n).await?;
         let y = read(db, b, off, n).await?;
         if let Some(i) = x.iter().zip(y.iter()).position(|(p, q)| p != q) {
             return Ok(Some(off + i as u64 / SECTOR * SECTOR));
         }
-        off += n as u64;
+        off += n;
     }
     Ok(None)
 }
@@ -133,12 +133,12 @@ async fn first_difference(
 async fn first_nonzero(d: &Disk<FileOpener>, path: &Path, from: u64) -> Result<Option<u64>> {
     let mut off = from;
     while off < d.size() {
-        let n = CHUNK.min((d.size() - off) as usize);
+        let n = CHUNK.min(d.size() - off);
         let x = read(d, path, off, n).await?;
         if let Some(i) = x.iter().position(|&p| p != 0) {
             return Ok(Some(off + i as u64 / SECTOR * SECTOR));
         }
-        off += n as u64;
+        off += n;
     }
     Ok(None)
 }
@@ -180,7 +180,7 @@ async fn first_status_mismatch(
     Ok(None)
 }
 
-async fn read(d: &Disk<FileOpener>, path: &Path, off: u64, n: usize) -> Result<IoBuf> {
+async fn read(d: &Disk<FileOpener>, path: &Path, off: u64, n: u64) -> Result<IoBuf> {
     d.read(off, n)
         .await
         .with_context(|| format!("error while reading '{}' at offset {off}", path.display()))

@@ -125,7 +125,7 @@ async fn copy(
     while pos < end {
         let n = step.min(end - pos);
         let data = source
-            .read(pos, n as usize)
+            .read(pos, n)
             .await
             .map_err(|e| anyhow!("{}: error while reading: {e}", input.display()))?;
         out.write_at(data, pos - start).await.0?;

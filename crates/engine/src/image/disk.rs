@@ -3,7 +3,7 @@
 //! the raw file.
 
 use super::Image;
-use crate::aligned::{read_data, write_unaligned};
+use crate::aligned::{read_buf, read_data, write_unaligned};
 use crate::files::FlushState;
 use crate::options::{ImageFormat, ImageOptions, Preallocation, ResizeOptions, WriteFlags};
 use crate::WriteResult;
@@ -180,13 +180,25 @@ impl<O: Opener> Disk<O> {
         self.read_into(buf, range, offset).await
     }
 
-    /// Reads `len` bytes at `offset` into a new buffer.
+    /// Reads `len` bytes at `offset` into a new buffer (a raw image reads zeros past its
+    /// end).
+    ///
+    /// # Errors
+    ///
+    /// As [`Image::read`]: [`Error::RequestTooLarge`] for a length longer than any buffer,
+    /// [`Error::OutOfRange`] for a range past the end of a qcow2 image, both before
+    /// anything is allocated; then those of [`Disk::read_at`].
     ///
     /// # Cancel safety
     ///
     /// As [`Image::read_at`]: the read is abandoned, nothing changes.
-    pub async fn read(&self, offset: u64, len: usize) -> Result<IoBuf> {
-        let (res, buf) = self.read_at(IoBuf::new(len), offset).await;
+    pub async fn read(&self, offset: u64, len: u64) -> Result<IoBuf> {
+        let size = match self {
+            Disk::Qcow2(img) => Some(img.size()),
+            Disk::Raw(_) => None,
+        };
+        let buf = read_buf(offset, len, size)?;
+        let (res, buf) = self.read_at(buf, offset).await;
         res.map(|()| buf)
     }
 

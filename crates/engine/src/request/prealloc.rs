@@ -61,7 +61,7 @@ impl<O: Opener> Image<O> {
         if head < old && !self.is_copied(head).await? {
             // The cluster at the old end: a write of its own first bytes allocates it (QEMU
             // copies them the same way, as the head of its allocation).
-            let bytes = self.read(head, (old - head) as usize).await?;
+            let bytes = self.read(head, old - head).await?;
             self.write_window(bytes, head).await.0?;
         }
         if mode != Preallocation::Metadata && self.files.data().is_none() {

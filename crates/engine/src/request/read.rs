@@ -1,7 +1,7 @@
 //! The read path: map a guest range to pieces (zeros, backing file, data, compressed), take
 //! shared leases on the host clusters under the metadata lock, then do the I/O without it.
 
-use crate::aligned::{read_bytes_kept, read_data};
+use crate::aligned::{read_buf, read_bytes_kept, read_data};
 use crate::image::Image;
 use crate::inflight::{keep, Guards};
 use crate::map::{Mapper, Piece, Source};
@@ -31,11 +31,20 @@ impl<O: Opener> Image<O> {
 
     /// Reads `len` bytes at `offset` into a new buffer.
     ///
+    /// The length is a `u64`, as every guest offset and length in the engine's API.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::RequestTooLarge`] for a length longer than any buffer on this platform, then
+    /// [`Error::OutOfRange`] for a range past the end of the disk, both before anything is
+    /// allocated; then those of [`Image::read_at`].
+    ///
     /// # Cancel safety
     ///
     /// As [`Image::read_at`]: dropping the future abandons the read and changes nothing.
-    pub async fn read(&self, offset: u64, len: usize) -> Result<IoBuf> {
-        let (res, buf) = self.read_at(IoBuf::new(len), offset).await;
+    pub async fn read(&self, offset: u64, len: u64) -> Result<IoBuf> {
+        let buf = read_buf(offset, len, Some(self.size()))?;
+        let (res, buf) = self.read_at(buf, offset).await;
         res.map(|()| buf)
     }
 

@@ -1,6 +1,7 @@
 //! Reading a snapshot without applying it.
 
 use super::SnapshotLookup;
+use crate::aligned::read_buf;
 use crate::image::Image;
 use crate::map::Mapper;
 use crate::meta::SnapshotL1;
@@ -113,13 +114,21 @@ impl<O: Opener> SnapshotView<'_, O> {
         mapper.block_status(&mut meta, offset, len).await
     }
 
-    /// Reads `len` bytes at `offset` into a new buffer.
+    /// Reads `len` bytes at the snapshot's guest offset `offset` into a new buffer.
+    ///
+    /// # Errors
+    ///
+    /// As [`Image::read`]: [`Error::RequestTooLarge`](crate::Error::RequestTooLarge) for a
+    /// length longer than any buffer, [`Error::OutOfRange`](crate::Error::OutOfRange) for a
+    /// range past the snapshot's disk size, both before anything is allocated; then those
+    /// of [`SnapshotView::read_at`].
     ///
     /// # Cancel safety
     ///
     /// As [`SnapshotView::read_at`].
-    pub async fn read(&self, offset: u64, len: usize) -> Result<IoBuf> {
-        let (res, buf) = self.read_at(IoBuf::new(len), offset).await;
+    pub async fn read(&self, offset: u64, len: u64) -> Result<IoBuf> {
+        let buf = read_buf(offset, len, Some(self.size()))?;
+        let (res, buf) = self.read_at(buf, offset).await;
         res.map(|()| buf)
     }
 }

@@ -279,7 +279,7 @@ pub(super) async fn copy_on_read<O: Opener>(
 
 async fn copy_piece<O: Opener>(disk: &Disk<O>, at: u64, n: u64) -> Result<(), Error> {
     // At most MAX_BOUNCE_BUFFER.
-    let buf = disk.read(at, n as usize).await?;
+    let buf = disk.read(at, n).await?;
     if buf.iter().all(|&b| b == 0) {
         return disk.write_zeroes(at, n, false).await;
     }
