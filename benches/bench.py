@@ -551,7 +551,7 @@ def parse_divan(out: str) -> list[dict]:
 def microbench() -> tuple[list[dict], float, str]:
     """Runs benches/microbench.sh (built by bench.sh): (rows, seconds, error or '')."""
     t = time.time()
-    p = subprocess.run([str(ROOT / "scripts" / "microbench.sh"), "--color", "never"],
+    p = subprocess.run([str(ROOT / "benches" / "microbench.sh"), "--color", "never"],
                        capture_output=True, text=True, timeout=600)
     secs = time.time() - t
     if p.returncode != 0:
