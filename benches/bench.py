@@ -66,8 +66,10 @@ SIDES = ("ours", "nolease", "qemu", "threads", "raw", "q1", "q2", "q4", "imago",
 # `qimg bench --queues N` (side -> N), on the cells matching --queue-cells.
 QUEUES = {"q1": 1, "q2": 2, "q4": 4}
 # The cells that also run with several queues: the QD32 4k cells of a prepared image, where
-# one thread's CPU time is what limits a run.
-QUEUE_CELLS = r"^(rewrite4k|read4k)-(none|writeback)-qd32$"
+# one thread's CPU time is what limits a run; and, with one queue only (the depth is not
+# split below 1), the O_DIRECT 4k cells at QD1, where a queue's polling (32 µs, as QEMU's
+# I/O threads) shows against tokio-uring's sleep and wake-up.
+QUEUE_CELLS = r"^((rewrite4k|read4k)-(none|writeback)-qd32|(alloc4k|rewrite4k|read4k)-none-qd1)$"
 # The other Rust qcow2 implementations (--peers), run by benches/peers' peer-bench.
 PEERS = ("imago", "qcow2-rs")
 # (peer, regex of cell ids) -> why the peer does not run those cells.
@@ -407,7 +409,8 @@ class Bench:
     def sides(self, cell: Cell) -> list[str]:
         nolease = bool(self.args.nolease_cells) and re.search(self.args.nolease_cells, cell.id)
         queues = bool(self.args.queue_cells) and re.search(self.args.queue_cells, cell.id)
-        return [s for s in SIDES if (s != "nolease" or nolease) and (s not in QUEUES or queues)
+        return [s for s in SIDES if (s != "nolease" or nolease)
+                and (s not in QUEUES or (queues and QUEUES[s] <= cell.depth))
                 and (s not in PEERS or (self.args.peers and not peer_skip(s, cell)))]
 
     def cell(self, cell: Cell):
@@ -705,22 +708,32 @@ def queues_section(bench: Bench, cells: list[Cell]) -> list[str]:
     ncpu = os.cpu_count() or 1
     L = ["### One image, several queues", "",
          "`qimg bench -i io_uring --queues N`: one image shared by N threads, each running a "
-         "current-thread tokio runtime with its own ring (`blockio::RingOpener`), taking "
-         "requests from one stream, the cell's requests in flight spread over them (as a VMM "
-         "serves several virtio queues from several I/O threads). *ours* is the same cell "
-         "without `--queues` (one thread, tokio-uring). "
+         "current-thread tokio runtime with its own ring (`blockio::RingOpener`) and polling "
+         "it for up to 32 µs before sleeping with requests in flight (`RingOpener::park_hook`,"
+         " as QEMU's I/O threads poll), taking requests from one stream, the cell's requests "
+         "in flight spread over them (as a VMM serves several virtio queues from several I/O "
+         "threads; at QD1 one queue only). *ours* is the same cell without `--queues` (one "
+         "thread, tokio-uring, no polling); the best of the Rust peers in the same cell "
+         "beside them, and the best of our figures (either column) against it. "
          f"This machine has {ncpu} CPUs: beyond {ncpu} queues the threads share them, so the "
          "figures show what sharing one image costs more than how far it scales.", "",
          "| cell | cache | QD | ours | " + " | ".join(
              f"{n} queue{'s' if n > 1 else ''}" for n in QUEUES.values())
-         + f" | {max(QUEUES.values())} / 1 |",
-         "| --- | --- | ---: | ---: |" + " ---: |" * (len(QUEUES) + 1)]
+         + f" | {max(QUEUES.values())} / 1 | best peer | best of ours / best peer |",
+         "| --- | --- | ---: | ---: |" + " ---: |" * (len(QUEUES) + 3)]
     for c in rows:
         r = bench.results[c.id]
         top = max(QUEUES, key=QUEUES.get)
+        failed = bench.peer_errors.get(c.id, {})
+        peers = [(statistics.median(r[p]), p) for p in PEERS if r.get(p) and p not in failed]
+        mine = [r[s] for s in ("ours",) + tuple(QUEUES) if r.get(s)]
+        best = max(mine, key=statistics.median) if mine else []
+        vs_peer = (f"{peers and max(peers)[1]} {max(peers)[0]:,.0f}" if peers else "–",
+                   ratio(best, [max(peers)[0]]) if peers else "–")
         L.append(f"| {c.title} | {c.cache} | {c.depth} | {fmt_iops(r['ours'])} | "
                  + " | ".join(fmt_iops(r.get(s, [])) for s in QUEUES)
-                 + f" | {ratio(r.get(top, []), r.get('q1', []))} |")
+                 + f" | {ratio(r.get(top, []), r.get('q1', []))} | {vs_peer[0]} | "
+                 f"**{vs_peer[1]}** |")
     return L + [""]
 
 

@@ -10,7 +10,8 @@
 //!
 //! With `--queues N` the image is shared by N threads, each running a tokio runtime of its
 //! own, as a VMM's I/O threads would (`-i io_uring`: the per-thread io_uring backend,
-//! `blockio::RingOpener`; `-i threads`: the tokio file backend). They take requests from one
+//! `blockio::RingOpener`, each thread polling its ring for up to 32 µs before it sleeps with
+//! requests in flight, as QEMU's I/O threads poll; `-i threads`: the tokio file backend). They take requests from one
 //! stream (request `i` goes where it would with one queue, to whichever thread is free first),
 //! and the `-d` requests in flight are spread over them.
 
@@ -82,7 +83,8 @@ pub struct BenchArgs {
     pub with_close: bool,
     /// Share the image among this many threads, each with its own runtime, splitting the
     /// requests and the depth among them. With it, `-i io_uring` runs on the `Send` io_uring
-    /// backend (a ring per thread) rather than tokio-uring's.
+    /// backend (a ring per thread, each thread polling its ring for up to 32 µs before it
+    /// sleeps with requests in flight) rather than tokio-uring's.
     #[arg(long = "queues", value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub queues: Option<u64>,
     /// The image.
@@ -122,23 +124,31 @@ fn start(args: BenchArgs) -> Result<()> {
     if args.size == 0 || args.depth == 0 {
         bail!("request size and depth must be positive");
     }
-    let runtime = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    };
     match (args.aio.as_str(), args.queues) {
         ("io_uring", None) => {
             blockio::uring_builder().start(bench(blockio::UringOpener, args, direct, None))
         }
         ("io_uring", Some(_)) => {
-            runtime()?.block_on(bench(blockio::RingOpener, args, direct, Some(split)))
+            queue_runtime()?.block_on(bench(blockio::RingOpener, args, direct, Some(split)))
         }
         ("threads" | "native", _) => {
-            runtime()?.block_on(bench(blockio::FileOpener, args, direct, Some(split)))
+            queue_runtime()?.block_on(bench(blockio::FileOpener, args, direct, Some(split)))
         }
         (other, _) => bail!("Invalid aio option: {other}"),
     }
+}
+
+/// How long a queue's thread polls its ring before it sleeps with requests in flight
+/// (`blockio::RingOpener::park_hook`): QEMU's default for its I/O threads (`poll-max-ns`).
+const QUEUE_POLL: std::time::Duration = std::time::Duration::from_micros(32);
+
+/// The runtime of one queue: a current-thread runtime whose thread polls its ring
+/// ([`QUEUE_POLL`]) before it sleeps, as a VMM's I/O thread would (nothing else runs on it).
+fn queue_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .on_thread_park(blockio::RingOpener::park_hook(QUEUE_POLL))
+        .build()
 }
 
 /// The request stream the queues share.
@@ -352,9 +362,7 @@ where
                 let depth = queue_depth(run.args.depth, queues, q);
                 let sync = &sync;
                 scope.spawn(move || {
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()?;
+                    let rt = queue_runtime()?;
                     rt.block_on(run.queue(depth, Some(sync)))
                 })
             })

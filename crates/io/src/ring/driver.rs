@@ -16,6 +16,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
 use tokio::runtime::{Handle, Id};
 
@@ -67,6 +68,9 @@ pub(crate) struct Ring {
     /// Cleared when the reaping task is gone (its runtime shut down): the thread then sets
     /// up a new ring for the next runtime.
     reaped: AtomicBool,
+    /// Completions handed on by [`Ring::poll_before_park`].
+    #[cfg(test)]
+    pub(crate) polled: std::sync::atomic::AtomicU64,
 }
 
 struct State {
@@ -84,14 +88,15 @@ struct State {
 /// whose completions do not interrupt the submitting thread while it runs
 /// (IORING_SETUP_COOP_TASKRUN, 5.19: the kernel finishes them when the thread next enters it,
 /// as it does at the latest when its runtime polls or sleeps; a sleeping thread is woken as
-/// before). Each flag is dropped where the kernel refuses it.
+/// before; IORING_SETUP_TASKRUN_FLAG tells a thread polling the queue that it must enter).
+/// Each flag is dropped where the kernel refuses it.
 fn build_uring() -> io::Result<IoUring> {
     let mut b = IoUring::builder();
     b.setup_cqsize(RING_CQ_ENTRIES);
     let mut with_all = b.clone();
     with_all.setup_submit_all();
     let mut with_coop = with_all.clone();
-    with_coop.setup_coop_taskrun();
+    with_coop.setup_coop_taskrun().setup_taskrun_flag();
     let mut last = None;
     for builder in [with_coop, with_all, b] {
         match builder.build(RING_SQ_ENTRIES) {
@@ -132,6 +137,8 @@ impl Ring {
                 submitted: 0,
             }),
             reaped: AtomicBool::new(true),
+            #[cfg(test)]
+            polled: Default::default(),
         });
         handle.spawn(reap(ReaperAlive(ring.clone()), watched));
         Ok(ring)
@@ -186,6 +193,47 @@ impl Ring {
     pub(crate) fn unsubmitted(&self) -> u64 {
         let st = self.lock();
         st.queued - st.submitted
+    }
+
+    /// Before the thread parks: submits what is queued and, with requests in the kernel,
+    /// polls the completion queue for up to `max` (the thread stays on its CPU, and a
+    /// completion is handed on without the wake-up of a sleeping thread). Returns at the
+    /// first completions (handed on), when nothing is in flight, or after `max`.
+    fn poll_before_park(&self, max: Duration) {
+        let start = Instant::now();
+        loop {
+            let mut done = Vec::new();
+            {
+                let mut st = self.lock();
+                if !st.uring.submission().is_empty() {
+                    st.submit(&mut done);
+                }
+                if st.uring.submission().taskrun() {
+                    // Completions wait for this thread to enter the kernel
+                    // (IORING_SETUP_COOP_TASKRUN): enter it, to get them, and nothing else.
+                    // SAFETY: submits nothing, waits for nothing, passes no argument.
+                    let _ = unsafe {
+                        st.uring.submitter().enter::<libc::sigset_t>(
+                            0,
+                            0,
+                            IORING_ENTER_GETEVENTS,
+                            None,
+                        )
+                    };
+                }
+                st.drain(&mut done);
+                if done.is_empty() && (st.in_flight == 0 || start.elapsed() >= max) {
+                    return;
+                }
+            }
+            if !done.is_empty() {
+                #[cfg(test)]
+                self.polled.fetch_add(done.len() as u64, Ordering::Relaxed);
+                complete(done);
+                return;
+            }
+            std::hint::spin_loop();
+        }
     }
 
     /// Hands on the completions waiting in the queue (the submitter's own reaping).
@@ -369,6 +417,31 @@ async fn reap(alive: ReaperAlive, event: AsyncFd<OwnedFd>) {
             st.drain(&mut done);
         }
         complete(done);
+    }
+}
+
+/// `io_uring_enter`'s flag to reap completions (linux/io_uring.h).
+const IORING_ENTER_GETEVENTS: u32 = 1;
+
+/// The hook of [`RingOpener::park_hook`](crate::RingOpener::park_hook): the ring of this
+/// thread for the current runtime, if it has one, polls before the thread parks.
+pub(crate) fn before_park(max: Duration) {
+    if max.is_zero() {
+        return;
+    }
+    let Ok(handle) = Handle::try_current() else {
+        return;
+    };
+    let id = handle.id();
+    let ring = RINGS.with(|rings| {
+        rings
+            .borrow()
+            .iter()
+            .find(|(i, r)| *i == id && r.reaped.load(Ordering::Acquire))
+            .map(|(_, r)| r.clone())
+    });
+    if let Some(ring) = ring {
+        ring.poll_before_park(max);
     }
 }
 
