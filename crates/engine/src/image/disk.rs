@@ -209,7 +209,7 @@ impl<O: Opener> Disk<O> {
         offset: u64,
     ) -> crate::ReadResult {
         match self {
-            Disk::Qcow2(img) => Box::pin(img.read_into(buf, range, offset)).await,
+            Disk::Qcow2(img) => img.read_into(buf, range, offset).await,
             Disk::Raw(raw) => {
                 let (res, buf) = read_data(&raw.backend, buf, range, offset, Keep::none()).await;
                 (

@@ -161,9 +161,9 @@ impl<O: Opener> Image<O> {
         if inside == 0 {
             return (Ok(()), buf);
         }
-        backing
-            .read_into(buf, r.start..r.start + inside, guest)
-            .await
+        // Boxed: the backing file's read is this one's future again, one layer down (and a
+        // read without a backing file carries no box).
+        Box::pin(backing.read_into(buf, r.start..r.start + inside, guest)).await
     }
 
     /// Reads and inflates one compressed cluster; the read carries `keep`.
