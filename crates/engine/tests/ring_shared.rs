@@ -54,16 +54,24 @@ fn writes(t: u64, r: u64) -> Vec<(u64, u64)> {
 
 #[test]
 fn tasks_on_worker_threads_share_one_image() {
-    shared_image(false);
+    shared_image(false, None);
 }
 
 /// The same with O_DIRECT (`cache=none`), on the disk holding the target directory.
 #[test]
 fn tasks_on_worker_threads_share_one_image_direct() {
-    shared_image(true);
+    shared_image(true, None);
 }
 
-fn shared_image(direct: bool) {
+/// The same with the workers polling their rings before they park
+/// (`RingOpener::park_hook`): requests queued behind others wait for the park, the reaper or
+/// a full batch instead of yielding.
+#[test]
+fn tasks_on_polling_worker_threads_share_one_image_direct() {
+    shared_image(true, Some(std::time::Duration::from_micros(32)));
+}
+
+fn shared_image(direct: bool, poll: Option<std::time::Duration>) {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let path = dir.path().join("shared.qcow2");
     qemu_img(&[
@@ -76,11 +84,11 @@ fn shared_image(direct: bool) {
         path_str(&path),
         &SIZE.to_string(),
     ]);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap();
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(poll) = poll {
+        rt.on_thread_park(RingOpener::park_hook(poll));
+    }
+    let rt = rt.worker_threads(4).enable_all().build().unwrap();
     let model = rt.block_on(async {
         let img = Arc::new(
             Image::open(RingOpener, &path, ImageOptions::new().direct(direct))

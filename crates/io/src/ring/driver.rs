@@ -65,9 +65,15 @@ impl RingUnavailable {
 /// One ring, shared by the thread that submits to it and the task that reaps it.
 pub(crate) struct Ring {
     state: Mutex<State>,
+    /// The eventfd the kernel signals for each completion (the reaper waits on it).
+    event: Arc<OwnedFd>,
     /// Cleared when the reaping task is gone (its runtime shut down): the thread then sets
     /// up a new ring for the next runtime.
     reaped: AtomicBool,
+    /// Set once the thread ran [`RingOpener::park_hook`](crate::RingOpener::park_hook) for
+    /// this ring: what is queued goes to the kernel when the thread parks, so a request
+    /// need not yield for its batch (see [`Ring::waits_for_park`]).
+    hooked: AtomicBool,
     /// Completions handed on by [`Ring::poll_before_park`].
     #[cfg(test)]
     pub(crate) polled: std::sync::atomic::AtomicU64,
@@ -116,7 +122,7 @@ impl Ring {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `fd` was just returned by eventfd and nothing else owns it.
-        let event = unsafe { OwnedFd::from_raw_fd(fd) };
+        let event = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
         uring
             .submitter()
             .register_eventfd(event.as_raw_fd())
@@ -125,11 +131,12 @@ impl Ring {
         let watched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let _enter = handle.enter();
             // SAFETY: an OwnedFd stays open, and is the same descriptor, while it is owned.
-            unsafe { AsyncFd::register_with_interest(event, tokio::io::Interest::READABLE) }
+            unsafe { AsyncFd::register_with_interest(event.clone(), tokio::io::Interest::READABLE) }
         }))
         .map_err(|_| RingUnavailable::NoIoDriver.into_io())?
         .map_err(|e| e.into_parts().1)?;
         let ring = Arc::new(Ring {
+            event,
             state: Mutex::new(State {
                 uring,
                 in_flight: 0,
@@ -137,6 +144,7 @@ impl Ring {
                 submitted: 0,
             }),
             reaped: AtomicBool::new(true),
+            hooked: AtomicBool::new(false),
             #[cfg(test)]
             polled: Default::default(),
         });
@@ -188,6 +196,13 @@ impl Ring {
         st.in_flight == 1 || seq - st.submitted >= batch
     }
 
+    /// Whether a request queued behind others may leave its submission to the park hook:
+    /// the thread submits what is queued before it sleeps, the reaper when a completion
+    /// comes, and the batch when it is full; the request need not yield to find the batch.
+    pub(crate) fn waits_for_park(&self) -> bool {
+        self.hooked.load(Ordering::Relaxed)
+    }
+
     /// How many requests are queued and not yet submitted.
     #[cfg(test)]
     pub(crate) fn unsubmitted(&self) -> u64 {
@@ -221,7 +236,12 @@ impl Ring {
                         )
                     };
                 }
-                st.drain(&mut done);
+                if !st.uring.completion().is_empty() {
+                    // Handed on here: their signal need not wake the reaper. One signalled
+                    // after the clearing is drained below or wakes it.
+                    clear_event(&self.event);
+                    st.drain(&mut done);
+                }
                 if done.is_empty() && (st.in_flight == 0 || start.elapsed() >= max) {
                     return;
                 }
@@ -394,7 +414,7 @@ impl Drop for ReaperAlive {
 
 /// The ring's reaper: waits on the eventfd the kernel signals for each completion, then
 /// hands the completions on.
-async fn reap(alive: ReaperAlive, event: AsyncFd<OwnedFd>) {
+async fn reap(alive: ReaperAlive, event: AsyncFd<Arc<OwnedFd>>) {
     loop {
         let mut ready = match event.readable().await {
             Ok(r) => r,
@@ -403,9 +423,7 @@ async fn reap(alive: ReaperAlive, event: AsyncFd<OwnedFd>) {
                 return;
             }
         };
-        let mut count = [0u8; 8];
-        // SAFETY: reads 8 bytes into `count`. EAGAIN (nothing signalled) is fine.
-        let _ = unsafe { libc::read(event.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+        clear_event(&alive.0.event);
         ready.clear_ready();
         // Completions signalled after this drain signal the eventfd again.
         let mut done = Vec::new();
@@ -418,6 +436,13 @@ async fn reap(alive: ReaperAlive, event: AsyncFd<OwnedFd>) {
         }
         complete(done);
     }
+}
+
+/// Reads (clears) the eventfd's count; EAGAIN (nothing signalled) is fine.
+fn clear_event(event: &OwnedFd) {
+    let mut count = [0u8; 8];
+    // SAFETY: reads at most 8 bytes into `count` from a descriptor we own.
+    let _ = unsafe { libc::read(event.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
 }
 
 /// `io_uring_enter`'s flag to reap completions (linux/io_uring.h).
@@ -441,6 +466,7 @@ pub(crate) fn before_park(max: Duration) {
             .map(|(_, r)| r.clone())
     });
     if let Some(ring) = ring {
+        ring.hooked.store(true, Ordering::Relaxed);
         ring.poll_before_park(max);
     }
 }

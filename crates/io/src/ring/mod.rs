@@ -29,9 +29,11 @@ const MAX_REQUEST: usize = 1 << 30;
 /// else queued or in flight it is submitted at once. Otherwise it is queued and its task
 /// yields once: the requests of the other tasks ready meanwhile queue theirs, and the first
 /// one polled again submits them all in one system call (at once when 16 are queued), so a
-/// busy device gets batches, as from tokio-uring, at the cost of one turn of the scheduler. Completions are reaped by a task of the runtime woken through an eventfd the
-/// ring signals, or by the request's own poll when it finds its completion already there;
-/// the reaper wakes the request's task. The rarer
+/// busy device gets batches, as from tokio-uring, at the cost of one turn of the scheduler
+/// (on a thread running [`RingOpener::park_hook`], without it: the thread submits what is
+/// queued before it sleeps). Completions are reaped by a task of the runtime woken through
+/// an eventfd the ring signals, by the request's own poll when it finds its completion
+/// already there, or by the park hook; the reaper wakes the request's task. The rarer
 /// operations (length changes, preallocation, and the fallbacks of `punch_hole` and
 /// `write_zeroes` on file systems without fallocate) run on tokio's blocking pool as
 /// [`TokioFile`]'s do.

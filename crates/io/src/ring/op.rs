@@ -99,8 +99,11 @@ const BATCH: u64 = 16;
 /// and, unless the ring was idle (then it submits at once: latency is all there is), yields
 /// (waking itself): the other requests that are ready meanwhile queue theirs, and the first
 /// to be polled again submits them all in one system call (the device sees a batch; a VM
-/// exits once for it). [`BATCH`] queued requests are submitted at once. Then it waits for
-/// its completion. Its output is the kernel's result (a count) and the hold back.
+/// exits once for it). [`BATCH`] queued requests are submitted at once. On a thread running
+/// the park hook it does not yield: what is queued goes to the kernel when the thread parks
+/// (the hook submits it), when the reaper hands on a completion, or with a full batch,
+/// without a second turn of the scheduler for each request. Then it waits for its
+/// completion. Its output is the kernel's result (a count) and the hold back.
 /// `Send`: the request may be awaited on any thread.
 pub(crate) struct Submit {
     entry: Option<squeue::Entry>,
@@ -185,7 +188,7 @@ impl Future for Submit {
             if q.ring.submit_now(seq, BATCH) {
                 q.seq = None;
                 q.ring.submit_upto(seq);
-            } else {
+            } else if !q.ring.waits_for_park() {
                 // Back after the other ready tasks, which may queue theirs.
                 cx.waker().wake_by_ref();
             }
