@@ -708,9 +708,9 @@ def queues_section(bench: Bench, cells: list[Cell]) -> list[str]:
     ncpu = os.cpu_count() or 1
     L = ["### One image, several queues", "",
          "`qimg bench -i io_uring --queues N`: one image shared by N threads, each running a "
-         "current-thread tokio runtime with its own ring (`blockio::RingOpener`) and polling "
-         "it for up to 32 µs before sleeping with requests in flight (`RingOpener::park_hook`,"
-         " as QEMU's I/O threads poll), taking requests from one stream, the cell's requests "
+         "current-thread tokio runtime with its own ring (`blockio::RingOpener`) and, with "
+         "no more queues than CPUs, polling it for up to 32 µs before sleeping with requests "
+         "in flight (`RingOpener::park_hook`, as QEMU's I/O threads poll), taking requests from one stream, the cell's requests "
          "in flight spread over them (as a VMM serves several virtio queues from several I/O "
          "threads; at QD1 one queue only). *ours* is the same cell without `--queues` (one "
          "thread, tokio-uring, no polling); the best of the Rust peers in the same cell "

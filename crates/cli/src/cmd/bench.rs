@@ -84,7 +84,8 @@ pub struct BenchArgs {
     /// Share the image among this many threads, each with its own runtime, splitting the
     /// requests and the depth among them. With it, `-i io_uring` runs on the `Send` io_uring
     /// backend (a ring per thread, each thread polling its ring for up to 32 µs before it
-    /// sleeps with requests in flight) rather than tokio-uring's.
+    /// sleeps with requests in flight, when there are no more queues than CPUs) rather than
+    /// tokio-uring's.
     #[arg(long = "queues", value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub queues: Option<u64>,
     /// The image.
@@ -129,10 +130,12 @@ fn start(args: BenchArgs) -> Result<()> {
             blockio::uring_builder().start(bench(blockio::UringOpener, args, direct, None))
         }
         ("io_uring", Some(_)) => {
-            queue_runtime()?.block_on(bench(blockio::RingOpener, args, direct, Some(split)))
+            let queues = args.queues.unwrap_or(1);
+            queue_runtime(queues)?.block_on(bench(blockio::RingOpener, args, direct, Some(split)))
         }
         ("threads" | "native", _) => {
-            queue_runtime()?.block_on(bench(blockio::FileOpener, args, direct, Some(split)))
+            let queues = args.queues.unwrap_or(1);
+            queue_runtime(queues)?.block_on(bench(blockio::FileOpener, args, direct, Some(split)))
         }
         (other, _) => bail!("Invalid aio option: {other}"),
     }
@@ -142,13 +145,18 @@ fn start(args: BenchArgs) -> Result<()> {
 /// (`blockio::RingOpener::park_hook`): QEMU's default for its I/O threads (`poll-max-ns`).
 const QUEUE_POLL: std::time::Duration = std::time::Duration::from_micros(32);
 
-/// The runtime of one queue: a current-thread runtime whose thread polls its ring
-/// ([`QUEUE_POLL`]) before it sleeps, as a VMM's I/O thread would (nothing else runs on it).
-fn queue_runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .on_thread_park(blockio::RingOpener::park_hook(QUEUE_POLL))
-        .build()
+/// The runtime of one of `queues` queues: a current-thread runtime whose thread polls its
+/// ring ([`QUEUE_POLL`]) before it sleeps, as a VMM's I/O thread would (nothing else runs on
+/// it), unless there are more queues than CPUs: polling threads would then take the CPUs
+/// the others need.
+fn queue_runtime(queues: u64) -> std::io::Result<tokio::runtime::Runtime> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    let mut b = tokio::runtime::Builder::new_current_thread();
+    b.enable_all();
+    if queues <= cpus {
+        b.on_thread_park(blockio::RingOpener::park_hook(QUEUE_POLL));
+    }
+    b.build()
 }
 
 /// The request stream the queues share.
@@ -362,7 +370,7 @@ where
                 let depth = queue_depth(run.args.depth, queues, q);
                 let sync = &sync;
                 scope.spawn(move || {
-                    let rt = queue_runtime()?;
+                    let rt = queue_runtime(queues)?;
                     rt.block_on(run.queue(depth, Some(sync)))
                 })
             })
