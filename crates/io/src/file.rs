@@ -451,10 +451,8 @@ impl Opener for FileOpener {
 mod tests {
     use super::*;
 
-    /// The fallbacks taken when fallocate is refused (e.g. on file systems without
-    /// ZERO_RANGE): forced here, since the test file system supports everything.
-    #[tokio::test]
-    async fn fallbacks_without_fallocate() {
+    /// A new writable file in a directory of its own (kept alive by the caller).
+    async fn new_file() -> (tempfile::TempDir, TokioFile) {
         let dir = tempfile::tempdir().unwrap();
         let o = OpenOptions {
             write: true,
@@ -462,6 +460,14 @@ mod tests {
             ..Default::default()
         };
         let f = TokioFile::open(dir.path().join("f"), o).await.unwrap();
+        (dir, f)
+    }
+
+    /// The fallbacks taken when fallocate is refused (e.g. on file systems without
+    /// ZERO_RANGE): forced here, since the test file system supports everything.
+    #[tokio::test]
+    async fn fallbacks_without_fallocate() {
+        let (_dir, f) = new_file().await;
         f.inner.no_punch.store(true, Ordering::Relaxed);
         f.inner.no_zero_range.store(true, Ordering::Relaxed);
         crate::check_fallbacks(&f).await;
@@ -477,13 +483,7 @@ mod tests {
     /// read in `PROBE`.
     #[tokio::test]
     async fn cached_reads_take_the_page_cache_path() {
-        let dir = tempfile::tempdir().unwrap();
-        let o = OpenOptions {
-            write: true,
-            create: true,
-            ..Default::default()
-        };
-        let f = TokioFile::open(dir.path().join("f"), o).await.unwrap();
+        let (_dir, f) = new_file().await;
         let data: Vec<u8> = (0..65536u32).map(|i| (i * 7 % 251) as u8).collect();
         let (r, _) = f.write_at(IoBuf::from_slice(&data), 0).await;
         r.unwrap();
