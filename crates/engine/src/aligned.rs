@@ -130,9 +130,7 @@ pub(crate) fn read_buf(offset: u64, len: u64, size: Option<u64>) -> Result<IoBuf
             max: MAX_BUFFER_LEN,
         })?;
     if let Some(size) = size {
-        if offset.checked_add(len).is_none_or(|end| end > size) {
-            return Err(Error::OutOfRange { offset, len, size });
-        }
+        Error::check_range(offset, len, size)?;
     }
     Ok(IoBuf::new(n))
 }

@@ -246,6 +246,15 @@ pub fn strerror(e: &io::Error) -> String {
 }
 
 impl Error {
+    /// `Ok` when the guest range `offset..offset+len` lies inside a disk of `size` bytes,
+    /// else [`Error::OutOfRange`] (an end past `u64::MAX` too).
+    pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> crate::Result<()> {
+        match offset.checked_add(len).is_some_and(|end| end <= size) {
+            true => Ok(()),
+            false => Err(Error::OutOfRange { offset, len, size }),
+        }
+    }
+
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
         Error::Io {
             context: context.into(),

@@ -9,20 +9,29 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 /// trip through io_uring or the blocking pool (a memory copy, never a wait for the disk).
 /// After [`CacheReads::COLD`] misses in a row the attempts stop but for one read in
 /// [`CacheReads::PROBE`] (a file that is not in the cache pays little for the probe); a file
-/// system that refuses RWF_NOWAIT turns it off.
+/// system that refuses RWF_NOWAIT turns it off. An O_DIRECT file never takes it (its reads
+/// bypass the page cache).
 #[derive(Debug, Default)]
 pub(crate) struct CacheReads {
     /// Misses in a row (saturating at `COLD`).
     pub(crate) misses: AtomicU32,
     /// Reads while cold, to pick the probes.
     cold_reads: AtomicU32,
-    /// RWF_NOWAIT refused (EOPNOTSUPP): never again.
+    /// O_DIRECT, or RWF_NOWAIT refused (EOPNOTSUPP): never again.
     pub(crate) off: AtomicBool,
 }
 
 impl CacheReads {
     pub(crate) const COLD: u32 = 8;
     pub(crate) const PROBE: u32 = 64;
+
+    /// The fast path of a file opened with O_DIRECT (`direct`: off for good) or without.
+    pub(crate) fn new(direct: bool) -> CacheReads {
+        CacheReads {
+            off: AtomicBool::new(direct),
+            ..Default::default()
+        }
+    }
 
     /// Reads into `buf` what the page cache holds of the range of `fd` at `offset`, if this
     /// read should try: `Some(n)` when it read `n` bytes (fewer than asked when the rest is

@@ -97,7 +97,7 @@ impl TokioFile {
                 no_punch: AtomicBool::new(false),
                 no_zero_range: AtomicBool::new(false),
                 flush_failures: AtomicU64::new(0),
-                cached: CacheReads::default(),
+                cached: CacheReads::new(direct),
             }),
         }
     }
@@ -117,10 +117,7 @@ impl TokioFile {
     /// first page is not cached, the file is O_DIRECT, the attempts are off for now, or any
     /// error, which the real read will report). See [`CacheReads`].
     pub(crate) fn read_cached(&self, buf: &mut [u8], offset: u64) -> Option<usize> {
-        match self.inner.direct {
-            true => None,
-            false => self.inner.cached.read(self.fd(), buf, offset),
-        }
+        self.inner.cached.read(self.fd(), buf, offset)
     }
 
     /// Counts a failed flush (made by another backend on this file: the io_uring one).

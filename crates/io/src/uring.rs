@@ -153,7 +153,7 @@ impl UringFile {
                 align,
                 no_punch: Cell::new(false),
                 no_zero_range: Cell::new(false),
-                cached: Default::default(),
+                cached: CacheReads::new(options.direct),
                 flush_failures: Cell::new(0),
             }),
         })
@@ -267,10 +267,8 @@ impl Backend for UringFile {
         }
         let direct = i.direct.then_some(i.align);
         read_whole(buf, offset, direct, |mut b, o| async move {
-            if !i.direct {
-                if let Some(n) = i.cached.read(i.file.as_raw_fd(), &mut b, o) {
-                    return (Ok(n), b);
-                }
+            if let Some(n) = i.cached.read(i.file.as_raw_fd(), &mut b, o) {
+                return (Ok(n), b);
             }
             i.file.read_at(b, o).await
         })

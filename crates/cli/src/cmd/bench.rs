@@ -11,7 +11,8 @@
 //! With `--queues N` the image is shared by N threads, each running a tokio runtime of its
 //! own, as a VMM's I/O threads would (`-i io_uring`: the per-thread io_uring backend,
 //! `blockio::RingOpener`, each thread polling its ring for up to 32 µs before it sleeps with
-//! requests in flight, as QEMU's I/O threads poll; `-i threads`: the tokio file backend). They take requests from one
+//! requests in flight, as QEMU's I/O threads poll, unless there are more queues than CPUs;
+//! `-i threads`: the tokio file backend). They take requests from one
 //! stream (request `i` goes where it would with one queue, to whichever thread is free first),
 //! and the `-d` requests in flight are spread over them.
 
@@ -125,16 +126,15 @@ fn start(args: BenchArgs) -> Result<()> {
     if args.size == 0 || args.depth == 0 {
         bail!("request size and depth must be positive");
     }
+    let queues = args.queues.unwrap_or(1);
     match (args.aio.as_str(), args.queues) {
         ("io_uring", None) => {
             blockio::uring_builder().start(bench(blockio::UringOpener, args, direct, None))
         }
         ("io_uring", Some(_)) => {
-            let queues = args.queues.unwrap_or(1);
             queue_runtime(queues)?.block_on(bench(blockio::RingOpener, args, direct, Some(split)))
         }
         ("threads" | "native", _) => {
-            let queues = args.queues.unwrap_or(1);
             queue_runtime(queues)?.block_on(bench(blockio::FileOpener, args, direct, Some(split)))
         }
         (other, _) => bail!("Invalid aio option: {other}"),

@@ -242,15 +242,8 @@ impl<O: Opener> Disk<O> {
             Disk::Qcow2(img) => img.write_at_with(buf, offset, flags).await,
             Disk::Raw(raw) => {
                 let len = buf.len() as u64;
-                if offset.checked_add(len).is_none_or(|e| e > raw.size()) {
-                    return (
-                        Err(Error::OutOfRange {
-                            offset,
-                            len,
-                            size: raw.size(),
-                        }),
-                        buf,
-                    );
+                if let Err(e) = Error::check_range(offset, len, raw.size()) {
+                    return (Err(e), buf);
                 }
                 let window = buf.window();
                 let res = write_unaligned(&raw.backend, &buf, offset, Keep::none()).await;

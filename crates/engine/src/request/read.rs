@@ -69,8 +69,8 @@ impl<O: Opener> Image<O> {
     ) -> ReadResult {
         let len = range.len() as u64;
         let size = view.map_or(self.size(), |v| v.size);
-        if offset.checked_add(len).is_none_or(|end| end > size) {
-            return (Err(Error::OutOfRange { offset, len, size }), buf);
+        if let Err(e) = Error::check_range(offset, len, size) {
+            return (Err(e), buf);
         }
         self.read_mapped(buf, range, offset, view).await
     }

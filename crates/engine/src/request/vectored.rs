@@ -22,16 +22,7 @@ impl<O: Opener> Image<O> {
     /// As [`Image::read_at`]: dropping the future abandons the reads and changes nothing.
     pub async fn read_vectored_at(&self, bufs: Vec<IoBuf>, offset: u64) -> VectoredResult {
         let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-        if offset
-            .checked_add(total)
-            .is_none_or(|end| end > self.size())
-        {
-            let size = self.size();
-            let e = Error::OutOfRange {
-                offset,
-                len: total,
-                size,
-            };
+        if let Err(e) = Error::check_range(offset, total, self.size()) {
             return (Err(e), bufs);
         }
         let parts = at_offsets(bufs, offset).map(|(b, o)| self.read_at(b, o));

@@ -44,14 +44,7 @@ impl<O: Opener> Image<O> {
         {
             return Err(Error::MarkedCorrupt(self.path().to_path_buf()));
         }
-        if offset.checked_add(len).is_none_or(|e| e > self.size()) {
-            return Err(Error::OutOfRange {
-                offset,
-                len,
-                size: self.size(),
-            });
-        }
-        Ok(())
+        Error::check_range(offset, len, self.size())
     }
 
     /// Writes the buffer's window at guest offset `offset` and gives the buffer back.
