@@ -28,7 +28,7 @@ const MAX_REQUEST: usize = 1 << 30;
 /// thread and runtime; [`RING_SQ_ENTRIES`], [`RING_CQ_ENTRIES`]). On a ring with nothing
 /// else queued or in flight it is submitted at once. Otherwise it is queued and its task
 /// yields once: the requests of the other tasks ready meanwhile queue theirs, and the first
-/// one polled again submits them all in one system call (at once when 16 are queued), so a
+/// one polled again submits them all in one system call (at once when 4 are queued), so a
 /// busy device gets batches, as from tokio-uring, at the cost of one turn of the scheduler
 /// (on a thread running [`RingOpener::park_hook`], without it: the thread submits what is
 /// queued before it sleeps). Completions are reaped by a task of the runtime woken through
