@@ -390,7 +390,7 @@ impl<O: Opener> Image<O> {
 /// header may name them, so that a store cut short leaks nothing. Dropped while the header
 /// write is in flight, it leaves a `BitmapSwitch` to resolve.
 struct Taken<'a> {
-    meta: async_lock::MutexGuard<'a, crate::meta::Meta>,
+    meta: crate::meta::MetaGuard<'a>,
     clusters: Vec<qcow2_format::HostCluster>,
     /// Set while the header write is in flight.
     switch: Option<crate::meta::BitmapSwitch>,

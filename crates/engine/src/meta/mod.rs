@@ -8,6 +8,7 @@
 
 pub(crate) mod cache;
 pub(crate) mod load;
+mod lock;
 mod snapshots;
 mod store;
 pub(crate) mod verify;
@@ -15,8 +16,8 @@ pub(crate) mod verify;
 pub(crate) use store::Store;
 
 use cache::TableCache;
+pub(crate) use lock::{MetaGuard, MetaLock};
 use qcow2_format::{ClusterGeometry, Header, L1Entry};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Metadata guarded by the metadata lock.
 pub(crate) struct Meta {
@@ -167,74 +168,5 @@ impl MetadataClusters {
             .iter()
             .flat_map(|&(s, e)| s..e)
             .chain(self.l2.iter().copied())
-    }
-}
-
-/// The metadata lock: an async mutex over [`Meta`] whose [`lock`](MetaLock::lock) first
-/// spins a little when the lock is held by another thread. Most holders keep it for a few
-/// hundred nanoseconds (a mapping from the cached L2 tables); a task of another thread
-/// (another queue) that found it taken would otherwise sleep and be woken through its
-/// runtime, which costs tens of times that. A holder on the caller's own thread cannot
-/// release it while the caller spins (it waits for I/O, or for this very thread): then the
-/// caller waits at once.
-pub(crate) struct MetaLock {
-    mutex: async_lock::Mutex<Meta>,
-    /// The thread ([`thread_tag`]) that took the lock last.
-    holder: AtomicU64,
-}
-
-/// Attempts of [`MetaLock::lock`] before it waits: about a microsecond, the length of a
-/// mapping from the cache.
-const META_SPINS: u32 = 64;
-
-/// A number for the calling thread, unique in the process (never 0).
-fn thread_tag() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    thread_local! {
-        static TAG: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
-    }
-    TAG.with(|t| *t)
-}
-
-impl MetaLock {
-    pub(crate) fn new(meta: Meta) -> MetaLock {
-        MetaLock {
-            mutex: async_lock::Mutex::new(meta),
-            holder: AtomicU64::new(0),
-        }
-    }
-
-    /// Locks the metadata (see the type).
-    ///
-    /// # Cancel safety
-    ///
-    /// As `async_lock::Mutex::lock`: dropping the future leaves the lock untaken.
-    pub(crate) async fn lock(&self) -> async_lock::MutexGuard<'_, Meta> {
-        let me = thread_tag();
-        let guard = match self.mutex.try_lock() {
-            Some(g) => g,
-            None => {
-                let mut spun = None;
-                if self.holder.load(Ordering::Relaxed) != me {
-                    for _ in 0..META_SPINS {
-                        std::hint::spin_loop();
-                        if let Some(g) = self.mutex.try_lock() {
-                            spun = Some(g);
-                            break;
-                        }
-                    }
-                }
-                match spun {
-                    Some(g) => g,
-                    None => self.mutex.lock().await,
-                }
-            }
-        };
-        self.holder.store(me, Ordering::Relaxed);
-        guard
-    }
-
-    pub(crate) fn get_mut(&mut self) -> &mut Meta {
-        self.mutex.get_mut()
     }
 }
