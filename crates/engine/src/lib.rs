@@ -55,6 +55,7 @@ mod error;
 mod files;
 mod image;
 mod inflight;
+mod lock;
 mod map;
 mod meta;
 mod options;

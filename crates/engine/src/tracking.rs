@@ -111,7 +111,7 @@ pub(crate) struct Ctx<'a, B> {
     pub(crate) store: Store<'a, B>,
     pub(crate) meta: &'a crate::meta::MetaLock,
     pub(crate) header: &'a Header,
-    pub(crate) bitmaps: &'a async_lock::Mutex<Option<Bitmaps>>,
+    pub(crate) bitmaps: &'a crate::lock::Lock<Option<Bitmaps>>,
 }
 
 impl<B: Backend> Ctx<'_, B> {

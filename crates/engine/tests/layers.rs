@@ -2,7 +2,8 @@
 //! `crates/engine/src` may name (through `crate::`) the modules of the layers before its own,
 //! never one of its own layer or after it:
 //!
-//! 1. `options`, `compress`, `inflight`: options, inflation, I9's guards;
+//! 1. `options`, `compress`, `inflight`, `lock`: options, inflation, I9's guards, the async
+//!    mutex of shared state;
 //! 2. `error`: the one error type (it names the options of `create`);
 //! 3. `files`, `aligned`: the files under an image, aligned I/O;
 //! 4. `meta`: the metadata state, its loaders, cache and store (write-back);
@@ -22,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 const LAYERS: &[&[&str]] = &[
-    &["options", "compress", "inflight"],
+    &["options", "compress", "inflight", "lock"],
     &["error"],
     &["files", "aligned"],
     &["meta"],

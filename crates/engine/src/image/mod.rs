@@ -85,7 +85,7 @@ pub struct Image<O: Opener> {
     /// Set by a successful close: the drop has nothing to report.
     pub(crate) closed: std::sync::atomic::AtomicBool,
     /// The persistent bitmaps maintained while writing (read-write images with bitmaps).
-    pub(crate) tracked: async_lock::Mutex<Option<crate::tracking::Bitmaps>>,
+    pub(crate) tracked: crate::lock::Lock<Option<crate::tracking::Bitmaps>>,
     /// Set once corruption was found and the corrupt bit written: writes stop.
     pub(crate) marked_corrupt: std::sync::atomic::AtomicBool,
 }

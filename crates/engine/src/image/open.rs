@@ -134,7 +134,7 @@ impl<O: Opener> Image<O> {
             acked: AtomicU64::new(0),
             flushed: AtomicU64::new(0),
             closed: std::sync::atomic::AtomicBool::new(false),
-            tracked: async_lock::Mutex::new(None),
+            tracked: crate::lock::Lock::new(None),
             lazy_refcounts: !read_only
                 && header.version >= 3
                 && options.lazy_refcounts.unwrap_or(header.lazy_refcounts()),

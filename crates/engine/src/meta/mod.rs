@@ -8,7 +8,6 @@
 
 pub(crate) mod cache;
 pub(crate) mod load;
-mod lock;
 mod snapshots;
 mod store;
 pub(crate) mod verify;
@@ -16,7 +15,10 @@ pub(crate) mod verify;
 pub(crate) use store::Store;
 
 use cache::TableCache;
-pub(crate) use lock::{MetaGuard, MetaLock};
+/// The metadata lock (see [`Lock`](crate::lock::Lock)).
+pub(crate) type MetaLock = crate::lock::Lock<Meta>;
+/// The metadata, locked.
+pub(crate) type MetaGuard<'a> = crate::lock::Guard<'a, Meta>;
 use qcow2_format::{ClusterGeometry, Header, L1Entry};
 
 /// Metadata guarded by the metadata lock.

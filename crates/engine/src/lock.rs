@@ -1,15 +1,15 @@
-//! The metadata lock.
+//! The engine's async mutex for state shared by every request ([`Lock`]): the metadata
+//! (`MetaLock`) and the maintained bitmaps.
 
-use super::Meta;
 use std::cell::UnsafeCell;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// The metadata lock: an async mutex over [`Meta`] whose [`lock`](MetaLock::lock) first
-/// spins a little when the lock is held by another thread. Most holders keep it for a few
-/// hundred nanoseconds (a mapping from the cached L2 tables); a task of another thread
-/// (another queue) that found it taken would otherwise sleep and be woken through its
-/// runtime, which costs tens of times that. A holder on the caller's own thread cannot
+/// An async mutex whose [`lock`](Lock::lock) first spins a little when the lock is held by
+/// another thread. Most holders of the metadata lock keep it for a few hundred nanoseconds
+/// (a mapping from the cached L2 tables), of the bitmaps' for less (a write marks them); a
+/// task of another thread (another queue) that found it taken would otherwise sleep and be
+/// woken through its runtime, which costs tens of times that. A holder on the caller's own thread cannot
 /// release it while the caller spins (it waits for I/O, or for this very thread): then the
 /// caller waits at once.
 ///
@@ -19,29 +19,29 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// through a wake-up of the waiter's thread. With more queue threads than CPUs a waiter's
 /// thread is often not running for that long, and the queues then took turns at the pace
 /// of thread wake-ups: 4k reads at depth 32 over 4 queues on 2 CPUs fell from ~125,000 to
-/// ~52,000 IOPS in about half the runs.) A waiter cannot starve for long: the lock is held
-/// for short planning steps, never across data I/O.
-pub(crate) struct MetaLock<T = Meta> {
-    /// One permit: held by the [`MetaGuard`].
+/// ~52,000 IOPS in about half the runs.) A waiter cannot starve for long: requests hold the
+/// locks for short steps, never across guest data I/O.
+pub(crate) struct Lock<T> {
+    /// One permit: held by the [`Guard`].
     permit: async_lock::Semaphore,
     /// The thread ([`thread_tag`]) that took the lock last.
     holder: AtomicU64,
-    meta: UnsafeCell<T>,
+    value: UnsafeCell<T>,
 }
 
-// SAFETY: `meta` is reached only through a `MetaGuard`, which holds the one permit (or
-// through `&mut MetaLock`): by one thread at a time, as with a mutex.
-unsafe impl<T: Send> Sync for MetaLock<T> {}
+// SAFETY: `value` is reached only through a `Guard`, which holds the one permit (or
+// through `&mut Lock`): by one thread at a time, as with a mutex.
+unsafe impl<T: Send> Sync for Lock<T> {}
 
-/// The metadata, locked: the lock is released when the guard is dropped. `Send` and `Sync`
-/// as `&mut T`.
-pub(crate) struct MetaGuard<'a, T = Meta> {
-    lock: &'a MetaLock<T>,
+/// The value of a [`Lock`], locked: the lock is released when the guard is dropped. `Send`
+/// and `Sync` as `&mut T`.
+pub(crate) struct Guard<'a, T> {
+    lock: &'a Lock<T>,
     _permit: async_lock::SemaphoreGuard<'a>,
     _as: std::marker::PhantomData<&'a mut T>,
 }
 
-/// Attempts of [`MetaLock::lock`] before it waits: about a microsecond, the length of a
+/// Attempts of [`Lock::lock`] before it waits: about a microsecond, the length of a
 /// mapping from the cache.
 const META_SPINS: u32 = 64;
 
@@ -54,21 +54,21 @@ fn thread_tag() -> u64 {
     TAG.with(|t| *t)
 }
 
-impl<T> MetaLock<T> {
-    pub(crate) fn new(meta: T) -> MetaLock<T> {
-        MetaLock {
+impl<T> Lock<T> {
+    pub(crate) fn new(value: T) -> Lock<T> {
+        Lock {
             permit: async_lock::Semaphore::new(1),
             holder: AtomicU64::new(0),
-            meta: UnsafeCell::new(meta),
+            value: UnsafeCell::new(value),
         }
     }
 
-    /// Locks the metadata (see the type).
+    /// Locks the value (see the type).
     ///
     /// # Cancel safety
     ///
     /// As `async_lock::Semaphore::acquire`: dropping the future leaves the lock untaken.
-    pub(crate) async fn lock(&self) -> MetaGuard<'_, T> {
+    pub(crate) async fn lock(&self) -> Guard<'_, T> {
         let me = thread_tag();
         let permit = match self.permit.try_acquire() {
             Some(p) => p,
@@ -90,7 +90,7 @@ impl<T> MetaLock<T> {
             }
         };
         self.holder.store(me, Ordering::Relaxed);
-        MetaGuard {
+        Guard {
             lock: self,
             _permit: permit,
             _as: std::marker::PhantomData,
@@ -98,24 +98,24 @@ impl<T> MetaLock<T> {
     }
 
     pub(crate) fn get_mut(&mut self) -> &mut T {
-        self.meta.get_mut()
+        self.value.get_mut()
     }
 }
 
-impl<T> Deref for MetaGuard<'_, T> {
+impl<T> Deref for Guard<'_, T> {
     type Target = T;
 
     fn deref(&self) -> &T {
         // SAFETY: the guard holds the lock's one permit (see `MetaLock`).
-        unsafe { &*self.lock.meta.get() }
+        unsafe { &*self.lock.value.get() }
     }
 }
 
-impl<T> DerefMut for MetaGuard<'_, T> {
+impl<T> DerefMut for Guard<'_, T> {
     fn deref_mut(&mut self) -> &mut T {
         // SAFETY: the guard holds the lock's one permit, and `&mut self` makes this the only
         // reference through it.
-        unsafe { &mut *self.lock.meta.get() }
+        unsafe { &mut *self.lock.value.get() }
     }
 }
 
@@ -127,7 +127,7 @@ mod tests {
     /// One holder at a time: a second lock waits for the first guard.
     #[test]
     fn one_holder_at_a_time() {
-        let lock = MetaLock::new(0u32);
+        let lock = Lock::new(0u32);
         let first = lock.lock().now_or_never().expect("free");
         let mut second = Box::pin(lock.lock());
         assert!((&mut second).now_or_never().is_none(), "taken twice");
@@ -143,7 +143,7 @@ mod tests {
     /// it over only through the waiter's wake-up).
     #[test]
     fn a_free_lock_is_taken_at_once_whoever_waits() {
-        let lock = MetaLock::new(());
+        let lock = Lock::new(());
         let a = lock.lock().now_or_never().expect("free");
         let mut waiter = Box::pin(lock.lock());
         assert!((&mut waiter).now_or_never().is_none());
