@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// another thread. Most holders of the metadata lock keep it for a few hundred nanoseconds
 /// (a mapping from the cached L2 tables), of the bitmaps' for less (a write marks them); a
 /// task of another thread (another queue) that found it taken would otherwise sleep and be
-/// woken through its runtime, which costs tens of times that. A holder on the caller's own thread cannot
-/// release it while the caller spins (it waits for I/O, or for this very thread): then the
-/// caller waits at once.
+/// woken through its runtime, which costs tens of times that. A holder on the caller's own
+/// thread cannot release it while the caller spins (it waits for I/O, or for this very
+/// thread): then the caller waits at once.
 ///
 /// The lock is the one permit of a semaphore: a lock that is free is taken by whoever asks
 /// first, a waiter woken or a task that just came. (`async_lock::Mutex` turns fair once a
@@ -43,7 +43,7 @@ pub(crate) struct Guard<'a, T> {
 
 /// Attempts of [`Lock::lock`] before it waits: about a microsecond, the length of a
 /// mapping from the cache.
-const META_SPINS: u32 = 64;
+const SPINS: u32 = 64;
 
 /// A number for the calling thread, unique in the process (never 0).
 fn thread_tag() -> u64 {
@@ -75,7 +75,7 @@ impl<T> Lock<T> {
             None => {
                 let mut spun = None;
                 if self.holder.load(Ordering::Relaxed) != me {
-                    for _ in 0..META_SPINS {
+                    for _ in 0..SPINS {
                         std::hint::spin_loop();
                         if let Some(p) = self.permit.try_acquire() {
                             spun = Some(p);
