@@ -352,6 +352,45 @@ mod tests {
         assert_eq!(r.unwrap(), 0, "the timeout ends by its count, not its time");
     }
 
+    /// Requests queued behind a busy ring go to the kernel four at a time: the fourth
+    /// submits the batch when it is queued, without a second poll or a park.
+    #[tokio::test]
+    async fn the_fourth_queued_request_submits_the_batch() {
+        use io_uring::opcode;
+        let dir = tempfile::tempdir().unwrap();
+        let create = OpenOptions {
+            create: true,
+            ..Default::default()
+        };
+        let f = RingFile::open(dir.path().join("f"), create).await.unwrap();
+        // In flight until one other request completes: the ring is busy meanwhile.
+        let ts = types::Timespec::new().sec(600);
+        let busy = op::submit(
+            opcode::Timeout::new(&ts).count(1).build(),
+            Hold::new(&f.file, None, Keep::none()),
+        );
+        let mut busy = std::pin::pin!(busy);
+        assert!(futures::poll!(busy.as_mut()).is_pending());
+        let ring = driver::current().unwrap();
+        let mut nops = Vec::new();
+        for queued in 1..=4u64 {
+            let nop = op::submit(
+                opcode::Nop::new().build(),
+                Hold::new(&f.file, None, Keep::none()),
+            );
+            let mut nop = Box::pin(nop);
+            assert!(futures::poll!(nop.as_mut()).is_pending());
+            nops.push(nop);
+            let waiting = if queued < 4 { queued } else { 0 };
+            assert_eq!(ring.unsubmitted(), waiting, "after {queued} queued");
+        }
+        for nop in nops {
+            nop.await.0.unwrap();
+        }
+        let (r, _) = busy.await;
+        assert_eq!(r.unwrap(), 0, "the timeout ends by its count, not its time");
+    }
+
     /// A flush cancelled by its ring closing never ran: it is no flush failure. (A FIFO read
     /// marked as a flush stands for it: it stays in the kernel until the ring cancels it.)
     #[test]
