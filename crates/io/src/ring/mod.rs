@@ -311,27 +311,57 @@ mod tests {
         .await;
     }
 
-    /// A request dropped while queued (waiting for its batch) is submitted by its drop: it
-    /// completes and its keep goes, although nothing else comes to the ring.
-    #[tokio::test]
-    async fn a_request_dropped_while_queued_is_submitted() {
-        use io_uring::opcode;
+    /// A new file on a ring kept busy by a timeout in flight until one other request of the
+    /// ring completes: what a test queues meanwhile waits for its batch.
+    struct Busy {
+        _dir: tempfile::TempDir,
+        f: RingFile,
+        ring: Arc<driver::Ring>,
+        timeout: std::pin::Pin<Box<op::Submit>>,
+        /// The timeout's time (600 s), which its entry points to.
+        _ts: Box<types::Timespec>,
+    }
+
+    async fn busy_ring() -> Busy {
         let dir = tempfile::tempdir().unwrap();
         let create = OpenOptions {
             create: true,
             ..Default::default()
         };
         let f = RingFile::open(dir.path().join("f"), create).await.unwrap();
-        // In flight until one other request completes: the ring is busy meanwhile.
-        let ts = types::Timespec::new().sec(600);
-        let busy = op::submit(
-            opcode::Timeout::new(&ts).count(1).build(),
+        let ts = Box::new(types::Timespec::new().sec(600));
+        let mut timeout = Box::pin(op::submit(
+            io_uring::opcode::Timeout::new(&*ts).count(1).build(),
             Hold::new(&f.file, None, Keep::none()),
-        );
-        let mut busy = std::pin::pin!(busy);
-        assert!(futures::poll!(busy.as_mut()).is_pending());
+        ));
+        assert!(futures::poll!(timeout.as_mut()).is_pending());
         let ring = driver::current().unwrap();
         assert_eq!(ring.unsubmitted(), 0, "a lone request waits for a batch");
+        Busy {
+            _dir: dir,
+            f,
+            ring,
+            timeout,
+            _ts: ts,
+        }
+    }
+
+    impl Busy {
+        /// Waits for the timeout, which ends by its count (another request completed), not
+        /// its time.
+        async fn ends(self) {
+            let (r, _) = self.timeout.await;
+            assert_eq!(r.unwrap(), 0, "the timeout ends by its count, not its time");
+        }
+    }
+
+    /// A request dropped while queued (waiting for its batch) is submitted by its drop: it
+    /// completes and its keep goes, although nothing else comes to the ring.
+    #[tokio::test]
+    async fn a_request_dropped_while_queued_is_submitted() {
+        use io_uring::opcode;
+        let busy = busy_ring().await;
+        let (f, ring) = (&busy.f, &busy.ring);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let nop = op::submit(
             opcode::Nop::new().build(),
@@ -348,8 +378,7 @@ mod tests {
         assert_eq!(ring.unsubmitted(), 0);
         let dropped = tokio::time::timeout(std::time::Duration::from_secs(60), rx).await;
         assert!(dropped.is_ok(), "the keep of a dropped request never went");
-        let (r, _) = busy.await;
-        assert_eq!(r.unwrap(), 0, "the timeout ends by its count, not its time");
+        busy.ends().await;
     }
 
     /// Requests queued behind a busy ring go to the kernel four at a time: the fourth
@@ -357,21 +386,8 @@ mod tests {
     #[tokio::test]
     async fn the_fourth_queued_request_submits_the_batch() {
         use io_uring::opcode;
-        let dir = tempfile::tempdir().unwrap();
-        let create = OpenOptions {
-            create: true,
-            ..Default::default()
-        };
-        let f = RingFile::open(dir.path().join("f"), create).await.unwrap();
-        // In flight until one other request completes: the ring is busy meanwhile.
-        let ts = types::Timespec::new().sec(600);
-        let busy = op::submit(
-            opcode::Timeout::new(&ts).count(1).build(),
-            Hold::new(&f.file, None, Keep::none()),
-        );
-        let mut busy = std::pin::pin!(busy);
-        assert!(futures::poll!(busy.as_mut()).is_pending());
-        let ring = driver::current().unwrap();
+        let busy = busy_ring().await;
+        let (f, ring) = (&busy.f, &busy.ring);
         let mut nops = Vec::new();
         for queued in 1..=4u64 {
             let nop = op::submit(
@@ -387,8 +403,7 @@ mod tests {
         for nop in nops {
             nop.await.0.unwrap();
         }
-        let (r, _) = busy.await;
-        assert_eq!(r.unwrap(), 0, "the timeout ends by its count, not its time");
+        busy.ends().await;
     }
 
     /// A flush cancelled by its ring closing never ran: it is no flush failure. (A FIFO read
