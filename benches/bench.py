@@ -18,6 +18,12 @@ the machine (other builds, page cache, the disk's own state) spreads over all si
            own runtime and ring, the requests in flight spread over them (on the cells
            matching --queue-cells only)
 
+The QD1 cells run every side pinned (taskset) to the CPU that takes the interrupts of the
+disk under the bench directory, when one CPU takes them all (--qd1-cpu): a request at a time
+goes as fast as the thread waiting for it and the interrupt meet, and an unpinned thread's
+place is the scheduler's choice, not the engine's (a side polling its ring stays where it
+started; one sleeping in a system call is pulled to the CPU that wakes it).
+
 qimg bench and qemu-img bench get the same options, so they send the same requests in the
 same order; the time is theirs ("Run completed in X seconds.", the request loop only) and
 IOPS = requests / time. After every run of our engine (either build) that wrote, `qemu-img
@@ -216,6 +222,45 @@ def sh(cmd: list[str], timeout: int = 900, check: bool = True) -> subprocess.Com
     return p
 
 
+def cpu_list(text: str) -> set[int]:
+    """The CPUs of a kernel CPU list ("0-2,5")."""
+    cpus = set()
+    for part in text.strip().split(","):
+        if part:
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def irq_cpu(path: Path) -> tuple[int | None, str]:
+    """The one CPU that takes the I/O interrupts of the disk holding `path`, and what was
+    found: None when the disk has no interrupts of its own (device mapper, loop) or several
+    CPUs take them (a queue per CPU: every CPU completes its own requests)."""
+    st = os.stat(path)
+    sysdev = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}").resolve()
+    if (sysdev / "partition").exists():
+        sysdev = sysdev.parent
+    if not (sysdev / "device").exists():
+        return None, f"{sysdev.name} has no device of its own"
+    dev = (sysdev / "device").resolve().name  # virtio1, nvme0, ...
+    cpus: set[int] = set()
+    irqs = []
+    for line in Path("/proc/interrupts").read_text().splitlines()[1:]:
+        fields = line.split()
+        name = fields[-1] if fields else ""
+        if re.match(rf"{re.escape(dev)}(-|q|$)", name) and "config" not in name:
+            irq = fields[0].rstrip(":")
+            aff = Path(f"/proc/irq/{irq}/effective_affinity_list")
+            if aff.exists():
+                irqs.append(name)
+                cpus |= cpu_list(aff.read_text())
+    what = f"{sysdev.name} ({dev}): interrupts {', '.join(irqs) or 'none found'}"
+    if len(cpus) == 1:
+        cpu = min(cpus)
+        return cpu, f"{what} on CPU {cpu}"
+    return None, f"{what} on CPUs {sorted(cpus)}"
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -233,6 +278,9 @@ class Bench:
         self.peer_compares = 0
         self.readbacks = 0
         self.rm_secs = 0.0
+        # The CPU the QD1 cells run on (None: unpinned), and why.
+        self.pin: int | None = None
+        self.pin_why = "not pinned (--qd1-cpu none)"
 
     # --- images ------------------------------------------------------------------------------
     def p(self, name: str) -> str:
@@ -332,6 +380,12 @@ class Bench:
 
     # --- one run -----------------------------------------------------------------------------
     def command(self, cell: Cell, side: str, img: str) -> list[str]:
+        cmd = self.side_command(cell, side, img)
+        if cell.depth == 1 and self.pin is not None:
+            return ["taskset", "-c", str(self.pin)] + cmd
+        return cmd
+
+    def side_command(self, cell: Cell, side: str, img: str) -> list[str]:
         if side in OURS:
             qimg = self.args.qimg_nolease if side == "nolease" else self.qimg
             aio = "threads" if side == "threads" else "io_uring"
@@ -627,6 +681,8 @@ def machine(bench: Bench) -> list[tuple[str, str]]:
         ("bench directory", f"`{os.path.relpath(bench.dir, ROOT)}` on {fs}"),
         ("qemu-img", first_line(["qemu-img", "--version"])),
         ("raw reference", raw),
+        ("QD1 cells", f"every side pinned to CPU {bench.pin}: {bench.pin_why}"
+         if bench.pin is not None else f"not pinned: {bench.pin_why}"),
         ("qimg", f"`{git}` (release build); no lease: the same with `RUSTFLAGS=\"--cfg "
                  f"qcow2_no_lease\"` in `{os.path.relpath(bench.args.qimg_nolease, ROOT)}`"),
     ]
@@ -836,6 +892,12 @@ def report(bench: Bench, cells: list[Cell], started: str, elapsed: float, load0:
           "cell strides once across the span (step = 64 GiB / requests, 4 KiB aligned): every "
           "request reads a different cluster, every L2 table is loaded in each run, but "
           "consecutive requests mostly share an L2 table.",
+          "- The QD1 cells run every side under `taskset -c`, on the CPU named in the machine "
+          "table (the one taking the disk's interrupts, `--qd1-cpu auto`): at one request at "
+          "a time a run's rate depends on whether the waiting thread runs where the "
+          "completions arrive, and unpinned, that is the scheduler's draw (a thread that "
+          "sleeps in a system call per request is pulled there; a thread polling its ring "
+          "stays where it is). The deeper cells run unpinned, on every CPU.",
           "- Cache `none` opens the image with O_DIRECT, `writeback` through the page cache. "
           "Read cells in writeback mode get one unmeasured warm-up run (QEMU and raw) first.",
           "- The raw side gets the same options on the raw file; with fio, strides become "
@@ -920,6 +982,9 @@ def main():
                          "bench.sh builds when BENCH_PEERS=1, its default)")
     ap.add_argument("--peer-bench", default=env(
         "BENCH_PEER_BENCH", str(TARGET / "peers" / "release" / "peer-bench")))
+    ap.add_argument("--qd1-cpu", default=env("BENCH_QD1_CPU", "auto"),
+                    help="the CPU every side of the QD1 cells runs on: a number, 'auto' (the "
+                         "one CPU taking the disk's interrupts, if one does) or 'none'")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every command")
     ap.add_argument("--list", action="store_true", help="list the cells and exit")
     args = ap.parse_args()
@@ -954,6 +1019,16 @@ def main():
     fstype = first_line(["findmnt", "-n", "-o", "FSTYPE", "-T", str(bench.dir)])
     if fstype in ("tmpfs", "ramfs"):
         die(f"{bench.dir} is on {fstype}: benchmarks need a real disk (set BENCH_DIR)")
+    if args.qd1_cpu == "auto":
+        bench.pin, bench.pin_why = irq_cpu(bench.dir)
+    elif args.qd1_cpu != "none":
+        if not args.qd1_cpu.isdigit():
+            die(f"--qd1-cpu {args.qd1_cpu!r}: a CPU number, 'auto' or 'none'")
+        bench.pin, bench.pin_why = int(args.qd1_cpu), "chosen by --qd1-cpu"
+    if bench.pin is not None and not shutil.which("taskset"):
+        die("taskset not found (Debian package util-linux), needed to pin the QD1 cells")
+    print(f"bench: QD1 cells {'on CPU ' + str(bench.pin) if bench.pin is not None else 'unpinned'}"
+          f" ({bench.pin_why})", flush=True)
     started = subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip()
     load0 = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     t0 = time.time()
