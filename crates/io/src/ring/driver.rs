@@ -1,6 +1,6 @@
 //! The rings: one per thread and tokio runtime, created on first use, each reaped by a task
-//! of its runtime woken through an eventfd (and by its submitters, for what completes
-//! during their submission).
+//! of its runtime woken when the ring's descriptor turns readable (a completion is waiting),
+//! and by its submitters, for what completes during their submission.
 //!
 //! A ring closes when its runtime is gone and nothing uses it: with its thread, or when the
 //! thread next looks for a ring (in any runtime). Whatever is still in its kernel then has no
@@ -13,7 +13,7 @@ use super::op::{complete, Completion};
 use io_uring::{opcode, squeue, types, IoUring};
 use std::cell::RefCell;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -36,7 +36,7 @@ pub enum RingUnavailable {
     #[error("io_uring backend used outside a tokio runtime")]
     NoRuntime,
     /// The tokio runtime was built without its I/O driver (`enable_io`), which watches the
-    /// ring's eventfd. (tokio says so by panicking; the panic is caught, but the panic hook
+    /// ring's descriptor. (tokio says so by panicking; the panic is caught, but the panic hook
     /// has printed it.)
     #[error("io_uring backend needs a tokio runtime with I/O enabled (enable_io)")]
     NoIoDriver,
@@ -65,8 +65,6 @@ impl RingUnavailable {
 /// One ring, shared by the thread that submits to it and the task that reaps it.
 pub(crate) struct Ring {
     state: Mutex<State>,
-    /// The eventfd the kernel signals for each completion (the reaper waits on it).
-    event: Arc<OwnedFd>,
     /// Cleared when the reaping task is gone (its runtime shut down): the thread then sets
     /// up a new ring for the next runtime.
     reaped: AtomicBool,
@@ -116,27 +114,17 @@ fn build_uring() -> io::Result<IoUring> {
 impl Ring {
     fn new(handle: &Handle) -> io::Result<Arc<Ring>> {
         let uring = build_uring().map_err(|e| RingUnavailable::Setup(e).into_io())?;
-        // SAFETY: plain syscall; a non-negative result is a new descriptor we own.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just returned by eventfd and nothing else owns it.
-        let event = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
-        uring
-            .submitter()
-            .register_eventfd(event.as_raw_fd())
-            .map_err(|e| RingUnavailable::Setup(e).into_io())?;
+        let fd = RingFd(uring.as_raw_fd());
         // tokio panics when its I/O driver is disabled: turn that into an error.
         let watched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let _enter = handle.enter();
-            // SAFETY: an OwnedFd stays open, and is the same descriptor, while it is owned.
-            unsafe { AsyncFd::register_with_interest(event.clone(), tokio::io::Interest::READABLE) }
+            // SAFETY: the descriptor is the ring's; the reaper owning the `AsyncFd` drops it
+            // before its reference to the ring, the last one of which closes the descriptor.
+            unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
         }))
         .map_err(|_| RingUnavailable::NoIoDriver.into_io())?
         .map_err(|e| e.into_parts().1)?;
         let ring = Arc::new(Ring {
-            event,
             state: Mutex::new(State {
                 uring,
                 in_flight: 0,
@@ -148,7 +136,10 @@ impl Ring {
             #[cfg(test)]
             polled: Default::default(),
         });
-        handle.spawn(reap(ReaperAlive(ring.clone()), watched));
+        handle.spawn(reap(Reaper {
+            ready: watched,
+            alive: ReaperAlive(ring.clone()),
+        }));
         Ok(ring)
     }
 
@@ -236,12 +227,9 @@ impl Ring {
                         )
                     };
                 }
-                if !st.uring.completion().is_empty() {
-                    // Handed on here: their signal need not wake the reaper. One signalled
-                    // after the clearing is drained below or wakes it.
-                    clear_event(&self.event);
-                    st.drain(&mut done);
-                }
+                // Handed on here; the ring's descriptor is readable only while completions
+                // wait, so they do not wake the reaper afterwards.
+                st.drain(&mut done);
                 if done.is_empty() && (st.in_flight == 0 || start.elapsed() >= max) {
                     return;
                 }
@@ -412,23 +400,41 @@ impl Drop for ReaperAlive {
     }
 }
 
-/// The ring's reaper: waits on the eventfd the kernel signals for each completion, then
-/// hands the completions on.
-async fn reap(alive: ReaperAlive, event: AsyncFd<Arc<OwnedFd>>) {
+/// The ring's descriptor, watched by its reaper: readable while completions wait in the
+/// ring (or, with IORING_SETUP_COOP_TASKRUN, once the kernel has finished them on this
+/// thread, which a sleeping thread is woken to do).
+struct RingFd(RawFd);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// The reaping task's state. Its fields drop in order: the descriptor leaves tokio's watch
+/// before the last reference to the ring (which closes it) may go.
+struct Reaper {
+    ready: AsyncFd<RingFd>,
+    alive: ReaperAlive,
+}
+
+/// The ring's reaper: waits until the ring's descriptor is readable, then hands the
+/// completions on.
+async fn reap(r: Reaper) {
     loop {
-        let mut ready = match event.readable().await {
-            Ok(r) => r,
+        let mut ready = match r.ready.readable().await {
+            Ok(g) => g,
             Err(e) => {
-                tracing::error!("io_uring reaper: eventfd: {e}");
+                tracing::error!("io_uring reaper: {e}");
                 return;
             }
         };
-        clear_event(&alive.0.event);
+        // Completions that come after this are seen by the drain below or make the
+        // descriptor readable again.
         ready.clear_ready();
-        // Completions signalled after this drain signal the eventfd again.
         let mut done = Vec::new();
         {
-            let mut st = alive.0.lock();
+            let mut st = r.alive.0.lock();
             if !st.uring.submission().is_empty() {
                 st.submit(&mut done);
             }
@@ -436,13 +442,6 @@ async fn reap(alive: ReaperAlive, event: AsyncFd<Arc<OwnedFd>>) {
         }
         complete(done);
     }
-}
-
-/// Reads (clears) the eventfd's count; EAGAIN (nothing signalled) is fine.
-fn clear_event(event: &OwnedFd) {
-    let mut count = [0u8; 8];
-    // SAFETY: reads at most 8 bytes into `count` from a descriptor we own.
-    let _ = unsafe { libc::read(event.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
 }
 
 /// `io_uring_enter`'s flag to reap completions (linux/io_uring.h).

@@ -31,8 +31,8 @@ const MAX_REQUEST: usize = 1 << 30;
 /// one polled again submits them all in one system call (at once when 4 are queued), so a
 /// busy device gets batches, as from tokio-uring, at the cost of one turn of the scheduler
 /// (on a thread running [`RingOpener::park_hook`], without it: the thread submits what is
-/// queued before it sleeps). Completions are reaped by a task of the runtime woken through
-/// an eventfd the ring signals, by the request's own poll when it finds its completion
+/// queued before it sleeps). Completions are reaped by a task of the runtime woken when the
+/// ring's descriptor turns readable (tokio's I/O driver watches it), by the request's own poll when it finds its completion
 /// already there, or by the park hook; the reaper wakes the request's task. The rarer
 /// operations (length changes, preallocation, and the fallbacks of `punch_hole` and
 /// `write_zeroes` on file systems without fallocate) run on tokio's blocking pool as
@@ -248,7 +248,8 @@ impl RingOpener {
     /// The cost: the thread keeps its CPU busy for up to `max_poll` each time it would have
     /// slept with I/O in flight, and what would wake it otherwise (a task woken from another
     /// thread, a timer, a socket) waits as long. Without the hook (or with a zero `max_poll`)
-    /// the backend works the same, completions being reaped through the ring's eventfd.
+    /// the backend works the same, completions being reaped when the ring's descriptor turns
+    /// readable.
     ///
     /// ```
     /// # fn main() -> std::io::Result<()> {
