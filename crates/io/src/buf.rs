@@ -1,12 +1,20 @@
 //! The owned, aligned I/O buffer.
 
-use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::alloc::{alloc, alloc_zeroed, dealloc, Layout};
 use std::ops::{Deref, DerefMut, Range};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
 /// Default alignment of buffers: one page, enough for O_DIRECT on every device.
 pub const DEFAULT_ALIGN: usize = 4096;
+
+/// Buffers of at least this size (a transparent huge page on x86-64 and arm64 with 4 KiB
+/// pages) are aligned to it and offered to transparent huge pages (`MADV_HUGEPAGE`) before
+/// they are first touched. A request's buffer that is physically contiguous is one segment
+/// for the block layer rather than one per 4 KiB page: fewer descriptors on a virtio queue
+/// (a 1 MiB read in 4 KiB pages takes 256 and is split in two, and a queue of 256 holds one
+/// such request at a time), fewer scatter-gather entries on any device.
+pub const HUGE_PAGE: usize = 2 << 20;
 
 /// An owned, zero-initialised, aligned heap buffer with a movable window.
 ///
@@ -43,12 +51,28 @@ impl IoBuf {
         Self::with_alignment(len, DEFAULT_ALIGN)
     }
 
-    /// A zeroed buffer of `len` bytes aligned to `align` (a power of two).
+    /// A zeroed buffer of `len` bytes aligned to `align` (a power of two), and to
+    /// [`HUGE_PAGE`] from that size up (see there).
     pub fn with_alignment(len: usize, align: usize) -> Self {
         assert!(align.is_power_of_two(), "alignment must be a power of two");
+        let huge = len >= HUGE_PAGE;
+        let align = if huge { align.max(HUGE_PAGE) } else { align };
         let layout = Layout::from_size_align(len.max(1), align).expect("buffer size overflows");
-        // SAFETY: the layout has a non-zero size.
-        let raw = unsafe { alloc_zeroed(layout) };
+        let raw = if huge {
+            // SAFETY: the layout has a non-zero size.
+            let raw = unsafe { alloc(layout) };
+            if !raw.is_null() {
+                // SAFETY: advice on the pages of our own allocation, which starts on a page
+                // boundary; refused advice (no transparent huge pages) changes nothing.
+                unsafe { libc::madvise(raw.cast(), len, libc::MADV_HUGEPAGE) };
+                // SAFETY: `raw` is valid for writes of `len` bytes.
+                unsafe { raw.write_bytes(0, len) };
+            }
+            raw
+        } else {
+            // SAFETY: the layout has a non-zero size.
+            unsafe { alloc_zeroed(layout) }
+        };
         let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
         Self {
             ptr,
@@ -88,6 +112,30 @@ impl IoBuf {
             keep: Keep::none(),
             external: Some(Box::new(owner)),
         }
+    }
+
+    /// `count` zeroed buffers of `len` bytes each, carved out of one allocation (each
+    /// starting on a [`DEFAULT_ALIGN`] boundary), which lives until the last of them is
+    /// dropped. Where the allocation reaches [`HUGE_PAGE`], a buffer's pages are physically
+    /// contiguous within each huge page: what a request queue at depth N wants for its N
+    /// buffers (1 MiB O_DIRECT reads at QD32 on a virtio disk: about twice the rate of 32
+    /// separate buffers, see docs/BENCHMARKS.md).
+    pub fn slab(count: usize, len: usize) -> Vec<IoBuf> {
+        let stride = len.max(1).next_multiple_of(DEFAULT_ALIGN);
+        let mut region = IoBuf::new(stride.checked_mul(count).expect("slab size overflows"));
+        let base = region.as_mut_ptr();
+        let region = Arc::new(region);
+        (0..count)
+            .map(|i| {
+                // SAFETY: buffer i is the region's bytes [i * stride, i * stride + len),
+                // disjoint from the others' and inside the allocation, which the region
+                // (owned by the buffers, reachable by nothing else) keeps valid.
+                unsafe {
+                    let ptr = NonNull::new_unchecked(base.add(i * stride));
+                    IoBuf::from_raw_parts(ptr, len, region.clone())
+                }
+            })
+            .collect()
     }
 
     /// Whether the buffer is memory it does not own ([`IoBuf::from_raw_parts`]).
@@ -326,6 +374,45 @@ impl std::fmt::Debug for Keep {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A slab's buffers are zeroed, page aligned, disjoint, of the length asked, and the
+    /// memory stays valid until the last of them goes.
+    #[test]
+    fn a_slab_hands_out_disjoint_buffers() {
+        let mut bufs = IoBuf::slab(5, 5000);
+        assert_eq!(bufs.len(), 5);
+        for (i, b) in bufs.iter_mut().enumerate() {
+            assert_eq!(b.len(), 5000);
+            assert_eq!(b.as_ptr() as usize % DEFAULT_ALIGN, 0);
+            assert!(b.iter().all(|&x| x == 0));
+            b.fill(i as u8 + 1);
+        }
+        let first = bufs.remove(0);
+        drop(bufs.split_off(1));
+        assert!(first.iter().all(|&x| x == 1));
+        assert!(bufs[0].iter().all(|&x| x == 2));
+        let starts: Vec<usize> = IoBuf::slab(3, 100)
+            .iter()
+            .map(|b| b.as_ptr() as usize)
+            .collect();
+        assert_eq!(starts[1] - starts[0], DEFAULT_ALIGN);
+        assert_eq!(starts[2] - starts[1], DEFAULT_ALIGN);
+    }
+
+    /// A buffer of a huge page or more starts on a huge page, zeroed; a smaller one keeps the
+    /// alignment asked.
+    #[test]
+    fn large_buffers_start_on_a_huge_page() {
+        let big = IoBuf::new(HUGE_PAGE + 4096);
+        assert_eq!(big.alignment(), HUGE_PAGE);
+        assert_eq!(big.as_ptr() as usize % HUGE_PAGE, 0);
+        assert!(big.iter().all(|&x| x == 0));
+        let slab = IoBuf::slab(4, HUGE_PAGE / 2);
+        assert_eq!(slab[0].as_ptr() as usize % HUGE_PAGE, 0);
+        assert_eq!(slab[2].as_ptr() as usize % HUGE_PAGE, 0);
+        let small = IoBuf::new(HUGE_PAGE / 2);
+        assert_eq!(small.alignment(), DEFAULT_ALIGN);
+    }
 
     #[test]
     fn window_moves_and_derefs() {

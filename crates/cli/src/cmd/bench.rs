@@ -326,11 +326,13 @@ impl<O: Opener> Run<'_, O> {
         result
     }
 
-    /// Sends the stream's requests up to `end`, `depth` at a time.
+    /// Sends the stream's requests up to `end`, `depth` at a time, each of the `depth`
+    /// workers with its buffer from one allocation (as qemu-img bench's one buffer of
+    /// `depth` requests; see `IoBuf::slab`).
     async fn batch_of(&self, end: u64, depth: u64) -> Result<()> {
-        let workers = (0..depth).map(|_| async move {
+        let bufs = IoBuf::slab(depth as usize, self.args.size as usize);
+        let workers = bufs.into_iter().map(|mut buf| async move {
             let args = self.args;
-            let mut buf = IoBuf::new(args.size as usize);
             buf.fill(args.pattern);
             while let Some(i) = self.stream.take(end) {
                 let off = offset_of(args, i, self.size, self.step);
