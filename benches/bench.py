@@ -913,6 +913,7 @@ def report(bench: Bench, cells: list[Cell], started: str, elapsed: float, load0:
           "BENCH_NOLEASE_CELLS=. just bench   # the no-lease build on every cell (about a "
           "fifth longer)",
           "BENCH_PEERS=0 just bench        # without the Rust peers (imago, qcow2-rs)",
+          "BENCH_QD1_CPU=none just bench   # the QD1 cells unpinned (or a CPU number)",
           "just microbench                 # the microbenchmarks alone (a few seconds once built)",
           "just microbench lease           # those whose name matches",
           "```", "",
