@@ -29,7 +29,7 @@ mod sys;
 mod uring;
 mod whole;
 
-pub use buf::{IoBuf, Keep, DEFAULT_ALIGN};
+pub use buf::{IoBuf, Keep, DEFAULT_ALIGN, HUGE_PAGE};
 #[cfg(feature = "fault")]
 pub use fault::{
     CrashImage, CrashSpec, FaultController, FaultInjector, FaultOpener, FaultRule, HeldRequest,
