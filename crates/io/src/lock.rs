@@ -13,7 +13,7 @@
 //! two processes do. They would go away when the last descriptor of the description closes,
 //! but a copy of it can outlive ours (a child process between `fork` and `exec` holds a copy
 //! of every descriptor of its parent): so an open releases its locks explicitly when it is
-//! done ([`HeldLocks`]), and closing then reopening a file in a process that spawns children
+//! done (`HeldLocks`), and closing then reopening a file in a process that spawns children
 //! never meets its own old locks.
 //!
 //! [`LockRequest`] says which locks an open takes; the engine chooses them per role as QEMU
