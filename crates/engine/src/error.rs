@@ -19,16 +19,16 @@ pub type WriteResult = (Result<()>, blockio::IoBuf);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum CompressedRefusal {
-    /// The request is not whole clusters (nor ends at the end of the disk) [EINVAL].
+    /// The request is not whole clusters (nor ends at the end of the disk) (EINVAL).
     #[error("compressed writes cover whole clusters (or end at the end of the disk)")]
     NotWholeClusters,
-    /// The cluster is allocated: compressed data only goes to unallocated clusters [EIO].
+    /// The cluster is allocated: compressed data only goes to unallocated clusters (EIO).
     #[error("the cluster is allocated; compressed data only goes to unallocated clusters")]
     Allocated,
-    /// The image has an external data file, which holds no compressed clusters [ENOTSUP].
+    /// The image has an external data file, which holds no compressed clusters (ENOTSUP).
     #[error("an image with an external data file cannot hold compressed clusters")]
     DataFile,
-    /// The disk is raw [ENOTSUP].
+    /// The disk is raw (ENOTSUP).
     #[error("a raw disk cannot hold compressed clusters")]
     Raw,
 }

@@ -106,7 +106,7 @@ impl<T> Deref for Guard<'_, T> {
     type Target = T;
 
     fn deref(&self) -> &T {
-        // SAFETY: the guard holds the lock's one permit (see `MetaLock`).
+        // SAFETY: the guard holds the lock's one permit (see `Lock`'s `Sync`).
         unsafe { &*self.lock.value.get() }
     }
 }

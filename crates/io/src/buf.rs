@@ -116,10 +116,10 @@ impl IoBuf {
 
     /// `count` zeroed buffers of `len` bytes each, carved out of one allocation (each
     /// starting on a [`DEFAULT_ALIGN`] boundary), which lives until the last of them is
-    /// dropped. Where the allocation reaches [`HUGE_PAGE`], a buffer's pages are physically
-    /// contiguous within each huge page: what a request queue at depth N wants for its N
-    /// buffers (1 MiB O_DIRECT reads at QD32 on a virtio disk: about twice the rate of 32
-    /// separate buffers, see docs/BENCHMARKS.md).
+    /// dropped. Where the allocation reaches [`HUGE_PAGE`] and the kernel grants it huge
+    /// pages, a buffer's pages are physically contiguous within each huge page: what a
+    /// request queue at depth N wants for its N buffers (1 MiB O_DIRECT reads at QD32 on a
+    /// virtio disk: about twice the rate of 32 separate buffers, see docs/BENCHMARKS.md).
     pub fn slab(count: usize, len: usize) -> Vec<IoBuf> {
         let stride = len.max(1).next_multiple_of(DEFAULT_ALIGN);
         let mut region = IoBuf::new(stride.checked_mul(count).expect("slab size overflows"));

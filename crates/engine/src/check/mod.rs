@@ -70,6 +70,8 @@ mod snapshots;
 mod walk;
 
 /// What [`Image::repair`] may change (`qemu-img check -r leaks` / `-r all`).
+///
+/// [`Image::repair`]: crate::Image::repair
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RepairMode {
     /// Only lower refcounts that are too high (leaks); COPIED flags are fixed too when nothing
@@ -116,6 +118,9 @@ impl std::fmt::Display for CheckLimit {
 /// After a repair that fixed something, the counts are those of a second, read-only check of
 /// the repaired image (as `qemu-img check -r` reports them), with the `*_fixed` counts of the
 /// repair; `messages` holds the lines of both passes.
+///
+/// [`Image::check`]: crate::Image::check
+/// [`Image::repair`]: crate::Image::repair
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CheckReport {
     /// Inconsistencies that may lose or corrupt data (`corruptions`).

@@ -6,7 +6,7 @@ use super::*;
 
 /// Creates a qcow2 image at `path` (replacing any file there) with the layout `qemu-img
 /// create` gives it, byte for byte, and flushes it. Returns nothing: open the image with
-/// [`Image::open`] afterwards.
+/// [`Image::open`](crate::Image::open) afterwards.
 ///
 /// Steps, in qemu-img's order: backing file checks (an empty name, the image's own name, then
 /// opening it through `opener`, relative to the image's directory, to take its size when none
